@@ -1,0 +1,282 @@
+"""Model-backed operators: the loss Hessian of a model over a data set.
+
+A backend supplies a :class:`ModelAdapter`: pure functions for one batch (loss,
+gradient, Hessian-matrix product) and the layout of the parameters. The
+:class:`ModelOperator` here handles everything else once, for every backend:
+iterating the data, weighting batches by their sample count, ``mean``/``sum``
+reductions, the reduction over MPI ranks, counting products, and the checks for
+non-finite losses and non-deterministic products.
+"""
+
+from __future__ import annotations
+
+import abc
+import fnmatch
+import time
+
+import numpy as np
+
+from specops.distributed import as_comm
+from specops.operator import LinearOperator, NonFiniteError
+from specops.ops import VectorOps
+
+REDUCTIONS = ("mean", "sum")
+
+
+class NonDeterministicError(RuntimeError):
+    """Two identical products differ: the operator is not a fixed matrix."""
+
+
+class ModelAdapter(abc.ABC):
+    """What a backend provides for one model, loss and parameter selection.
+
+    Attributes:
+        ops: vector operations of the parameter vectors.
+        param_blocks: parameter name -> slice of the flat parameter vector, in order.
+        engine: a short name of the Hessian-product engine in use.
+    """
+
+    ops: VectorOps
+    param_blocks: dict
+    engine: str = ""
+
+    @property
+    def num_params(self) -> int:
+        return max((s.stop for s in self.param_blocks.values()), default=0)
+
+    @abc.abstractmethod
+    def batch_size(self, batch) -> int:
+        """Number of samples in ``batch``."""
+
+    @abc.abstractmethod
+    def loss(self, batch, delta=None) -> float:
+        """The batch loss (as the user's loss function reduces it) at ``theta + delta``."""
+
+    @abc.abstractmethod
+    def gradient(self, batch):
+        """Gradient of the batch loss: native (n,)."""
+
+    @abc.abstractmethod
+    def hvp(self, index: int, batch, V):
+        """Hessian of the batch loss times native ``V`` (n, k); ``index`` numbers the batch."""
+
+    @abc.abstractmethod
+    def params_vector(self):
+        """The current parameters, flattened: native (n,)."""
+
+    @abc.abstractmethod
+    def subset(self, names: list[str]) -> ModelAdapter:
+        """An adapter for the named parameters only (the others held fixed)."""
+
+    def determinism_hints(self) -> list[str]:
+        """Likely causes of a non-deterministic product, for the error message."""
+        return []
+
+
+def is_single_batch(data) -> bool:
+    """The convention of every backend: a tuple or a dict is one batch."""
+    return isinstance(data, (tuple, dict))
+
+
+def select_names(available: list[str], patterns) -> list[str]:
+    """Resolve names or glob patterns against parameter names, keeping model order.
+
+    Raises:
+        ValueError: a pattern matches nothing (listing what exists).
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = set()
+    for p in patterns:
+        hits = [a for a in available if a == p or fnmatch.fnmatchcase(a, p) or a.startswith(p + ".")]
+        if not hits:
+            shown = ", ".join(available[:12]) + (", ..." if len(available) > 12 else "")
+            raise ValueError(f"no parameter matches {p!r}; parameters are: {shown}")
+        chosen.update(hits)
+    return [a for a in available if a in chosen]
+
+
+class ModelOperator(LinearOperator):
+    """The Hessian of a model's loss over a data set, as a symmetric operator.
+
+    Built by the backends' ``hessian`` functions; not usually constructed directly.
+
+    Args:
+        adapter: the backend's functions for one batch.
+        data: one batch (a tuple or dict) or a re-iterable of batches.
+        reduction: ``"mean"`` (the loss function averages over a batch; batches are
+            weighted by sample count) or ``"sum"`` (it sums; batch losses add up).
+        comm: ``None`` or a communicator; each rank passes its own shard of the data.
+        check_deterministic: evaluate every batch's loss (a non-finite one is named)
+            and compare two identical products at construction.
+    """
+
+    def __init__(self, adapter: ModelAdapter, data, *, reduction: str = "mean", comm=None,
+                 check_deterministic: bool = True):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        n = adapter.num_params
+        if n == 0:
+            raise ValueError("no trainable parameters selected: the Hessian would be empty")
+        super().__init__((n, n), adapter.ops)
+        self.adapter = adapter
+        self.reduction = reduction
+        self.comm = as_comm(comm)
+        self._data = self._batches_of(data)
+        self.batch_sizes = [adapter.batch_size(b) for b in self._iter()]
+        sizes = self.comm.allgather((n, sum(self.batch_sizes)))
+        if len({s[0] for s in sizes}) > 1:
+            raise ValueError(
+                "ranks disagree on the number of parameters "
+                f"({', '.join(f'rank {r}: {s[0]}' for r, s in enumerate(sizes))}); every rank must "
+                "hold the same model and parameter selection"
+            )
+        self.num_samples = int(sum(s[1] for s in sizes))
+        if self.num_samples == 0:
+            raise ValueError("the data holds no samples")
+        self.num_matvecs = 0
+        self.matvec_seconds = 0.0
+        self.check_deterministic = check_deterministic
+        if check_deterministic:
+            self._check_losses()
+            self._check_deterministic()
+
+    # --- data ---------------------------------------------------------------------
+    @staticmethod
+    def _batches_of(data):
+        if is_single_batch(data):
+            return [data]
+        if iter(data) is data:
+            raise TypeError(
+                "data is a one-shot iterator (a generator?); the Hessian is multiplied many "
+                "times, so pass a list of batches, a DataLoader or another re-iterable"
+            )
+        return data
+
+    def _iter(self):
+        return iter(self._data)
+
+    def _weights(self):
+        if self.reduction == "sum":
+            return [1.0] * len(self.batch_sizes)
+        return [b / self.num_samples for b in self.batch_sizes]
+
+    def _accumulate(self, fn):
+        """``sum_b w_b fn(index, batch)`` over local batches, then over ranks."""
+        total = None
+        count = 0
+        for i, (batch, w) in enumerate(zip(self._iter(), self._weights())):
+            term = fn(i, batch) * w
+            total = term if total is None else total + term
+            count += 1
+        if count != len(self.batch_sizes):
+            raise RuntimeError(
+                f"the data gave {count} batches, but {len(self.batch_sizes)} when the operator was "
+                "built; pass data that yields the same batches every time"
+            )
+        return total
+
+    # --- products -----------------------------------------------------------------
+    def _matmat(self, V):
+        t0 = time.perf_counter()
+        out = self._accumulate(lambda i, b: self.adapter.hvp(i, b, V))
+        if out is None:  # a rank with an empty shard
+            out = self.ops.zeros(tuple(V.shape))
+        out = self.comm.allreduce(out, self.ops)
+        self.num_matvecs += int(V.shape[1])
+        self.matvec_seconds += time.perf_counter() - t0
+        return out
+
+    def loss_at(self, delta=None) -> float:
+        """The data loss (``reduction``-weighted over all samples) at ``theta + delta``.
+
+        The model's parameters are the same afterwards.
+        """
+        if delta is not None:
+            delta = self._check(delta, 1)
+        local = 0.0
+        for batch, w in zip(self._iter(), self._weights()):
+            local += w * float(self.adapter.loss(batch, delta))
+        return float(self.comm.allreduce_host(local))
+
+    def gradient(self):
+        """The gradient of the data loss at the current parameters: native (n,)."""
+        g = self._accumulate(lambda i, b: self.adapter.gradient(b))
+        if g is None:
+            g = self.ops.zeros((self.shape[0],))
+        return self.comm.allreduce(g, self.ops)
+
+    def params_vector(self):
+        """The current parameters, flattened in the order of :attr:`param_blocks`."""
+        return self.adapter.params_vector()
+
+    @property
+    def num_params(self) -> int:
+        return self.shape[0]
+
+    @property
+    def param_blocks(self) -> dict:
+        """Parameter name -> slice of the flat vector."""
+        return dict(self.adapter.param_blocks)
+
+    @property
+    def engine(self) -> str:
+        return self.adapter.engine
+
+    def restrict(self, index) -> LinearOperator:
+        """The Hessian block of a subset of parameters.
+
+        Args:
+            index: parameter names or glob patterns (``"layer1.*"``): a new model
+                operator that differentiates only those parameters; or coordinates
+                (slices, index arrays) as for any operator.
+        """
+        if isinstance(index, str) or (
+            isinstance(index, (list, tuple)) and index and all(isinstance(s, str) for s in index)
+        ):
+            names = select_names(list(self.adapter.param_blocks), index)
+            return ModelOperator(
+                self.adapter.subset(names), self._data, reduction=self.reduction, comm=self.comm,
+                check_deterministic=False,
+            )
+        return super().restrict(index)
+
+    # --- checks -------------------------------------------------------------------
+    def _check_losses(self):
+        bad = []
+        for i, batch in enumerate(self._iter()):
+            value = float(self.adapter.loss(batch))
+            if not np.isfinite(value):
+                bad.append(f"batch {i} (loss {value})")
+        bad = [b for rank_bad in self.comm.allgather(bad) for b in rank_bad]
+        if bad:
+            where = f" on rank {self.comm.rank}" if self.comm.size > 1 else ""
+            raise NonFiniteError(
+                f"the loss is not finite{where} for {', '.join(bad[:5])}"
+                f"{' and more' if len(bad) > 5 else ''}; fix the data or the model "
+                "(e.g. a learning rate that diverged, log of zero) before taking its Hessian"
+            )
+
+    def _check_deterministic(self):
+        ops, n = self.ops, self.shape[0]
+        v = ops.random(n, [0], 0, kind="normal", stream="determinism")
+        a, b = self.matmat(v), self.matmat(v)
+        self.num_matvecs -= 2
+        if not (ops.all_finite(a) and ops.all_finite(b)):
+            raise NonFiniteError(
+                "the Hessian-vector product is not finite although the loss is; look for "
+                "operations with undefined second derivatives (e.g. sqrt at 0)"
+            )
+        diff = ops.norm(a - b)
+        scale = max(ops.norm(a), np.finfo(np.float64).tiny)
+        rtol = 1e-4 if ops.dtype == np.float32 else 1e-9
+        if diff > rtol * scale:
+            hints = self.adapter.determinism_hints() or [
+                "random layers (dropout) active, batch statistics in training mode, or data that "
+                "changes between passes (augmentation, sampling)"
+            ]
+            raise NonDeterministicError(
+                f"two products with the same vector differ by {diff / scale:.3g} (relative), so the "
+                "Hessian is not a fixed matrix. Likely causes: " + "; ".join(hints)
+                + ". Pass check_deterministic=False to skip this check."
+            )

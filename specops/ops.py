@@ -1,0 +1,155 @@
+"""The vector-operation protocol that every backend implements.
+
+The algorithms of specops are written once, against this small set of coarse
+operations on the backend's own arrays (NumPy, torch, JAX, TensorFlow). Vectors
+never leave the device of the model: only small dense matrices (k x k projections,
+Lanczos coefficients) and scalars come to the host, as float64 NumPy.
+
+Besides these methods, algorithms rely only on what every array library spells the
+same way: ``+``, ``-``, ``*`` and ``/`` by Python floats and by arrays of equal shape,
+basic slicing (``X[:, a:b]``, ``x[a:b]``) and ``.shape``.
+
+Randomness is drawn on the host from an explicit seed, column by column
+(:mod:`specops.random`), so the same seed gives the same probe vectors on every
+backend, device and number of MPI ranks.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from specops import random as _random
+
+
+class VectorOps(abc.ABC):
+    """Coarse vector operations on one backend's arrays of one dtype on one device.
+
+    Subclasses implement the abstract methods; the rest is derived here once.
+
+    Attributes:
+        name: backend name (``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``).
+        dtype: the NumPy dtype matching the arrays' dtype (float32 or float64).
+        device: a human-readable device string (``"cpu"``, ``"cuda:0"``, ...).
+    """
+
+    name: str = "abstract"
+
+    def __init__(self, dtype, device: str = "cpu"):
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(
+                f"specops works on float32 or float64 vectors, got {dtype}; "
+                "cast the operator's inputs to a floating dtype"
+            )
+        self.dtype = dtype
+        self.device = str(device)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(dtype={self.dtype.name}, device={self.device!r})"
+
+    def __eq__(self, other):
+        return (
+            type(self) is type(other)
+            and self.dtype == other.dtype
+            and self.device == other.device
+        )
+
+    def __hash__(self):
+        return hash((type(self), self.dtype, self.device))
+
+    # --- required -----------------------------------------------------------------
+    @abc.abstractmethod
+    def is_native(self, x) -> bool:
+        """Whether ``x`` is an array of this backend."""
+
+    @abc.abstractmethod
+    def asarray(self, x):
+        """``x`` (a native array, or anything NumPy accepts) as a native array of this
+        dtype on this device."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x) -> np.ndarray:
+        """A host float64 NumPy copy of ``x``."""
+
+    @abc.abstractmethod
+    def zeros(self, shape):
+        """Native zeros of ``shape``."""
+
+    @abc.abstractmethod
+    def concat(self, arrays, axis: int):
+        """Concatenation of native arrays along ``axis``."""
+
+    @abc.abstractmethod
+    def inner(self, X, Y):
+        """``X^T Y`` for native ``X`` (n, a) and ``Y`` (n, b): native (a, b)."""
+
+    @abc.abstractmethod
+    def combine(self, X, C):
+        """``X @ C`` for native ``X`` (n, a) and ``C`` (a, b), native or NumPy."""
+
+    @abc.abstractmethod
+    def column_norms(self, X) -> np.ndarray:
+        """Euclidean norms of the columns of native ``X`` (n, k) as host float64."""
+
+    @abc.abstractmethod
+    def qr(self, X):
+        """Reduced QR of native ``X`` (n, k), k <= n: native ``Q`` (n, k), ``R`` (k, k)."""
+
+    @abc.abstractmethod
+    def all_finite(self, X) -> bool:
+        """Whether every entry of ``X`` is finite (one host synchronisation)."""
+
+    # --- derived ------------------------------------------------------------------
+    def from_numpy(self, a):
+        """A host array as a native array of this dtype on this device."""
+        return self.asarray(np.asarray(a, dtype=self.dtype))
+
+    def as_columns(self, x):
+        """``x`` of shape (n,) as (n, 1); (n, k) unchanged."""
+        return x[:, None] if len(x.shape) == 1 else x
+
+    def scale_columns(self, X, s):
+        """``X * s`` with one host scale per column."""
+        return X * self.from_numpy(np.asarray(s, dtype=np.float64)[None, :])
+
+    def dot(self, x, y) -> float:
+        """``x . y`` for native vectors, as a host float."""
+        return float(self.to_numpy(self.inner(self.as_columns(x), self.as_columns(y)))[0, 0])
+
+    def norm(self, x) -> float:
+        """Euclidean norm of a native vector, as a host float."""
+        return float(self.column_norms(self.as_columns(x))[0])
+
+    def orthogonalize(self, W, Q):
+        """Remove the span of the orthonormal columns of ``Q`` from ``W``.
+
+        Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005),
+        which keeps the result orthogonal to working precision.
+
+        Returns:
+            ``(W', C)``: the orthogonalized block and the host coefficients ``Q^T W``
+            (a, b) that were removed.
+        """
+        if Q is None or Q.shape[1] == 0:
+            return W, np.zeros((0, W.shape[1]))
+        C1 = self.inner(Q, W)
+        W = W - self.combine(Q, C1)
+        C2 = self.inner(Q, W)
+        W = W - self.combine(Q, C2)
+        return W, self.to_numpy(C1) + self.to_numpy(C2)
+
+    def random(self, n: int, columns, seed: int, kind: str = "rademacher", stream: str = ""):
+        """Seeded random columns (n, len(columns)), the same on every backend.
+
+        Column ``j`` depends only on ``(seed, stream, j)``, so drawing columns in
+        chunks gives the same matrix as drawing them at once.
+        """
+        return self.from_numpy(_random.probes(n, columns, seed, kind=kind, stream=stream))
+
+    def identity_columns(self, n: int, start: int, stop: int):
+        """Columns ``start..stop-1`` of the n x n identity."""
+        E = np.zeros((n, stop - start), dtype=self.dtype)
+        E[np.arange(start, stop), np.arange(stop - start)] = 1.0
+        return self.from_numpy(E)
