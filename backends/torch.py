@@ -1,0 +1,552 @@
+"""The PyTorch backend: loss Hessians of ``nn.Module`` s, and dense torch matrices.
+
+:func:`hessian` turns a model, a loss and data into a
+:class:`specops.model.ModelOperator` whose vectors are flat tensors on the model's
+device and dtype. This module supplies only the per-batch pieces
+(:class:`TorchAdapter`) and the vector operations (:class:`TorchOps`); data
+iteration, sample weighting, reductions, MPI and the checks live in the core.
+
+The model is never mutated: every evaluation runs
+``torch.func.functional_call`` with the parameters ``theta + delta`` given as
+tensors, so the model's parameters, its train/eval mode and (for batch norm in
+training mode) its running statistics are the same afterwards.
+
+Hessian-vector product engines (``hvp=``):
+
+- ``"cached_graph"``: keep each batch's first-backward graph (built with
+  ``create_graph=True``) and differentiate it again for every product. Fastest when
+  the graphs fit in memory: one double backward per product, no forward.
+- ``"double_backward"``: rebuild the forward and first backward per batch and product
+  (``matmat`` shares one rebuild between its k columns). Memory of one batch.
+- ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, vectorized
+  over the k columns of ``matmat`` with ``torch.func.vmap`` (in chunks of
+  ``chunk_size`` columns).
+- ``"auto"``: ``cached_graph`` while the cached graphs stay within
+  ``memory_budget``; if the first pass over the data exceeds it, the cache is dropped
+  and the operator continues with ``double_backward``. ``H.engine`` says which is in use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+from specops.model import ModelAdapter, ModelOperator, select_names
+from specops.operator import MatrixOperator, _check_dense_symmetric
+from specops.ops import VectorOps
+
+ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse")
+LOSS_FORMS = ("auto", "outputs", "model")
+_MODEL_ARG_NAMES = ("model", "module", "net", "network")
+_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+# --- vector operations ----------------------------------------------------------------
+class TorchOps(VectorOps):
+    """Vector operations on torch tensors of one dtype on one device.
+
+    Args:
+        dtype: ``torch.float32`` / ``torch.float64`` (or the NumPy equivalents).
+        device: a ``torch.device`` or device string.
+    """
+
+    name = "torch"
+
+    def __init__(self, dtype=torch.float64, device="cpu"):
+        if isinstance(dtype, torch.dtype):
+            if dtype not in _TORCH_TO_NUMPY:
+                raise TypeError(
+                    f"specops works on float32 or float64 tensors, got {dtype}; cast the model "
+                    "with model.float() or model.double()"
+                )
+            dtype = _TORCH_TO_NUMPY[dtype]
+        super().__init__(dtype, str(torch.device(device)))
+        self.torch_dtype = torch.float32 if self.dtype == np.float32 else torch.float64
+        self.torch_device = torch.device(device)
+
+    def is_native(self, x) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def asarray(self, x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device=self.torch_device, dtype=self.torch_dtype)
+        return torch.as_tensor(np.asarray(x), dtype=self.torch_dtype, device=self.torch_device)
+
+    def to_numpy(self, x) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", torch.float64).numpy().copy()
+        return np.array(x, dtype=np.float64)
+
+    def zeros(self, shape):
+        return torch.zeros(tuple(shape), dtype=self.torch_dtype, device=self.torch_device)
+
+    def concat(self, arrays, axis: int):
+        return torch.cat(list(arrays), dim=axis)
+
+    def inner(self, X, Y):
+        return X.T @ Y
+
+    def combine(self, X, C):
+        return X @ self.asarray(C)
+
+    def column_norms(self, X) -> np.ndarray:
+        return self.to_numpy(torch.linalg.vector_norm(X, dim=0))
+
+    def qr(self, X):
+        return torch.linalg.qr(X, mode="reduced")
+
+    def all_finite(self, X) -> bool:
+        return bool(torch.isfinite(X).all())
+
+
+def matrix_operator(x: torch.Tensor, symmetric: bool | None = None) -> MatrixOperator:
+    """A dense torch matrix as an operator whose products stay on its device.
+
+    Called by :func:`specops.aslinearoperator` for torch tensors.
+
+    Args:
+        x: a square 2-D tensor. float32 stays float32; any other dtype becomes float64.
+        symmetric: ``None`` checks symmetry and raises if ``x`` is not symmetric;
+            ``True`` trusts the caller; ``False`` wraps it as non-symmetric.
+
+    Raises:
+        ValueError: for a non-square, non-finite or (``symmetric=None``) non-symmetric matrix.
+        TypeError: for a complex matrix.
+    """
+    if x.is_complex():
+        raise TypeError(f"expected a real matrix, got dtype {x.dtype}")
+    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"specops operators are square; got shape {tuple(x.shape)}")
+    ops = TorchOps(torch.float32 if x.dtype == torch.float32 else torch.float64, x.device)
+    M = x.detach().to(ops.torch_dtype)
+    if not ops.all_finite(M):
+        raise ValueError("the matrix has NaN or infinite entries")
+    if symmetric is None:
+        _check_dense_symmetric(ops.to_numpy(M), "matrix")
+    return MatrixOperator(M, ops, symmetric=symmetric is not False)
+
+
+# --- the model --------------------------------------------------------------------------
+class _LossModule(nn.Module):
+    """``batch -> scalar loss``, with the user's model as the submodule ``model``.
+
+    Wrapping lets ``torch.func.functional_call`` substitute the parameters for the whole
+    call, including a general ``loss_fn(model, batch)`` that touches the model freely.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, loss_form: str):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.loss_form = loss_form
+
+    def forward(self, batch):
+        if self.loss_form == "model":
+            loss = self.loss_fn(self.model, batch)
+        else:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(
+                    "with loss_fn(outputs, targets) every batch must be a pair (inputs, targets), got "
+                    f"{type(batch).__name__}; for other batches (dicts, triples) write the loss as "
+                    "loss_fn(model, batch) and pass loss_form='model'"
+                )
+            inputs, targets = batch
+            if isinstance(inputs, dict):
+                outputs = self.model(**inputs)
+            elif isinstance(inputs, (tuple, list)):
+                outputs = self.model(*inputs)
+            else:
+                outputs = self.model(inputs)
+            loss = self.loss_fn(outputs, targets)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"the loss function must return a scalar tensor, got {shape}; reduce it with "
+                "reduction='mean' (or 'sum', and pass reduction='sum' to hessian)"
+            )
+        return loss
+
+
+def _loss_form(loss_fn, loss_form: str) -> str:
+    if loss_form not in LOSS_FORMS:
+        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
+    if loss_form != "auto":
+        return loss_form
+    if isinstance(loss_fn, nn.Module):
+        return "outputs"
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters), None)
+    except (TypeError, ValueError):
+        return "outputs"
+    return "model" if first in _MODEL_ARG_NAMES else "outputs"
+
+
+def _map_tensors(fn, obj):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_tensors(fn, v)) for k, v in obj.items())
+    if isinstance(obj, (tuple, list)):
+        mapped = [_map_tensors(fn, v) for v in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)
+    return obj
+
+
+def _first_tensor(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _default_memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        physical = 8 << 30
+    return int(0.25 * physical)
+
+
+def _resolve_params(model: nn.Module, params) -> list[str]:
+    """Names of the selected trainable parameters, in model order."""
+    named = list(model.named_parameters())
+    trainable = [n for n, p in named if p.requires_grad]
+    if params is None:
+        return trainable
+    items = params if isinstance(params, (list, tuple)) else [params]
+    by_id = {id(p): n for n, p in named}
+    names, patterns = set(), []
+    for item in items:
+        if isinstance(item, str):
+            patterns.append(item)
+        elif isinstance(item, nn.Module):
+            found = [by_id[id(p)] for p in item.parameters() if id(p) in by_id]
+            if not found:
+                raise ValueError(f"the module {type(item).__name__} given in params is not part of the model")
+            names.update(found)
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise ValueError("a tensor given in params is not a parameter of the model")
+            names.add(by_id[id(item)])
+        else:
+            raise TypeError(
+                f"params takes names, glob patterns, modules or parameters; got {type(item).__name__}"
+            )
+    if patterns:
+        names.update(select_names([n for n, _ in named], patterns))
+    frozen = sorted(n for n in names if n not in trainable)
+    chosen = [n for n in trainable if n in names]
+    if not chosen:
+        raise ValueError(
+            f"params selects only frozen parameters ({', '.join(frozen[:6])}); set requires_grad=True "
+            "on those you want the Hessian of"
+        )
+    return chosen
+
+
+def _check_uniform(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    floating = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    if not floating:
+        raise ValueError("the model has no floating-point parameters")
+    kinds = {(p.dtype, p.device) for _, p in floating}
+    if len(kinds) > 1:
+        seen = {}
+        for n, p in floating:
+            seen.setdefault((p.dtype, p.device), n)
+        listing = "; ".join(f"{n}: {d}, {dev}" for (d, dev), n in seen.items())
+        raise ValueError(
+            f"the model's parameters have mixed dtypes or devices ({listing}); move the whole model "
+            "to one device and dtype, e.g. model.to(device, torch.float64)"
+        )
+    return floating[0][1].dtype, floating[0][1].device
+
+
+class TorchAdapter(ModelAdapter):
+    """Per-batch loss, gradient and Hessian products of an ``nn.Module``.
+
+    The selected parameters are snapshotted once as one flat vector ``theta``: the
+    operator is the Hessian at the parameters it was built with. Everything else
+    (unselected parameters, buffers) is read from the model at each evaluation.
+
+    Args:
+        model: the ``nn.Module``; its parameters share one dtype and device.
+        loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``, returning a scalar.
+        params: parameter selection, see :func:`hessian`.
+        loss_form: ``"outputs"``, ``"model"`` or ``"auto"``, see :func:`hessian`.
+        engine: one of :data:`ENGINES`.
+        memory_budget: bytes of cached graphs allowed with ``engine="auto"``.
+        chunk_size: columns per ``vmap`` pass of ``forward_over_reverse`` (None: all).
+        batch_size: optional ``batch -> int``; default the length of the first tensor.
+        progress: write a line per batch and product to stderr.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, *, params=None, loss_form="auto", engine="auto",
+                 memory_budget=None, chunk_size=None, batch_size=None, progress=False,
+                 _fixed=None, _theta=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if engine not in ENGINES:
+            raise ValueError(f"hvp must be one of {ENGINES}, got {engine!r}")
+        dtype, device = _check_uniform(model)
+        self.ops = TorchOps(dtype, device)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.loss_form = _loss_form(loss_fn, loss_form)
+        self._module = _LossModule(model, loss_fn, self.loss_form)
+        self._options = dict(loss_form=self.loss_form, memory_budget=memory_budget, chunk_size=chunk_size,
+                             batch_size=batch_size, progress=progress)
+        self._requested = engine
+        self.engine = "cached_graph" if engine == "auto" else engine
+        self.memory_budget = (
+            _default_memory_budget(device) if memory_budget is None else int(memory_budget)
+        )
+        self.chunk_size = chunk_size
+        self._batch_size_fn = batch_size
+        self.progress = progress
+
+        names = _resolve_params(model, params)
+        all_params = dict(model.named_parameters())
+        self._names = names
+        self._shapes = [tuple(all_params[n].shape) for n in names]
+        self._sizes = [all_params[n].numel() for n in names]
+        self.param_blocks, off = {}, 0
+        for n, s in zip(names, self._sizes):
+            self.param_blocks[n] = slice(off, off + s)
+            off += s
+        if _theta is None:
+            _theta = torch.cat([all_params[n].detach().reshape(-1) for n in names]) if names else None
+        self._theta = _theta
+        # Parameters held fixed: the model's own, or the values a parent adapter differentiated.
+        self._fixed = dict(_fixed or {})
+        for n, p in all_params.items():
+            if n not in self.param_blocks and n not in self._fixed:
+                self._fixed[n] = p
+        self._cache = {}
+        self._cache_bytes = 0
+        self._products = 0
+
+    # --- layout -------------------------------------------------------------------
+    def unflatten(self, v) -> dict:
+        """A flat vector (n,) as a dict name -> tensor shaped like the parameter (views of ``v``)."""
+        pieces = torch.split(v, self._sizes)
+        return {n: t.view(s) for n, t, s in zip(self._names, pieces, self._shapes)}
+
+    def flatten(self, tensors: dict):
+        """Per-parameter tensors (a dict with every selected name) as one flat vector."""
+        missing = [n for n in self._names if n not in tensors]
+        if missing:
+            raise KeyError(f"missing parameters: {', '.join(missing[:6])}")
+        return torch.cat([self.ops.asarray(tensors[n]).reshape(-1) for n in self._names])
+
+    def params_vector(self):
+        return self._theta.clone()
+
+    def subset(self, names: list[str]) -> TorchAdapter:
+        current = self.unflatten(self._theta)
+        fixed = dict(self._fixed)
+        fixed.update({n: t for n, t in current.items() if n not in names})
+        engine = self._requested
+        sub = TorchAdapter(self.model, self.loss_fn, params=list(names), engine=engine, _fixed=fixed,
+                           _theta=torch.cat([current[n].reshape(-1) for n in names]), **self._options)
+        return sub
+
+    # --- evaluation ---------------------------------------------------------------
+    def batch_size(self, batch) -> int:
+        if self._batch_size_fn is not None:
+            return int(self._batch_size_fn(batch))
+        t = _first_tensor(batch)
+        if t is None or t.ndim == 0:
+            raise ValueError(
+                "cannot tell the number of samples in a batch (no tensor with a batch dimension); "
+                "pass batch_size=lambda batch: ... to hessian"
+            )
+        return int(t.shape[0])
+
+    def _prepare(self, batch):
+        """Tensors to the model's device; floating ones to its dtype."""
+        ops = self.ops
+
+        def move(t):
+            dtype = ops.torch_dtype if t.is_floating_point() else t.dtype
+            return t.to(device=ops.torch_device, dtype=dtype)
+
+        return _map_tensors(move, batch)
+
+    def _state(self, theta):
+        state = {"model." + n: p.detach() for n, p in self._fixed.items()}
+        state.update({"model." + n: t for n, t in self.unflatten(theta).items()})
+        # Copies of the buffers: batch norm in training mode updates them in place.
+        state.update({"model." + n: b.clone() for n, b in self.model.named_buffers()})
+        return state
+
+    def _loss(self, theta, batch):
+        return torch.func.functional_call(self._module, self._state(theta), (batch,))
+
+    def loss(self, batch, delta=None) -> float:
+        theta = self._theta if delta is None else self._theta + delta
+        with torch.no_grad():
+            return float(self._loss(theta, self._prepare(batch)))
+
+    def gradient(self, batch):
+        theta = self._theta.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(self._loss(theta, self._prepare(batch)), theta, allow_unused=True)
+        return torch.zeros_like(theta) if g is None else g
+
+    def _graph(self, batch):
+        """A leaf copy of theta and the gradient at it, with its graph (create_graph=True)."""
+        theta = self._theta.detach().requires_grad_(True)
+        loss = self._loss(theta, batch)
+        (g,) = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+        return theta, g
+
+    @staticmethod
+    def _double_backward(theta, g, V, keep: bool):
+        k = V.shape[1]
+        if g is None or not g.requires_grad:  # the loss is at most linear in theta
+            return torch.zeros_like(V)
+        cols = []
+        for j in range(k):
+            (h,) = torch.autograd.grad(g, theta, grad_outputs=V[:, j], retain_graph=keep or j < k - 1,
+                                       allow_unused=True)
+            cols.append(torch.zeros_like(V[:, j]) if h is None else h)
+        return torch.stack(cols, dim=1)
+
+    def _cached_graph(self, index, batch):
+        entry = self._cache.get(index)
+        size = self.batch_size(batch)
+        if entry is None:
+            seen = {}
+
+            def pack(t):
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                theta, g = self._graph(self._prepare(batch))
+            entry = self._cache[index] = (theta, g, size, sum(seen.values()))
+            self._cache_bytes += entry[3]
+        elif entry[2] != size:
+            raise RuntimeError(
+                f"batch {index} has {size} samples, but {entry[2]} when its graph was cached; the data "
+                "must yield the same batches every pass (or use hvp='double_backward')"
+            )
+        return entry
+
+    def hvp(self, index: int, batch, V):
+        if self.progress:
+            sys.stderr.write(f"\rspecops: product {self._products + 1}, batch {index + 1}   ")
+            sys.stderr.flush()
+        if index == 0:
+            self._products += 1
+        if self.engine == "cached_graph":
+            theta, g, _, _ = self._cached_graph(index, batch)
+            if self._requested == "auto" and self._cache_bytes > self.memory_budget:
+                self._cache.clear()
+                self._cache_bytes = 0
+                self.engine = "double_backward"
+            else:
+                return self._double_backward(theta, g, V, keep=True)
+        batch = self._prepare(batch)
+        if self.engine == "double_backward":
+            theta, g = self._graph(batch)
+            return self._double_backward(theta, g, V, keep=False)
+        return self._forward_over_reverse(batch, V)
+
+    def _forward_over_reverse(self, batch, V):
+        grad = torch.func.grad(lambda theta: self._loss(theta, batch))
+
+        def hv(v):
+            return torch.func.jvp(grad, (self._theta,), (v,))[1]
+
+        if V.shape[1] == 1:
+            return hv(V[:, 0])[:, None]
+        return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size, randomness="same")(V)
+
+    # --- diagnostics --------------------------------------------------------------
+    def determinism_hints(self) -> list[str]:
+        dropout = [n for n, m in self.model.named_modules()
+                   if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        batchnorm = [n for n, m in self.model.named_modules()
+                     if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
+        hints = []
+        if dropout:
+            hints.append(f"dropout in training mode ({_listing(dropout)}): call model.eval() first")
+        if batchnorm:
+            hints.append(
+                f"batch norm in training mode ({_listing(batchnorm)}) normalizes with batch statistics: "
+                "call model.eval() to use the running statistics"
+            )
+        hints.append("a data loader that shuffles or augments (use shuffle=False and fixed transforms)")
+        return hints
+
+
+def _listing(names, limit: int = 4) -> str:
+    names = [n or "<model>" for n in names]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --- public entry point -------------------------------------------------------------
+def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "mean", hvp: str = "auto",
+            comm=None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
+            memory_budget: int | None = None, chunk_size: int | None = None,
+            batch_size=None) -> ModelOperator:
+    """The Hessian of a model's loss over data, as a specops operator on flat tensors.
+
+    Args:
+        model: an ``nn.Module`` with all parameters on one device and of one dtype
+            (float32 or float64). Its mode is used as is: call ``model.eval()`` yourself for
+            batch norm with running statistics and without dropout.
+        loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
+            to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
+            tuple are passed as ``model(**inputs)`` / ``model(*inputs)``); or the general
+            ``loss_fn(model, batch)`` for any batch. Must return a scalar.
+        data: one batch (a tuple ``(inputs, targets)`` or a dict) or a re-iterable of batches
+            (a list, a ``DataLoader`` without shuffling). Tensors are moved to the model's
+            device; floating-point ones are cast to its dtype.
+        params: ``None`` (every parameter with ``requires_grad``), or names, glob patterns
+            (``"stage2.*"``), modules or parameters, alone or in a list. Frozen parameters are
+            always left out.
+        reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
+        hvp: ``"auto"``, ``"cached_graph"``, ``"double_backward"`` or ``"forward_over_reverse"``
+            (see the module docstring); ``H.engine`` names the engine in use.
+        comm: ``None`` or a communicator (``specops.distributed.MPIComm``); each rank passes its
+            own shard of the data.
+        check_deterministic: check every batch's loss is finite and that two identical products
+            agree (catching dropout or shuffling data).
+        progress: report batches and products on stderr.
+        loss_form: ``"outputs"`` for ``loss_fn(outputs, targets)``, ``"model"`` for
+            ``loss_fn(model, batch)``; ``"auto"`` picks ``"model"`` when the first parameter of
+            ``loss_fn`` is named ``model``, ``module``, ``net`` or ``network``.
+        memory_budget: bytes the cached graphs may take with ``hvp="auto"`` (default: half the
+            free GPU memory, or a quarter of the host's memory).
+        chunk_size: columns per vectorized pass of ``forward_over_reverse`` (default: all).
+        batch_size: ``batch -> int`` samples in a batch, where the first tensor's length is not it.
+
+    Returns:
+        A :class:`specops.model.ModelOperator`: ``H @ v`` for a flat tensor ``v``,
+        ``H.param_blocks``, ``H.params_vector()``, ``H.loss_at(delta)``, ``H.gradient()``,
+        ``H.restrict("stage1.*")``; ``H.adapter.unflatten(v)`` gives per-parameter tensors.
+
+    Raises:
+        ValueError: mixed parameter devices/dtypes, an empty selection, a bad keyword.
+        specops.NonFiniteError: a batch's loss is not finite (the batch is named).
+        specops.NonDeterministicError: two identical products differ (the likely cause is named).
+    """
+    adapter = TorchAdapter(model, loss_fn, params=params, loss_form=loss_form, engine=hvp,
+                           memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
+                           progress=progress)
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm,
+                         check_deterministic=check_deterministic)
