@@ -46,5 +46,8 @@ class NumpyOps(VectorOps):
     def qr(self, X):
         return np.linalg.qr(X, mode="reduced")
 
+    def einsum(self, spec: str, *arrays):
+        return np.einsum(spec, *arrays, optimize=True)
+
     def all_finite(self, X) -> bool:
         return bool(np.isfinite(X).all())

@@ -13,10 +13,22 @@ from specops.operator import (
     check_symmetric,
 )
 from specops.model import ModelOperator, NonDeterministicError
+from specops.eigsh import EigResult, eigsh
+from specops.trace import TraceResult, trace
+from specops.diagonal import DiagonalResult, diagonal
+from specops.density import SpectralDensity, spectral_density
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DiagonalResult",
+    "EigResult",
+    "SpectralDensity",
+    "TraceResult",
+    "diagonal",
+    "eigsh",
+    "spectral_density",
+    "trace",
     "LinearOperator",
     "ModelOperator",
     "NonDeterministicError",

@@ -101,7 +101,12 @@ class VectorOps(abc.ABC):
     def all_finite(self, X) -> bool:
         """Whether every entry of ``X`` is finite (one host synchronisation)."""
 
-    # --- derived ------------------------------------------------------------------
+    # --- derived (backends may override for speed) ----------------------------------
+    def einsum(self, spec: str, *arrays):
+        """``einsum`` over native arrays. This default goes through the host; backends
+        override it with their own ``einsum`` to stay on the device."""
+        return self.asarray(np.einsum(spec, *(self.to_numpy(a) for a in arrays)))
+
     def from_numpy(self, a):
         """A host array as a native array of this dtype on this device."""
         return self.asarray(np.asarray(a, dtype=self.dtype))
@@ -113,6 +118,15 @@ class VectorOps(abc.ABC):
     def scale_columns(self, X, s):
         """``X * s`` with one host scale per column."""
         return X * self.from_numpy(np.asarray(s, dtype=np.float64)[None, :])
+
+    def column_dots(self, X, Y) -> np.ndarray:
+        """``(X * Y).sum(axis=0)`` for native (n, k) blocks, as host float64 (k,)."""
+        ones = self.from_numpy(np.ones((X.shape[0], 1)))
+        return self.to_numpy(self.inner(ones, X * Y))[0]
+
+    def row_sums(self, X):
+        """``X.sum(axis=1)`` for native ``X`` (n, k): native (n,)."""
+        return self.combine(X, np.ones((X.shape[1], 1)))[:, 0]
 
     def dot(self, x, y) -> float:
         """``x . y`` for native vectors, as a host float."""

@@ -1,0 +1,80 @@
+"""Stochastic diagonal estimation (Bekas, Kokiopoulou & Saad 2007).
+
+``diag(A) ~ mean_j z_j * (A z_j)`` with Rademacher probes: for each entry an unbiased
+estimate whose variance is the sum of squares of the off-diagonal entries of its row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from specops import _checks
+from specops.random import check_kind, check_seed
+from specops.results import Result
+from specops.trace import probe_chunks
+
+METHODS = ("hutchinson", "exact")
+
+
+@dataclasses.dataclass
+class DiagonalResult(Result):
+    """A diagonal estimate.
+
+    Attributes:
+        estimate: (n,) float64 estimate of ``diag(A)``.
+        stderr: (n,) float64 standard error of each entry (zeros when exact).
+        num_matvecs: operator-vector products used.
+        settings: method, budget, seed, probe distribution.
+    """
+
+    estimate: np.ndarray
+    stderr: np.ndarray
+    num_matvecs: int
+    settings: dict
+
+
+def diagonal(A, method: str = "hutchinson", num_matvecs: int = 100, seed: int = 0, kind: str = "rademacher",
+             chunk: int = 10) -> DiagonalResult:
+    """Estimate the diagonal of a symmetric operator.
+
+    Args:
+        A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
+        method: ``"hutchinson"`` (stochastic) or ``"exact"`` (``n`` products with unit
+            vectors; for small operators and checks).
+        num_matvecs: number of probes for ``"hutchinson"``.
+        seed: seed of the probes.
+        kind: probe distribution, ``"rademacher"`` (best: exact for diagonal ``A``) or ``"normal"``.
+        chunk: probes multiplied per ``matmat``.
+
+    Returns:
+        :class:`DiagonalResult`.
+    """
+    A = _checks.symmetric_operator(A, "diagonal")
+    _checks.choice("method", method, METHODS)
+    num_matvecs = _checks.positive_int("num_matvecs", num_matvecs)
+    seed, kind = check_seed(seed), check_kind(kind)
+    chunk = _checks.positive_int("chunk", chunk)
+    ops, n = A.ops, A.shape[0]
+    mul = _checks.Products(A)
+    settings = dict(method=method, num_matvecs=num_matvecs, seed=seed, kind=kind, n=n, backend=A.backend)
+    if method == "exact":
+        parts = [ops.row_sums(E * mul(E)) for E in
+                 (ops.identity_columns(n, j, min(n, j + chunk)) for j in range(0, n, chunk))]
+        est = ops.to_numpy(sum(parts[1:], parts[0]))
+        return DiagonalResult(est, np.zeros(n), mul.count, settings)
+    total = total_sq = None
+    for Z, AZ in probe_chunks(A, mul, num_matvecs, seed, kind, "diagonal", chunk):
+        P = Z * AZ
+        s, sq = ops.row_sums(P), ops.row_sums(P * P)
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+    m = mul.count
+    mean = ops.to_numpy(total) / m
+    if m > 1:
+        var = np.maximum(ops.to_numpy(total_sq) / m - mean**2, 0.0) * m / (m - 1)
+        stderr = np.sqrt(var / m)
+    else:
+        stderr = np.full(n, np.inf)
+    return DiagonalResult(mean, stderr, m, settings)
