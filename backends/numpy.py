@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from specops.model import ModelAdapter, ModelOperator
 from specops.ops import VectorOps
 
 
@@ -51,3 +52,94 @@ class NumpyOps(VectorOps):
 
     def all_finite(self, X) -> bool:
         return bool(np.isfinite(X).all())
+
+
+class NumpyAdapter(ModelAdapter):
+    """A model given as NumPy functions of the flat parameter vector.
+
+    Args:
+        loss_fn: ``loss_fn(theta, batch) -> float``.
+        grad_fn: ``grad_fn(theta, batch) -> (n,)``.
+        hvp_fn: ``hvp_fn(theta, batch, V) -> (n, k)`` for ``V`` of shape (n, k).
+        theta: the parameters, flat (n,).
+        param_blocks: name -> slice of ``theta``.
+        index: the coordinates this adapter differentiates (all by default).
+    """
+
+    engine = "numpy-callables"
+
+    def __init__(self, loss_fn, grad_fn, hvp_fn, theta, param_blocks, index=None):
+        self.loss_fn, self.grad_fn, self.hvp_fn = loss_fn, grad_fn, hvp_fn
+        self.theta = np.asarray(theta, dtype=np.float64)
+        self.ops = NumpyOps(self.theta.dtype)
+        self.index = np.arange(self.theta.size) if index is None else np.asarray(index)
+        self.full_blocks = dict(param_blocks)
+        self.param_blocks, off = {}, 0
+        for name, s in param_blocks.items():
+            size = int(np.isin(np.arange(s.start, s.stop), self.index).sum())
+            if size:
+                self.param_blocks[name] = slice(off, off + size)
+                off += size
+
+    def batch_size(self, batch) -> int:
+        first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+        return len(first)
+
+    def _full(self, delta):
+        theta = self.theta.copy()
+        if delta is not None:
+            theta[self.index] += delta
+        return theta
+
+    def loss(self, batch, delta=None) -> float:
+        return float(self.loss_fn(self._full(delta), batch))
+
+    def gradient(self, batch):
+        return np.asarray(self.grad_fn(self.theta, batch))[self.index]
+
+    def hvp(self, index, batch, V):
+        full = np.zeros((self.theta.size, V.shape[1]))
+        full[self.index] = V
+        return np.asarray(self.hvp_fn(self.theta, batch, full))[self.index]
+
+    def params_vector(self):
+        return self.theta[self.index].copy()
+
+    def subset(self, names):
+        index = np.concatenate([np.arange(self.full_blocks[n].start, self.full_blocks[n].stop) for n in names])
+        return NumpyAdapter(self.loss_fn, self.grad_fn, self.hvp_fn, self.theta, self.full_blocks,
+                            np.intersect1d(self.index, index))
+
+
+def hessian(loss_fn, grad_fn, hvp_fn, params, data, *, reduction: str = "mean", comm=None,
+            check_deterministic: bool = True) -> ModelOperator:
+    """The loss Hessian of a model written in NumPy, from its own gradient and HVP functions.
+
+    Args:
+        loss_fn, grad_fn, hvp_fn: functions of ``(theta, batch)`` (and ``V`` for the HVP)
+            with ``theta`` the flat parameter vector; see :class:`NumpyAdapter`.
+        params: a dict name -> array (flattened in order) or one flat array.
+        data: one batch (a tuple or dict) or a re-iterable of batches; ``batch[0]`` (or
+            the first dict value) has one row per sample.
+        reduction, comm, check_deterministic: as for :class:`~specops.model.ModelOperator`.
+    """
+    if isinstance(params, dict):
+        blocks, off, flat = {}, 0, []
+        for name, value in params.items():
+            value = np.asarray(value, dtype=np.float64).ravel()
+            blocks[name] = slice(off, off + value.size)
+            off += value.size
+            flat.append(value)
+        theta = np.concatenate(flat)
+    else:
+        theta = np.asarray(params, dtype=np.float64).ravel()
+        blocks = {"theta": slice(0, theta.size)}
+    adapter = NumpyAdapter(loss_fn, grad_fn, hvp_fn, theta, blocks)
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+
+
+def matrix_operator(x, symmetric=None):
+    """A dense NumPy matrix as an operator (same as :func:`specops.aslinearoperator`)."""
+    from specops.operator import aslinearoperator
+
+    return aslinearoperator(np.asarray(x), symmetric=symmetric)

@@ -44,6 +44,12 @@ class ModelAdapter(abc.ABC):
     def num_params(self) -> int:
         return max((s.stop for s in self.param_blocks.values()), default=0)
 
+    @property
+    def param_shapes(self) -> dict:
+        """Parameter name -> its array shape (default: flat). Backends give the real
+        shapes, which filter-normalized landscape directions need."""
+        return {name: (s.stop - s.start,) for name, s in self.param_blocks.items()}
+
     @abc.abstractmethod
     def batch_size(self, batch) -> int:
         """Number of samples in ``batch``."""
@@ -218,6 +224,11 @@ class ModelOperator(LinearOperator):
     def param_blocks(self) -> dict:
         """Parameter name -> slice of the flat vector."""
         return dict(self.adapter.param_blocks)
+
+    @property
+    def param_shapes(self) -> dict:
+        """Parameter name -> array shape."""
+        return dict(self.adapter.param_shapes)
 
     @property
     def engine(self) -> str:
