@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from specops.model import ModelAdapter, ModelOperator, select_names
+from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, select_names
 from specops.operator import MatrixOperator, _check_dense_symmetric
 from specops.ops import VectorOps
 
@@ -423,9 +423,16 @@ class TorchAdapter(ModelAdapter):
             cols.append(torch.zeros_like(V[:, j]) if h is None else h)
         return torch.stack(cols, dim=1)
 
+    @staticmethod
+    def _fingerprint(batch):
+        """A cheap summary of a batch's tensors, to notice data that changes between passes."""
+        leaves = []
+        _map_tensors(leaves.append, batch)
+        return tuple((tuple(t.shape), float(t.detach().double().sum())) for t in leaves)
+
     def _cached_graph(self, index, batch):
         entry = self._cache.get(index)
-        size = self.batch_size(batch)
+        fingerprint = self._fingerprint(batch)
         if entry is None:
             seen = {}
 
@@ -436,12 +443,13 @@ class TorchAdapter(ModelAdapter):
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 theta, g = self._graph(self._prepare(batch))
-            entry = self._cache[index] = (theta, g, size, sum(seen.values()))
+            entry = self._cache[index] = (theta, g, fingerprint, sum(seen.values()))
             self._cache_bytes += entry[3]
-        elif entry[2] != size:
-            raise RuntimeError(
-                f"batch {index} has {size} samples, but {entry[2]} when its graph was cached; the data "
-                "must yield the same batches every pass (or use hvp='double_backward')"
+        elif entry[2] != fingerprint:
+            raise NonDeterministicError(
+                f"batch {index} differs from the batch whose graph was cached in an earlier pass: the data "
+                "changes between passes (a DataLoader with shuffle=True, random augmentation or sampling). "
+                "Pass data that yields the same batches every time"
             )
         return entry
 
@@ -466,7 +474,9 @@ class TorchAdapter(ModelAdapter):
         return self._forward_over_reverse(batch, V)
 
     def _forward_over_reverse(self, batch, V):
-        grad = torch.func.grad(lambda theta: self._loss(theta, batch))
+        # jacrev rather than grad: grad's scalar cotangent has a zero tangent that some backward
+        # formulas (mse_loss) try to write to under forward AD (torch 2.x: "ZeroTensors are immutable").
+        grad = torch.func.jacrev(lambda theta: self._loss(theta, batch))
 
         def hv(v):
             return torch.func.jvp(grad, (self._theta,), (v,))[1]
