@@ -338,6 +338,10 @@ class TorchAdapter(ModelAdapter):
         self._products = 0
 
     # --- layout -------------------------------------------------------------------
+    @property
+    def param_shapes(self) -> dict:
+        return dict(zip(self._names, self._shapes))
+
     def unflatten(self, v) -> dict:
         """A flat vector (n,) as a dict name -> tensor shaped like the parameter (views of ``v``)."""
         pieces = torch.split(v, self._sizes)

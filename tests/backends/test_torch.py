@@ -386,14 +386,52 @@ def digits_model():
     return model, batches
 
 
-def test_digits_model_products_and_top_eigenvalues(digits_model):
+@pytest.fixture(scope="module")
+def digits_hessian(digits_model):
     model, batches = digits_model
     loss_fn = nn.CrossEntropyLoss()
     dense, _, _ = dense_hessian(model, loss_fn, batches)
-    H = st.hessian(model, loss_fn, batches)
+    return st.hessian(model, loss_fn, batches), (dense + dense.T) / 2
+
+
+def test_digits_model_products_and_scipy_interop(digits_hessian):
+    H, dense = digits_hessian
     check_products(H, dense, k=4)
     import scipy.sparse.linalg as sla
 
     top = np.sort(sla.eigsh(H.to_scipy(), k=3, which="LA", tol=1e-10)[0])[::-1]
-    exact = np.linalg.eigvalsh((dense + dense.T) / 2)[::-1][:3]
-    assert np.allclose(top, exact, rtol=1e-6)
+    assert np.allclose(top, np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_digits_eigsh_matches_eigh(digits_hessian, which):
+    H, dense = digits_hessian
+    exact = np.linalg.eigvalsh(dense)
+    res = specops.eigsh(H, k=3, which=which, tol=1e-8)
+    assert res.converged.all()
+    want = exact[::-1][:3] if which == "LA" else exact[:3]
+    assert np.allclose(res.eigenvalues, want, rtol=1e-6, atol=1e-9 * abs(exact).max())
+    V = res.eigenvectors
+    assert isinstance(V, torch.Tensor) and V.shape == (H.shape[0], 3)
+    R = dense @ V.numpy() - V.numpy() * res.eigenvalues
+    assert np.linalg.norm(R, axis=0).max() < 1e-6 * abs(exact).max()
+
+
+def test_digits_trace_and_density_agree_with_dense_and_numpy_backend(digits_hessian):
+    H, dense = digits_hessian
+    D = specops.aslinearoperator(dense)  # the same algorithms on the NumPy backend
+    exact = float(np.trace(dense))
+    for method in ("hutchinson", "hutch++", "xtrace"):
+        t = specops.trace(H, method=method, num_matvecs=120, seed=1)
+        assert abs(t.estimate - exact) <= 5 * t.stderr + 1e-9 * abs(exact), method
+        same = specops.trace(D, method=method, num_matvecs=120, seed=1)
+        assert t.estimate == pytest.approx(same.estimate, rel=1e-8), method
+    sd = specops.spectral_density(H, num_probes=4, num_steps=40, seed=2)
+    ref = specops.spectral_density(D, num_probes=4, num_steps=40, seed=2)
+    assert np.allclose(sd.nodes, ref.nodes, rtol=1e-6, atol=1e-8 * abs(dense).max())
+    assert np.allclose(sd.weights, ref.weights, atol=1e-6)
+    est, err = sd.trace()
+    assert abs(est - exact) <= 5 * err
+    eig = np.linalg.eigvalsh(dense)
+    assert sd.nodes.max() == pytest.approx(eig[-1], rel=1e-6)
+    assert sd.nodes.min() >= eig[0] - 1e-8 * abs(eig).max()
