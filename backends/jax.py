@@ -93,6 +93,9 @@ class JaxOps(VectorOps):
     def all_finite(self, X) -> bool:
         return bool(jnp.isfinite(X).all())
 
+    def einsum(self, spec: str, *arrays):
+        return jnp.einsum(spec, *(self.asarray(a) for a in arrays), precision=_HIGHEST)
+
 
 def matrix_operator(x, symmetric=None) -> MatrixOperator:
     """A dense JAX matrix as an operator whose products stay in JAX on its device.
@@ -225,6 +228,10 @@ class JaxAdapter(ModelAdapter):
         self._loss = jax.jit(self._scalar_loss)
         self._grad = jax.jit(jax.grad(self._scalar_loss))
         self._hvp = jax.jit(self._hvp_block)
+
+    @property
+    def param_shapes(self) -> dict:
+        return dict(zip(self.param_blocks, self._shapes))
 
     # --- pure functions (traced) ----------------------------------------------------
     def _tree(self, flat, fixed):

@@ -76,6 +76,7 @@ def test_blocks_are_named_by_pytree_path_in_ravel_order(problem):
     H = problem["H"]
     assert list(H.param_blocks) == ["layers.0.b", "layers.0.w", "layers.1.b", "layers.1.w"]
     assert H.param_blocks["layers.0.w"] == slice(4, 24)
+    assert H.param_shapes["layers.0.w"] == (5, 4)
     assert rel(H.params_vector(), problem["flat"]) == 0
 
 
@@ -217,6 +218,7 @@ def test_vector_ops_match_numpy():
     assert np.abs(ops.to_numpy(ops.inner(Q, W))).max() < 1e-13
     assert ops.all_finite(jX) and not ops.all_finite(jX / 0.0)
     assert ops.to_numpy(ops.concat([ops.zeros((2, 3)), jX], axis=0)).shape == (11, 3)
+    assert rel(ops.einsum("ij,ij->j", jX, jX), (X * X).sum(0)) < 1e-14
     assert np.array_equal(ops.to_numpy(ops.random(9, range(2), 7)), specops.random.probes(9, range(2), 7))
 
 
