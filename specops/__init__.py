@@ -17,16 +17,19 @@ from specops.eigsh import EigResult, eigsh
 from specops.trace import TraceResult, trace
 from specops.diagonal import DiagonalResult, diagonal
 from specops.density import SpectralDensity, spectral_density
+from specops.landscape import Landscape, landscape
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DiagonalResult",
     "EigResult",
+    "Landscape",
     "SpectralDensity",
     "TraceResult",
     "diagonal",
     "eigsh",
+    "landscape",
     "spectral_density",
     "trace",
     "LinearOperator",
