@@ -130,14 +130,11 @@ class ModelOperator(LinearOperator):
         self.comm = as_comm(comm)
         self._data = self._batches_of(data)
         self.batch_sizes = [adapter.batch_size(b) for b in self._iter()]
-        sizes = self.comm.allgather((n, sum(self.batch_sizes)))
-        if len({s[0] for s in sizes}) > 1:
-            raise ValueError(
-                "ranks disagree on the number of parameters "
-                f"({', '.join(f'rank {r}: {s[0]}' for r, s in enumerate(sizes))}); every rank must "
-                "hold the same model and parameter selection"
-            )
-        self.num_samples = int(sum(s[1] for s in sizes))
+        # Collective checks: every rank sees every rank's values, so a mismatch raises on all
+        # ranks alike and none is left waiting in the first Allreduce.
+        self.comm.agree((n, self.ops.dtype.name), "the number of parameters and their dtype",
+                        "every rank must hold the same model, dtype and parameter selection")
+        self.num_samples = int(self.comm.allreduce_host(int(sum(self.batch_sizes))))
         if self.num_samples == 0:
             raise ValueError("the data holds no samples")
         self.num_matvecs = 0
@@ -259,11 +256,11 @@ class ModelOperator(LinearOperator):
             value = float(self.adapter.loss(batch))
             if not np.isfinite(value):
                 bad.append(f"batch {i} (loss {value})")
-        bad = [b for rank_bad in self.comm.allgather(bad) for b in rank_bad]
+        if self.comm.size > 1:  # gathered, so that every rank raises the same error
+            bad = [f"{b} on rank {r}" for r, rank_bad in enumerate(self.comm.allgather(bad)) for b in rank_bad]
         if bad:
-            where = f" on rank {self.comm.rank}" if self.comm.size > 1 else ""
             raise NonFiniteError(
-                f"the loss is not finite{where} for {', '.join(bad[:5])}"
+                f"the loss is not finite for {', '.join(bad[:5])}"
                 f"{' and more' if len(bad) > 5 else ''}; fix the data or the model "
                 "(e.g. a learning rate that diverged, log of zero) before taking its Hessian"
             )
