@@ -1,0 +1,400 @@
+"""The TensorFlow backend: loss Hessians of Keras models and of callables over ``tf.Variable`` s.
+
+The Hessian-vector product is forward-over-reverse: a
+``tf.autodiff.ForwardAccumulator`` carrying the tangent ``v`` around the
+``tf.GradientTape`` that computes the gradient, so ``acc.jvp(gradient) = H v``. The
+columns of a block are mapped by ``tf.vectorized_map`` (the gradient pass does not
+depend on the column and is computed once), and the whole product is one
+``tf.function`` built once per operator (``reduce_retracing=True``: an unequal last
+batch or a new number of columns traces once more, never once per product).
+
+Parameters are named by Keras 3 variable paths (``"sequential/dense/kernel"``), or by
+``tf.Variable.name`` without ``":0"`` (repeated names get ``_1``, ``_2``, ...). Select
+blocks with those names or glob patterns (``"sequential/dense/*"``).
+
+The variables are never changed by a product. ``loss_at(delta)`` assigns
+``theta + delta``, evaluates, and assigns the saved values back (bit for bit), also
+when the loss raises.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import tensorflow as tf
+
+from specops.model import ModelAdapter, ModelOperator, select_names
+from specops.operator import MatrixOperator, _check_dense_symmetric
+from specops.ops import VectorOps
+
+LOSS_FORMS = ("auto", "outputs", "model")
+_MODEL_ARG_NAMES = ("model", "module", "net", "network")
+
+
+def _device_name(device: str) -> str:
+    spec = tf.DeviceSpec.from_string(device or "/device:CPU:0")
+    return f"{spec.device_type or 'CPU'}:{spec.device_index or 0}"
+
+
+class TFOps(VectorOps):
+    """Vector operations on TensorFlow tensors of one dtype on one device.
+
+    Args:
+        dtype: float32 or float64 (a ``tf.DType`` or NumPy dtype).
+        device: a TensorFlow device name (``"CPU:0"``, ``"GPU:1"``).
+    """
+
+    name = "tensorflow"
+
+    def __init__(self, dtype=np.float64, device: str = "CPU:0"):
+        super().__init__(tf.as_dtype(dtype).as_numpy_dtype, _device_name(device))
+        self.tf_dtype = tf.as_dtype(self.dtype)
+
+    def is_native(self, x) -> bool:
+        return isinstance(x, tf.Tensor)
+
+    def asarray(self, x):
+        with tf.device(self.device):
+            if isinstance(x, (tf.Tensor, tf.Variable)):
+                return tf.identity(tf.cast(x, self.tf_dtype))
+            return tf.convert_to_tensor(np.asarray(x, dtype=self.dtype))
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.array(x, dtype=np.float64)
+
+    def zeros(self, shape):
+        with tf.device(self.device):
+            return tf.zeros(shape, dtype=self.tf_dtype)
+
+    def concat(self, arrays, axis: int):
+        return tf.concat(list(arrays), axis=axis)
+
+    def inner(self, X, Y):
+        return tf.linalg.matmul(X, Y, transpose_a=True)
+
+    def combine(self, X, C):
+        return tf.linalg.matmul(X, self.asarray(C))
+
+    def column_norms(self, X) -> np.ndarray:
+        return np.asarray(tf.norm(X, axis=0), dtype=np.float64)
+
+    def qr(self, X):
+        return tf.linalg.qr(X, full_matrices=False)
+
+    def all_finite(self, X) -> bool:
+        return bool(tf.reduce_all(tf.math.is_finite(X)))
+
+    def einsum(self, spec: str, *arrays):
+        return tf.einsum(spec, *(self.asarray(a) for a in arrays))
+
+
+def matrix_operator(x, symmetric=None) -> MatrixOperator:
+    """A dense TensorFlow matrix as an operator whose products stay in TensorFlow.
+
+    Args:
+        x: a square ``tf.Tensor`` or variable; float32 stays float32, anything else
+            becomes float64.
+        symmetric: as for :func:`specops.aslinearoperator`.
+
+    Raises:
+        ValueError: a non-square, non-finite or (with ``symmetric=None``) non-symmetric matrix.
+    """
+    x = tf.convert_to_tensor(x)
+    if x.shape.rank != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"specops operators are square; got shape {tuple(x.shape)}")
+    ops = TFOps(np.float32 if x.dtype == tf.float32 else np.float64, x.device)
+    x = ops.asarray(x)
+    host = ops.to_numpy(x)
+    if not np.isfinite(host).all():
+        raise ValueError("the matrix has NaN or infinite entries")
+    if symmetric is None:
+        _check_dense_symmetric(host, "TensorFlow matrix")
+    return MatrixOperator(x, ops, symmetric=symmetric is not False)
+
+
+# --- variables --------------------------------------------------------------------------
+def _tf_variable(v):
+    """The ``tf.Variable`` behind a Keras 3 variable (what the tapes must watch)."""
+    if isinstance(v, tf.Variable):
+        return v
+    inner = getattr(v, "value", None)
+    if isinstance(inner, tf.Variable):
+        return inner
+    raise TypeError(f"expected a tf.Variable or a Keras variable, got {type(v).__name__}")
+
+
+def _named(variables) -> dict:
+    """Unique name -> variable, in order."""
+    out = {}
+    for v in variables:
+        base = getattr(v, "path", None) or v.name.split(":")[0]
+        name, i = base, 0
+        while name in out:
+            i += 1
+            name = f"{base}_{i}"
+        out[name] = v
+    return out
+
+
+def _resolve_variables(model, variables) -> dict:
+    available = getattr(model, "trainable_variables", None)
+    named = _named(available or [])
+    if variables is None:
+        if not named:
+            raise ValueError(
+                "the model has no trainable_variables; pass variables=[...] with the tf.Variables "
+                "the loss depends on"
+            )
+        return named
+    items = variables if isinstance(variables, (list, tuple)) else [variables]
+    by_id = {id(_tf_variable(v)): n for n, v in named.items()}
+    chosen, loose = [], []
+    for item in items:
+        if isinstance(item, str):
+            chosen += select_names(list(named), [item])
+        elif hasattr(item, "trainable_variables") and not isinstance(item, tf.Variable):
+            chosen += [by_id[id(_tf_variable(v))] for v in item.trainable_variables]
+        else:
+            var = _tf_variable(item)
+            if id(var) in by_id:
+                chosen.append(by_id[id(var)])
+            else:
+                loose.append(item)
+    result = {n: named[n] for n in named if n in set(chosen)}
+    result.update({n: v for n, v in _named(loose).items() if n not in result})
+    return result
+
+
+def _loss_form(loss_fn, loss_form: str) -> str:
+    if loss_form not in LOSS_FORMS:
+        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
+    if loss_form != "auto":
+        return loss_form
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters), None)
+    except (TypeError, ValueError):
+        return "outputs"
+    return "model" if first in _MODEL_ARG_NAMES else "outputs"
+
+
+def _batch_size(batch) -> int:
+    sizes = {int(t.shape[0]) for t in tf.nest.flatten(batch) if getattr(t, "shape", None) and len(t.shape)}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"cannot tell the batch size: the batch's arrays have leading dimensions {sorted(sizes)}; "
+            "every array of a batch must hold one row per sample"
+        )
+    return sizes.pop()
+
+
+class TFAdapter(ModelAdapter):
+    """The per-batch functions for a TensorFlow model and loss, traced once.
+
+    Args:
+        model: a Keras model or layer, a ``tf.Module``, or any callable; used as is
+            (Keras calls it in inference mode unless your loss passes ``training=True``).
+        loss_fn: ``loss_fn(targets, outputs)`` in the Keras order (a ``keras.losses``
+            object works as is), applied to ``model(inputs)`` for batches
+            ``(inputs, targets)``; or ``loss_fn(model, batch)`` for any batch.
+        variables: ``None`` (the model's trainable variables), or names / glob
+            patterns, variables, Keras layers, alone or in a list.
+        loss_form: ``"outputs"``, ``"model"`` or ``"auto"`` (``"model"`` when the
+            first parameter of ``loss_fn`` is named model, module, net or network).
+        chunk_size: columns per vectorized product.
+
+    Raises:
+        TypeError: a variable that is not floating, or variables of mixed dtypes.
+    """
+
+    engine = "tensorflow: tf.function(vectorized_map(ForwardAccumulator over GradientTape))"
+
+    def __init__(self, model, loss_fn, *, variables=None, loss_form: str = "auto", chunk_size: int = 16):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.model, self.loss_fn, self.chunk_size = model, loss_fn, int(chunk_size)
+        self.loss_form = _loss_form(loss_fn, loss_form)
+        named = _resolve_variables(model, variables)
+        self._vars = [_tf_variable(v) for v in named.values()]
+        bad = [f"{n!r} ({v.dtype.name})" for n, v in zip(named, self._vars) if not v.dtype.is_floating]
+        if bad:
+            raise TypeError(
+                f"only floating variables can be differentiated, but the selection has {', '.join(bad)}; "
+                "leave them out with variables=[...]"
+            )
+        dtypes = {v.dtype.name for v in self._vars}
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"the selected variables mix dtypes {sorted(dtypes)}; build the model in one dtype "
+                "(e.g. keras.config.set_floatx('float64') before creating it)"
+            )
+        self.ops = TFOps(self._vars[0].dtype if self._vars else np.float32,
+                         self._vars[0].device if self._vars else "CPU:0")
+        self._shapes = [tuple(v.shape) for v in self._vars]
+        self.param_blocks, offset = {}, 0
+        for name, shape in zip(named, self._shapes):
+            size = int(np.prod(shape, dtype=np.int64))
+            self.param_blocks[name] = slice(offset, offset + size)
+            offset += size
+        self.num_traces = 0
+        self._loss = tf.function(self._scalar_loss, reduce_retracing=True)
+        self._grad = tf.function(self._flat_gradient, reduce_retracing=True)
+        self._hvp = tf.function(self._hvp_block, reduce_retracing=True)
+
+    @property
+    def param_shapes(self) -> dict:
+        return dict(zip(self.param_blocks, self._shapes))
+
+    # --- traced functions -----------------------------------------------------------
+    def _scalar_loss(self, batch):
+        if self.loss_form == "model":
+            value = self.loss_fn(self.model, batch)
+        else:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(
+                    "with loss_fn(targets, outputs) every batch must be a pair (inputs, targets); for "
+                    "other batches write the loss as loss_fn(model, batch) and pass loss_form='model'"
+                )
+            inputs, targets = batch
+            value = self.loss_fn(targets, self.model(inputs))
+        value = tf.convert_to_tensor(value)
+        if value.shape.rank != 0:
+            raise ValueError(
+                f"the loss function must return a scalar, got shape {tuple(value.shape)}; reduce it "
+                "over the batch (a keras.losses object with its default reduction, or tf.reduce_mean; "
+                "tf.reduce_sum with reduction='sum')"
+            )
+        if value.dtype != self.ops.tf_dtype:
+            raise TypeError(
+                f"the loss is {value.dtype.name} but the variables are {self.ops.dtype.name}; compute it "
+                f"in {self.ops.dtype.name} (Keras losses take dtype='{self.ops.dtype.name}', or call "
+                f"keras.config.set_floatx('{self.ops.dtype.name}') before building the model and loss)"
+            )
+        return value
+
+    def _gradients(self, batch):
+        with tf.GradientTape() as tape:
+            value = self._scalar_loss(batch)
+        grads = tape.gradient(value, self._vars)
+        unused = [n for n, g in zip(self.param_blocks, grads) if g is None]
+        if unused:
+            raise ValueError(
+                f"the loss does not depend on the variables {', '.join(map(repr, unused))}; leave them "
+                "out with variables=[...] (names, glob patterns or layers the loss uses)"
+            )
+        return grads
+
+    def _flatten(self, tensors):
+        return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+    def _flat_gradient(self, batch):
+        return self._flatten(self._gradients(batch))
+
+    def _unflatten(self, v):
+        sizes = [s.stop - s.start for s in self.param_blocks.values()]
+        return [tf.reshape(t, shape) for t, shape in zip(tf.split(v, sizes), self._shapes)]
+
+    def _hvp_block(self, batch, V):
+        self.num_traces += 1  # runs only while tracing: counts traces
+
+        def column(v):
+            with tf.autodiff.ForwardAccumulator(self._vars, self._unflatten(v)) as acc:
+                grads = self._gradients(batch)
+            return self._flatten(acc.jvp(grads, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+
+        return tf.transpose(tf.vectorized_map(column, tf.transpose(V)))
+
+    # --- ModelAdapter -----------------------------------------------------------------
+    def _prepare(self, batch):
+        """Tensors on the variables' device; floating ones in their dtype."""
+        def convert(x):
+            if isinstance(x, (str, bytes)) or x is None:
+                return x
+            t = tf.convert_to_tensor(x)
+            return tf.cast(t, self.ops.tf_dtype) if t.dtype.is_floating else t
+
+        with tf.device(self.ops.device):
+            return tf.nest.map_structure(convert, batch)
+
+    def batch_size(self, batch) -> int:
+        return _batch_size(batch)
+
+    def loss(self, batch, delta=None) -> float:
+        batch = self._prepare(batch)
+        if delta is None:
+            return float(self._loss(batch))
+        saved = [tf.identity(v) for v in self._vars]
+        try:
+            for var, d in zip(self._vars, self._unflatten(delta)):
+                var.assign_add(d)
+            return float(self._loss(batch))
+        finally:
+            for var, value in zip(self._vars, saved):
+                var.assign(value)
+
+    def gradient(self, batch):
+        return self._grad(self._prepare(batch))
+
+    def hvp(self, index: int, batch, V):
+        batch, c = self._prepare(batch), self.chunk_size
+        if V.shape[1] <= c:
+            return self._hvp(batch, V)
+        return tf.concat([self._hvp(batch, V[:, j : j + c]) for j in range(0, V.shape[1], c)], axis=1)
+
+    def params_vector(self):
+        return self._flatten([tf.identity(v) for v in self._vars])
+
+    def subset(self, names: list[str]) -> TFAdapter:
+        chosen = [self._vars[list(self.param_blocks).index(n)] for n in names]
+        sub = TFAdapter(self.model, self.loss_fn, variables=chosen, loss_form=self.loss_form,
+                        chunk_size=self.chunk_size)
+        sub.param_blocks = {n: s for n, s in zip(names, sub.param_blocks.values())}
+        return sub
+
+    def determinism_hints(self) -> list[str]:
+        return [
+            "the loss calls the model with training=True (dropout, batch statistics)",
+            "a tf.data.Dataset that reshuffles each iteration (shuffle(..., reshuffle_each_iteration="
+            "False) or no shuffle) or random augmentation",
+        ]
+
+
+def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", comm=None,
+            check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16) -> ModelOperator:
+    """The Hessian of a TensorFlow model's loss over data, as a specops operator on flat tensors.
+
+    Args:
+        model: a Keras model or layer, a ``tf.Module`` or any callable over
+            ``tf.Variable`` s; called as is (Keras layers run in inference mode unless
+            the loss passes ``training=True``).
+        loss_fn: ``loss_fn(targets, outputs)`` (Keras order; e.g.
+            ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``) applied to
+            ``model(inputs)`` for batches ``(inputs, targets)``; or ``loss_fn(model, batch)``
+            for any batch. Must return a scalar.
+        data: one batch (a tuple or dict) or a re-iterable of batches (a list, a
+            ``tf.data.Dataset`` that does not reshuffle). Floating tensors are cast to
+            the variables' dtype.
+        variables: ``None`` (the model's trainable variables), or names / glob
+            patterns (``"sequential/dense_1/*"``), variables, Keras layers, alone or in
+            a list. Needed for plain callables without ``trainable_variables``.
+        reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
+        comm: ``None`` or a communicator; each rank passes its own shard of the data.
+        check_deterministic: check every batch's loss is finite and that two identical
+            products agree.
+        loss_form: ``"outputs"``, ``"model"`` or ``"auto"`` (see :class:`TFAdapter`).
+        chunk_size: columns per vectorized product.
+
+    Returns:
+        A :class:`specops.ModelOperator`: ``H @ v`` takes and returns ``tf.Tensor`` s.
+
+    Raises:
+        ValueError: a loss that is not a scalar; variables the loss does not use; a
+            selection that matches nothing.
+        TypeError: integer variables or mixed dtypes.
+        specops.NonFiniteError: a non-finite loss (naming the batch).
+    """
+    adapter = TFAdapter(model, loss_fn, variables=variables, loss_form=loss_form, chunk_size=chunk_size)
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm,
+                         check_deterministic=check_deterministic)

@@ -1,0 +1,235 @@
+"""The TensorFlow backend against dense Hessians from nested GradientTapes on the full batch."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import specops  # noqa: E402
+from specops.backends import tensorflow as stf  # noqa: E402
+
+RTOL = 1e-10
+F64 = "float64"
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), np.finfo(float).tiny)
+
+
+def dense_hessian(loss, variables):
+    """The dense Hessian of ``loss()`` by a tape's Jacobian of the flat gradient."""
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            value = loss()
+        g = tf.concat([tf.reshape(t, [-1]) for t in inner.gradient(value, variables)], axis=0)
+    J = outer.jacobian(g, variables)
+    return np.concatenate([np.reshape(j, (g.shape[0], -1)) for j in J], axis=1), float(value), g.numpy()
+
+
+def cross_entropy(reduction="sum_over_batch_size"):
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction, dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    model = keras.Sequential([
+        keras.Input((5,), dtype=F64),
+        keras.layers.Dense(4, activation="tanh", dtype=F64, name="hidden"),
+        keras.layers.Dense(3, dtype=F64, name="out"),
+    ])
+    X, Y = rng.normal(size=(23, 5)), rng.integers(0, 3, size=23)
+    batches = [(X[:10], Y[:10]), (X[10:20], Y[10:20]), (X[20:], Y[20:])]  # unequal last batch
+    truth, loss, grad = dense_hessian(lambda: cross_entropy()(Y, model(X)), model.trainable_variables)
+    truth_sum, _, _ = dense_hessian(lambda: cross_entropy("sum")(Y, model(X)), model.trainable_variables)
+    H = stf.hessian(model, cross_entropy(), batches, chunk_size=64)
+    return dict(model=model, X=X, Y=Y, batches=batches, H=H, H_mean=truth, H_sum=truth_sum,
+                loss=loss, grad=grad)
+
+
+def dense(H):
+    return H.to_dense(chunk=H.shape[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_products_match_dense_hessian(problem, reduction):
+    if reduction == "mean":
+        H = problem["H"]
+    else:
+        H = stf.hessian(problem["model"], cross_entropy("sum"), problem["batches"], reduction="sum",
+                        chunk_size=64, check_deterministic=False)
+    truth = problem[f"H_{reduction}"]
+    V = np.random.default_rng(1).normal(size=(H.shape[0], 5))
+    HV = H @ tf.constant(V)
+    assert isinstance(HV, tf.Tensor) and HV.dtype == tf.float64
+    assert rel(HV, truth @ V) < RTOL
+    assert rel(H @ tf.constant(V[:, 0]), truth @ V[:, 0]) < RTOL
+    assert rel(dense(H), truth) < RTOL
+    assert H.num_samples == 23
+
+
+def test_dataset_input(problem):
+    ds = tf.data.Dataset.from_tensor_slices((problem["X"], problem["Y"])).batch(10)  # 10, 10, 3
+    H = stf.hessian(problem["model"], cross_entropy(), ds, chunk_size=64)
+    assert H.batch_sizes == [10, 10, 3]
+    v = np.random.default_rng(2).normal(size=H.shape[0])
+    assert rel(H @ tf.constant(v), problem["H_mean"] @ v) < RTOL
+
+
+def test_blocks_named_by_variable_path(problem):
+    H = problem["H"]
+    assert list(H.param_blocks) == ["sequential/hidden/kernel", "sequential/hidden/bias",
+                                    "sequential/out/kernel", "sequential/out/bias"]
+    assert H.param_shapes["sequential/hidden/kernel"] == (5, 4)
+    flat = np.concatenate([v.numpy().ravel() for v in problem["model"].trainable_variables])
+    assert np.array_equal(H.params_vector().numpy(), flat)
+
+
+def test_traced_once_not_per_product(problem):
+    H = problem["H"]
+    v = tf.ones(H.shape[0], dtype=tf.float64)
+    H @ v
+    traced = H.adapter.num_traces
+    for _ in range(4):
+        H @ v
+    assert H.adapter.num_traces == traced
+
+
+def test_subsets_are_dense_blocks(problem):
+    H = problem["H"]
+    sl = slice(H.param_blocks["sequential/out/kernel"].start, H.shape[0])
+    B = H.restrict("sequential/out/*")
+    assert list(B.param_blocks) == ["sequential/out/kernel", "sequential/out/bias"]
+    assert rel(dense(B), problem["H_mean"][sl, sl]) < RTOL
+    by_layer = stf.hessian(problem["model"], cross_entropy(), problem["batches"],
+                           variables=problem["model"].get_layer("out"), check_deterministic=False)
+    assert list(by_layer.param_blocks) == list(B.param_blocks)
+    v = np.random.default_rng(8).normal(size=by_layer.shape[0])
+    assert rel(by_layer @ tf.constant(v), problem["H_mean"][sl, sl] @ v) < RTOL
+
+
+def test_loss_at_and_gradient_leave_variables_unchanged(problem):
+    H = problem["H"]
+    before = [v.numpy().copy() for v in problem["model"].trainable_variables]
+    assert abs(H.loss_at() - problem["loss"]) < 1e-12
+    assert rel(H.gradient(), problem["grad"]) < RTOL
+    delta = 0.01 * np.random.default_rng(3).normal(size=H.shape[0])
+    shifted = [tf.Variable(v + d.reshape(v.shape)) for v, d in
+               zip(before, np.split(delta, np.cumsum([b.size for b in before])[:-1]))]
+    moved = keras.models.clone_model(problem["model"])
+    moved.set_weights([s.numpy() for s in shifted])
+    assert abs(H.loss_at(tf.constant(delta)) - float(cross_entropy()(problem["Y"], moved(problem["X"])))) < 1e-12
+    after = [v.numpy() for v in problem["model"].trainable_variables]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_plain_callable_over_variables_with_dict_batches():
+    rng = np.random.default_rng(4)
+    w = tf.Variable(rng.normal(size=(3,)))
+    c = tf.Variable(0.5, dtype=tf.float64)
+    X, y = rng.normal(size=(12, 3)), rng.normal(size=12)
+
+    def loss_fn(model, batch):
+        r = tf.tanh(tf.linalg.matvec(batch["x"], w)) * c - batch["y"]
+        return tf.reduce_mean(r ** 2)
+
+    data = [{"x": X[:6], "y": y[:6]}, {"x": X[6:], "y": y[6:]}]
+    H = stf.hessian(None, loss_fn, data, variables=[w, c])
+    assert list(H.param_blocks) == ["Variable", "Variable_1"]
+    truth, _, _ = dense_hessian(lambda: loss_fn(None, {"x": X, "y": y}), [w, c])
+    assert rel(dense(H), truth) < RTOL
+
+
+def test_small_cnn_matches_dense_hessian():
+    rng = np.random.default_rng(5)
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([
+        keras.Input((6, 6, 1), dtype=F64),
+        keras.layers.Conv2D(2, 3, activation="tanh", dtype=F64),
+        keras.layers.Flatten(dtype=F64),
+        keras.layers.Dense(3, dtype=F64),
+    ])
+    X, Y = rng.normal(size=(12, 6, 6, 1)), rng.integers(0, 3, size=12)
+    H = stf.hessian(model, cross_entropy(), [(X[:6], Y[:6]), (X[6:], Y[6:])], chunk_size=128)
+    truth, _, _ = dense_hessian(lambda: cross_entropy()(Y, model(X)), model.trainable_variables)
+    assert rel(dense(H), truth) < RTOL
+
+
+# --- bad input ----------------------------------------------------------------------
+def test_loss_that_is_not_a_scalar(problem):
+    per_sample = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype=F64)
+    with pytest.raises(ValueError, match=r"must return a scalar, got shape \(10,\)"):
+        stf.hessian(problem["model"], per_sample, problem["batches"])
+
+
+def test_variables_not_used_by_the_loss(problem):
+    stray = tf.Variable(np.ones(2), name="stray")
+    with pytest.raises(ValueError, match="does not depend on the variables 'stray'.*variables="):
+        stf.hessian(problem["model"], cross_entropy(), problem["batches"],
+                    variables=list(problem["model"].trainable_variables) + [stray])
+
+
+def test_integer_variables_and_lower_precision_loss(problem):
+    step = tf.Variable(3, name="step")
+    with pytest.raises(TypeError, match="'step' \\(int32\\).*variables="):
+        stf.hessian(problem["model"], cross_entropy(), problem["batches"], variables=[step])
+    loss32 = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # float32 by default
+    with pytest.raises(TypeError, match="loss is float32 but the variables are float64.*dtype='float64'"):
+        stf.hessian(problem["model"], loss32, problem["batches"])
+
+
+def test_non_finite_loss_names_the_batch(problem):
+    X = problem["X"].copy()
+    X[15, 2] = np.nan
+    Y = problem["Y"]
+    with pytest.raises(specops.NonFiniteError, match="batch 1"):
+        stf.hessian(problem["model"], cross_entropy(), [(X[:10], Y[:10]), (X[10:], Y[10:])])
+
+
+def test_dropout_in_training_mode_is_reported(problem):
+    dropout = keras.layers.Dropout(0.5, dtype=F64)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return cross_entropy()(y, model(dropout(x, training=True)))
+
+    with pytest.raises(specops.NonDeterministicError, match="training=True"):
+        stf.hessian(problem["model"], loss_fn, problem["batches"])
+
+
+# --- vector operations and dense matrices -------------------------------------------
+def test_vector_ops_match_numpy():
+    ops = stf.TFOps(np.float64)
+    rng = np.random.default_rng(6)
+    X, Y, C = rng.normal(size=(9, 3)), rng.normal(size=(9, 2)), rng.normal(size=(3, 2))
+    tX, tY = ops.from_numpy(X), ops.from_numpy(Y)
+    assert ops.is_native(tX) and not ops.is_native(X)
+    assert rel(ops.inner(tX, tY), X.T @ Y) < 1e-14
+    assert rel(ops.combine(tX, C), X @ C) < 1e-14
+    assert rel(ops.column_norms(tX), np.linalg.norm(X, axis=0)) < 1e-14
+    Q, R = ops.qr(tX)
+    assert rel(ops.to_numpy(Q) @ ops.to_numpy(R), X) < 1e-13
+    W, _ = ops.orthogonalize(tY, Q)
+    assert np.abs(ops.to_numpy(ops.inner(Q, W))).max() < 1e-13
+    assert ops.all_finite(tX) and not ops.all_finite(tX / 0.0)
+    assert rel(ops.einsum("ij,ij->j", tX, tX), (X * X).sum(0)) < 1e-14
+    assert np.array_equal(ops.to_numpy(ops.random(9, range(2), 7)), specops.random.probes(9, range(2), 7))
+
+
+def test_dense_tf_matrix_operator():
+    rng = np.random.default_rng(7)
+    M = rng.normal(size=(6, 6))
+    A = specops.aslinearoperator(tf.constant(M + M.T))
+    assert A.backend == "tensorflow" and A.dtype == np.float64
+    v = rng.normal(size=6)
+    out = A @ tf.constant(v)
+    assert isinstance(out, tf.Tensor) and rel(out, (M + M.T) @ v) < 1e-14
+    with pytest.raises(ValueError, match="not symmetric"):
+        specops.aslinearoperator(tf.constant(M))
+    with pytest.raises(ValueError, match="square"):
+        specops.aslinearoperator(tf.ones((2, 3)))
