@@ -24,6 +24,8 @@ METHODS = ("lanczos", "power")
 
 #: Convergence floor: residuals are judged relative to max(|lambda|, FLOOR * ||A||).
 NORM_FLOOR = 1e-3
+#: Operators up to this size grow one Lanczos basis to convergence (at most n products).
+SMALL = 1000
 #: Residuals below ROUNDING * eps * ||A|| are at working precision and count as converged.
 ROUNDING = 50.0
 
@@ -104,8 +106,10 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
         seed: seed of the random start block.
         block_size: Lanczos block size (default ``k``): eigenvalues of multiplicity up to
             the block size are resolved with all their copies.
-        max_basis: Lanczos basis size before a thick restart (default ``max(40, 3k + 6b)``).
-            Operators with ``n <= max_basis + block_size`` are solved densely from ``n`` products.
+        max_basis: Lanczos basis size before a thick restart (default ``max(40, 3k + 6b)``,
+            and ``n - b`` for ``n <= 1000``: small operators are never restarted, so they
+            take at most ``n`` products). Operators too small for a basis of
+            ``k + 2b`` vectors are solved densely from ``n`` products.
 
     Returns:
         :class:`EigResult`.
@@ -126,9 +130,12 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
     b = k if block_size is None else _checks.positive_int("block_size", block_size)
     if max_basis is None:
         max_basis = max(40, 3 * k + 6 * b)
+        if n <= SMALL:  # grow the basis instead of restarting: at most n products, then exact
+            max_basis = max(max_basis, n - b)
     max_basis = _checks.positive_int("max_basis", max_basis)
     if max_basis < k + 2 * b:
         raise ValueError(f"max_basis={max_basis} is too small: it must be >= k + 2 * block_size = {k + 2 * b}")
+    max_basis = min(max_basis, n - b)
     if max_matvecs is None:
         max_matvecs = max(1000, 100 * k)
     max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
@@ -138,7 +145,7 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
         if which == "BE":
             raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
         out = _power(A, k, which, tol, max_matvecs, seed)
-    elif n <= max_basis + b:
+    elif max_basis < k + 2 * b:
         settings["method"] = "dense"
         out = _dense(A, k, which, tol)
     else:

@@ -360,7 +360,7 @@ def aslinearoperator(x, *, symmetric: bool | None = None, dtype=None) -> LinearO
                     "symmetrize it or pass symmetric=False"
                 )
         return MatrixOperator(M, ops, symmetric=symmetric is not False)
-    if isinstance(x, (np.ndarray, list, tuple)) or np.isscalar(x):
+    if isinstance(x, (np.ndarray, list, tuple)) or (np.isscalar(x) and not isinstance(x, (str, bytes))):
         arr = np.asarray(x)
         if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
             raise TypeError(f"expected a real numeric matrix, got dtype {arr.dtype}")
@@ -388,6 +388,7 @@ def check_symmetric(A: LinearOperator, *, num_probes: int = 2, rtol: float = 1e-
     Raises:
         ValueError: if it exceeds ``rtol`` (the operator is not symmetric).
     """
+    A = aslinearoperator(A, symmetric=False)
     ops, n = A.ops, A.shape[0]
     X = ops.random(n, range(num_probes), seed, kind="normal", stream="symmetry-x")
     Y = ops.random(n, range(num_probes), seed, kind="normal", stream="symmetry-y")

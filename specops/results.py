@@ -62,7 +62,9 @@ class Result:
         if kind != cls.__name__:
             raise ValueError(f"this JSON holds a {kind}, not a {cls.__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: _from_jsonable(v) for k, v in d.items() if k in names})
+        values = {k: _from_jsonable(v) for k, v in d.items() if k in names}
+        values.update({k: None for k in cls._NOT_SERIALIZED})
+        return cls(**values)
 
     @classmethod
     def from_json(cls, text: str):

@@ -1,0 +1,364 @@
+"""The curvature report of ``specops analyze``: state on disk, progress, plots and summaries.
+
+- :class:`ReportState`: ``results.json`` in the output folder, rewritten atomically
+  (a temporary file, then ``os.replace``) after every finished stage, so a killed run
+  loses at most the stage it was in and ``--resume`` continues from there.
+- :class:`ProgressOperator`: wraps an operator, counts its products and draws a
+  progress bar on stderr (no dependency).
+- :func:`write_plots`, :func:`summary_markdown`, :func:`summary_table`: the pictures
+  (``esd.png``, ``landscape.png``, ``blocks.png``), ``summary.md`` and the terminal table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from specops.operator import LinearOperator
+from specops.results import _from_jsonable, _to_jsonable
+
+RESULTS = "results.json"
+STAGES = ("train", "eigen", "trace", "esd", "blocks", "landscape")
+
+
+# --- files ----------------------------------------------------------------------------------
+def atomic_write(path: str, data: bytes | str):
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
+    readers see the old file or the new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_savefig(fig, path: str, dpi: int = 120):
+    """Save a matplotlib figure as PNG atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+
+
+def atomic_save_npy(path: str, array: np.ndarray):
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    atomic_write(path, buf.getvalue())
+
+
+def check_writable(folder: str):
+    """Create ``folder`` if needed and prove a file can be written there.
+
+    Raises:
+        OSError: with a message naming the folder.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".specops-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"--out {folder!r} is not writable ({e.strerror or e}); choose another folder") from e
+
+
+def library_versions() -> dict:
+    """Versions of Python, specops and the numerical libraries that are imported."""
+    import numpy
+    import scipy
+
+    import specops
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "specops": specops.__version__,
+           "numpy": numpy.__version__, "scipy": scipy.__version__}
+    for name in ("torch", "jax", "tensorflow", "mpi4py", "matplotlib"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+# --- state ----------------------------------------------------------------------------------
+class ReportState:
+    """The contents of ``results.json`` and the rules for resuming.
+
+    Layout: ``{"format", "settings", "model", "versions", "stages": {name: {"settings",
+    "result", "num_matvecs", "seconds", "finished"}}}``. A stage counts as done when it
+    is present with the same stage settings; the model's fingerprint (parameter count,
+    sample count, loss) must match for a resume to be allowed.
+
+    Args:
+        folder: the output folder.
+        write: whether this process writes (rank 0) or only keeps the state in memory.
+    """
+
+    FORMAT = "specops-analyze/1"
+
+    def __init__(self, folder: str, write: bool = True):
+        self.folder = folder
+        self.write = write
+        self.data = {"format": self.FORMAT, "settings": {}, "model": {}, "versions": {}, "stages": {}}
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, RESULTS)
+
+    def load(self) -> bool:
+        """Read an earlier run's ``results.json``; False if there is none."""
+        if not os.path.exists(self.path):
+            return False
+        with open(self.path) as fh:
+            data = json.load(fh)
+        if data.get("format") != self.FORMAT:
+            raise ValueError(f"{self.path} was not written by specops analyze (format {data.get('format')!r})")
+        self.data = data
+        return True
+
+    def save(self):
+        if self.write:
+            atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
+
+    def done(self, stage: str, settings: dict) -> bool:
+        entry = self.data["stages"].get(stage)
+        return entry is not None and entry.get("settings") == _to_jsonable(settings)
+
+    def result(self, stage: str):
+        return _from_jsonable(self.data["stages"][stage]["result"])
+
+    def finish(self, stage: str, settings: dict, result, num_matvecs: int, seconds: float):
+        """Record a finished stage and write ``results.json`` at once."""
+        self.data["stages"][stage] = _to_jsonable(dict(
+            settings=settings, result=result, num_matvecs=int(num_matvecs), seconds=float(seconds),
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        self.save()
+
+    def stage(self, name: str) -> dict | None:
+        entry = self.data["stages"].get(name)
+        return None if entry is None else _from_jsonable(entry)
+
+
+# --- progress -------------------------------------------------------------------------------
+class ProgressBar:
+    """A one-line progress bar on stderr: ``label [#####.....] done/total unit  time``.
+
+    Args:
+        label: what is running.
+        total: expected count (a budget; the bar stops at full when it is exceeded).
+        unit: name of what is counted.
+        enabled: draw at all (False on ranks other than 0, or when asked to be quiet).
+    """
+
+    WIDTH = 28
+
+    def __init__(self, label: str, total: int, unit: str = "matvecs", enabled: bool = True, stream=None):
+        self.label, self.total, self.unit, self.enabled = label, max(int(total), 1), unit, enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+        self.update(0, force=True)
+
+    def update(self, done: int, force: bool = False):
+        self.done = done
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self._last < 0.1):
+            return
+        self._last = now
+        frac = min(done / self.total, 1.0)
+        filled = int(round(frac * self.WIDTH))
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.stream.write(f"\r  {self.label:<22} [{bar}] {done:>5}/{self.total} {self.unit}  "
+                          f"{now - self.t0:6.1f}s ")
+        self.stream.flush()
+
+    def close(self, note: str = ""):
+        if self.enabled:
+            self.update(self.done, force=True)
+            self.stream.write(f"{note}\n")
+            self.stream.flush()
+
+
+class ProgressOperator(LinearOperator):
+    """An operator that forwards to ``A`` and advances a :class:`ProgressBar` by its products."""
+
+    def __init__(self, A: LinearOperator, bar: ProgressBar):
+        super().__init__(A.shape, A.ops)
+        self.A, self.bar = A, bar
+        self.symmetric = A.symmetric
+        self.num_matvecs = 0
+
+    def _matmat(self, V):
+        out = self.A.matmat(V)
+        self.num_matvecs += int(V.shape[1])
+        self.bar.update(self.num_matvecs)
+        return out
+
+
+# --- plots ----------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg") and "MPLBACKEND" not in os.environ:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_esd(density, top_eigenvalues, path: str, title: str = ""):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    density.plot(ax=ax, log=True)
+    for i, lam in enumerate(top_eigenvalues):
+        ax.axvline(lam, color="C3", lw=0.8, ls="--", label="top eigenvalues (Lanczos)" if i == 0 else None)
+    if len(top_eigenvalues):
+        ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_landscape(ls, path: str, title: str = ""):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ls.plot(ax=ax)
+    if title:
+        ax.set_title(title, fontsize=9)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_blocks(blocks: dict, path: str, title: str = ""):
+    """Bar charts of each block's trace (with its standard error) and top eigenvalue."""
+    plt = _pyplot()
+    names = list(blocks)
+    x = np.arange(len(names))
+    traces = [blocks[b]["trace"]["estimate"] for b in names]
+    errors = [blocks[b]["trace"]["stderr"] for b in names]
+    tops = [blocks[b]["eigen"]["eigenvalues"][0] for b in names]
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.2 * len(names) + 3), 3.8))
+    axes[0].bar(x, traces, yerr=errors, capsize=3, color="C0")
+    axes[0].set_title("trace of the block Hessian")
+    axes[1].bar(x, tops, color="C1")
+    axes[1].set_title("top eigenvalue of the block Hessian")
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.axhline(0, color="0.5", lw=0.6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+# --- summaries ------------------------------------------------------------------------------
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def summary_rows(data: dict) -> list[tuple]:
+    """``(quantity, value, uncertainty, converged, matvecs, seconds)`` rows from results.json data."""
+    rows = []
+    stages = data["stages"]
+    if "eigen" in stages:
+        st = stages["eigen"]
+        r = _from_jsonable(st["result"])
+        for i, (lam, res, ok) in enumerate(zip(r["eigenvalues"], r["residuals"], r["converged"])):
+            rows.append((f"eigenvalue {i + 1}", _fmt(lam, 6), f"residual {_fmt(res, 2)}", "yes" if ok else "NO",
+                         st["num_matvecs"] if i == 0 else "", _fmt(st["seconds"], 3) if i == 0 else ""))
+    if "trace" in stages:
+        st = stages["trace"]
+        r = st["result"]
+        rows.append(("trace", _fmt(r["estimate"], 6), f"stderr {_fmt(r['stderr'], 2)}", "-",
+                     st["num_matvecs"], _fmt(st["seconds"], 3)))
+    if "esd" in stages:
+        st = stages["esd"]
+        r = _from_jsonable(st["result"])
+        nodes = np.asarray(r["nodes"])
+        rows.append(("ESD support", f"[{_fmt(nodes.min())}, {_fmt(nodes.max())}]",
+                     f"{nodes.shape[0]} probes x {nodes.shape[1]} steps", "-", st["num_matvecs"],
+                     _fmt(st["seconds"], 3)))
+    if "blocks" in stages:
+        st = stages["blocks"]
+        for name, b in st["result"].items():
+            e, t = _from_jsonable(b["eigen"]), b["trace"]
+            rows.append((f"[{name}] eigenvalue 1", _fmt(e["eigenvalues"][0], 6),
+                         f"residual {_fmt(e['residuals'][0], 2)}", "yes" if e["converged"][0] else "NO",
+                         e["num_matvecs"], ""))
+            rows.append((f"[{name}] trace", _fmt(t["estimate"], 6), f"stderr {_fmt(t['stderr'], 2)}", "-",
+                         t["num_matvecs"], _fmt(b["seconds"], 3)))
+    if "landscape" in stages:
+        st = stages["landscape"]
+        r = _from_jsonable(st["result"])
+        losses = np.asarray(r["losses"])
+        rows.append((f"landscape ({r['settings']['ndim']}-D, {r['settings']['kind']})",
+                     f"loss {_fmt(r['center_loss'])} at 0", f"range [{_fmt(losses.min())}, {_fmt(losses.max())}]",
+                     "-", f"{r['num_evaluations']} losses", _fmt(st["seconds"], 3)))
+    return rows
+
+
+HEADER = ("quantity", "value", "uncertainty", "converged", "matvecs", "seconds")
+
+
+def summary_table(data: dict) -> str:
+    """The plain-text table printed at the end of a run."""
+    rows = [HEADER] + [tuple(str(c) for c in r) for r in summary_rows(data)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def describe_model(data: dict) -> str:
+    m = data.get("model", {})
+    parts = [m.get("description", "model"), f"{m.get('num_params', '?'):,} parameters" if isinstance(
+        m.get("num_params"), int) else "", f"{m.get('num_samples', '?')} samples", f"loss {_fmt(m.get('loss'))}"]
+    return ", ".join(p for p in parts if p)
+
+
+def summary_markdown(data: dict, images: list[str]) -> str:
+    """``summary.md``: what was analysed, the table, and the pictures."""
+    s = data["settings"]
+    total = sum(st.get("num_matvecs", 0) for st in data["stages"].values())
+    seconds = sum(st.get("seconds", 0.0) for st in data["stages"].values())
+    out = ["# specops curvature report", "", f"**Model:** {describe_model(data)}  ",
+           f"**Backend:** {s.get('backend')}, {data['model'].get('dtype', '')}, "
+           f"{data['model'].get('ranks', 1)} rank(s); seed {s.get('seed')}  ",
+           f"**Cost:** {total} Hessian-vector products, {seconds:.1f} s in the stages", ""]
+    train = data["stages"].get("train")
+    if train:
+        r = train["result"]
+        out += [f"Trained for {r['epochs']} epochs: training loss {_fmt(r['final_loss'])}, "
+                f"training accuracy {_fmt(r['train_accuracy'], 3)}, held-out accuracy "
+                f"{_fmt(r.get('test_accuracy'), 3)}.", ""]
+    rows = summary_rows(data)
+    out.append("| " + " | ".join(HEADER) + " |")
+    out.append("|" + "---|" * len(HEADER))
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out.append("")
+    captions = {"esd.png": "Eigenvalue spectral density (SLQ, log scale) with the top eigenvalues",
+                "landscape.png": "Loss landscape", "blocks.png": "Per-block trace and top eigenvalue"}
+    for img in images:
+        out += [f"## {captions.get(img, img)}", "", f"![{img}]({img})", ""]
+    out.append(f"Full numbers with settings, seeds and versions: `{RESULTS}`.")
+    return "\n".join(out) + "\n"

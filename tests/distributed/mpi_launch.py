@@ -1,0 +1,57 @@
+"""Launching ``mpiexec`` from pytest, with a hard time limit and a clear skip where MPI is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "mpi_worker.py")
+
+
+def find_mpiexec() -> str | None:
+    """``$SPECOPS_MPIEXEC``, else the ``mpiexec`` beside this Python (the mpich wheel's), else PATH."""
+    if os.environ.get("SPECOPS_MPIEXEC"):
+        return os.environ["SPECOPS_MPIEXEC"]
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+
+
+@dataclass
+class Launch:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def launch(args, ranks: int = 2, timeout: float = 120.0) -> Launch:
+    """``mpiexec -n ranks python args...``, killed (with every rank) after ``timeout`` seconds."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py is not installed: pip install 'specops[mpi]' (mpi4py and the mpich wheel)")
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec found: pip install mpich, or set SPECOPS_MPIEXEC to your MPI's launcher")
+    env = dict(os.environ, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONUNBUFFERED="1", MPIEXEC_TIMEOUT=str(int(timeout) + 5))
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, *map(str, args)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout:.0f} s (a hang?)\n"
+                    f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return Launch(proc.returncode, out, err, time.perf_counter() - t0)

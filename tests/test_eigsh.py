@@ -1,0 +1,148 @@
+"""specops.eigsh against dense eigh and ARPACK."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import specops as so
+from conftest import SPECTRA, symmetric_with_spectrum
+
+
+def expected(lam_sorted, which, k):
+    if which == "LA":
+        return lam_sorted[::-1][:k]
+    if which == "SA":
+        return lam_sorted[:k]
+    if which == "LM":
+        return lam_sorted[np.argsort(-np.abs(lam_sorted), kind="stable")][:k]
+    hi, lo = (k + 1) // 2, k // 2
+    return np.sort(np.concatenate([lam_sorted[:lo], lam_sorted[::-1][:hi]]))
+
+
+def assert_eigenpairs(A, res, lam, which, k, tol_rel=1e-8):
+    anorm = np.abs(lam).max()
+    want = expected(lam, which, k)
+    if which == "LM":  # ties in magnitude may come in either sign: compare magnitudes
+        np.testing.assert_allclose(np.abs(res.eigenvalues), np.abs(want), atol=tol_rel * max(anorm, 1e-300))
+    else:
+        err = np.abs(res.eigenvalues - want)
+        assert np.all(err <= tol_rel * np.maximum(np.abs(want), 1e-2 * anorm) + 1e-300), (res.eigenvalues, want)
+    V = np.asarray(res.eigenvectors)
+    true_resid = np.linalg.norm(A @ V - V * res.eigenvalues, axis=0)
+    assert np.all(true_resid <= 1e-8 * max(anorm, 1e-300) + 1e-14)
+    np.testing.assert_allclose(res.residuals, true_resid, atol=1e-9 * max(anorm, 1e-300) + 1e-13)
+    np.testing.assert_allclose(V.T @ V, np.eye(k), atol=1e-8)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(sorted(SPECTRA)),
+    n=st.one_of(st.integers(1, 3), st.integers(4, 220)),
+    k=st.integers(1, 5),
+    which=st.sampled_from(["LA", "SA", "LM", "BE"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_dense_eigh(kind, n, k, which, seed):
+    k = min(k, n)
+    lam = SPECTRA[kind](np.random.default_rng(seed), n)
+    A, lam = symmetric_with_spectrum(lam, seed)
+    res = so.eigsh(A, k=k, which=which, tol=1e-10, seed=seed, max_matvecs=20000)
+    assert res.all_converged
+    assert_eigenpairs(A, res, lam, which, k)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_repeated_top_eigenvalue_found_with_multiplicity(k):
+    """A triple top eigenvalue with a near second cluster: single-vector Lanczos misses copies."""
+    rng = np.random.default_rng(55)
+    lam = np.concatenate([[5.0, 5.0, 5.0, 4.9, 4.8], rng.uniform(-3, 4, 285)])
+    A, lam = symmetric_with_spectrum(lam, 55)
+    res = so.eigsh(A, k=k, tol=1e-10)
+    np.testing.assert_allclose(res.eigenvalues, lam[::-1][:k], rtol=1e-9)
+
+
+def test_power_iteration_matches_dense():
+    lam = np.concatenate([[9.0, 7.0, 6.0, -8.5], np.linspace(-3, 3, 96)])
+    A, lam = symmetric_with_spectrum(lam, 3)
+    for which in ("LA", "SA", "LM"):
+        res = so.eigsh(A, k=2, which=which, method="power", tol=1e-9, max_matvecs=20000)
+        assert res.all_converged and res.settings["method"] == "power"
+        np.testing.assert_allclose(res.eigenvalues, expected(lam, which, 2), rtol=1e-7)
+
+
+def test_sparse_operator_with_100k_rows_agrees_with_arpack():
+    rng = np.random.default_rng(0)
+    n = 100_000
+    diag = np.concatenate([rng.uniform(0, 1, n - 5), [3.0, 2.5, 2.2, 2.0, 1.8]])
+    rows, cols = rng.integers(0, n, 200_000), rng.integers(0, n, 200_000)
+    noise = sp.csr_matrix((rng.uniform(-0.05, 0.05, 200_000), (rows, cols)), shape=(n, n))
+    M = (sp.diags(diag) + noise + noise.T).tocsr()
+    ref = np.sort(spl.eigsh(M, k=5, which="LA", tol=1e-12)[0])[::-1]
+    res = so.eigsh(M, k=5, block_size=1, tol=1e-10)
+    assert res.all_converged
+    np.testing.assert_allclose(res.eigenvalues, ref, rtol=1e-8)
+
+
+def test_budget_exhaustion_returns_best_estimate_unconverged():
+    A, lam = symmetric_with_spectrum(np.linspace(0, 1, 400), 0)
+    res = so.eigsh(A, k=3, tol=1e-12, max_matvecs=30)
+    assert not res.all_converged and res.num_matvecs <= 30
+    assert np.all(res.eigenvalues <= lam[-1] + 1e-12)  # Ritz values never overshoot
+
+
+def test_float32_operator_converges_at_working_precision():
+    A, lam = symmetric_with_spectrum(np.linspace(-1, 10, 200), 2)
+    res = so.eigsh(A.astype(np.float32), k=2, tol=1e-6)
+    assert res.all_converged and res.eigenvectors.dtype == np.float32
+    np.testing.assert_allclose(res.eigenvalues, lam[::-1][:2], rtol=1e-5)
+
+
+def test_result_round_trips_json():
+    A, _ = symmetric_with_spectrum(np.arange(50.0), 0)
+    res = so.eigsh(A, k=2, seed=4)
+    back = so.EigResult.from_json(res.to_json())
+    np.testing.assert_array_equal(back.eigenvalues, res.eigenvalues)
+    np.testing.assert_array_equal(back.converged, res.converged)
+    assert back.settings == res.settings and back.settings["seed"] == 4 and back.eigenvectors is None
+
+
+def test_same_seed_same_result_and_seed_matters():
+    A, _ = symmetric_with_spectrum(np.linspace(0, 1, 300), 0)
+    a = so.eigsh(A, k=1, tol=1e-3, seed=1)
+    b = so.eigsh(A, k=1, tol=1e-3, seed=1)
+    c = so.eigsh(A, k=1, tol=1e-3, seed=2)
+    assert a.eigenvalues[0] == b.eigenvalues[0] and a.num_matvecs == b.num_matvecs
+    assert a.eigenvalues[0] != c.eigenvalues[0]
+
+
+def test_bad_arguments():
+    A = np.eye(5)
+    with pytest.raises(ValueError, match="k must be <= n"):
+        so.eigsh(A, k=6)
+    with pytest.raises(ValueError, match="LA, SA, LM, BE"):
+        so.eigsh(A, which="largest")
+    with pytest.raises(ValueError, match="lanczos, power"):
+        so.eigsh(A, method="arnoldi")
+    with pytest.raises(ValueError, match="'BE'"):
+        so.eigsh(A, which="BE", method="power")
+    for bad in (dict(k=0), dict(tol=-1.0), dict(seed=-3), dict(max_matvecs=0), dict(max_basis=2, k=1)):
+        with pytest.raises(ValueError):
+            so.eigsh(A, **bad)
+
+
+def test_non_finite_product_names_the_product():
+    calls = []
+
+    def matvec(X):
+        calls.append(1)
+        Y = np.arange(1.0, 101.0)[:, None] * X.reshape(100, -1)
+        if len(calls) == 3:
+            Y[0] = np.nan
+        return Y
+
+    A = spl.LinearOperator((100, 100), matvec=matvec, matmat=matvec, dtype=float)
+    with pytest.raises(so.NonFiniteError, match="product 3 "):
+        so.eigsh(A, k=1)
