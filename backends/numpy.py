@@ -48,7 +48,7 @@ class NumpyOps(VectorOps):
         return np.linalg.qr(X, mode="reduced")
 
     def einsum(self, spec: str, *arrays):
-        return np.einsum(spec, *arrays, optimize=True)
+        return np.einsum(spec, *arrays)
 
     def all_finite(self, X) -> bool:
         return bool(np.isfinite(X).all())

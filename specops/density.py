@@ -78,9 +78,12 @@ class SpectralDensity(Result):
     def cdf(self, x, sigma: float = 0.0):
         """The estimated fraction of eigenvalues ``<= x`` (a step function when ``sigma=0``)."""
         x = np.asarray(x, dtype=np.float64)
-        d = x[..., None] - self.nodes.ravel()
-        steps = (d >= 0).astype(float) if sigma == 0 else 0.5 * (1 + erf(d / (sigma * np.sqrt(2))))
-        return steps @ self.weights.ravel() / self.nodes.shape[0]
+        nodes, weights = self.nodes.ravel(), self.weights.ravel() / self.nodes.shape[0]
+        if sigma == 0:
+            order = np.argsort(nodes, kind="stable")
+            cum = np.concatenate([[0.0], np.cumsum(weights[order])])
+            return cum[np.searchsorted(nodes[order], x, side="right")]
+        return 0.5 * (1 + erf((x[..., None] - nodes) / (sigma * np.sqrt(2)))) @ weights
 
     def trace(self):
         """The trace estimate ``n * mean_probes sum_j w_j theta_j`` and its standard error."""

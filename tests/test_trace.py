@@ -1,0 +1,88 @@
+"""Trace estimators: unbiased, honest standard errors, Hutch++/XTrace beat Hutchinson."""
+
+import numpy as np
+import pytest
+
+import specops as so
+from conftest import symmetric_with_spectrum
+
+SEEDS = range(300)
+
+
+@pytest.fixture(scope="module")
+def decaying():
+    A, lam = symmetric_with_spectrum(10.0 / np.arange(1, 151) ** 2, seed=7)
+    return A, lam.sum()
+
+
+@pytest.fixture(scope="module")
+def indefinite():
+    A, lam = symmetric_with_spectrum(np.random.default_rng(3).uniform(-1, 2, 80), seed=3)
+    return A, lam.sum()
+
+
+def runs(A, method, m, kind="rademacher"):
+    res = [so.trace(A, method=method, num_matvecs=m, seed=s, kind=kind) for s in SEEDS]
+    return np.array([r.estimate for r in res]), np.array([r.stderr for r in res]), res[0]
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+@pytest.mark.parametrize("kind", ["rademacher", "normal"])
+def test_unbiased_with_honest_stderr(indefinite, method, kind):
+    A, truth = indefinite
+    est, err, first = runs(A, method, 24, kind)
+    assert first.num_matvecs == 24
+    spread = est.std(ddof=1)
+    assert abs(est.mean() - truth) <= 4 * spread / np.sqrt(len(est))
+    # the reported standard error describes the observed spread
+    ratio = np.sqrt(np.mean(err**2)) / spread
+    assert 0.6 <= ratio <= 1.5, ratio
+
+
+def test_hutchpp_and_xtrace_beat_hutchinson_on_decaying_spectrum(decaying):
+    A, truth = decaying
+    errors = {m: np.mean(np.abs(runs(A, m, 30)[0] - truth)) for m in ("hutchinson", "hutch++", "xtrace")}
+    assert errors["hutch++"] < errors["hutchinson"] / 5
+    assert errors["xtrace"] < errors["hutchinson"] / 5
+
+
+def test_exact_when_the_sketch_captures_the_range():
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((60, 4))
+    A = B @ B.T
+    for method in ("hutch++", "xtrace"):
+        r = so.trace(A, method=method, num_matvecs=30)
+        assert r.estimate == pytest.approx(np.trace(A), rel=1e-10)
+        assert r.stderr <= 1e-8 * np.trace(A)
+
+
+def test_rtol_stops_early_and_meets_the_target(indefinite):
+    A, truth = indefinite
+    r = so.trace(A, method="hutchinson", num_matvecs=5000, rtol=0.05, seed=1)
+    assert 10 <= r.num_matvecs < 5000
+    assert r.stderr <= 0.05 * abs(r.estimate)
+    assert abs(r.estimate - truth) <= 5 * r.stderr
+    rp = so.trace(A, method="hutch++", num_matvecs=3000, rtol=0.05, seed=1)
+    assert rp.num_matvecs < 3000 and rp.stderr <= 0.05 * abs(rp.estimate)
+
+
+def test_same_seed_same_estimate_json_round_trip(indefinite):
+    A, _ = indefinite
+    a, b = so.trace(A, seed=5), so.trace(A, seed=5)
+    assert a.estimate == b.estimate
+    back = so.TraceResult.from_json(a.to_json())
+    assert back == a and back.settings["seed"] == 5 and back.settings["method"] == "hutch++"
+
+
+def test_bad_arguments():
+    A = np.eye(10)
+    with pytest.raises(ValueError, match="hutchinson, hutch\\+\\+, xtrace"):
+        so.trace(A, method="girard")
+    with pytest.raises(ValueError, match="rtol is supported"):
+        so.trace(A, method="xtrace", rtol=0.1)
+    with pytest.raises(ValueError, match="num_matvecs >= 3"):
+        so.trace(A, method="hutch++", num_matvecs=2)
+    with pytest.raises(ValueError, match="rademacher, normal"):
+        so.trace(A, kind="uniform")
+    with pytest.raises(ValueError, match="num_matvecs"):
+        so.trace(A, num_matvecs=0)
