@@ -169,12 +169,14 @@ class ProgressBar:
         self.done = 0
         self.t0 = time.perf_counter()
         self._last = 0.0
+        # on a terminal the bar redraws in place; in a log file only the final line is written
+        self.live = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.update(0, force=True)
 
     def update(self, done: int, force: bool = False):
         self.done = done
         now = time.perf_counter()
-        if not self.enabled or (not force and now - self._last < 0.1):
+        if not self.enabled or (not force and now - self._last < 0.1) or not (self.live or force == "final"):
             return
         self._last = now
         frac = min(done / self.total, 1.0)
@@ -186,7 +188,7 @@ class ProgressBar:
 
     def close(self, note: str = ""):
         if self.enabled:
-            self.update(self.done, force=True)
+            self.update(self.done, force="final")
             self.stream.write(f"{note}\n")
             self.stream.flush()
 
@@ -245,6 +247,7 @@ def plot_landscape(ls, path: str, title: str = ""):
 def plot_blocks(blocks: dict, path: str, title: str = ""):
     """Bar charts of each block's trace (with its standard error) and top eigenvalue."""
     plt = _pyplot()
+    blocks = _from_jsonable(blocks)
     names = list(blocks)
     x = np.arange(len(names))
     traces = [blocks[b]["trace"]["estimate"] for b in names]
