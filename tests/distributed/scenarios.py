@@ -83,6 +83,12 @@ def build_jax(index, comm=None):
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    if os.environ.get("SPECOPS_TEST_JAX_CACHE"):
+        # Compiling each new block shape costs seconds on small CI machines; the reference
+        # run and the ranks compile the same shapes, so they share a persistent cache.
+        jax.config.update("jax_compilation_cache_dir", os.environ["SPECOPS_TEST_JAX_CACHE"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     import jax.numpy as jnp
 
     from specops.backends.jax import hessian
@@ -108,7 +114,7 @@ def build_tensorflow(index, comm=None):
     model.build((None, 64))
     model.set_weights([p["w1"], p["b1"], p["w2"], p["b2"]])
     batches = [(tf.constant(X), tf.constant(y)) for X, y in data(index)]
-    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
     return hessian(model, loss, batches, comm=comm)
 
 

@@ -46,12 +46,13 @@ def assert_close(got: dict, ref: dict, label: str):
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax", "tensorflow"])
-def test_two_ranks_match_one_process(framework, mpirun, tmp_path):
+def test_two_ranks_match_one_process(framework, mpirun, tmp_path, monkeypatch):
     needs_backend(framework)
+    monkeypatch.setenv("SPECOPS_TEST_JAX_CACHE", str(tmp_path / "jax-cache"))
     splits, sizes = scenarios.PLAN[framework]
+    ref = scenarios.spectra(scenarios.BUILDERS[framework](range(scenarios.NUM_SAMPLES)), **sizes)
     run = mpirun([WORKER, f"spectra:{framework}", tmp_path], timeout=150)
     assert run.returncode == 0, f"mpiexec failed ({run.returncode}):\n{run.stderr[-4000:]}"
-    ref = scenarios.spectra(scenarios.BUILDERS[framework](range(scenarios.NUM_SAMPLES)), **sizes)
     for how in splits:
         ranks = [json.loads((tmp_path / f"{framework}-{how}-rank{r}.json").read_text()) for r in (0, 1)]
         # Every rank runs the algorithm redundantly; identical inputs must give identical
