@@ -1,0 +1,131 @@
+"""The parts of specops.distributed that need no MPI: sharding, placement, agreement, defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specops.distributed import (
+    LOCAL_RANK_VARIABLES,
+    Comm,
+    as_comm,
+    gpu_index,
+    local_rank,
+    mpi_cuda_aware,
+    shard,
+    shard_range,
+    world,
+)
+
+
+class FakeComm(Comm):
+    """Rank ``rank`` of ``size``; ``allgather`` returns the values the test planted."""
+
+    def __init__(self, rank, size, gathered=None):
+        self.rank, self.size, self.gathered = rank, size, gathered
+
+    def allgather(self, obj):
+        return self.gathered if self.gathered is not None else [obj] * self.size
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 17, 100])
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_shards_partition_the_items_in_order(n, size):
+    items = list(range(n))
+    parts = [shard(items, FakeComm(r, size)) for r in range(size)]
+    assert sum(parts, []) == items
+    lengths = [len(p) for p in parts]
+    assert max(lengths) - min(lengths) <= 1
+    assert [list(shard_range(n, FakeComm(r, size))) for r in range(size)] == parts
+
+
+def test_shard_of_arrays_and_index_only_sequences():
+    X = np.arange(20).reshape(10, 2)
+    np.testing.assert_array_equal(shard(X, FakeComm(1, 3)), X[3:6])
+
+    class Indexable:  # __getitem__ by integer only, like many datasets
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            if not isinstance(i, int):
+                raise TypeError("integers only")
+            return i * 10
+
+    assert shard(Indexable(), FakeComm(1, 2)) == [20, 30, 40]
+
+
+def test_shard_rejects_iterators():
+    with pytest.raises(TypeError, match="shard needs items with a length"):
+        shard(iter(range(4)), FakeComm(0, 2))
+
+
+def test_shard_of_torch_dataset_and_loader():
+    torch = pytest.importorskip("torch")
+    data = torch.utils.data.TensorDataset(torch.arange(10.0)[:, None], torch.arange(10))
+    part = shard(data, FakeComm(1, 2))
+    assert isinstance(part, torch.utils.data.Subset) and list(part.indices) == [5, 6, 7, 8, 9]
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    got = [b[1].tolist() for b in shard(loader, FakeComm(1, 2))]
+    assert got == [[5, 6], [7, 8], [9]]
+    with pytest.raises(ValueError, match="no shuffling"):
+        shard(torch.utils.data.DataLoader(data, batch_size=2, shuffle=True), FakeComm(0, 2))
+
+
+def test_agree_raises_on_disagreement_listing_every_rank():
+    assert FakeComm(0, 2).agree(5, "x") == 5
+    with pytest.raises(ValueError, match=r"ranks disagree on the width \(rank 0: 3, rank 1: 4\); fix it"):
+        FakeComm(0, 2, gathered=[3, 4]).agree(3, "the width", "fix it")
+
+
+def test_model_operator_rejects_mismatched_parameter_counts():
+    """The check the operator runs at construction, fed another rank's size by the fake comm."""
+    import scenarios
+
+    comm = FakeComm(0, 2, gathered=[(640, "float64"), (630, "float64")])
+    with pytest.raises(ValueError, match=r"ranks disagree on the number of parameters.*rank 1: \(630"):
+        scenarios.build_numpy(range(scenarios.NUM_SAMPLES), comm)
+
+
+def test_single_process_comm_is_the_identity():
+    c = as_comm(None)
+    x = np.arange(3.0)
+    assert (c.rank, c.size, c.local_rank, c.transport(x)) == (0, 1, 0, "none")
+    assert c.allreduce(x, None) is x and c.allreduce_host(2.5) == 2.5
+    assert c.allgather("a") == ["a"] and c.bcast("b") == "b"
+    assert as_comm(c) is c
+    with pytest.raises(TypeError, match="comm must be None"):
+        as_comm("world")
+
+
+def test_world_without_a_launcher_is_single_process(monkeypatch):
+    for name in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+                 "PALS_RANKID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert type(world()) is Comm
+
+
+def test_local_rank_from_launcher_variables(monkeypatch):
+    for name in LOCAL_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert local_rank() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert local_rank() == 3
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "5")  # consulted before Slurm's
+    assert local_rank() == 5
+    assert local_rank(FakeComm(0, 2)) == 0  # a communicator's own value wins
+
+
+def test_gpu_index_wraps_around_the_visible_devices(monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "5")
+    assert gpu_index(4) == 1
+    assert gpu_index(1) == 0  # the launcher gave each rank its own GPU
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        gpu_index(0)
+
+
+def test_cuda_awareness_can_be_forced(monkeypatch):
+    monkeypatch.setenv("SPECOPS_MPI_CUDA_AWARE", "1")
+    assert mpi_cuda_aware() is True
+    monkeypatch.setenv("SPECOPS_MPI_CUDA_AWARE", "0")
+    assert mpi_cuda_aware() is False
