@@ -715,7 +715,7 @@ class StageRunner:
                     continue
                 tb = time.perf_counter()
                 Hb = self.H.restrict(patterns)
-                bar = self.printer.bar(f"block {name}", a.eig_matvecs // 4 + a.block_trace_matvecs)
+                bar = self.printer.bar(f"block {name}", a.eig_matvecs + a.block_trace_matvecs)
                 A = rp.ProgressOperator(Hb, bar)
                 e = so.eigsh(A, k=1, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed)
                 t = so.trace(A, method="hutch++", num_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),

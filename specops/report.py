@@ -187,6 +187,8 @@ class ProgressBar:
         self.stream.flush()
 
     def close(self, note: str = ""):
+        """Finish the line; a stage that stopped under its budget (converged early) shows a full bar."""
+        self.total = max(min(self.total, self.done), 1)
         if self.enabled:
             self.update(self.done, force="final")
             self.stream.write(f"{note}\n")
