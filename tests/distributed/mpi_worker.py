@@ -19,9 +19,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import scenarios  # noqa: E402
+import scenarios
 
-from specops.distributed import MPIComm  # noqa: E402
+from specops.distributed import MPIComm
 
 
 def write(out: str, name: str, payload) -> None:

@@ -14,10 +14,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from numpy_models import SoftmaxRegression, digits  # noqa: E402
+from numpy_models import SoftmaxRegression, digits
 
-import specops  # noqa: E402
-from specops.distributed import shard_range  # noqa: E402
+import specops
+from specops.distributed import shard_range
 
 NUM_SAMPLES = 240
 BATCH = 23
@@ -63,7 +63,6 @@ def build_numpy(index, comm=None, d: int = 64):
 
 def build_torch(index, comm=None):
     import torch
-
     from specops.backends.torch import hessian
 
     torch.set_num_threads(1)
@@ -90,7 +89,6 @@ def build_jax(index, comm=None):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     import jax.numpy as jnp
-
     from specops.backends.jax import hessian
 
     def loss(p, batch):
@@ -105,7 +103,6 @@ def build_jax(index, comm=None):
 
 def build_tensorflow(index, comm=None):
     import tensorflow as tf
-
     from specops.backends.tensorflow import hessian
 
     p = _mlp_params()
@@ -124,10 +121,10 @@ BUILDERS = {"numpy": build_numpy, "torch": build_torch, "jax": build_jax, "tenso
 #: Splits and algorithm sizes per framework: JAX compiles for every new block shape (about
 #: 3 s each on two shared cores), so its check is kept to the unequal split and fewer shapes.
 PLAN = {
-    "numpy": (SPLITS, dict(k=4, probes=30, steps=20)),
-    "torch": (SPLITS, dict(k=4, probes=30, steps=20)),
-    "jax": (("unequal",), dict(k=2, probes=12, steps=8)),
-    "tensorflow": (("unequal",), dict(k=2, probes=12, steps=8)),
+    "numpy": (SPLITS, {"k": 4, "probes": 30, "steps": 20}),
+    "torch": (SPLITS, {"k": 4, "probes": 30, "steps": 20}),
+    "jax": (("unequal",), {"k": 2, "probes": 12, "steps": 8}),
+    "tensorflow": (("unequal",), {"k": 2, "probes": 12, "steps": 8}),
 }
 
 

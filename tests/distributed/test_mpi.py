@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import pytest
-
 import scenarios
 from mpi_launch import WORKER
 
@@ -65,7 +64,7 @@ def test_two_ranks_match_one_process(framework, mpirun, tmp_path, monkeypatch):
 def test_numpy_two_ranks_match_dense_hessian(mpirun, tmp_path):
     run = mpirun([WORKER, "spectra:numpy", tmp_path], timeout=120)
     assert run.returncode == 0, run.stderr[-4000:]
-    X, y = scenarios.digits(scenarios.NUM_SAMPLES)
+    X, _ = scenarios.digits(scenarios.NUM_SAMPLES)
     model = scenarios.SoftmaxRegression(64, 10)
     dense = model.dense_hessian(scenarios.theta0(640), X)
     top = np.sort(np.linalg.eigvalsh(dense))[::-1][:4]
