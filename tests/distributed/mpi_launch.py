@@ -32,8 +32,11 @@ class Launch:
     seconds: float
 
 
-def launch(args, ranks: int = 2, timeout: float = 120.0) -> Launch:
-    """``mpiexec -n ranks python args...``, killed (with every rank) after ``timeout`` seconds."""
+def launch(args, ranks: int = 2, timeout: float = 120.0, env: dict | None = None) -> Launch:
+    """``mpiexec -n ranks python args...``, killed (with every rank) after ``timeout`` seconds.
+
+    ``env`` adds environment variables; threads are limited to one per rank.
+    """
     try:
         import mpi4py  # noqa: F401
     except ImportError:
@@ -41,7 +44,7 @@ def launch(args, ranks: int = 2, timeout: float = 120.0) -> Launch:
     mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec found: pip install mpich, or set SPECOPS_MPIEXEC to your MPI's launcher")
-    env = dict(os.environ, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+    env = dict(os.environ, **(env or {}), OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONUNBUFFERED="1", MPIEXEC_TIMEOUT=str(int(timeout) + 5))
     cmd = [mpiexec, "-n", str(ranks), sys.executable, *map(str, args)]
     t0 = time.perf_counter()

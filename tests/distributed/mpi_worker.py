@@ -48,6 +48,8 @@ def run_basics(comm, out):
         "array_sum": comm.allreduce_host(np.arange(3.0) * (r + 1)).tolist(),
         "allgather": comm.allgather(r * 10), "bcast": comm.bcast(f"from {r}", root=1),
         "agree": comm.agree(("same", 3), "a constant"),
+        "transport_cpu_array": comm.transport(np.zeros(3)),
+        "cuda_aware": comm.cuda_aware,
     })
 
 

@@ -75,7 +75,7 @@ def test_numpy_two_ranks_match_dense_hessian(mpirun, tmp_path):
 
 
 def test_communicator_operations(mpirun, tmp_path):
-    run = mpirun([WORKER, "basics", tmp_path], timeout=60)
+    run = mpirun([WORKER, "basics", tmp_path], timeout=60, env={"SPECOPS_MPI_CUDA_AWARE": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
     for r in (0, 1):
         got = json.loads((tmp_path / f"basics-rank{r}.json").read_text())
@@ -85,6 +85,8 @@ def test_communicator_operations(mpirun, tmp_path):
         assert got["allgather"] == [0, 10]
         assert got["bcast"] == "from 1"
         assert got["agree"] == ["same", 3]
+        assert got["cuda_aware"] is True  # forced by the environment variable
+        assert got["transport_cpu_array"] == "host"  # host arrays never take the device path
 
 
 def test_exception_on_one_rank_ends_all_ranks(mpirun):
