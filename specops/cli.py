@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="callable returning the data: one batch (inputs, targets) or a list of batches; "
                         "default: digits (with the default model)")
     g.add_argument("--loss", default="cross_entropy",
-                   help=f"{' or '.join(LOSSES)}, or MODULE:CALLABLE loss(outputs, targets) -> scalar mean")
+                   help=f"{' or '.join(LOSSES)}, or MODULE:CALLABLE returning the batch mean: loss(outputs, "
+                        "targets) for torch and jax, loss(targets, outputs) (Keras order) for tensorflow")
     g.add_argument("--checkpoint", metavar="PATH", help="torch state_dict to load into the model")
     g.add_argument("--backend", choices=BACKENDS, default="torch")
     g.add_argument("--device", default="auto", help="torch device (cpu, cuda, cuda:1); auto: cuda if available")
@@ -336,7 +337,9 @@ class TorchSession:
             if not torch.cuda.is_available():
                 raise UsageError(f"--device {args.device}: CUDA is not available; use --device cpu")
             if dev.index is None and comm.size > 1:
-                dev = torch.device("cuda", comm.rank % torch.cuda.device_count())
+                from specops.distributed import gpu_index
+
+                dev = torch.device("cuda", gpu_index(torch.cuda.device_count(), comm))
         self.dev = dev
         self.default = args.model is None
         if self.default and args.data is not None:

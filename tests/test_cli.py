@@ -266,3 +266,52 @@ def test_mpiexec_two_ranks_shard_the_data_and_rank0_writes(tmp_path, default_run
     assert r["model"]["loss"] == pytest.approx(ref["model"]["loss"], rel=1e-5)
     np.testing.assert_allclose(arr(r["stages"]["eigen"]["result"]["eigenvalues"]),
                                arr(ref["stages"]["eigen"]["result"]["eigenvalues"]), rtol=1e-3)
+
+
+# --- other frameworks: the same report from a JAX or Keras model ---------------------------------
+def jax_model():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    params = {"dense": {"w": jnp.asarray(rng.standard_normal((64, 10)) * 0.1, dtype=jnp.float32)},
+              "bias": jnp.zeros(10, dtype=jnp.float32)}
+    return (lambda p, x: x @ p["dense"]["w"] + p["bias"]), params
+
+
+def float_data():
+    return [(x.astype(np.float32), y) for x, y in tiny_data()]
+
+
+def keras_model():
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([tf.keras.Input((64,)), tf.keras.layers.Dense(10)])
+    return model
+
+
+@pytest.mark.parametrize("backend, model", [("jax", "test_cli:jax_model"), ("tensorflow", "test_cli:keras_model")])
+def test_other_backends_match_a_dense_softmax_hessian(tmp_path, backend, model):
+    pytest.importorskip(backend)
+    from numpy_models import SoftmaxRegression
+
+    out = str(tmp_path / backend)
+    assert cli.main(["analyze", "--backend", backend, "--model", model, "--data", "test_cli:float_data",
+                     "--stages", "eigen,trace,landscape", "--top-k", "2", "--eig-tol", "1e-5",
+                     "--landscape", "1d", "--landscape-steps", "3", "--trace-matvecs", "30",
+                     "--no-progress", "--out", out]) == 0
+    r = results(out)
+    # independent truth: softmax regression's closed-form Hessian, with the bias as a constant feature
+    if backend == "jax":
+        apply_fn, params = jax_model()
+        W, b = np.asarray(params["dense"]["w"], np.float64), np.asarray(params["bias"], np.float64)
+    else:
+        k = keras_model()
+        W, b = (np.asarray(v, np.float64) for v in k.layers[-1].get_weights())
+    X = np.vstack([x for x, _ in tiny_data()])
+    X1 = np.hstack([X, np.ones((len(X), 1))])
+    theta = np.vstack([W, b[None]]).ravel()
+    dense = np.linalg.eigvalsh(SoftmaxRegression(65, 10).dense_hessian(theta, X1))
+    np.testing.assert_allclose(arr(r["stages"]["eigen"]["result"]["eigenvalues"]), dense[::-1][:2], rtol=1e-3)
+    assert r["stages"]["trace"]["result"]["estimate"] == pytest.approx(dense.sum(), rel=0.05)
+    assert r["model"]["num_params"] == 650
