@@ -258,12 +258,12 @@ def world() -> Comm:
     """``MPIComm()`` over ``COMM_WORLD`` when launched by an MPI launcher, else :class:`Comm`.
 
     Lets one script run both as ``python script.py`` and as ``mpiexec -n 4 python script.py``.
-    A launcher is recognised by the variables it sets (``PMI_SIZE``, ``OMPI_COMM_WORLD_SIZE``,
-    ``PMIX_RANK``, ``SLURM_STEP_NUM_TASKS``, ...); mpi4py is imported only then.
+    A launch of several processes is recognised by the size its launcher sets
+    (``PMI_SIZE``, ``OMPI_COMM_WORLD_SIZE``, ``PALS_SIZE``, ``SLURM_STEP_NUM_TASKS``) being
+    above one; mpi4py is imported only then.
     """
-    markers = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
-               "PALS_RANKID", "SLURM_STEP_NUM_TASKS")
-    if any(m in os.environ for m in markers):
+    sizes = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE", "SLURM_STEP_NUM_TASKS")
+    if any(os.environ.get(name, "1").strip() not in ("", "0", "1") for name in sizes):
         return MPIComm()
     return Comm()
 

@@ -99,9 +99,10 @@ def test_single_process_comm_is_the_identity():
 
 
 def test_world_without_a_launcher_is_single_process(monkeypatch):
-    for name in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
-                 "PALS_RANKID", "SLURM_STEP_NUM_TASKS"):
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
+    assert type(world()) is Comm
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # a batch script's own step: one process
     assert type(world()) is Comm
 
 
