@@ -7,14 +7,14 @@ Run: python examples/landscape.py   (about half a minute on two CPU cores)
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from specops.backends import torch as st
 
-import specops as so  # noqa: E402
-from specops.backends import torch as st  # noqa: E402
-from specops.zoo.data import digits  # noqa: E402
-from specops.zoo.torch_resnet import resnet  # noqa: E402
-from specops.zoo.train import train  # noqa: E402
+import specops as so
+from specops.zoo.data import digits
+from specops.zoo.torch_resnet import resnet
+from specops.zoo.train import train
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -426,6 +426,7 @@ class JaxSession:
         try:
             import jax
             import jax.numpy as jnp
+
             from specops.backends import jax as sj
         except ImportError as e:
             raise UsageError(f"--backend jax needs JAX and specops.backends.jax ({e})") from e
@@ -478,6 +479,7 @@ class TensorflowSession:
     def __init__(self, args, comm):
         try:
             import tensorflow as tf
+
             from specops.backends import tensorflow as stf
         except ImportError as e:
             raise UsageError(f"--backend tensorflow needs TensorFlow and specops.backends.tensorflow ({e})") from e

@@ -180,7 +180,7 @@ class ProgressBar:
             return
         self._last = now
         frac = min(done / self.total, 1.0)
-        filled = int(round(frac * self.WIDTH))
+        filled = round(frac * self.WIDTH)
         bar = "#" * filled + "." * (self.WIDTH - filled)
         self.stream.write(f"\r  {self.label:<22} [{bar}] {done:>5}/{self.total} {self.unit}  "
                           f"{now - self.t0:6.1f}s ")
@@ -347,15 +347,15 @@ def summary_markdown(data: dict, images: list[str]) -> str:
     total = sum(st.get("num_matvecs", 0) for st in data["stages"].values())
     seconds = sum(st.get("seconds", 0.0) for st in data["stages"].values())
     out = ["# specops curvature report", "", f"**Model:** {describe_model(data)}  ",
-           f"**Backend:** {s.get('backend')}, {data['model'].get('dtype', '')}, "
-           f"{data['model'].get('ranks', 1)} rank(s); seed {s.get('seed')}  ",
+           (f"**Backend:** {s.get('backend')}, {data['model'].get('dtype', '')}, "
+            f"{data['model'].get('ranks', 1)} rank(s); seed {s.get('seed')}  "),
            f"**Cost:** {total} Hessian-vector products, {seconds:.1f} s in the stages", ""]
     train = data["stages"].get("train")
     if train:
         r = train["result"]
-        out += [f"Trained for {r['epochs']} epochs: training loss {_fmt(r['final_loss'])}, "
-                f"training accuracy {_fmt(r['train_accuracy'], 3)}, held-out accuracy "
-                f"{_fmt(r.get('test_accuracy'), 3)}.", ""]
+        out += [(f"Trained for {r['epochs']} epochs: training loss {_fmt(r['final_loss'])}, "
+                 f"training accuracy {_fmt(r['train_accuracy'], 3)}, held-out accuracy "
+                 f"{_fmt(r.get('test_accuracy'), 3)}."), ""]
     rows = summary_rows(data)
     out.append("| " + " | ".join(HEADER) + " |")
     out.append("|" + "---|" * len(HEADER))

@@ -2,16 +2,16 @@
 
 import numpy as np
 import pytest
+from numpy_models import SoftmaxRegression, digits
+from specops.backends import numpy as sn
 
 import specops as so
 from specops import random as _random
-from specops.backends import numpy as sn
 from specops.landscape import (
     Landscape,
     filter_normalized_directions,
     random_directions,
 )
-from numpy_models import SoftmaxRegression, digits
 
 
 class LeastSquares:
