@@ -135,6 +135,7 @@ def test_plain_callable_over_variables_with_dict_batches():
     X, y = rng.normal(size=(12, 3)), rng.normal(size=12)
 
     def loss_fn(model, batch):
+        tf.debugging.assert_less(c, tf.constant(10.0, tf.float64), message="c stays small")
         r = tf.tanh(tf.linalg.matvec(batch["x"], w)) * c - batch["y"]
         return tf.reduce_mean(r ** 2)
 
@@ -143,6 +144,11 @@ def test_plain_callable_over_variables_with_dict_batches():
     assert list(H.param_blocks) == ["Variable", "Variable_1"]
     truth, _, _ = dense_hessian(lambda: loss_fn(None, {"x": X, "y": y}), [w, c])
     assert rel(dense(H), truth) < RTOL
+
+    before = w.numpy().copy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="c stays small"):
+        H.loss_at(tf.constant([0.0, 0.0, 0.0, 1e3], dtype=tf.float64))
+    assert np.array_equal(w.numpy(), before) and float(c.numpy()) == 0.5  # restored after the error
 
 
 def test_small_cnn_matches_dense_hessian():
