@@ -30,7 +30,8 @@ class NumpyOps(VectorOps):
         return np.array(x, dtype=np.float64)
 
     def zeros(self, shape):
-        return np.zeros(shape, dtype=self.dtype)
+        # column-major, so column blocks of a basis are contiguous for BLAS
+        return np.zeros(shape, dtype=self.dtype, order="F")
 
     def concat(self, arrays, axis: int):
         return np.concatenate(arrays, axis=axis)
@@ -49,6 +50,10 @@ class NumpyOps(VectorOps):
 
     def einsum(self, spec: str, *arrays):
         return np.einsum(spec, *arrays)
+
+    def write_columns(self, buffer, start: int, X):
+        buffer[:, start : start + X.shape[1]] = X
+        return buffer
 
     def all_finite(self, X) -> bool:
         return bool(np.isfinite(X).all())

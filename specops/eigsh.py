@@ -182,22 +182,23 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
         return X
 
     pending, _ = ops.qr(draw(b))
-    basis, T = None, np.zeros((0, 0))
+    buffer = ops.zeros((n, max_basis))  # the basis lives in columns 0..m-1
+    T = np.zeros((0, 0))
     anorm = 0.0
     keep = min(max_basis - 2 * b, max(k, (max_basis - b) // 2))
     while True:
         W = mul(pending)
-        full = pending if basis is None else ops.concat([basis, pending], axis=1)
-        W, C = ops.orthogonalize(W, full)
         m = T.shape[0]
+        buffer = ops.write_columns(buffer, m, pending)
+        basis = buffer[:, : m + b]
+        W, C = ops.orthogonalize(W, basis)
         grown = np.zeros((m + b, m + b))
         grown[:m, :m] = T
         grown[:m, m:] = C[:m]
         grown[m:, :m] = C[:m].T
         grown[m:, m:] = (C[m:] + C[m:].T) / 2
-        T, basis = grown, full
-        Qn, R = ops.qr(W)
-        R = ops.to_numpy(R)
+        T = grown
+        Qn, R = ops.orthonormalize(W)
         theta, S = np.linalg.eigh(T)
         anorm = max(anorm, float(np.abs(theta).max()))
         resid = np.linalg.norm(R @ S[-b:, :], axis=0)
@@ -208,7 +209,7 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
         Qn, R = _repair_breakdown(ops, Qn, R, basis, draw, anorm, eps)
         if T.shape[0] + b > max_basis:  # thick restart with the most wanted Ritz vectors
             kept = _order(theta, which)[:keep]
-            basis = ops.combine(basis, S[:, kept])
+            buffer = ops.write_columns(buffer, 0, ops.combine(basis, S[:, kept]))
             T = np.diag(theta[kept])
         pending = Qn
     vectors = ops.combine(basis, S[:, want])

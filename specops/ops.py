@@ -97,6 +97,14 @@ class VectorOps(abc.ABC):
     def qr(self, X):
         """Reduced QR of native ``X`` (n, k), k <= n: native ``Q`` (n, k), ``R`` (k, k)."""
 
+    def orthonormalize(self, X):
+        """``Q, R`` with orthonormal ``Q`` (native) and host ``R`` (k, k), ``X = Q R``."""
+        if X.shape[1] == 1:
+            r = self.norm(X)
+            return X * (1.0 / r if r > 0 else 0.0), np.array([[r]])
+        Q, R = self.qr(X)
+        return Q, self.to_numpy(R)
+
     @abc.abstractmethod
     def all_finite(self, X) -> bool:
         """Whether every entry of ``X`` is finite (one host synchronisation)."""
@@ -110,6 +118,15 @@ class VectorOps(abc.ABC):
     def from_numpy(self, a):
         """A host array as a native array of this dtype on this device."""
         return self.asarray(np.asarray(a, dtype=self.dtype))
+
+    def write_columns(self, buffer, start: int, X):
+        """``buffer`` with columns ``start .. start + k - 1`` replaced by ``X`` (n, k).
+
+        Backends with mutable arrays (NumPy, torch) override this to write in place, so a
+        growing basis is not copied at every step; this default returns a new array.
+        """
+        k = X.shape[1]
+        return self.concat([buffer[:, :start], X, buffer[:, start + k :]], axis=1)
 
     def as_columns(self, x):
         """``x`` of shape (n,) as (n, 1); (n, k) unchanged."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import specops as so
-from conftest import symmetric_with_spectrum
+from spectra import symmetric_with_spectrum
 
 
 def wasserstein_to_exact(d, lam):

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import specops as so
-from conftest import SPECTRA, symmetric_with_spectrum
+from spectra import SPECTRA, symmetric_with_spectrum
 
 
 def expected(lam_sorted, which, k):

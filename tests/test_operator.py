@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spl
 
 import specops as so
-from conftest import symmetric_with_spectrum
+from spectra import symmetric_with_spectrum
 
 
 @pytest.fixture
