@@ -291,8 +291,8 @@ class JaxAdapter(ModelAdapter):
 
     def determinism_hints(self) -> list[str]:
         return [
-            "loss_fn draws random numbers (dropout) from a key that changes between calls: fix the key "
-            "or turn the randomness off (deterministic=True in Flax)",
+            ("loss_fn draws random numbers (dropout) from a key that changes between calls: fix the key "
+             "or turn the randomness off (deterministic=True in Flax)"),
             "data that changes between passes (augmentation, a reshuffling loader)",
         ]
 

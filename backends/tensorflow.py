@@ -356,8 +356,8 @@ class TFAdapter(ModelAdapter):
     def determinism_hints(self) -> list[str]:
         return [
             "the loss calls the model with training=True (dropout, batch statistics)",
-            "a tf.data.Dataset that reshuffles each iteration (shuffle(..., reshuffle_each_iteration="
-            "False) or no shuffle) or random augmentation",
+            ("a tf.data.Dataset that reshuffles each iteration (shuffle(..., reshuffle_each_iteration="
+             "False) or no shuffle) or random augmentation"),
         ]
 
 

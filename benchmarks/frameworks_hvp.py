@@ -44,9 +44,9 @@ os.environ["XLA_FLAGS"] = (
     f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={ARGS.threads}"
 )
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from specops.zoo.data import digits  # noqa: E402
+from specops.zoo.data import digits
 
 DTYPE = np.float64 if ARGS.float64 else np.float32
 HIDDEN, CHANNELS, CLASSES = 32, 8, 10
@@ -71,7 +71,6 @@ def first_call_seconds(fn):
 # --- the models in each framework -------------------------------------------------------
 def torch_adapter(kind, X, y):
     import torch
-
     from specops.backends import torch as st
 
     torch.set_num_threads(ARGS.threads)
@@ -94,7 +93,6 @@ def torch_adapter(kind, X, y):
 def jax_adapter(kind, X, y):
     import jax
     import jax.numpy as jnp
-
     from specops.backends import jax as sj
 
     jax.config.update("jax_enable_x64", DTYPE == np.float64)
@@ -130,7 +128,6 @@ def jax_adapter(kind, X, y):
 def tf_adapter(kind, X, y):
     import keras
     import tensorflow as tf
-
     from specops.backends import tensorflow as stf
 
     tf.config.threading.set_intra_op_parallelism_threads(ARGS.threads)
@@ -160,16 +157,16 @@ def measure(H, batch):
     def done(x):  # one entry to the host: waits for the result without timing a transfer
         return ops.to_numpy(x[:1])
 
-    grad = lambda: done(ad.gradient(batch))  # noqa: E731
-    hvp = lambda: done(ad.hvp(0, batch, v))  # noqa: E731
-    mm = lambda: done(ad.hvp(0, batch, V))  # noqa: E731
+    grad = lambda: done(ad.gradient(batch))
+    hvp = lambda: done(ad.hvp(0, batch, v))
+    mm = lambda: done(ad.hvp(0, batch, V))
     first = first_call_seconds(hvp)
     first_mm = first_call_seconds(mm)
     t_grad = median_seconds(grad, ARGS.repeats)
     t_hvp = median_seconds(hvp, ARGS.repeats)
     t_mm = median_seconds(mm, ARGS.repeats)
-    return dict(n=H.shape[0], grad=t_grad, hvp=t_hvp, mm=t_mm / ARGS.k,
-                compile=(first - t_hvp) + (first_mm - t_mm))
+    return {"n": H.shape[0], "grad": t_grad, "hvp": t_hvp, "mm": t_mm / ARGS.k,
+            "compile": (first - t_hvp) + (first_mm - t_mm)}
 
 
 def main():

@@ -17,13 +17,13 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     sys.path.pop(0)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from specops.backends import tensorflow as stf
 
-import specops  # noqa: E402
-from specops.backends import tensorflow as stf  # noqa: E402
-from specops.zoo.data import digits  # noqa: E402
+import specops
+from specops.zoo.data import digits
 
 keras.config.set_floatx("float64")  # model, loss and products in float64
 

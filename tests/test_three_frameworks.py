@@ -11,6 +11,7 @@ layer: Keras' own), so the same seed draws the same probes in the same coordinat
 the PyTorch model therefore keeps its weights as (in, out) kernels.
 """
 
+import itertools
 import os
 
 import numpy as np
@@ -24,13 +25,13 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("sklearn")
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
+from specops.backends import jax as sj
+from specops.backends import tensorflow as stf
+from specops.backends import torch as st
 
-import specops  # noqa: E402
-from specops.backends import jax as sj  # noqa: E402
-from specops.backends import tensorflow as stf  # noqa: E402
-from specops.backends import torch as st  # noqa: E402
-from specops.zoo.data import digits  # noqa: E402
+import specops
+from specops.zoo.data import digits
 
 SIZES = (64, 8, 10)
 BATCHES = (64, 64, 64, 8)  # unequal last batch
@@ -44,7 +45,7 @@ def rel(a, b):
 def weights():
     rng = np.random.default_rng(0)
     out = []
-    for fan_in, fan_out in zip(SIZES, SIZES[1:]):
+    for fan_in, fan_out in itertools.pairwise(SIZES):
         out += [rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in), 0.1 * rng.normal(size=fan_out)]
     return out
 
@@ -53,7 +54,7 @@ def data():
     X, y = digits(n=sum(BATCHES))
     X = X.reshape(len(X), -1).astype(np.float64)
     edges = np.cumsum((0,) + BATCHES)
-    return X, y, [(X[a:b], y[a:b]) for a, b in zip(edges, edges[1:])]
+    return X, y, [(X[a:b], y[a:b]) for a, b in itertools.pairwise(edges)]
 
 
 # --- the model in each framework ------------------------------------------------------

@@ -6,11 +6,11 @@ import pytest
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from specops.backends import jax as sj
 
-import specops  # noqa: E402
-from specops.backends import jax as sj  # noqa: E402
+import specops
 
 RTOL = 1e-10
 
@@ -44,12 +44,12 @@ def problem():
     batches = [(X[:10], Y[:10]), (X[10:20], Y[10:20]), (X[20:], Y[20:])]  # unequal last batch
     flat, unravel = ravel_pytree(params)
 
-    def dense(loss):
+    def full_batch_hessian(loss):
         return np.asarray(jax.jit(jax.hessian(lambda f: loss(unravel(f), (X, Y))))(flat))
 
-    return dict(params=params, X=X, Y=Y, batches=batches, flat=flat, unravel=unravel,
-                H_mean=dense(mlp_loss), H_sum=dense(mlp_sum_loss),
-                H=sj.hessian(mlp_loss, params, batches, chunk_size=64))
+    return {"params": params, "X": X, "Y": Y, "batches": batches, "flat": flat, "unravel": unravel,
+            "H_mean": full_batch_hessian(mlp_loss), "H_sum": full_batch_hessian(mlp_sum_loss),
+            "H": sj.hessian(mlp_loss, params, batches, chunk_size=64)}
 
 
 def dense(H):
@@ -113,7 +113,7 @@ def test_subset_is_the_dense_block(problem):
 
 def test_loss_at_and_gradient(problem):
     H = problem["H"]
-    full = lambda f: mlp_loss(problem["unravel"](f), (problem["X"], problem["Y"]))  # noqa: E731
+    full = lambda f: mlp_loss(problem["unravel"](f), (problem["X"], problem["Y"]))
     delta = 0.01 * np.random.default_rng(3).normal(size=H.shape[0])
     assert abs(H.loss_at() - full(problem["flat"])) < 1e-12
     assert abs(H.loss_at(jnp.asarray(delta)) - full(problem["flat"] + delta)) < 1e-12

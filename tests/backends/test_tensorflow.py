@@ -9,8 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import specops  # noqa: E402
-from specops.backends import tensorflow as stf  # noqa: E402
+from specops.backends import tensorflow as stf
+
+import specops
 
 RTOL = 1e-10
 F64 = "float64"
@@ -48,8 +49,8 @@ def problem():
     truth, loss, grad = dense_hessian(lambda: cross_entropy()(Y, model(X)), model.trainable_variables)
     truth_sum, _, _ = dense_hessian(lambda: cross_entropy("sum")(Y, model(X)), model.trainable_variables)
     H = stf.hessian(model, cross_entropy(), batches, chunk_size=64)
-    return dict(model=model, X=X, Y=Y, batches=batches, H=H, H_mean=truth, H_sum=truth_sum,
-                loss=loss, grad=grad)
+    return {"model": model, "X": X, "Y": Y, "batches": batches, "H": H, "H_mean": truth,
+            "H_sum": truth_sum, "loss": loss, "grad": grad}
 
 
 def dense(H):
