@@ -142,7 +142,9 @@ def _is_float_array(leaf) -> bool:
 
 def _describe(leaf) -> str:
     dtype = getattr(leaf, "dtype", None)
-    return str(dtype) if dtype is not None else type(leaf).__name__
+    if dtype is not None:
+        return str(dtype)
+    return "function" if callable(leaf) else type(leaf).__name__
 
 
 def batch_size(batch) -> int:

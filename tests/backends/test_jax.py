@@ -1,5 +1,8 @@
 """The JAX backend against dense Hessians from ``jax.hessian`` on the concatenated full batch."""
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 
@@ -158,6 +161,29 @@ def test_unused_leaf_gives_a_zero_block(problem):
     s = H.param_blocks["unused"]
     D = dense(H)
     assert np.all(D[s] == 0) and np.all(D[:, s] == 0)
+
+
+class Linear(NamedTuple):
+    """An Equinox-like model: array fields and a function field, all pytree leaves."""
+
+    w: jax.Array
+    activation: Callable
+
+
+def test_attribute_paths_static_leaves_and_dict_batches():
+    rng = np.random.default_rng(8)
+    model = Linear(w=jnp.asarray(rng.normal(size=3)), activation=jnp.tanh)
+    X, y = rng.normal(size=(9, 3)), rng.normal(size=9)
+
+    def loss_fn(m, batch):
+        return jnp.mean((m.activation(batch["x"] @ m.w) - batch["y"]) ** 2)
+
+    with pytest.raises(TypeError, match="'activation' \\(function\\)"):
+        sj.hessian(loss_fn, model, {"x": X, "y": y})
+    H = sj.hessian(loss_fn, model, [{"x": X[:5], "y": y[:5]}, {"x": X[5:], "y": y[5:]}], wrt="w")
+    assert list(H.param_blocks) == ["w"]
+    truth = jax.hessian(lambda w: loss_fn(model._replace(w=w), {"x": X, "y": y}))(model.w)
+    assert rel(dense(H), truth) < RTOL
 
 
 # --- bad input ----------------------------------------------------------------------
