@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -306,6 +307,7 @@ def _install_abort_hook(comm=None):
                              f"aborting all ranks (MPI_Abort)\n{text}")
             sys.stderr.flush()
             sys.stdout.flush()
+            time.sleep(1.0)  # let the launcher forward the message before MPI_Abort tears down its pipes
         finally:
             comm.Abort(1)
 

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scenarios
 
+import specops
 from specops.distributed import MPIComm
 
 
@@ -71,7 +72,6 @@ def run_mismatch(comm, catch: bool):
         scenarios.build_numpy(index, comm, d=d)
     except ValueError as e:
         print(f"rank {comm.rank} caught ValueError: {e}", flush=True)
-    import specops
     from specops.backends.numpy import hessian
 
     model = scenarios.SoftmaxRegression(64, 10)
