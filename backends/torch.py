@@ -305,8 +305,8 @@ class TorchAdapter(ModelAdapter):
         self.loss_fn = loss_fn
         self.loss_form = _loss_form(loss_fn, loss_form)
         self._module = _LossModule(model, loss_fn, self.loss_form)
-        self._options = dict(loss_form=self.loss_form, memory_budget=memory_budget, chunk_size=chunk_size,
-                             batch_size=batch_size, progress=progress)
+        self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
+                         "batch_size": batch_size, "progress": progress}
         self._requested = engine
         self.engine = "cached_graph" if engine == "auto" else engine
         self.memory_budget = (

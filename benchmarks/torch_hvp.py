@@ -32,10 +32,10 @@ import time
 
 import numpy as np
 import torch
+from specops.backends import torch as st
 from torch import nn
 
 import specops
-from specops.backends import torch as st
 from specops.zoo.torch_resnet import resnet
 
 ENGINES = ("cached_graph", "double_backward", "forward_over_reverse")
@@ -101,18 +101,21 @@ def relative_residuals(H, V, lams):
     return (torch.linalg.vector_norm(R, dim=0).cpu().numpy() / np.abs(lams)).astype(float)
 
 
-def bench_products(model, loss_fn, settings, repeats, device, rows):
+def bench_products(model, loss_fn, settings, repeats, device, rows, columns=8):
     params = [p for p in model.parameters() if p.requires_grad]
     for label, data, batches in settings:
         t_grad = median_time(gradient_fn(model, loss_fn, batches, params), repeats, device)
         rows.append((label, "gradient (torch.autograd.grad)", t_grad, 1.0, ""))
         v = torch.randn(sum(p.numel() for p in params), device=device)
-        V = torch.randn(v.numel(), 8, device=device)
+        V = torch.randn(v.numel(), columns, device=device)
         for engine in ENGINES:
             H = st.hessian(model, loss_fn, data, hvp=engine)
-            t = median_time(lambda: H @ v, repeats, device)
-            t8 = median_time(lambda: H @ V, max(1, repeats // 2), device) / 8
-            rows.append((label, f"specops HVP, {engine}", t, t / t_grad, f"matmat(8): {t8 / t_grad:.2f}x per column"))
+            t = median_time(lambda H=H, v=v: H @ v, repeats, device)
+            note = ""
+            if columns:
+                tk = median_time(lambda H=H, V=V: H @ V, max(1, repeats // 2), device) / columns
+                note = f"matmat({columns}): {tk / t_grad:.2f}x per column"
+            rows.append((label, f"specops HVP, {engine}", t, t / t_grad, note))
             del H
         ph = pyhessian_products(model, loss_fn, data, batches, repeats, device)
         if ph is not None:
@@ -124,7 +127,7 @@ def pyhessian_hessian(model, loss_fn, batches, device):
     from pyhessian import hessian as PyHessian
 
     single = len(batches) == 1
-    kw = dict(data=batches[0]) if single else dict(dataloader=batches)
+    kw = {"data": batches[0]} if single else {"dataloader": batches}
     ph = PyHessian(model, loss_fn, cuda=device.type == "cuda", **kw)
     return ph
 
@@ -217,6 +220,7 @@ def main():
     parser.add_argument("--skip-products", action="store_true")
     parser.add_argument("--skip-eigenvalues", action="store_true")
     parser.add_argument("--skip-pyhessian", action="store_true")
+    parser.add_argument("--matmat-columns", type=int, default=8, help="columns of the matmat timing (0: skip)")
     parser.add_argument("--depth", type=int, default=20, help="ResNet depth (default 20)")
     parser.add_argument("--num-samples", type=int, default=128, help="inputs (default 128), also as 4 batches")
     parser.add_argument("--top", type=int, nargs="+", default=[5, 1], help="numbers of eigenvalues (default 5 1)")
@@ -238,7 +242,8 @@ def main():
     if not args.skip_products:
         print("| data | product | seconds | x gradient | note |\n|---|---|---:|---:|---|", flush=True)
         bench_products(model, loss_fn, settings, args.repeats, device, Printer(
-            lambda label, what, t, ratio, note: f"| {label} | {what} | {t:.4f} | {ratio:.2f} | {note} |"))
+            lambda label, what, t, ratio, note: f"| {label} | {what} | {t:.4f} | {ratio:.2f} | {note} |"),
+            columns=args.matmat_columns)
         print()
     if not args.skip_eigenvalues:
         print("| data | k | method | seconds | products | eigenvalues | max rel. residual |\n"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from specops.backends import torch as st
+from torch import nn
 
-import specops  # noqa: E402
-from specops.backends import torch as st  # noqa: E402
+import specops
 
 ENGINES = ["cached_graph", "double_backward", "forward_over_reverse"]
 RTOL = 1e-6
