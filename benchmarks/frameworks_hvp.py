@@ -71,6 +71,7 @@ def first_call_seconds(fn):
 # --- the models in each framework -------------------------------------------------------
 def torch_adapter(kind, X, y):
     import torch
+
     from specops.backends import torch as st
 
     torch.set_num_threads(ARGS.threads)
@@ -93,6 +94,7 @@ def torch_adapter(kind, X, y):
 def jax_adapter(kind, X, y):
     import jax
     import jax.numpy as jnp
+
     from specops.backends import jax as sj
 
     jax.config.update("jax_enable_x64", DTYPE == np.float64)
@@ -128,6 +130,7 @@ def jax_adapter(kind, X, y):
 def tf_adapter(kind, X, y):
     import keras
     import tensorflow as tf
+
     from specops.backends import tensorflow as stf
 
     tf.config.threading.set_intra_op_parallelism_threads(ARGS.threads)

@@ -15,9 +15,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from specops.backends import jax as sj
 
 import specops
+from specops.backends import jax as sj
 from specops.zoo.data import batches, digits
 
 jax.config.update("jax_enable_x64", True)  # float64 parameters and products

@@ -20,9 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 import tensorflow as tf
-from specops.backends import tensorflow as stf
 
 import specops
+from specops.backends import tensorflow as stf
 from specops.zoo.data import digits
 
 keras.config.set_floatx("float64")  # model, loss and products in float64

@@ -26,11 +26,11 @@ pytest.importorskip("sklearn")
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp
+
+import specops
 from specops.backends import jax as sj
 from specops.backends import tensorflow as stf
 from specops.backends import torch as st
-
-import specops
 from specops.zoo.data import digits
 
 SIZES = (64, 8, 10)

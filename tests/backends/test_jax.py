@@ -11,9 +11,9 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-from specops.backends import jax as sj
 
 import specops
+from specops.backends import jax as sj
 
 RTOL = 1e-10
 

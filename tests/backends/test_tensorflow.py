@@ -9,9 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from specops.backends import tensorflow as stf
-
 import specops
+from specops.backends import tensorflow as stf
 
 RTOL = 1e-10
 F64 = "float64"
