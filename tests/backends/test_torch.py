@@ -316,6 +316,20 @@ def test_data_that_changes_between_passes_is_detected(engine):
         st.hessian(mlp(), nn.CrossEntropyLoss(), Augmenting(classification_batches()), hvp=engine)
 
 
+def test_dataloader_without_shuffling_works_and_a_shuffling_one_is_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, loss_fn = mlp(), nn.CrossEntropyLoss()
+    batches = classification_batches((8, 8, 4))
+    dataset = TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    dense, _, _ = dense_hessian(model, loss_fn, batches)
+    H = st.hessian(model, loss_fn, DataLoader(dataset, batch_size=8))
+    assert H.batch_sizes == [8, 8, 4]
+    check_products(H, dense)
+    with pytest.raises(specops.NonDeterministicError, match="shuffle=True"):
+        st.hessian(model, loss_fn, DataLoader(dataset, batch_size=8, shuffle=True))
+
+
 def test_non_finite_loss_names_the_batch():
     batches = classification_batches((4, 4, 4))
     batches[1][0][2, 0] = float("nan")
