@@ -40,6 +40,14 @@ def _device_of(x):
     return next(iter(devices())) if devices is not None else jax.devices()[0]
 
 
+@jax.jit
+def _orthogonalize_twice(W, Q):
+    C1 = jnp.matmul(Q.T, W, precision=_HIGHEST)
+    W = W - jnp.matmul(Q, C1, precision=_HIGHEST)
+    C2 = jnp.matmul(Q.T, W, precision=_HIGHEST)
+    return W - jnp.matmul(Q, C2, precision=_HIGHEST), C1, C2
+
+
 class JaxOps(VectorOps):
     """Vector operations on JAX arrays of one dtype on one device.
 
@@ -92,6 +100,18 @@ class JaxOps(VectorOps):
 
     def all_finite(self, X) -> bool:
         return bool(jnp.isfinite(X).all())
+
+    def orthogonalize(self, W, Q):
+        """As :meth:`VectorOps.orthogonalize`, as one compiled program.
+
+        JAX compiles every new shape, and a growing basis has a new shape at every
+        step: one program per call instead of one per primitive (two products and a
+        subtraction per pass).
+        """
+        if Q is None or Q.shape[1] == 0:
+            return W, np.zeros((0, W.shape[1]))
+        W, C1, C2 = _orthogonalize_twice(W, Q)
+        return W, self.to_numpy(C1) + self.to_numpy(C2)
 
     def einsum(self, spec: str, *arrays):
         return jnp.einsum(spec, *(self.asarray(a) for a in arrays), precision=_HIGHEST)
