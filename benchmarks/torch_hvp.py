@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 import torch
-from specops.backends import torch as st
 from torch import nn
 
 import specops
+from specops.backends import torch as st
 from specops.zoo.torch_resnet import resnet
 
 ENGINES = ("cached_graph", "double_backward", "forward_over_reverse")
@@ -54,19 +53,6 @@ def shim_torch_eig():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_time(fn, repeats, device, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def setup(device, depth=20, num_samples=128, seed=0):
@@ -101,26 +87,39 @@ def relative_residuals(H, V, lams):
     return (torch.linalg.vector_norm(R, dim=0).cpu().numpy() / np.abs(lams)).astype(float)
 
 
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def bench_products(model, loss_fn, settings, repeats, device, rows, columns=8):
+    """Each repeat times a gradient and then every product, so each ratio compares times taken
+    under the same machine load; the table gives medians of times and of per-repeat ratios."""
     params = [p for p in model.parameters() if p.requires_grad]
     for label, data, batches in settings:
-        t_grad = median_time(gradient_fn(model, loss_fn, batches, params), repeats, device)
-        rows.append((label, "gradient (torch.autograd.grad)", t_grad, 1.0, ""))
-        v = torch.randn(sum(p.numel() for p in params), device=device)
-        V = torch.randn(v.numel(), columns, device=device)
+        n = sum(p.numel() for p in params)
+        v, V = torch.randn(n, device=device), torch.randn(n, max(columns, 1), device=device)
+        candidates = {"gradient (torch.autograd.grad)": gradient_fn(model, loss_fn, batches, params)}
         for engine in ENGINES:
             H = st.hessian(model, loss_fn, data, hvp=engine)
-            t = median_time(lambda H=H, v=v: H @ v, repeats, device)
-            note = ""
+            candidates[f"specops HVP, {engine}"] = lambda H=H, v=v: H @ v
             if columns:
-                tk = median_time(lambda H=H, V=V: H @ V, max(1, repeats // 2), device) / columns
-                note = f"matmat({columns}): {tk / t_grad:.2f}x per column"
-            rows.append((label, f"specops HVP, {engine}", t, t / t_grad, note))
-            del H
-        ph = pyhessian_products(model, loss_fn, data, batches, repeats, device)
+                candidates[f"specops matmat({columns}) per column, {engine}"] = lambda H=H, V=V: H @ V
+        ph = pyhessian_product(model, loss_fn, batches, device)
         if ph is not None:
-            rows.append((label, f"PyHessian HVP ({'data' if len(batches) == 1 else 'dataloader'}=)", ph,
-                         ph / t_grad, ""))
+            candidates[f"PyHessian HVP ({'data' if len(batches) == 1 else 'dataloader'}=)"] = ph
+        times = {name: [] for name in candidates}
+        for _ in range(repeats + 1):  # the first round warms up (and fills the graph caches)
+            for name, fn in candidates.items():
+                times[name].append(timed(fn, device) / (columns if "matmat" in name else 1))
+        grad = np.array(times["gradient (torch.autograd.grad)"][1:])
+        for name, ts in times.items():
+            ts = np.array(ts[1:])
+            rows.append((label, name, float(np.median(ts)), float(np.median(ts / grad)), ""))
+        model.zero_grad(set_to_none=True)  # PyHessian leaves graph-carrying .grad on the model
 
 
 def pyhessian_hessian(model, loss_fn, batches, device):
@@ -132,7 +131,8 @@ def pyhessian_hessian(model, loss_fn, batches, device):
     return ph
 
 
-def pyhessian_products(model, loss_fn, data, batches, repeats, device):
+def pyhessian_product(model, loss_fn, batches, device):
+    """One PyHessian product as a thunk, or None without PyHessian."""
     try:
         from pyhessian.utils import hessian_vector_product
     except ImportError:
@@ -140,11 +140,8 @@ def pyhessian_products(model, loss_fn, data, batches, repeats, device):
     ph = pyhessian_hessian(model, loss_fn, batches, device)
     v = [torch.randn_like(p) for p in ph.params]
     if len(batches) == 1:
-        t = median_time(lambda: hessian_vector_product(ph.gradsH, ph.params, v), repeats, device)
-    else:
-        t = median_time(lambda: ph.dataloader_hv_product(v), repeats, device)
-    model.zero_grad(set_to_none=True)  # PyHessian leaves graph-carrying .grad on the model
-    return t
+        return lambda: hessian_vector_product(ph.gradsH, ph.params, v)
+    return lambda: ph.dataloader_hv_product(v)
 
 
 class CountingProducts:
@@ -240,7 +237,8 @@ def main():
     print(f"# ResNet-{args.depth}, {n} x 3x32x32, float32, batch norm eval; torch {torch.__version__}, "
           f"device {device} ({name}), {args.threads} threads, medians of {args.repeats}\n")
     if not args.skip_products:
-        print("| data | product | seconds | x gradient | note |\n|---|---|---:|---:|---|", flush=True)
+        print("| data | product | seconds (median) | x gradient (median of per-round ratios) | note |\n"
+              "|---|---|---:|---:|---|", flush=True)
         bench_products(model, loss_fn, settings, args.repeats, device, Printer(
             lambda label, what, t, ratio, note: f"| {label} | {what} | {t:.4f} | {ratio:.2f} | {note} |"),
             columns=args.matmat_columns)
