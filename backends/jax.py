@@ -19,12 +19,14 @@ device; float64 needs ``jax.config.update("jax_enable_x64", True)``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from specops.model import ModelAdapter, ModelOperator, select_names
+from specops.model import ModelAdapter, ModelOperator, common_batch_size, select_names
 from specops.operator import MatrixOperator, _check_dense_symmetric
 from specops.ops import VectorOps
 
@@ -61,6 +63,7 @@ class JaxOps(VectorOps):
     """
 
     name = "jax"
+    FIXED_SHAPES = True
 
     def __init__(self, dtype=np.float32, device=None):
         if np.dtype(dtype) == np.float64 and not _x64_enabled():
@@ -113,8 +116,17 @@ class JaxOps(VectorOps):
         W, C1, C2 = _orthogonalize_twice(W, Q)
         return W, self.to_numpy(C1) + self.to_numpy(C2)
 
+    def write_block(self, buffer, start: int, X, axis: int = 1):
+        return _write_block(buffer, start, X, axis)
+
     def einsum(self, spec: str, *arrays):
         return jnp.einsum(spec, *(self.asarray(a) for a in arrays), precision=_HIGHEST)
+
+
+@partial(jax.jit, static_argnums=3)
+def _write_block(buffer, start, X, axis):
+    # start is traced: one program per block shape, not one per position
+    return jax.lax.dynamic_update_slice_in_dim(buffer, X, start, axis)
 
 
 def matrix_operator(x, symmetric=None) -> MatrixOperator:
@@ -168,18 +180,8 @@ def _describe(leaf) -> str:
 
 
 def batch_size(batch) -> int:
-    """The common leading dimension of the arrays of a batch pytree.
-
-    Raises:
-        ValueError: the arrays disagree on it, or the batch holds no array.
-    """
-    sizes = {int(np.shape(leaf)[0]) for leaf in tree_util.tree_leaves(batch) if np.ndim(leaf) >= 1}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"cannot tell the batch size: the batch's arrays have leading dimensions {sorted(sizes)}; "
-            "every array of a batch must hold one row per sample"
-        )
-    return sizes.pop()
+    """The common leading dimension of the arrays of a batch pytree."""
+    return common_batch_size(tree_util.tree_leaves(batch))
 
 
 class JaxAdapter(ModelAdapter):

@@ -51,8 +51,9 @@ class NumpyOps(VectorOps):
     def einsum(self, spec: str, *arrays):
         return np.einsum(spec, *arrays)
 
-    def write_columns(self, buffer, start: int, X):
-        buffer[:, start : start + X.shape[1]] = X
+    def write_block(self, buffer, start: int, X, axis: int = 1):
+        index = (slice(None),) * axis + (slice(start, start + X.shape[axis]),)
+        buffer[index] = X
         return buffer
 
     def all_finite(self, X) -> bool:

@@ -19,17 +19,14 @@ when the loss raises.
 
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import tensorflow as tf
 
-from specops.model import ModelAdapter, ModelOperator, select_names
+from specops.model import ModelAdapter, ModelOperator, common_batch_size, resolve_loss_form, select_names
 from specops.operator import MatrixOperator, _check_dense_symmetric
 from specops.ops import VectorOps
 
-LOSS_FORMS = ("auto", "outputs", "model")
-_MODEL_ARG_NAMES = ("model", "module", "net", "network")
 
 
 def _device_name(device: str) -> str:
@@ -166,26 +163,8 @@ def _resolve_variables(model, variables) -> dict:
     return result
 
 
-def _loss_form(loss_fn, loss_form: str) -> str:
-    if loss_form not in LOSS_FORMS:
-        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
-    if loss_form != "auto":
-        return loss_form
-    try:
-        first = next(iter(inspect.signature(loss_fn).parameters), None)
-    except (TypeError, ValueError):
-        return "outputs"
-    return "model" if first in _MODEL_ARG_NAMES else "outputs"
-
-
 def _batch_size(batch) -> int:
-    sizes = {int(t.shape[0]) for t in tf.nest.flatten(batch) if getattr(t, "shape", None) and len(t.shape)}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"cannot tell the batch size: the batch's arrays have leading dimensions {sorted(sizes)}; "
-            "every array of a batch must hold one row per sample"
-        )
-    return sizes.pop()
+    return common_batch_size(tf.nest.flatten(batch))
 
 
 class TFAdapter(ModelAdapter):
@@ -215,7 +194,7 @@ class TFAdapter(ModelAdapter):
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.model, self.loss_fn, self.chunk_size = model, loss_fn, int(chunk_size)
-        self.loss_form = _loss_form(loss_fn, loss_form)
+        self.loss_form = resolve_loss_form(loss_fn, loss_form)
         named = _resolve_variables(model, variables)
         self._vars = [_tf_variable(v) for v in named.values()]
         bad = [f"{n!r} ({v.dtype.name})" for n, v in zip(named, self._vars) if not v.dtype.is_floating]

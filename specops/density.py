@@ -135,7 +135,7 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
     p = num_probes
     Z = ops.random(n, range(p), seed, kind=kind, stream="slq")
     V = ops.scale_columns(Z, 1.0 / ops.column_norms(Z))
-    X = V[None]                                   # (j, n, p): each probe's basis
+    X = ops.write_block(ops.zeros((steps, n, p)), 0, V[None], axis=0)  # X[j]: step j of every probe
     alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
     length = np.full(p, steps)
     live = np.ones(p, dtype=bool)
@@ -143,10 +143,11 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
     eps = float(np.finfo(ops.dtype).eps)
     for j in range(steps):
         W = mul(V)
-        c1 = ops.einsum("jnp,np->jp", X, W)
-        W = W - ops.einsum("jnp,jp->np", X, c1)
-        c2 = ops.einsum("jnp,np->jp", X, W)
-        W = W - ops.einsum("jnp,jp->np", X, c2)
+        B = X if ops.FIXED_SHAPES else X[: j + 1]  # zero slices change nothing
+        c1 = ops.einsum("jnp,np->jp", B, W)
+        W = W - ops.einsum("jnp,jp->np", B, c1)
+        c2 = ops.einsum("jnp,np->jp", B, W)
+        W = W - ops.einsum("jnp,jp->np", B, c2)
         c = ops.to_numpy(c1) + ops.to_numpy(c2)
         alpha[live, j] = c[j, live]
         if j == steps - 1:
@@ -160,7 +161,7 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
             break
         beta[live, j] = b[live]
         V = ops.scale_columns(W, np.where(live, 1.0 / np.where(live, b, 1.0), 0.0))
-        X = ops.concat([X, V[None]], axis=0)
+        X = ops.write_block(X, j + 1, V[None], axis=0)
     nodes, weights = np.zeros((p, steps)), np.zeros((p, steps))
     for i in range(p):
         m = length[i]

@@ -189,9 +189,10 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
     while True:
         W = mul(pending)
         m = T.shape[0]
-        buffer = ops.write_columns(buffer, m, pending)
-        basis = buffer[:, : m + b]
+        buffer = ops.write_block(buffer, m, pending)
+        basis = buffer if ops.FIXED_SHAPES else buffer[:, : m + b]  # zero columns change nothing
         W, C = ops.orthogonalize(W, basis)
+        C = C[: m + b]
         grown = np.zeros((m + b, m + b))
         grown[:m, :m] = T
         grown[:m, m:] = C[:m]
@@ -209,11 +210,16 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
         Qn, R = _repair_breakdown(ops, Qn, R, basis, draw, anorm, eps)
         if T.shape[0] + b > max_basis:  # thick restart with the most wanted Ritz vectors
             kept = _order(theta, which)[:keep]
-            buffer = ops.write_columns(buffer, 0, ops.combine(basis, S[:, kept]))
+            buffer = ops.write_block(buffer, 0, ops.combine(basis, _rows(S[:, kept], basis.shape[1])))
             T = np.diag(theta[kept])
         pending = Qn
-    vectors = ops.combine(basis, S[:, want])
+    vectors = ops.combine(basis, _rows(S[:, want], basis.shape[1]))
     return theta[want], vectors, resid[want], ok, mul.count
+
+
+def _rows(S, rows):
+    """``S`` padded with zero rows to ``rows`` (for a zero-padded basis buffer)."""
+    return S if S.shape[0] == rows else np.vstack([S, np.zeros((rows - S.shape[0], S.shape[1]))])
 
 
 def _repair_breakdown(ops, Qn, R, basis, draw, anorm, eps):

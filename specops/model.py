@@ -21,6 +21,8 @@ from specops.operator import LinearOperator, NonFiniteError
 from specops.ops import VectorOps
 
 REDUCTIONS = ("mean", "sum")
+LOSS_FORMS = ("auto", "outputs", "model")
+_MODEL_ARG_NAMES = ("model", "module", "net", "network")
 
 
 class NonDeterministicError(RuntimeError):
@@ -84,6 +86,45 @@ def is_single_batch(data) -> bool:
     return isinstance(data, (tuple, dict))
 
 
+def common_batch_size(leaves) -> int:
+    """The common leading dimension of a batch's arrays (its number of samples).
+
+    Args:
+        leaves: the arrays of one batch, flattened by the backend's tree utility;
+            scalars and arrays without a shape are ignored.
+
+    Raises:
+        ValueError: the arrays disagree, or the batch holds no array with a leading dimension.
+    """
+    sizes = {int(x.shape[0]) for x in leaves if getattr(x, "shape", None) is not None and len(x.shape) >= 1}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"cannot tell the batch size: the batch's arrays have leading dimensions {sorted(sizes)}; "
+            "every array of a batch must hold one row per sample (or pass batch_size=...)"
+        )
+    return sizes.pop()
+
+
+def resolve_loss_form(loss_fn, loss_form: str = "auto") -> str:
+    """Which loss convention a backend's ``loss_fn`` follows.
+
+    ``"outputs"``: ``loss_fn(outputs, targets)`` (Keras: ``(targets, outputs)``) applied to
+    ``model(inputs)``; ``"model"``: ``loss_fn(model, batch)``. ``"auto"`` picks ``"model"``
+    when the first parameter of ``loss_fn`` is named model, module, net or network.
+    """
+    import inspect
+
+    if loss_form not in LOSS_FORMS:
+        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
+    if loss_form != "auto":
+        return loss_form
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters), None)
+    except (TypeError, ValueError):
+        return "outputs"
+    return "model" if first in _MODEL_ARG_NAMES else "outputs"
+
+
 def select_names(available: list[str], patterns) -> list[str]:
     """Resolve names or glob patterns against parameter names, keeping model order.
 
@@ -94,7 +135,8 @@ def select_names(available: list[str], patterns) -> list[str]:
         patterns = [patterns]
     chosen = set()
     for p in patterns:
-        hits = [a for a in available if a == p or fnmatch.fnmatchcase(a, p) or a.startswith(p + ".")]
+        hits = [a for a in available
+                if a == p or fnmatch.fnmatchcase(a, p) or a.startswith(p + ".") or a.startswith(p + "/")]
         if not hits:
             shown = ", ".join(available[:12]) + (", ..." if len(available) > 12 else "")
             raise ValueError(f"no parameter matches {p!r}; parameters are: {shown}")

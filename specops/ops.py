@@ -35,6 +35,9 @@ class VectorOps(abc.ABC):
     """
 
     name: str = "abstract"
+    #: The backend compiles one program per array shape (JAX): algorithms then keep
+    #: shapes fixed, e.g. orthogonalize against a whole zero-padded basis buffer.
+    FIXED_SHAPES: bool = False
 
     def __init__(self, dtype, device: str = "cpu"):
         dtype = np.dtype(dtype)
@@ -119,14 +122,17 @@ class VectorOps(abc.ABC):
         """A host array as a native array of this dtype on this device."""
         return self.asarray(np.asarray(a, dtype=self.dtype))
 
-    def write_columns(self, buffer, start: int, X):
-        """``buffer`` with columns ``start .. start + k - 1`` replaced by ``X`` (n, k).
+    def write_block(self, buffer, start: int, X, axis: int = 1):
+        """``buffer`` with the slices ``start .. start + k - 1`` along ``axis`` replaced by
+        ``X`` (``k = X.shape[axis]``; the other dimensions match).
 
         Backends with mutable arrays (NumPy, torch) override this to write in place, so a
         growing basis is not copied at every step; this default returns a new array.
         """
-        k = X.shape[1]
-        return self.concat([buffer[:, :start], X, buffer[:, start + k :]], axis=1)
+        k = X.shape[axis]
+        head = tuple([slice(None)] * axis)
+        return self.concat([buffer[head + (slice(0, start),)], X, buffer[head + (slice(start + k, None),)]],
+                           axis=axis)
 
     def as_columns(self, x):
         """``x`` of shape (n,) as (n, 1); (n, k) unchanged."""

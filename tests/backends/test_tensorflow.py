@@ -42,7 +42,7 @@ def problem():
         keras.Input((5,), dtype=F64),
         keras.layers.Dense(4, activation="tanh", dtype=F64, name="hidden"),
         keras.layers.Dense(3, dtype=F64, name="out"),
-    ])
+    ], name="sequential")  # named: Keras numbers unnamed models by creation order
     X, Y = rng.normal(size=(23, 5)), rng.integers(0, 3, size=23)
     batches = [(X[:10], Y[:10]), (X[10:20], Y[10:20]), (X[20:], Y[20:])]  # unequal last batch
     truth, loss, grad = dense_hessian(lambda: cross_entropy()(Y, model(X)), model.trainable_variables)
