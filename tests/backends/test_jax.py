@@ -229,25 +229,6 @@ def test_float64_without_x64_is_refused():
 
 
 # --- vector operations and dense matrices -------------------------------------------
-def test_vector_ops_match_numpy():
-    ops = sj.JaxOps(np.float64)
-    rng = np.random.default_rng(5)
-    X, Y, C = rng.normal(size=(9, 3)), rng.normal(size=(9, 2)), rng.normal(size=(3, 2))
-    jX, jY = ops.from_numpy(X), ops.from_numpy(Y)
-    assert ops.is_native(jX) and not ops.is_native(X)
-    assert rel(ops.inner(jX, jY), X.T @ Y) < 1e-14
-    assert rel(ops.combine(jX, C), X @ C) < 1e-14
-    assert rel(ops.column_norms(jX), np.linalg.norm(X, axis=0)) < 1e-14
-    Q, R = ops.qr(jX)
-    assert rel(ops.to_numpy(Q) @ ops.to_numpy(R), X) < 1e-13
-    W, _ = ops.orthogonalize(jY, Q)
-    assert np.abs(ops.to_numpy(ops.inner(Q, W))).max() < 1e-13
-    assert ops.all_finite(jX) and not ops.all_finite(jX / 0.0)
-    assert ops.to_numpy(ops.concat([ops.zeros((2, 3)), jX], axis=0)).shape == (11, 3)
-    assert rel(ops.einsum("ij,ij->j", jX, jX), (X * X).sum(0)) < 1e-14
-    assert np.array_equal(ops.to_numpy(ops.random(9, range(2), 7)), specops.random.probes(9, range(2), 7))
-
-
 def test_dense_jax_matrix_operator():
     rng = np.random.default_rng(6)
     M = rng.normal(size=(6, 6))

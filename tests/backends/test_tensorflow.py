@@ -209,24 +209,6 @@ def test_dropout_in_training_mode_is_reported(problem):
 
 
 # --- vector operations and dense matrices -------------------------------------------
-def test_vector_ops_match_numpy():
-    ops = stf.TFOps(np.float64)
-    rng = np.random.default_rng(6)
-    X, Y, C = rng.normal(size=(9, 3)), rng.normal(size=(9, 2)), rng.normal(size=(3, 2))
-    tX, tY = ops.from_numpy(X), ops.from_numpy(Y)
-    assert ops.is_native(tX) and not ops.is_native(X)
-    assert rel(ops.inner(tX, tY), X.T @ Y) < 1e-14
-    assert rel(ops.combine(tX, C), X @ C) < 1e-14
-    assert rel(ops.column_norms(tX), np.linalg.norm(X, axis=0)) < 1e-14
-    Q, R = ops.qr(tX)
-    assert rel(ops.to_numpy(Q) @ ops.to_numpy(R), X) < 1e-13
-    W, _ = ops.orthogonalize(tY, Q)
-    assert np.abs(ops.to_numpy(ops.inner(Q, W))).max() < 1e-13
-    assert ops.all_finite(tX) and not ops.all_finite(tX / 0.0)
-    assert rel(ops.einsum("ij,ij->j", tX, tX), (X * X).sum(0)) < 1e-14
-    assert np.array_equal(ops.to_numpy(ops.random(9, range(2), 7)), specops.random.probes(9, range(2), 7))
-
-
 def test_dense_tf_matrix_operator():
     rng = np.random.default_rng(7)
     M = rng.normal(size=(6, 6))
