@@ -1,0 +1,24 @@
+"""The distribution ships backends/ as specops.backends (the package-dir mapping)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contains_backends_and_zoo(tmp_path):
+    pytest.importorskip("setuptools")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("specops-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("numpy", "torch", "jax", "tensorflow"):
+        assert f"specops/backends/{module}.py" in names
+    assert "specops/zoo/torch_resnet.py" in names and "specops/eigsh.py" in names
+    assert not any(n.startswith(("backends/", "tests/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "specops = specops.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
