@@ -103,6 +103,13 @@ class TorchOps(VectorOps):
     def all_finite(self, X) -> bool:
         return bool(torch.isfinite(X).all())
 
+    def einsum(self, spec: str, *arrays):
+        return torch.einsum(spec, *arrays)
+
+    def write_block(self, buffer, start: int, X, axis: int = 1):
+        buffer.narrow(axis, start, X.shape[axis]).copy_(X)  # in place: no copy of the basis per step
+        return buffer
+
 
 def matrix_operator(x: torch.Tensor, symmetric: bool | None = None) -> MatrixOperator:
     """A dense torch matrix as an operator whose products stay on its device.
