@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from specops.backends import torch as st
 from torch import nn
 
 import specops
+from specops.backends import torch as st
 
 ENGINES = ["cached_graph", "double_backward", "forward_over_reverse"]
 RTOL = 1e-6
