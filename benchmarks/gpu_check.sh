@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/specops-src${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH} PYTHON
 nvidia-smi -L
 python3 -c "import torch, jax; print('torch', torch.__version__, torch.cuda.is_available(), '| jax', jax.__version__, jax.devices())"
 echo "== GPU tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py tests/backends/test_torch.py \
+timeout 240 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ops.py tests/backends/test_torch.py \
     2>&1 | tee "$OUT/tests.log" | tail -15
 echo "== PyTorch on CUDA: HVP engines and top eigenvalues"
 timeout 240 python3 benchmarks/torch_hvp.py --device cuda --repeats 5 2>&1 | tee "$OUT/torch_hvp_cuda.md" | tail -40
