@@ -181,6 +181,7 @@ class ModelOperator(LinearOperator):
             raise ValueError("the data holds no samples")
         self.num_matvecs = 0
         self.matvec_seconds = 0.0
+        self.num_loss_evals = 0
         self.check_deterministic = check_deterministic
         if check_deterministic:
             self._check_losses()
@@ -242,6 +243,7 @@ class ModelOperator(LinearOperator):
         local = 0.0
         for batch, w in zip(self._iter(), self._weights()):
             local += w * float(self.adapter.loss(batch, delta))
+        self.num_loss_evals += 1
         return float(self.comm.allreduce_host(local))
 
     def gradient(self):

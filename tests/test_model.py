@@ -57,10 +57,11 @@ def test_single_batch_and_spectrum_match_dense(problem):
 
 def test_loss_at_moves_parameters_without_changing_them(problem):
     model, theta, X, y = problem
-    H = make(model, theta, (X, y))
+    H = make(model, theta, (X, y), check_deterministic=False)
     delta = np.random.default_rng(2).standard_normal(H.shape[0]) * 0.01
     assert H.loss_at(delta) == pytest.approx(model.loss(theta + delta, (X, y)), rel=1e-12)
     np.testing.assert_array_equal(H.params_vector(), theta)
+    assert H.num_loss_evals == 1
 
 
 def test_restrict_to_named_blocks(problem):
