@@ -33,7 +33,7 @@ def found_peers() -> dict:
     for module, dist in PEERS.items():
         try:
             __import__(module)
-        except Exception:  # noqa: BLE001 - a broken install counts as absent, and is reported so
+        except Exception:  # noqa: BLE001, S112 - a broken install counts as absent, and is reported so
             continue
         found[module] = version(dist) or "?"
     return found
@@ -99,21 +99,19 @@ class PyHessianCounter:
 def machine() -> dict:
     """CPU model, logical cores and the Python/platform strings."""
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), platform=platform.platform())
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
 def _status_kib(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+    with contextlib.suppress(OSError), open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     return None
 
 

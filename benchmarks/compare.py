@@ -43,16 +43,16 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import _common  # noqa: E402
+import _common
 
 PRESETS = {
     # budgets (products) for (a), seeds for (a); ResNet images, rounds, top-k, caps, SLQ shape for (b)
-    "quick": dict(budgets=[20, 40, 80], seeds=3, images=8, rounds=1, top_k=1, eig_cap=300,
-                  trace_cap=200, slq=(1, 20)),
-    "default": dict(budgets=[10, 20, 40, 80, 160], seeds=5, images=16, rounds=3, top_k=1, eig_cap=400,
-                    trace_cap=300, slq=(2, 20)),
-    "full": dict(budgets=[10, 20, 40, 80, 160, 320], seeds=10, images=128, rounds=5, top_k=5, eig_cap=2000,
-                 trace_cap=2000, slq=(4, 40)),
+    "quick": {"budgets": [20, 40, 80], "seeds": 3, "images": 8, "rounds": 1, "top_k": 1, "eig_cap": 100,
+                  "trace_cap": 40, "slq": (1, 10)},
+    "default": {"budgets": [10, 20, 40, 80, 160], "seeds": 5, "images": 16, "rounds": 3, "top_k": 1, "eig_cap": 400,
+                    "trace_cap": 300, "slq": (2, 20)},
+    "full": {"budgets": [10, 20, 40, 80, 160, 320], "seeds": 10, "images": 128, "rounds": 5, "top_k": 5, "eig_cap": 2000,
+                 "trace_cap": 2000, "slq": (4, 40)},
 }
 EIG_TOL = 1e-4
 TRACE_RTOL = 0.01
@@ -324,11 +324,11 @@ def run_accuracy(cfg, peers, log):
     torch.set_num_threads(cfg["threads"])
     t0 = time.perf_counter()
     model, X, y, info = mlp_problem()
+    import hashlib
+
     from torch import nn
 
     from specops.backends import torch as st
-
-    import hashlib
 
     key = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()[:12]
     cache = os.path.join(cfg["out"], f"mlp_spectrum_{key}.npy")
@@ -338,7 +338,7 @@ def run_accuracy(cfg, peers, log):
         D = st.hessian(model, nn.CrossEntropyLoss(), (X, y)).to_dense()
         lam = np.linalg.eigvalsh((D + D.T) / 2)
         np.save(cache, lam)
-    truth = dict(top5=lam[::-1][:5], trace=float(lam.sum()), width=float(lam[-1] - lam[0]))
+    truth = {"top5": lam[::-1][:5], "trace": float(lam.sum()), "width": float(lam[-1] - lam[0])}
     n = len(lam)
     log(f"(a) MLP: {n} parameters, train accuracy {info['train_accuracy']:.3f}, "
         f"top-5 {np.round(truth['top5'], 4).tolist()}, lambda_min {lam[0]:.4g}, trace {truth['trace']:.5g} "
@@ -376,9 +376,9 @@ def run_accuracy(cfg, peers, log):
                 elif task == "eig":
                     break  # the ladder ran once
             log(f"  {task:7s} {name:28s} {time.perf_counter() - t1:6.1f} s")
-    return dict(truth={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in truth.items()},
-                n=n, train=info, rows=rows, budgets=cfg["budgets"], seeds=cfg["seeds"],
-                spectrum=lam.tolist())
+    return {"truth": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in truth.items()},
+                "n": n, "train": info, "rows": rows, "budgets": cfg["budgets"], "seeds": cfg["seeds"],
+                "spectrum": lam.tolist()}
 
 
 #: specops counts as "as accurate" when its error is within this factor of the best peer's
@@ -432,7 +432,7 @@ def worker(args):
     lib, seed, k = args.worker, args.round, args.top_k
     p, s = args.slq
     tasks = TASKS[lib]
-    out = dict(library=lib, round=seed)
+    out = {"library": lib, "round": seed}
     for task in ("eig", "trace", "density"):
         gc.collect()
         rss0 = _common.reset_peak_rss()
@@ -486,8 +486,8 @@ def so_eig(model, loss_fn, X, y, *, seed, k, eig_cap, **_):
 
     H = st.hessian(model, loss_fn, (X, y))
     r = specops.eigsh(H, k=k, tol=EIG_TOL, max_matvecs=eig_cap, seed=seed)
-    return dict(eigenvalues=r.eigenvalues.tolist(), matvecs=r.num_matvecs, vectors=r.eigenvectors.detach(),
-                reached=bool(r.all_converged), how=f"eigsh(k={k}, tol={EIG_TOL}) block Lanczos")
+    return {"eigenvalues": r.eigenvalues.tolist(), "matvecs": r.num_matvecs, "vectors": r.eigenvectors.detach(),
+                "reached": bool(r.all_converged), "how": f"eigsh(k={k}, tol={EIG_TOL}) block Lanczos"}
 
 
 def so_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
@@ -496,8 +496,8 @@ def so_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
 
     H = st.hessian(model, loss_fn, (X, y))
     r = specops.trace(H, method="hutchinson", num_matvecs=trace_cap, rtol=TRACE_RTOL, seed=seed)
-    return dict(estimate=r.estimate, stderr=r.stderr, matvecs=r.num_matvecs,
-                reached=r.stderr <= TRACE_RTOL * abs(r.estimate), how="trace(hutchinson, rtol=0.01)")
+    return {"estimate": r.estimate, "stderr": r.stderr, "matvecs": r.num_matvecs,
+                "reached": r.stderr <= TRACE_RTOL * abs(r.estimate), "how": "trace(hutchinson, rtol=0.01)"}
 
 
 def so_density(model, loss_fn, X, y, *, seed, p, s, **_):
@@ -506,7 +506,7 @@ def so_density(model, loss_fn, X, y, *, seed, p, s, **_):
 
     H = st.hessian(model, loss_fn, (X, y))
     r = specops.spectral_density(H, num_probes=p, num_steps=s, seed=seed)
-    return dict(matvecs=r.num_matvecs, trace=r.trace()[0], reached=True, how=f"spectral_density({p}x{s})")
+    return {"matvecs": r.num_matvecs, "trace": r.trace()[0], "reached": True, "how": f"spectral_density({p}x{s})"}
 
 
 # PyHessian --------------------------------------------------------------------------------
@@ -535,17 +535,17 @@ def ph_eig(model, loss_fn, X, y, *, seed, k, eig_cap, **_):
             except Reached as stop:
                 found = stop.args[0]
         if found is None:
-            return dict(eigenvalues=[float("nan")], matvecs=counter.count, reached=False,
-                        how="power iteration, stopped at 1e-4 residual by the benchmark")
+            return {"eigenvalues": [float("nan")], "matvecs": counter.count, "reached": False,
+                        "how": "power iteration, stopped at 1e-4 residual by the benchmark"}
         lam, v = found
         vec = torch.cat([t.reshape(-1) for t in v])[:, None]
-        return dict(eigenvalues=[lam], matvecs=counter.count, vectors=vec, reached=True,
-                    how="power iteration, stopped at 1e-4 residual by the benchmark")
+        return {"eigenvalues": [lam], "matvecs": counter.count, "vectors": vec, "reached": True,
+                    "how": "power iteration, stopped at 1e-4 residual by the benchmark"}
     with _common.PyHessianCounter(ph) as counter:
         vals, vecs = ph.eigenvalues(maxIter=max(1, eig_cap // k), tol=1e-6, top_n=k)
     V = torch.stack([torch.cat([t.reshape(-1) for t in vec]) for vec in vecs], dim=1)
-    return dict(eigenvalues=list(vals), matvecs=counter.count, vectors=V, reached=None,
-                how=f"eigenvalues(top_n={k}, tol=1e-6)")
+    return {"eigenvalues": list(vals), "matvecs": counter.count, "vectors": V, "reached": None,
+                "how": f"eigenvalues(top_n={k}, tol=1e-6)"}
 
 
 def ph_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
@@ -559,8 +559,8 @@ def ph_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
         while len(samples) < trace_cap and not _stop(samples):
             samples += ph.trace(maxIter=10, tol=float("-inf"))
     est, err = _pooled(samples)
-    return dict(estimate=est, stderr=err, matvecs=counter.count, reached=err <= TRACE_RTOL * abs(est),
-                how="trace() in rounds of 10 probes until stderr <= 1%")
+    return {"estimate": est, "stderr": err, "matvecs": counter.count, "reached": err <= TRACE_RTOL * abs(est),
+                "how": "trace() in rounds of 10 probes until stderr <= 1%"}
 
 
 def ph_density(model, loss_fn, X, y, *, seed, p, s, **_):
@@ -572,8 +572,8 @@ def ph_density(model, loss_fn, X, y, *, seed, p, s, **_):
     with _common.PyHessianCounter(ph) as counter:
         nodes, weights = ph.density(iter=s, n_v=p)
     tr = float(np.mean([np.dot(n, w) for n, w in zip(nodes, weights)]))
-    return dict(matvecs=counter.count, trace=tr * sum(q.numel() for q in model.parameters()), reached=True,
-                how=f"density(iter={s}, n_v={p})")
+    return {"matvecs": counter.count, "trace": tr * sum(q.numel() for q in model.parameters()), "reached": True,
+                "how": f"density(iter={s}, n_v={p})"}
 
 
 # hessian-eigenthings ----------------------------------------------------------------------
@@ -583,8 +583,8 @@ def he_eig(model, loss_fn, X, y, *, seed, k, eig_cap, **_):
     op = he.HessianOperator(model, [(X, y)], he.supervised_loss(loss_fn))
     counter = _count_matvec(op)
     r = he.deflated_power_iteration(op, k=k, max_iter=max(1, eig_cap // k), tol=EIG_TOL, seed=seed)
-    return dict(eigenvalues=r.eigenvalues.tolist(), matvecs=counter.count, vectors=r.eigenvectors.T.detach(),
-                reached=bool(r.converged.all()), how=f"deflated_power_iteration(k={k}, tol=1e-4)")
+    return {"eigenvalues": r.eigenvalues.tolist(), "matvecs": counter.count, "vectors": r.eigenvectors.T.detach(),
+                "reached": bool(r.converged.all()), "how": f"deflated_power_iteration(k={k}, tol=1e-4)"}
 
 
 def he_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
@@ -596,8 +596,8 @@ def he_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
     while len(samples) < trace_cap and not _stop(samples):
         samples += he.hutchinson(op, num_samples=10, seed=1000 * seed + len(samples)).samples.tolist()
     est, err = _pooled(samples)
-    return dict(estimate=est, stderr=err, matvecs=counter.count, reached=err <= TRACE_RTOL * abs(est),
-                how="hutchinson() in rounds of 10 probes until stderr <= 1%")
+    return {"estimate": est, "stderr": err, "matvecs": counter.count, "reached": err <= TRACE_RTOL * abs(est),
+                "how": "hutchinson() in rounds of 10 probes until stderr <= 1%"}
 
 
 def he_density(model, loss_fn, X, y, *, seed, p, s, **_):
@@ -608,7 +608,7 @@ def he_density(model, loss_fn, X, y, *, seed, p, s, **_):
     r = he.spectral_density(op, num_runs=p, lanczos_steps=s, seed=seed)
     nodes, weights = r.raw_eigenvalues.nan_to_num(0.0), r.raw_weights
     tr = float((nodes * weights).sum(1).mean()) * op.size
-    return dict(matvecs=counter.count, trace=tr, reached=True, how=f"spectral_density({p}x{s})")
+    return {"matvecs": counter.count, "trace": tr, "reached": True, "how": f"spectral_density({p}x{s})"}
 
 
 # curvlinops -------------------------------------------------------------------------------
@@ -628,11 +628,11 @@ def cl_eig(model, loss_fn, X, y, *, seed, k, eig_cap, **_):
     try:
         vals, vecs = arpack(A.to_scipy(), k=k, which="LA", tol=EIG_TOL, v0=v0)
     except Reached:
-        return dict(eigenvalues=[float("nan")] * k, matvecs=counter.count, reached=False,
-                    how=f"scipy eigsh(to_scipy(), k={k}, tol=1e-4): product cap")
+        return {"eigenvalues": [float("nan")] * k, "matvecs": counter.count, "reached": False,
+                    "how": f"scipy eigsh(to_scipy(), k={k}, tol=1e-4): product cap"}
     order = np.argsort(vals)[::-1]
-    return dict(eigenvalues=vals[order].tolist(), matvecs=counter.count, vectors=vecs[:, order], reached=None,
-                how=f"scipy eigsh(to_scipy(), k={k}, tol=1e-4) (ARPACK)")
+    return {"eigenvalues": vals[order].tolist(), "matvecs": counter.count, "vectors": vecs[:, order], "reached": None,
+                "how": f"scipy eigsh(to_scipy(), k={k}, tol=1e-4) (ARPACK)"}
 
 
 def cl_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
@@ -646,8 +646,8 @@ def cl_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
     while 10 * len(means) < trace_cap and not _stop(means, minimum=3):
         means.append(float(hutchinson_trace(A, 10)))
     est, err = _pooled(means)
-    return dict(estimate=est, stderr=err, matvecs=counter.count, reached=err <= TRACE_RTOL * abs(est),
-                how="hutchinson_trace(A, 10) rounds until stderr <= 1% (>= 3 rounds)")
+    return {"estimate": est, "stderr": err, "matvecs": counter.count, "reached": err <= TRACE_RTOL * abs(est),
+                "how": "hutchinson_trace(A, 10) rounds until stderr <= 1% (>= 3 rounds)"}
 
 
 def cl_density(model, loss_fn, X, y, *, seed, p, s, **_):
@@ -658,15 +658,15 @@ def cl_density(model, loss_fn, X, y, *, seed, p, s, **_):
     A, counter = _cl_operator(model, loss_fn, X, y)
     counter.count = 0
     lanczos_approximate_spectrum(A, ncv=s, num_repeats=p)
-    return dict(matvecs=counter.count, trace=None, reached=True,
-                how=f"lanczos_approximate_spectrum(ncv={s}, num_repeats={p}) incl. ARPACK boundaries")
+    return {"matvecs": counter.count, "trace": None, "reached": True,
+                "how": f"lanczos_approximate_spectrum(ncv={s}, num_repeats={p}) incl. ARPACK boundaries"}
 
 
 TASKS = {
-    "specops": dict(eig=so_eig, trace=so_trace, density=so_density),
-    "pyhessian": dict(eig=ph_eig, trace=ph_trace, density=ph_density),
-    "hessian_eigenthings": dict(eig=he_eig, trace=he_trace, density=he_density),
-    "curvlinops": dict(eig=cl_eig, trace=cl_trace, density=cl_density),
+    "specops": {"eig": so_eig, "trace": so_trace, "density": so_density},
+    "pyhessian": {"eig": ph_eig, "trace": ph_trace, "density": ph_density},
+    "hessian_eigenthings": {"eig": he_eig, "trace": he_trace, "density": he_density},
+    "curvlinops": {"eig": cl_eig, "trace": cl_trace, "density": cl_density},
 }
 
 
@@ -774,8 +774,12 @@ def report_speed(speed, cfg):
                 result = f"lambda {vals}; max rel. residual {_fmt(worst)}" + ("" if ok else " — **1e-4 NOT reached**")
             elif task == "trace":
                 rel = last["stderr"] / abs(last["estimate"]) if last["estimate"] else float("inf")
+                per_probe = wall / mv if wall and mv else None
+                need = mv * (rel / TRACE_RTOL) ** 2 if mv else None
                 result = f"{last['estimate']:.5g} ± {_fmt(rel)} rel." + (
-                    "" if last["reached"] else f" — **1% NOT reached within {cfg['trace_cap']} probes**")
+                    "" if last["reached"] else
+                    f" — **1% NOT reached within {cfg['trace_cap']} probes** (extrapolated: ~{need:.0f} probes, "
+                    f"~{need * per_probe:.0f} s at this library's time per probe)")
             else:
                 result = "trace from SLQ " + (_fmt(last["trace"], ".4g") if last.get("trace") is not None else "-")
             lines.append(f"| {task} | {LABEL[lib]} | {last['how']} | {_fmt(wall, '.2f')} | {_fmt(cpu, '.2f')} | "
@@ -808,12 +812,12 @@ def plot_accuracy(acc, path):
                 continue
             c, e = zip(*pts)
             e = np.maximum(np.array(e, dtype=float), 1e-16)
-            style = dict(lw=2.5, color="k") if n == "specops" else dict(lw=1.2)
+            style = {"lw": 2.5, "color": "k"} if n == "specops" else {"lw": 1.2}
             ax.loglog(c, e, "o-" if n != "curvlinops" or task != "eig" else "s--", ms=3, label=n, **style)
         ax.set_title(titles[task], fontsize=10)
         ax.set_xlabel("Hessian-vector products")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle(f"MLP on digits, n={acc['n']} parameters, float64: error against products (lower is better)",
                  fontsize=10)
     fig.tight_layout()
@@ -875,7 +879,6 @@ def main():
     cfg["out"] = args.out
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.makedirs(args.out, exist_ok=True)
-    out_lines = []
 
     def log(msg):
         print(msg, flush=True)
@@ -930,21 +933,21 @@ def main():
           f"- total run time {elapsed:.0f} s"]
     if acc:
         md += [f"\n## (a) Accuracy at equal products: MLP on digits, {acc['n']} parameters, float64\n",
-               f"Truth: dense Hessian; top-5 = {', '.join(f'{v:.5g}' for v in acc['truth']['top5'])}, "
+               (f"Truth: dense Hessian; top-5 = {', '.join(f'{v:.5g}' for v in acc['truth']['top5'])}, "
                f"trace = {acc['truth']['trace']:.6g}. Eigenvalue errors are deterministic (seed 0); "
                "curvlinops' eigenvalues come from ARPACK (scipy eigsh on `to_scipy()`) with a ladder of "
-               "tolerances, since ARPACK takes no product budget. SLQ uses min(m, 20) steps per probe.",
+               "tolerances, since ARPACK takes no product budget. SLQ uses min(m, 20) steps per probe."),
                table_a,
                "\nGoal 'specops at least as accurate as every peer at equal products': "
                + ", ".join(f"{t}: {'met' if ok else '**MISSED**'}" for t, ok in summary["accuracy_goal"].items())]
     if speed:
         ph = summary["suite_ratio_to_specops"].get("pyhessian")
-        md += [f"\n## (b) ResNet-20, {cfg['images']} images 3x32x32, float32, batch norm eval; "
-               f"medians of {cfg['rounds']} rounds\n",
-               "Each library in a fresh subprocess per round; wall / specops is the median of per-round "
+        md += [(f"\n## (b) ResNet-20, {cfg['images']} images 3x32x32, float32, batch norm eval; "
+               f"medians of {cfg['rounds']} rounds\n"),
+               ("Each library in a fresh subprocess per round; wall / specops is the median of per-round "
                "ratios; peak MiB is the growth of the peak resident set during the task (VmHWM after "
                "resetting it via /proc/self/clear_refs). Products exclude operator set-up checks; times "
-               "include building each library's operator.\n",
+               "include building each library's operator.\n"),
                table_b,
                "\nFull suite (eigenvalues + trace + density), wall time relative to specops: "
                + ", ".join(f"{LABEL[k]} {_fmt(v, '.2f')}x" for k, v in summary["suite_ratio_to_specops"].items()),
@@ -955,9 +958,9 @@ def main():
     with open(os.path.join(args.out, "results.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(dict(config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-                       machine=mach, versions=versions, summary=summary,
-                       accuracy={k: v for k, v in (acc or {}).items() if k != "spectrum"}, speed=speed),
+        json.dump({"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                       "machine": mach, "versions": versions, "summary": summary,
+                       "accuracy": {k: v for k, v in (acc or {}).items() if k != "spectrum"}, "speed": speed},
                   fh, indent=1, default=float)
     print("\n" + text)
     print(f"written to {args.out}")
