@@ -670,13 +670,13 @@ class StageRunner:
         import specops as so
 
         a = self.args
-        settings = dict(method="hutch++", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
+        settings = dict(method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
         if self._skip("trace", settings):
             return
         bar = self.printer.bar("trace", a.trace_matvecs)
         t0 = time.perf_counter()
         A = rp.ProgressOperator(self.H, bar)
-        r = so.trace(A, method="hutch++", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
+        r = so.trace(A, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
         bar.close(f" {r.estimate:.5g} +- {r.stderr:.2g}")
         self.state.finish("trace", settings, r.to_dict(), A.num_matvecs, time.perf_counter() - t0)
 
@@ -706,7 +706,7 @@ class StageRunner:
             self.printer("  blocks: none (a single top-level module; name blocks with --blocks)")
             return
         settings = dict(blocks=self.block_patterns, k=1, tol=a.eig_tol, max_matvecs=a.eig_matvecs,
-                        trace_method="hutch++", trace_matvecs=a.block_trace_matvecs, rtol=a.trace_rtol,
+                        trace_method="auto", trace_matvecs=a.block_trace_matvecs, rtol=a.trace_rtol,
                         seed=a.seed)
         if not self._skip("blocks", settings):
             partial = self.state.data["stages"].get("blocks_partial")
@@ -723,7 +723,7 @@ class StageRunner:
                 bar = self.printer.bar(f"block {name}", a.eig_matvecs + a.block_trace_matvecs)
                 A = rp.ProgressOperator(Hb, bar)
                 e = so.eigsh(A, k=1, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed)
-                t = so.trace(A, method="hutch++", num_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),
+                t = so.trace(A, method="auto", num_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),
                              rtol=a.trace_rtol, seed=a.seed)
                 bar.close(f" top {e.eigenvalues[0]:.4g}, trace {t.estimate:.4g} +- {t.stderr:.2g}")
                 done[name] = dict(num_params=int(Hb.shape[0]), eigen=e.to_dict(), trace=t.to_dict(),

@@ -1,15 +1,19 @@
-"""Stochastic trace estimation: Hutchinson, Hutch++ and XTrace.
+"""Stochastic trace estimation: Hutchinson, Hutch++, XTrace and an adaptive choice.
 
 - Hutchinson (1989), Girard (1989): ``tr(A) ~ mean_j z_j^T A z_j``.
 - Hutch++ (Meyer, Musco, Musco & Woodruff 2021): the trace of a rank-``s`` sketch of
   ``A`` exactly, Hutchinson on the rest.
 - XTrace (Epperly, Tropp & Webber 2024): every probe serves both as sketch and as
   Hutchinson probe, with a leave-one-out ("exchangeable") average.
+- ``"auto"`` (the default): XTrace when a sketch of the operator captures most of it,
+  Hutchinson when its spectrum is too flat for a sketch to pay (decided from the sketch's
+  own products, which both estimators use; docs/algorithms.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -17,9 +21,12 @@ from specops import _checks
 from specops.random import check_kind, check_seed
 from specops.results import Result
 
-METHODS = ("hutchinson", "hutch++", "xtrace")
+METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
 #: Probes taken before a relative-standard-error (``rtol``) stop is trusted.
 MIN_PROBES_FOR_RTOL = 10
+#: ``"auto"`` keeps XTrace when the leave-one-out sketch leaves less than this share of
+#: ``||A Omega||_F^2``: below it XTrace's variance bound beats Hutchinson's with the same budget.
+AUTO_XTRACE_BELOW = 0.5
 
 
 @dataclasses.dataclass
@@ -30,7 +37,9 @@ class TraceResult(Result):
         estimate: the estimate of ``tr(A)``.
         stderr: its standard error (0 when the estimate is exact).
         num_matvecs: operator-vector products used.
-        settings: method, budget, seed, probe distribution, ``rtol``.
+        settings: method, budget, seed, probe distribution, ``rtol``; for ``"auto"`` also
+            ``estimator`` (the one chosen) and ``sketch_residual`` (the share of
+            ``||A Omega||_F^2`` a leave-one-out sketch leaves, which decided it).
     """
 
     estimate: float
@@ -39,14 +48,14 @@ class TraceResult(Result):
     settings: dict
 
 
-def probe_chunks(A, mul, num: int, seed: int, kind: str, stream: str, chunk: int, transform=None):
-    """Yield ``(Z, A Z)`` for probe columns ``0..num-1`` of one seeded stream, ``chunk`` at a time.
+def probe_chunks(A, mul, num: int, seed: int, kind: str, stream: str, chunk: int, transform=None, start: int = 0):
+    """Yield ``(Z, A Z)`` for probe columns ``start..num-1`` of one seeded stream, ``chunk`` at a time.
 
     ``transform`` (e.g. a projection) is applied to each probe block first. This is the
     shared probe loop of the trace and diagonal estimators.
     """
     n = A.shape[0]
-    for j0 in range(0, num, chunk):
+    for j0 in range(start, num, chunk):
         Z = A.ops.random(n, range(j0, min(num, j0 + chunk)), seed, kind=kind, stream=stream)
         if transform is not None:
             Z = transform(Z)
@@ -59,28 +68,36 @@ def _mean_stderr(samples: np.ndarray):
     return mean, (float(np.std(samples, ddof=1) / np.sqrt(m)) if m > 1 else float("inf"))
 
 
-def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0, project=None):
-    """Quadratic forms ``z^T A z`` (optionally of ``(I-P) A (I-P)``), stopping on ``rtol``."""
-    samples = []
-    for Z, AZ in probe_chunks(A, mul, num, seed, kind, stream, chunk, transform=project):
+def _reached(est: float, err: float, rtol: float | None, offset: float = 0.0) -> bool:
+    return rtol is not None and err <= rtol * abs(offset + est)
+
+
+def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0, project=None, first=()):
+    """Quadratic forms ``z^T A z`` (optionally of ``(I-P) A (I-P)``), stopping on ``rtol``.
+
+    ``first`` are the forms of probe columns ``0..len(first)-1`` of the stream, already taken.
+    """
+    samples = list(first)
+    if len(samples) >= MIN_PROBES_FOR_RTOL and _reached(*_mean_stderr(np.array(samples)), rtol, offset):
+        return np.array(samples)
+    for Z, AZ in probe_chunks(A, mul, num, seed, kind, stream, chunk, transform=project, start=len(samples)):
         samples.extend(A.ops.column_dots(Z, AZ))
-        if rtol is not None and len(samples) >= MIN_PROBES_FOR_RTOL:
-            est, err = _mean_stderr(np.array(samples))
-            if err <= rtol * abs(offset + est):
-                break
+        if len(samples) >= MIN_PROBES_FOR_RTOL and _reached(*_mean_stderr(np.array(samples)), rtol, offset):
+            break
     return np.array(samples)
 
 
-def trace(A, method: str = "hutch++", num_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
+def trace(A, method: str = "auto", num_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
           kind: str = "rademacher", chunk: int = 10) -> TraceResult:
     """Estimate the trace of a symmetric operator.
 
     Args:
         A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
-        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+        method: ``"auto"`` (XTrace, or Hutchinson when the spectrum is too flat for a sketch
+            to pay), ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         num_matvecs: the budget of products.
-        rtol: stop early once ``stderr <= rtol * |estimate|`` (after at least 10 probes);
-            Hutchinson and Hutch++ (its Hutchinson phase) only.
+        rtol: stop early once ``stderr <= rtol * |estimate|`` (after at least 10 probes).
+            XTrace then grows its sketch in rounds, keeping two vectors per probe.
         seed: seed of the probes.
         kind: probe distribution, ``"rademacher"`` or ``"normal"``.
         chunk: probes multiplied per ``matmat`` (one pass over the data for a model).
@@ -97,15 +114,14 @@ def trace(A, method: str = "hutch++", num_matvecs: int = 100, rtol: float | None
     settings = dict(method=method, num_matvecs=num_matvecs, rtol=rtol, seed=seed, kind=kind,
                     n=A.shape[0], backend=A.backend)
     mul = _checks.Products(A)
-    if method == "hutchinson":
+    if method == "auto" and num_matvecs < 4:
+        settings["estimator"] = "hutchinson"  # too few products for a sketch
+    if method == "hutchinson" or settings.get("estimator") == "hutchinson":
         est, err = _mean_stderr(_hutchinson_samples(A, mul, num_matvecs, seed, kind, "trace", chunk, rtol))
     elif method == "hutch++":
         est, err = _hutchpp(A, mul, num_matvecs, seed, kind, chunk, rtol)
     else:
-        if rtol is not None:
-            raise ValueError("rtol is supported by the 'hutchinson' and 'hutch++' methods; "
-                             "'xtrace' uses its whole num_matvecs budget")
-        est, err = _xtrace(A, mul, num_matvecs, seed, kind)
+        est, err = _xtrace(A, mul, num_matvecs, rtol, seed, kind, chunk, settings)
     return TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
 
 
@@ -126,31 +142,114 @@ def _hutchpp(A, mul, m, seed, kind, chunk, rtol):
     return low_rank + est, err
 
 
-def _xtrace(A, mul, m, seed, kind):
-    """XTrace with ``s = m // 2`` probes: ``s`` products for ``Y = A Omega`` and ``s`` for ``A Q``.
+def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
+    """XTrace (``"auto"``: or Hutchinson) with probes ``Omega`` from the ``"trace"`` stream.
 
-    With ``Y = Q R`` and ``s_i = R^{-T} e_i / ||R^{-T} e_i||``, the basis without probe ``i``
-    spans ``Q (I - s_i s_i^T)``; every leave-one-out estimate follows from the small
-    matrices ``R``, ``W = Q^T Omega`` and ``H = Q^T A Q`` (derivation in docs/algorithms.md).
+    Without ``rtol``: ``s = m // 2`` probes, ``s`` products for ``A Omega`` and ``s`` for
+    ``A Q``. With ``rtol``: a first sketch of ``min(m // 2, 2 max(10, chunk))`` probes, then
+    rounds that grow it (at most doubling) until the standard error meets ``rtol``.
     """
     if m < 4:
         raise ValueError(f"xtrace needs num_matvecs >= 4 (two probes), got {m}")
     ops, n = A.ops, A.shape[0]
-    s = m // 2
-    Omega = ops.random(n, range(s), seed, kind=kind, stream="xtrace")
-    Q, R = ops.qr(mul(Omega))
-    H = ops.to_numpy(ops.inner(Q, mul(Q)))
-    H = (H + H.T) / 2
-    R = ops.to_numpy(R)
-    d = np.abs(np.diag(R))
-    if d.min() <= 1e3 * np.finfo(ops.dtype).eps * d.max():
-        # rank(A) < s: span(Q) holds the range of A and tr(Q^T A Q) is exact
-        return float(np.trace(H)), 0.0
-    W = ops.to_numpy(ops.inner(Q, Omega))
-    S = np.linalg.inv(R).T
-    S /= np.linalg.norm(S, axis=0)
-    c = np.sum(S * W, axis=0)                      # s_i^T w_i
-    U = W - S * c                                   # w_i - c_i s_i
-    ests = (np.trace(H) - np.sum(S * (H @ S), axis=0)
-            - np.sum(W * R, axis=0) + 2 * c * np.sum(R * S, axis=0) + np.sum(U * (H @ U), axis=0))
-    return _mean_stderr(ests)
+
+    def products(X):
+        return ops.concat([mul(X[:, j:j + chunk]) for j in range(0, X.shape[1], chunk)], axis=1)
+
+    sketch = _Sketch(ops)
+    s = min(n, m // 2 if rtol is None else min(m // 2, 2 * max(MIN_PROBES_FOR_RTOL, chunk)))
+    while True:
+        Omega = ops.random(n, range(sketch.size, s), seed, kind=kind, stream="trace")
+        Y = products(Omega)
+        if settings["method"] == "auto" and sketch.size == 0:
+            share = sketch.add(Omega, Y)
+            settings.update(estimator="xtrace" if sketch.exact or share < AUTO_XTRACE_BELOW else "hutchinson",
+                            sketch_residual=share)
+            if settings["estimator"] == "hutchinson":  # the sketch's probes are Hutchinson's first probes
+                samples = _hutchinson_samples(A, mul, m, seed, kind, "trace", chunk, rtol,
+                                              first=ops.column_dots(Omega, Y))
+                return _mean_stderr(samples)
+        else:
+            sketch.add(Omega, Y)
+        sketch.complete(products)
+        est, err = sketch.estimate()
+        left = (m - mul.count) // 2
+        if sketch.exact or rtol is None or left < 1 or (s >= MIN_PROBES_FOR_RTOL and _reached(est, err, rtol)):
+            return est, err
+        # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
+        s = min(n, 2 * s, s + left, max(s + chunk, math.ceil(1.1 * s * err / (rtol * abs(est)))))
+
+
+class _Sketch:
+    """XTrace's state, grown a block of probes at a time: the probes ``Omega``, an
+    orthonormal basis ``Q`` of ``Y = A Omega = Q R``, and the host matrices ``R``,
+    ``W = Q^T Omega`` and ``H = Q^T A Q``. A new block ``Y2`` is orthogonalized against ``Q``
+    (so ``Q`` and ``R`` extend, block upper triangular) and only ``A Q2`` is new work.
+    """
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.Omega = self.Q = self.Q2 = None
+        self.R = self.W = self.H = np.zeros((0, 0))
+        self.norms2 = np.zeros(0)
+        self.exact = False
+
+    @property
+    def size(self) -> int:
+        return self.R.shape[0]
+
+    def add(self, Omega, Y) -> float:
+        """Take probes ``Omega`` and their products ``Y``; return the share of ``||Y||_F^2``
+        left by leave-one-out bases, ``mean_i ||(I - P_(i)) y_i||^2 / mean_i ||y_i||^2``."""
+        ops, s0, k = self.ops, self.size, Omega.shape[1]
+        norms2 = ops.column_norms(Y) ** 2
+        Y2, C = ops.orthogonalize(Y, self.Q)
+        Q2, R22 = ops.orthonormalize(Y2)
+        R = np.zeros((s0 + k, s0 + k))
+        R[:s0, :s0], R[:s0, s0:], R[s0:, s0:] = self.R, C, R22
+        d = np.abs(np.diag(R))
+        if s0 + k == Omega.shape[0] or d.min() <= 1e3 * np.finfo(ops.dtype).eps * d.max():
+            # rank(A) < probes (or n probes): span(Q) holds the range of A, tr(Q^T A Q) is exact
+            self.exact = True
+            Q2, _ = ops.orthonormalize(ops.orthogonalize(Q2, self.Q)[0])
+        W = np.zeros((s0 + k, s0 + k))
+        W[:s0, :s0] = self.W
+        if s0:
+            W[:s0, s0:] = ops.to_numpy(ops.inner(self.Q, Omega))
+        self.Omega = Omega if self.Omega is None else ops.concat([self.Omega, Omega], axis=1)
+        W[s0:, :] = ops.to_numpy(ops.inner(Q2, self.Omega))
+        self.R, self.W, self.Q2 = R, W, Q2
+        if self.exact:
+            return 0.0
+        self.norms2 = np.concatenate([self.norms2, norms2])
+        # the distance of y_i from the span of the other y_j is 1 / ||row i of R^{-1}||
+        left = 1.0 / np.sum(np.linalg.inv(R) ** 2, axis=1)
+        return float(np.mean(left) / np.mean(self.norms2))
+
+    def complete(self, products):
+        """The products ``A Q2`` of the new basis vectors, and ``H``'s new rows and columns."""
+        ops, Q2 = self.ops, self.Q2
+        s0 = self.H.shape[0]
+        self.Q = Q2 if self.Q is None else ops.concat([self.Q, Q2], axis=1)
+        B = ops.to_numpy(ops.inner(self.Q, products(Q2)))       # (s0 + k, k)
+        H = np.zeros((self.size, self.size))
+        H[:s0, :s0], H[:, s0:], H[s0:, :s0] = self.H, B, B[:s0].T
+        H[s0:, s0:] = (B[s0:] + B[s0:].T) / 2
+        self.H, self.Q2 = H, None
+
+    def estimate(self):
+        """XTrace's leave-one-out estimates ``t_i`` (docs/algorithms.md): mean and stderr.
+
+        With ``s_i = R^{-T} e_i / ||R^{-T} e_i||``, the basis without probe ``i`` spans
+        ``Q (I - s_i s_i^T)``; every ``t_i`` follows from ``R``, ``W`` and ``H``.
+        """
+        H, R, W = self.H, self.R, self.W
+        if self.exact:
+            return float(np.trace(H)), 0.0
+        S = np.linalg.inv(R).T
+        S /= np.linalg.norm(S, axis=0)
+        c = np.sum(S * W, axis=0)                      # s_i^T w_i
+        U = W - S * c                                   # w_i - c_i s_i
+        ests = (np.trace(H) - np.sum(S * (H @ S), axis=0)
+                - np.sum(W * R, axis=0) + 2 * c * np.sum(R * S, axis=0) + np.sum(U * (H @ U), axis=0))
+        return _mean_stderr(ests)

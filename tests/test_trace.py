@@ -26,7 +26,7 @@ def runs(A, method, m, kind="rademacher"):
     return np.array([r.estimate for r in res]), np.array([r.stderr for r in res]), res[0]
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+@pytest.mark.parametrize("method", ["auto", "hutchinson", "hutch++", "xtrace"])
 @pytest.mark.parametrize("kind", ["rademacher", "normal"])
 def test_unbiased_with_honest_stderr(indefinite, method, kind):
     A, truth = indefinite
@@ -50,7 +50,7 @@ def test_exact_when_the_sketch_captures_the_range():
     rng = np.random.default_rng(0)
     B = rng.standard_normal((60, 4))
     A = B @ B.T
-    for method in ("hutch++", "xtrace"):
+    for method in ("hutch++", "xtrace", "auto"):
         r = so.trace(A, method=method, num_matvecs=30)
         assert r.estimate == pytest.approx(np.trace(A), rel=1e-10)
         assert r.stderr <= 1e-8 * np.trace(A)
@@ -71,18 +71,57 @@ def test_same_seed_same_estimate_json_round_trip(indefinite):
     a, b = so.trace(A, seed=5), so.trace(A, seed=5)
     assert a.estimate == b.estimate
     back = so.TraceResult.from_json(a.to_json())
-    assert back == a and back.settings["seed"] == 5 and back.settings["method"] == "hutch++"
+    assert back == a and back.settings["seed"] == 5 and back.settings["method"] == "auto"
 
 
 def test_bad_arguments():
     A = np.eye(10)
-    with pytest.raises(ValueError, match="hutchinson, hutch\\+\\+, xtrace"):
+    with pytest.raises(ValueError, match="auto, hutchinson, hutch\\+\\+, xtrace"):
         so.trace(A, method="girard")
-    with pytest.raises(ValueError, match="rtol is supported"):
-        so.trace(A, method="xtrace", rtol=0.1)
+    with pytest.raises(ValueError, match="num_matvecs >= 4"):
+        so.trace(A, method="xtrace", num_matvecs=3)
     with pytest.raises(ValueError, match="num_matvecs >= 3"):
         so.trace(A, method="hutch++", num_matvecs=2)
     with pytest.raises(ValueError, match="rademacher, normal"):
         so.trace(A, kind="uniform")
     with pytest.raises(ValueError, match="num_matvecs"):
         so.trace(A, num_matvecs=0)
+
+
+@pytest.fixture(scope="module")
+def flat():
+    A, lam = symmetric_with_spectrum(1 + 0.1 * np.random.default_rng(1).standard_normal(200), seed=2)
+    return A, lam.sum()
+
+
+def test_auto_chooses_xtrace_or_hutchinson_and_matches_the_better(decaying, flat):
+    for (A, truth), chosen in ((decaying, "xtrace"), (flat, "hutchinson")):
+        picks = {so.trace(A, num_matvecs=30, seed=s).settings["estimator"] for s in range(20)}
+        assert picks == {chosen}
+        rms = {m: np.sqrt(np.mean((runs(A, m, 30)[0] - truth) ** 2)) for m in ("auto", "hutchinson", "xtrace")}
+        assert rms["auto"] <= 1.05 * min(rms["hutchinson"], rms["xtrace"]), rms
+    # on a flat spectrum the sketch's probes are Hutchinson's first probes: nothing is wasted
+    A, _ = flat
+    assert so.trace(A, num_matvecs=30, seed=4).estimate == pytest.approx(
+        so.trace(A, method="hutchinson", num_matvecs=30, seed=4).estimate, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["xtrace", "auto"])
+def test_xtrace_grown_in_rounds_equals_one_shot_and_meets_rtol(decaying, method):
+    A, truth = decaying
+    r = so.trace(A, method=method, num_matvecs=4000, rtol=2e-4, seed=3)
+    assert r.settings.get("estimator", "xtrace") == "xtrace"
+    assert 40 < r.num_matvecs < 4000 and r.num_matvecs % 2 == 0  # several rounds, stopped early
+    assert r.stderr <= 2e-4 * abs(r.estimate)
+    assert abs(r.estimate - truth) <= 5 * r.stderr
+    # the same probes at once: the incremental QR and H give the same estimate
+    one = so.trace(A, method="xtrace", num_matvecs=r.num_matvecs, seed=3)
+    assert one.estimate == pytest.approx(r.estimate, rel=1e-10)
+    assert one.stderr == pytest.approx(r.stderr, rel=1e-6)
+
+
+def test_more_probes_than_dimensions_is_exact():
+    A, lam = symmetric_with_spectrum(np.linspace(-1, 3, 12), seed=0)
+    for method in ("auto", "xtrace"):
+        r = so.trace(A, method=method, num_matvecs=40)
+        assert r.estimate == pytest.approx(lam.sum(), rel=1e-10) and r.stderr == 0.0 and r.num_matvecs <= 24
