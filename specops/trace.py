@@ -48,7 +48,8 @@ class TraceResult(Result):
     settings: dict
 
 
-def probe_chunks(A, mul, num: int, seed: int, kind: str, stream: str, chunk: int, transform=None, start: int = 0):
+def probe_chunks(A, mul, num: int, seed: int, kind: str, stream: str, chunk: int, transform=None,
+                 start: int = 0):
     """Yield ``(Z, A Z)`` for probe columns ``start..num-1`` of one seeded stream, ``chunk`` at a time.
 
     ``transform`` (e.g. a projection) is applied to each probe block first. This is the
@@ -174,7 +175,8 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
         sketch.complete(products)
         est, err = sketch.estimate()
         left = (m - mul.count) // 2
-        if sketch.exact or rtol is None or left < 1 or (s >= MIN_PROBES_FOR_RTOL and _reached(est, err, rtol)):
+        met = s >= MIN_PROBES_FOR_RTOL and _reached(est, err, rtol)
+        if sketch.exact or rtol is None or left < 1 or met:
             return est, err
         # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
         s = min(n, 2 * s, s + left, max(s + chunk, math.ceil(1.1 * s * err / (rtol * abs(est)))))
