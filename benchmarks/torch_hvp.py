@@ -7,7 +7,9 @@ as one batch and once as 4 batches of 32.
 Reported (medians over ``--repeats``; threads fixed by ``--threads``):
 
 1. one gradient (plain ``torch.autograd.grad``), and one Hessian-vector product per engine
-   as a ratio to it; also the amortized cost per column of an 8-column ``matmat``;
+   as a ratio to it; also the amortized cost per column of an 8-column ``matmat``; with
+   ``--native``, also the graph engines with PyTorch's own double-backward formulas (the
+   state before specops rerouted convolutions and eval-mode batch norm, same process);
    PyHessian 0.1's products (``hessian_vector_product`` on its cached graph in ``data=``
    mode, ``dataloader_hv_product`` in ``dataloader=`` mode) for comparison;
 2. time and products to the top-5 and top-1 eigenvalues: ``specops.eigsh`` (block Lanczos,
@@ -78,6 +80,17 @@ def gradient_fn(model, loss_fn, batches, params):
     return run
 
 
+def native_hessian(*args, **kwargs):
+    """``st.hessian`` whose graphs use PyTorch's own double-backward formulas throughout."""
+    st.TorchAdapter._cheap_double_backward = False  # the construction's checks already build graphs
+    try:
+        H = st.hessian(*args, **kwargs)
+    finally:
+        st.TorchAdapter._cheap_double_backward = True
+    H.adapter._cheap_double_backward = False
+    return H
+
+
 def relative_residuals(H, V, lams):
     """``||H v - lambda v|| / |lambda|`` per column, measured with one uncounted product."""
     before = H.num_matvecs
@@ -95,7 +108,7 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def bench_products(model, loss_fn, settings, repeats, device, rows, columns=8):
+def bench_products(model, loss_fn, settings, repeats, device, rows, columns=8, native=False):
     """Each repeat times a gradient and then every product, so each ratio compares times taken
     under the same machine load; the table gives medians of times and of per-repeat ratios."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,6 +121,9 @@ def bench_products(model, loss_fn, settings, repeats, device, rows, columns=8):
             candidates[f"specops HVP, {engine}"] = lambda H=H, v=v: H @ v
             if columns:
                 candidates[f"specops matmat({columns}) per column, {engine}"] = lambda H=H, V=V: H @ V
+            if native and engine != "forward_over_reverse":
+                Hn = native_hessian(model, loss_fn, data, hvp=engine)
+                candidates[f"specops HVP, {engine}, PyTorch's double backward"] = lambda H=Hn, v=v: H @ v
         ph = pyhessian_product(model, loss_fn, batches, device)
         if ph is not None:
             candidates[f"PyHessian HVP ({'data' if len(batches) == 1 else 'dataloader'}=)"] = ph
@@ -217,6 +233,8 @@ def main():
     parser.add_argument("--skip-products", action="store_true")
     parser.add_argument("--skip-eigenvalues", action="store_true")
     parser.add_argument("--skip-pyhessian", action="store_true")
+    parser.add_argument("--native", action="store_true",
+                        help="also time the graph engines with PyTorch's own double-backward formulas")
     parser.add_argument("--matmat-columns", type=int, default=8, help="columns of the matmat timing (0: skip)")
     parser.add_argument("--depth", type=int, default=20, help="ResNet depth (default 20)")
     parser.add_argument("--num-samples", type=int, default=128, help="inputs (default 128), also as 4 batches")
@@ -241,7 +259,7 @@ def main():
               "|---|---|---:|---:|---|", flush=True)
         bench_products(model, loss_fn, settings, args.repeats, device, Printer(
             lambda label, what, t, ratio, note: f"| {label} | {what} | {t:.4f} | {ratio:.2f} | {note} |"),
-            columns=args.matmat_columns)
+            columns=args.matmat_columns, native=args.native)
         print()
     if not args.skip_eigenvalues:
         print("| data | k | method | seconds | products | eigenvalues | max rel. residual |\n"

@@ -113,6 +113,61 @@ def test_cnn_with_batch_norm_in_eval_mode(engine):
     check_products(H, dense)
 
 
+class ConvZoo(nn.Module):
+    """Strided, dilated, grouped, 1-d and "same"-padded convolutions, each with eval-mode batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.conv3 = nn.Conv1d(4, 3, 3, padding="same")
+        self.bn3 = nn.BatchNorm1d(3)
+        self.fc = nn.Linear(3 * 9, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.tanh(self.bn2(self.conv2(x))).flatten(2)
+        return self.fc(torch.relu(self.bn3(self.conv3(x))).flatten(1))
+
+
+@pytest.mark.parametrize("engine", ["cached_graph", "double_backward"])
+@pytest.mark.parametrize("params", [None, ["bn1.*", "conv2.weight", "bn3.bias"]])
+def test_cheaper_double_backward_of_convolutions_and_batch_norm_is_exact(engine, params, monkeypatch):
+    """The graphs of these engines route convolutions and eval-mode batch norm through
+    formulas of their own; products, including the blocks of batch norm's weight and bias,
+    must still be those of torch.func.hessian on the untouched model."""
+    model = ConvZoo().double()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        for bn in (model.bn1, model.bn3):
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    model.eval()
+    calls = []
+    for func, override in list(st._OVERRIDES.items()):
+        def counted(*args, _override=override, **kwargs):
+            out = _override(*args, **kwargs)
+            calls.append((_override.__name__, out is not None))
+            return out
+
+        monkeypatch.setitem(st._OVERRIDES, func, counted)
+    batches = [(torch.randn(s, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (s,))) for s in (5, 3)]
+    loss_fn = nn.CrossEntropyLoss()
+    names = None if params is None else [n for n, _ in model.named_parameters()
+                                         if n.startswith("bn1.") or n in params]
+    dense, _, _ = dense_hessian(model, loss_fn, batches, names=names)
+    H = st.hessian(model, loss_fn, batches, hvp=engine, params=params)
+    check_products(H, dense)
+    # both convolutions with numeric padding and all three batch norms took the cheaper route;
+    # the "same"-padded one was left to PyTorch
+    assert {("_conv", True), ("_conv", False), ("_batch_norm", True)} == set(calls)
+    assert calls.count(("_conv", False)) * 2 == calls.count(("_conv", True))
+
+
 def test_single_batch_tuple_and_auto_engine():
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     batch = classification_batches((9,))[0]
