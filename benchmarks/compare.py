@@ -120,12 +120,12 @@ def accuracy_runners(model, X, y, peers):
         r = specops.spectral_density(H, num_probes=p, num_steps=s, seed=seed)
         return r.nodes, r.weights, r.num_matvecs
 
-    def so_eig_single(m, seed):
-        r = specops.eigsh(H, k=5, tol=1e-12, max_matvecs=m, seed=seed, block_size=1)
+    def so_eig_block(m, seed):
+        r = specops.eigsh(H, k=5, tol=1e-12, max_matvecs=m, seed=seed, block_size=5)
         return r.eigenvalues, r.num_matvecs
 
     runners["specops"] = {"eig": so_eig, "trace": so_trace("auto"), "density": so_density}
-    runners["specops (block_size=1)"] = {"eig": so_eig_single}
+    runners["specops (block_size=5)"] = {"eig": so_eig_block}
 
     if "pyhessian" in peers:
         from pyhessian import hessian as PyHessian
@@ -487,7 +487,9 @@ def so_eig(model, loss_fn, X, y, *, seed, k, eig_cap, **_):
     H = st.hessian(model, loss_fn, (X, y))
     r = specops.eigsh(H, k=k, tol=EIG_TOL, max_matvecs=eig_cap, seed=seed)
     return {"eigenvalues": r.eigenvalues.tolist(), "matvecs": r.num_matvecs, "vectors": r.eigenvectors.detach(),
-                "reached": bool(r.all_converged), "how": f"eigsh(k={k}, tol={EIG_TOL}) block Lanczos"}
+                "reached": bool(r.all_converged), "how": f"eigsh(k={k}, tol={EIG_TOL}) Lanczos"
+                + (f" + multiplicity check ({r.settings['multiplicity_check']['products']} products)"
+                   if "multiplicity_check" in r.settings else "")}
 
 
 def so_trace(model, loss_fn, X, y, *, seed, trace_cap, **_):

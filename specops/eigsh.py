@@ -1,11 +1,12 @@
 """Extreme eigenpairs of a symmetric operator: block Lanczos and deflated power iteration.
 
 Lanczos (default) is a thick-restart block Lanczos with full reorthogonalization
-(Wu & Simon 2000; Golub & Underwood 1977). With a block of ``k`` columns, an
-eigenvalue of multiplicity up to ``k`` appears with all its copies, and each step
-costs one ``matmat`` of ``k`` columns: one pass over the data for a model.
-The projected matrix ``T = Q^T A Q`` is kept dense and exact from the
-orthogonalization coefficients, so restarts need no special structure.
+(Wu & Simon 2000; Golub & Underwood 1977). With a block of ``b`` columns, an eigenvalue
+of multiplicity up to ``b`` appears with all its copies, and each step costs one
+``matmat`` of ``b`` columns: one pass over the data for a model. By default ``b = 1``,
+followed by a check of the complement of the Krylov space for missed copies, which falls
+back to ``b = k`` when it finds one. The projected matrix ``T = Q^T A Q`` is kept dense
+and exact from the orthogonalization coefficients, so restarts need no special structure.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ NORM_FLOOR = 1e-3
 SMALL = 1000
 #: Residuals below ROUNDING * eps * ||A|| are at working precision and count as converged.
 ROUNDING = 50.0
+#: The multiplicity check converges the extreme eigenpair of the complement to at most this
+#: relative residual (or the caller's tol, if smaller) before it trusts it.
+CHECK_TOL = 1e-2
 
 
 @dataclasses.dataclass
@@ -104,8 +108,11 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
             with ``converged`` False where the tolerance was not met. Default
             ``max(1000, 100 k)``.
         seed: seed of the random start block.
-        block_size: Lanczos block size (default ``k``): eigenvalues of multiplicity up to
-            the block size are resolved with all their copies.
+        block_size: Lanczos block size: eigenvalues of multiplicity up to the block size
+            are resolved with all their copies. Default (None): single-vector Lanczos, then
+            a check that the complement of its Krylov space holds no wanted eigenvalue (a
+            further copy of a repeated one, which a single vector cannot see); if it does,
+            block Lanczos with ``block_size=k`` is run instead (docs/algorithms.md).
         max_basis: Lanczos basis size before a thick restart (default ``max(40, 3k + 6b)``,
             and ``n - b`` for ``n <= 1000``: small operators are never restarted, so they
             take at most ``n`` products). Operators too small for a basis of
@@ -127,12 +134,9 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
     seed = check_seed(seed)
     if k > n:
         raise ValueError(f"k={k} eigenpairs requested from an operator of size {n}; k must be <= n")
-    b = k if block_size is None else _checks.positive_int("block_size", block_size)
-    if max_basis is None:
-        max_basis = max(40, 3 * k + 6 * b)
-        if n <= SMALL:  # grow the basis instead of restarting: at most n products, then exact
-            max_basis = max(max_basis, n - b)
-    max_basis = _checks.positive_int("max_basis", max_basis)
+    checked = block_size is None and k > 1 and method == "lanczos"
+    b = 1 if block_size is None else _checks.positive_int("block_size", block_size)
+    max_basis = _default_basis(n, k, b) if max_basis is None else _checks.positive_int("max_basis", max_basis)
     if max_basis < k + 2 * b:
         raise ValueError(f"max_basis={max_basis} is too small: it must be >= k + 2 * block_size = {k + 2 * b}")
     max_basis = min(max_basis, n - b)
@@ -150,8 +154,79 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
         out = _dense(A, k, which, tol)
     else:
         settings.update(block_size=b, max_basis=max_basis)
-        out = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis)
+        *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis)
+        if checked and out[3].all():
+            missed, used = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4], seed, max_basis)
+            settings["multiplicity_check"] = dict(products=used, missed=missed)
+            out[4] += used
+            if missed:  # a repeated eigenvalue: block Lanczos finds every copy up to multiplicity k
+                spent, basis_k = out[4], min(_default_basis(n, k, k), n - k)
+                settings.update(block_size=k, max_basis=basis_k)
+                if basis_k < 3 * k:
+                    settings["method"] = "dense"
+                    out = list(_dense(A, k, which, tol))
+                else:
+                    *out, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k)
+                out[4] += spent
     return EigResult(*out, settings=settings)
+
+
+def _default_basis(n, k, b):
+    """``max(40, 3k + 6b)``; for ``n <= SMALL`` the basis grows instead of restarting (at
+    most ``n`` products, then exact)."""
+    return max(40, 3 * k + 6 * b, n - b if n <= SMALL else 0)
+
+
+class _Complement:
+    """``s (I - Q Q^T) A (I - Q Q^T)``: ``A`` on the orthogonal complement of ``span(Q)``,
+    times a sign ``s`` (so that the smallest end is found as the largest)."""
+
+    def __init__(self, A, Q, sign):
+        self.A, self.Q, self.sign, self.ops, self.shape = A, Q, sign, A.ops, A.shape
+
+    def matmat(self, V):
+        V, _ = self.ops.orthogonalize(V, self.Q)
+        return self.ops.orthogonalize(self.A.matmat(V), self.Q)[0] * self.sign
+
+
+def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
+    """Whether a wanted eigenvalue hides in the complement of single-vector Lanczos' basis.
+
+    An eigenvector of a repeated eigenvalue that is orthogonal to the start vector's
+    component in that eigenspace is orthogonal to the whole Krylov space, hence an
+    eigenvector of ``A`` restricted to the complement of the basis. Lanczos on that
+    restriction (per wanted end) runs until its extreme Ritz value ``mu`` either reaches the
+    wanted range (missed: Ritz values are inner bounds) or it converges (to ``tol``, at most
+    ``CHECK_TOL``) below that range, within its residual (nothing missed there).
+
+    Returns:
+        ``(missed, products)``.
+    """
+    vals = np.asarray(vals, dtype=np.float64)
+    hi, lo = (len(vals) + 1) // 2, len(vals) // 2
+    if which == "LM":  # either end of the complement must stay inside the smallest |value|
+        ends = [(1.0, np.abs(vals).min()), (-1.0, np.abs(vals).min())]
+    elif which == "BE":
+        ends = [(1.0, np.sort(vals)[::-1][:hi].min())] + ([(-1.0, -np.sort(vals)[:lo].max())] if lo else [])
+    else:
+        sign = 1.0 if which == "LA" else -1.0
+        ends = [(sign, np.min(sign * vals))]
+    scale = float(np.abs(vals).max())
+    missed, used = False, 0
+    for sign, edge in ends:
+        if budget - used < 1:
+            break
+        edge = float(edge)
+
+        def stop(theta, resid, edge=edge):
+            return theta[0] >= edge
+
+        check_tol = max(tol, CHECK_TOL)
+        mu, _, r, _, count, _ = _lanczos(_Complement(A, basis, sign), 1, "LA", check_tol, budget - used, seed, 1,
+                                         max_basis, stream="complement-check", stop=stop)
+        used += count
+        missed = missed or mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge
+    return missed, used
 
 
 def _dense(A, k, which, tol):
@@ -169,7 +244,11 @@ def _dense(A, k, which, tol):
     return theta[want], ops.from_numpy(vecs), resid, ok, mul.count
 
 
-def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
+def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None):
+    """Thick-restart block Lanczos; ``stop(theta, resid)`` of the wanted pairs may end it early.
+
+    Returns ``(values, vectors, residuals, converged, products, basis)``.
+    """
     ops, n = A.ops, A.shape[0]
     mul = _checks.Products(A)
     eps = float(np.finfo(ops.dtype).eps)
@@ -177,7 +256,7 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
 
     def draw(m):
         nonlocal drawn
-        X = ops.random(n, range(drawn, drawn + m), seed, kind="normal", stream="lanczos")
+        X = ops.random(n, range(drawn, drawn + m), seed, kind="normal", stream=stream)
         drawn += m
         return X
 
@@ -205,7 +284,7 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
         resid = np.linalg.norm(R @ S[-b:, :], axis=0)
         want = _wanted(theta, which, k)
         ok = resid[want] <= _thresholds(theta[want], tol, anorm, eps)
-        if ok.all() or mul.count + b > max_matvecs:
+        if ok.all() or mul.count + b > max_matvecs or (stop is not None and stop(theta[want], resid[want])):
             break
         Qn, R = _repair_breakdown(ops, Qn, R, basis, draw, anorm, eps)
         if T.shape[0] + b > max_basis:  # thick restart with the most wanted Ritz vectors
@@ -214,7 +293,7 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis):
             T = np.diag(theta[kept])
         pending = Qn
     vectors = ops.combine(basis, _rows(S[:, want], basis.shape[1]))
-    return theta[want], vectors, resid[want], ok, mul.count
+    return theta[want], vectors, resid[want], ok, mul.count, basis
 
 
 def _rows(S, rows):

@@ -62,6 +62,43 @@ def test_repeated_top_eigenvalue_found_with_multiplicity(k):
     A, lam = symmetric_with_spectrum(lam, 55)
     res = so.eigsh(A, k=k, tol=1e-10)
     np.testing.assert_allclose(res.eigenvalues, lam[::-1][:k], rtol=1e-9)
+    # single-vector Lanczos alone misses the copies; the default's check finds them
+    assert res.settings["multiplicity_check"]["missed"] and res.settings["block_size"] == k
+    single = so.eigsh(A, k=k, tol=1e-10, block_size=1)
+    assert not np.allclose(single.eigenvalues, lam[::-1][:k], rtol=1e-9)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+@pytest.mark.parametrize("seed", range(6))
+def test_multiplicity_check_finds_every_copy_at_either_end(which, seed):
+    """Repeated eigenvalues at the wanted end(s), next to near clusters, n = 300 and 1500 (restarts)."""
+    rng = np.random.default_rng(seed)
+    n = 300 if seed % 2 else 1500
+    mult = 2 + seed % 2
+    lam = np.concatenate([[5.0] * mult, 5 - rng.uniform(0.01, 0.2, 3), [-5.0] * mult,
+                          -5 + rng.uniform(0.01, 0.2, 3), rng.uniform(-4.5, 4.5, n - 2 * mult - 6)])
+    A, lam = symmetric_with_spectrum(lam, seed)
+    k = 4
+    res = so.eigsh(A, k=k, which=which, tol=1e-8, seed=seed)
+    assert res.all_converged
+    want = expected(lam, which, k)
+    if which == "LM":
+        np.testing.assert_allclose(np.sort(np.abs(res.eigenvalues)), np.sort(np.abs(want)), rtol=1e-7)
+    else:
+        np.testing.assert_allclose(np.sort(res.eigenvalues), np.sort(want), rtol=1e-7)
+
+
+def test_simple_eigenvalues_cost_fewer_products_than_a_block():
+    rng = np.random.default_rng(4)
+    lam = np.concatenate([[6.0, 5.5, 5.2, 5.0, 4.9], rng.uniform(-3, 4.8, 1995)])
+    A, lam = symmetric_with_spectrum(lam, 4)
+    res = so.eigsh(A, k=5, tol=1e-8)
+    block = so.eigsh(A, k=5, tol=1e-8, block_size=5)
+    np.testing.assert_allclose(res.eigenvalues, lam[::-1][:5], rtol=1e-8)
+    np.testing.assert_allclose(block.eigenvalues, lam[::-1][:5], rtol=1e-8)
+    check = res.settings["multiplicity_check"]
+    assert not check["missed"] and res.settings["block_size"] == 1
+    assert res.num_matvecs < 0.75 * block.num_matvecs, (res.num_matvecs, block.num_matvecs, check)
 
 
 def test_power_iteration_matches_dense():
