@@ -195,7 +195,7 @@ def bench_eigenvalues(model, loss_fn, settings, device, rows, ks=(5, 1), tol=1e-
         check = st.hessian(model, loss_fn, data)  # only to measure residuals
         for k in ks:
             top = None
-            for name, kw in (("specops eigsh (block Lanczos, default)", {}),
+            for name, kw in (("specops eigsh (default: Lanczos + multiplicity check)", {}),
                              ("specops eigsh (block_size=1)", {"block_size": 1})):
                 if k == 1 and kw:
                     continue  # the same method for k = 1
