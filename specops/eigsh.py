@@ -156,8 +156,9 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
         settings.update(block_size=b, max_basis=max_basis)
         *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis)
         if checked and out[3].all():
-            missed, used = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4], seed, max_basis)
-            settings["multiplicity_check"] = dict(products=used, missed=missed)
+            missed, used = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4], seed,
+                                             max_basis)
+            settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed))
             out[4] += used
             if missed:  # a repeated eigenvalue: block Lanczos finds every copy up to multiplicity k
                 spent, basis_k = out[4], min(_default_basis(n, k, k), n - k)
@@ -222,8 +223,8 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
             return theta[0] >= edge
 
         check_tol = max(tol, CHECK_TOL)
-        mu, _, r, _, count, _ = _lanczos(_Complement(A, basis, sign), 1, "LA", check_tol, budget - used, seed, 1,
-                                         max_basis, stream="complement-check", stop=stop)
+        mu, _, r, _, count, _ = _lanczos(_Complement(A, basis, sign), 1, "LA", check_tol, budget - used,
+                                         seed, 1, max_basis, stream="complement-check", stop=stop)
         used += count
         missed = missed or mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge
     return missed, used
