@@ -113,6 +113,8 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
             a check that the complement of its Krylov space holds no wanted eigenvalue (a
             further copy of a repeated one, which a single vector cannot see); if it does,
             block Lanczos with ``block_size=k`` is run instead (docs/algorithms.md).
+            ``settings["multiplicity_check"]`` gives its products, whether it found a copy,
+            and ``complete`` (False when ``max_matvecs`` ran out during the check).
         max_basis: Lanczos basis size before a thick restart (default ``max(40, 3k + 6b)``,
             and ``n - b`` for ``n <= 1000``: small operators are never restarted, so they
             take at most ``n`` products). Operators too small for a basis of
@@ -156,11 +158,14 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
         settings.update(block_size=b, max_basis=max_basis)
         *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis)
         if checked and out[3].all():
-            missed, used = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4], seed,
-                                             max_basis)
-            settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed))
+            missed, used, complete = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4],
+                                                       seed, max_basis)
+            settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed),
+                                                  complete=bool(complete))
             out[4] += used
-            if missed:  # a repeated eigenvalue: block Lanczos finds every copy up to multiplicity k
+            if missed and max_matvecs - out[4] < 2 * k:  # no budget left to find the copy
+                out[3] = np.zeros_like(out[3])
+            elif missed:  # a repeated eigenvalue: block Lanczos finds every copy up to multiplicity k
                 spent, basis_k = out[4], min(_default_basis(n, k, k), n - k)
                 settings.update(block_size=k, max_basis=basis_k)
                 if basis_k < 3 * k:
@@ -201,7 +206,7 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
     ``CHECK_TOL``) below that range, within its residual (nothing missed there).
 
     Returns:
-        ``(missed, products)``.
+        ``(missed, products, complete)``; ``complete`` is False when the budget ran out first.
     """
     vals = np.asarray(vals, dtype=np.float64)
     hi, lo = (len(vals) + 1) // 2, len(vals) // 2
@@ -213,9 +218,10 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
         sign = 1.0 if which == "LA" else -1.0
         ends = [(sign, np.min(sign * vals))]
     scale = float(np.abs(vals).max())
-    missed, used = False, 0
+    missed, used, complete = False, 0, True
     for sign, edge in ends:
         if budget - used < 1:
+            complete = False
             break
         edge = float(edge)
 
@@ -223,11 +229,15 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
             return theta[0] >= edge
 
         check_tol = max(tol, CHECK_TOL)
-        mu, _, r, _, count, _ = _lanczos(_Complement(A, basis, sign), 1, "LA", check_tol, budget - used,
-                                         seed, 1, max_basis, stream="complement-check", stop=stop)
+        mu, _, r, ok, count, _ = _lanczos(_Complement(A, basis, sign), 1, "LA", check_tol, budget - used,
+                                          seed, 1, max_basis, stream="complement-check", stop=stop)
         used += count
-        missed = missed or mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge
-    return missed, used
+        near = mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge
+        if mu[0] >= edge or (ok[0] and near):  # reached the wanted range, or settled at its edge
+            missed = True
+        elif not ok[0]:
+            complete = False
+    return missed, used, complete
 
 
 def _dense(A, k, which, tol):

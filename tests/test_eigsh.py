@@ -183,3 +183,15 @@ def test_non_finite_product_names_the_product():
     A = spl.LinearOperator((100, 100), matvec=matvec, matmat=matvec, dtype=float)
     with pytest.raises(so.NonFiniteError, match="product 3 "):
         so.eigsh(A, k=1)
+
+
+def test_multiplicity_check_within_a_tight_budget_says_what_it_knows():
+    rng = np.random.default_rng(55)
+    lam = np.concatenate([[5.0, 5.0, 5.0, 4.9, 4.8], rng.uniform(-3, 4, 285)])
+    A, lam = symmetric_with_spectrum(lam, 55)
+    first = so.eigsh(A, k=3, tol=1e-10, block_size=1).num_matvecs
+    cut = so.eigsh(A, k=3, tol=1e-10, max_matvecs=first + 2)  # the check cannot finish
+    assert cut.settings["multiplicity_check"]["complete"] is False and cut.num_matvecs <= first + 2
+    found = so.eigsh(A, k=3, tol=1e-10, max_matvecs=first + 10)  # finds the copy, no budget to resolve it
+    check = found.settings["multiplicity_check"]
+    assert check["missed"] and not found.converged.any() and found.num_matvecs <= first + 10
