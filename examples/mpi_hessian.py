@@ -44,7 +44,7 @@ if comm.rank == 0:
     print(f"{comm.size} rank(s), {H.num_samples} samples ({len(loader.dataset)} on rank 0), "
           f"{H.shape[0]} parameters, transport: {comm.transport(H.params_vector())}")
     print("top eigenvalues:", " ".join(f"{v:.6f}" for v in top.eigenvalues))
-    print(f"trace (Hutch++): {tr.estimate:.4f} +- {tr.stderr:.4f}")
+    print(f"trace ({tr.settings.get('estimator', tr.settings['method'])}): {tr.estimate:.4f} +- {tr.stderr:.4f}")
     lo, hi = float(density.nodes.min()), float(density.nodes.max())
     print(f"spectral density: nodes in [{lo:.4f}, {hi:.4f}]")
     print(f"{H.num_matvecs} Hessian-vector products in {seconds:.1f} s")
