@@ -112,7 +112,8 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
             are resolved with all their copies. Default (None): single-vector Lanczos, then
             a check that the complement of its Krylov space holds no wanted eigenvalue (a
             further copy of a repeated one, which a single vector cannot see); if it does,
-            block Lanczos with ``block_size=k`` is run instead (docs/algorithms.md).
+            block Lanczos with ``block_size=k`` is run instead (docs/algorithms.md). For
+            ``which="LM"`` the default is the block of ``k``.
             ``settings["multiplicity_check"]`` gives its products, whether it found a copy,
             and ``complete`` (False when ``max_matvecs`` ran out during the check).
         max_basis: Lanczos basis size before a thick restart (default ``max(40, 3k + 6b)``,
@@ -136,8 +137,12 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
     seed = check_seed(seed)
     if k > n:
         raise ValueError(f"k={k} eigenpairs requested from an operator of size {n}; k must be <= n")
-    checked = block_size is None and k > 1 and method == "lanczos"
-    b = 1 if block_size is None else _checks.positive_int("block_size", block_size)
+    # LM: the complement's inner end lies in the bulk near 0, slow to settle; a block is cheaper
+    checked = block_size is None and k > 1 and method == "lanczos" and which != "LM"
+    if block_size is None:
+        b = k if which == "LM" else 1
+    else:
+        b = _checks.positive_int("block_size", block_size)
     max_basis = _default_basis(n, k, b) if max_basis is None else _checks.positive_int("max_basis", max_basis)
     if max_basis < k + 2 * b:
         raise ValueError(f"max_basis={max_basis} is too small: it must be >= k + 2 * block_size = {k + 2 * b}")
@@ -163,10 +168,11 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
             settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed),
                                                   complete=bool(complete))
             out[4] += used
-            if missed and max_matvecs - out[4] < 2 * k:  # no budget left to find the copy
+            basis_k = min(_default_basis(n, k, k), n - k)
+            if missed and max_matvecs - out[4] < (2 * k if basis_k >= 3 * k else n):  # no budget for the copy
                 out[3] = np.zeros_like(out[3])
             elif missed:  # a repeated eigenvalue: block Lanczos finds every copy up to multiplicity k
-                spent, basis_k = out[4], min(_default_basis(n, k, k), n - k)
+                spent = out[4]
                 settings.update(block_size=k, max_basis=basis_k)
                 if basis_k < 3 * k:
                     settings["method"] = "dense"
@@ -184,15 +190,17 @@ def _default_basis(n, k, b):
 
 
 class _Complement:
-    """``s (I - Q Q^T) A (I - Q Q^T)``: ``A`` on the orthogonal complement of ``span(Q)``,
-    times a sign ``s`` (so that the smallest end is found as the largest)."""
+    """``s A`` on the orthogonal complement of ``span(Q)`` (``s = -1`` turns the smallest end
+    into the largest), and ``low`` on ``span(Q)`` itself, below the range searched, so that
+    ``span(Q)`` never looks like a wanted eigenvalue:
+    ``s (I - QQ^T) A (I - QQ^T) + low QQ^T``."""
 
-    def __init__(self, A, Q, sign):
-        self.A, self.Q, self.sign, self.ops, self.shape = A, Q, sign, A.ops, A.shape
+    def __init__(self, A, Q, sign, low):
+        self.A, self.Q, self.sign, self.low, self.ops, self.shape = A, Q, sign, low, A.ops, A.shape
 
     def matmat(self, V):
-        V, _ = self.ops.orthogonalize(V, self.Q)
-        return self.ops.orthogonalize(self.A.matmat(V), self.Q)[0] * self.sign
+        P, _ = self.ops.orthogonalize(V, self.Q)
+        return self.ops.orthogonalize(self.A.matmat(P), self.Q)[0] * self.sign + (V - P) * self.low
 
 
 def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
@@ -210,9 +218,7 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
     """
     vals = np.asarray(vals, dtype=np.float64)
     hi, lo = (len(vals) + 1) // 2, len(vals) // 2
-    if which == "LM":  # either end of the complement must stay inside the smallest |value|
-        ends = [(1.0, np.abs(vals).min()), (-1.0, np.abs(vals).min())]
-    elif which == "BE":
+    if which == "BE":
         ends = [(1.0, np.sort(vals)[::-1][:hi].min())] + ([(-1.0, -np.sort(vals)[:lo].max())] if lo else [])
     else:
         sign = 1.0 if which == "LA" else -1.0
@@ -229,7 +235,8 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
             return theta[0] >= edge
 
         check_tol = max(tol, CHECK_TOL)
-        mu, _, r, ok, count, _ = _lanczos(_Complement(A, basis, sign), 1, "LA", check_tol, budget - used,
+        low = edge - max(abs(edge), NORM_FLOOR * scale)
+        mu, _, r, ok, count, _ = _lanczos(_Complement(A, basis, sign, low), 1, "LA", check_tol, budget - used,
                                           seed, 1, max_basis, stream="complement-check", stop=stop)
         used += count
         near = mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge

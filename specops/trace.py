@@ -173,13 +173,28 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
         else:
             sketch.add(Omega, Y)
         sketch.complete(products)
+        if sketch.exact and s < n:
+            # the sketch holds A's range to working precision; what it may still miss (a tail
+            # below the rounding level of R) is estimated by Hutchinson on the rest
+            low = float(np.trace(sketch.H))
+
+            def deflate(Z):
+                return ops.orthogonalize(Z, sketch.Q)[0]
+
+            rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol,
+                                       offset=low, project=deflate)
+            if len(rest) < 2:
+                return low, 0.0
+            est, err = _mean_stderr(rest)
+            return low + est, err
         est, err = sketch.estimate()
         left = (m - mul.count) // 2
         met = s >= MIN_PROBES_FOR_RTOL and _reached(est, err, rtol)
         if sketch.exact or rtol is None or left < 1 or met:
             return est, err
         # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
-        s = min(n, 2 * s, s + left, max(s + chunk, math.ceil(1.1 * s * err / (rtol * abs(est)))))
+        aim = 1.1 * s * err / max(rtol * abs(est), np.finfo(np.float64).tiny)
+        s = min(n, 2 * s, s + left, max(s + chunk, math.ceil(min(aim, 2.0 * n))))
 
 
 class _Sketch:

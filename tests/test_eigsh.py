@@ -195,3 +195,25 @@ def test_multiplicity_check_within_a_tight_budget_says_what_it_knows():
     found = so.eigsh(A, k=3, tol=1e-10, max_matvecs=first + 10)  # finds the copy, no budget to resolve it
     check = found.settings["multiplicity_check"]
     assert check["missed"] and not found.converged.any() and found.num_matvecs <= first + 10
+
+
+@pytest.mark.parametrize("which", ["SA", "BE"])
+def test_multiplicity_check_is_not_fooled_by_the_deflated_directions(which):
+    """Past 0 from the wanted end (SA on a positive definite matrix), the check must not take
+    the basis' own directions (eigenvalue 0 of the deflated operator) for a missed copy."""
+    A, lam = symmetric_with_spectrum(np.linspace(1, 10, 300), 1)
+    res = so.eigsh(A, k=3, which=which, tol=1e-8)
+    np.testing.assert_allclose(res.eigenvalues, expected(lam, which, 3), rtol=1e-8)
+    assert res.settings["multiplicity_check"] == {"products": res.settings["multiplicity_check"]["products"],
+                                                  "missed": False, "complete": True}
+    assert res.settings["block_size"] == 1
+
+
+def test_never_exceeds_the_budget_even_when_a_copy_needs_the_dense_path():
+    rng = np.random.default_rng(0)
+    for n, k in [(7, 2), (11, 3)]:
+        lam = np.arange(1.0, n + 1)
+        lam[-2] = lam[-1]
+        A, _ = symmetric_with_spectrum(lam, int(rng.integers(1000)))
+        for budget in range(4, 3 * n):
+            assert so.eigsh(A, k=k, max_matvecs=budget).num_matvecs <= budget
