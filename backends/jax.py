@@ -43,11 +43,22 @@ def _device_of(x):
 
 
 @jax.jit
-def _orthogonalize_twice(W, Q):
-    C1 = jnp.matmul(Q.T, W, precision=_HIGHEST)
+def _orthogonalize_twice(W, Q, columns):
+    # columns is traced: one program per buffer shape; columns past it are masked out
+    mask = (jnp.arange(Q.shape[1]) < columns).astype(W.dtype)[:, None]
+    C1 = jnp.matmul(Q.T, W, precision=_HIGHEST) * mask
     W = W - jnp.matmul(Q, C1, precision=_HIGHEST)
-    C2 = jnp.matmul(Q.T, W, precision=_HIGHEST)
+    C2 = jnp.matmul(Q.T, W, precision=_HIGHEST) * mask
     return W - jnp.matmul(Q, C2, precision=_HIGHEST), C1, C2
+
+
+@jax.jit
+def _orthogonalize_probes(W, X, steps):
+    mask = (jnp.arange(X.shape[0]) < steps).astype(W.dtype)[:, None]
+    c1 = jnp.einsum("jnp,np->jp", X, W, precision=_HIGHEST) * mask
+    W = W - jnp.einsum("jnp,jp->np", X, c1, precision=_HIGHEST)
+    c2 = jnp.einsum("jnp,np->jp", X, W, precision=_HIGHEST) * mask
+    return W - jnp.einsum("jnp,jp->np", X, c2, precision=_HIGHEST), c1, c2
 
 
 class JaxOps(VectorOps):
@@ -63,8 +74,6 @@ class JaxOps(VectorOps):
     """
 
     name = "jax"
-    FIXED_SHAPES = True
-
     def __init__(self, dtype=np.float32, device=None):
         if np.dtype(dtype) == np.float64 and not _x64_enabled():
             raise TypeError(
@@ -104,17 +113,32 @@ class JaxOps(VectorOps):
     def all_finite(self, X) -> bool:
         return bool(jnp.isfinite(X).all())
 
-    def orthogonalize(self, W, Q):
+    def orthogonalize(self, W, Q, columns=None):
         """As :meth:`VectorOps.orthogonalize`, as one compiled program.
 
         JAX compiles every new shape, and a growing basis has a new shape at every
-        step: one program per call instead of one per primitive (two products and a
-        subtraction per pass).
+        step: the whole buffer ``Q`` keeps one shape and the columns past ``columns``
+        are masked out (they may hold stale vectors after a restart).
         """
-        if Q is None or Q.shape[1] == 0:
+        if Q is None or Q.shape[1] == 0 or columns == 0:
             return W, np.zeros((0, W.shape[1]))
-        W, C1, C2 = _orthogonalize_twice(W, Q)
-        return W, self.to_numpy(C1) + self.to_numpy(C2)
+        columns = Q.shape[1] if columns is None else int(columns)
+        W, C1, C2 = _orthogonalize_twice(W, Q, columns)
+        return W, (self.to_numpy(C1) + self.to_numpy(C2))[:columns]
+
+    def combine_prefix(self, X, C):
+        """As :meth:`VectorOps.combine_prefix`, with ``C`` padded by zero rows so the
+        program keeps the buffer's shape."""
+        C = np.asarray(C, dtype=np.float64)
+        pad = np.zeros((X.shape[1], C.shape[1]))
+        pad[: C.shape[0]] = C
+        return self.combine(X, pad)
+
+    def orthogonalize_probes(self, W, X, steps: int):
+        """As :meth:`VectorOps.orthogonalize_probes`, over the whole fixed-shape stack
+        with the slices past ``steps`` masked out."""
+        W, c1, c2 = _orthogonalize_probes(W, X, int(steps))
+        return W, (self.to_numpy(c1) + self.to_numpy(c2))[:steps]
 
     def write_block(self, buffer, start: int, X, axis: int = 1):
         return _write_block(buffer, start, X, axis)

@@ -50,7 +50,8 @@ def main():
     tr = specops.trace(H, num_matvecs=60, seed=0)
     print(f"trace: {tr.estimate:.4f} +- {tr.stderr:.4f}")
     density = specops.spectral_density(H, num_probes=4, num_steps=48, seed=0)
-    grid, values = density.evaluate()
+    grid = density.default_grid()
+    values = density.evaluate(grid)
     print(f"spectral density on [{grid[0]:.3g}, {grid[-1]:.3g}], highest at {grid[values.argmax()]:.3g}")
 
     for name in ("sequential/hidden/*", "sequential/out/*"):

@@ -45,7 +45,8 @@ tr = specops.trace(H, num_matvecs=150, seed=0)
 print(f"trace: {tr.estimate:.4f} +- {tr.stderr:.4f} ({tr.num_matvecs} products)")
 
 density = specops.spectral_density(H, num_probes=4, num_steps=40, seed=0)
-grid, values = density.evaluate()
+grid = density.default_grid()
+values = density.evaluate(grid)
 negative = float(density.cdf(0.0))
 print(f"spectral density: support [{density.nodes.min():.4g}, {density.nodes.max():.4g}], "
       f"peak at {grid[np.argmax(values)]:.3g}, fraction of eigenvalues < 0: {negative:.3f}")

@@ -18,6 +18,7 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.special import erf
 
 from specops import _checks
+from specops.lanczos import probe_lanczos
 from specops.random import check_kind, check_seed
 from specops.results import Result
 
@@ -56,24 +57,27 @@ class SpectralDensity(Result):
         sigma = self.default_sigma() if sigma is None else sigma
         return np.linspace(self.nodes.min() - 5 * sigma, self.nodes.max() + 5 * sigma, GRID_POINTS)
 
-    def evaluate(self, grid=None, sigma: float | None = None):
-        """The density smoothed by a Gaussian kernel.
+    def evaluate(self, grid=None, sigma: float | None = None) -> np.ndarray:
+        """The density smoothed by a Gaussian kernel, at the points ``grid``.
+
+        As ``scipy.stats.gaussian_kde.evaluate``: ``np.trapezoid(esd.evaluate(g), g)`` is
+        about 1 for a grid covering the spectrum.
 
         Args:
-            grid: points to evaluate at (default :meth:`default_grid`).
+            grid: points to evaluate at, any shape (default :meth:`default_grid`).
             sigma: the kernel's standard deviation (default :meth:`default_sigma`).
 
         Returns:
-            ``(grid, density)``; the density integrates to 1 over the real line.
+            The density at ``grid``, an array of ``grid``'s shape; it integrates to 1 over
+            the real line.
         """
         sigma = self.default_sigma() if sigma is None else float(sigma)
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         grid = self.default_grid(sigma) if grid is None else np.asarray(grid, dtype=np.float64)
-        z = (grid[:, None] - self.nodes.ravel()[None, :]) / sigma
+        z = (grid.reshape(-1)[:, None] - self.nodes.ravel()[None, :]) / sigma
         kernel = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2 * np.pi))
-        density = kernel @ self.weights.ravel() / self.nodes.shape[0]
-        return grid, density
+        return (kernel @ self.weights.ravel() / self.nodes.shape[0]).reshape(grid.shape)
 
     def cdf(self, x, sigma: float = 0.0):
         """The estimated fraction of eigenvalues ``<= x`` (a step function when ``sigma=0``)."""
@@ -99,7 +103,9 @@ class SpectralDensity(Result):
 
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 4))
-        grid, density = self.evaluate(grid, sigma)
+        sigma = self.default_sigma() if sigma is None else sigma
+        grid = self.default_grid(sigma) if grid is None else np.asarray(grid, dtype=np.float64)
+        density = self.evaluate(grid, sigma)
         if log:
             floor = max(density.max() * 1e-12, np.finfo(float).tiny)
             ax.semilogy(grid, np.maximum(density, floor))
@@ -135,33 +141,7 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
     p = num_probes
     Z = ops.random(n, range(p), seed, kind=kind, stream="slq")
     V = ops.scale_columns(Z, 1.0 / ops.column_norms(Z))
-    X = ops.write_block(ops.zeros((steps, n, p)), 0, V[None], axis=0)  # X[j]: step j of every probe
-    alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
-    length = np.full(p, steps)
-    live = np.ones(p, dtype=bool)
-    anorm = 0.0
-    eps = float(np.finfo(ops.dtype).eps)
-    for j in range(steps):
-        W = mul(V)
-        B = X if ops.FIXED_SHAPES else X[: j + 1]  # zero slices change nothing
-        c1 = ops.einsum("jnp,np->jp", B, W)
-        W = W - ops.einsum("jnp,jp->np", B, c1)
-        c2 = ops.einsum("jnp,np->jp", B, W)
-        W = W - ops.einsum("jnp,jp->np", B, c2)
-        c = ops.to_numpy(c1) + ops.to_numpy(c2)
-        alpha[live, j] = c[j, live]
-        if j == steps - 1:
-            break
-        b = ops.column_norms(W)
-        anorm = max(anorm, float(np.abs(alpha[:, j]).max()), float(b.max()))
-        ended = live & (b <= np.sqrt(eps) * anorm)  # Krylov space exhausted: quadrature exact
-        length[ended] = j + 1
-        live &= ~ended
-        if not live.any():
-            break
-        beta[live, j] = b[live]
-        V = ops.scale_columns(W, np.where(live, 1.0 / np.where(live, b, 1.0), 0.0))
-        X = ops.write_block(X, j + 1, V[None], axis=0)
+    alpha, beta, length = probe_lanczos(ops, mul, V, steps)
     nodes, weights = np.zeros((p, steps)), np.zeros((p, steps))
     for i in range(p):
         m = length[i]

@@ -17,18 +17,16 @@ from typing import Any
 import numpy as np
 
 from specops import _checks
+from specops.lanczos import NORM_FLOOR, ROUNDING, order as _order, thick_restart, verified, wanted as _wanted
+from specops.lanczos import thresholds as _thresholds
 from specops.random import check_seed
 from specops.results import Result
 
 WHICH = ("LA", "SA", "LM", "BE")
 METHODS = ("lanczos", "power")
 
-#: Convergence floor: residuals are judged relative to max(|lambda|, FLOOR * ||A||).
-NORM_FLOOR = 1e-3
 #: Operators up to this size grow one Lanczos basis to convergence (at most n products).
 SMALL = 1000
-#: Residuals below ROUNDING * eps * ||A|| are at working precision and count as converged.
-ROUNDING = 50.0
 #: The multiplicity check converges the extreme eigenpair of the complement to at most this
 #: relative residual (or the caller's tol, if smaller) before it trusts it.
 CHECK_TOL = 1e-2
@@ -62,37 +60,9 @@ class EigResult(Result):
         return bool(np.all(self.converged))
 
 
-def _order(theta: np.ndarray, which: str) -> np.ndarray:
-    """All indices of ``theta``, most wanted first."""
-    if which == "LA":
-        return np.argsort(-theta, kind="stable")
-    if which == "SA":
-        return np.argsort(theta, kind="stable")
-    if which == "LM":
-        return np.argsort(-np.abs(theta), kind="stable")
-    up = np.argsort(-theta, kind="stable")  # BE: alternate ends, high first
-    out, lo, hi = [], len(theta) - 1, 0
-    while hi <= lo:
-        out.append(up[hi])
-        hi += 1
-        if hi <= lo:
-            out.append(up[lo])
-            lo -= 1
-    return np.array(out, dtype=int)
-
-
-def _wanted(theta: np.ndarray, which: str, k: int) -> np.ndarray:
-    idx = _order(theta, which)[:k]
-    return idx[np.argsort(theta[idx], kind="stable")] if which == "BE" else idx
-
-
-def _thresholds(theta, tol, anorm, eps):
-    return np.maximum(tol * np.maximum(np.abs(theta), NORM_FLOOR * anorm), ROUNDING * eps * anorm)
-
-
 def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
           max_matvecs: int | None = None, seed: int = 0, block_size: int | None = None,
-          max_basis: int | None = None) -> EigResult:
+          max_basis: int | None = None, v0=None) -> EigResult:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
     Args:
@@ -120,6 +90,15 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
             and ``n - b`` for ``n <= 1000``: small operators are never restarted, so they
             take at most ``n`` products). Operators too small for a basis of
             ``k + 2b`` vectors are solved densely from ``n`` products.
+        v0: starting vector(s), (n,) or (n, j) in any array type the operator's backend
+            takes (e.g. the eigenvectors of an earlier checkpoint, as SciPy's ``v0``).
+            A block of ``j > 1`` columns makes the block size ``j`` (unless
+            ``block_size`` is given; it must be >= j, and random columns fill the rest).
+            Random columns are drawn from ``seed`` as usual for what ``v0`` leaves.
+
+    The returned pairs are verified: one product of the ``k`` returned vectors (counted in
+    ``num_matvecs``) gives their Rayleigh quotients and true residuals
+    ``||A v - lambda v||``, and ``converged`` is judged from those (docs/algorithms.md).
 
     Returns:
         :class:`EigResult`.
@@ -138,11 +117,19 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
     if k > n:
         raise ValueError(f"k={k} eigenpairs requested from an operator of size {n}; k must be <= n")
     # LM: the complement's inner end lies in the bulk near 0, slow to settle; a block is cheaper
+    start = None if v0 is None else _start_block(A, v0)
     checked = block_size is None and k > 1 and method == "lanczos" and which != "LM"
     if block_size is None:
         b = k if which == "LM" else 1
+        if start is not None and start.shape[1] > 1:
+            b, checked = start.shape[1], False
     else:
         b = _checks.positive_int("block_size", block_size)
+        if start is not None and start.shape[1] > b:
+            raise ValueError(f"v0 has {start.shape[1]} columns, more than block_size={b}; pass at most "
+                             "block_size starting vectors or a larger block_size")
+    if start is not None and method != "lanczos":
+        raise ValueError("v0 starts Lanczos; method='power' draws its own start vectors: use method='lanczos'")
     max_basis = _default_basis(n, k, b) if max_basis is None else _checks.positive_int("max_basis", max_basis)
     if max_basis < k + 2 * b:
         raise ValueError(f"max_basis={max_basis} is too small: it must be >= k + 2 * block_size = {k + 2 * b}")
@@ -155,13 +142,19 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
     if method == "power":
         if which == "BE":
             raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
+        if max_matvecs < 2 * k:
+            raise ValueError(f"max_matvecs={max_matvecs} is too small for method='power': it needs at least 2 * k "
+                             f"= {2 * k} (k products verify the result)")
         out = _power(A, k, which, tol, max_matvecs, seed)
     elif max_basis < k + 2 * b:
         settings["method"] = "dense"
         out = _dense(A, k, which, tol)
     else:
         settings.update(block_size=b, max_basis=max_basis)
-        *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis)
+        if max_matvecs < b + k:
+            raise ValueError(f"max_matvecs={max_matvecs} is too small: Lanczos needs at least block_size + k = "
+                             f"{b + k} products (k of them verify the result)")
+        *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, v0=start)
         if checked and out[3].all():
             missed, used, complete = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4],
                                                        seed, max_basis)
@@ -181,6 +174,18 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
                     *out, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k)
                 out[4] += spent
     return EigResult(*out, settings=settings)
+
+
+def _start_block(A, v0):
+    """``v0`` as a native (n, j) block with unit, finite columns."""
+    ops, n = A.ops, A.shape[0]
+    X = ops.as_columns(ops.asarray(v0))
+    if len(X.shape) != 2 or X.shape[0] != n or X.shape[1] < 1:
+        raise ValueError(f"v0 must have shape ({n},) or ({n}, j), got {tuple(X.shape)}")
+    norms = ops.column_norms(X)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError("v0 has a zero or non-finite column; pass nonzero finite starting vectors")
+    return X
 
 
 def _default_basis(n, k, b):
@@ -262,14 +267,13 @@ def _dense(A, k, which, tol):
     return theta[want], ops.from_numpy(vecs), resid, ok, mul.count
 
 
-def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None):
-    """Thick-restart block Lanczos; ``stop(theta, resid)`` of the wanted pairs may end it early.
+def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None, v0=None):
+    """Thick-restart block Lanczos from ``v0`` (padded with seeded random columns to ``b``).
 
     Returns ``(values, vectors, residuals, converged, products, basis)``.
     """
     ops, n = A.ops, A.shape[0]
     mul = _checks.Products(A)
-    eps = float(np.finfo(ops.dtype).eps)
     drawn = 0
 
     def draw(m):
@@ -278,69 +282,12 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos"
         drawn += m
         return X
 
-    pending, _ = ops.qr(draw(b))
-    buffer = ops.zeros((n, max_basis))  # the basis lives in columns 0..m-1
-    T = np.zeros((0, 0))
-    anorm = 0.0
-    keep = min(max_basis - 2 * b, max(k, (max_basis - b) // 2))
-    while True:
-        W = mul(pending)
-        m = T.shape[0]
-        buffer = ops.write_block(buffer, m, pending)
-        basis = buffer if ops.FIXED_SHAPES else buffer[:, : m + b]  # zero columns change nothing
-        W, C = ops.orthogonalize(W, basis)
-        C = C[: m + b]
-        grown = np.zeros((m + b, m + b))
-        grown[:m, :m] = T
-        grown[:m, m:] = C[:m]
-        grown[m:, :m] = C[:m].T
-        grown[m:, m:] = (C[m:] + C[m:].T) / 2
-        T = grown
-        Qn, R = ops.orthonormalize(W)
-        theta, S = np.linalg.eigh(T)
-        anorm = max(anorm, float(np.abs(theta).max()))
-        resid = np.linalg.norm(R @ S[-b:, :], axis=0)
-        want = _wanted(theta, which, k)
-        ok = resid[want] <= _thresholds(theta[want], tol, anorm, eps)
-        if ok.all() or mul.count + b > max_matvecs or (stop is not None and stop(theta[want], resid[want])):
-            break
-        Qn, R = _repair_breakdown(ops, Qn, R, basis, draw, anorm, eps)
-        if T.shape[0] + b > max_basis:  # thick restart with the most wanted Ritz vectors
-            kept = _order(theta, which)[:keep]
-            buffer = ops.write_block(buffer, 0, ops.combine(basis, _rows(S[:, kept], basis.shape[1])))
-            T = np.diag(theta[kept])
-        pending = Qn
-    vectors = ops.combine(basis, _rows(S[:, want], basis.shape[1]))
-    return theta[want], vectors, resid[want], ok, mul.count, basis
-
-
-def _rows(S, rows):
-    """``S`` padded with zero rows to ``rows`` (for a zero-padded basis buffer)."""
-    return S if S.shape[0] == rows else np.vstack([S, np.zeros((rows - S.shape[0], S.shape[1]))])
-
-
-def _repair_breakdown(ops, Qn, R, basis, draw, anorm, eps):
-    """Replace directions of the new block that carry no information (an invariant
-    subspace was found) by fresh random directions orthogonal to everything so far."""
-    U, sigma, Vt = np.linalg.svd(R)
-    dead = sigma <= np.sqrt(eps) * max(anorm, np.finfo(np.float64).tiny)
-    if not dead.any():
-        return Qn, R
-    Qn = ops.combine(Qn, U)
-    R = sigma[:, None] * Vt
-    R[dead] = 0.0
-    alive = [Qn[:, j : j + 1] for j in np.flatnonzero(~dead)]
-    fresh = draw(int(dead.sum()))
-    fresh, _ = ops.orthogonalize(fresh, ops.concat([basis, *alive], axis=1))
-    fresh, _ = ops.qr(fresh)
-    cols, f = [], 0
-    for j in range(len(sigma)):
-        if dead[j]:
-            cols.append(fresh[:, f : f + 1])
-            f += 1
-        else:
-            cols.append(Qn[:, j : j + 1])
-    return ops.concat(cols, axis=1), R
+    start = draw(b) if v0 is None else v0
+    if start.shape[1] < b:
+        start = ops.concat([start, draw(b - start.shape[1])], axis=1)
+    vals, vecs, resid, ok, basis = thick_restart(A, mul, k, which, tol, max_matvecs, start, max_basis, draw,
+                                                 stop=stop, verify=stop is None)
+    return vals, vecs, resid, ok, mul.count, basis
 
 
 def _power(A, k, which, tol, max_matvecs, seed):
@@ -358,9 +305,12 @@ def _power(A, k, which, tol, max_matvecs, seed):
     def apply(V):
         return mul(V) * sign + V * shift
 
-    vals, vecs, resid, ok = _deflated_power(ops, n, apply, k, tol, max_matvecs, seed, "power",
-                                            lambda: mul.count, shift=shift)
-    return sign * (vals - shift), vecs, resid, ok, mul.count
+    vecs = _deflated_power(ops, n, apply, k, tol, max_matvecs - k, seed, "power", lambda: mul.count,
+                           shift=shift)[1]
+    vals, vecs, resid = verified(ops, mul, vecs, which)  # judged from the true residuals
+    anorm = max(float(np.abs(vals).max()), shift / 1.1)
+    ok = resid <= _thresholds(vals, tol, anorm, float(np.finfo(ops.dtype).eps))
+    return vals, vecs, resid, ok, mul.count
 
 
 def _deflated_power(ops, n, apply, k, tol, budget, seed, stream, used, shift=0.0):

@@ -35,9 +35,6 @@ class VectorOps(abc.ABC):
     """
 
     name: str = "abstract"
-    #: The backend compiles one program per array shape (JAX): algorithms then keep
-    #: shapes fixed, e.g. orthogonalize against a whole zero-padded basis buffer.
-    FIXED_SHAPES: bool = False
 
     def __init__(self, dtype, device: str = "cpu"):
         dtype = np.dtype(dtype)
@@ -159,16 +156,24 @@ class VectorOps(abc.ABC):
         """Euclidean norm of a native vector, as a host float."""
         return float(self.column_norms(self.as_columns(x))[0])
 
-    def orthogonalize(self, W, Q):
+    def orthogonalize(self, W, Q, columns: int | None = None):
         """Remove the span of the orthonormal columns of ``Q`` from ``W``.
 
         Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005),
         which keeps the result orthogonal to working precision.
 
+        Args:
+            W: native (n, b) block.
+            Q: native (n, a) orthonormal columns.
+            columns: use only the first ``columns`` columns of ``Q`` (a basis buffer
+                filled that far; the rest may hold anything). Default: all of them.
+
         Returns:
             ``(W', C)``: the orthogonalized block and the host coefficients ``Q^T W``
-            (a, b) that were removed.
+            (columns, b) that were removed.
         """
+        if Q is not None and columns is not None:
+            Q = Q[:, :columns]
         if Q is None or Q.shape[1] == 0:
             return W, np.zeros((0, W.shape[1]))
         C1 = self.inner(Q, W)
@@ -176,6 +181,25 @@ class VectorOps(abc.ABC):
         C2 = self.inner(Q, W)
         W = W - self.combine(Q, C2)
         return W, self.to_numpy(C1) + self.to_numpy(C2)
+
+    def combine_prefix(self, X, C):
+        """``X[:, :c] @ C`` for a basis buffer ``X`` (n, a) filled to ``c = C.shape[0] <= a``
+        columns (the rest may hold anything)."""
+        return self.combine(X[:, : C.shape[0]], C)
+
+    def orthogonalize_probes(self, W, X, steps: int):
+        """Per probe ``p``: remove from ``W[:, p]`` the span of the orthonormal vectors
+        ``X[:steps, :, p]`` (a stack of independent Lanczos bases), twice.
+
+        Returns:
+            ``(W', C)`` with host coefficients ``C`` (steps, p).
+        """
+        B = X[:steps]
+        c1 = self.einsum("jnp,np->jp", B, W)
+        W = W - self.einsum("jnp,jp->np", B, c1)
+        c2 = self.einsum("jnp,np->jp", B, W)
+        W = W - self.einsum("jnp,jp->np", B, c2)
+        return W, self.to_numpy(c1) + self.to_numpy(c2)
 
     def random(self, n: int, columns, seed: int, kind: str = "rademacher", stream: str = ""):
         """Seeded random columns (n, len(columns)), the same on every backend.

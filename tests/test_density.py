@@ -47,7 +47,9 @@ def test_quadrature_is_exact_when_steps_reach_n():
 
 def test_density_integrates_to_one_and_sigma_is_a_standard_deviation():
     d = so.spectral_density(np.diag([0.0, 10.0]), num_probes=1, num_steps=2, seed=0)
-    grid, rho = d.evaluate(np.linspace(-20, 30, 200001), sigma=0.5)
+    grid = np.linspace(-20, 30, 200001)
+    rho = d.evaluate(grid, sigma=0.5)
+    assert rho.shape == grid.shape
     assert np.trapezoid(rho, grid) == pytest.approx(1.0, abs=1e-9)
     # a single unit-weight Gaussian of std 0.5 at 0 (with weight w0): check its width
     w0 = d.weights[0][np.argmin(np.abs(d.nodes[0]))]
@@ -55,8 +57,12 @@ def test_density_integrates_to_one_and_sigma_is_a_standard_deviation():
     mean = np.trapezoid(grid[mask] * rho[mask], grid[mask]) / w0
     var = np.trapezoid((grid[mask] - mean) ** 2 * rho[mask], grid[mask]) / w0
     assert np.sqrt(var) == pytest.approx(0.5, rel=1e-6)
-    g, r = d.evaluate()
-    assert np.trapezoid(r, g) == pytest.approx(1.0, abs=1e-6)
+    g = d.default_grid()
+    assert np.trapezoid(d.evaluate(), g) == pytest.approx(1.0, abs=1e-6)
+    assert np.array_equal(d.evaluate(), d.evaluate(g))
+    pts = np.array([[0.0, 10.0], [5.0, -3.0]])  # any shape in, the same shape out
+    assert d.evaluate(pts, sigma=0.5).shape == (2, 2)
+    assert d.evaluate(pts, sigma=0.5)[0, 0] == pytest.approx(d.evaluate(np.array([0.0]), sigma=0.5)[0])
 
 
 def test_small_and_degenerate_operators():

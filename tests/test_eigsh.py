@@ -217,3 +217,63 @@ def test_never_exceeds_the_budget_even_when_a_copy_needs_the_dense_path():
         A, _ = symmetric_with_spectrum(lam, int(rng.integers(1000)))
         for budget in range(4, 3 * n):
             assert so.eigsh(A, k=k, max_matvecs=budget).num_matvecs <= budget
+
+
+def _outliers_over_narrow_bulk(n=1300, seed=1):
+    """A typical Hessian spectrum: a few outliers over a very narrow bulk."""
+    rng = np.random.default_rng(seed)
+    lam = np.concatenate([[90.0, 45.0, 35.0, 15.0], rng.normal(0, 0.004, n - 4)])
+    return symmetric_with_spectrum(lam, seed)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_float32_residuals_are_those_of_the_returned_vectors(method):
+    # this spectrum once hid a coupling behind a false breakdown: residuals 1e-9 reported, 9e-4 true
+    A, lam = _outliers_over_narrow_bulk()
+    res = so.eigsh(A.astype(np.float32), k=4, method=method, max_matvecs=3000)
+    V = np.asarray(res.eigenvectors, dtype=np.float64)
+    true = np.linalg.norm(A @ V - V * res.eigenvalues, axis=0)
+    eps32 = np.finfo(np.float32).eps
+    assert np.all(true <= res.residuals + 10 * eps32 * lam.max()), (res.residuals, true)
+    thresholds = np.maximum(1e-6 * np.abs(res.eigenvalues), 50 * eps32 * lam.max())
+    assert np.all(true[res.converged] <= thresholds[res.converged] + 10 * eps32 * lam.max())
+    assert res.all_converged
+    np.testing.assert_allclose(res.eigenvalues, lam[::-1][:4], atol=100 * eps32 * lam.max())
+
+
+def test_verification_product_is_counted_and_within_the_budget():
+    A, lam = symmetric_with_spectrum(np.linspace(0, 1, 50), 3)
+    res = so.eigsh(A, k=2, tol=1e-10)
+    # at most n Lanczos products, the multiplicity check and the k verified ones
+    assert res.num_matvecs <= 50 + res.settings["multiplicity_check"]["products"] + 2
+    with pytest.raises(ValueError, match="max_matvecs"):
+        so.eigsh(A, k=2, max_matvecs=2)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_warm_start_from_nearby_eigenvectors_cuts_products(which):
+    rng = np.random.default_rng(5)
+    lam = np.concatenate([np.linspace(5, 10, 6), np.linspace(-10, -5, 6), rng.uniform(-1, 1, 1988)])
+    A, _ = symmetric_with_spectrum(lam, 5)
+    E = rng.standard_normal(A.shape)
+    B = A + 1e-4 * (E + E.T) / 2  # the operator a little later in training
+    cold = so.eigsh(B, k=5, which=which)
+    prev = so.eigsh(A, k=5, which=which)
+    warm = so.eigsh(B, k=5, which=which, v0=prev.eigenvectors)
+    assert warm.all_converged and cold.all_converged
+    np.testing.assert_allclose(warm.eigenvalues, cold.eigenvalues, rtol=1e-8, atol=1e-8)
+    assert warm.num_matvecs <= 0.7 * cold.num_matvecs, (warm.num_matvecs, cold.num_matvecs)
+    single = so.eigsh(B, k=1, which=which, v0=prev.eigenvectors[:, 0])  # one vector, as SciPy's v0
+    assert single.all_converged and single.num_matvecs < so.eigsh(B, k=1, which=which).num_matvecs
+
+
+def test_bad_starting_vectors():
+    A = np.diag(np.arange(30.0))
+    with pytest.raises(ValueError, match="shape"):
+        so.eigsh(A, k=2, v0=np.ones(29))
+    with pytest.raises(ValueError, match="zero or non-finite"):
+        so.eigsh(A, k=2, v0=np.zeros(30))
+    with pytest.raises(ValueError, match="more than block_size"):
+        so.eigsh(A, k=2, v0=np.ones((30, 3)), block_size=2)
+    with pytest.raises(ValueError, match="power"):
+        so.eigsh(A, k=2, v0=np.ones(30), method="power")

@@ -1,0 +1,211 @@
+"""The Lanczos process, written once: :func:`~specops.eigsh` (thick-restart block Lanczos)
+and :func:`~specops.spectral_density` (many independent probes side by side) both run it.
+
+Both keep their bases orthogonal by full reorthogonalization (classical Gram-Schmidt,
+twice) and share one breakdown rule: a new direction is dropped only when its norm is at
+the rounding level of the products (``ROUNDING * eps * ||A||``), so no coupling larger than
+rounding is ever discarded. Backend tricks (fixed shapes for XLA, buffers written in place)
+live behind the vector operations (:meth:`~specops.ops.VectorOps.orthogonalize` with
+``columns``, :meth:`~specops.ops.VectorOps.combine_prefix`,
+:meth:`~specops.ops.VectorOps.orthogonalize_probes`).
+
+Honesty: the eigenpairs :func:`thick_restart` returns are verified by one product of the
+returned vectors (Rayleigh-Ritz on their span, residuals ``||A v - theta v||`` from that
+product); when the verification contradicts Lanczos' own estimate (a lost coupling), the
+process restarts from those vectors and their true residual block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Convergence floor: residuals are judged relative to max(|lambda|, FLOOR * ||A||).
+NORM_FLOOR = 1e-3
+#: Residuals below ROUNDING * eps * ||A|| are at working precision and count as converged;
+#: a new Lanczos direction of norm below it is a breakdown (an invariant subspace).
+ROUNDING = 50.0
+
+
+def order(theta: np.ndarray, which: str) -> np.ndarray:
+    """All indices of ``theta``, most wanted first."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")
+    up = np.argsort(-theta, kind="stable")  # BE: alternate ends, high first
+    out, lo, hi = [], len(theta) - 1, 0
+    while hi <= lo:
+        out.append(up[hi])
+        hi += 1
+        if hi <= lo:
+            out.append(up[lo])
+            lo -= 1
+    return np.array(out, dtype=int)
+
+
+def wanted(theta: np.ndarray, which: str, k: int) -> np.ndarray:
+    """Indices of the ``k`` most wanted values, in the order results report them."""
+    idx = order(theta, which)[:k]
+    return idx[np.argsort(theta[idx], kind="stable")] if which == "BE" else idx
+
+
+def thresholds(theta, tol, anorm, eps):
+    """Residual bound per Ritz value for convergence."""
+    return np.maximum(tol * np.maximum(np.abs(theta), NORM_FLOOR * anorm), ROUNDING * eps * anorm)
+
+
+def breakdown(norms, anorm, eps):
+    """Which new directions (by norm) are at the rounding level: an invariant subspace."""
+    return np.asarray(norms) <= ROUNDING * eps * max(anorm, np.finfo(np.float64).tiny)
+
+
+def thick_restart(A, mul, k, which, tol, budget, start, max_basis, draw, stop=None, verify=True):
+    """Thick-restart block Lanczos (Wu & Simon 2000) from the block ``start``.
+
+    Args:
+        A: the operator; ``mul`` its counted product (:class:`specops._checks.Products`).
+        k, which, tol: the wanted pairs and the convergence tolerance.
+        budget: products allowed in all (``mul.count`` included), the verification too.
+        start: native (n, b) start block; ``b`` is the block size.
+        max_basis: basis size before a thick restart.
+        draw: ``draw(m)`` gives ``m`` fresh random columns (to replace dead directions).
+        stop: ``stop(theta, resid)`` of the wanted pairs may end the run early (unverified).
+        verify: check the returned pairs with one product of the vectors (``k`` products).
+
+    Returns:
+        ``(values, vectors, residuals, converged, basis)``; ``basis`` is the final Lanczos
+        basis (native (n, m)).
+    """
+    ops, n = A.ops, A.shape[0]
+    eps = float(np.finfo(ops.dtype).eps)
+    reserve = k if verify else 0
+    pending, _ = ops.qr(start)
+    buffer = ops.zeros((n, max_basis))  # the basis lives in columns 0..m-1
+    T = np.zeros((0, 0))
+    anorm = 0.0
+    while True:
+        b = pending.shape[1]
+        W = mul(pending)
+        m = T.shape[0]
+        buffer = ops.write_block(buffer, m, pending)
+        W, C = ops.orthogonalize(W, buffer, m + b)
+        grown = np.zeros((m + b, m + b))
+        grown[:m, :m] = T
+        grown[:m, m:] = C[:m]
+        grown[m:, :m] = C[:m].T
+        grown[m:, m:] = (C[m:] + C[m:].T) / 2
+        T = grown
+        Qn, R = ops.orthonormalize(W)
+        theta, S = np.linalg.eigh(T)
+        anorm = max(anorm, float(np.abs(theta).max()))
+        resid = np.linalg.norm(R @ S[-b:, :], axis=0)
+        want = wanted(theta, which, k)
+        ok = resid[want] <= thresholds(theta[want], tol, anorm, eps)
+        spent = mul.count + b + reserve > budget
+        if stop is not None and stop(theta[want], resid[want]):
+            return theta[want], ops.combine_prefix(buffer, S[:, want]), resid[want], ok, buffer[:, : m + b]
+        if ok.all() or spent:
+            V = ops.combine_prefix(buffer, S[:, want])
+            if not verify:
+                return theta[want], V, resid[want], ok, buffer[:, : m + b]
+            vals, V, AV, true = _rayleigh_ritz(ops, mul, V, which)
+            anorm = max(anorm, float(np.abs(vals).max()))
+            good = true <= thresholds(vals, tol, anorm, eps)
+            if good.all() or mul.count + 2 * k > budget or max_basis < 3 * k:
+                return vals, V, true, good, buffer[:, : m + b]
+            # Lanczos' residual estimate missed a coupling: restart from the verified
+            # vectors, with their true residual block as the next block
+            buffer = ops.write_block(buffer, 0, V)
+            T = np.diag(vals)
+            Qn, R = ops.orthonormalize(ops.orthogonalize(AV - ops.scale_columns(V, vals), buffer, k)[0])
+            Qn, R = _repair(ops, Qn, R, buffer, k, draw, anorm, eps)
+            pending = Qn
+            continue
+        Qn, R = _repair(ops, Qn, R, buffer, m + b, draw, anorm, eps)
+        if T.shape[0] + b > max_basis:  # thick restart with the most wanted Ritz vectors
+            keep = min(max_basis - 2 * b, max(k, (max_basis - b) // 2))
+            kept = order(theta, which)[:keep]
+            buffer = ops.write_block(buffer, 0, ops.combine_prefix(buffer, S[:, kept]))
+            T = np.diag(theta[kept])
+        pending = Qn
+
+
+def _rayleigh_ritz(ops, mul, V, which):
+    """Rayleigh-Ritz on ``span(V)`` from one product: values, vectors, their product and
+    true residual norms, in the order of ``which``."""
+    V, _ = ops.qr(V)
+    AV = mul(V)
+    G = ops.to_numpy(ops.inner(V, AV))
+    vals, U = np.linalg.eigh((G + G.T) / 2)
+    idx = wanted(vals, which, len(vals))
+    vals, U = vals[idx], U[:, idx]
+    V, AV = ops.combine(V, U), ops.combine(AV, U)
+    return vals, V, AV, ops.column_norms(AV - ops.scale_columns(V, vals))
+
+
+def verified(ops, mul, V, which):
+    """Values, vectors and true residuals of the pairs in ``span(V)`` (one product each)."""
+    vals, V, _, true = _rayleigh_ritz(ops, mul, V, which)
+    return vals, V, true
+
+
+def _repair(ops, Qn, R, buffer, columns, draw, anorm, eps):
+    """Replace directions of the new block that carry no information (an invariant
+    subspace was found) by fresh random directions orthogonal to everything so far."""
+    U, sigma, Vt = np.linalg.svd(R)
+    dead = breakdown(sigma, anorm, eps)
+    if not dead.any():
+        return Qn, R
+    Qn = ops.combine(Qn, U)
+    R = sigma[:, None] * Vt
+    R[dead] = 0.0
+    alive = [Qn[:, j : j + 1] for j in np.flatnonzero(~dead)]
+    fresh = draw(int(dead.sum()))
+    fresh, _ = ops.orthogonalize(fresh, buffer, columns)
+    if alive:
+        fresh, _ = ops.orthogonalize(fresh, ops.concat(alive, axis=1))
+    fresh, _ = ops.qr(fresh)
+    cols, f = [], 0
+    for j in range(len(sigma)):
+        if dead[j]:
+            cols.append(fresh[:, f : f + 1])
+            f += 1
+        else:
+            cols.append(Qn[:, j : j + 1])
+    return ops.concat(cols, axis=1), R
+
+
+def probe_lanczos(ops, mul, V, steps):
+    """``steps`` Lanczos steps for every column of the unit block ``V`` independently
+    (one ``matmat`` of all probes per step), each probe's basis fully reorthogonalized.
+
+    Returns:
+        ``(alpha, beta, length)``: per probe the tridiagonal's diagonal (p, steps),
+        off-diagonal (p, steps) and the number of steps before its Krylov space was
+        exhausted (then its quadrature is exact).
+    """
+    n, p = V.shape
+    X = ops.write_block(ops.zeros((steps, n, p)), 0, V[None], axis=0)  # X[j]: step j of every probe
+    alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
+    length = np.full(p, steps)
+    live = np.ones(p, dtype=bool)
+    anorm = 0.0
+    eps = float(np.finfo(ops.dtype).eps)
+    for j in range(steps):
+        W, c = ops.orthogonalize_probes(mul(V), X, j + 1)
+        alpha[live, j] = c[j, live]
+        if j == steps - 1:
+            break
+        b = ops.column_norms(W)
+        anorm = max(anorm, float(np.abs(alpha[:, j]).max()), float(b.max()))
+        ended = live & breakdown(b, anorm, eps)
+        length[ended] = j + 1
+        live &= ~ended
+        if not live.any():
+            break
+        beta[live, j] = b[live]
+        V = ops.scale_columns(W, np.where(live, 1.0 / np.where(live, b, 1.0), 0.0))
+        X = ops.write_block(X, j + 1, V[None], axis=0)
+    return alpha, beta, length
