@@ -141,7 +141,7 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
     p = num_probes
     Z = ops.random(n, range(p), seed, kind=kind, stream="slq")
     V = ops.scale_columns(Z, 1.0 / ops.column_norms(Z))
-    alpha, beta, length = probe_lanczos(ops, mul, V, steps)
+    alpha, beta, length = probe_lanczos(A, mul, V, steps)
     nodes, weights = np.zeros((p, steps)), np.zeros((p, steps))
     for i in range(p):
         m = length[i]

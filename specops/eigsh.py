@@ -203,6 +203,9 @@ class _Complement:
     def __init__(self, A, Q, sign, low):
         self.A, self.Q, self.sign, self.low, self.ops, self.shape = A, Q, sign, low, A.ops, A.shape
 
+    def decide(self, value):
+        return self.A.decide(value)
+
     def matmat(self, V):
         P, _ = self.ops.orthogonalize(V, self.Q)
         return self.ops.orthogonalize(self.A.matmat(P), self.Q)[0] * self.sign + (V - P) * self.low
@@ -245,7 +248,7 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
                                           seed, 1, max_basis, stream="complement-check", stop=stop)
         used += count
         near = mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge
-        if mu[0] >= edge or (ok[0] and near):  # reached the wanted range, or settled at its edge
+        if A.decide(bool(mu[0] >= edge or (ok[0] and near))):  # reached the wanted range, or settled at its edge
             missed = True
         elif not ok[0]:
             complete = False
@@ -299,21 +302,21 @@ def _power(A, k, which, tol, max_matvecs, seed):
     if which != "LM":
         # the dominant eigenvalue bounds the spectrum; shifting by it makes LA (SA) dominant
         mu = _deflated_power(ops, n, lambda V: mul(V) * sign, 1, 1e-2, max_matvecs // 2, seed, "power-bound",
-                             lambda: mul.count)[0]
+                             lambda: mul.count, decide=A.decide)[0]
         shift = 1.1 * abs(float(mu[0]))
 
     def apply(V):
         return mul(V) * sign + V * shift
 
     vecs = _deflated_power(ops, n, apply, k, tol, max_matvecs - k, seed, "power", lambda: mul.count,
-                           shift=shift)[1]
+                           shift=shift, decide=A.decide)[1]
     vals, vecs, resid = verified(ops, mul, vecs, which)  # judged from the true residuals
     anorm = max(float(np.abs(vals).max()), shift / 1.1)
     ok = resid <= _thresholds(vals, tol, anorm, float(np.finfo(ops.dtype).eps))
     return vals, vecs, resid, ok, mul.count
 
 
-def _deflated_power(ops, n, apply, k, tol, budget, seed, stream, used, shift=0.0):
+def _deflated_power(ops, n, apply, k, tol, budget, seed, stream, used, shift=0.0, decide=lambda x: x):
     eps = float(np.finfo(ops.dtype).eps)
     found, vals, resid, ok = None, [], [], []
     anorm = 0.0
@@ -330,7 +333,7 @@ def _deflated_power(ops, n, apply, k, tol, budget, seed, stream, used, shift=0.0
             theta = ops.dot(v, w)
             r = ops.norm(w - v * theta)
             anorm = max(anorm, abs(theta - shift))
-            if r <= _thresholds(np.array([theta - shift]), tol, anorm, eps)[0]:
+            if decide(bool(r <= _thresholds(np.array([theta - shift]), tol, anorm, eps)[0])):
                 conv = True
                 break
             v = w / max(ops.norm(w), np.finfo(np.float64).tiny)

@@ -102,9 +102,9 @@ def thick_restart(A, mul, k, which, tol, budget, start, max_basis, draw, stop=No
         anorm = max(anorm, float(np.abs(theta).max()))
         resid = np.linalg.norm(R @ S[-b:, :], axis=0)
         want = wanted(theta, which, k)
-        ok = resid[want] <= thresholds(theta[want], tol, anorm, eps)
+        ok = A.decide(resid[want] <= thresholds(theta[want], tol, anorm, eps))
         spent = mul.count + b + reserve > budget
-        if stop is not None and stop(theta[want], resid[want]):
+        if stop is not None and A.decide(bool(stop(theta[want], resid[want]))):
             return theta[want], ops.combine_prefix(buffer, S[:, want]), resid[want], ok, buffer[:, : m + b]
         if ok.all() or spent:
             V = ops.combine_prefix(buffer, S[:, want])
@@ -112,7 +112,7 @@ def thick_restart(A, mul, k, which, tol, budget, start, max_basis, draw, stop=No
                 return theta[want], V, resid[want], ok, buffer[:, : m + b]
             vals, V, AV, true = _rayleigh_ritz(ops, mul, V, which)
             anorm = max(anorm, float(np.abs(vals).max()))
-            good = true <= thresholds(vals, tol, anorm, eps)
+            good = A.decide(true <= thresholds(vals, tol, anorm, eps))
             if good.all() or mul.count + 2 * k > budget or max_basis < 3 * k:
                 return vals, V, true, good, buffer[:, : m + b]
             # Lanczos' residual estimate missed a coupling: restart from the verified
@@ -120,10 +120,10 @@ def thick_restart(A, mul, k, which, tol, budget, start, max_basis, draw, stop=No
             buffer = ops.write_block(buffer, 0, V)
             T = np.diag(vals)
             Qn, R = ops.orthonormalize(ops.orthogonalize(AV - ops.scale_columns(V, vals), buffer, k)[0])
-            Qn, R = _repair(ops, Qn, R, buffer, k, draw, anorm, eps)
+            Qn, R = _repair(A, Qn, R, buffer, k, draw, anorm, eps)
             pending = Qn
             continue
-        Qn, R = _repair(ops, Qn, R, buffer, m + b, draw, anorm, eps)
+        Qn, R = _repair(A, Qn, R, buffer, m + b, draw, anorm, eps)
         if T.shape[0] + b > max_basis:  # thick restart with the most wanted Ritz vectors
             keep = min(max_basis - 2 * b, max(k, (max_basis - b) // 2))
             kept = order(theta, which)[:keep]
@@ -151,11 +151,12 @@ def verified(ops, mul, V, which):
     return vals, V, true
 
 
-def _repair(ops, Qn, R, buffer, columns, draw, anorm, eps):
+def _repair(A, Qn, R, buffer, columns, draw, anorm, eps):
     """Replace directions of the new block that carry no information (an invariant
     subspace was found) by fresh random directions orthogonal to everything so far."""
+    ops = A.ops
     U, sigma, Vt = np.linalg.svd(R)
-    dead = breakdown(sigma, anorm, eps)
+    dead = A.decide(breakdown(sigma, anorm, eps))
     if not dead.any():
         return Qn, R
     Qn = ops.combine(Qn, U)
@@ -177,7 +178,7 @@ def _repair(ops, Qn, R, buffer, columns, draw, anorm, eps):
     return ops.concat(cols, axis=1), R
 
 
-def probe_lanczos(ops, mul, V, steps):
+def probe_lanczos(A, mul, V, steps):
     """``steps`` Lanczos steps for every column of the unit block ``V`` independently
     (one ``matmat`` of all probes per step), each probe's basis fully reorthogonalized.
 
@@ -186,6 +187,7 @@ def probe_lanczos(ops, mul, V, steps):
         off-diagonal (p, steps) and the number of steps before its Krylov space was
         exhausted (then its quadrature is exact).
     """
+    ops = A.ops
     n, p = V.shape
     X = ops.write_block(ops.zeros((steps, n, p)), 0, V[None], axis=0)  # X[j]: step j of every probe
     alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
@@ -200,7 +202,7 @@ def probe_lanczos(ops, mul, V, steps):
             break
         b = ops.column_norms(W)
         anorm = max(anorm, float(np.abs(alpha[:, j]).max()), float(b.max()))
-        ended = live & breakdown(b, anorm, eps)
+        ended = live & A.decide(breakdown(b, anorm, eps))
         length[ended] = j + 1
         live &= ~ended
         if not live.any():

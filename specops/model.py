@@ -206,6 +206,10 @@ class ModelOperator(LinearOperator):
             self._check_deterministic()
 
     # --- data ---------------------------------------------------------------------
+    def decide(self, value):
+        """Rank 0's ``value`` on every rank (see :meth:`LinearOperator.decide`)."""
+        return self.comm.bcast(value, 0)
+
     @staticmethod
     def _batches_of(data):
         if is_single_batch(data):

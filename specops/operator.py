@@ -164,6 +164,25 @@ def _same_space(A: LinearOperator, B: LinearOperator):
         raise ValueError(f"operators live on different backends/dtypes/devices: {A.ops} and {B.ops}")
 
 
+def _decide(self, value):
+    """A host value that steers an algorithm (a convergence flag, a breakdown mask, an
+    estimator choice), as every process must take it.
+
+    Algorithms pass every data-dependent branch through this. A single-process operator
+    returns ``value``; a data-parallel one returns rank 0's (one broadcast), so ranks whose
+    floating-point results differ in the last bit (other MPIs, heterogeneous nodes,
+    non-deterministic GPU reductions) still take the same path and never deadlock.
+    Composite operators ask the operators they are made of.
+    """
+    for part in (getattr(self, "A", None), getattr(self, "B", None)):
+        if isinstance(part, LinearOperator):
+            value = part.decide(value)
+    return value
+
+
+LinearOperator.decide = _decide
+
+
 class SumOperator(LinearOperator):
     def __init__(self, A: LinearOperator, B: LinearOperator):
         _same_space(A, B)

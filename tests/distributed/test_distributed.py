@@ -130,3 +130,53 @@ def test_cuda_awareness_can_be_forced(monkeypatch):
     assert mpi_cuda_aware() is True
     monkeypatch.setenv("SPECOPS_MPI_CUDA_AWARE", "0")
     assert mpi_cuda_aware() is False
+
+
+class _Rank0(FakeComm):
+    """Rank 0 of 2: records every decision it broadcasts."""
+
+    def __init__(self):
+        super().__init__(0, 2)
+        self.sent = []
+
+    def bcast(self, obj, root=0):
+        self.sent.append(obj)
+        return obj
+
+
+class _Rank1(FakeComm):
+    """Rank 1 of 2, whose reductions differ from rank 0's beyond the last bit (as a
+    non-deterministic GPU reduction would); its broadcasts receive rank 0's decisions."""
+
+    def __init__(self, sent):
+        super().__init__(1, 2)
+        self.sent, self.received = list(sent), 0
+        self.rng = np.random.default_rng(0)
+
+    def allreduce(self, X, ops):
+        return X * (1 + 1e-12 * self.rng.standard_normal(X.shape))
+
+    def bcast(self, obj, root=0):
+        got = self.sent.pop(0)
+        assert type(got) is type(obj) and np.shape(got) == np.shape(obj), "ranks reached different decisions"
+        self.received += 1
+        return got
+
+
+@pytest.mark.parametrize("run", [
+    lambda H: __import__("specops").eigsh(H, k=3, tol=1e-8),
+    lambda H: __import__("specops").eigsh(H, k=2, method="power", tol=1e-6, max_matvecs=400),
+    lambda H: __import__("specops").spectral_density(H, num_probes=4, num_steps=30),
+], ids=["lanczos", "power", "slq"])
+def test_every_branch_follows_rank_0_when_a_rank_computes_differently(run):
+    """Each data-dependent branch goes through ``decide`` (rank 0's value, broadcast): a rank
+    whose products differ takes rank 0's path, consuming exactly rank 0's decisions."""
+    import scenarios
+
+    r0 = _Rank0()
+    out0 = run(scenarios.build_numpy(range(scenarios.NUM_SAMPLES), r0))
+    assert len(r0.sent) > 3
+    r1 = _Rank1(r0.sent)
+    out1 = run(scenarios.build_numpy(range(scenarios.NUM_SAMPLES), r1))
+    assert r1.received == len(r0.sent) and not r1.sent
+    assert out1.num_matvecs == out0.num_matvecs
