@@ -79,11 +79,11 @@ def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0
     ``first`` are the forms of probe columns ``0..len(first)-1`` of the stream, already taken.
     """
     samples = list(first)
-    if len(samples) >= MIN_PROBES_FOR_RTOL and _reached(*_mean_stderr(np.array(samples)), rtol, offset):
+    if len(samples) >= MIN_PROBES_FOR_RTOL and A.decide(_reached(*_mean_stderr(np.array(samples)), rtol, offset)):
         return np.array(samples)
     for Z, AZ in probe_chunks(A, mul, num, seed, kind, stream, chunk, transform=project, start=len(samples)):
         samples.extend(A.ops.column_dots(Z, AZ))
-        if len(samples) >= MIN_PROBES_FOR_RTOL and _reached(*_mean_stderr(np.array(samples)), rtol, offset):
+        if len(samples) >= MIN_PROBES_FOR_RTOL and A.decide(_reached(*_mean_stderr(np.array(samples)), rtol, offset)):
             break
     return np.array(samples)
 
@@ -157,14 +157,15 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
     def products(X):
         return ops.concat([mul(X[:, j:j + chunk]) for j in range(0, X.shape[1], chunk)], axis=1)
 
-    sketch = _Sketch(ops)
+    sketch = _Sketch(ops, A.decide)
     s = min(n, m // 2 if rtol is None else min(m // 2, 2 * max(MIN_PROBES_FOR_RTOL, chunk)))
     while True:
         Omega = ops.random(n, range(sketch.size, s), seed, kind=kind, stream="trace")
         Y = products(Omega)
         if settings["method"] == "auto" and sketch.size == 0:
             share = sketch.add(Omega, Y)
-            settings.update(estimator="xtrace" if sketch.exact or share < AUTO_XTRACE_BELOW else "hutchinson",
+            xtrace = A.decide(bool(sketch.exact or share < AUTO_XTRACE_BELOW))
+            settings.update(estimator="xtrace" if xtrace else "hutchinson",
                             sketch_residual=share)
             if settings["estimator"] == "hutchinson":  # the sketch's probes are Hutchinson's first probes
                 samples = _hutchinson_samples(A, mul, m, seed, kind, "trace", chunk, rtol,
@@ -189,7 +190,7 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
             return low + est, err
         est, err = sketch.estimate()
         left = (m - mul.count) // 2
-        met = s >= MIN_PROBES_FOR_RTOL and _reached(est, err, rtol)
+        met = s >= MIN_PROBES_FOR_RTOL and A.decide(_reached(est, err, rtol))
         if sketch.exact or rtol is None or left < 1 or met:
             return est, err
         # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
@@ -204,8 +205,8 @@ class _Sketch:
     (so ``Q`` and ``R`` extend, block upper triangular) and only ``A Q2`` is new work.
     """
 
-    def __init__(self, ops):
-        self.ops = ops
+    def __init__(self, ops, decide=lambda value: value):
+        self.ops, self.decide = ops, decide
         self.Omega = self.Q = self.Q2 = None
         self.R = self.W = self.H = np.zeros((0, 0))
         self.norms2 = np.zeros(0)
@@ -225,7 +226,7 @@ class _Sketch:
         R = np.zeros((s0 + k, s0 + k))
         R[:s0, :s0], R[:s0, s0:], R[s0:, s0:] = self.R, C, R22
         d = np.abs(np.diag(R))
-        if s0 + k == Omega.shape[0] or d.min() <= 1e3 * np.finfo(ops.dtype).eps * d.max():
+        if self.decide(bool(s0 + k == Omega.shape[0] or d.min() <= 1e3 * np.finfo(ops.dtype).eps * d.max())):
             # rank(A) < probes (or n probes): span(Q) holds the range of A, tr(Q^T A Q) is exact
             self.exact = True
             Q2, _ = ops.orthonormalize(ops.orthogonalize(Q2, self.Q)[0])
