@@ -12,6 +12,16 @@ Parameters are named by Keras 3 variable paths (``"sequential/dense/kernel"``), 
 ``tf.Variable.name`` without ``":0"`` (repeated names get ``_1``, ``_2``, ...). Select
 blocks with those names or glob patterns (``"sequential/dense/*"``).
 
+Random layers (``random_layers=``): Keras runs dropout and noise layers only when the
+model is called with ``training=True`` (a loss ``loss_fn(model, batch)`` that passes it).
+Such a forward pass has no fixed Hessian, so by default (``"error"``) the operator raises
+:class:`specops.NonDeterministicError` at construction when two evaluations of the first
+batch's loss differ, naming the model's random layers. ``"fixed"`` opts in to one fixed
+mask: the state of every layer's ``SeedGenerator`` is reset to the value it had at
+construction before each loss, gradient and product, so every call draws the same
+random numbers (batches of one shape share the mask). Randomness from outside Keras'
+seed generators (``tf.random.*``) cannot be fixed and raises in both modes.
+
 The variables are never changed by a product. ``loss_at(delta)`` assigns
 ``theta + delta``, evaluates, and assigns the saved values back (bit for bit), also
 when the loss raises.
@@ -23,7 +33,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from specops.model import ModelAdapter, ModelOperator, common_batch_size, resolve_loss_form, select_names
+from specops.model import (
+    ModelAdapter, ModelOperator, NonDeterministicError, common_batch_size, resolve_loss_form, select_names,
+)
 from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
@@ -163,6 +175,30 @@ def _resolve_variables(model, variables) -> dict:
     return result
 
 
+RANDOM_LAYERS = ("error", "fixed")
+_RANDOM_NAME_PARTS = ("Dropout", "Noise", "Random")
+
+
+def _layers(model) -> list:
+    """The model and every layer nested in it (Keras), or ``[]`` for other callables."""
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=True, recursive=True))
+    return []
+
+
+def _random_layers(model) -> list:
+    """Keras layers that draw random numbers when called with ``training=True``."""
+    return [layer for layer in _layers(model)
+            if getattr(layer, "seed_generator", None) is not None
+            or any(part in type(layer).__name__ for part in _RANDOM_NAME_PARTS)]
+
+
+def _describe(layer) -> str:
+    rate = next((getattr(layer, a) for a in ("rate", "stddev") if hasattr(layer, a)), None)
+    return f"{layer.name} ({type(layer).__name__}" + ("" if rate is None else f", {rate:g}") + ")"
+
+
 def _batch_size(batch) -> int:
     return common_batch_size(tf.nest.flatten(batch))
 
@@ -181,6 +217,7 @@ class TFAdapter(ModelAdapter):
         loss_form: ``"outputs"``, ``"model"`` or ``"auto"`` (``"model"`` when the
             first parameter of ``loss_fn`` is named model, module, net or network).
         chunk_size: columns per vectorized product.
+        random_layers: ``"error"`` or ``"fixed"`` (see the module docstring).
 
     Raises:
         TypeError: a variable that is not floating, or variables of mixed dtypes.
@@ -188,7 +225,15 @@ class TFAdapter(ModelAdapter):
 
     engine = "tensorflow: tf.function(vectorized_map(ForwardAccumulator over GradientTape))"
 
-    def __init__(self, model, loss_fn, *, variables=None, loss_form: str = "auto", chunk_size: int = 16):
+    def __init__(self, model, loss_fn, *, variables=None, loss_form: str = "auto", chunk_size: int = 16,
+                 random_layers: str = "error"):
+        if random_layers not in RANDOM_LAYERS:
+            raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
+        self.random_layers = random_layers
+        self._random = _random_layers(model)
+        # the seed generators' states at construction, restored before every call with "fixed"
+        self._seed_states = [(g.state, tf.identity(g.state.value)) for g in
+                             (getattr(layer, "seed_generator", None) for layer in self._random) if g is not None]
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if int(chunk_size) < 1:
@@ -304,7 +349,34 @@ class TFAdapter(ModelAdapter):
     def batch_size(self, batch) -> int:
         return _batch_size(batch)
 
+    def _fix_randomness(self):
+        if self.random_layers == "fixed":
+            for state, value in self._seed_states:
+                state.assign(value)
+
+    def check_random_forward(self, batch):
+        """Raise if two evaluations of ``batch``'s loss differ (a random forward pass)."""
+        first, second = self.loss(batch), self.loss(batch)
+        rtol = 1e-5 if self.ops.dtype == np.float32 else 1e-12
+        if abs(first - second) <= rtol * max(abs(first), abs(second)) or not np.isfinite(first):
+            return
+        layers = ", ".join(_describe(layer) for layer in self._random[:4]) or "none found"
+        if self.random_layers == "fixed":
+            raise NonDeterministicError(
+                f"random_layers='fixed' could not fix the random numbers of the forward pass (the first "
+                f"batch's loss is {first!r}, then {second!r}): only Keras layers' seed generators are "
+                f"reset (random layers: {layers}); random numbers from tf.random.* or a global generator "
+                "are drawn anew each call. Call the model with training=False"
+            )
+        raise NonDeterministicError(
+            f"the forward pass is random: two evaluations of the first batch's loss give {first!r} and "
+            f"{second!r}. Random layers: {layers}; the loss calls the model with training=True, which "
+            "runs them, so the loss has no fixed Hessian. Call the model with training=False (the "
+            "default of model(x)), or pass random_layers='fixed' to keep one fixed random mask"
+        )
+
     def loss(self, batch, delta=None) -> float:
+        self._fix_randomness()
         batch = self._prepare(batch)
         if delta is None:
             return float(self._loss(batch))
@@ -318,10 +390,14 @@ class TFAdapter(ModelAdapter):
                 var.assign(value)
 
     def gradient(self, batch):
+        self._fix_randomness()
         return self._grad(self._prepare(batch))
 
     def hvp(self, index: int, batch, V):
         batch, c = self._prepare(batch), self.chunk_size
+        if self.random_layers == "fixed" and V.shape[1] > c:
+            return tf.concat([self.hvp(index, batch, V[:, j : j + c]) for j in range(0, V.shape[1], c)], axis=1)
+        self._fix_randomness()
         if V.shape[1] <= c:
             return self._hvp(batch, V)
         return tf.concat([self._hvp(batch, V[:, j : j + c]) for j in range(0, V.shape[1], c)], axis=1)
@@ -332,7 +408,8 @@ class TFAdapter(ModelAdapter):
     def subset(self, names: list[str]) -> TFAdapter:
         chosen = [self._vars[list(self.param_blocks).index(n)] for n in names]
         sub = TFAdapter(self.model, self.loss_fn, variables=chosen, loss_form=self.loss_form,
-                        chunk_size=self.chunk_size)
+                        chunk_size=self.chunk_size, random_layers=self.random_layers)
+        sub._seed_states = self._seed_states
         sub.param_blocks = {n: s for n, s in zip(names, sub.param_blocks.values())}
         return sub
 
@@ -345,7 +422,8 @@ class TFAdapter(ModelAdapter):
 
 
 def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", comm=None,
-            check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16) -> ModelOperator:
+            check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
+            random_layers: str = "error") -> ModelOperator:
     """The Hessian of a TensorFlow model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -368,6 +446,10 @@ def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", co
             products agree.
         loss_form: ``"outputs"``, ``"model"`` or ``"auto"`` (see :class:`TFAdapter`).
         chunk_size: columns per vectorized product.
+        random_layers: ``"error"`` (default): a random forward pass (dropout or noise
+            layers called with ``training=True``) raises
+            :class:`specops.NonDeterministicError` naming the layers; ``"fixed"``: one
+            fixed random mask, the Keras seed generators reset before every call.
 
     Returns:
         A :class:`specops.ModelOperator`: ``H @ v`` takes and returns ``tf.Tensor`` s.
@@ -377,7 +459,12 @@ def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", co
             selection that matches nothing.
         TypeError: integer variables or mixed dtypes.
         specops.NonFiniteError: a non-finite loss (naming the batch).
+        specops.NonDeterministicError: a random forward pass (see ``random_layers``).
     """
-    adapter = TFAdapter(model, loss_fn, variables=variables, loss_form=loss_form, chunk_size=chunk_size)
+    adapter = TFAdapter(model, loss_fn, variables=variables, loss_form=loss_form, chunk_size=chunk_size,
+                        random_layers=random_layers)
+    for batch in ModelOperator._batches_of(data):
+        adapter.check_random_forward(batch)
+        break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)

@@ -29,6 +29,16 @@ Hessian-vector product engines (``hvp=``):
 
 On CPU the first two build their graphs under :class:`_CheapDoubleBackward`, which swaps two
 of PyTorch's second-derivative formulas for cheaper ones with the same results.
+
+Random layers (``random_layers=``): a forward pass that draws random numbers (dropout,
+``DropPath``, ``RReLU`` in training mode, any ``torch.rand`` in ``forward``) has no fixed
+Hessian, and ``cached_graph`` would silently keep one mask. By default (``"error"``) such a
+model raises :class:`specops.NonDeterministicError` at construction, found by inspecting
+the modules and by whether one forward pass of the first batch advances torch's random
+generator. ``"fixed"`` opts in to the Hessian of one fixed random sub-network: every
+forward of a batch runs with torch's generator seeded from that batch's contents (the
+caller's generator state is restored afterwards), so each batch gets the same mask in
+every product, loss and gradient, for every engine.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
 ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse")
+RANDOM_LAYERS = ("error", "fixed")
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -373,6 +384,49 @@ def _check_uniform(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return floating[0][1].dtype, floating[0][1].device
 
 
+
+# --- random layers ----------------------------------------------------------------------
+_RANDOM_NAME_PARTS = ("Dropout", "DropPath", "DropBlock", "StochasticDepth")
+
+
+def _random_modules(model: nn.Module) -> list[str]:
+    """``"name (Class, p=...)"`` for each module that draws random numbers in its current mode."""
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        cls = type(m).__name__
+        if isinstance(m, nn.MultiheadAttention):
+            p = m.dropout
+        elif isinstance(m, nn.RReLU):
+            found.append(f"{name or '<model>'} ({cls}, lower={m.lower}, upper={m.upper})")
+            continue
+        elif isinstance(m, nn.modules.dropout._DropoutNd) or any(part in cls for part in _RANDOM_NAME_PARTS):
+            p = next((getattr(m, a) for a in ("p", "drop_prob", "drop_rate") if hasattr(m, a)), None)
+        else:
+            continue
+        if isinstance(p, (int, float)) and p == 0:
+            continue
+        found.append(f"{name or '<model>'} ({cls}" + ("" if p is None else f", p={p:g}") + ")")
+    return found
+
+
+def _random_layers_fix() -> str:
+    return (
+        "Call model.eval() first (this also switches batch norm to its running statistics; to "
+        "turn off only the random layers: `for m in model.modules(): if 'Dropout' in "
+        "type(m).__name__: m.eval()`), or pass random_layers='fixed' to take the Hessian of one "
+        "fixed random sub-network (each batch keeps one mask in every product)"
+    )
+
+
+def _rng_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
 class TorchAdapter(ModelAdapter):
     """Per-batch loss, gradient and Hessian products of an ``nn.Module``.
 
@@ -390,6 +444,12 @@ class TorchAdapter(ModelAdapter):
         chunk_size: columns per ``vmap`` pass of ``forward_over_reverse`` (None: all).
         batch_size: optional ``batch -> int``; default the length of the first tensor.
         progress: write a line per batch and product to stderr.
+        random_layers: ``"error"`` (raise for random layers in training mode) or ``"fixed"``
+            (one fixed random mask per batch), see the module docstring.
+
+    Raises:
+        specops.NonDeterministicError: random layers in training mode with
+            ``random_layers="error"``.
     """
 
     # Build graphs on CPU under _CheapDoubleBackward (False: PyTorch's formulas, for benchmarks).
@@ -399,11 +459,22 @@ class TorchAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, loss_fn, *, params=None, loss_form="auto", engine="auto",
                  memory_budget=None, chunk_size=None, batch_size=None, progress=False,
-                 _fixed=None, _theta=None):
+                 random_layers="error", _fixed=None, _theta=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
             raise ValueError(f"hvp must be one of {ENGINES}, got {engine!r}")
+        if random_layers not in RANDOM_LAYERS:
+            raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
+        self.random_layers = random_layers
+        if random_layers == "error":
+            found = _random_modules(model)
+            if found:
+                raise NonDeterministicError(
+                    f"the model has random layers in training mode: {_listing(found)}. Each forward pass "
+                    "draws new random numbers, so the loss has no fixed Hessian (the cached graph would "
+                    "silently keep one random sub-network). " + _random_layers_fix()
+                )
         dtype, device = _check_uniform(model)
         # torch.func's forward-over-reverse gets the second derivatives of batch norm with batch
         # statistics wrong (0.9% off double backward, which agrees with finite differences)
@@ -423,7 +494,7 @@ class TorchAdapter(ModelAdapter):
         self.loss_form = resolve_loss_form(loss_fn, loss_form)
         self._module = _LossModule(model, loss_fn, self.loss_form)
         self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
-                         "batch_size": batch_size, "progress": progress}
+                         "batch_size": batch_size, "progress": progress, "random_layers": random_layers}
         self._requested = engine
         self.engine = "cached_graph" if engine == "auto" else engine
         self.memory_budget = (
@@ -513,7 +584,43 @@ class TorchAdapter(ModelAdapter):
         return state
 
     def _loss(self, theta, batch):
+        if self.random_layers == "fixed":
+            return self._fixed_mask_loss(theta, batch)
         return torch.func.functional_call(self._module, self._state(theta), (batch,))
+
+    def _fixed_mask_loss(self, theta, batch):
+        """The loss with torch's generator seeded from the batch: one random mask per batch."""
+        device = self.ops.torch_device
+        seed = hash(self._fingerprint(batch)) % (1 << 62)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            return torch.func.functional_call(self._module, self._state(theta), (batch,))
+
+    def check_random_forward(self, batch):
+        """Raise if one forward pass of ``batch`` draws random numbers (``random_layers="error"``).
+
+        Catches what inspecting the modules cannot: ``torch.rand``, ``F.dropout`` and other
+        random functions called in a ``forward``. The caller's generator state is kept.
+        """
+        if self.random_layers != "error":
+            return
+        device = self.ops.torch_device
+        batch = self._prepare(batch)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            before = _rng_states(device)
+            with torch.no_grad():
+                self._loss(self._theta, batch)
+            after = _rng_states(device)
+        if any(not torch.equal(a, b) for a, b in zip(before, after)):
+            raise NonDeterministicError(
+                "a forward pass of the first batch draws random numbers (torch's random generator "
+                "advanced): a random layer or function in training mode (F.dropout, torch.rand, "
+                "torch.randn_like, ...) makes every product use new random numbers, so the loss has no "
+                "fixed Hessian. " + _random_layers_fix()
+            )
 
     def loss(self, batch, delta=None) -> float:
         theta = self._theta if delta is None else self._theta + delta
@@ -642,7 +749,7 @@ def _listing(names, limit: int = 4) -> str:
 def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "mean", hvp: str = "auto",
             comm=None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
-            batch_size=None) -> ModelOperator:
+            batch_size=None, random_layers: str = "error") -> ModelOperator:
     """The Hessian of a model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -674,6 +781,11 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
             free GPU memory, or a quarter of the host's memory).
         chunk_size: columns per vectorized pass of ``forward_over_reverse`` (default: all).
         batch_size: ``batch -> int`` samples in a batch, where the first tensor's length is not it.
+        random_layers: ``"error"`` (default): a model whose forward pass is random (dropout
+            or other random layers in training mode, found from the modules and from whether
+            a forward of the first batch draws random numbers) raises
+            :class:`specops.NonDeterministicError`; ``"fixed"``: the Hessian of one fixed
+            random sub-network, each batch with the same mask in every product.
 
     Returns:
         A :class:`specops.model.ModelOperator`: ``H @ v`` for a flat tensor ``v``,
@@ -683,10 +795,14 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
     Raises:
         ValueError: mixed parameter devices/dtypes, an empty selection, a bad keyword.
         specops.NonFiniteError: a batch's loss is not finite (the batch is named).
-        specops.NonDeterministicError: two identical products differ (the likely cause is named).
+        specops.NonDeterministicError: a random forward pass (with ``random_layers="error"``;
+            the layers and the fix are named), or two identical products differ.
     """
     adapter = TorchAdapter(model, loss_fn, params=params, loss_form=loss_form, engine=hvp,
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, random_layers=random_layers)
+    for batch in ModelOperator._batches_of(data):
+        adapter.check_random_forward(batch)
+        break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
