@@ -353,7 +353,7 @@ def test_model_state_is_never_changed():
 def test_dropout_in_training_mode_is_detected_and_named():
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     batch = classification_batches((16,))[0]
-    with pytest.raises(specops.NonDeterministicError, match=r"dropout in training mode \(2\).*model.eval\(\)"):
+    with pytest.raises(specops.NonDeterministicError, match=r"random layers in training mode: 2 \(Dropout, p=0.5\).*model.eval\(\)"):
         st.hessian(model, nn.CrossEntropyLoss(), batch, hvp="double_backward")
     model.eval()
     st.hessian(model, nn.CrossEntropyLoss(), batch)  # deterministic now
