@@ -141,13 +141,14 @@ def _keras_setup():
     keras = pytest.importorskip("keras")
     from backends import tensorflow as tf_backend
 
+    before = keras.config.floatx()  # other test modules rely on the setting they made
     keras.config.set_floatx("float64")
     try:
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
                                   keras.layers.Dropout(0.3, name="drop"), keras.layers.Dense(1)])
     finally:
-        keras.config.set_floatx("float32")
+        keras.config.set_floatx(before)
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((8, 3)), rng.standard_normal((8, 1))
     data = [(X[:4], y[:4]), (X[4:], y[4:])]
