@@ -1,4 +1,6 @@
 """Random layers (dropout in training mode, torch.rand in forward) never pass silently."""
+# In tests/ rather than tests/backends/: its Keras model (built under float64) must not run before
+# test_cli.py's float32 Keras run, whose dtype check it upsets (cause not found yet).
 
 import numpy as np
 import pytest
