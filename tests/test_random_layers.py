@@ -1,6 +1,6 @@
 """Random layers (dropout in training mode, torch.rand in forward) never pass silently."""
-# In tests/ rather than tests/backends/: its Keras model (built under float64) must not run before
-# test_cli.py's float32 Keras run, whose dtype check it upsets (cause not found yet).
+# Its Keras model sets float64 per layer: keras.config.set_floatx here once leaked into
+# test_cli.py's float32 Keras run through the cached global dtype policy.
 
 import numpy as np
 import pytest
@@ -143,14 +143,12 @@ def _keras_setup():
     keras = pytest.importorskip("keras")
     from backends import tensorflow as tf_backend
 
-    before = keras.config.floatx()  # other test modules rely on the setting they made
-    keras.config.set_floatx("float64")
-    try:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
-                                  keras.layers.Dropout(0.3, name="drop"), keras.layers.Dense(1)])
-    finally:
-        keras.config.set_floatx(before)
+    # float64 per layer, not keras.config.set_floatx: the first layer built caches the global dtype
+    # policy from floatx, which then outlives restoring floatx and leaks into later test modules
+    keras.utils.set_random_seed(0)
+    f64 = "float64"
+    model = keras.Sequential([keras.Input((3,), dtype=f64), keras.layers.Dense(4, activation="tanh", dtype=f64),
+                              keras.layers.Dropout(0.3, name="drop", dtype=f64), keras.layers.Dense(1, dtype=f64)])
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((8, 3)), rng.standard_normal((8, 1))
     data = [(X[:4], y[:4]), (X[4:], y[4:])]
