@@ -64,17 +64,17 @@ def diagonal(A, method: str = "hutchinson", num_matvecs: int = 100, seed: int = 
                  (ops.identity_columns(n, j, min(n, j + chunk)) for j in range(0, n, chunk))]
         est = ops.to_numpy(sum(parts[1:], parts[0]))
         return DiagonalResult(est, np.zeros(n), mul.count, settings)
-    total = total_sq = None
+    # per-probe values z * Az on the host in float64, merged chunk by chunk (Chan et al.'s
+    # update of mean and sum of squared deviations): sum(x^2)/m - mean^2 in float32 cancels
+    # to 0 (or garbage) when the diagonal is large beside its spread
+    m, mean, m2 = 0, np.zeros(n), np.zeros(n)
     for Z, AZ in probe_chunks(A, mul, num_matvecs, seed, kind, "diagonal", chunk):
-        P = Z * AZ
-        s, sq = ops.row_sums(P), ops.row_sums(P * P)
-        total = s if total is None else total + s
-        total_sq = sq if total_sq is None else total_sq + sq
-    m = mul.count
-    mean = ops.to_numpy(total) / m
-    if m > 1:
-        var = np.maximum(ops.to_numpy(total_sq) / m - mean**2, 0.0) * m / (m - 1)
-        stderr = np.sqrt(var / m)
-    else:
-        stderr = np.full(n, np.inf)
+        P = ops.to_numpy(Z * AZ)
+        k = P.shape[1]
+        chunk_mean = P.mean(axis=1)
+        delta = chunk_mean - mean
+        m2 += np.sum((P - chunk_mean[:, None]) ** 2, axis=1) + delta**2 * (m * k / (m + k))
+        mean += delta * (k / (m + k))
+        m += k
+    stderr = np.sqrt(m2 / (m - 1) / m) if m > 1 else np.full(n, np.inf)
     return DiagonalResult(mean, stderr, m, settings)

@@ -63,6 +63,18 @@ def probe_chunks(A, mul, num: int, seed: int, kind: str, stream: str, chunk: int
         yield Z, mul(Z)
 
 
+def _forms(ops, Z, AZ) -> np.ndarray:
+    """The quadratic forms ``z_j^T (A z_j)``, summed in float64 on the host.
+
+    In float32 a device sum of ``n`` terms rounds each form by about ``eps * |z^T A z|``;
+    with a large mean diagonal that rounding exceeds the probes' own spread and is partly
+    shared by all probes, so the standard error would understate the error.
+    """
+    if ops.dtype == np.float64:
+        return ops.column_dots(Z, AZ)
+    return np.sum(ops.to_numpy(Z) * ops.to_numpy(AZ), axis=0)
+
+
 def _mean_stderr(samples: np.ndarray):
     m = len(samples)
     mean = float(np.mean(samples))
@@ -82,7 +94,7 @@ def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0
     if len(samples) >= MIN_PROBES_FOR_RTOL and A.decide(_reached(*_mean_stderr(np.array(samples)), rtol, offset)):
         return np.array(samples)
     for Z, AZ in probe_chunks(A, mul, num, seed, kind, stream, chunk, transform=project, start=len(samples)):
-        samples.extend(A.ops.column_dots(Z, AZ))
+        samples.extend(_forms(A.ops, Z, AZ))
         if len(samples) >= MIN_PROBES_FOR_RTOL and A.decide(_reached(*_mean_stderr(np.array(samples)), rtol, offset)):
             break
     return np.array(samples)
@@ -169,7 +181,7 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
                             sketch_residual=share)
             if settings["estimator"] == "hutchinson":  # the sketch's probes are Hutchinson's first probes
                 samples = _hutchinson_samples(A, mul, m, seed, kind, "trace", chunk, rtol,
-                                              first=ops.column_dots(Omega, Y))
+                                              first=_forms(ops, Omega, Y))
                 return _mean_stderr(samples)
         else:
             sketch.add(Omega, Y)
