@@ -598,16 +598,14 @@ class _TFCurvature:
         return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
 
-def _curvature_operator(kind, model, loss_fn, data, *, wrt, variables, reduction, comm, check_deterministic,
+def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
                         loss_form, chunk_size, random_layers, num_samples=1, seed=0) -> ModelOperator:
     from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
         unknown_likelihood_error
     from specops.random import check_seed
 
-    if wrt is not None and variables is not None:
-        raise ValueError("pass the variable selection as wrt=... only (variables= is its older name)")
     what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-    base = TFAdapter(model, loss_fn, variables=wrt if wrt is not None else variables, loss_form=loss_form,
+    base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
                      chunk_size=chunk_size, random_layers=random_layers)
     if base.loss_form != "outputs":
         raise model_form_error(what, "loss_fn(targets, outputs), e.g. "
@@ -626,7 +624,7 @@ def _curvature_operator(kind, model, loss_fn, data, *, wrt, variables, reduction
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 
-def ggn(model, loss_fn, data, *, wrt=None, variables=None, reduction: str = "mean", comm=None,
+def ggn(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
         check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
         random_layers: str = "error") -> ModelOperator:
     """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` of a TensorFlow model's loss.
@@ -639,7 +637,7 @@ def ggn(model, loss_fn, data, *, wrt=None, variables=None, reduction: str = "mea
     Args:
         model, loss_fn, data, reduction, comm, check_deterministic, chunk_size,
             random_layers: as for :func:`hessian`; ``loss_fn(targets, outputs)`` (Keras order).
-        wrt: the variable selection (``variables`` of :func:`hessian`, accepted as an alias).
+        wrt: the variable selection, as for :func:`hessian`.
         loss_form: ``"auto"`` or ``"outputs"``; ``"model"`` is refused.
 
     Returns:
@@ -648,13 +646,14 @@ def ggn(model, loss_fn, data, *, wrt=None, variables=None, reduction: str = "mea
     Raises:
         ValueError: a loss that is not a function of the outputs alone. As :func:`hessian` otherwise.
     """
-    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt, variables=variables, reduction=reduction,
+    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt,
+                               reduction=reduction,
                                comm=comm, check_deterministic=check_deterministic, loss_form=loss_form,
                                chunk_size=chunk_size, random_layers=random_layers)
 
 
 def fisher(model, loss_fn, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0, wrt=None,
-           variables=None, reduction: str = "mean", comm=None, check_deterministic: bool = True,
+           reduction: str = "mean", comm=None, check_deterministic: bool = True,
            loss_form: str = "auto", chunk_size: int = 16, random_layers: str = "error") -> ModelOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher of a TensorFlow model.
 
@@ -676,7 +675,8 @@ def fisher(model, loss_fn, data, *, kind: str = "empirical", num_samples: int = 
     """
     from specops.curvature import check_kind
 
-    return _curvature_operator(check_kind(kind), model, loss_fn, data, wrt=wrt, variables=variables,
+    return _curvature_operator(check_kind(kind), model, loss_fn, data,
+                               wrt=wrt,
                                reduction=reduction, comm=comm, check_deterministic=check_deterministic,
                                loss_form=loss_form, chunk_size=chunk_size, random_layers=random_layers,
                                num_samples=num_samples, seed=seed)

@@ -931,17 +931,15 @@ class _TorchCurvature:
                                randomness="same")(V)
 
 
-def _curvature_operator(kind, model, loss_fn, data, *, wrt, params, reduction, comm, check_deterministic,
+def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
                         progress, loss_form, chunk_size, batch_size, random_layers, num_samples=1,
                         seed=0) -> ModelOperator:
     from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
         unknown_likelihood_error
     from specops.random import check_seed
 
-    if wrt is not None and params is not None:
-        raise ValueError("pass the parameter selection as wrt=... only (params= is its older name)")
     what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-    base = TorchAdapter(model, loss_fn, params=wrt if wrt is not None else params, loss_form=loss_form,
+    base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
                         engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
                         progress=progress, random_layers=random_layers)
     if base.loss_form != "outputs":
@@ -961,7 +959,7 @@ def _curvature_operator(kind, model, loss_fn, data, *, wrt, params, reduction, c
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 
-def ggn(model: nn.Module, loss_fn, data, *, wrt=None, params=None, reduction: str = "mean", comm=None,
+def ggn(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
         check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
         chunk_size: int | None = None, batch_size=None, random_layers: str = "error") -> ModelOperator:
     """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` of a model's loss over data.
@@ -977,8 +975,7 @@ def ggn(model: nn.Module, loss_fn, data, *, wrt=None, params=None, reduction: st
         model, loss_fn, data, reduction, comm, check_deterministic, progress, chunk_size,
             batch_size, random_layers: as for :func:`hessian`; ``loss_fn`` must be
             ``loss_fn(outputs, targets)`` and ``model`` return one tensor.
-        wrt: the parameter selection (``params`` of :func:`hessian`); ``params=`` is
-            accepted as an alias.
+        wrt: the parameter selection, as for :func:`hessian`.
         loss_form: ``"auto"`` or ``"outputs"``; ``"model"`` is refused.
 
     Returns:
@@ -989,14 +986,15 @@ def ggn(model: nn.Module, loss_fn, data, *, wrt=None, params=None, reduction: st
         ValueError: a loss that is not a function of the outputs alone (``loss_form="model"``).
         As :func:`hessian` otherwise.
     """
-    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt, params=params, reduction=reduction,
+    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt,
+                               reduction=reduction,
                                comm=comm, check_deterministic=check_deterministic, progress=progress,
                                loss_form=loss_form, chunk_size=chunk_size, batch_size=batch_size,
                                random_layers=random_layers)
 
 
 def fisher(model: nn.Module, loss_fn, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0,
-           wrt=None, params=None, reduction: str = "mean", comm=None, check_deterministic: bool = True,
+           wrt=None, reduction: str = "mean", comm=None, check_deterministic: bool = True,
            progress: bool = False, loss_form: str = "auto", chunk_size: int | None = None, batch_size=None,
            random_layers: str = "error") -> ModelOperator:
     """The Fisher matrix of a model's loss over data: empirical or Monte-Carlo sampled.
@@ -1024,7 +1022,8 @@ def fisher(model: nn.Module, loss_fn, data, *, kind: str = "empirical", num_samp
     """
     from specops.curvature import check_kind
 
-    return _curvature_operator(check_kind(kind), model, loss_fn, data, wrt=wrt, params=params,
+    return _curvature_operator(check_kind(kind), model, loss_fn, data,
+                               wrt=wrt,
                                reduction=reduction, comm=comm, check_deterministic=check_deterministic,
                                progress=progress, loss_form=loss_form, chunk_size=chunk_size,
                                batch_size=batch_size, random_layers=random_layers, num_samples=num_samples,

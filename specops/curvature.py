@@ -149,12 +149,8 @@ class CurvatureAdapter(ModelAdapter):
         self._product = make_product(base)
 
     @property
-    def param_blocks(self) -> dict:
-        return self.base.param_blocks
-
-    @property
-    def param_shapes(self) -> dict:
-        return self.base.param_shapes
+    def layout(self):
+        return self.base.layout
 
     def batch_size(self, batch) -> int:
         return self.base.batch_size(batch)
@@ -175,8 +171,11 @@ class CurvatureAdapter(ModelAdapter):
     def unflatten(self, v) -> dict:
         return self.base.unflatten(v)
 
-    def flatten(self, arrays: dict):
+    def flatten(self, arrays):
         return self.base.flatten(arrays)
+
+    def as_params(self, v):
+        return self.base.as_params(v)
 
     def subset(self, names: list[str]) -> CurvatureAdapter:
         return CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
