@@ -600,30 +600,59 @@ class _TFCurvature:
         return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
 
-def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
-                        loss_form, chunk_size, random_layers, num_samples=1, seed=0) -> ModelOperator:
+def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: int = 1, seed: int = 0):
+    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
     from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
         unknown_likelihood_error
     from specops.random import check_seed
 
     what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-    base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
-                     chunk_size=chunk_size, random_layers=random_layers)
     if base.loss_form != "outputs":
         raise model_form_error(what, "loss_fn(targets, outputs), e.g. "
                                      "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
-    known = _output_loss(loss_fn)
+    known = _output_loss(base.loss_fn)
     if kind == "mc" and known is None:
         raise unknown_likelihood_error(_TF_KNOWN_LOSSES)
     num_samples, seed = check_num_samples(num_samples), check_seed(seed)
     how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
            "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    adapter = CurvatureAdapter(base, lambda b: _TFCurvature(b, kind, reduction, num_samples, seed), kind,
-                               f"{kind}: tf.function(vectorized_map(J^T M J)), {how}")
+    return CurvatureAdapter(base, lambda b: _TFCurvature(b, kind, reduction, num_samples, seed), kind,
+                            f"{kind}: tf.function(vectorized_map(J^T M J)), {how}")
+
+
+def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
+                        loss_form, chunk_size, random_layers, num_samples=1, seed=0) -> ModelOperator:
+    base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
+                     random_layers=random_layers)
+    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed)
     for batch in ModelOperator._batches_of(data):
         base.check_random_forward(batch)
         break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+
+
+def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
+                   check_deterministic: bool = False) -> ModelOperator:
+    """The GGN or a Fisher of the same model, loss, data, variables and reduction as ``H``.
+
+    Args:
+        H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        num_samples, seed: of ``kind="mc"``, as for :func:`fisher`.
+        check_deterministic: run the construction checks again (``H`` passed them).
+
+    Returns:
+        A :class:`specops.ModelOperator` sharing ``H``'s data and communicator.
+
+    Raises:
+        TypeError: ``H`` is not a TensorFlow model operator. As :func:`fisher` otherwise.
+    """
+    from specops.curvature import KINDS, base_adapter, check_kind
+
+    base = base_adapter(H, TFAdapter)
+    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed)
+    return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
+                         check_deterministic=check_deterministic)
 
 
 def ggn(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,

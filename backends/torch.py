@@ -949,32 +949,61 @@ class _TorchCurvature:
                                randomness="same")(V)
 
 
-def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
-                        progress, loss_form, chunk_size, batch_size, random_layers, num_samples=1,
-                        seed=0) -> ModelOperator:
+def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_samples: int = 1, seed: int = 0):
+    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
     from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
         unknown_likelihood_error
     from specops.random import check_seed
 
     what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
+    if base.loss_form != "outputs":
+        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
+    known = _output_loss(base.loss_fn)
+    if kind == "mc" and known is None:
+        raise unknown_likelihood_error(_TORCH_KNOWN_LOSSES)
+    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
+    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
+           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
+    return CurvatureAdapter(
+        base, lambda b: _TorchCurvature(b, kind, reduction, num_samples, seed), kind,
+        f"{kind}: J^T M J v by forward-mode JVP and backward (vmap of torch.func.jvp/vjp on CUDA), {how}")
+
+
+def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
+                        progress, loss_form, chunk_size, batch_size, random_layers, num_samples=1,
+                        seed=0) -> ModelOperator:
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
                         engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
                         progress=progress, random_layers=random_layers)
-    if base.loss_form != "outputs":
-        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
-    if kind == "mc" and _output_loss(loss_fn) is None:
-        raise unknown_likelihood_error(_TORCH_KNOWN_LOSSES)
-    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
-    known = _output_loss(loss_fn)
-    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
-           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    adapter = CurvatureAdapter(
-        base, lambda b: _TorchCurvature(b, kind, reduction, num_samples, seed), kind,
-        f"{kind}: J^T M J v by forward-mode JVP and backward (vmap of torch.func.jvp/vjp on CUDA), {how}")
+    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed)
     for batch in ModelOperator._batches_of(data):
         base.check_random_forward(batch)
         break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+
+
+def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
+                   check_deterministic: bool = False) -> ModelOperator:
+    """The GGN or a Fisher of the same model, loss, data, parameters and reduction as ``H``.
+
+    Args:
+        H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        num_samples, seed: of ``kind="mc"``, as for :func:`fisher`.
+        check_deterministic: run the construction checks again (``H`` passed them).
+
+    Returns:
+        A :class:`specops.ModelOperator` sharing ``H``'s data and communicator.
+
+    Raises:
+        TypeError: ``H`` is not a PyTorch model operator. As :func:`fisher` otherwise.
+    """
+    from specops.curvature import KINDS, base_adapter, check_kind
+
+    base = base_adapter(H, TorchAdapter)
+    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed)
+    return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
+                         check_deterministic=check_deterministic)
 
 
 def ggn(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,

@@ -127,6 +127,51 @@ def mc_noise(outputs_shape, loss: OutputLoss, num_samples: int, seed: int, index
     return rng.standard_normal(shape)
 
 
+def base_adapter(H, adapter_type):
+    """The backend's Hessian adapter behind a model operator ``H`` (of any curvature kind).
+
+    Raises:
+        TypeError: ``H`` is not a model operator of that backend.
+    """
+    adapter = getattr(H, "adapter", None)
+    if isinstance(adapter, CurvatureAdapter):
+        adapter = adapter.base
+    if not isinstance(adapter, adapter_type):
+        raise TypeError(f"expected a model operator of {adapter_type.__name__}, got {type(H).__name__}"
+                        + (f" of {type(adapter).__name__}" if adapter is not None else ""))
+    return adapter
+
+
+def curvature_like(H, kind: str = "ggn", **kwargs):
+    """The GGN (``kind="ggn"``) or a Fisher (``"empirical"``, ``"mc"``) of the same model,
+    loss, data and parameters as the model operator ``H`` (PyTorch or TensorFlow).
+
+    JAX's ``hessian`` takes one ``loss_fn(params, batch)``, which does not separate the
+    model from the loss: build the JAX operators with ``specops.backends.jax.ggn`` /
+    ``fisher`` from ``apply_fn`` and ``loss_fn(outputs, targets)``.
+
+    Args:
+        H: a model operator from a backend's ``hessian``, ``ggn`` or ``fisher``.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        **kwargs: ``num_samples``, ``seed``, ``check_deterministic`` of the backend's
+            ``curvature_like``.
+
+    Raises:
+        TypeError: an operator of another backend (JAX, NumPy) or not model-backed.
+    """
+    backend = getattr(H, "backend", None)
+    if backend == "torch":
+        from specops.backends import torch as module
+    elif backend == "tensorflow":
+        from specops.backends import tensorflow as module
+    else:
+        raise TypeError(
+            f"curvature_like takes PyTorch or TensorFlow model operators, got a {backend!r} operator; for JAX "
+            "build specops.backends.jax.ggn(apply_fn, loss_fn, params, data) / fisher(...) directly"
+        )
+    return module.curvature_like(H, kind, **kwargs)
+
+
 class CurvatureAdapter(ModelAdapter):
     """A backend's Hessian adapter with its product replaced by a curvature product.
 
