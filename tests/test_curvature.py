@@ -447,8 +447,8 @@ def test_analyze_curvature_hessian_ggn_side_by_side(tmp_path, capsys):
     out = str(tmp_path / "out")
     args = ["analyze", "--model", "test_curvature:cli_model", "--data", "test_curvature:cli_data",
             "--curvature", "hessian,ggn", "--stages", "eigen,esd,curvature", "--top-k", "2", "--eig-tol", "1e-6",
-            "--eig-matvecs", "300", "--esd-probes", "2", "--esd-steps", "12", "--trace-matvecs", "900",
-            "--trace-rtol", "1e-9", "--no-progress", "--out", out]
+            "--eig-matvecs", "300", "--esd-probes", "2", "--esd-steps", "12", "--trace-matvecs", "200",
+            "--no-progress", "--out", out]
     assert cli.main(args) == 0
     with open(os.path.join(out, "results.json")) as fh:
         r = json.load(fh)["stages"]["curvature"]["result"]
@@ -463,7 +463,7 @@ def test_analyze_curvature_hessian_ggn_side_by_side(tmp_path, capsys):
         top = np.sort(np.linalg.eigvalsh(M))[::-1][:2]
         assert np.allclose(np.sort(values(r["operators"][name]["eigen"]["eigenvalues"]))[::-1], top, rtol=1e-5)
     t = r["residual_trace"]
-    assert abs(t["estimate"] - np.trace(H - G)) <= 1e-6 * np.abs(np.diag(H)).sum()  # n = 460 < probes: exact
+    assert 0 < t["stderr"] and abs(t["estimate"] - np.trace(H - G)) <= 4 * t["stderr"]
     assert os.path.getsize(os.path.join(out, "curvature.png")) > 0
     with open(os.path.join(out, "summary.md")) as fh:
         summary = fh.read()
