@@ -69,7 +69,8 @@ def _default_operator(out):
 
 
 def test_default_run_writes_the_report(default_run):
-    for name in ("results.json", "esd.png", "landscape.png", "blocks.png", "summary.md", "model.pt"):
+    for name in ("results.json", "esd.png", "landscape.png", "blocks.png", "summary.md", "report.html",
+                 "model.pt"):
         path = os.path.join(default_run, name)
         assert os.path.getsize(path) > 0, name
     r = results(default_run)
