@@ -1,6 +1,8 @@
-"""Progress bars for long computations: ``progress=True`` in :func:`~specops.eigsh`,
-:func:`~specops.trace`, :func:`~specops.spectral_density`, :func:`~specops.landscape` and
-the bars of ``specops analyze``.
+"""Progress bars for long computations.
+
+``progress=True`` in :func:`~specops.eigsh`, :func:`~specops.trace`,
+:func:`~specops.spectral_density`, :func:`~specops.landscape`, and the bars of
+``specops analyze``.
 
 Bars are `tqdm <https://tqdm.github.io>`_'s ``tqdm.auto`` (a widget in Jupyter, a line on
 stderr elsewhere). They count products (or loss evaluations) against the budget and show

@@ -28,8 +28,10 @@ STAGES = ("train", "eigen", "trace", "esd", "blocks", "landscape")
 
 # --- files ----------------------------------------------------------------------------------
 def atomic_write(path: str, data: bytes | str):
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
-    readers see the old file or the new one, never a partial one."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
@@ -52,6 +54,7 @@ def atomic_savefig(fig, path: str, dpi: int = 120):
 
 
 def atomic_save_npy(path: str, array: np.ndarray):
+    """Save ``array`` as ``.npy`` atomically."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(array))
     atomic_write(path, buf.getvalue())
@@ -111,6 +114,7 @@ class ReportState:
 
     @property
     def path(self) -> str:
+        """The path of ``results.json``."""
         return os.path.join(self.folder, RESULTS)
 
     def load(self) -> bool:
@@ -125,14 +129,17 @@ class ReportState:
         return True
 
     def save(self):
+        """Write ``results.json`` atomically (on the writing rank only)."""
         if self.write:
             atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
 
     def done(self, stage: str, settings: dict) -> bool:
+        """Whether ``stage`` finished earlier with these ``settings``."""
         entry = self.data["stages"].get(stage)
         return entry is not None and entry.get("settings") == _to_jsonable(settings)
 
     def result(self, stage: str):
+        """A finished stage's result, with its arrays as NumPy arrays."""
         return _from_jsonable(self.data["stages"][stage]["result"])
 
     def finish(self, stage: str, settings: dict, result, num_matvecs: int, seconds: float):
@@ -143,6 +150,7 @@ class ReportState:
         self.save()
 
     def stage(self, name: str) -> dict | None:
+        """A stage's whole entry (settings, result, cost), or None if it did not run."""
         entry = self.data["stages"].get(name)
         return None if entry is None else _from_jsonable(entry)
 
@@ -159,6 +167,7 @@ def _pyplot():
 
 
 def plot_esd(density, top_eigenvalues, path: str, title: str = ""):
+    """``esd.png``: the spectral density on a log scale with the top eigenvalues marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     density.plot(ax=ax, log=True)
@@ -173,6 +182,7 @@ def plot_esd(density, top_eigenvalues, path: str, title: str = ""):
 
 
 def plot_landscape(ls, path: str, title: str = ""):
+    """``landscape.png``: the loss along a line or on a plane (contours)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     ls.plot(ax=ax)
@@ -271,6 +281,7 @@ def summary_table(data: dict) -> str:
 
 
 def describe_model(data: dict) -> str:
+    """One line: the model, its parameters, samples and loss."""
     m = data.get("model", {})
     parts = [m.get("description", "model"), f"{m.get('num_params', '?'):,} parameters" if isinstance(
         m.get("num_params"), int) else "", f"{m.get('num_samples', '?')} samples", f"loss {_fmt(m.get('loss'))}"]

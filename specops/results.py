@@ -1,5 +1,4 @@
-"""Result objects: host NumPy numbers plus the settings that produced them, round-tripping JSON,
-and how they print.
+"""Result objects: host NumPy numbers and their settings, round-tripping JSON, and how they print.
 
 Every result prints a short summary with its uncertainties (``repr``): eigenvalues with
 their residuals and convergence, a trace with its standard error, a density's range and
@@ -62,6 +61,7 @@ class Result:
             cls.__iter__ = _unpack
 
     def to_dict(self) -> dict:
+        """The result as JSON-ready data (arrays tagged with their dtype), with its ``type``."""
         d = {
             f.name: _to_jsonable(getattr(self, f.name))
             for f in dataclasses.fields(self)
@@ -71,10 +71,12 @@ class Result:
         return d
 
     def to_json(self, **kwargs) -> str:
+        """The result as JSON text (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_dict(cls, d: dict):
+        """The result from :meth:`to_dict`'s data; fields not serialized come back as None."""
         d = dict(d)
         kind = d.pop("type", cls.__name__)
         if kind != cls.__name__:
@@ -86,6 +88,7 @@ class Result:
 
     @classmethod
     def from_json(cls, text: str):
+        """The result from :meth:`to_json`'s text."""
         return cls.from_dict(json.loads(text))
 
 
@@ -195,8 +198,9 @@ def _fields_summary(r) -> list[str]:
 
 
 def summary(result) -> str:
-    """The readable summary of a result (its ``repr``): the numbers with their uncertainties,
-    the method, the products used.
+    """The readable summary of a result (its ``repr``).
+
+    The numbers with their uncertainties, the method, the products used.
 
     Args:
         result: any :class:`Result`.

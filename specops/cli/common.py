@@ -1,5 +1,7 @@
-"""What every ``specops`` command shares: the usage error, number arguments, user callables,
-MPI detection and rank-0 printing."""
+"""What every ``specops`` command shares.
+
+The usage error, number arguments, user callables, MPI detection and rank-0 printing.
+"""
 
 from __future__ import annotations
 
@@ -67,8 +69,12 @@ def launched_rank0() -> bool:
 
 
 def detect_comm():
-    """An :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
-    single-process communicator (and mpi4py is not imported)."""
+    """The communicator of this run.
+
+    Returns:
+        An :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
+        single-process communicator (and mpi4py is not imported).
+    """
     from specops.distributed import Comm, MPIComm
 
     if launched_size() <= 1:
@@ -119,6 +125,7 @@ class Printer:
         self.progress = progress and self.rank0
 
     def __call__(self, text: str = "", stream=None):
+        """Print ``text`` (to stdout, or ``stream``) on rank 0."""
         if self.rank0:
             print(text, file=stream or sys.stdout, flush=True)
 
