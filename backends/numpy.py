@@ -122,12 +122,19 @@ def hessian(loss_fn, grad_fn, hvp_fn, params, data, *, reduction: str = "mean", 
     """The loss Hessian of a model written in NumPy, from its own gradient and HVP functions.
 
     Args:
-        loss_fn, grad_fn, hvp_fn: functions of ``(theta, batch)`` (and ``V`` for the HVP)
-            with ``theta`` the flat parameter vector; see :class:`NumpyAdapter`.
+        loss_fn: ``loss_fn(theta, batch) -> float``, with ``theta`` the flat parameter
+            vector; see :class:`NumpyAdapter`.
+        grad_fn: ``grad_fn(theta, batch) -> (n,)`` array, the gradient of ``loss_fn``.
+        hvp_fn: ``hvp_fn(theta, batch, V) -> (n, k)`` array, the Hessian times ``V``.
         params: a dict name -> array (flattened in order) or one flat array.
         data: one batch (a tuple or dict) or a re-iterable of batches; ``batch[0]`` (or
             the first dict value) has one row per sample.
-        reduction, comm, check_deterministic: as for :class:`~specops.model.ModelOperator`.
+        reduction: as for :class:`~specops.model.ModelOperator`.
+        comm: as for :class:`~specops.model.ModelOperator`.
+        check_deterministic: as for :class:`~specops.model.ModelOperator`.
+
+    Returns:
+        The Hessian operator, a :class:`~specops.model.ModelOperator` on NumPy vectors.
     """
     if isinstance(params, dict):
         blocks, off, flat = {}, 0, []
