@@ -4,7 +4,10 @@
    subpackage ``specops.backends`` (a package-dir mapping in pyproject.toml). Griffe reads
    source files by folder, so ``backends/`` is loaded here and attached to the ``specops``
    package, where the API reference looks for it.
-2. Docstrings cross-reference names with Sphinx roles (``:func:`eigsh```,
+2. ``specops/__init__.py`` re-exports functions named like their modules
+   (``from specops.eigsh import eigsh``): at run time ``specops.eigsh`` is the function,
+   so here too, for every such name in ``__all__``.
+3. Docstrings cross-reference names with Sphinx roles (``:func:`eigsh```,
    ``:class:`~specops.EigResult```), which Markdown does not know. Each role becomes a
    link to the name's API entry when the reference documents it, else inline code.
 """
@@ -53,12 +56,16 @@ def _link_roles(obj: griffe.Object) -> None:
 
 
 class BackendsSubpackage(griffe.Extension):
-    """Attach ``backends/`` to ``specops`` and turn Sphinx roles into links."""
+    """Attach ``backends/``, expose re-exported functions, turn Sphinx roles into links."""
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
-        """Load ``backends/`` statically once ``specops`` is loaded; rewrite the roles."""
+        """Once ``specops`` is loaded: attach ``backends/``, re-export, rewrite the roles."""
         if pkg.name != "specops":
             return
         if "backends" not in pkg.members:
             pkg.set_member("backends", loader.load(BACKENDS))
         _link_roles(pkg)
+        for name in pkg.exports or ():
+            member = pkg.members.get(name)
+            if member is not None and member.is_module and name in member.members:
+                pkg.set_member(name, griffe.Alias(name, member.members[name], parent=pkg))
