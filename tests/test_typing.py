@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import tomllib
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
@@ -66,8 +67,6 @@ def test_the_check_sees_a_missing_hint():
 
 
 def test_py_typed_marker_is_packaged():
-    import tomllib as _t
-
-    config = _t.loads((ROOT / "pyproject.toml").read_text())
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert (ROOT / "specops" / "py.typed").exists()
     assert "py.typed" in config["tool"]["setuptools"]["package-data"]["specops"]
