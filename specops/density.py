@@ -22,6 +22,7 @@ from scipy.special import erf
 from specops import _checks
 from specops.lanczos import probe_lanczos
 from specops.operator import OperatorLike
+from specops.progress import bar as progress_bar
 from specops.random import check_kind, check_seed
 from specops.results import Result
 
@@ -131,7 +132,7 @@ class SpectralDensity(Result):
 
 
 def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64, seed: int = 0,
-                     kind: str = "rademacher") -> SpectralDensity:
+                     kind: str = "rademacher", progress: bool | str = False) -> SpectralDensity:
     """Estimate the eigenvalue spectral density of a symmetric operator by SLQ.
 
     Args:
@@ -140,6 +141,9 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         num_steps: Lanczos steps per probe (nodes per probe; capped at n).
         seed: seed of the probes.
         kind: probe distribution, ``"rademacher"`` or ``"normal"``.
+        progress: draw a progress bar (tqdm) of the products (all probes advance together,
+            one Lanczos step per product block), ending with the estimated spectral range
+            and trace; a string labels it. Silent on MPI ranks other than 0.
 
     Returns:
         :class:`SpectralDensity` (``num_probes * num_steps`` products).
@@ -168,6 +172,8 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
     seed, kind = check_seed(seed), check_kind(kind)
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
+    bar = progress_bar(progress, num_probes * steps, "spectral_density", comm=A)
+    A = bar.track(A)
     mul = _checks.Products(A)
     p = num_probes
     Z = ops.random(n, range(p), seed, kind=kind, stream="slq")
@@ -180,4 +186,6 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         nodes[i, :m], weights[i, :m] = theta, U[0] ** 2
         nodes[i, m:] = theta[-1]
     settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, kind=kind, backend=A.backend)
-    return SpectralDensity(nodes=nodes, weights=weights, num_matvecs=mul.count, settings=settings)
+    out = SpectralDensity(nodes=nodes, weights=weights, num_matvecs=mul.count, settings=settings)
+    bar.close(range=[nodes.min(), nodes.max()], trace=out.trace()[0])
+    return out

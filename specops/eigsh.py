@@ -21,6 +21,7 @@ from specops.lanczos import NORM_FLOOR, ROUNDING, order as _order, thick_restart
 from specops.lanczos import thresholds as _thresholds
 from specops.operator import OperatorLike
 from specops.ops import Array
+from specops.progress import bar as progress_bar
 from specops.random import check_seed
 from specops.results import Result
 
@@ -65,7 +66,7 @@ class EigResult(Result):
 
 def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
           max_matvecs: int | None = None, seed: int = 0, block_size: int | None = None,
-          max_basis: int | None = None, v0: Array | None = None) -> EigResult:
+          max_basis: int | None = None, v0: Array | None = None, progress: bool | str = False) -> EigResult:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
     Args:
@@ -98,6 +99,9 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
             A block of ``j > 1`` columns makes the block size ``j`` (unless
             ``block_size`` is given; it must be >= j, and random columns fill the rest).
             Random columns are drawn from ``seed`` as usual for what ``v0`` leaves.
+        progress: draw a progress bar (tqdm) of the products against ``max_matvecs``, with
+            the current Ritz values and their largest residual; a string labels it.
+            Silent on MPI ranks other than 0 (:mod:`specops.progress`).
 
     The returned pairs are verified: one product of the ``k`` returned vectors (counted in
     ``num_matvecs``) gives their Rayleigh quotients and true residuals
@@ -153,6 +157,8 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
     if max_matvecs is None:
         max_matvecs = max(1000, 100 * k)
     max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
+    bar = progress_bar(progress, max_matvecs, "eigsh", comm=A)
+    A = bar.track(A)
     settings = dict(k=k, which=which, method=method, tol=tol, max_matvecs=max_matvecs, seed=seed,
                     n=n, dtype=A.dtype.name, backend=A.backend)
     if method == "power":
@@ -189,6 +195,7 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
                 else:
                     *out, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k)
                 out[4] += spent
+    bar.close(eigenvalues=out[0], residual=float(np.max(out[2])))
     return EigResult(*out, settings=settings)  # type: ignore[misc]  # out: the five other fields
 
 

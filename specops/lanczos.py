@@ -28,6 +28,8 @@ from specops._checks import Products
 from specops.operator import LinearOperator
 from specops.ops import Array, VectorOps
 
+from specops.progress import show
+
 #: Convergence floor: residuals are judged relative to max(|lambda|, FLOOR * ||A||).
 NORM_FLOOR = 1e-3
 #: Residuals below ROUNDING * eps * ||A|| are at working precision and count as converged;
@@ -117,6 +119,7 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         anorm = max(anorm, float(np.abs(theta).max()))
         resid = np.linalg.norm(R @ S[-b:, :], axis=0)
         want = wanted(theta, which, k)
+        show(A, ritz=theta[want], residual=float(resid[want].max()))
         ok = A.decide(resid[want] <= thresholds(theta[want], tol, anorm, eps))
         spent = mul.count + b + reserve > budget
         if stop is not None and A.decide(bool(stop(theta[want], resid[want]))):

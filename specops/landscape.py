@@ -30,6 +30,7 @@ import numpy as np
 
 from specops import _checks
 from specops import random as _random
+from specops.progress import bar as progress_bar
 from specops.random import check_seed
 from specops.ops import Array
 from specops.results import Result
@@ -216,7 +217,7 @@ def _axis(span: float | Sequence[float], steps: int) -> np.ndarray:
 def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, span: float | Sequence[float] = 1.0,
               steps: int = 21, *, seed: int = 0, kind: str | None = None, eig: EigResult | None = None,
               bias: str = "zero", shapes: dict | None = None,
-              callback: Callable[[int, int], Any] | None = None) -> Landscape:
+              callback: Callable[[int, int], Any] | None = None, progress: bool | str = False) -> Landscape:
     """The loss along one direction (a line) or two (a square grid) through the parameters.
 
     Args:
@@ -237,6 +238,8 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
             :func:`filter_normalized_directions`.
         shapes: parameter shapes overriding ``H.param_shapes``.
         callback: ``callback(done, total)`` after each evaluation (progress display).
+        progress: draw a progress bar (tqdm) of the loss evaluations, with the last loss;
+            a string labels it. Silent on MPI ranks other than 0.
 
     Returns:
         :class:`Landscape` with ``steps`` (1-D) or ``steps**2`` (2-D) losses.
@@ -273,12 +276,15 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
     betas = _axis(span, steps) if len(dirs) == 2 else None
     total = steps ** len(dirs) + 1
     done = 0
+    bar = progress_bar(progress, total, "landscape", unit="losses", comm=H)
     t0 = time.perf_counter()
 
     def at(delta: Array | None) -> float:
         nonlocal done
         value = H.loss_at(delta)
         done += 1
+        bar.to(done)
+        bar.show(loss=value)
         if callback is not None:
             callback(done, total)
         return value
@@ -293,6 +299,7 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
                     direction_norms=[ops.norm(d) for d in dirs])
     if kind == "filter":
         settings["bias"] = bias
+    bar.close(center=float(center), min=float(losses.min()), max=float(losses.max()))
     return Landscape(alphas=alphas, betas=betas, losses=losses, center_loss=float(center),
                      num_evaluations=done, seconds=time.perf_counter() - t0, settings=settings,
                      directions=dirs)
