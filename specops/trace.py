@@ -128,6 +128,18 @@ def trace(A, method: str = "auto", num_matvecs: int = 100, rtol: float | None = 
 
     Returns:
         :class:`TraceResult` with the estimate and its standard error.
+
+    Examples:
+        A 300 x 300 matrix with eigenvalues ``0.9^j``, whose trace is 10: 60 products
+        give it to 0.3%, within its (conservative) standard error.
+
+        >>> import numpy as np
+        >>> import specops as so
+        >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((300, 300)))
+        >>> A = (Q * 0.9 ** np.arange(300)) @ Q.T
+        >>> tr = so.trace(A, num_matvecs=60, seed=0)
+        >>> print(f"{np.trace(A):.2f}, estimated {tr.estimate:.2f} +- {tr.stderr:.2f} ({tr.settings['estimator']})")
+        10.00, estimated 10.03 +- 0.20 (xtrace)
     """
     A = _checks.symmetric_operator(A, "trace")
     _checks.choice("method", method, METHODS)
