@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ STAGES = ("train", "eigen", "trace", "esd", "blocks", "landscape")
 
 
 # --- files ----------------------------------------------------------------------------------
-def atomic_write(path: str, data: bytes | str):
+def atomic_write(path: str, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
     Readers see the old file or the new one, never a partial one.
@@ -46,21 +47,21 @@ def atomic_write(path: str, data: bytes | str):
         raise
 
 
-def atomic_savefig(fig, path: str, dpi: int = 120):
+def atomic_savefig(fig: Any, path: str, dpi: int = 120) -> None:
     """Save a matplotlib figure as PNG atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     atomic_write(path, buf.getvalue())
 
 
-def atomic_save_npy(path: str, array: np.ndarray):
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
     """Save ``array`` as ``.npy`` atomically."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(array))
     atomic_write(path, buf.getvalue())
 
 
-def check_writable(folder: str):
+def check_writable(folder: str) -> None:
     """Create ``folder`` if needed and prove a file can be written there.
 
     Raises:
@@ -107,10 +108,10 @@ class ReportState:
 
     FORMAT = "specops-analyze/1"
 
-    def __init__(self, folder: str, write: bool = True):
+    def __init__(self, folder: str, write: bool = True) -> None:
         self.folder = folder
         self.write = write
-        self.data = {"format": self.FORMAT, "settings": {}, "model": {}, "versions": {}, "stages": {}}
+        self.data: dict = {"format": self.FORMAT, "settings": {}, "model": {}, "versions": {}, "stages": {}}
 
     @property
     def path(self) -> str:
@@ -128,7 +129,7 @@ class ReportState:
         self.data = data
         return True
 
-    def save(self):
+    def save(self) -> None:
         """Write ``results.json`` atomically (on the writing rank only)."""
         if self.write:
             atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
@@ -138,11 +139,11 @@ class ReportState:
         entry = self.data["stages"].get(stage)
         return entry is not None and entry.get("settings") == _to_jsonable(settings)
 
-    def result(self, stage: str):
+    def result(self, stage: str) -> Any:
         """A finished stage's result, with its arrays as NumPy arrays."""
         return _from_jsonable(self.data["stages"][stage]["result"])
 
-    def finish(self, stage: str, settings: dict, result, num_matvecs: int, seconds: float):
+    def finish(self, stage: str, settings: dict, result: Any, num_matvecs: int, seconds: float) -> None:
         """Record a finished stage and write ``results.json`` at once."""
         self.data["stages"][stage] = _to_jsonable(dict(
             settings=settings, result=result, num_matvecs=int(num_matvecs), seconds=float(seconds),
@@ -166,7 +167,7 @@ def _pyplot():
     return plt
 
 
-def plot_esd(density, top_eigenvalues, path: str, title: str = ""):
+def plot_esd(density: Any, top_eigenvalues: list, path: str, title: str = "") -> None:
     """``esd.png``: the spectral density on a log scale with the top eigenvalues marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -181,7 +182,7 @@ def plot_esd(density, top_eigenvalues, path: str, title: str = ""):
     plt.close(fig)
 
 
-def plot_landscape(ls, path: str, title: str = ""):
+def plot_landscape(ls: Any, path: str, title: str = "") -> None:
     """``landscape.png``: the loss along a line or on a plane (contours)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -192,7 +193,7 @@ def plot_landscape(ls, path: str, title: str = ""):
     plt.close(fig)
 
 
-def plot_blocks(blocks: dict, path: str, title: str = ""):
+def plot_blocks(blocks: dict, path: str, title: str = "") -> None:
     """Bar charts of each block's trace (with its standard error) and top eigenvalue."""
     plt = _pyplot()
     blocks = _from_jsonable(blocks)
@@ -218,7 +219,7 @@ def plot_blocks(blocks: dict, path: str, title: str = ""):
 
 
 # --- summaries ------------------------------------------------------------------------------
-def _fmt(x, digits: int = 4) -> str:
+def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
         return "-"
     x = float(x)
@@ -333,7 +334,7 @@ figcaption { font-size: 0.9em; color: #555; } code { font-size: 0.9em; }
 """
 
 
-def _table(header, rows, numeric=()) -> str:
+def _table(header: Any, rows: Any, numeric: tuple = ()) -> str:
     import html
 
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"]
@@ -348,7 +349,7 @@ def _table(header, rows, numeric=()) -> str:
     return "\n".join(out)
 
 
-def _compact(value) -> str:
+def _compact(value: Any) -> str:
     value = _from_jsonable(value)
     if isinstance(value, np.ndarray):
         value = value.tolist()
