@@ -271,8 +271,10 @@ def summary_rows(data: dict) -> list[tuple]:
 
 
 def _curvature_rows(data: dict) -> list[tuple]:
-    """Rows of the ``curvature`` stage (specops.cli.analyze.curvature): each operator's top
-    eigenvalues and the trace of the residual term H - G."""
+    """Rows of the ``curvature`` stage (:mod:`specops.cli.analyze.curvature`).
+
+    Each operator's top eigenvalues, and the trace of the residual term H - G.
+    """
     st = data["stages"].get("curvature")
     if not st:
         return []

@@ -56,6 +56,7 @@ def wanted(args) -> bool:
 
 
 def operator(ctx, name):
+    """The operator called ``name`` (a :data:`CURVATURES` key) of the run's model, loss and data."""
     from specops.curvature import curvature_like
 
     kind = CURVATURES[name]
@@ -79,6 +80,7 @@ def analyse(ctx, name, A) -> dict:
 
 
 def run(ctx):
+    """Run the stage (when :func:`wanted`) and draw ``curvature.png``."""
     import specops as so
 
     a = ctx.args
