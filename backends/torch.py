@@ -833,6 +833,9 @@ def _per_sample_dot(R, Z):
 class _TorchCurvature:
     """``V -> J^T M J V`` for one batch of a :class:`TorchAdapter` (see specops.curvature)."""
 
+    # blocks of columns through torch.func.vmap: on CUDA devices ("auto"), or always (tests)
+    vectorize = "auto"
+
     def __init__(self, base: TorchAdapter, kind: str, reduction: str, num_samples: int, seed: int):
         self.base, self.kind, self.reduction = base, kind, reduction
         self.num_samples, self.seed = num_samples, seed
@@ -918,7 +921,7 @@ class _TorchCurvature:
                 raise TypeError(f"ggn and fisher need a model that returns one tensor, got {type(out).__name__}")
             return out
 
-        if base.ops.torch_device.type == "cuda" and V.shape[1] > 1:
+        if V.shape[1] > 1 and (self.vectorize == "always" or base.ops.torch_device.type == "cuda"):
             return self._vectorized(f, index, targets, V)
         # On CPU, column by column: one forward-mode pass gives the outputs (recorded for the
         # backward) and their tangent J v at once, then one backward gives J^T M J v.
