@@ -833,9 +833,6 @@ def _per_sample_dot(R, Z):
 class _TorchCurvature:
     """``V -> J^T M J V`` for one batch of a :class:`TorchAdapter` (see specops.curvature)."""
 
-    # blocks of columns through torch.func.vmap: on CUDA devices ("auto"), or always (tests)
-    vectorize = "auto"
-
     def __init__(self, base: TorchAdapter, kind: str, reduction: str, num_samples: int, seed: int):
         self.base, self.kind, self.reduction = base, kind, reduction
         self.num_samples, self.seed = num_samples, seed
@@ -921,26 +918,24 @@ class _TorchCurvature:
                 raise TypeError(f"ggn and fisher need a model that returns one tensor, got {type(out).__name__}")
             return out
 
-        if V.shape[1] > 1 and (self.vectorize == "always" or base.ops.torch_device.type == "cuda"):
+        if V.shape[1] > 1:
             return self._vectorized(f, index, targets, V)
-        # On CPU, column by column: one forward-mode pass gives the outputs (recorded for the
-        # backward) and their tangent J v at once, then one backward gives J^T M J v.
-        # ResNet-20: 1.5 gradients per column, against 1.7 for the vectorized form below.
+        # One column: one forward-mode pass gives the outputs (recorded for the backward) and
+        # their tangent J v at once, then one backward gives J^T M J v. ResNet-20 on CPU (batch
+        # 32, one thread): 1.9 gradients, against 2.2 for torch.func's vjp + jvp (two forwards).
         import torch.autograd.forward_ad as fwAD
 
-        cols, M = [], None
         theta = base._theta.detach().requires_grad_(True)
-        for j in range(V.shape[1]):
-            with fwAD.dual_level():
-                out, Z = fwAD.unpack_dual(f(fwAD.make_dual(theta, V[:, j])))
-            if M is None:
-                M = self._output_matrix(index, out.detach(), targets)
-            (w,) = torch.autograd.grad(out, theta, M(Z.detach()), allow_unused=True)
-            cols.append(torch.zeros_like(V[:, j]) if w is None else w)
-        return torch.stack(cols, dim=1)
+        with fwAD.dual_level():
+            out, Z = fwAD.unpack_dual(f(fwAD.make_dual(theta, V[:, 0])))
+        M = self._output_matrix(index, out.detach(), targets)
+        (w,) = torch.autograd.grad(out, theta, M(Z.detach()), allow_unused=True)
+        return (torch.zeros_like(V) if w is None else w[:, None])
 
     def _vectorized(self, f, index, targets, V):
-        """``torch.func``: one forward for the VJP, the k JVPs and VJPs vectorized by ``vmap``."""
+        """``torch.func``: one forward for the VJP, the k JVPs and VJPs vectorized by ``vmap``
+        (in chunks of ``chunk_size`` columns). ResNet-20 on CPU, 4 columns: 1.9 gradients per
+        column, against 2.0 for 4 single-column products."""
         theta = self.base._theta
         out, vjp_fn = torch.func.vjp(f, theta)
         M = self._output_matrix(index, out.detach(), targets)
@@ -969,7 +964,8 @@ def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_sample
            "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
     return CurvatureAdapter(
         base, lambda b: _TorchCurvature(b, kind, reduction, num_samples, seed), kind,
-        f"{kind}: J^T M J v by forward-mode JVP and backward (vmap of torch.func.jvp/vjp on CUDA), {how}")
+        f"{kind}: J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func "
+        f"jvp/vjp, {how}")
 
 
 def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
