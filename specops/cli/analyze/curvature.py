@@ -70,13 +70,12 @@ def analyse(ctx, name, A) -> dict:
     a, stages = ctx.args, ctx.state.data["stages"]
     if name == "hessian" and "eigen" in stages and "esd" in stages:
         return {"eigen": stages["eigen"]["result"], "esd": stages["esd"]["result"], "num_matvecs": 0}
-    bar = ctx.printer.bar(f"{name}: top eigenvalues and density",
-                          a.eig_matvecs + a.esd_probes * min(a.esd_steps, A.shape[0]))
-    P = rp.ProgressOperator(A, bar)
-    eig = so.eigsh(P, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed)
-    d = so.spectral_density(P, num_probes=a.esd_probes, num_steps=a.esd_steps, seed=a.seed)
-    bar.close(f" {np.array2string(eig.eigenvalues, precision=4)}")
-    return {"eigen": eig.to_dict(), "esd": d.to_dict(), "num_matvecs": P.num_matvecs}
+    eig = so.eigsh(A, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
+                   progress=ctx.printer.bar(f"{name}: top eigenvalues"))
+    d = so.spectral_density(A, num_probes=a.esd_probes, num_steps=a.esd_steps, seed=a.seed,
+                            progress=ctx.printer.bar(f"{name}: spectral density"))
+    ctx.printer(f"  {name}: top eigenvalues {np.array2string(eig.eigenvalues, precision=4)}")
+    return {"eigen": eig.to_dict(), "esd": d.to_dict(), "num_matvecs": eig.num_matvecs + d.num_matvecs}
 
 
 def run(ctx):
@@ -100,12 +99,11 @@ def run(ctx):
             r["engine"] = A.engine
             result["operators"][n] = r
         if "hessian" in ops and "ggn" in ops:
-            bar = ctx.printer.bar("trace of H - G", a.trace_matvecs)
-            R = rp.ProgressOperator(ops["hessian"] - ops["ggn"], bar)
-            t = so.trace(R, num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
-            bar.close(f" {t.estimate:.4g} +- {t.stderr:.2g}")
+            t = so.trace(ops["hessian"] - ops["ggn"], num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
+                         progress=ctx.printer.bar("trace of H - G"))
+            ctx.printer(f"  trace(H - G) = {t.estimate:.4g} +- {t.stderr:.2g}")
             result["residual_trace"] = t.to_dict()
-            total += R.num_matvecs
+            total += t.num_matvecs
         ctx.state.finish(NAME, settings, result, total, time.perf_counter() - t0)
     if ctx.state.write:
         plot(ctx.state.data["stages"][NAME]["result"], os.path.join(ctx.out, "curvature.png"))
