@@ -61,7 +61,7 @@ def build_numpy(index, comm=None, d: int = 64):
     return hessian(model.loss, model.grad, model.hvp, theta0(d * 10), batches, comm=comm)
 
 
-def build_torch(index, comm=None, batches=None):
+def build_torch(index, comm=None, batches=None, device="cpu"):
     """``batches`` (an iterable of ``(X, y)`` tensors, e.g. a DataLoader) replaces those of ``index``."""
     import torch
     from specops.backends.torch import hessian
@@ -69,8 +69,9 @@ def build_torch(index, comm=None, batches=None):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 10)).double()
+    model = model.to(device)
     if batches is None:
-        batches = [(torch.as_tensor(X), torch.as_tensor(y)) for X, y in data(index)]
+        batches = [(torch.as_tensor(X, device=device), torch.as_tensor(y, device=device)) for X, y in data(index)]
     return hessian(model, torch.nn.CrossEntropyLoss(), batches, comm=comm, hvp="double_backward")
 
 

@@ -8,6 +8,10 @@ gloo process group that ``as_comm("torch")`` starts from torchrun's variables. M
         through :func:`~specops.distributed.shard` (``sampler-rankR.json``); mismatched
         models and a non-finite loss on one rank, caught on every rank (printed).
     ``raise``: rank 1 raises while rank 0 waits in a product's allreduce (must end the job).
+    ``cuda``: on a GPU machine (``benchmarks/gpu_check.sh``): the PyTorch model on this rank's
+        GPU over the backend ``$SPECOPS_TEST_TORCH_BACKEND`` (default NCCL where CUDA is), for
+        every split; rank 0 compares with one CPU process and prints the largest relative
+        difference. Exits non-zero above 1e-10.
 """
 
 from __future__ import annotations
@@ -37,9 +41,38 @@ def run_sampler(comm, out):
     write(out, f"sampler-rank{comm.rank}.json", result)
 
 
+def run_cuda(comm):
+    import numpy as np
+
+    sizes = scenarios.PLAN["torch"][1]
+    worst = 0.0
+    for how in scenarios.SPLITS:
+        H = scenarios.build_torch(scenarios.split(scenarios.NUM_SAMPLES, comm, how), comm, device=comm_device(comm))
+        got = scenarios.spectra(H, **sizes)
+        transport = comm.transport(H.params_vector())
+        if comm.rank == 0:
+            ref = scenarios.spectra(scenarios.build_torch(range(scenarios.NUM_SAMPLES)), **sizes)
+            for key in scenarios.KEYS:
+                a, b = np.asarray(got[key], dtype=float), np.asarray(ref[key], dtype=float)
+                worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)))
+            print(f"{comm!r} {how}: transport {transport}, largest relative difference to one CPU process "
+                  f"{worst:.2e}", flush=True)
+    if worst > scenarios.RTOL:
+        raise SystemExit(f"CUDA over {comm.backend} differs from the CPU by {worst:.2e}")
+
+
+def comm_device(comm):
+    """The GPU that :meth:`TorchComm.from_environment` bound (the CPU where there is none)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     detected = launcher()
+    if mode == "cuda":
+        return run_cuda(TorchComm.from_environment(os.environ.get("SPECOPS_TEST_TORCH_BACKEND") or None))
     comm = as_comm("torch")
     assert isinstance(comm, TorchComm), comm
     if mode == "raise":
