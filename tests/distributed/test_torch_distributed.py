@@ -30,6 +30,7 @@ from specops.distributed import (  # noqa: E402
 )
 
 FAULT_SECONDS = 10.0
+HERE = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                       "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE",
                       "SLURM_STEP_NUM_TASKS")
@@ -217,3 +218,33 @@ def test_shard_of_a_distributed_sampler_loader(n, shuffle, drop_last):
     assert len(seen) == kept and len(set(seen)) == kept  # each sample once, no padding repeats
     with pytest.raises(ValueError, match="for rank 2 of 3, but this process is rank 0 of 2"):
         shard(loader, RankOf(0, 2))
+
+
+# --- the command line under torchrun ---------------------------------------------------------
+CLI_TINY = ["--epochs", "1", "--samples", "64", "--top-k", "2", "--eig-matvecs", "60", "--blocks", "stem,head",
+            "--threads", "1", "--no-progress", "--stages", "eigen"]
+
+
+def test_analyze_under_torchrun_matches_one_process(tmp_path):
+    from specops import cli
+
+    def eigenvalues(out):
+        value = json.loads((out / "results.json").read_text())["stages"]["eigen"]["result"]["eigenvalues"]
+        return np.asarray(value["__ndarray__"] if isinstance(value, dict) else value), \
+            json.loads((out / "results.json").read_text())["model"]
+
+    run = torchrun(["-m", "specops", "analyze", *CLI_TINY, "--comm", "torch", "--out", tmp_path / "two"],
+                   timeout=300, env={"PYTHONPATH": os.path.dirname(os.path.dirname(HERE))})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("eigenvalue 1") == 1  # rank 0 alone prints the table
+    assert cli.main(["analyze", *CLI_TINY, "--comm", "none", "--out", str(tmp_path / "one")]) == 0
+    (two, model2), (one, model1) = eigenvalues(tmp_path / "two"), eigenvalues(tmp_path / "one")
+    assert (model2["ranks"], model2["num_samples"], model1["ranks"]) == (2, 64, 1)
+    np.testing.assert_allclose(two, one, rtol=1e-4)  # float32 model: sums in another order
+
+
+def test_analyze_comm_torch_outside_torchrun_is_a_usage_error(clean_env, capsys, tmp_path):
+    from specops import cli
+
+    assert cli.main(["analyze", *CLI_TINY, "--comm", "torch", "--out", str(tmp_path / "x")]) == 2
+    assert "--comm torch: no torch.distributed launch found" in capsys.readouterr().err
