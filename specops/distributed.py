@@ -16,6 +16,8 @@ Pieces:
 - :class:`TorchComm`: the same over a ``torch.distributed`` process group (``torchrun``;
   NCCL reduces CUDA tensors on the device, gloo CPU tensors);
   :meth:`TorchComm.from_environment` starts the group from the launcher's variables.
+- :class:`JaxComm`: the same across the processes of a multi-host JAX job
+  (``jax.distributed``), JAX blocks summed on the devices.
 - :func:`as_comm` and :func:`world`: a communicator from ``None``, ``"torch"``, ``"mpi"``,
   ``"auto"`` (what launched this process) or an mpi4py communicator / torch process group.
 - :func:`shard`: this rank's contiguous part of a sequence, dataset or ``DataLoader``.
@@ -448,6 +450,101 @@ class TorchComm(Comm):
                 f"backend={self.backend!r}, device={self.device})")
 
 
+class JaxComm(Comm):
+    """A communicator over the processes of a multi-host JAX job (``jax.distributed``).
+
+    After ``jax.distributed.initialize()`` on every process (each host holding its own
+    shard of the data, split over its own devices with ``hessian(..., devices="local")``),
+    a JAX product block is summed *on the devices* by one compiled program over a mesh of
+    one device per process (XLA's all-reduce: NCCL between GPUs, gloo between CPUs); host
+    arrays and scalars and picklable objects go through
+    ``jax.experimental.multihost_utils``. Every process must construct it, in the same order.
+
+    Args:
+        abort_on_exception: as for :class:`TorchComm`: an uncaught exception prints its
+            rank and ends the process at once (``SPECOPS_JAX_ABORT=0`` keeps Python's handler);
+            the others fail in their next collective when the connection closes, or when
+            the coordination service misses the process's heartbeats.
+
+    Raises:
+        RuntimeError: ``jax.distributed.initialize()`` has not been called.
+    """
+
+    def __init__(self, *, abort_on_exception: bool = True):
+        import jax
+        from jax.experimental import multihost_utils
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        if jax._src.distributed.global_state.client is None:
+            raise RuntimeError(
+                "jax.distributed is not initialized: call jax.distributed.initialize(coordinator_address, "
+                "num_processes, process_id) on every process first (on Slurm and Cloud TPU, "
+                "jax.distributed.initialize() finds them itself), then build JaxComm()"
+            )
+        self.jax, self.hosts = jax, multihost_utils
+        self.rank, self.size = jax.process_index(), jax.process_count()
+        heads = {}
+        for d in jax.devices():  # one device per process: the lowest id, where its vectors live
+            if d.process_index not in heads or d.id < heads[d.process_index].id:
+                heads[d.process_index] = d
+        self.device = heads[self.rank]
+        mesh = Mesh(np.array([heads[p] for p in range(self.size)]), ("process",))
+        self._stacked = NamedSharding(mesh, PartitionSpec("process"))
+        self._sum = jax.jit(lambda a: a.sum(axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self.cuda_aware = self.device.platform == "gpu"
+        hosts = self.allgather(socket.gethostname())
+        self.local_rank = hosts[: self.rank].count(hosts[self.rank])
+        self.local_size = hosts.count(hosts[self.rank])
+        if abort_on_exception and self.size > 1 and _abort_wanted("SPECOPS_JAX_ABORT"):
+            _install_exception_hook(lambda: (self.rank, self.size), "ending this process so that no rank waits for it",
+                                    lambda: os._exit(1))
+
+    def allreduce_host(self, x):
+        if self.size == 1:
+            return x
+        if np.ndim(x) == 0:
+            total = self.allreduce_host(np.asarray(x).reshape(1))[0]
+            return type(x)(total) if isinstance(x, (int, float)) else total
+        return np.asarray(self.hosts.process_allgather(np.ascontiguousarray(x))).sum(axis=0).astype(np.asarray(x).dtype)
+
+    def transport(self, X) -> str:
+        if self.size == 1:
+            return "none"
+        return "device" if isinstance(X, self.jax.Array) else "host"
+
+    def allreduce(self, X, ops):
+        way = self.transport(X)
+        if way == "none":
+            return X
+        if way == "host":
+            return ops.asarray(self.allreduce_host(np.ascontiguousarray(ops.to_numpy(X), dtype=ops.dtype)))
+        mine = self.jax.device_put(X[None], self.device)
+        stacked = self.jax.make_array_from_single_device_arrays((self.size, *X.shape), self._stacked, [mine])
+        return self.jax.device_put(self._sum(stacked).addressable_data(0), next(iter(X.devices())))
+
+    def allgather(self, obj) -> list:
+        if self.size == 1:
+            return [obj]
+        import pickle
+
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        lengths = np.asarray(self.hosts.process_allgather(np.array([data.size], dtype=np.int64))).ravel()
+        padded = np.zeros(int(lengths.max()), dtype=np.uint8)
+        padded[: data.size] = data
+        rows = np.asarray(self.hosts.process_allgather(padded))
+        return [pickle.loads(rows[r, : lengths[r]].tobytes()) for r in range(self.size)]
+
+    def bcast(self, obj, root: int = 0):
+        return self.allgather(obj if self.rank == root else None)[root]
+
+    def barrier(self):
+        if self.size > 1:
+            self.hosts.sync_global_devices("specops barrier")
+
+    def __repr__(self):
+        return f"JaxComm(rank={self.rank}, size={self.size}, device={self.device})"
+
+
 def _destroy_default_group():
     dist = sys.modules["torch.distributed"]
     if dist.is_initialized():
@@ -500,7 +597,7 @@ def launcher() -> str | None:
     return None
 
 
-COMM_NAMES = ("auto", "torch", "mpi", "none")
+COMM_NAMES = ("auto", "torch", "mpi", "jax", "none")
 
 
 def as_comm(comm) -> Comm:
@@ -509,7 +606,8 @@ def as_comm(comm) -> Comm:
     Args:
         comm: ``None`` or ``"none"`` (one process); ``"auto"`` (:func:`world`: what
             launched this process); ``"torch"`` (:meth:`TorchComm.from_environment`);
-            ``"mpi"`` (:class:`MPIComm` over ``COMM_WORLD``); a specops :class:`Comm`; an
+            ``"mpi"`` (:class:`MPIComm` over ``COMM_WORLD``); ``"jax"`` (:class:`JaxComm`, after
+            ``jax.distributed.initialize()``); a specops :class:`Comm`; an
             mpi4py communicator; or a ``torch.distributed`` process group.
 
     Raises:
@@ -524,7 +622,8 @@ def as_comm(comm) -> Comm:
         name = comm.strip().lower()
         if name not in COMM_NAMES:
             raise ValueError(f"comm must be one of {COMM_NAMES}, got {comm!r}")
-        return {"none": Comm, "auto": world, "torch": TorchComm.from_environment, "mpi": MPIComm}[name]()
+        return {"none": Comm, "auto": world, "torch": TorchComm.from_environment, "mpi": MPIComm,
+                "jax": JaxComm}[name]()
     if type(comm).__module__.startswith("mpi4py"):
         return MPIComm(comm)
     if type(comm).__module__.startswith("torch"):
