@@ -71,6 +71,16 @@ class Comm:
 
     def allreduce_host(self, x):
         """Sum of a host NumPy array or Python/NumPy scalar over all ranks (same type back)."""
+        if self.size == 1:
+            return x
+        if np.ndim(x) == 0:
+            total = self._sum_host(np.asarray(x).reshape(1))[0]
+            return type(x)(total) if isinstance(x, (int, float)) else total
+        return self._sum_host(np.ascontiguousarray(x))
+
+    def _sum_host(self, x: np.ndarray) -> np.ndarray:
+        """The sum over ranks of a contiguous host array of at least one dimension
+        (what each communicator implements for :meth:`allreduce_host`)."""
         return x
 
     def allreduce(self, X, ops):
@@ -163,12 +173,7 @@ class MPIComm(Comm):
         if abort_on_exception and self.size > 1 and _abort_wanted("SPECOPS_MPI_ABORT"):
             _install_abort_hook(self.comm)
 
-    def allreduce_host(self, x):
-        if np.ndim(x) == 0:
-            a = np.asarray(x)
-            total = self.allreduce_host(a.reshape(1))[0]
-            return type(x)(total) if isinstance(x, (int, float)) else total
-        x = np.ascontiguousarray(x)
+    def _sum_host(self, x):
         out = np.empty_like(x)
         self.comm.Allreduce(x, out, op=self.MPI.SUM)
         return out
@@ -402,15 +407,9 @@ class TorchComm(Comm):
         self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.group)
         return tensor
 
-    def allreduce_host(self, x):
-        if self.size == 1:
-            return x
-        if np.ndim(x) == 0:
-            total = self.allreduce_host(np.asarray(x).reshape(1))[0]
-            return type(x)(total) if isinstance(x, (int, float)) else total
-        host = np.ascontiguousarray(x)
-        out = self._sum(self.torch.from_numpy(host.copy()).to(self.device))
-        return out.cpu().numpy().astype(host.dtype, copy=False)
+    def _sum_host(self, x):
+        out = self._sum(self.torch.from_numpy(x.copy()).to(self.device))
+        return out.cpu().numpy().astype(x.dtype, copy=False)
 
     def transport(self, X) -> str:
         if self.size == 1:
@@ -499,13 +498,8 @@ class JaxComm(Comm):
             _install_exception_hook(lambda: (self.rank, self.size), "ending this process so that no rank waits for it",
                                     lambda: os._exit(1))
 
-    def allreduce_host(self, x):
-        if self.size == 1:
-            return x
-        if np.ndim(x) == 0:
-            total = self.allreduce_host(np.asarray(x).reshape(1))[0]
-            return type(x)(total) if isinstance(x, (int, float)) else total
-        return np.asarray(self.hosts.process_allgather(np.ascontiguousarray(x))).sum(axis=0).astype(np.asarray(x).dtype)
+    def _sum_host(self, x):
+        return np.asarray(self.hosts.process_allgather(x)).sum(axis=0).astype(x.dtype, copy=False)
 
     def transport(self, X) -> str:
         if self.size == 1:
