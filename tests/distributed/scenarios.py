@@ -72,7 +72,7 @@ def build_torch(index, comm=None, batches=None, device="cpu"):
     model = model.to(device)
     if batches is None:
         batches = [(torch.as_tensor(X, device=device), torch.as_tensor(y, device=device)) for X, y in data(index)]
-    return hessian(model, torch.nn.CrossEntropyLoss(), batches, comm=comm, hvp="double_backward")
+    return hessian(model, torch.nn.CrossEntropyLoss(), batches, comm=comm, engine="double_backward")
 
 
 def torch_dataset(n: int):
