@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import scenarios
@@ -24,20 +25,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_jax_processes_match_one_process(tmp_path, monkeypatch):
+def launch(args, timeout=300.0):
+    """Two processes of ``jax_process_worker.py`` on a free port; their return codes, output and end time."""
     port = str(free_port())
-    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "jax_process_worker.py"), str(i), port,
-                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "jax_process_worker.py"), str(i), port, *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True) for i in (0, 1)]
     try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail("the two JAX processes did not finish in 300 s (a hang?)")
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+        pytest.fail(f"the two JAX processes did not finish in {timeout:.0f} s (a hang?)")
+    return [p.returncode for p in procs], logs, time.time()
+
+
+def test_two_jax_processes_match_one_process(tmp_path):
+    codes, logs, _ = launch([str(tmp_path)])
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     for r in (0, 1):
         got = json.loads((tmp_path / f"basics-rank{r}.json").read_text())
         assert (got["rank"], got["size"], got["local_rank"], got["local_size"]) == (r, 2, r, 2)
@@ -56,3 +63,12 @@ def test_jax_comm_needs_jax_distributed():
 
     with pytest.raises(RuntimeError, match=r"jax.distributed is not initialized: call jax.distributed.initialize"):
         as_comm("jax")
+
+
+def test_exception_on_one_process_ends_the_job(tmp_path):
+    codes, logs, ended = launch([str(tmp_path), "raise"], timeout=120)
+    assert codes[0] != 0 and codes[1] != 0, "a process succeeded although process 1 raised"
+    raised = float(logs[1].split("rank 1 raises at ")[1].split()[0])
+    assert ended - raised < 10.0, f"the job took {ended - raised:.1f} s to end after the failure"
+    assert "uncaught exception on rank 1 of 2" in logs[1] and "deliberate failure on rank 1" in logs[1]
+    assert "rank 0 finished" not in logs[0]
