@@ -1,5 +1,7 @@
-"""What every ``specops`` command shares: the usage error, number arguments, user callables,
-MPI detection and rank-0 printing."""
+"""What every ``specops`` command shares.
+
+The usage error, number arguments, user callables, MPI detection and rank-0 printing.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +76,12 @@ def detect_comm(name: str = "auto"):
     :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
     single-process communicator (and neither torch.distributed nor mpi4py is started).
 
+    Args:
+        name: ``"auto"``, ``"torch"``, ``"mpi"`` or ``"none"`` (the ``--comm`` argument).
+
+    Returns:
+        The communicator; the single-process one wherever only one process runs.
+
     Raises:
         UsageError: the named launch is missing (e.g. ``--comm torch`` outside torchrun).
     """
@@ -130,6 +138,7 @@ class Printer:
         self.progress = progress and self.rank0
 
     def __call__(self, text: str = "", stream=None):
+        """Print ``text`` (to stdout, or ``stream``) on rank 0."""
         if self.rank0:
             print(text, file=stream or sys.stdout, flush=True)
 

@@ -1,5 +1,8 @@
-"""The run of ``specops analyze``: check the arguments and ``--out``, make the framework's
-session and operator, run the stages in order, write the summary."""
+"""The run of ``specops analyze``, from the arguments to the summary.
+
+Check the arguments and ``--out``, make the framework's session and operator, run the
+stages in order, write ``summary.md`` and ``report.html``.
+"""
 
 from __future__ import annotations
 
