@@ -75,6 +75,8 @@ class Tracker:
         blocks: ``{name: pattern}``, parameter blocks whose metrics are recorded too, by
             the operator's ``restrict`` (e.g. ``{"stage1": "stage1.*"}``).
         block_metrics: the metrics of each block (default ``("eigenvalues", "trace")``).
+        block_options: ``{metric: keywords}`` that override the options below for blocks
+            (e.g. ``{"trace": {"num_matvecs": 16}}``).
         warm_start: start Lanczos from the previous step's eigenvectors.
         resume: continue an existing log: its records are kept and :meth:`update` returns
             the stored record for a step already there. Without it an existing non-empty
@@ -91,7 +93,8 @@ class Tracker:
     """
 
     def __init__(self, make_operator, path: str | None = None, metrics=METRICS, k: int = 3, seed: int = 0, *,
-                 blocks: dict | None = None, block_metrics=("eigenvalues", "trace"), warm_start: bool = True,
+                 blocks: dict | None = None, block_metrics=("eigenvalues", "trace"), block_options: dict | None = None,
+                 warm_start: bool = True,
                  resume: bool = False, eigsh_options: dict | None = None, trace_options: dict | None = None,
                  density_options: dict | None = None, progress: bool = False, comm=None):
         if not callable(make_operator):
@@ -109,11 +112,14 @@ class Tracker:
         self.eigsh_options = dict(eigsh_options or {})
         self.trace_options = dict(trace_options or {})
         self.density_options = dict(density_options or {})
+        self.block_options = {m: dict(o) for m, o in (block_options or {}).items()}
+        _check_metrics(tuple(self.block_options), "block_options")
         for name, opts in (("eigsh_options", self.eigsh_options), ("trace_options", self.trace_options),
-                           ("density_options", self.density_options)):
+                           ("density_options", self.density_options),
+                           *((f"block_options[{m!r}]", o) for m, o in self.block_options.items())):
             if "seed" in opts:
                 raise ValueError(f"{name} must not hold 'seed': the tracker's seed= is used for every metric")
-        if "k" in self.eigsh_options or "v0" in self.eigsh_options:
+        if {"k", "v0"} & (set(self.eigsh_options) | set(self.block_options.get("eigenvalues", {}))):
             raise ValueError("eigsh_options must not hold 'k' or 'v0': pass k= to the Tracker; v0 is the warm start")
         self.progress = progress
         self.write = comm is None or comm.rank == 0
@@ -229,10 +235,13 @@ class Tracker:
         self.records.append(record)
         return record
 
-    def _start(self, A, name):
-        """The previous eigenvectors of ``name`` as a start block for ``A``, or None (cold)."""
-        if not self.warm_start:
-            return None
+    def eigenvectors(self, A, block: str | None = None):
+        """The last recorded eigenvectors (of ``block``, or the whole operator) as ``A``'s arrays.
+
+        They come from memory, or after a resume from ``<path>.vectors.npz``; ``None`` if none
+        were recorded or they do not fit ``A``.
+        """
+        name = block or ""
         V = self.vectors.get(name)
         if V is None and name in self._host_vectors:
             V = A.ops.asarray(self._host_vectors[name])
@@ -240,20 +249,28 @@ class Tracker:
             return None
         return V
 
+    def _start(self, A, name):
+        """The previous eigenvectors of ``name`` as a start block for ``A``, or None (cold)."""
+        return self.eigenvectors(A, name) if self.warm_start else None
+
     def _metric(self, A, name: str, metric: str, out: dict):
         """Compute one metric of ``A`` into ``out``; returns ``(products, warm)``."""
+        opts = {"eigenvalues": self.eigsh_options, "trace": self.trace_options,
+                "density": self.density_options}[metric]
+        if name:
+            opts = {**opts, **self.block_options.get(metric, {})}
         if metric == "eigenvalues":
             v0 = self._start(A, name)
-            res = eigsh(A, k=self.k, seed=self.seed, v0=v0, **self.eigsh_options)
+            res = eigsh(A, k=self.k, seed=self.seed, v0=v0, **opts)
             self.vectors[name] = res.eigenvectors
             out.update(eigenvalues=res.eigenvalues, residuals=res.residuals, converged=res.converged)
             return res.num_matvecs, v0 is not None
         if metric == "trace":
-            res = trace(A, seed=self.seed, **self.trace_options)
+            res = trace(A, seed=self.seed, **opts)
             out["trace"] = {"estimate": res.estimate, "stderr": res.stderr,
                             "estimator": res.settings.get("estimator", res.settings["method"])}
             return res.num_matvecs, False
-        res = spectral_density(A, seed=self.seed, **self.density_options)
+        res = spectral_density(A, seed=self.seed, **opts)
         out["density"] = {"nodes": res.nodes, "weights": res.weights, "n": res.settings["n"]}
         return res.num_matvecs, False
 

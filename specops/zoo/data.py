@@ -76,6 +76,26 @@ def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = 
         FileNotFoundError: the batches are not there (saying where they were looked for
             and where to get them).
     """
+    base, files, key = cifar_files(root, name, train)
+    xs, ys = [], []
+    for f in files:
+        with open(os.path.join(base, f), "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0)
+        ys.append(np.asarray(d[key], dtype=np.int64))
+    X, y = np.concatenate(xs), np.concatenate(ys)
+    if n is not None:
+        X, y = X[:n], y[:n]
+    return _standardize(X), y
+
+
+def cifar_files(root: str, name: str = "cifar10", train: bool = True) -> tuple[str, list, bytes]:
+    """The folder, batch files and label key of CIFAR-10/100 under ``root``, checked to exist.
+
+    Raises:
+        ValueError: an unknown ``name``.
+        FileNotFoundError: a batch file is missing (naming every missing file and where to get them).
+    """
     if name not in CIFAR_FOLDERS:
         raise ValueError(f"name must be one of {sorted(CIFAR_FOLDERS)}, got {name!r}")
     folder = CIFAR_FOLDERS[name]
@@ -92,16 +112,7 @@ def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = 
             f"'python version' from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that "
             f"{os.path.join(root, folder)} exists (specops downloads nothing)"
         )
-    xs, ys = [], []
-    for f in files:
-        with open(os.path.join(base, f), "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.float32).reshape(-1, 3, 32, 32) / 255.0)
-        ys.append(np.asarray(d[key], dtype=np.int64))
-    X, y = np.concatenate(xs), np.concatenate(ys)
-    if n is not None:
-        X, y = X[:n], y[:n]
-    return _standardize(X), y
+    return base, files, key
 
 
 def batches(X, y, batch_size: int) -> list:
