@@ -154,8 +154,7 @@ def config_from_args(args) -> Config:
         from specops.zoo.data import cifar_files
 
         try:
-            for train in (True, False):
-                cifar_files(args.data_dir, args.data, train)
+            cifar_files(args.data_dir, args.data, train=None)
         except FileNotFoundError as e:
             raise UsageError(f"--data-dir {args.data_dir!r}: {e}") from e
     depths = _list(args.depths, int, "--depths") if args.depths else base["depths"]
@@ -312,7 +311,7 @@ def train_run(cfg: Config, variant: str, depth: int, lr: float, data, folder: st
     elif 0 in cfg.checkpoints:
         info = _accuracies(model, data, cfg) | dict(epoch=0, lr=lr, loss=None)
         history["0"] = info
-        _save_torch(dict(epoch=0, model=model.state_dict(), optimizer=None, history=history, **info),
+        _save_torch({**info, "model": model.state_dict(), "optimizer": None, "history": history},
                     _checkpoint_path(folder, 0))
     if state is not None and state.get("optimizer") is None:
         model.load_state_dict(state["model"])
@@ -322,7 +321,7 @@ def train_run(cfg: Config, variant: str, depth: int, lr: float, data, folder: st
         if epoch in cfg.checkpoints:
             info = _accuracies(model, data, cfg) | dict(epoch=epoch, lr=st["lr"], loss=st["loss"])
             history[str(epoch)] = info
-            _save_torch(dict(st, history=history, **info), _checkpoint_path(folder, epoch))
+            _save_torch({**st, **info, "history": history}, _checkpoint_path(folder, epoch))
 
     if state is None or state["epoch"] < cfg.epochs:
         fit(model, data[0], data[1], epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed,

@@ -89,8 +89,10 @@ def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = 
     return _standardize(X), y
 
 
-def cifar_files(root: str, name: str = "cifar10", train: bool = True) -> tuple[str, list, bytes]:
+def cifar_files(root: str, name: str = "cifar10", train: bool | None = True) -> tuple[str, list, bytes]:
     """The folder, batch files and label key of CIFAR-10/100 under ``root``, checked to exist.
+
+    ``train=None`` checks the files of both splits.
 
     Raises:
         ValueError: an unknown ``name``.
@@ -101,10 +103,12 @@ def cifar_files(root: str, name: str = "cifar10", train: bool = True) -> tuple[s
     folder = CIFAR_FOLDERS[name]
     base = root if os.path.basename(os.path.normpath(root)) == folder else os.path.join(root, folder)
     if name == "cifar10":
-        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        files = ([f"data_batch_{i}" for i in range(1, 6)] if train in (True, None) else []) + (
+            ["test_batch"] if train in (False, None) else [])
         key = b"labels"
     else:
-        files, key = ["train" if train else "test"], b"fine_labels"
+        files = (["train"] if train in (True, None) else []) + (["test"] if train in (False, None) else [])
+        key = b"fine_labels"
     missing = [f for f in files if not os.path.isfile(os.path.join(base, f))]
     if missing:
         raise FileNotFoundError(

@@ -100,7 +100,8 @@ def fit(model: nn.Module, X, y, *, epochs: int, lr: float, batch_size: int = 128
         state: a dict from an earlier call's ``on_epoch`` (``"epoch"``, ``"model"``,
             ``"optimizer"``) to continue from.
         on_epoch: ``on_epoch(epoch, state)`` after every epoch (1-based ``epoch``), where
-            ``state`` holds ``epoch``, ``loss``, ``lr`` and the model's and optimizer's state dicts.
+            ``state`` holds ``epoch``, ``loss``, ``lr`` and the model's and optimizer's state
+            dicts (which reference the live tensors: save or copy them in the callback).
 
     Returns:
         ``{"epochs", "lr", "final_loss", ...}`` settings and the last training loss.
