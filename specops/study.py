@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from specops.cli.common import UsageError
 from specops.report import atomic_savefig, atomic_write, check_writable, library_versions
 
 FORMAT = "specops-study/1"
@@ -47,10 +48,6 @@ FULL = dict(depths=(20, 32, 38, 56), epochs=180, lrs=(0.1, 0.05, 0.02), checkpoi
             batch_size=128, hessian_samples=5000, train_samples=None)
 STAGES = ("stage1", "stage2", "stage3")
 DIGITS_HELD_OUT = 297
-
-
-class UsageError(ValueError):
-    """A bad command-line argument (reported before any training)."""
 
 
 @dataclasses.dataclass
@@ -94,14 +91,23 @@ def _list(text: str, kind, what: str) -> tuple:
     return values
 
 
+HELP = "the PyHessian study: curvature of ResNets with/without batch norm and residual connections over training"
+DESCRIPTION = ("The PyHessian study: Hessian spectra of CIFAR ResNets with and without batch norm and residual "
+               "connections (whole network or one stage), tracked over training. Without arguments: a reduced "
+               "grid on scikit-learn's digits (docs/study.md).")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m specops.study`` (the same options as ``specops study``)."""
+    p = argparse.ArgumentParser(prog="specops study", description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    """The options of ``specops study``."""
     from specops.zoo.torch_resnet import VARIANTS
 
-    p = argparse.ArgumentParser(
-        prog="specops study",
-        description="The PyHessian study: Hessian spectra of ResNets with and without batch norm and residual "
-                    "connections, tracked over training. Without arguments: a reduced grid on scikit-learn's "
-                    "digits (about 10 minutes on 2 CPU cores).")
     p.add_argument("--data", default="digits", help=f"data set: {', '.join(DATASETS)} (default digits)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python (python pickles)")
     p.add_argument("--depths", help="comma-separated depths 6n+2 (default 8,14; --full 20,32,38,56)")
@@ -131,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landscape-span", type=float, default=0.5, help="half-width of the landscape grid")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
 
 
 def config_from_args(args) -> Config:
@@ -652,10 +657,15 @@ def summary_markdown(study: dict, images: list[str]) -> str:
 
 # --- entry point ----------------------------------------------------------------------------
 def main(argv=None) -> int:
-    """``specops study`` (also ``python -m specops.study``); returns the exit status."""
+    """``python -m specops.study [options]``, the same as ``specops study [options]``; returns the exit status."""
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args) -> int:
+    """Run the study for parsed arguments: 0 on success, 2 for bad arguments (message on stderr), 130 when
+    interrupted."""
     from specops.distributed import world
 
-    args = build_parser().parse_args(argv)
     comm = world()
     try:
         cfg = config_from_args(args)
