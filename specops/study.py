@@ -566,9 +566,9 @@ def write_figures(study: dict, out: str) -> list[str]:
         atomic_savefig(fig, os.path.join(out, name))
         plt.close(fig)
         images.append(name)
-    fig, axes = plt.subplots(1, len(depths), figsize=(max(5.0, 0.9 * len(by_depth[depths[0]]) + 2) * len(depths),
-                                                       3.8), squeeze=False)
-    for ax, d in zip(axes[0], depths):
+    fig, axes = plt.subplots(len(depths), 1, figsize=(max(5.0, 0.9 * len(by_depth[depths[0]]) + 2),
+                                                       3.4 * len(depths)), squeeze=False)
+    for ax, d in zip(axes[:, 0], depths):
         runs = by_depth[d]
         x = np.arange(len(runs))
         for s, stage in enumerate(STAGES):
@@ -579,7 +579,7 @@ def write_figures(study: dict, out: str) -> list[str]:
         ax.set_xticklabels([r["label"] for r in runs], rotation=35, ha="right", fontsize=7)
         ax.set_title(f"ResNet-{d}: trace per stage (last checkpoint)", fontsize=9)
         ax.axhline(0, color="0.5", lw=0.6)
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, os.path.join(out, "stage_trace.png"))
     plt.close(fig)
