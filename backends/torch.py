@@ -438,7 +438,7 @@ class TorchAdapter(ModelAdapter):
     Args:
         model: the ``nn.Module``; its parameters share one dtype and device.
         loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``, returning a scalar.
-        params: parameter selection, see :func:`hessian`.
+        wrt: parameter selection, see :func:`hessian`.
         loss_form: ``"outputs"``, ``"model"`` or ``"auto"``, see :func:`hessian`.
         engine: one of :data:`ENGINES`.
         memory_budget: bytes of cached graphs allowed with ``engine="auto"``.
@@ -765,8 +765,8 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
             a forward of the first batch draws random numbers) raises
             :class:`specops.NonDeterministicError`; ``"fixed"``: the Hessian of one fixed
             random sub-network, each batch with the same mask in every product.
-
-        params, hvp: former names of ``wrt`` and ``engine`` (deprecated).
+        params: former name of ``wrt`` (deprecated).
+        hvp: former name of ``engine`` (deprecated).
 
     Returns:
         A :class:`specops.model.ModelOperator`: ``H @ v`` for a flat tensor ``v``,

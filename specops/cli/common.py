@@ -1,5 +1,7 @@
-"""What every ``specops`` command shares: the usage error, number arguments, user callables,
-MPI detection and rank-0 printing."""
+"""What every ``specops`` command shares.
+
+The usage error, number arguments, user callables, MPI detection and rank-0 printing.
+"""
 
 from __future__ import annotations
 
@@ -67,8 +69,12 @@ def launched_rank0() -> bool:
 
 
 def detect_comm():
-    """An :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
-    single-process communicator (and mpi4py is not imported)."""
+    """The communicator of this run.
+
+    Returns:
+        An :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
+        single-process communicator (and mpi4py is not imported).
+    """
     from specops.distributed import Comm, MPIComm
 
     if launched_size() <= 1:
@@ -112,17 +118,17 @@ def call_user(fn, what: str):
 
 # --- output -----------------------------------------------------------------------------------
 class Printer:
-    """Prints on rank 0 only; progress bars go to stderr."""
+    """Prints on rank 0 only; progress bars (tqdm, :mod:`specops.progress`) go to stderr."""
 
     def __init__(self, rank: int, progress: bool):
         self.rank0 = rank == 0
         self.progress = progress and self.rank0
 
     def __call__(self, text: str = "", stream=None):
+        """Print ``text`` (to stdout, or ``stream``) on rank 0."""
         if self.rank0:
             print(text, file=stream or sys.stdout, flush=True)
 
-    def bar(self, label: str, total: int, unit: str = "matvecs"):
-        from specops import report as rp
-
-        return rp.ProgressBar(label, total, unit, enabled=self.progress)
+    def bar(self, label: str):
+        """The ``progress=`` argument of a library call: its bar's label, or False (no bar)."""
+        return label if self.progress else False

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import time
 
-from specops import report as rp
-
 NAME = "trace"
 
 
 def run(ctx):
+    """Run the stage (or skip it when it finished earlier) and record its result."""
     import specops as so
 
     a = ctx.args
     settings = dict(method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
     if ctx.skip(NAME, settings):
         return
-    bar = ctx.printer.bar("trace", a.trace_matvecs)
     t0 = time.perf_counter()
-    A = rp.ProgressOperator(ctx.H, bar)
-    r = so.trace(A, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
-    bar.close(f" {r.estimate:.5g} +- {r.stderr:.2g}")
-    ctx.state.finish(NAME, settings, r.to_dict(), A.num_matvecs, time.perf_counter() - t0)
+    r = so.trace(ctx.H, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
+                 progress=ctx.printer.bar("trace"))
+    ctx.state.finish(NAME, settings, r.to_dict(), r.num_matvecs, time.perf_counter() - t0)

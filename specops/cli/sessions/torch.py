@@ -1,6 +1,9 @@
-"""The PyTorch session of the command line: the default ResNet-8 on digits and its training
-stage, or a user ``nn.Module`` (with an optional checkpoint), and the operator of
-:func:`specops.backends.torch.hessian`. torch is imported when a session is made."""
+"""The PyTorch session of the command line.
+
+The default ResNet-8 on digits and its training stage, or a user ``nn.Module`` (with an
+optional checkpoint), and the operator of :func:`specops.backends.torch.hessian`. torch is
+imported when a session is made.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import numpy as np
 from specops import report as rp
 from specops.cli.common import UsageError, call_user, load_callable
 from specops.cli.sessions import Setup, shard_data
+from specops.progress import Bar
 
 #: Digits images held out from the default model's training data, for its accuracy.
 DEFAULT_HELD_OUT = 297
@@ -29,8 +33,13 @@ def default_model(seed: int = 0):
 
 
 def default_data(samples: int = 512, seed: int = 0):
-    """Digits split for the default run: ``(train_X, train_y, test_X, test_y)``; the Hessian is
-    taken over the first ``samples`` training images."""
+    """Digits split for the default run: ``(train_X, train_y, test_X, test_y)``.
+
+    The Hessian is taken over the first ``samples`` training images.
+
+    Raises:
+        UsageError: more samples than the training split holds.
+    """
     from specops.zoo.data import digits
 
     X, y = digits(seed=seed)
@@ -136,6 +145,7 @@ class Session:
 
     @property
     def needs_training(self) -> bool:
+        """Whether the ``train`` stage runs: the default model without a checkpoint."""
         return self.default and not self.args.checkpoint
 
     def train(self, state, out: str, printer):
@@ -154,11 +164,15 @@ class Session:
         Xtr, ytr, Xte, yte = self.split
         info = None
         if self.comm.rank == 0:
-            bar = rp.ProgressBar("train", args.epochs, "epochs", enabled=printer.progress)
-            info = train(self.model, Xtr, ytr, epochs=args.epochs, seed=args.seed,
-                         log=lambda e, loss, acc: bar.update(e))
+            bar = Bar(args.epochs, "train", "epochs", enabled=printer.progress)
+
+            def log(epoch, loss, acc):
+                bar.to(epoch)
+                bar.show(loss=loss, accuracy=acc)
+
+            info = train(self.model, Xtr, ytr, epochs=args.epochs, seed=args.seed, log=log)
             info["test_accuracy"] = accuracy(self.model, torch.from_numpy(Xte), torch.from_numpy(yte))
-            bar.close(f" accuracy {info['train_accuracy']:.3f} train, {info['test_accuracy']:.3f} held out")
+            bar.close(train_accuracy=info["train_accuracy"], held_out=info["test_accuracy"])
             buf = io.BytesIO()
             torch.save(self.model.state_dict(), buf)
             rp.atomic_write(path, buf.getvalue())
@@ -170,6 +184,7 @@ class Session:
         state.finish("train", settings, info, 0, time.perf_counter() - t0)
 
     def operator(self) -> Setup:
+        """The Hessian operator of the trained model in eval mode over this rank's data."""
         from specops.backends import torch as st
 
         torch, args = self.torch, self.args
