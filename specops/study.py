@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from specops.cli.common import UsageError
+from specops.progress import bar as progress_bar
 from specops.report import atomic_savefig, atomic_write, check_writable, library_versions
 
 FORMAT = "specops-study/1"
@@ -76,6 +77,7 @@ class Config:
     landscape_span: float
 
     def to_dict(self) -> dict:
+        """The settings as JSON types (tuples as lists)."""
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -257,6 +259,7 @@ def make_model(cfg: Config, variant: str, depth: int, classes: int, channels: in
 
 
 def run_name(variant: str, depth: int) -> str:
+    """The folder name of a (variant, depth) under ``runs/``."""
     return f"{variant}_d{depth}"
 
 
@@ -389,14 +392,6 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data, folder
 
 
 # --- the study ------------------------------------------------------------------------------
-def _bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="run")
-
-
 def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: bool = True, log=print) -> dict:
     """Run (or continue) a study into ``out``; returns ``study.json``'s contents (on every rank).
 
@@ -432,15 +427,13 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: boo
     data = load_data(cfg)
     runs_dir = os.path.join(out, "runs")
     train_tasks = [(v, d, lr) for d in cfg.depths for v in cfg.variants for lr in cfg.lrs]
-    bar = _bar(progress and comm.rank == 0, len(train_tasks), "train")
+    bar = progress_bar(progress, len(train_tasks), "train", unit="runs", comm=comm)
     mine = {}
     for i, (v, d, lr) in enumerate(train_tasks):
         if i % comm.size == comm.rank:
             mine[(v, d, lr)] = train_run(cfg, v, d, lr, data, os.path.join(runs_dir, run_name(v, d), _lr_name(lr)))
-        if bar is not None and i % comm.size == 0:
-            bar.update(min(comm.size, len(train_tasks) - i))
-    if bar is not None:
-        bar.close()
+        bar.to(i + 1)
+    bar.close()
     trained = {}
     for part in comm.allgather(mine):
         trained.update(part)
@@ -451,16 +444,14 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: boo
             results = [trained[(v, d, lr)] for lr in cfg.lrs]
             best[(v, d)] = max(results, key=lambda r: (r["test_accuracy"], -r["lr"]))["lr"]
     curv_tasks = [(v, d) for d in cfg.depths for v in cfg.variants]
-    bar = _bar(progress and comm.rank == 0, len(curv_tasks), "curvature")
+    bar = progress_bar(progress, len(curv_tasks), "curvature", unit="runs", comm=comm)
     mine = {}
     for i, (v, d) in enumerate(curv_tasks):
         if i % comm.size == comm.rank:
             mine[(v, d)] = curvature_run(cfg, v, d, best[(v, d)], data, os.path.join(runs_dir, run_name(v, d)),
                                          progress=False)
-        if bar is not None and i % comm.size == 0:
-            bar.update(min(comm.size, len(curv_tasks) - i))
-    if bar is not None:
-        bar.close()
+        bar.to(i + 1)
+    bar.close()
     curvature = {}
     for part in comm.allgather(mine):
         curvature.update(part)
@@ -662,8 +653,11 @@ def main(argv=None) -> int:
 
 
 def run_command(args) -> int:
-    """Run the study for parsed arguments: 0 on success, 2 for bad arguments (message on stderr), 130 when
-    interrupted."""
+    """Run the study for parsed arguments.
+
+    Returns:
+        0 on success, 2 for bad arguments (the message on stderr, rank 0), 130 when interrupted.
+    """
     from specops.distributed import world
 
     comm = world()

@@ -31,20 +31,11 @@ import numpy as np
 
 from specops.density import SpectralDensity, spectral_density
 from specops.eigsh import eigsh
+from specops.progress import bar as progress_bar
 from specops.trace import trace
 
 METRICS = ("eigenvalues", "trace", "density")
 FORMAT = "specops-tracker/1"
-
-
-def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as e:  # pragma: no cover - tqdm is in the requirements
-        raise ImportError("progress=True needs tqdm: pip install tqdm") from e
-    return tqdm(total=total, desc=desc, unit="metric", leave=False)
 
 
 def _check_metrics(metrics, what: str) -> tuple:
@@ -84,7 +75,8 @@ class Tracker:
         eigsh_options: keywords for :func:`~specops.eigsh` (``which``, ``tol``, ``max_matvecs``, ...).
         trace_options: keywords for :func:`~specops.trace` (``method``, ``num_matvecs``, ``rtol``, ...).
         density_options: keywords for :func:`~specops.spectral_density` (``num_probes``, ``num_steps``).
-        progress: a ``tqdm`` bar over the metrics of each update.
+        progress: a progress bar (``tqdm.auto``, :mod:`specops.progress`) over the metrics of
+            each update: True, or a label.
         comm: ``None`` or a communicator whose operators are data-parallel: only rank 0 writes.
 
     Raises:
@@ -122,6 +114,7 @@ class Tracker:
         if {"k", "v0"} & (set(self.eigsh_options) | set(self.block_options.get("eigenvalues", {}))):
             raise ValueError("eigsh_options must not hold 'k' or 'v0': pass k= to the Tracker; v0 is the warm start")
         self.progress = progress
+        self.comm = comm
         self.write = comm is None or comm.rank == 0
         self.records: list[dict] = []
         self.vectors: dict = {}   # "" (whole operator) or block name -> previous eigenvectors (native)
@@ -138,6 +131,7 @@ class Tracker:
     # --- files ----------------------------------------------------------------------------
     @property
     def vectors_path(self) -> str | None:
+        """Where the last eigenvectors are kept for a resumed run (``<path>.vectors.npz``)."""
         return None if self.path is None else self.path + ".vectors.npz"
 
     def _drop_torn_line(self):
@@ -176,6 +170,7 @@ class Tracker:
     # --- updates --------------------------------------------------------------------------
     @property
     def steps(self) -> list:
+        """The recorded steps, in order."""
         return [r["step"] for r in self.records]
 
     def done(self, step) -> bool:
@@ -202,7 +197,8 @@ class Tracker:
         t0 = time.perf_counter()
         A = self.make_operator()
         tasks = [("", m) for m in self.metrics] + [(b, m) for b in self.blocks for m in self.block_metrics]
-        bar = _progress_bar(self.progress, len(tasks), f"curvature at step {step}")
+        bar = progress_bar(self.progress, len(tasks), f"curvature at step {step}", unit="metrics",
+                           comm=self.comm)
         record = {"step": step}
         record["blocks"] = {name: {} for name in self.blocks}
         products = {}
@@ -216,10 +212,8 @@ class Tracker:
             products[f"{name}:{metric}" if name else metric] = used
             if metric == "eigenvalues":
                 warm[name or "operator"] = was_warm
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.to(len(products))
+        bar.close()
         record["num_matvecs"] = int(sum(products.values()))
         record["products"] = products
         record["warm_start"] = warm
@@ -319,6 +313,7 @@ class TrackerLog:
 
     @property
     def steps(self) -> np.ndarray:
+        """The recorded steps, in order."""
         return np.array([r["step"] for r in self.records])
 
     def _where(self, key: str, block: str | None):
@@ -353,6 +348,7 @@ class TrackerLog:
 
     @property
     def blocks(self) -> list[str]:
+        """The block names found in the records."""
         names = []
         for r in self.records:
             names += [b for b in r.get("blocks", {}) if b not in names]
@@ -429,8 +425,11 @@ def _axes(ax):
 
 
 def _plain(x):
-    """Records as plain JSON: arrays as (nested) lists, NumPy scalars as numbers, and a
-    non-finite float (the stderr of a single probe) as ``None``."""
+    """Records as plain JSON.
+
+    Arrays become (nested) lists, NumPy scalars numbers, and a non-finite float (the stderr
+    of a single probe) ``None``.
+    """
     if isinstance(x, np.ndarray):
         return _plain(x.tolist())
     if isinstance(x, (np.floating, np.integer, np.bool_)):

@@ -34,10 +34,12 @@ class TrackerCallback(keras.callbacks.Callback):
         self.records = []
 
     def on_train_begin(self, logs=None):
+        """Record step 0 if ``at_start``."""
         if self.at_start:
             self.records.append(self.tracker.update(0, info=_numbers(logs)))
 
     def on_epoch_end(self, epoch, logs=None):
+        """Record 1-based ``epoch + 1`` when due, with the epoch's logs as ``info``."""
         if due(epoch + 1, self.every):
             self.records.append(self.tracker.update(epoch + 1, info=_numbers(logs)))
 

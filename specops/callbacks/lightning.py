@@ -54,9 +54,11 @@ class TrackerCallback(Callback):
             pl_module.train(was_training)
 
     def on_train_start(self, trainer, pl_module):
+        """Record step 0 if ``at_start``."""
         if self.at_start:
             self._update(trainer, pl_module, 0)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        """Record 1-based ``current_epoch + 1`` when due, with the trainer's metrics as ``info``."""
         if due(trainer.current_epoch + 1, self.every):
             self._update(trainer, pl_module, trainer.current_epoch + 1)

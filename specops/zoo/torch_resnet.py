@@ -84,6 +84,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x):
+        """The block's output for input ``x``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.residual:
@@ -125,6 +126,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
+        """Logits for images ``x``."""
         x = self.stem(x)
         x = self.stage3(self.stage2(self.stage1(x)))
         return self.head(self.pool(x).flatten(1))

@@ -91,10 +91,13 @@ def fit(model: nn.Module, X, y, *, epochs: int, lr: float, batch_size: int = 128
 
     Args:
         model: the network (trained in place, left in train mode).
-        X, y: training images and integer labels (NumPy arrays or tensors).
+        X: training images (a NumPy array or tensor).
+        y: integer labels.
         epochs: total epochs.
         lr: initial learning rate; times 0.1 at each milestone (fractions of ``epochs``).
-        batch_size, momentum, weight_decay: SGD settings.
+        batch_size: samples per SGD step.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty of SGD.
         milestones: fractions of ``epochs`` where the rate drops.
         seed: seed of the shuffles (the model's initialization is the caller's).
         state: a dict from an earlier call's ``on_epoch`` (``"epoch"``, ``"model"``,
