@@ -1,7 +1,7 @@
 """``specops study``: the PyHessian paper's experiment (Yao et al. 2020) as one command.
 
 CIFAR ResNets (depth ``6 n + 2``) with and without batch norm and residual connections,
-for the whole network and per stage (:data:`specops.zoo.torch_resnet.VARIANTS`), are
+for the whole network and per stage (:data:`specops.zoo.variants.VARIANTS`), are
 trained as in the paper's appendix (SGD, momentum 0.9, the learning rate times 0.1 at
 4/9 and 2/3 of the epochs, a sweep of initial rates of which the run with the best
 held-out accuracy is kept, seeded). At every checkpoint of the kept run a
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser):
     """The options of ``specops study``."""
-    from specops.zoo.torch_resnet import VARIANTS
+    from specops.zoo.variants import VARIANTS
 
     p.add_argument("--data", default="digits", help=f"data set: {', '.join(DATASETS)} (default digits)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py / cifar-100-python (python pickles)")
@@ -148,7 +148,7 @@ def config_from_args(args) -> Config:
         UsageError: an unknown data set or variant, a depth that is not ``6 n + 2``, a missing
             CIFAR folder (naming the files expected), bad numbers.
     """
-    from specops.zoo.torch_resnet import VARIANTS
+    from specops.zoo.variants import VARIANTS
 
     base = FULL if args.full else EMBEDDED
     if args.data not in DATASETS:
@@ -468,7 +468,7 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: boo
 
 
 def _study_json(cfg, trained, best, curvature, ranks) -> dict:
-    from specops.zoo.torch_resnet import VARIANTS
+    from specops.zoo.variants import VARIANTS
 
     runs = {}
     for d in cfg.depths:

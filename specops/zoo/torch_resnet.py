@@ -26,18 +26,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-#: The study's variants: name -> (label, batch norm per stage, residual per stage).
-VARIANTS = {
-    "baseline": ("ResNet", (True, True, True), (True, True, True)),
-    "no-bn": ("RM BN", (False, False, False), (True, True, True)),
-    "no-res": ("RM Res", (True, True, True), (False, False, False)),
-    "no-bn-no-res": ("RM BN + Res", (False, False, False), (False, False, False)),
-    **{f"no-bn-s{s}": (f"RM BN stage {s}", tuple(t != s for t in (1, 2, 3)), (True, True, True))
-       for s in (1, 2, 3)},
-    **{f"no-res-s{s}": (f"RM Res stage {s}", (True, True, True), tuple(t != s for t in (1, 2, 3)))
-       for s in (1, 2, 3)},
-}
-
+from specops.zoo.variants import VARIANTS
 
 def stage_flags(value, what: str) -> tuple:
     """A flag for the whole network, or one per stage, as a tuple of three bools.
