@@ -94,7 +94,7 @@ def test_single_process_comm_is_the_identity():
     assert c.allreduce(x, None) is x and c.allreduce_host(2.5) == 2.5
     assert c.allgather("a") == ["a"] and c.bcast("b") == "b"
     assert as_comm(c) is c
-    with pytest.raises(TypeError, match="comm must be None"):
+    with pytest.raises(ValueError, match="comm must be one of"):
         as_comm("world")
 
 

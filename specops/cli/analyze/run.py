@@ -65,7 +65,7 @@ def analyze(args) -> int:
     """
     t_start = time.perf_counter()
     check_args(args)
-    comm = detect_comm()
+    comm = detect_comm(getattr(args, "comm", "auto"))
     printer = Printer(comm.rank, not args.no_progress)
     state = prepare_out(args, comm, printer)
     session = sessions.session(args.backend, args, comm)
