@@ -374,7 +374,7 @@ class ModelOperator(LinearOperator):
         return super().restrict(index)
 
     # --- checks -------------------------------------------------------------------
-    def _on_every_rank(self, fn, what: str):
+    def _on_every_rank(self, fn: Callable[[], Any], what: str) -> Any:
         """``fn()`` on this rank; if it raises on any rank, raise on every rank.
 
         A data shard that does not fit the model (wrong shapes, a missing key) fails on its
