@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from specops import _checks
+from specops.operator import LinearOperator, OperatorLike
+from specops.ops import Array, VectorOps
 from specops.progress import bar as progress_bar
 from specops.progress import show
 from specops.random import check_kind, check_seed
@@ -53,12 +56,26 @@ class TraceResult(Result):
     settings: dict
 
 
-def probe_chunks(A, mul, num: int, seed: int, kind: str, stream: str, chunk: int, transform=None,
-                 start: int = 0):
+def probe_chunks(A: LinearOperator, mul: Callable[[Array], Array], num: int, seed: int, kind: str,
+                 stream: str, chunk: int, transform: Callable[[Array], Array] | None = None,
+                 start: int = 0) -> Iterator[tuple[Array, Array]]:
     """Yield ``(Z, A Z)`` for probe columns ``start..num-1`` of one seeded stream, ``chunk`` at a time.
 
-    ``transform`` (e.g. a projection) is applied to each probe block first. This is the
-    shared probe loop of the trace and diagonal estimators.
+    This is the shared probe loop of the trace and diagonal estimators.
+
+    Args:
+        A: the operator; its ``ops`` draw the probes.
+        mul: the product ``Z -> A Z`` (usually a counting :class:`specops._checks.Products`).
+        num: probe columns in the stream (the last one is ``num - 1``).
+        seed: seed of the stream.
+        kind: probe distribution, ``"rademacher"`` or ``"normal"``.
+        stream: name of the stream, so that estimators draw independent probes.
+        chunk: probe columns per block.
+        transform: applied to each probe block before its product (e.g. a projection).
+        start: the first probe column.
+
+    Yields:
+        ``(Z, A Z)`` for each block of at most ``chunk`` probe columns.
     """
     n = A.shape[0]
     for j0 in range(start, num, chunk):
@@ -68,7 +85,7 @@ def probe_chunks(A, mul, num: int, seed: int, kind: str, stream: str, chunk: int
         yield Z, mul(Z)
 
 
-def _forms(ops, Z, AZ) -> np.ndarray:
+def _forms(ops: VectorOps, Z: Array, AZ: Array) -> np.ndarray:
     """The quadratic forms ``z_j^T (A z_j)``, summed in float64 on the host.
 
     In float32 a device sum of ``n`` terms rounds each form by about ``eps * |z^T A z|``;
@@ -80,7 +97,7 @@ def _forms(ops, Z, AZ) -> np.ndarray:
     return np.sum(ops.to_numpy(Z) * ops.to_numpy(AZ), axis=0)
 
 
-def _mean_stderr(samples: np.ndarray):
+def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
     m = len(samples)
     mean = float(np.mean(samples))
     return mean, (float(np.std(samples, ddof=1) / np.sqrt(m)) if m > 1 else float("inf"))
@@ -108,7 +125,7 @@ def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0
     return np.array(samples)
 
 
-def trace(A, method: str = "auto", num_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
+def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
           kind: str = "rademacher", chunk: int = 10, progress: bool | str = False) -> TraceResult:
     """Estimate the trace of a symmetric operator.
 
@@ -238,13 +255,15 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
 
 
 class _Sketch:
-    """XTrace's state, grown a block of probes at a time: the probes ``Omega``, an
-    orthonormal basis ``Q`` of ``Y = A Omega = Q R``, and the host matrices ``R``,
-    ``W = Q^T Omega`` and ``H = Q^T A Q``. A new block ``Y2`` is orthogonalized against ``Q``
-    (so ``Q`` and ``R`` extend, block upper triangular) and only ``A Q2`` is new work.
+    """XTrace's state, grown a block of probes at a time.
+
+    It holds the probes ``Omega``, an orthonormal basis ``Q`` of ``Y = A Omega = Q R``, and the
+    host matrices ``R``, ``W = Q^T Omega`` and ``H = Q^T A Q``. A new block ``Y2`` is
+    orthogonalized against ``Q`` (so ``Q`` and ``R`` extend, block upper triangular) and only
+    ``A Q2`` is new work.
     """
 
-    def __init__(self, ops, decide=lambda value: value):
+    def __init__(self, ops: VectorOps, decide: Callable[[bool], bool] = lambda value: value) -> None:
         self.ops, self.decide = ops, decide
         self.Omega = self.Q = self.Q2 = None
         self.R = self.W = self.H = np.zeros((0, 0))
@@ -255,9 +274,12 @@ class _Sketch:
     def size(self) -> int:
         return self.R.shape[0]
 
-    def add(self, Omega, Y) -> float:
-        """Take probes ``Omega`` and their products ``Y``; return the share of ``||Y||_F^2``
-        left by leave-one-out bases, ``mean_i ||(I - P_(i)) y_i||^2 / mean_i ||y_i||^2``."""
+    def add(self, Omega: Array, Y: Array) -> float:
+        """Take probes ``Omega`` and their products ``Y``.
+
+        Returns the share of ``||Y||_F^2`` left by leave-one-out bases,
+        ``mean_i ||(I - P_(i)) y_i||^2 / mean_i ||y_i||^2``.
+        """
         ops, s0, k = self.ops, self.size, Omega.shape[1]
         norms2 = ops.column_norms(Y) ** 2
         Y2, C = ops.orthogonalize(Y, self.Q)
@@ -283,7 +305,7 @@ class _Sketch:
         left = 1.0 / np.sum(np.linalg.inv(R) ** 2, axis=1)
         return float(np.mean(left) / np.mean(self.norms2))
 
-    def complete(self, products):
+    def complete(self, products: Callable[[Array], Array]) -> None:
         """The products ``A Q2`` of the new basis vectors, and ``H``'s new rows and columns."""
         ops, Q2 = self.ops, self.Q2
         s0 = self.H.shape[0]
@@ -294,9 +316,8 @@ class _Sketch:
         H[s0:, s0:] = (B[s0:] + B[s0:].T) / 2
         self.H, self.Q2 = H, None
 
-    def estimate(self):
-        """XTrace's estimate (the mean of its leave-one-out estimates ``t_i``) and a
-        jackknife standard error.
+    def estimate(self) -> tuple[float, float]:
+        """XTrace's estimate (the mean of its leave-one-out estimates ``t_i``) and a jackknife standard error.
 
         The ``t_i`` share most of their basis (each pair of probes enters two of them),
         so the spread of the ``t_i`` divided by ``sqrt(m)`` (the paper's error estimate)
@@ -315,18 +336,19 @@ class _Sketch:
         if m < 3:
             return mean, float("inf")
         groups = np.array_split(np.arange(m), min(m, JACKKNIFE_GROUPS if m <= JACKKNIFE_LARGE else 10))
-        partial = []
+        partial: list[float] = []
         for group in groups:
             keep = np.setdiff1d(np.arange(m), group)
             V, Rk = np.linalg.qr(R[:, keep])  # the basis of the kept probes' products, in Q's coordinates
-            partial.append(np.mean(_leave_one_out(V.T @ H @ V, Rk, V.T @ W[:, keep])))
-        partial, g = np.array(partial), len(groups)
-        return mean, float(np.sqrt((g - 1) / g * np.sum((partial - partial.mean()) ** 2)))
+            partial.append(float(np.mean(_leave_one_out(V.T @ H @ V, Rk, V.T @ W[:, keep]))))
+        t, g = np.array(partial), len(groups)
+        return mean, float(np.sqrt((g - 1) / g * np.sum((t - t.mean()) ** 2)))
 
 
-def _leave_one_out(H, R, W):
-    """XTrace's leave-one-out estimates ``t_i`` (docs/algorithms.md) from a sketch's host
-    matrices ``H = Q^T A Q``, ``R`` (``A Omega = Q R``) and ``W = Q^T Omega``.
+def _leave_one_out(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """XTrace's leave-one-out estimates ``t_i`` (docs/algorithms.md) from a sketch's host matrices.
+
+    The matrices: ``H = Q^T A Q``, ``R`` (``A Omega = Q R``) and ``W = Q^T Omega``.
 
     With ``s_i = R^{-T} e_i / ||R^{-T} e_i||``, the basis without probe ``i`` spans
     ``Q (I - s_i s_i^T)``; every ``t_i`` follows from ``R``, ``W`` and ``H``.
