@@ -33,11 +33,19 @@ replaced.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from specops import random as _random
-from specops.model import ModelAdapter
+from specops.layout import ParamLayout
+from specops.model import ModelAdapter, ModelOperator
+from specops.ops import Array
+
+A = TypeVar("A", bound=ModelAdapter)
+#: ``product(index, batch, V)``: the curvature of batch ``index`` times native ``V`` (n, k).
+Product = Callable[[int, Any, Array], Array]
 
 KINDS = ("ggn", "empirical", "mc")
 FISHER_KINDS = ("empirical", "mc")
@@ -67,30 +75,69 @@ class OutputLoss:
     factor: float = 1.0
     ignore_index: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS or self.reduce not in _REDUCES:
             raise ValueError(f"unknown likelihood/reduction {self.likelihood!r}/{self.reduce!r}")
 
     def weight(self, num_samples: int, num_entries: int) -> float:
-        """The scalar ``factor * w`` for a batch of ``num_samples`` samples."""
+        """The scalar ``factor * w`` for a batch.
+
+        Args:
+            num_samples: samples in the batch.
+            num_entries: entries of the batch's outputs (all axes).
+
+        Returns:
+            The weight of ``sum_i nll_i`` in the batch loss.
+        """
         w = {"samples": 1.0 / num_samples, "entries": 1.0 / num_entries, "sum": 1.0}[self.reduce]
         return self.factor * w
 
 
-def check_kind(kind: str, allowed=FISHER_KINDS) -> str:
+def check_kind(kind: str, allowed: Sequence[str] = FISHER_KINDS) -> str:
+    """Check a curvature kind.
+
+    Args:
+        kind: the kind asked for.
+        allowed: the kinds the caller takes.
+
+    Returns:
+        ``kind``.
+
+    Raises:
+        ValueError: ``kind`` is not one of ``allowed``.
+    """
     if kind not in allowed:
         raise ValueError(f"kind must be one of {allowed}, got {kind!r}")
     return kind
 
 
-def check_num_samples(num_samples) -> int:
+def check_num_samples(num_samples: Any) -> int:
+    """Check the number of Monte-Carlo label samples per input of ``fisher(kind="mc")``.
+
+    Args:
+        num_samples: the number asked for.
+
+    Returns:
+        ``num_samples`` as an ``int``.
+
+    Raises:
+        ValueError: ``num_samples`` is not a positive integer.
+    """
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     return int(num_samples)
 
 
 def model_form_error(what: str, backend_hint: str) -> ValueError:
-    """The error for a ``ggn``/``fisher`` whose loss is not a function of the outputs alone."""
+    """The error for a ``ggn``/``fisher`` whose loss is not a function of the outputs alone.
+
+    Args:
+        what: the operator asked for, for the message (``"ggn"``).
+        backend_hint: how this backend's loss must look, for the message.
+
+    Returns:
+        The error, to raise.
+    """
     return ValueError(
         f"{what} needs a loss of the model's outputs alone, applied to model(inputs) for batches "
         f"(inputs, targets): {backend_hint}. A general loss of the model and the batch (loss_form='model') "
@@ -100,7 +147,14 @@ def model_form_error(what: str, backend_hint: str) -> ValueError:
 
 
 def unknown_likelihood_error(known: str) -> ValueError:
-    """The error for ``fisher(kind="mc")`` with a loss whose likelihood is not known."""
+    """The error for ``fisher(kind="mc")`` with a loss whose likelihood is not known.
+
+    Args:
+        known: the losses this backend recognizes, for the message.
+
+    Returns:
+        The error, to raise.
+    """
     return ValueError(
         "fisher(kind='mc') samples labels from the model's predictive distribution, so it needs a loss "
         f"whose likelihood specops knows: {known}. This loss is not one of them; pass one of those as "
@@ -108,12 +162,25 @@ def unknown_likelihood_error(known: str) -> ValueError:
     )
 
 
-def mc_noise(outputs_shape, loss: OutputLoss, num_samples: int, seed: int, index: int) -> np.ndarray:
+def mc_noise(outputs_shape: Sequence[int], loss: OutputLoss, num_samples: int, seed: int, index: int) -> np.ndarray:
     """Host noise for the labels of batch ``index``: shape ``(num_samples, *outputs_shape)``.
 
     Categorical: standard Gumbel noise ``g``, the sampled class being
     ``argmax(logits + g)`` (the Gumbel-max trick). Gaussian: standard normal noise
     ``e``, the sampled target being ``f + e``.
+
+    Args:
+        outputs_shape: the shape of the batch's outputs.
+        loss: the recognized loss, which gives the likelihood.
+        num_samples: label samples per input.
+        seed: seed of the Monte-Carlo Fisher.
+        index: the batch's index in the data (each batch has its own noise).
+
+    Returns:
+        The noise, float64.
+
+    Raises:
+        ValueError: categorical outputs that are not (samples, classes) logits.
     """
     rng = _random.generator(seed, "mc-fisher", index)
     shape = (num_samples, *tuple(int(s) for s in outputs_shape))
@@ -127,8 +194,15 @@ def mc_noise(outputs_shape, loss: OutputLoss, num_samples: int, seed: int, index
     return rng.standard_normal(shape)
 
 
-def base_adapter(H, adapter_type):
+def base_adapter(H: Any, adapter_type: type[A]) -> A:
     """The backend's Hessian adapter behind a model operator ``H`` (of any curvature kind).
+
+    Args:
+        H: a model operator.
+        adapter_type: the backend's Hessian adapter class.
+
+    Returns:
+        The adapter (for a curvature operator, the Hessian adapter it wraps).
 
     Raises:
         TypeError: ``H`` is not a model operator of that backend.
@@ -142,9 +216,11 @@ def base_adapter(H, adapter_type):
     return adapter
 
 
-def curvature_like(H, kind: str = "ggn", **kwargs):
-    """The GGN (``kind="ggn"``) or a Fisher (``"empirical"``, ``"mc"``) of the same model,
-    loss, data and parameters as the model operator ``H`` (PyTorch or TensorFlow).
+def curvature_like(H: ModelOperator, kind: str = "ggn", **kwargs: Any) -> ModelOperator:
+    """The GGN or a Fisher of the same model, loss, data and parameters as ``H``.
+
+    ``H`` is a PyTorch or TensorFlow model operator; ``kind="ggn"`` gives the GGN,
+    ``"empirical"`` or ``"mc"`` a Fisher.
 
     JAX's ``hessian`` takes one ``loss_fn(params, batch)``, which does not separate the
     model from the loss: build the JAX operators with ``specops.backends.jax.ggn`` /
@@ -155,6 +231,9 @@ def curvature_like(H, kind: str = "ggn", **kwargs):
         kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
         **kwargs: ``num_samples``, ``seed``, ``check_deterministic`` of the backend's
             ``curvature_like``.
+
+    Returns:
+        The curvature operator, a :class:`~specops.ModelOperator`.
 
     Raises:
         TypeError: an operator of another backend (JAX, NumPy) or not model-backed.
@@ -185,7 +264,8 @@ class CurvatureAdapter(ModelAdapter):
         engine: a short description of the product.
     """
 
-    def __init__(self, base: ModelAdapter, make_product, kind: str, engine: str):
+    def __init__(self, base: ModelAdapter, make_product: Callable[[ModelAdapter], Product], kind: str,
+                 engine: str) -> None:
         self.base = base
         self.kind = kind
         self.ops = base.ops
@@ -194,45 +274,55 @@ class CurvatureAdapter(ModelAdapter):
         self._product = make_product(base)
 
     @property
-    def layout(self):
+    def layout(self) -> ParamLayout:  # type: ignore[override]  # the base adapter's, read-only
+        """The base adapter's :class:`~specops.layout.ParamLayout`."""
         return self.base.layout
 
-    def batch_size(self, batch) -> int:
+    def batch_size(self, batch: Any) -> int:
+        """Number of samples in ``batch``."""
         return self.base.batch_size(batch)
 
-    def loss(self, batch, delta=None) -> float:
+    def loss(self, batch: Any, delta: Array | None = None) -> float:
+        """The batch loss at ``theta + delta`` (the base adapter's)."""
         return self.base.loss(batch, delta)
 
-    def gradient(self, batch):
+    def gradient(self, batch: Any) -> Array:
+        """Gradient of the batch loss: native (n,)."""
         return self.base.gradient(batch)
 
-    def hvp(self, index: int, batch, V):
+    def hvp(self, index: int, batch: Any, V: Array) -> Array:
         """The curvature (not the Hessian) of the batch loss times ``V``."""
         return self._product(index, batch, V)
 
-    def params_vector(self):
+    def params_vector(self) -> Array:
+        """The current parameters, flattened: native (n,)."""
         return self.base.params_vector()
 
-    def unflatten(self, v) -> dict:
+    def unflatten(self, v: Array) -> dict:
+        """A flat vector or block as name -> array (the base adapter's)."""
         return self.base.unflatten(v)
 
-    def flatten(self, arrays):
+    def flatten(self, arrays: Any) -> Array:
+        """Per-parameter arrays as one flat vector or block (the base adapter's)."""
         return self.base.flatten(arrays)
 
-    def as_params(self, v):
+    def as_params(self, v: Array) -> Any:
+        """A flat vector or block in the framework's own parameter structure."""
         return self.base.as_params(v)
 
     def subset(self, names: list[str]) -> CurvatureAdapter:
+        """The same curvature for the named parameters only (the others held fixed)."""
         return CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
 
     def determinism_hints(self) -> list[str]:
+        """Likely causes of a non-deterministic product, for the error message."""
         hints = self.base.determinism_hints()
         if self.kind == "mc":
             hints = hints + ["the Monte-Carlo labels are drawn once per batch index: batches must come in "
                              "the same order every pass"]
         return hints
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if name == "base":  # not yet set (copying, unpickling)
             raise AttributeError(name)
         return getattr(self.base, name)

@@ -37,8 +37,16 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from specops.ops import Array, VectorOps
+
+T = TypeVar("T")
 
 #: Environment variables that launchers set to a process's rank within its node, in the
 #: order they are consulted (Open MPI, MPICH/Hydra and Intel MPI, MVAPICH2, Cray PALS, Slurm).
@@ -69,7 +77,7 @@ class Comm:
     local_size = 1
     cuda_aware = False
 
-    def allreduce_host(self, x):
+    def allreduce_host(self, x: Any) -> Any:
         """Sum of a host NumPy array or Python/NumPy scalar over all ranks (same type back)."""
         if self.size == 1:
             return x
@@ -79,36 +87,45 @@ class Comm:
         return self._sum_host(np.ascontiguousarray(x))
 
     def _sum_host(self, x: np.ndarray) -> np.ndarray:
-        """The sum over ranks of a contiguous host array of at least one dimension
-        (what each communicator implements for :meth:`allreduce_host`)."""
+        """The sum over ranks of a contiguous host array of at least one dimension.
+
+        Each communicator implements it for :meth:`allreduce_host`.
+        """
         return x
 
-    def allreduce(self, X, ops):
+    def allreduce(self, X: Array, ops: VectorOps) -> Array:
         """Sum of a backend array over all ranks, returned on the array's device.
 
         Args:
             X: a native array of ``ops`` (any shape).
             ops: the :class:`~specops.ops.VectorOps` of ``X``.
+
+        Returns:
+            The sum, a native array of ``ops`` of the shape of ``X``.
         """
         return X
 
-    def transport(self, X) -> str:
-        """How :meth:`allreduce` moves ``X``: ``"none"`` (one rank), ``"device"`` (the GPU
-        buffer goes to MPI directly) or ``"host"`` (staged through host memory)."""
+    def transport(self, X: Array) -> str:
+        """How :meth:`allreduce` moves ``X``.
+
+        Returns:
+            ``"none"`` (one rank), ``"device"`` (the GPU buffer goes to the communication
+            library directly) or ``"host"`` (staged through host memory).
+        """
         return "none"
 
-    def allgather(self, obj) -> list:
+    def allgather(self, obj: Any) -> list:
         """A list of one picklable object from every rank, in rank order."""
         return [obj]
 
-    def bcast(self, obj, root: int = 0):
+    def bcast(self, obj: Any, root: int = 0) -> Any:
         """``obj`` from ``root`` on every rank."""
         return obj
 
-    def barrier(self):
+    def barrier(self) -> None:
         """Wait for every rank."""
 
-    def agree(self, value, what: str, fix: str = ""):
+    def agree(self, value: T, what: str, fix: str = "") -> T:
         """Check that every rank passes an equal ``value``; raise on every rank otherwise.
 
         Collective: every rank must call it. As every rank sees all values, the error is
@@ -154,7 +171,8 @@ class MPIComm(Comm):
         cuda_aware: whether GPU arrays go to MPI directly; :meth:`transport` tells per array.
     """
 
-    def __init__(self, comm=None, *, abort_on_exception: bool = True, cuda_aware: bool | None = None):
+    def __init__(self, comm: Any = None, *, abort_on_exception: bool = True,
+                 cuda_aware: bool | None = None) -> None:
         try:
             from mpi4py import MPI
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -173,17 +191,19 @@ class MPIComm(Comm):
         if abort_on_exception and self.size > 1 and _abort_wanted("SPECOPS_MPI_ABORT"):
             _install_abort_hook(self.comm)
 
-    def _sum_host(self, x):
+    def _sum_host(self, x: np.ndarray) -> np.ndarray:
         out = np.empty_like(x)
         self.comm.Allreduce(x, out, op=self.MPI.SUM)
         return out
 
-    def transport(self, X) -> str:
+    def transport(self, X: Array) -> str:
+        """How :meth:`allreduce` moves ``X`` (see :meth:`Comm.transport`)."""
         if self.size == 1:
             return "none"
         return "device" if self.cuda_aware and _writable_cuda_array(X) else "host"
 
-    def allreduce(self, X, ops):
+    def allreduce(self, X: Array, ops: VectorOps) -> Array:
+        """Sum of ``X`` over all ranks, on its device (see :meth:`Comm.allreduce`)."""
         way = self.transport(X)
         if way == "none":
             return X
@@ -199,13 +219,16 @@ class MPIComm(Comm):
         self.comm.Allreduce(host, out, op=self.MPI.SUM)
         return ops.asarray(out)
 
-    def allgather(self, obj) -> list:
+    def allgather(self, obj: Any) -> list:
+        """A list of one picklable object from every rank, in rank order."""
         return self.comm.allgather(obj)
 
-    def bcast(self, obj, root: int = 0):
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """``obj`` from ``root`` on every rank."""
         return self.comm.bcast(obj, root=root)
 
-    def barrier(self):
+    def barrier(self) -> None:
+        """Wait for every rank."""
         self.comm.Barrier()
 
     def __repr__(self):
@@ -213,7 +236,7 @@ class MPIComm(Comm):
                 f"cuda_aware={self.cuda_aware})")
 
 
-def _writable_cuda_array(X) -> bool:
+def _writable_cuda_array(X: Any) -> bool:
     """Whether ``X`` is a CUDA tensor that MPI can read and a new one of which it can fill.
 
     PyTorch CUDA tensors qualify. JAX arrays on a GPU expose ``__cuda_array_interface__``
@@ -298,7 +321,7 @@ class TorchComm(Comm):
         ValueError: the default group's size differs from the launcher's ``WORLD_SIZE``.
     """
 
-    def __init__(self, group=None, *, abort_on_exception: bool = True):
+    def __init__(self, group: Any = None, *, abort_on_exception: bool = True) -> None:
         import torch
         import torch.distributed as dist
 
@@ -387,13 +410,13 @@ class TorchComm(Comm):
         return cls(abort_on_exception=abort_on_exception)
 
     @staticmethod
-    def _backend_devices(backend: str):
+    def _backend_devices(backend: str) -> tuple[str, ...] | None:
         """Device types the backend string reduces (``None``: unknown, let torch decide)."""
         if ":" in backend:
             return tuple(part.split(":")[0].strip() for part in backend.split(","))
         return TORCH_BACKEND_DEVICES.get(backend)
 
-    def _check_device(self, tensor):
+    def _check_device(self, tensor: Any) -> None:
         kind = tensor.device.type
         if self._devices is not None and kind not in self._devices:
             fix = ("initialize the process group with backend='nccl' or 'cpu:gloo,cuda:nccl' "
@@ -402,16 +425,17 @@ class TorchComm(Comm):
             raise ValueError(f"the process group's backend {self.backend!r} does not reduce {kind} tensors "
                              f"(it handles {', '.join(self._devices)}); {fix}")
 
-    def _sum(self, tensor):
+    def _sum(self, tensor: Any) -> Any:
         """Sum ``tensor`` (owned, contiguous) over the ranks, in place."""
         self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.group)
         return tensor
 
-    def _sum_host(self, x):
+    def _sum_host(self, x: np.ndarray) -> np.ndarray:
         out = self._sum(self.torch.from_numpy(x.copy()).to(self.device))
         return out.cpu().numpy().astype(x.dtype, copy=False)
 
-    def transport(self, X) -> str:
+    def transport(self, X: Array) -> str:
+        """How :meth:`allreduce` moves ``X`` (see :meth:`Comm.transport`)."""
         if self.size == 1:
             return "none"
         if isinstance(X, self.torch.Tensor) and X.device.type != "cpu":
@@ -419,7 +443,8 @@ class TorchComm(Comm):
             return "device"
         return "host"
 
-    def allreduce(self, X, ops):
+    def allreduce(self, X: Array, ops: VectorOps) -> Array:
+        """Sum of ``X`` over all ranks, on its device (see :meth:`Comm.allreduce`)."""
         way = self.transport(X)
         if way == "none":
             return X
@@ -430,17 +455,20 @@ class TorchComm(Comm):
         host = np.ascontiguousarray(ops.to_numpy(X), dtype=ops.dtype)
         return ops.asarray(self._sum(self.torch.from_numpy(host).to(self.device)).cpu().numpy())
 
-    def allgather(self, obj) -> list:
+    def allgather(self, obj: Any) -> list:
+        """A list of one picklable object from every rank, in rank order."""
         out = [None] * self.size
         self.dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def bcast(self, obj, root: int = 0):
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """``obj`` from ``root`` on every rank."""
         box = [obj]
         self.dist.broadcast_object_list(box, group=self.group, group_src=root)
         return box[0]
 
-    def barrier(self):
+    def barrier(self) -> None:
+        """Wait for every rank."""
         if self.size > 1:
             self._sum(self.torch.zeros(1, device=self.device))
 
@@ -469,7 +497,7 @@ class JaxComm(Comm):
         RuntimeError: ``jax.distributed.initialize()`` has not been called.
     """
 
-    def __init__(self, *, abort_on_exception: bool = True):
+    def __init__(self, *, abort_on_exception: bool = True) -> None:
         import jax
         from jax.experimental import multihost_utils
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -482,7 +510,7 @@ class JaxComm(Comm):
             )
         self.jax, self.hosts = jax, multihost_utils
         self.rank, self.size = jax.process_index(), jax.process_count()
-        heads = {}
+        heads: dict[int, Any] = {}
         for d in jax.devices():  # one device per process: the lowest id, where its vectors live
             if d.process_index not in heads or d.id < heads[d.process_index].id:
                 heads[d.process_index] = d
@@ -498,15 +526,17 @@ class JaxComm(Comm):
             _install_exception_hook(lambda: (self.rank, self.size), "ending this process so that no rank waits for it",
                                     lambda: os._exit(1))
 
-    def _sum_host(self, x):
+    def _sum_host(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.hosts.process_allgather(x)).sum(axis=0).astype(x.dtype, copy=False)
 
-    def transport(self, X) -> str:
+    def transport(self, X: Array) -> str:
+        """How :meth:`allreduce` moves ``X`` (see :meth:`Comm.transport`)."""
         if self.size == 1:
             return "none"
         return "device" if isinstance(X, self.jax.Array) else "host"
 
-    def allreduce(self, X, ops):
+    def allreduce(self, X: Array, ops: VectorOps) -> Array:
+        """Sum of ``X`` over all ranks, on its device (see :meth:`Comm.allreduce`)."""
         way = self.transport(X)
         if way == "none":
             return X
@@ -516,7 +546,8 @@ class JaxComm(Comm):
         stacked = self.jax.make_array_from_single_device_arrays((self.size, *X.shape), self._stacked, [mine])
         return self.jax.device_put(self._sum(stacked).addressable_data(0), next(iter(X.devices())))
 
-    def allgather(self, obj) -> list:
+    def allgather(self, obj: Any) -> list:
+        """A list of one picklable object from every rank, in rank order."""
         if self.size == 1:
             return [obj]
         import pickle
@@ -528,10 +559,12 @@ class JaxComm(Comm):
         rows = np.asarray(self.hosts.process_allgather(padded))
         return [pickle.loads(rows[r, : lengths[r]].tobytes()) for r in range(self.size)]
 
-    def bcast(self, obj, root: int = 0):
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """``obj`` from ``root`` on every rank."""
         return self.allgather(obj if self.rank == root else None)[root]
 
-    def barrier(self):
+    def barrier(self) -> None:
+        """Wait for every rank."""
         if self.size > 1:
             self.hosts.sync_global_devices("specops barrier")
 
@@ -539,13 +572,13 @@ class JaxComm(Comm):
         return f"JaxComm(rank={self.rank}, size={self.size}, device={self.device})"
 
 
-def _destroy_default_group():
+def _destroy_default_group() -> None:
     dist = sys.modules["torch.distributed"]
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _torch_launch_environment() -> dict:
+def _torch_launch_environment() -> dict[str, str]:
     """``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` from torchrun's or Slurm's variables."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -569,10 +602,10 @@ def _torch_launch_environment() -> dict:
 
 
 def launcher() -> str | None:
-    """What started this process: ``"torch"`` (torchrun, or ``torch.distributed`` already
-    initialized), ``"mpi"`` (an MPI launcher), or ``None`` (a single process).
+    """What started this process: ``"torch"``, ``"mpi"`` or ``None``.
 
-    torchrun is recognised by ``TORCHELASTIC_RUN_ID``, or ``RANK``, ``WORLD_SIZE`` and
+    ``"torch"``: torchrun, or ``torch.distributed`` already initialized; ``"mpi"``: an MPI
+    launcher; ``None``: a single process. torchrun is recognised by ``TORCHELASTIC_RUN_ID``, or ``RANK``, ``WORLD_SIZE`` and
     ``MASTER_ADDR`` together, with ``WORLD_SIZE`` above one; an MPI launch by the size its
     launcher sets (``PMI_SIZE``, ``OMPI_COMM_WORLD_SIZE``, ``PALS_SIZE``,
     ``SLURM_STEP_NUM_TASKS``) above one. torchrun is checked first, as ``srun torchrun``
@@ -594,7 +627,7 @@ def launcher() -> str | None:
 COMM_NAMES = ("auto", "torch", "mpi", "jax", "none")
 
 
-def as_comm(comm) -> Comm:
+def as_comm(comm: Any) -> Comm:
     """A communicator from what a user passes as ``comm=``.
 
     Args:
@@ -603,6 +636,9 @@ def as_comm(comm) -> Comm:
             ``"mpi"`` (:class:`MPIComm` over ``COMM_WORLD``); ``"jax"`` (:class:`JaxComm`, after
             ``jax.distributed.initialize()``); a specops :class:`Comm`; an
             mpi4py communicator; or a ``torch.distributed`` process group.
+
+    Returns:
+        The communicator (``comm`` itself if it is a specops :class:`Comm`).
 
     Raises:
         TypeError: ``comm`` is something else.
@@ -645,7 +681,7 @@ def world() -> Comm:
 
 
 # --- faults ---------------------------------------------------------------------------
-def abort_on_exception(comm=None):
+def abort_on_exception(comm: Any = None) -> None:
     """Make an uncaught exception on this rank end every rank of the job.
 
     Without this, a rank that dies of an exception leaves the others waiting in their
@@ -670,7 +706,7 @@ def _abort_wanted(variable: str) -> bool:
     return all(os.environ.get(name, "1").strip() != "0" for name in ("SPECOPS_ABORT", variable))
 
 
-def _install_abort_hook(comm=None):
+def _install_abort_hook(comm: Any = None) -> None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -678,15 +714,19 @@ def _install_abort_hook(comm=None):
                             "aborting all ranks (MPI_Abort)", lambda: comm.Abort(1))
 
 
-def _install_exception_hook(where, how: str, end) -> None:
-    """On an uncaught exception: print the rank (``where() -> (rank, size)``), ``how`` the job
-    ends and the traceback to stderr, then call ``end()``. Installing twice is harmless."""
+def _install_exception_hook(where: Callable[[], tuple[int, int]], how: str, end: Callable[[], object]) -> None:
+    """On an uncaught exception, report it and call ``end()``.
+
+    The report, to stderr: the rank (``where() -> (rank, size)``), ``how`` the job ends and
+    the traceback. Installing twice is harmless.
+    """
     import threading
 
     if getattr(sys.excepthook, "_specops_abort", False):
         return
 
-    def report_and_end(exc_type, exc, tb, thread="") -> None:
+    def report_and_end(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None,
+                       thread: str = "") -> None:
         try:
             rank, size = where()
             text = "".join(traceback.format_exception(exc_type, exc, tb))
@@ -697,33 +737,40 @@ def _install_exception_hook(where, how: str, end) -> None:
         finally:
             end()
 
-    def excepthook(exc_type, exc, tb):
+    def excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         report_and_end(exc_type, exc, tb)
 
-    def thread_hook(args):
+    def thread_hook(args: Any) -> None:
         if args.exc_type is SystemExit:
             return
         report_and_end(args.exc_type, args.exc_value, args.exc_traceback,
                        f" in thread {args.thread.name if args.thread else '?'}")
 
-    excepthook._specops_abort = True
+    excepthook._specops_abort = True  # type: ignore[attr-defined]
     sys.excepthook = excepthook
     threading.excepthook = thread_hook
 
 
 # --- sharding and placement -------------------------------------------------------------
-def shard_range(n: int, comm=None) -> range:
+def shard_range(n: int, comm: Any = None) -> range:
     """The indices ``range(lo, hi)`` of ``n`` items that this rank owns.
 
     Contiguous blocks in rank order whose sizes differ by at most one; every index
     belongs to exactly one rank, and the split depends only on ``n`` and the number of
     ranks.
+
+    Args:
+        n: the number of items.
+        comm: ``None`` or a communicator.
+
+    Returns:
+        This rank's indices.
     """
     comm = as_comm(comm)
     return range(comm.rank * n // comm.size, (comm.rank + 1) * n // comm.size)
 
 
-def shard(items, comm=None):
+def shard(items: Any, comm: Any = None) -> Any:
     """The contiguous part of ``items`` that this rank owns (see :func:`shard_range`).
 
     Args:
@@ -737,6 +784,10 @@ def shard(items, comm=None):
             the new loader takes the sampler's samples for this rank, less the repeated
             samples it pads with.
         comm: ``None`` or a communicator.
+
+    Returns:
+        This rank's part, of the kind of ``items`` (a slice, a ``Subset``, a ``DataLoader``;
+        a list for a sequence that does not slice).
 
     Raises:
         ValueError: a shuffling or batch-sampler ``DataLoader`` (its shards would not be
@@ -806,12 +857,18 @@ def _distributed_sampler_subset(loader, sampler, comm, torch_data):
     return torch_data.Subset(loader.dataset, indices)
 
 
-def local_rank(comm=None) -> int:
+def local_rank(comm: Any = None) -> int:
     """This process's index among the processes on its node.
 
     A :class:`MPIComm` knows it exactly (``MPI_COMM_TYPE_SHARED`` split). Otherwise the
     variables of :data:`LOCAL_RANK_VARIABLES` are read, which launchers set before
     MPI starts (useful to pick a GPU before importing a framework); 0 if none is set.
+
+    Args:
+        comm: ``None`` (read the launcher's variables) or a communicator.
+
+    Returns:
+        The local rank.
     """
     if comm is not None:
         return as_comm(comm).local_rank
@@ -822,7 +879,7 @@ def local_rank(comm=None) -> int:
     return 0
 
 
-def gpu_index(num_devices: int, comm=None) -> int:
+def gpu_index(num_devices: int, comm: Any = None) -> int:
     """The GPU this rank takes: its local rank modulo the GPUs it can see.
 
     With one rank per GPU and all GPUs visible, local rank ``r`` takes GPU ``r``. Where
