@@ -8,14 +8,30 @@ Both are thin: every ``every`` epochs they call ``tracker.update(epoch, info=met
 Importing this package imports no framework.
 """
 
+from typing import Any
+
 
 def due(epoch: int, every: int) -> bool:
-    """Whether 1-based ``epoch`` is a tracked one (every ``every``-th)."""
+    """Whether 1-based ``epoch`` is a tracked one (every ``every``-th).
+
+    Args:
+        epoch: the epoch, counted from 1.
+        every: track every this many epochs.
+
+    Returns:
+        ``True`` if ``epoch`` is a multiple of ``every``.
+    """
     return epoch % every == 0
 
 
-def check_every(every) -> int:
+def check_every(every: Any) -> int:
     """``every`` as a positive int.
+
+    Args:
+        every: the number of epochs between records, as passed.
+
+    Returns:
+        ``every``.
 
     Raises:
         ValueError: not a positive integer.

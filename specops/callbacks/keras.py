@@ -10,9 +10,14 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import keras
 
 from specops.callbacks import check_every, due
+
+if TYPE_CHECKING:
+    from specops.tracker import Tracker
 
 
 class TrackerCallback(keras.callbacks.Callback):
@@ -28,27 +33,36 @@ class TrackerCallback(keras.callbacks.Callback):
         records: the records made by this callback, in order.
     """
 
-    def __init__(self, tracker, every: int = 1, at_start: bool = False):
+    def __init__(self, tracker: Tracker, every: int = 1, at_start: bool = False) -> None:
         super().__init__()
         self.tracker, self.every, self.at_start = tracker, check_every(every), at_start
-        self.records = []
+        self.records: list[dict] = []
 
-    def on_train_begin(self, logs=None):
-        """Record step 0 if ``at_start``."""
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Record step 0 if ``at_start``.
+
+        Args:
+            logs: Keras' logs; their numbers become the record's ``info``.
+        """
         if self.at_start:
             self.records.append(self.tracker.update(0, info=_numbers(logs)))
 
-    def on_epoch_end(self, epoch, logs=None):
-        """Record 1-based ``epoch + 1`` when due, with the epoch's logs as ``info``."""
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Record 1-based ``epoch + 1`` when due, with the epoch's logs as ``info``.
+
+        Args:
+            epoch: the 0-based epoch Keras just finished.
+            logs: the epoch's logs; their numbers become the record's ``info``.
+        """
         if due(epoch + 1, self.every):
             self.records.append(self.tracker.update(epoch + 1, info=_numbers(logs)))
 
 
-def _numbers(logs) -> dict:
+def _numbers(logs: dict | None) -> dict:
     return {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
 
 
-def _is_number(v) -> bool:
+def _is_number(v: Any) -> bool:
     try:
         float(v)
         return True

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 try:
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - the older package name
@@ -18,6 +20,9 @@ except ImportError:  # pragma: no cover - the older package name
         raise ImportError("specops.callbacks.lightning needs PyTorch Lightning: pip install lightning") from e
 
 from specops.callbacks import check_every, due
+
+if TYPE_CHECKING:
+    from specops.tracker import Tracker
 
 
 class TrackerCallback(Callback):
@@ -38,12 +43,12 @@ class TrackerCallback(Callback):
         records: the records made by this callback, in order.
     """
 
-    def __init__(self, tracker, every: int = 1, at_start: bool = False, all_ranks: bool = False):
+    def __init__(self, tracker: Tracker, every: int = 1, at_start: bool = False, all_ranks: bool = False) -> None:
         super().__init__()
         self.tracker, self.every, self.at_start, self.all_ranks = tracker, check_every(every), at_start, all_ranks
-        self.records = []
+        self.records: list[dict] = []
 
-    def _update(self, trainer, pl_module, step):
+    def _update(self, trainer: Any, pl_module: Any, step: int) -> None:
         if not (self.all_ranks or trainer.is_global_zero):
             return
         info = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
@@ -53,12 +58,22 @@ class TrackerCallback(Callback):
         finally:
             pl_module.train(was_training)
 
-    def on_train_start(self, trainer, pl_module):
-        """Record step 0 if ``at_start``."""
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Record step 0 if ``at_start``.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the ``LightningModule`` being trained.
+        """
         if self.at_start:
             self._update(trainer, pl_module, 0)
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        """Record 1-based ``current_epoch + 1`` when due, with the trainer's metrics as ``info``."""
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Record 1-based ``current_epoch + 1`` when due, with the trainer's metrics as ``info``.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the ``LightningModule`` being trained.
+        """
         if due(trainer.current_epoch + 1, self.every):
             self._update(trainer, pl_module, trainer.current_epoch + 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def digits(size: int = 8, n: int | None = None, seed: int = 0) -> tuple[np.ndarr
     return _standardize(X), y[order].astype(np.int64)
 
 
-def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = None):
+def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10/100 from the standard python pickle batches in a local folder.
 
     Args:
@@ -92,7 +93,14 @@ def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = 
 def cifar_files(root: str, name: str = "cifar10", train: bool | None = True) -> tuple[str, list, bytes]:
     """The folder, batch files and label key of CIFAR-10/100 under ``root``, checked to exist.
 
-    ``train=None`` checks the files of both splits.
+    Args:
+        root: a folder holding the data set's folder, or that folder itself (as for :func:`cifar`).
+        name: ``"cifar10"`` or ``"cifar100"``.
+        train: the training batches (``True``), the test batch (``False``) or both (``None``).
+
+    Returns:
+        ``(folder, files, key)``: the folder of the batches, their file names, and the key of
+        the labels in each unpickled batch.
 
     Raises:
         ValueError: an unknown ``name``.
@@ -119,8 +127,20 @@ def cifar_files(root: str, name: str = "cifar10", train: bool | None = True) -> 
     return base, files, key
 
 
-def batches(X, y, batch_size: int) -> list:
-    """``(X, y)`` as a list of ``(inputs, targets)`` batches of ``batch_size`` rows (the last may be shorter)."""
+def batches(X: Any, y: Any, batch_size: int) -> list:
+    """``(X, y)`` as a list of ``(inputs, targets)`` batches of ``batch_size`` rows (the last may be shorter).
+
+    Args:
+        X: inputs (anything that slices along its first axis: an array, a tensor).
+        y: targets, one per row of ``X``.
+        batch_size: rows per batch.
+
+    Returns:
+        The list of ``(X[i:i + batch_size], y[i:i + batch_size])``.
+
+    Raises:
+        ValueError: ``batch_size < 1``.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size)]

@@ -23,13 +23,21 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from specops.zoo.variants import VARIANTS
 
-def stage_flags(value, what: str) -> tuple:
+def stage_flags(value: bool | Sequence[bool], what: str) -> tuple[bool, bool, bool]:
     """A flag for the whole network, or one per stage, as a tuple of three bools.
+
+    Args:
+        value: one flag, or a sequence of three (stages 1, 2, 3).
+        what: the argument's name, for the message.
+
+    Returns:
+        The three flags.
 
     Raises:
         ValueError: a sequence that is not three flags.
@@ -57,7 +65,7 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, batch_norm: bool = True,
-                 residual: bool = True):
+                 residual: bool = True) -> None:
         super().__init__()
         self.residual = residual
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=not batch_norm)
@@ -72,7 +80,7 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity(),
             )
 
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         """The block's output for input ``x``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -85,7 +93,7 @@ class ResNet(nn.Module):
     """A CIFAR-style ResNet; see :func:`resnet` for the arguments."""
 
     def __init__(self, depth: int = 20, *, num_classes: int = 10, in_channels: int = 3, width: int = 16,
-                 batch_norm: bool | Sequence[bool] = True, residual: bool | Sequence[bool] = True):
+                 batch_norm: bool | Sequence[bool] = True, residual: bool | Sequence[bool] = True) -> None:
         super().__init__()
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6 n + 2 for n >= 1 (8, 14, 20, 32, 44, 56, ...), got {depth}")
@@ -114,7 +122,7 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         """Logits for images ``x``."""
         x = self.stem(x)
         x = self.stage3(self.stage2(self.stage1(x)))

@@ -8,13 +8,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
 
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in the model's current mode, without gradients."""
+    """Top-1 accuracy in the model's current mode, without gradients.
+
+    Args:
+        model: the classifier.
+        X: images.
+        y: integer labels.
+        batch_size: images per forward pass.
+
+    Returns:
+        The share of images whose largest logit is their label (0 for no images).
+    """
     correct = 0
     with torch.no_grad():
         for i in range(0, len(X), batch_size):
@@ -22,15 +35,20 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(len(X), 1)
 
 
-def train(model: nn.Module, X, y, *, epochs: int = 8, batch_size: int = 64, lr: float = 0.05,
-          momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, log=None) -> dict:
+def train(model: nn.Module, X: Any, y: Any, *, epochs: int = 8, batch_size: int = 64, lr: float = 0.05,
+          momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
+          log: Callable[[int, float, float], object] | None = None) -> dict:
     """Train a classifier with cross-entropy in place, and leave it in eval mode.
 
     Args:
         model: the network (trained in place).
-        X, y: training images and integer labels (NumPy arrays or tensors).
-        epochs, batch_size, lr, momentum, weight_decay: the SGD settings; the learning
-            rate follows a cosine schedule to 0.
+        X: training images (a NumPy array or tensor).
+        y: integer labels.
+        epochs: passes over the data.
+        batch_size: samples per SGD step.
+        lr: initial learning rate; it follows a cosine schedule to 0.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty of SGD.
         seed: seed of the initial shuffle order (the model's initialization is the caller's).
         log: optional ``log(epoch, loss, accuracy)`` after each epoch.
 
@@ -55,7 +73,7 @@ def train(model: nn.Module, X, y, *, epochs: int = 8, batch_size: int = 64, lr: 
                 seed=seed, final_loss=running, train_accuracy=accuracy(model, X, y))
 
 
-def _epoch(model, opt, X, y, perm, batch_size, sched=None) -> float:
+def _epoch(model: nn.Module, opt: Any, X: Any, y: Any, perm: Any, batch_size: int, sched: Any = None) -> float:
     """One pass of SGD over ``X[perm]`` in batches; returns the mean training loss."""
     loss_fn = nn.CrossEntropyLoss()
     total, count = 0.0, 0
@@ -72,18 +90,27 @@ def _epoch(model, opt, X, y, perm, batch_size, sched=None) -> float:
     return total / max(count, 1)
 
 
-def step_lr(lr: float, epoch: int, epochs: int, milestones=(4 / 9, 2 / 3), factor: float = 0.1) -> float:
+def step_lr(lr: float, epoch: int, epochs: int, milestones: Sequence[float] = (4 / 9, 2 / 3),
+            factor: float = 0.1) -> float:
     """The learning rate of ``epoch`` (0-based): ``lr`` times ``factor`` per milestone passed.
 
-    Milestones are fractions of ``epochs``: ``(4/9, 2/3)`` of 180 epochs are epochs 80 and 120.
+    Args:
+        lr: the initial learning rate.
+        epoch: the epoch, counted from 0.
+        epochs: total epochs.
+        milestones: fractions of ``epochs``: ``(4/9, 2/3)`` of 180 epochs are epochs 80 and 120.
+        factor: the rate's factor at each milestone.
+
+    Returns:
+        The learning rate.
     """
     passed = sum(epoch >= round(m * epochs) for m in milestones)
     return lr * factor ** passed
 
 
-def fit(model: nn.Module, X, y, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
-        weight_decay: float = 5e-4, milestones=(4 / 9, 2 / 3), seed: int = 0, state: dict | None = None,
-        on_epoch=None) -> dict:
+def fit(model: nn.Module, X: Any, y: Any, *, epochs: int, lr: float, batch_size: int = 128, momentum: float = 0.9,
+        weight_decay: float = 5e-4, milestones: Sequence[float] = (4 / 9, 2 / 3), seed: int = 0,
+        state: dict | None = None, on_epoch: Callable[[int, dict], object] | None = None) -> dict:
     """Train a classifier in place with SGD and a step schedule; resumable.
 
     Each epoch's shuffle comes from ``(seed, epoch)``, so a run resumed from the state
@@ -108,6 +135,9 @@ def fit(model: nn.Module, X, y, *, epochs: int, lr: float, batch_size: int = 128
 
     Returns:
         ``{"epochs", "lr", "final_loss", ...}`` settings and the last training loss.
+
+    Raises:
+        ValueError: ``epochs < 1``.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
