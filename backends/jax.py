@@ -316,6 +316,8 @@ class JaxAdapter(ModelAdapter):
         def column(v):
             return jax.jvp(grad, (flat,), (v,))[1]
 
+        if V.shape[1] == 1:  # a single column: no vmap (batching one column costs ~0.2 ms a product)
+            return column(V[:, 0])[:, None]
         return jax.vmap(column, in_axes=1, out_axes=1)(V)
 
     # --- ModelAdapter -----------------------------------------------------------------
