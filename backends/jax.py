@@ -54,6 +54,11 @@ def _orthogonalize_twice(W, Q, columns):
 
 
 @jax.jit
+def _all_finite(X):
+    return jnp.isfinite(X).all()
+
+
+@jax.jit
 def _orthogonalize_probes(W, X, steps):
     mask = (jnp.arange(X.shape[0]) < steps).astype(W.dtype)[:, None]
     c1 = jnp.einsum("jnp,np->jp", X, W, precision=_HIGHEST) * mask
@@ -112,7 +117,7 @@ class JaxOps(VectorOps):
         return jnp.linalg.qr(X, mode="reduced")
 
     def all_finite(self, X) -> bool:
-        return bool(jnp.isfinite(X).all())
+        return bool(_all_finite(X))  # one compiled program: one dispatch, not two
 
     def orthogonalize(self, W, Q, columns=None):
         """As :meth:`VectorOps.orthogonalize`, as one compiled program.
