@@ -214,6 +214,70 @@ def batch_size(batch) -> int:
     return common_batch_size(tree_util.tree_leaves(batch))
 
 
+class DataMesh:
+    """Data parallelism over the devices of one process, in one compiled program.
+
+    A batch is split along its leading (sample) axis over a one-axis
+    ``jax.sharding.Mesh`` (``NamedSharding(mesh, P("data"))``); the parameters and the
+    product block are replicated. ``jax.jit`` of the unchanged loss then runs every
+    device on its slice of the batch and sums the partial gradients and products with
+    one all-reduce inside the program, so the result is the one-device product up to
+    the order of the sums.
+
+    Args:
+        devices: ``"local"`` (``jax.local_devices()``), a list of ``jax.Device``, or a
+            ``jax.sharding.Mesh`` (the batch is split over all of its axes).
+        home: the device the results go back to (the operator's vectors live there).
+
+    Raises:
+        ValueError: no device, or a device of another process (split the data across
+            processes with ``comm=`` instead).
+    """
+
+    def __init__(self, devices, home):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        if isinstance(devices, str):
+            if devices != "local":
+                raise ValueError(f"devices must be 'local', a list of devices or a Mesh, got {devices!r}")
+            devices = jax.local_devices(backend=home.platform)
+        if isinstance(devices, Mesh):
+            self.mesh, axes = devices, tuple(devices.axis_names)
+        else:
+            devices = list(devices)
+            if not devices:
+                raise ValueError("devices is empty: pass 'local', a list of jax devices or a Mesh")
+            self.mesh, axes = Mesh(np.array(devices), ("data",)), ("data",)
+        remote = [d for d in self.mesh.devices.flat if d.process_index != jax.process_index()]
+        if remote:
+            raise ValueError(
+                f"devices holds {len(remote)} device(s) of other processes; a batch is split over this "
+                "process's devices only: give each process its own shard of the data and pass comm=..."
+            )
+        self.size = int(self.mesh.devices.size)
+        self.home = home
+        self._split = NamedSharding(self.mesh, PartitionSpec(axes))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    def splits(self, batch) -> bool:
+        """Whether ``batch`` is split: its size is a multiple of the number of devices."""
+        return self.size > 1 and batch_size(batch) % self.size == 0
+
+    def split(self, batch):
+        def put(x):
+            return jax.device_put(x, self._split) if getattr(x, "ndim", 0) >= 1 else x
+        return tree_util.tree_map(put, batch)
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self._replicated)
+
+    def gather(self, x):
+        return jax.device_put(x, self.home)
+
+    def __repr__(self):
+        return f"DataMesh({self.size} devices: {', '.join(str(d) for d in self.mesh.devices.flat)})"
+
+
 class JaxAdapter(ModelAdapter):
     """The per-batch functions for ``loss_fn(params, batch)``, compiled once.
 
@@ -225,6 +289,8 @@ class JaxAdapter(ModelAdapter):
         dtype: cast every floating leaf to this dtype first (e.g. float64); ``None``
             keeps the leaves' dtype.
         chunk_size: columns per compiled ``vmap`` call (memory grows with it).
+        devices: ``None`` (the parameters' device), or the devices to split every batch
+            over (see :class:`DataMesh`).
 
     Raises:
         TypeError: a selected leaf is not a floating array (integer, function, ...),
@@ -233,7 +299,7 @@ class JaxAdapter(ModelAdapter):
 
     engine = "jax: jit(vmap(jvp(grad(loss))))"
 
-    def __init__(self, loss_fn, params, *, wrt=None, dtype=None, chunk_size: int = 16):
+    def __init__(self, loss_fn, params, *, wrt=None, dtype=None, chunk_size: int = 16, devices=None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {type(loss_fn).__name__}")
         if int(chunk_size) < 1:
@@ -277,6 +343,7 @@ class JaxAdapter(ModelAdapter):
         self._loss = jax.jit(self._scalar_loss)
         self._grad = jax.jit(jax.grad(self._scalar_loss))
         self._hvp = jax.jit(self._hvp_block)
+        self.mesh = None if devices is None else DataMesh(devices, self.ops.jax_device)
 
     def as_params(self, v):
         """``v`` (n,) or (n, k) as a pytree like ``params``: the selected leaves from ``v``
@@ -329,25 +396,34 @@ class JaxAdapter(ModelAdapter):
     def batch_size(self, batch) -> int:
         return batch_size(batch)
 
+    def _call(self, fn, batch, *vectors):
+        """``fn(flat, fixed, batch, *vectors)``, over the mesh's devices where there is one."""
+        if self.mesh is None or not self.mesh.splits(batch):
+            return fn(self._flat, self._fixed, batch, *vectors)
+        m = self.mesh
+        return m.gather(fn(m.replicate(self._flat), m.replicate(self._fixed), m.split(batch),
+                           *map(m.replicate, vectors)))
+
     def loss(self, batch, delta=None) -> float:
-        flat = self._flat if delta is None else self._flat + delta
-        return float(self._loss(flat, self._fixed, batch))
+        if delta is None:
+            return float(self._call(self._loss, batch))
+        return float(self._call(lambda flat, *rest: self._loss(flat + rest[-1], *rest[:-1]), batch, delta))
 
     def gradient(self, batch):
-        return self._grad(self._flat, self._fixed, batch)
+        return self._call(self._grad, batch)
 
     def hvp(self, index: int, batch, V):
         k, c = V.shape[1], self.chunk_size
         if k <= c:
-            return self._hvp(self._flat, self._fixed, batch, V)
-        return jnp.concatenate([self._hvp(self._flat, self._fixed, batch, V[:, j : j + c])
-                                for j in range(0, k, c)], axis=1)
+            return self._call(self._hvp, batch, V)
+        return jnp.concatenate([self._call(self._hvp, batch, V[:, j : j + c]) for j in range(0, k, c)], axis=1)
 
     def params_vector(self):
         return self._flat
 
     def subset(self, names: list[str]) -> JaxAdapter:
-        return JaxAdapter(self.loss_fn, self.params, wrt=list(names), chunk_size=self.chunk_size)
+        return JaxAdapter(self.loss_fn, self.params, wrt=list(names), chunk_size=self.chunk_size,
+                          devices=None if self.mesh is None else self.mesh.mesh)
 
     def determinism_hints(self) -> list[str]:
         return [
@@ -358,7 +434,7 @@ class JaxAdapter(ModelAdapter):
 
 
 def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=None,
-            check_deterministic: bool = True, dtype=None, chunk_size: int = 16) -> ModelOperator:
+            check_deterministic: bool = True, dtype=None, chunk_size: int = 16, devices=None) -> ModelOperator:
     """The Hessian of ``loss_fn(params, batch)`` over ``data`` with respect to ``params``.
 
     Args:
@@ -375,6 +451,12 @@ def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=No
             products agree.
         dtype: cast the floating leaves first (``jnp.float64`` needs ``jax_enable_x64``).
         chunk_size: columns of a block evaluated by one compiled ``vmap`` call.
+        devices: split every batch over several devices, one compiled program per
+            product (data parallel within the process): ``"local"`` (every local
+            device), a list of devices, or a ``jax.sharding.Mesh``. Batches whose size
+            the number of devices does not divide run on the parameters' device alone.
+            ``None`` (default): the parameters' device. Across hosts, combine it with
+            ``comm=`` (see ``docs/distributed.md``).
 
     Returns:
         A :class:`specops.ModelOperator`: ``H @ v`` takes and returns JAX arrays.
@@ -395,6 +477,6 @@ def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=No
         array([[1., 0.],
                [0., 1.]])
     """
-    adapter = JaxAdapter(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size)
+    adapter = JaxAdapter(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)

@@ -39,6 +39,9 @@ def add_arguments(a: argparse.ArgumentParser):
     g.add_argument("--checkpoint", metavar="PATH", help="torch state_dict to load into the model")
     g.add_argument("--backend", choices=tuple(BACKENDS), default="torch")
     g.add_argument("--device", default="auto", help="torch device (cpu, cuda, cuda:1); auto: cuda if available")
+    g.add_argument("--comm", choices=("auto", "torch", "mpi", "none"), default="auto",
+                   help="how processes combine their shards: torch (torch.distributed, under torchrun), mpi "
+                        "(mpiexec), none; auto: whichever launched this process")
     g.add_argument("--dtype", choices=("model", "float32", "float64"), default="model",
                    help="floating dtype of the analysis (model: the model's own)")
     g.add_argument("--samples", type=number(int, 1), default=512,

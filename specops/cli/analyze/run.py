@@ -1,5 +1,8 @@
-"""The run of ``specops analyze``: check the arguments and ``--out``, make the framework's
-session and operator, run the stages in order, write the summary."""
+"""The run of ``specops analyze``, from the arguments to the summary.
+
+Check the arguments and ``--out``, make the framework's session and operator, run the
+stages in order, write ``summary.md`` and ``report.html``.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def analyze(args) -> int:
     """
     t_start = time.perf_counter()
     check_args(args)
-    comm = detect_comm()
+    comm = detect_comm(getattr(args, "comm", "auto"))
     printer = Printer(comm.rank, not args.no_progress)
     state = prepare_out(args, comm, printer)
     session = sessions.session(args.backend, args, comm)
