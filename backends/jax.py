@@ -149,6 +149,14 @@ class JaxOps(VectorOps):
     def write_block(self, buffer, start: int, X, axis: int = 1):
         return _write_block(buffer, start, X, axis)
 
+    def free_memory(self) -> int:
+        """As :meth:`VectorOps.free_memory`: the device's ``bytes_limit - bytes_in_use`` where
+        JAX reports them (GPUs, TPUs), else host memory."""
+        stats = self.jax_device.memory_stats() if hasattr(self.jax_device, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        return super().free_memory()
+
     def einsum(self, spec: str, *arrays):
         return jnp.einsum(spec, *(self.asarray(a) for a in arrays), precision=_HIGHEST)
 
