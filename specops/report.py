@@ -24,7 +24,7 @@ import numpy as np
 from specops.results import _from_jsonable, _to_jsonable
 
 RESULTS = "results.json"
-STAGES = ("train", "eigen", "trace", "esd", "blocks", "landscape")
+STAGES = ("train", "eigen", "trace", "esd", "curvature", "blocks", "landscape")
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -250,6 +250,7 @@ def summary_rows(data: dict) -> list[tuple]:
         rows.append(("ESD support", f"[{_fmt(nodes.min())}, {_fmt(nodes.max())}]",
                      f"{nodes.shape[0]} probes x {nodes.shape[1]} steps", "-", st["num_matvecs"],
                      _fmt(st["seconds"], 3)))
+    rows += _curvature_rows(data)
     if "blocks" in stages:
         st = stages["blocks"]
         for name, b in st["result"].items():
@@ -266,6 +267,27 @@ def summary_rows(data: dict) -> list[tuple]:
         rows.append((f"landscape ({r['settings']['ndim']}-D, {r['settings']['kind']})",
                      f"loss {_fmt(r['center_loss'])} at 0", f"range [{_fmt(losses.min())}, {_fmt(losses.max())}]",
                      "-", f"{r['num_evaluations']} losses", _fmt(st["seconds"], 3)))
+    return rows
+
+
+def _curvature_rows(data: dict) -> list[tuple]:
+    """Rows of the ``curvature`` stage (:mod:`specops.cli.analyze.curvature`).
+
+    Each operator's top eigenvalues, and the trace of the residual term H - G.
+    """
+    st = data["stages"].get("curvature")
+    if not st:
+        return []
+    rows = []
+    for n, r in st["result"]["operators"].items():
+        e = _from_jsonable(r["eigen"])
+        lams = ", ".join(_fmt(x, 5) for x in e["eigenvalues"])
+        rows.append((f"[{n}] top eigenvalues", lams, f"max residual {_fmt(max(e['residuals']), 2)}",
+                     "yes" if all(e["converged"]) else "NO", "", ""))
+    t = st["result"].get("residual_trace")
+    if t:
+        rows.append(("trace(H - G)", _fmt(t["estimate"], 6), f"stderr {_fmt(t['stderr'], 2)}", "-", "", ""))
+    rows[-1] = rows[-1][:4] + (st["num_matvecs"], _fmt(st["seconds"], 3))
     return rows
 
 
@@ -310,7 +332,8 @@ def summary_markdown(data: dict, images: list[str]) -> str:
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     out.append("")
     captions = {"esd.png": "Eigenvalue spectral density (SLQ, log scale) with the top eigenvalues",
-                "landscape.png": "Loss landscape", "blocks.png": "Per-block trace and top eigenvalue"}
+                "landscape.png": "Loss landscape",
+                "curvature.png": "Spectral densities of the Hessian, the Gauss-Newton matrix and the Fishers", "blocks.png": "Per-block trace and top eigenvalue"}
     for img in images:
         out += [f"## {captions.get(img, img)}", "", f"![{img}]({img})", ""]
     out.append(f"Full numbers with settings, seeds and versions: `{RESULTS}`.")
