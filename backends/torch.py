@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, re
 from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
-ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse")
+ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse", "finite_difference")
+_REVERSE = ("cached_graph", "double_backward")
 RANDOM_LAYERS = ("error", "fixed")
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -254,6 +256,20 @@ class _CheapDoubleBackward(TorchFunctionMode):
         override = _OVERRIDES.get(func)
         out = None if override is None else override(*args, **kwargs)
         return func(*args, **kwargs) if out is None else out
+
+
+def _twice_differentiable_attention():
+    """``scaled_dot_product_attention`` on its math kernel while a graph for products is built.
+
+    The fused kernels (flash, memory-efficient, cuDNN; the CPU flash kernel PyTorch picks by
+    default) have no double backward and no forward-mode derivative: ``nn.MultiheadAttention``,
+    Hugging Face models with ``attn_implementation="sdpa"`` and timm's attention all call them.
+    The math kernel is the same function written in differentiable operations. The model is
+    untouched: only the kernel choice is scoped to the product.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 # --- the model --------------------------------------------------------------------------
@@ -459,7 +475,7 @@ class TorchAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, loss_fn, *, params=None, loss_form="auto", engine="auto",
                  memory_budget=None, chunk_size=None, batch_size=None, progress=False,
-                 random_layers="error", _fixed=None, _theta=None):
+                 random_layers="error", richardson=False, _fixed=None, _theta=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -476,27 +492,21 @@ class TorchAdapter(ModelAdapter):
                     "silently keep one random sub-network). " + _random_layers_fix()
                 )
         dtype, device = _check_uniform(model)
-        # torch.func's forward-over-reverse gets the second derivatives of batch norm with batch
-        # statistics wrong (0.9% off double backward, which agrees with finite differences)
-        self._batch_statistics = [n for n, m in model.named_modules()
-                                  if isinstance(m, nn.modules.batchnorm._NormBase)
-                                  and (m.training or not m.track_running_stats)]
-        if engine == "forward_over_reverse" and self._batch_statistics:
-            raise ValueError(
-                f"hvp='forward_over_reverse' gives wrong products for normalization layers that use batch "
-                f"statistics ({_listing(self._batch_statistics)}): torch.func's forward-over-reverse of "
-                "batch norm in that mode is off by about 1%. Use hvp='cached_graph' or 'double_backward', "
-                "or call model.eval() on layers that keep running statistics"
-            )
         self.ops = TorchOps(dtype, device)
         self.model = model
         self.loss_fn = loss_fn
         self.loss_form = resolve_loss_form(loss_fn, loss_form)
         self._module = _LossModule(model, loss_fn, self.loss_form)
         self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
-                         "batch_size": batch_size, "progress": progress, "random_layers": random_layers}
+                         "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
+                         "richardson": richardson}
         self._requested = engine
         self.engine = "cached_graph" if engine == "auto" else engine
+        # auto on a GPU: blocks of columns through one vectorized forward-over-reverse pass
+        # (cleared by the cross-check if that engine disagrees or fails)
+        self._vectorize_columns = engine == "auto" and device.type == "cuda"
+        self.richardson = richardson
+        self.cross_check_error = None  # relative difference of the engines compared at construction
         self.memory_budget = (
             _default_memory_budget(device) if memory_budget is None else int(memory_budget)
         )
@@ -552,6 +562,9 @@ class TorchAdapter(ModelAdapter):
         engine = self._requested
         sub = TorchAdapter(self.model, self.loss_fn, params=list(names), engine=engine, _fixed=fixed,
                            _theta=torch.cat([current[n].reshape(-1) for n in names]), **self._options)
+        sub._vectorize_columns = self._vectorize_columns  # the engine decision of the cross-check
+        if engine == "auto" and self.engine == "forward_over_reverse":
+            sub.engine = self.engine
         return sub
 
     # --- evaluation ---------------------------------------------------------------
@@ -635,11 +648,12 @@ class TorchAdapter(ModelAdapter):
     def _graph(self, batch):
         """A leaf copy of theta and the gradient at it, with its graph (create_graph=True)."""
         theta = self._theta.detach().requires_grad_(True)
-        if self._cheap_double_backward and self.ops.torch_device.type == "cpu":
-            with _CheapDoubleBackward():
+        with _twice_differentiable_attention():
+            if self._cheap_double_backward and self.ops.torch_device.type == "cpu":
+                with _CheapDoubleBackward():
+                    loss = self._loss(theta, batch)
+            else:
                 loss = self._loss(theta, batch)
-        else:
-            loss = self._loss(theta, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
         return theta, g
 
@@ -691,8 +705,7 @@ class TorchAdapter(ModelAdapter):
             sys.stderr.flush()
         if index == 0:
             self._products += 1
-        if (self._requested == "auto" and V.shape[1] > 1 and self.ops.torch_device.type == "cuda"
-                and not self._batch_statistics):
+        if self._requested == "auto" and V.shape[1] > 1 and self._vectorize_columns:
             # on a GPU, one vectorized forward-over-reverse pass beats k double backwards
             # (ResNet-20 on an H100: 1.7x a gradient per column against 3.6x)
             return self._forward_over_reverse(self._prepare(batch), V)
@@ -708,19 +721,185 @@ class TorchAdapter(ModelAdapter):
         if self.engine == "double_backward":
             theta, g = self._graph(batch)
             return self._double_backward(theta, g, V, keep=False)
+        if self.engine == "finite_difference":
+            return self._finite_difference(batch, V, self.richardson)[0]
         return self._forward_over_reverse(batch, V)
 
+    def _reverse_over_reverse(self, batch, V):
+        theta, g = self._graph(batch)
+        return self._double_backward(theta, g, V, keep=False)
+
+    def _finite_difference(self, batch, V, richardson=False):
+        """Central differences of gradients along each column; with Richardson, an error estimate.
+
+        Column ``v`` is stepped by ``h v / ||v||`` with ``h = eps**(1/3) * max(1, rms(theta))``:
+        the step that balances the truncation error ``O(h^2)`` against the rounding error
+        ``O(eps / h)`` of the gradients, as Stan's ``finite_diff_hessian_times_vector_auto``
+        steps ``cbrt(eps)`` along the normalized vector (here scaled by the parameters' size).
+        Two gradients per column. ``richardson=True`` takes ``h = eps**(1/5) * max(1,
+        rms(theta))``, combines the steps ``h`` and ``2h`` as ``R = (4 D(h) - D(2h)) / 3``
+        (truncation error ``O(h^4)``) and estimates the error of ``R`` by ``|R - D(h)|`` (four
+        gradients per column).
+
+        Returns:
+            ``(HV, errors)``: the products (n, k) and, with Richardson, per-column estimates of
+            ``||HV - H V||`` (``None`` without).
+        """
+        theta = self._theta
+        eps = float(torch.finfo(theta.dtype).eps)
+        scale = max(1.0, float(torch.linalg.vector_norm(theta)) / max(theta.numel(), 1) ** 0.5)
+        h = eps ** (1 / 5 if richardson else 1 / 3) * scale
+        cols, errors = [], []
+        for j in range(V.shape[1]):
+            v = V[:, j]
+            norm = float(torch.linalg.vector_norm(v))
+            if norm == 0.0:
+                cols.append(torch.zeros_like(v))
+                errors.append(0.0)
+                continue
+            u = v / norm
+
+            def central(step):
+                plus, minus = self._gradient_at(theta + step * u, batch), self._gradient_at(theta - step * u, batch)
+                return (plus - minus) / (2 * step)
+
+            est = central(h)
+            if richardson:
+                coarse = central(2 * h)
+                est, fine = (4 * est - coarse) / 3, est
+                errors.append(float(torch.linalg.vector_norm(est - fine)) * norm)
+            cols.append(est * norm)
+        return torch.stack(cols, dim=1), (np.asarray(errors) if richardson else None)
+
+    def _gradient_at(self, theta, batch):
+        theta = theta.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(self._loss(theta, batch), theta, allow_unused=True)
+        return torch.zeros_like(theta) if g is None else g
+
     def _forward_over_reverse(self, batch, V):
-        # jacrev rather than grad: grad's scalar cotangent has a zero tangent that some backward
-        # formulas (mse_loss) try to write to under forward AD (torch 2.x: "ZeroTensors are immutable").
-        grad = torch.func.jacrev(lambda theta: self._loss(theta, batch))
+        # jvp of grad, not of jacrev (which torch.func.hessian uses): under jacrev's inner vmap
+        # the forward derivative of layer norm's backward is wrong (torch 2.13: 11% off
+        # finite differences for the layer norm weights, 2% on a transformer block), while the
+        # same jvp of grad vmapped over the columns is exact. The batch's floating tensors are
+        # primals with materialized zero tangents: left without one, some backward formulas
+        # (mse_loss) write into the target's immutable ZeroTensor tangent under forward AD.
+        leaves = []
+        _map_tensors(lambda t: leaves.append(t) if t.is_floating_point() else None, batch)
+
+        def grad(theta, data):
+            it = iter(data)
+            rebuilt = _map_tensors(lambda t: next(it) if t.is_floating_point() else t, batch)
+            return torch.func.grad(lambda t: self._loss(t, rebuilt))(theta)
+
+        zeros = [torch.zeros_like(t) for t in leaves]
 
         def hv(v):
-            return torch.func.jvp(grad, (self._theta,), (v,))[1]
+            return torch.func.jvp(grad, (self._theta, leaves), (v, zeros))[1]
 
-        if V.shape[1] == 1:
-            return hv(V[:, 0])[:, None]
-        return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size, randomness="same")(V)
+        with _twice_differentiable_attention():
+            if V.shape[1] == 1:
+                return hv(V[:, 0])[:, None]
+            return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size, randomness="same")(V)
+
+    # --- cross-check of the engines -----------------------------------------------
+    def cross_check(self, batch) -> None:
+        """Check the engine(s) in use against an independent one on one product with ``batch``.
+
+        Reverse-over-reverse (the formulas of ``cached_graph`` and ``double_backward``) and
+        forward-over-reverse share no second-derivative code, so a framework defect in either
+        shows as a mismatch. On a mismatch beyond rounding, central differences of gradients
+        with Richardson extrapolation decide which one is wrong. With ``engine="auto"`` the
+        operator then falls back to the other engine with a warning naming the parameters and
+        layer types where the two differ most; an explicitly requested engine found wrong, or
+        no engine that works, raises. Costs about three products of one batch, once.
+
+        Raises:
+            ValueError: the requested engine disagrees with finite differences.
+            RuntimeError: neither engine can differentiate the model twice (the message offers
+                ``engine="finite_difference"``).
+        """
+        if self.engine == "finite_difference":
+            return
+        batch = self._prepare(batch)
+        v = self.ops.random(self.num_params, [0], 0, kind="normal", stream="cross_check")
+        products, failures = {}, {}
+        for name, fn in (("reverse_over_reverse", self._reverse_over_reverse),
+                         ("forward_over_reverse", self._forward_over_reverse)):
+            try:
+                products[name] = fn(batch, v)
+            except (RuntimeError, NotImplementedError) as e:
+                failures[name] = e
+        in_use = {"forward_over_reverse"} if self.engine == "forward_over_reverse" else {"reverse_over_reverse"}
+        if self._vectorize_columns:
+            in_use.add("forward_over_reverse")
+        auto = self._requested == "auto"
+        if not products:
+            raise RuntimeError(_no_engine_message(failures))
+        for name, error in failures.items():
+            if name not in in_use:
+                continue
+            if not auto:
+                raise RuntimeError(f"{error}\n{_no_engine_message(failures)}") from error
+            self._use(next(iter(products)))  # auto: the engine that works
+        tol = _ROUNDING[self.ops.torch_dtype]
+        if len(products) == 2:
+            a, b = products["reverse_over_reverse"], products["forward_over_reverse"]
+            self.cross_check_error = _rel(b, a)
+            if self.cross_check_error <= tol:
+                return
+            reference, errors = self._finite_difference(batch, v, richardson=True)
+            wrong = max(products, key=lambda k: _rel(products[k], reference))
+            right = next(k for k in products if k != wrong)
+            where = self._where_different(a, b)
+            message = (f"the Hessian-vector products of reverse-over-reverse and forward-over-reverse "
+                       f"differ by {self.cross_check_error:.2g} (relative; rounding is below {tol:.0e}); "
+                       f"finite differences of gradients side with {right} ({_rel(products[right], reference):.1g} "
+                       f"against {_rel(products[wrong], reference):.1g}), so PyTorch's {wrong} derivatives of "
+                       f"some layer are wrong. The two differ most in {where}")
+            if wrong not in in_use:
+                return
+            if not auto:
+                other = "forward_over_reverse" if wrong == "reverse_over_reverse" else "double_backward"
+                raise ValueError(f"{message}. Use hvp={other!r} (or 'auto'), or cross_check=False to keep "
+                                 f"hvp={self.engine!r}")
+            self._use(right)
+            warnings.warn(f"{message}; using {self.engine} instead", RuntimeWarning, stacklevel=3)
+            return
+        # one engine works: check it against finite differences, at their accuracy
+        name, product = next(iter(products.items()))
+        reference, errors = self._finite_difference(batch, v, richardson=True)
+        scale = max(float(torch.linalg.vector_norm(reference)), float(np.finfo(np.float64).tiny))
+        self.cross_check_error = _rel(product, reference)
+        if self.cross_check_error > max(10 * float(errors[0]) / scale, 1e3 * tol):
+            failed = "; ".join(f"{k} failed: {str(e).splitlines()[0]}" for k, e in failures.items())
+            warnings.warn(f"{name} Hessian-vector products differ from finite differences of gradients by "
+                          f"{self.cross_check_error:.2g} (relative; their error estimate is "
+                          f"{float(errors[0]) / scale:.1g}); {failed}", RuntimeWarning, stacklevel=3)
+
+    def _use(self, name):
+        """Switch an ``auto`` operator to the products of ``name``."""
+        if name == "forward_over_reverse":
+            self.engine = "forward_over_reverse"
+        else:
+            self._vectorize_columns = False
+            if self.engine == "forward_over_reverse":
+                self.engine = "cached_graph"
+
+    def _where_different(self, a, b, limit: int = 3) -> str:
+        """The parameters (and their layers' types) where two product vectors differ most."""
+        diff = self.unflatten(a - b)
+        total = max(float(torch.linalg.vector_norm(a)), float(np.finfo(np.float64).tiny))
+        ranked = sorted(diff, key=lambda n: -float(torch.linalg.vector_norm(diff[n])))[:limit]
+        parts = []
+        for n in ranked:
+            owner = n.rsplit(".", 1)[0] if "." in n else ""
+            kind = type(self.model.get_submodule(owner)).__name__
+            parts.append(f"{n} ({kind}: {float(torch.linalg.vector_norm(diff[n])) / total:.2g})")
+        types = sorted({type(m).__name__ for m in self.model.modules()
+                        if isinstance(m, _NORM_OR_ATTENTION) or "Norm" in type(m).__name__
+                        or "Attention" in type(m).__name__})
+        present = f"; normalization and attention layers present: {', '.join(types)}" if types else ""
+        return ", ".join(parts) + present
 
     # --- diagnostics --------------------------------------------------------------
     def determinism_hints(self) -> list[str]:
@@ -740,6 +919,28 @@ class TorchAdapter(ModelAdapter):
         return hints
 
 
+_ROUNDING = {torch.float32: 2e-3, torch.float64: 1e-7}  # engines agree within this (relative)
+_NORM_OR_ATTENTION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+                      nn.MultiheadAttention)
+
+
+def _rel(a, b) -> float:
+    scale = max(float(torch.linalg.vector_norm(b)), float(np.finfo(np.float64).tiny))
+    return float(torch.linalg.vector_norm(a - b)) / scale
+
+
+def _no_engine_message(failures) -> str:
+    lines = [f"  {name}: {str(e).splitlines()[0]}" for name, e in failures.items()]
+    hint = ""
+    if any("scaled_dot_product" in str(e) or "attention" in str(e) for e in failures.values()):
+        hint = ("; fused attention kernels have no double backward: specops switches "
+                "scaled_dot_product_attention to its math kernel, so a model calling a fused kernel "
+                "directly needs attn_implementation='eager' (Hugging Face) or a plain attention")
+    return ("PyTorch cannot differentiate this model twice with the engine(s):\n" + "\n".join(lines)
+            + f"\nPass hvp='finite_difference' (central differences of gradients, no second derivatives "
+            f"needed; richardson=True for more accuracy){hint}")
+
+
 def _listing(names, limit: int = 4) -> str:
     names = [n or "<model>" for n in names]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -749,7 +950,8 @@ def _listing(names, limit: int = 4) -> str:
 def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "mean", hvp: str = "auto",
             comm=None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
-            batch_size=None, random_layers: str = "error") -> ModelOperator:
+            batch_size=None, random_layers: str = "error", cross_check: bool = True,
+            richardson: bool = False) -> ModelOperator:
     """The Hessian of a model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -767,8 +969,8 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
             (``"stage2.*"``), modules or parameters, alone or in a list. Frozen parameters are
             always left out.
         reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
-        hvp: ``"auto"``, ``"cached_graph"``, ``"double_backward"`` or ``"forward_over_reverse"``
-            (see the module docstring); ``H.engine`` names the engine in use.
+        hvp: ``"auto"``, ``"cached_graph"``, ``"double_backward"``, ``"forward_over_reverse"`` or
+            ``"finite_difference"`` (see the module docstring); ``H.engine`` names the engine in use.
         comm: ``None`` or a communicator (``specops.distributed.MPIComm``); each rank passes its
             own shard of the data.
         check_deterministic: check every batch's loss is finite and that two identical products
@@ -786,6 +988,13 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
             a forward of the first batch draws random numbers) raises
             :class:`specops.NonDeterministicError`; ``"fixed"``: the Hessian of one fixed
             random sub-network, each batch with the same mask in every product.
+        cross_check: compare reverse-over-reverse and forward-over-reverse products on one
+            probe vector of the first batch at construction (finite differences decide a
+            mismatch); ``"auto"`` falls back with a warning from an engine found wrong, an
+            explicit engine found wrong raises. ``H.adapter.cross_check_error`` is the relative
+            difference measured.
+        richardson: with ``hvp="finite_difference"``, Richardson extrapolation of two steps
+            (four gradients per column instead of two, truncation error ``O(h^4)``).
 
     Returns:
         A :class:`specops.model.ModelOperator`: ``H @ v`` for a flat tensor ``v``,
@@ -797,12 +1006,16 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
         specops.NonFiniteError: a batch's loss is not finite (the batch is named).
         specops.NonDeterministicError: a random forward pass (with ``random_layers="error"``;
             the layers and the fix are named), or two identical products differ.
+        RuntimeError: no engine can differentiate the model twice (the message offers
+            ``hvp="finite_difference"``).
     """
     adapter = TorchAdapter(model, loss_fn, params=params, loss_form=loss_form, engine=hvp,
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
-                           progress=progress, random_layers=random_layers)
+                           progress=progress, random_layers=random_layers, richardson=richardson)
     for batch in ModelOperator._batches_of(data):
         adapter.check_random_forward(batch)
+        if cross_check:
+            adapter.cross_check(batch)
         break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
