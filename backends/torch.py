@@ -278,39 +278,113 @@ class _LossModule(nn.Module):
 
     Wrapping lets ``torch.func.functional_call`` substitute the parameters for the whole
     call, including a general ``loss_fn(model, batch)`` that touches the model freely.
+    ``loss_fn=None`` takes the loss the model returns itself (``outputs.loss``: a Hugging
+    Face model given a batch with ``labels``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn, loss_form: str):
+    def __init__(self, model: nn.Module, loss_fn, loss_form: str, dtype: torch.dtype):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.loss_form = loss_form
+        self.dtype = dtype
 
     def forward(self, batch):
-        if self.loss_form == "model":
+        if self.loss_fn is None:
+            loss = _own_loss(_call(self.model, batch))
+        elif self.loss_form == "model":
             loss = self.loss_fn(self.model, batch)
         else:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            inputs, targets = _split(batch)
+            outputs = _logits(_call(self.model, inputs))
+            try:
+                loss = self.loss_fn(outputs, targets)
+            except TypeError as e:
                 raise TypeError(
-                    "with loss_fn(outputs, targets) every batch must be a pair (inputs, targets), got "
-                    f"{type(batch).__name__}; for other batches (dicts, triples) write the loss as "
-                    "loss_fn(model, batch) and pass loss_form='model'"
-                )
-            inputs, targets = batch
-            if isinstance(inputs, dict):
-                outputs = self.model(**inputs)
-            elif isinstance(inputs, (tuple, list)):
-                outputs = self.model(*inputs)
-            else:
-                outputs = self.model(inputs)
-            loss = self.loss_fn(outputs, targets)
+                    f"loss_fn(outputs, targets) failed: {e}. specops called it with the model's outputs "
+                    f"({_describe(outputs)}) and the targets; if it is written as loss_fn(model, batch), name "
+                    "its first parameter `model` or pass loss_form='model'"
+                ) from e
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            if isinstance(loss, dict) or hasattr(loss, "logits"):
+                raise TypeError(
+                    f"the loss function returned the model's outputs ({_describe(loss)}), not a scalar: return "
+                    "outputs.loss, or a loss of outputs.logits"
+                )
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
                 f"the loss function must return a scalar tensor, got {shape}; reduce it with "
                 "reduction='mean' (or 'sum', and pass reduction='sum' to hessian)"
             )
+        if loss.is_floating_point() and torch.finfo(loss.dtype).bits < torch.finfo(self.dtype).bits:
+            raise ValueError(
+                f"the loss is computed in {loss.dtype} while the parameters are {self.dtype}: its Hessian "
+                f"would be only {loss.dtype}-accurate. Hugging Face's built-in losses (outputs.loss) cast "
+                "the logits to float32; for a float64 model pass a loss of the logits instead, e.g. "
+                "loss_fn=lambda logits, labels: F.cross_entropy(logits[:, :-1].flatten(0, 1), "
+                "labels[:, 1:].flatten()) for a causal LM (batches {'input_ids': ..., 'labels': ...})"
+            )
         return loss
+
+
+def _call(model, inputs):
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _split(batch):
+    """``(inputs, targets)`` of a batch for ``loss_fn(outputs, targets)``."""
+    if isinstance(batch, dict):
+        if "labels" not in batch:
+            raise TypeError(
+                f"with loss_fn(outputs, targets), a dict batch needs 'labels' (the targets; the other entries "
+                f"are the model's inputs), got keys {sorted(batch)}; or write loss_fn(model, batch)"
+            )
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(
+            "with loss_fn(outputs, targets) every batch must be a pair (inputs, targets) or a dict with "
+            f"'labels', got {type(batch).__name__}; for other batches (triples, ...) write the loss as "
+            "loss_fn(model, batch) and pass loss_form='model'"
+        )
+    return batch
+
+
+def _logits(outputs):
+    """The tensor ``loss_fn(outputs, targets)`` gets: ``outputs.logits`` of a ``ModelOutput`` or dict."""
+    if isinstance(outputs, torch.Tensor) or not (isinstance(outputs, dict) or hasattr(outputs, "logits")):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, dict) else outputs.logits
+    if logits is None:
+        raise TypeError(
+            f"the model returns {_describe(outputs)}; specops applies loss_fn(outputs, targets) to its "
+            "'logits', which it has not: write the loss as loss_fn(model, batch)"
+        )
+    return logits
+
+
+def _own_loss(outputs):
+    """``outputs.loss`` for ``loss_fn=None``."""
+    loss = (outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None))
+    if loss is None:
+        raise TypeError(
+            f"loss_fn=None takes the loss the model returns, but it returned {_describe(outputs)} without one; "
+            "Hugging Face models compute it only when the batch has 'labels' (add them), or pass "
+            "loss_fn(outputs, targets), applied to outputs.logits"
+        )
+    return loss
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return f"a {type(obj).__name__} with fields {', '.join(map(str, obj.keys()))}"
+    return f"a {type(obj).__name__}"
 
 
 def _map_tensors(fn, obj):
@@ -387,6 +461,13 @@ def _check_uniform(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     floating = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     if not floating:
         raise ValueError("the model has no floating-point parameters")
+    on_meta = [n for n, p in floating if p.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"the model's parameters are on the meta device ({_listing(on_meta)}): they have shapes but no "
+            "values (a model built under init_empty_weights() or with device='meta'). Materialize it first, "
+            "e.g. model.to_empty(device='cpu') and load_state_dict(...), or build it on a real device"
+        )
     kinds = {(p.dtype, p.device) for _, p in floating}
     if len(kinds) > 1:
         seen = {}
@@ -483,6 +564,7 @@ class TorchAdapter(ModelAdapter):
         if random_layers not in RANDOM_LAYERS:
             raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
         self.random_layers = random_layers
+        dtype, device = _check_uniform(model)
         if random_layers == "error":
             found = _random_modules(model)
             if found:
@@ -491,12 +573,11 @@ class TorchAdapter(ModelAdapter):
                     "draws new random numbers, so the loss has no fixed Hessian (the cached graph would "
                     "silently keep one random sub-network). " + _random_layers_fix()
                 )
-        dtype, device = _check_uniform(model)
         self.ops = TorchOps(dtype, device)
         self.model = model
         self.loss_fn = loss_fn
-        self.loss_form = resolve_loss_form(loss_fn, loss_form)
-        self._module = _LossModule(model, loss_fn, self.loss_form)
+        self.loss_form = "model" if loss_fn is None else resolve_loss_form(loss_fn, loss_form)
+        self._module = _LossModule(model, loss_fn, self.loss_form, dtype)
         self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
                          "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
                          "richardson": richardson}
@@ -507,6 +588,7 @@ class TorchAdapter(ModelAdapter):
         self._vectorize_columns = engine == "auto" and device.type == "cuda"
         self.richardson = richardson
         self.cross_check_error = None  # relative difference of the engines compared at construction
+        self.compute_dtype = dtype  # the lowest precision a forward pass computes in (cross_check)
         self.memory_budget = (
             _default_memory_budget(device) if memory_budget is None else int(memory_budget)
         )
@@ -526,6 +608,7 @@ class TorchAdapter(ModelAdapter):
         if _theta is None:
             _theta = torch.cat([all_params[n].detach().reshape(-1) for n in names]) if names else None
         self._theta = _theta
+        self._padding_rows = _padding_rows(model, self.param_blocks, self.ops)
         # Parameters held fixed: the model's own, or the values a parent adapter differentiated.
         self._fixed = dict(_fixed or {})
         for n, p in all_params.items():
@@ -700,6 +783,11 @@ class TorchAdapter(ModelAdapter):
         return entry
 
     def hvp(self, index: int, batch, V):
+        if self._padding_rows is None:
+            return self._hvp(index, batch, V)
+        return self._hvp(index, batch, V * self._padding_rows) * self._padding_rows
+
+    def _hvp(self, index: int, batch, V):
         if self.progress:
             sys.stderr.write(f"\rspecops: product {self._products + 1}, batch {index + 1}   ")
             sys.stderr.flush()
@@ -818,15 +906,18 @@ class TorchAdapter(ModelAdapter):
             RuntimeError: neither engine can differentiate the model twice (the message offers
                 ``engine="finite_difference"``).
         """
+        batch = self._prepare(batch)
+        self._check_precision(batch)
         if self.engine == "finite_difference":
             return
-        batch = self._prepare(batch)
         v = self.ops.random(self.num_params, [0], 0, kind="normal", stream="cross_check")
+        if self._padding_rows is not None:
+            v = v * self._padding_rows
         products, failures = {}, {}
         for name, fn in (("reverse_over_reverse", self._reverse_over_reverse),
                          ("forward_over_reverse", self._forward_over_reverse)):
             try:
-                products[name] = fn(batch, v)
+                products[name] = fn(batch, v) if self._padding_rows is None else fn(batch, v) * self._padding_rows
             except (RuntimeError, NotImplementedError) as e:
                 failures[name] = e
         in_use = {"forward_over_reverse"} if self.engine == "forward_over_reverse" else {"reverse_over_reverse"}
@@ -841,13 +932,15 @@ class TorchAdapter(ModelAdapter):
             if not auto:
                 raise RuntimeError(f"{error}\n{_no_engine_message(failures)}") from error
             self._use(next(iter(products)))  # auto: the engine that works
-        tol = _ROUNDING[self.ops.torch_dtype]
+        tol = _ROUNDING[self.compute_dtype]
         if len(products) == 2:
             a, b = products["reverse_over_reverse"], products["forward_over_reverse"]
             self.cross_check_error = _rel(b, a)
             if self.cross_check_error <= tol:
                 return
             reference, errors = self._finite_difference(batch, v, richardson=True)
+            if self._padding_rows is not None:
+                reference = reference * self._padding_rows
             wrong = max(products, key=lambda k: _rel(products[k], reference))
             right = next(k for k in products if k != wrong)
             where = self._where_different(a, b)
@@ -868,6 +961,8 @@ class TorchAdapter(ModelAdapter):
         # one engine works: check it against finite differences, at their accuracy
         name, product = next(iter(products.items()))
         reference, errors = self._finite_difference(batch, v, richardson=True)
+        if self._padding_rows is not None:
+            reference = reference * self._padding_rows
         scale = max(float(torch.linalg.vector_norm(reference)), float(np.finfo(np.float64).tiny))
         self.cross_check_error = _rel(product, reference)
         if self.cross_check_error > max(10 * float(errors[0]) / scale, 1e3 * tol):
@@ -875,6 +970,33 @@ class TorchAdapter(ModelAdapter):
             warnings.warn(f"{name} Hessian-vector products differ from finite differences of gradients by "
                           f"{self.cross_check_error:.2g} (relative; their error estimate is "
                           f"{float(errors[0]) / scale:.1g}); {failed}", RuntimeWarning, stacklevel=3)
+
+    def _check_precision(self, batch) -> None:
+        """Warn if a forward pass computes in a lower precision than the parameters.
+
+        Sets :attr:`compute_dtype`, the lowest precision seen, which bounds the products'
+        accuracy (and the cross-check's tolerance). Hugging Face's Llama, for one, computes
+        RMS norm and attention softmax in float32 in a float64 model.
+        """
+        watch = _WatchPrecision(torch.finfo(self.ops.torch_dtype).bits)
+        def leave(module, args, output):
+            watch.stack.pop()  # (a forward hook that returns something replaces the output)
+
+        pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: watch.stack.append(m))
+        post = torch.nn.modules.module.register_module_forward_hook(leave)
+        try:
+            with torch.no_grad(), watch:
+                self._loss(self._theta, batch)
+        finally:
+            pre.remove()
+            post.remove()
+        if watch.found:
+            self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
+            where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
+            warnings.warn(
+                f"the model's parameters are {self.ops.torch_dtype} but a forward pass computes parts in "
+                f"lower precision: {where}. Products, and every spectrum from them, are accurate to "
+                f"{self.compute_dtype} rounding only", RuntimeWarning, stacklevel=4)
 
     def _use(self, name):
         """Switch an ``auto`` operator to the products of ``name``."""
@@ -922,6 +1044,46 @@ class TorchAdapter(ModelAdapter):
 _ROUNDING = {torch.float32: 2e-3, torch.float64: 1e-7}  # engines agree within this (relative)
 _NORM_OR_ATTENTION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                       nn.MultiheadAttention)
+
+
+class _WatchPrecision(TorchFunctionMode):
+    """Records the modules (by type) in which operations return floats of fewer than ``bits`` bits."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits, self.stack, self.found = bits, [], {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (isinstance(out, torch.Tensor) and out.is_floating_point()
+                and torch.finfo(out.dtype).bits < self.bits):
+            where = type(self.stack[-1]).__name__ if self.stack else "the loss function"
+            self.found.setdefault(where, out.dtype)
+        return out
+
+
+def _padding_rows(model: nn.Module, blocks: dict, ops: TorchOps):
+    """A column (n, 1) of ones with zeros at the padding rows of ``nn.Embedding(padding_idx=...)``.
+
+    PyTorch's gradient of an embedding leaves the ``padding_idx`` row out (it is never
+    trained), although the loss depends on it. Its double backward then gives a Hessian that
+    is not symmetric (the row's column is zero, its row is not), forward-over-reverse the
+    transpose. The consistent operator treats the row as frozen, as the gradient does: zero
+    row and column. None when the selection holds no such row.
+    """
+    mask = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or module.padding_idx is None:
+            continue
+        key = f"{name}.weight" if name else "weight"
+        if key not in blocks:
+            continue
+        if mask is None:
+            mask = ops.zeros((sum(b.stop - b.start for b in blocks.values()), 1)) + 1
+        width = module.embedding_dim
+        start = blocks[key].start + module.padding_idx % module.num_embeddings * width
+        mask[start:start + width] = 0
+    return mask
 
 
 def _rel(a, b) -> float:

@@ -1,9 +1,7 @@
 """Every PyTorch product engine against dense truth on the layers of today's models.
 
-The truth is PyTorch's plain double backward, column by column, itself checked against
-central differences of gradients (an independent computation that needs no second
-derivatives). ``torch.func.hessian`` is not a truth here: it is ``jacfwd(jacrev)``, the
-path whose forward derivative of layer norm's backward is wrong in torch 2.13.
+The truth (``torch_truth.dense_truth``) is PyTorch's plain double backward, column by column,
+itself checked against central differences of gradients.
 """
 
 from __future__ import annotations
@@ -13,6 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn
+from torch_truth import pair_loss, rel
+from torch_truth import dense_truth as _dense
 
 from specops.backends import torch as st
 
@@ -20,49 +20,8 @@ ENGINES = ["cached_graph", "double_backward", "forward_over_reverse"]
 F64 = torch.float64
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def flat_loss(model, loss_fn, batch):
-    """``theta -> loss`` for the model's trainable parameters, and theta."""
-    params = dict(model.named_parameters())
-    names = [n for n, p in params.items() if p.requires_grad]
-    shapes = [params[n].shape for n in names]
-    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-
-    def f(flat):
-        pieces = flat.split([s.numel() for s in shapes])
-        state = {n: p.detach() for n, p in params.items()}
-        state.update({n: t.view(s) for n, t, s in zip(names, pieces, shapes)})
-        state.update({n: b.clone() for n, b in buffers.items()})
-        return loss_fn(torch.func.functional_call(model, state, (batch[0],)), batch[1])
-
-    return f, theta
-
-
-def grad_at(f, theta):
-    t = theta.detach().requires_grad_(True)
-    return torch.autograd.grad(f(t), t)[0]
-
-
 def dense_truth(model, loss_fn, batch):
-    """PyTorch's double backward, one column at a time, validated by finite differences."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    f, theta = flat_loss(model, loss_fn, batch)
-    t = theta.clone().requires_grad_(True)
-    with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no double backward
-        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
-    eye = torch.eye(theta.numel(), dtype=theta.dtype)
-    D = torch.stack([torch.autograd.grad(g, t, eye[i], retain_graph=True)[0] for i in range(theta.numel())])
-    v = torch.randn(theta.numel(), dtype=theta.dtype)
-    h = 1e-4 * v / v.norm()
-    fd = (grad_at(f, theta + h) - grad_at(f, theta - h)) / (2e-4) * v.norm()
-    assert rel(fd, D @ v) < 1e-6, "the dense truth disagrees with finite differences"
-    return D.numpy()
+    return _dense(model, pair_loss(loss_fn, batch))
 
 
 class Attention(nn.Module):
@@ -208,3 +167,30 @@ def test_cross_check_switches_auto_to_forward_over_reverse_when_double_backward_
     V = torch.randn(D.shape[0], 2, dtype=F64)
     assert rel(H @ V, D @ V.numpy()) < 1e-9
     assert H.restrict("4.*").engine == "forward_over_reverse"
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 3, padding_idx=0)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_embedding_padding_row_is_frozen_and_products_are_symmetric(engine):
+    """PyTorch's gradient leaves padding_idx's row out; double backward alone is then asymmetric."""
+    torch.manual_seed(0)
+    model = Tokens().double()
+    with torch.no_grad():
+        model.embed.weight[0] = 0.5  # a padding row the loss depends on
+    batch = (torch.tensor([[0, 1, 2], [3, 0, 4], [1, 1, 0]]), torch.tensor([0, 1, 1]))
+    D = dense_truth(model, nn.CrossEntropyLoss(), batch)
+    assert np.abs(D[:3]).max() == 0 and np.abs(D[:, :3]).max() == 0
+    H = st.hessian(model, nn.CrossEntropyLoss(), batch, hvp=engine)
+    V = torch.randn(D.shape[0], 2, dtype=F64)
+    HV = H @ V
+    assert rel(HV, D @ V.numpy()) < 1e-12
+    assert float(V[:, 0] @ HV[:, 1]) == pytest.approx(float(V[:, 1] @ HV[:, 0]), rel=1e-12)
