@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from specops.model import ModelAdapter, ModelOperator, common_batch_size, select_names
+from specops.layout import ParamLayout, select_names
+from specops.model import ModelAdapter, ModelOperator, common_batch_size
 from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
@@ -259,13 +260,8 @@ class JaxAdapter(ModelAdapter):
             )
         first = leaves[self._selected[0]]
         self.ops = JaxOps(dtypes.pop(), _device_of(first))
-        self._shapes = [tuple(leaves[i].shape) for i in self._selected]
-        self.param_blocks, offset = {}, 0
-        for i, shape in zip(self._selected, self._shapes):
-            size = int(np.prod(shape, dtype=np.int64))
-            self.param_blocks[names[i]] = slice(offset, offset + size)
-            offset += size
-        self._flat = self.ops.asarray(jnp.concatenate([jnp.ravel(leaves[i]) for i in self._selected]))
+        self.layout = ParamLayout(chosen, [tuple(leaves[i].shape) for i in self._selected])
+        self._flat = self.flatten([leaves[i] for i in self._selected])
         # Array leaves held fixed travel as jit arguments (not baked-in constants); others are static.
         fixed = [i for i in range(len(leaves)) if i not in self._selected]
         self._fixed_index = [i for i in fixed if hasattr(leaves[i], "shape")]
@@ -277,17 +273,26 @@ class JaxAdapter(ModelAdapter):
         self._grad = jax.jit(jax.grad(self._scalar_loss))
         self._hvp = jax.jit(self._hvp_block)
 
-    @property
-    def param_shapes(self) -> dict:
-        return dict(zip(self.param_blocks, self._shapes))
+    def as_params(self, v):
+        """``v`` (n,) or (n, k) as a pytree like ``params``: the selected leaves from ``v``
+        (with a leading axis of length k for a block), the other array leaves zeros, the
+        rest as they are."""
+        pieces = self.unflatten(v)
+        leaves = tree_util.tree_leaves(self.params)
+        lead = () if len(v.shape) == 1 else (int(v.shape[1]),)
+        out = [jnp.zeros(lead + tuple(leaf.shape), self.ops.dtype) if hasattr(leaf, "shape") else leaf
+               for leaf in leaves]
+        for i, name in zip(self._selected, self.layout.names):
+            out[i] = pieces[name]
+        return tree_util.tree_unflatten(self._treedef, out)
 
     # --- pure functions (traced) ----------------------------------------------------
     def _tree(self, flat, fixed):
         leaves = list(self._static)
         for i, leaf in zip(self._fixed_index, fixed):
             leaves[i] = leaf
-        for i, block, shape in zip(self._selected, self.param_blocks.values(), self._shapes):
-            leaves[i] = flat[block].reshape(shape)
+        for i, piece in zip(self._selected, self.layout.unflatten(flat, self.ops).values()):
+            leaves[i] = piece
         return tree_util.tree_unflatten(self._treedef, leaves)
 
     def _scalar_loss(self, flat, fixed, batch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from specops.layout import ParamLayout
 from specops.model import ModelAdapter, ModelOperator
 from specops.ops import VectorOps
 
@@ -67,25 +68,23 @@ class NumpyAdapter(ModelAdapter):
         loss_fn: ``loss_fn(theta, batch) -> float``.
         grad_fn: ``grad_fn(theta, batch) -> (n,)``.
         hvp_fn: ``hvp_fn(theta, batch, V) -> (n, k)`` for ``V`` of shape (n, k).
-        theta: the parameters, flat (n,).
-        param_blocks: name -> slice of ``theta``.
-        index: the coordinates this adapter differentiates (all by default).
+        theta: all parameters, flat (n,).
+        layout: the :class:`~specops.layout.ParamLayout` of ``theta``.
+        names: the parameters this adapter differentiates (all by default).
     """
 
     engine = "numpy-callables"
 
-    def __init__(self, loss_fn, grad_fn, hvp_fn, theta, param_blocks, index=None):
+    def __init__(self, loss_fn, grad_fn, hvp_fn, theta, layout: ParamLayout, names=None):
         self.loss_fn, self.grad_fn, self.hvp_fn = loss_fn, grad_fn, hvp_fn
         self.theta = np.asarray(theta, dtype=np.float64)
+        if layout.num_params != self.theta.size:
+            raise ValueError(f"the layout holds {layout.num_params} entries but theta has {self.theta.size}")
         self.ops = NumpyOps(self.theta.dtype)
-        self.index = np.arange(self.theta.size) if index is None else np.asarray(index)
-        self.full_blocks = dict(param_blocks)
-        self.param_blocks, off = {}, 0
-        for name, s in param_blocks.items():
-            size = int(np.isin(np.arange(s.start, s.stop), self.index).sum())
-            if size:
-                self.param_blocks[name] = slice(off, off + size)
-                off += size
+        self.full_layout = layout
+        self.layout = layout if names is None else layout.subset(names)
+        self.index = np.concatenate([np.arange(layout.blocks[n].start, layout.blocks[n].stop, dtype=np.int64)
+                                     for n in self.layout.names] or [np.zeros(0, np.int64)])
 
     def batch_size(self, batch) -> int:
         first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
@@ -112,35 +111,33 @@ class NumpyAdapter(ModelAdapter):
         return self.theta[self.index].copy()
 
     def subset(self, names):
-        index = np.concatenate([np.arange(self.full_blocks[n].start, self.full_blocks[n].stop) for n in names])
-        return NumpyAdapter(self.loss_fn, self.grad_fn, self.hvp_fn, self.theta, self.full_blocks,
-                            np.intersect1d(self.index, index))
+        return NumpyAdapter(self.loss_fn, self.grad_fn, self.hvp_fn, self.theta, self.full_layout, names)
 
 
-def hessian(loss_fn, grad_fn, hvp_fn, params, data, *, reduction: str = "mean", comm=None,
+def hessian(loss_fn, grad_fn, hvp_fn, params, data, *, wrt=None, reduction: str = "mean", comm=None,
             check_deterministic: bool = True) -> ModelOperator:
     """The loss Hessian of a model written in NumPy, from its own gradient and HVP functions.
 
     Args:
         loss_fn, grad_fn, hvp_fn: functions of ``(theta, batch)`` (and ``V`` for the HVP)
             with ``theta`` the flat parameter vector; see :class:`NumpyAdapter`.
-        params: a dict name -> array (flattened in order) or one flat array.
+        params: a dict name -> array (flattened in order; the shapes are kept for
+            ``H.unflatten``) or one flat array (one parameter named ``"theta"``).
         data: one batch (a tuple or dict) or a re-iterable of batches; ``batch[0]`` (or
             the first dict value) has one row per sample.
+        wrt: ``None`` (every parameter) or names / glob patterns of the parameters to
+            differentiate; the others are held fixed.
         reduction, comm, check_deterministic: as for :class:`~specops.model.ModelOperator`.
     """
     if isinstance(params, dict):
-        blocks, off, flat = {}, 0, []
-        for name, value in params.items():
-            value = np.asarray(value, dtype=np.float64).ravel()
-            blocks[name] = slice(off, off + value.size)
-            off += value.size
-            flat.append(value)
-        theta = np.concatenate(flat)
+        values = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
+        layout = ParamLayout(list(values), [v.shape for v in values.values()])
+        theta = np.concatenate([v.ravel() for v in values.values()] or [np.zeros(0)])
     else:
         theta = np.asarray(params, dtype=np.float64).ravel()
-        blocks = {"theta": slice(0, theta.size)}
-    adapter = NumpyAdapter(loss_fn, grad_fn, hvp_fn, theta, blocks)
+        layout = ParamLayout(["theta"], [theta.shape])
+    names = None if wrt is None else layout.select(wrt)
+    adapter = NumpyAdapter(loss_fn, grad_fn, hvp_fn, theta, layout, names)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 

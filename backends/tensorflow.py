@@ -33,8 +33,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from specops.layout import ParamLayout, select_names
 from specops.model import (
-    ModelAdapter, ModelOperator, NonDeterministicError, common_batch_size, resolve_loss_form, select_names,
+    ModelAdapter, ModelOperator, NonDeterministicError, common_batch_size, renamed, resolve_loss_form,
 )
 from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
@@ -97,6 +98,12 @@ class TFOps(VectorOps):
     def einsum(self, spec: str, *arrays):
         return tf.einsum(spec, *(self.asarray(a) for a in arrays))
 
+    def reshape(self, x, shape):
+        return tf.reshape(x, tuple(shape))
+
+    def transpose(self, X):
+        return tf.transpose(X)
+
 
 def matrix_operator(x, symmetric=None) -> MatrixOperator:
     """A dense TensorFlow matrix as an operator whose products stay in TensorFlow.
@@ -152,7 +159,7 @@ def _resolve_variables(model, variables) -> dict:
     if variables is None:
         if not named:
             raise ValueError(
-                "the model has no trainable_variables; pass variables=[...] with the tf.Variables "
+                "the model has no trainable_variables; pass wrt=[...] with the tf.Variables "
                 "the loss depends on"
             )
         return named
@@ -212,7 +219,7 @@ class TFAdapter(ModelAdapter):
         loss_fn: ``loss_fn(targets, outputs)`` in the Keras order (a ``keras.losses``
             object works as is), applied to ``model(inputs)`` for batches
             ``(inputs, targets)``; or ``loss_fn(model, batch)`` for any batch.
-        variables: ``None`` (the model's trainable variables), or names / glob
+        wrt: ``None`` (the model's trainable variables), or names / glob
             patterns, variables, Keras layers, alone or in a list.
         loss_form: ``"outputs"``, ``"model"`` or ``"auto"`` (``"model"`` when the
             first parameter of ``loss_fn`` is named model, module, net or network).
@@ -225,7 +232,7 @@ class TFAdapter(ModelAdapter):
 
     engine = "tensorflow: tf.function(vectorized_map(ForwardAccumulator over GradientTape))"
 
-    def __init__(self, model, loss_fn, *, variables=None, loss_form: str = "auto", chunk_size: int = 16,
+    def __init__(self, model, loss_fn, *, wrt=None, loss_form: str = "auto", chunk_size: int = 16,
                  random_layers: str = "error"):
         if random_layers not in RANDOM_LAYERS:
             raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
@@ -240,13 +247,13 @@ class TFAdapter(ModelAdapter):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.model, self.loss_fn, self.chunk_size = model, loss_fn, int(chunk_size)
         self.loss_form = resolve_loss_form(loss_fn, loss_form)
-        named = _resolve_variables(model, variables)
+        named = _resolve_variables(model, wrt)
         self._vars = [_tf_variable(v) for v in named.values()]
         bad = [f"{n!r} ({v.dtype.name})" for n, v in zip(named, self._vars) if not v.dtype.is_floating]
         if bad:
             raise TypeError(
                 f"only floating variables can be differentiated, but the selection has {', '.join(bad)}; "
-                "leave them out with variables=[...]"
+                "leave them out with wrt=[...]"
             )
         dtypes = {v.dtype.name for v in self._vars}
         if len(dtypes) > 1:
@@ -256,20 +263,23 @@ class TFAdapter(ModelAdapter):
             )
         self.ops = TFOps(self._vars[0].dtype if self._vars else np.float32,
                          self._vars[0].device if self._vars else "CPU:0")
-        self._shapes = [tuple(v.shape) for v in self._vars]
-        self.param_blocks, offset = {}, 0
-        for name, shape in zip(named, self._shapes):
-            size = int(np.prod(shape, dtype=np.int64))
-            self.param_blocks[name] = slice(offset, offset + size)
-            offset += size
+        self.layout = ParamLayout(list(named), [tuple(v.shape) for v in self._vars])
         self.num_traces = 0
         self._loss = tf.function(self._scalar_loss, reduce_retracing=True)
         self._grad = tf.function(self._flat_gradient, reduce_retracing=True)
         self._hvp = tf.function(self._hvp_block, reduce_retracing=True)
 
-    @property
-    def param_shapes(self) -> dict:
-        return dict(zip(self.param_blocks, self._shapes))
+    def as_params(self, v):
+        """``v`` (n,) or (n, k) as a list matching ``model.trainable_variables`` (the
+        selected variables from ``v``, with a leading axis of length k for a block; the
+        others zeros), or over the selected variables for a model without that list."""
+        pieces = list(self.unflatten(v).values())
+        model_vars = [_tf_variable(x) for x in (getattr(self.model, "trainable_variables", None) or [])]
+        mine = {id(var): piece for var, piece in zip(self._vars, pieces)}
+        if not model_vars or not all(id(var) in {id(m) for m in model_vars} for var in self._vars):
+            return pieces
+        lead = () if len(v.shape) == 1 else (int(v.shape[1]),)
+        return [mine.get(id(var), tf.zeros(lead + tuple(var.shape), self.ops.tf_dtype)) for var in model_vars]
 
     # --- traced functions -----------------------------------------------------------
     def _scalar_loss(self, batch):
@@ -302,17 +312,13 @@ class TFAdapter(ModelAdapter):
         with tf.GradientTape() as tape:
             value = self._scalar_loss(batch)
         grads = tape.gradient(value, self._vars)
-        unused = [n for n, g in zip(self.param_blocks, grads) if g is None]
+        unused = [n for n, g in zip(self.layout.names, grads) if g is None]
         if unused:
             raise ValueError(
                 f"the loss does not depend on the variables {', '.join(map(repr, unused))}; leave them "
-                "out with variables=[...] (names, glob patterns or layers the loss uses)"
+                "out with wrt=[...] (names, glob patterns or layers the loss uses)"
             )
         return grads
-
-    @staticmethod
-    def _reshape(x, shape):
-        return tf.reshape(x, shape)
 
     def _flatten(self, tensors):
         return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
@@ -321,8 +327,7 @@ class TFAdapter(ModelAdapter):
         return self._flatten(self._gradients(batch))
 
     def _unflatten(self, v):
-        sizes = [s.stop - s.start for s in self.param_blocks.values()]
-        return [tf.reshape(t, shape) for t, shape in zip(tf.split(v, sizes), self._shapes)]
+        return [tf.reshape(t, self.layout.shapes[n]) for t, n in zip(tf.split(v, self.layout.sizes), self.layout.names)]
 
     def _hvp_block(self, batch, V):
         self.num_traces += 1  # runs only while tracing: counts traces
@@ -406,11 +411,11 @@ class TFAdapter(ModelAdapter):
         return self._flatten([tf.identity(v) for v in self._vars])
 
     def subset(self, names: list[str]) -> TFAdapter:
-        chosen = [self._vars[list(self.param_blocks).index(n)] for n in names]
-        sub = TFAdapter(self.model, self.loss_fn, variables=chosen, loss_form=self.loss_form,
+        chosen = [self._vars[self.layout.names.index(n)] for n in names]
+        sub = TFAdapter(self.model, self.loss_fn, wrt=chosen, loss_form=self.loss_form,
                         chunk_size=self.chunk_size, random_layers=self.random_layers)
         sub._seed_states = self._seed_states
-        sub.param_blocks = {n: s for n, s in zip(names, sub.param_blocks.values())}
+        sub.layout = ParamLayout(list(names), [self.layout.shapes[n] for n in names])
         return sub
 
     def determinism_hints(self) -> list[str]:
@@ -421,9 +426,9 @@ class TFAdapter(ModelAdapter):
         ]
 
 
-def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", comm=None,
+def hessian(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
             check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
-            random_layers: str = "error") -> ModelOperator:
+            random_layers: str = "error", variables=None) -> ModelOperator:
     """The Hessian of a TensorFlow model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -437,7 +442,7 @@ def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", co
         data: one batch (a tuple or dict) or a re-iterable of batches (a list, a
             ``tf.data.Dataset`` that does not reshuffle). Floating tensors are cast to
             the variables' dtype.
-        variables: ``None`` (the model's trainable variables), or names / glob
+        wrt: ``None`` (the model's trainable variables), or names / glob
             patterns (``"sequential/dense_1/*"``), variables, Keras layers, alone or in
             a list. Needed for plain callables without ``trainable_variables``.
         reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
@@ -450,9 +455,11 @@ def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", co
             layers called with ``training=True``) raises
             :class:`specops.NonDeterministicError` naming the layers; ``"fixed"``: one
             fixed random mask, the Keras seed generators reset before every call.
+        variables: the former name of ``wrt`` (deprecated).
 
     Returns:
-        A :class:`specops.ModelOperator`: ``H @ v`` takes and returns ``tf.Tensor`` s.
+        A :class:`specops.ModelOperator`: ``H @ v`` takes and returns ``tf.Tensor`` s;
+        ``H.as_params(v)`` gives a list matching ``model.trainable_variables``.
 
     Raises:
         ValueError: a loss that is not a scalar; variables the loss does not use; a
@@ -461,7 +468,8 @@ def hessian(model, loss_fn, data, *, variables=None, reduction: str = "mean", co
         specops.NonFiniteError: a non-finite loss (naming the batch).
         specops.NonDeterministicError: a random forward pass (see ``random_layers``).
     """
-    adapter = TFAdapter(model, loss_fn, variables=variables, loss_form=loss_form, chunk_size=chunk_size,
+    wrt = renamed("hessian", "wrt", wrt, "variables", variables)
+    adapter = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
                         random_layers=random_layers)
     for batch in ModelOperator._batches_of(data):
         adapter.check_random_forward(batch)

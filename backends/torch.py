@@ -11,7 +11,7 @@ The model is never mutated: every evaluation runs
 tensors, so the model's parameters, its train/eval mode and (for batch norm in
 training mode) its running statistics are the same afterwards.
 
-Hessian-vector product engines (``hvp=``):
+Hessian-vector product engines (``engine=``):
 
 - ``"cached_graph"``: keep each batch's first-backward graph (built with
   ``create_graph=True``) and differentiate it again for every product. Fastest when
@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, resolve_loss_form, select_names
+from specops.layout import ParamLayout, select_names
+from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
 from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
@@ -435,15 +436,15 @@ def _resolve_params(model: nn.Module, params) -> list[str]:
         elif isinstance(item, nn.Module):
             found = [by_id[id(p)] for p in item.parameters() if id(p) in by_id]
             if not found:
-                raise ValueError(f"the module {type(item).__name__} given in params is not part of the model")
+                raise ValueError(f"the module {type(item).__name__} given in wrt is not part of the model")
             names.update(found)
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
-                raise ValueError("a tensor given in params is not a parameter of the model")
+                raise ValueError("a tensor given in wrt is not a parameter of the model")
             names.add(by_id[id(item)])
         else:
             raise TypeError(
-                f"params takes names, glob patterns, modules or parameters; got {type(item).__name__}"
+                f"wrt takes names, glob patterns, modules or parameters; got {type(item).__name__}"
             )
     if patterns:
         names.update(select_names([n for n, _ in named], patterns))
@@ -451,7 +452,7 @@ def _resolve_params(model: nn.Module, params) -> list[str]:
     chosen = [n for n in trainable if n in names]
     if not chosen:
         raise ValueError(
-            f"params selects only frozen parameters ({', '.join(frozen[:6])}); set requires_grad=True "
+            f"wrt selects only frozen parameters ({', '.join(frozen[:6])}); set requires_grad=True "
             "on those you want the Hessian of"
         )
     return chosen
@@ -554,13 +555,13 @@ class TorchAdapter(ModelAdapter):
     # products are bound by kernel launches and the Python-level backward adds to them.
     _cheap_double_backward = True
 
-    def __init__(self, model: nn.Module, loss_fn, *, params=None, loss_form="auto", engine="auto",
+    def __init__(self, model: nn.Module, loss_fn, *, wrt=None, loss_form="auto", engine="auto",
                  memory_budget=None, chunk_size=None, batch_size=None, progress=False,
                  random_layers="error", richardson=False, _fixed=None, _theta=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
-            raise ValueError(f"hvp must be one of {ENGINES}, got {engine!r}")
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if random_layers not in RANDOM_LAYERS:
             raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
         self.random_layers = random_layers
@@ -596,45 +597,23 @@ class TorchAdapter(ModelAdapter):
         self._batch_size_fn = batch_size
         self.progress = progress
 
-        names = _resolve_params(model, params)
+        names = _resolve_params(model, wrt)
         all_params = dict(model.named_parameters())
-        self._names = names
-        self._shapes = [tuple(all_params[n].shape) for n in names]
-        self._sizes = [all_params[n].numel() for n in names]
-        self.param_blocks, off = {}, 0
-        for n, s in zip(names, self._sizes):
-            self.param_blocks[n] = slice(off, off + s)
-            off += s
+        self.layout = ParamLayout(names, [tuple(all_params[n].shape) for n in names])
         if _theta is None:
-            _theta = torch.cat([all_params[n].detach().reshape(-1) for n in names]) if names else None
+            _theta = self.flatten({n: all_params[n].detach() for n in names}) if names else None
         self._theta = _theta
         self._padding_rows = _padding_rows(model, self.param_blocks, self.ops)
         # Parameters held fixed: the model's own, or the values a parent adapter differentiated.
         self._fixed = dict(_fixed or {})
         for n, p in all_params.items():
-            if n not in self.param_blocks and n not in self._fixed:
+            if n not in self.layout.shapes and n not in self._fixed:
                 self._fixed[n] = p
         self._cache = {}
         self._cache_bytes = 0
         self._products = 0
 
     # --- layout -------------------------------------------------------------------
-    @property
-    def param_shapes(self) -> dict:
-        return dict(zip(self._names, self._shapes))
-
-    def unflatten(self, v) -> dict:
-        """A flat vector (n,) as a dict name -> tensor shaped like the parameter (views of ``v``)."""
-        pieces = torch.split(v, self._sizes)
-        return {n: t.view(s) for n, t, s in zip(self._names, pieces, self._shapes)}
-
-    def flatten(self, tensors: dict):
-        """Per-parameter tensors (a dict with every selected name) as one flat vector."""
-        missing = [n for n in self._names if n not in tensors]
-        if missing:
-            raise KeyError(f"missing parameters: {', '.join(missing[:6])}")
-        return torch.cat([self.ops.asarray(tensors[n]).reshape(-1) for n in self._names])
-
     def params_vector(self):
         return self._theta.clone()
 
@@ -643,8 +622,8 @@ class TorchAdapter(ModelAdapter):
         fixed = dict(self._fixed)
         fixed.update({n: t for n, t in current.items() if n not in names})
         engine = self._requested
-        sub = TorchAdapter(self.model, self.loss_fn, params=list(names), engine=engine, _fixed=fixed,
-                           _theta=torch.cat([current[n].reshape(-1) for n in names]), **self._options)
+        sub = TorchAdapter(self.model, self.loss_fn, wrt=list(names), engine=engine, _fixed=fixed,
+                           _theta=self.layout.subset(names).flatten({n: current[n] for n in names}, self.ops), **self._options)
         sub._vectorize_columns = self._vectorize_columns  # the engine decision of the cross-check
         if engine == "auto" and self.engine == "forward_over_reverse":
             sub.engine = self.engine
@@ -953,8 +932,8 @@ class TorchAdapter(ModelAdapter):
                 return
             if not auto:
                 other = "forward_over_reverse" if wrong == "reverse_over_reverse" else "double_backward"
-                raise ValueError(f"{message}. Use hvp={other!r} (or 'auto'), or cross_check=False to keep "
-                                 f"hvp={self.engine!r}")
+                raise ValueError(f"{message}. Use engine={other!r} (or 'auto'), or cross_check=False to keep "
+                                 f"engine={self.engine!r}")
             self._use(right)
             warnings.warn(f"{message}; using {self.engine} instead", RuntimeWarning, stacklevel=3)
             return
@@ -1099,7 +1078,7 @@ def _no_engine_message(failures) -> str:
                 "scaled_dot_product_attention to its math kernel, so a model calling a fused kernel "
                 "directly needs attn_implementation='eager' (Hugging Face) or a plain attention")
     return ("PyTorch cannot differentiate this model twice with the engine(s):\n" + "\n".join(lines)
-            + f"\nPass hvp='finite_difference' (central differences of gradients, no second derivatives "
+            + f"\nPass engine='finite_difference' (central differences of gradients, no second derivatives "
             f"needed; richardson=True for more accuracy){hint}")
 
 
@@ -1109,11 +1088,11 @@ def _listing(names, limit: int = 4) -> str:
 
 
 # --- public entry point -------------------------------------------------------------
-def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "mean", hvp: str = "auto",
+def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", engine: str | None = None,
             comm=None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
             batch_size=None, random_layers: str = "error", cross_check: bool = True,
-            richardson: bool = False) -> ModelOperator:
+            richardson: bool = False, params=None, hvp: str | None = None) -> ModelOperator:
     """The Hessian of a model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -1127,12 +1106,13 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
         data: one batch (a tuple ``(inputs, targets)`` or a dict) or a re-iterable of batches
             (a list, a ``DataLoader`` without shuffling). Tensors are moved to the model's
             device; floating-point ones are cast to its dtype.
-        params: ``None`` (every parameter with ``requires_grad``), or names, glob patterns
+        wrt: ``None`` (every parameter with ``requires_grad``), or names, glob patterns
             (``"stage2.*"``), modules or parameters, alone or in a list. Frozen parameters are
             always left out.
         reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
-        hvp: ``"auto"``, ``"cached_graph"``, ``"double_backward"``, ``"forward_over_reverse"`` or
-            ``"finite_difference"`` (see the module docstring); ``H.engine`` names the engine in use.
+        engine: ``"auto"``, ``"cached_graph"``, ``"double_backward"``, ``"forward_over_reverse"``
+            or ``"finite_difference"`` (see the module docstring); ``H.engine`` names the engine
+            in use.
         comm: ``None`` or a communicator (``specops.distributed.MPIComm``); each rank passes its
             own shard of the data.
         check_deterministic: check every batch's loss is finite and that two identical products
@@ -1141,7 +1121,7 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
         loss_form: ``"outputs"`` for ``loss_fn(outputs, targets)``, ``"model"`` for
             ``loss_fn(model, batch)``; ``"auto"`` picks ``"model"`` when the first parameter of
             ``loss_fn`` is named ``model``, ``module``, ``net`` or ``network``.
-        memory_budget: bytes the cached graphs may take with ``hvp="auto"`` (default: half the
+        memory_budget: bytes the cached graphs may take with ``engine="auto"`` (default: half the
             free GPU memory, or a quarter of the host's memory).
         chunk_size: columns per vectorized pass of ``forward_over_reverse`` (default: all).
         batch_size: ``batch -> int`` samples in a batch, where the first tensor's length is not it.
@@ -1155,13 +1135,16 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
             mismatch); ``"auto"`` falls back with a warning from an engine found wrong, an
             explicit engine found wrong raises. ``H.adapter.cross_check_error`` is the relative
             difference measured.
-        richardson: with ``hvp="finite_difference"``, Richardson extrapolation of two steps
+        richardson: with ``engine="finite_difference"``, Richardson extrapolation of two steps
             (four gradients per column instead of two, truncation error ``O(h^4)``).
+
+        params, hvp: former names of ``wrt`` and ``engine`` (deprecated).
 
     Returns:
         A :class:`specops.model.ModelOperator`: ``H @ v`` for a flat tensor ``v``,
         ``H.param_blocks``, ``H.params_vector()``, ``H.loss_at(delta)``, ``H.gradient()``,
-        ``H.restrict("stage1.*")``; ``H.adapter.unflatten(v)`` gives per-parameter tensors.
+        ``H.restrict("stage1.*")``; ``H.unflatten(v)`` / ``H.as_params(v)`` give a dict of
+        per-parameter tensors (for a vector or a block of k columns).
 
     Raises:
         ValueError: mixed parameter devices/dtypes, an empty selection, a bad keyword.
@@ -1169,9 +1152,11 @@ def hessian(model: nn.Module, loss_fn, data, *, params=None, reduction: str = "m
         specops.NonDeterministicError: a random forward pass (with ``random_layers="error"``;
             the layers and the fix are named), or two identical products differ.
         RuntimeError: no engine can differentiate the model twice (the message offers
-            ``hvp="finite_difference"``).
+            ``engine="finite_difference"``).
     """
-    adapter = TorchAdapter(model, loss_fn, params=params, loss_form=loss_form, engine=hvp,
+    wrt = renamed("hessian", "wrt", wrt, "params", params)
+    engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
+    adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson)
     for batch in ModelOperator._batches_of(data):

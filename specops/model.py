@@ -11,12 +11,12 @@ non-finite losses and non-deterministic products.
 from __future__ import annotations
 
 import abc
-import fnmatch
 import time
 
 import numpy as np
 
 from specops.distributed import as_comm
+from specops.layout import ParamLayout, select_names  # noqa: F401 (select_names: re-exported)
 from specops.operator import LinearOperator, NonFiniteError
 from specops.ops import VectorOps
 
@@ -34,23 +34,28 @@ class ModelAdapter(abc.ABC):
 
     Attributes:
         ops: vector operations of the parameter vectors.
-        param_blocks: parameter name -> slice of the flat parameter vector, in order.
+        layout: the :class:`~specops.layout.ParamLayout` of the selected parameters
+            (names, shapes and offsets in the flat vector).
         engine: a short name of the Hessian-product engine in use.
     """
 
     ops: VectorOps
-    param_blocks: dict
+    layout: ParamLayout
     engine: str = ""
 
     @property
     def num_params(self) -> int:
-        return max((s.stop for s in self.param_blocks.values()), default=0)
+        return self.layout.num_params
+
+    @property
+    def param_blocks(self) -> dict:
+        """Parameter name -> slice of the flat parameter vector, in order."""
+        return dict(self.layout.blocks)
 
     @property
     def param_shapes(self) -> dict:
-        """Parameter name -> its array shape (default: flat). Backends give the real
-        shapes, which filter-normalized landscape directions need."""
-        return {name: (s.stop - s.start,) for name, s in self.param_blocks.items()}
+        """Parameter name -> its array shape."""
+        return dict(self.layout.shapes)
 
     @abc.abstractmethod
     def batch_size(self, batch) -> int:
@@ -77,26 +82,44 @@ class ModelAdapter(abc.ABC):
         """An adapter for the named parameters only (the others held fixed)."""
 
     def unflatten(self, v) -> dict:
-        """A flat vector as name -> array of the parameter's shape."""
-        shapes = self.param_shapes
-        return {n: self._reshape(v[s], shapes[n]) for n, s in self.param_blocks.items()}
+        """A flat vector (n,) or block (n, k) as name -> array of shape ``shape`` / ``(k, *shape)``."""
+        return self.layout.unflatten(v, self.ops)
 
-    def flatten(self, arrays: dict):
-        """Per-parameter arrays (name -> array) as one flat vector."""
-        missing = [n for n in self.param_blocks if n not in arrays]
-        if missing:
-            raise KeyError(f"missing parameters: {', '.join(missing[:6])}")
-        return self.ops.concat([self._reshape(self.ops.asarray(arrays[n]), (-1,)) for n in self.param_blocks],
-                               axis=0)
+    def flatten(self, arrays):
+        """Per-parameter arrays (name -> array, or a sequence in order) as one flat vector or block."""
+        return self.layout.flatten(arrays, self.ops)
 
-    @staticmethod
-    def _reshape(x, shape):
-        """Backends whose arrays have no ``.reshape`` (TensorFlow) override this."""
-        return x.reshape(tuple(shape))
+    def as_params(self, v):
+        """A flat vector or block in the framework's own parameter structure.
+
+        This default is :meth:`unflatten` (a dict name -> array); backends whose users
+        hold parameters in another structure (a JAX pytree, a list of Keras variables)
+        override it.
+        """
+        return self.unflatten(v)
 
     def determinism_hints(self) -> list[str]:
         """Likely causes of a non-deterministic product, for the error message."""
         return []
+
+
+def renamed(function: str, new: str, value, old: str, old_value, default=None):
+    """The value of argument ``new``, also accepting its former name ``old`` (with a warning).
+
+    Every backend uses one name per concept (``wrt=`` selects the parameters, ``engine=``
+    picks the product engine); earlier names keep working for a while.
+
+    Raises:
+        TypeError: both names are given.
+    """
+    import warnings
+
+    if old_value is None:
+        return default if value is None else value
+    if value is not None:
+        raise TypeError(f"{function}() got both {new}= and its former name {old}=; pass only {new}=")
+    warnings.warn(f"{function}(): {old}= is now called {new}=", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 def is_single_batch(data) -> bool:
@@ -141,25 +164,6 @@ def resolve_loss_form(loss_fn, loss_form: str = "auto") -> str:
     except (TypeError, ValueError):
         return "outputs"
     return "model" if first in _MODEL_ARG_NAMES else "outputs"
-
-
-def select_names(available: list[str], patterns) -> list[str]:
-    """Resolve names or glob patterns against parameter names, keeping model order.
-
-    Raises:
-        ValueError: a pattern matches nothing (listing what exists).
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    chosen = set()
-    for p in patterns:
-        hits = [a for a in available
-                if a == p or fnmatch.fnmatchcase(a, p) or a.startswith(p + ".") or a.startswith(p + "/")]
-        if not hits:
-            shown = ", ".join(available[:12]) + (", ..." if len(available) > 12 else "")
-            raise ValueError(f"no parameter matches {p!r}; parameters are: {shown}")
-        chosen.update(hits)
-    return [a for a in available if a in chosen]
 
 
 class ModelOperator(LinearOperator):
@@ -284,22 +288,38 @@ class ModelOperator(LinearOperator):
         return self.shape[0]
 
     @property
+    def layout(self) -> ParamLayout:
+        """The names, shapes and offsets of the parameters in the flat vectors."""
+        return self.adapter.layout
+
+    @property
     def param_blocks(self) -> dict:
         """Parameter name -> slice of the flat vector."""
-        return dict(self.adapter.param_blocks)
+        return dict(self.layout.blocks)
 
     @property
     def param_shapes(self) -> dict:
         """Parameter name -> array shape."""
-        return dict(self.adapter.param_shapes)
+        return dict(self.layout.shapes)
 
     def unflatten(self, v) -> dict:
-        """A flat vector as a dict: parameter name -> array shaped like the parameter."""
+        """A flat vector (n,) or a block (n, k) (e.g. all eigenvectors) as a dict:
+        parameter name -> array of the parameter's shape, ``(k, *shape)`` for a block."""
         return self.adapter.unflatten(v)
 
-    def flatten(self, arrays: dict):
-        """Per-parameter arrays (name -> array) as one flat vector in this operator's order."""
+    def flatten(self, arrays):
+        """Per-parameter arrays (a dict name -> array, or a sequence in order) as one
+        flat vector (n,) — or a block (n, k) from arrays of shape ``(k, *shape)``."""
         return self.adapter.flatten(arrays)
+
+    def as_params(self, v):
+        """A flat vector (n,) or block (n, k) — an eigenvector, all k eigenvectors, a
+        diagonal, a landscape direction — in the framework's own parameter structure:
+        a dict name -> tensor (PyTorch, NumPy), the ``params`` pytree (JAX), a list
+        matching ``model.trainable_variables`` (Keras). Parameters left out of the
+        selection are zeros there; a block adds a leading axis of length k to every
+        array (``[j]`` is column ``j``)."""
+        return self.adapter.as_params(self.ops.asarray(v) if not self.ops.is_native(v) else v)
 
     @property
     def engine(self) -> str:
@@ -316,7 +336,7 @@ class ModelOperator(LinearOperator):
         if isinstance(index, str) or (
             isinstance(index, (list, tuple)) and index and all(isinstance(s, str) for s in index)
         ):
-            names = select_names(list(self.adapter.param_blocks), index)
+            names = self.layout.select(index)
             return ModelOperator(
                 self.adapter.subset(names), self._data, reduction=self.reduction, comm=self.comm,
                 check_deterministic=False,

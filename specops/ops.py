@@ -131,6 +131,14 @@ class VectorOps(abc.ABC):
         return self.concat([buffer[head + (slice(0, start),)], X, buffer[head + (slice(start + k, None),)]],
                            axis=axis)
 
+    def reshape(self, x, shape):
+        """``x`` reshaped to ``shape`` (a view where the backend can)."""
+        return x.reshape(tuple(shape))
+
+    def transpose(self, X):
+        """The transpose of a native (n, k) block."""
+        return X.T
+
     def as_columns(self, x):
         """``x`` of shape (n,) as (n, 1); (n, k) unchanged."""
         return x[:, None] if len(x.shape) == 1 else x

@@ -71,7 +71,7 @@ def test_restrict_to_named_blocks(problem):
     params = {"head": W[:5], "tail": W[5:]}
     H = snp.hessian(model.loss, model.grad, model.hvp, params, (X, y))
     assert list(H.param_blocks) == ["head", "tail"]
-    assert H.param_shapes == {"head": (50,), "tail": (110,)}
+    assert H.param_shapes == {"head": (5, 10), "tail": (11, 10)}  # the shapes passed in
     dense = model.dense_hessian(theta, X)
     np.testing.assert_allclose(H.restrict("tail").to_dense(), dense[50:, 50:], rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(H.restrict(["t*"]).to_dense(), dense[50:, 50:], rtol=1e-10, atol=1e-13)

@@ -29,7 +29,7 @@ def _data():
 @pytest.mark.parametrize("hvp", ENGINES)
 def test_dropout_in_training_mode_raises_for_every_engine(hvp):
     with pytest.raises(specops.NonDeterministicError) as err:
-        torch_backend.hessian(_model(), nn.MSELoss(), _data(), hvp=hvp)
+        torch_backend.hessian(_model(), nn.MSELoss(), _data(), engine=hvp)
     message = str(err.value)
     assert "2 (Dropout, p=0.3)" in message
     assert "model.eval()" in message and "random_layers='fixed'" in message
@@ -38,7 +38,7 @@ def test_dropout_in_training_mode_raises_for_every_engine(hvp):
 @pytest.mark.parametrize("hvp", ENGINES)
 def test_dropout_in_eval_mode_passes(hvp):
     model = _model().eval()
-    H = torch_backend.hessian(model, nn.MSELoss(), _data(), hvp=hvp)
+    H = torch_backend.hessian(model, nn.MSELoss(), _data(), engine=hvp)
     assert H.shape == (21, 21)
 
 
@@ -100,7 +100,7 @@ def _capture_masks(H, model, data):
 @pytest.mark.parametrize("hvp", ENGINES)
 def test_fixed_masks_give_the_hessian_of_one_sub_network(hvp):
     model, data = _model(), _data()
-    H = torch_backend.hessian(model, nn.MSELoss(), data, hvp=hvp, random_layers="fixed")
+    H = torch_backend.hessian(model, nn.MSELoss(), data, engine=hvp, random_layers="fixed")
     g = torch.Generator().manual_seed(2)
     V = torch.randn(H.shape[0], 3, generator=g, dtype=torch.float64)
     A, B = H @ V, H @ V
@@ -131,7 +131,7 @@ def test_fixed_masks_give_the_hessian_of_one_sub_network(hvp):
 def test_fixed_masks_agree_between_engines():
     data = _data()
     V = torch.randn(21, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    products = [torch_backend.hessian(_model(), nn.MSELoss(), data, hvp=e, random_layers="fixed") @ V
+    products = [torch_backend.hessian(_model(), nn.MSELoss(), data, engine=e, random_layers="fixed") @ V
                 for e in ENGINES]
     for P in products[1:]:
         torch.testing.assert_close(P, products[0], rtol=1e-10, atol=1e-12)

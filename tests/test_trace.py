@@ -109,10 +109,10 @@ def test_auto_chooses_xtrace_or_hutchinson_and_matches_the_better(decaying, flat
 @pytest.mark.parametrize("method", ["xtrace", "auto"])
 def test_xtrace_grown_in_rounds_equals_one_shot_and_meets_rtol(decaying, method):
     A, truth = decaying
-    r = so.trace(A, method=method, num_matvecs=4000, rtol=2e-4, seed=3)
+    r = so.trace(A, method=method, num_matvecs=4000, rtol=5e-4, seed=3)
     assert r.settings.get("estimator", "xtrace") == "xtrace"
-    assert 40 < r.num_matvecs < 4000 and r.num_matvecs % 2 == 0  # several rounds, stopped early
-    assert r.stderr <= 2e-4 * abs(r.estimate)
+    assert 40 < r.num_matvecs < 300 and r.num_matvecs % 2 == 0  # several rounds, stopped before n probes
+    assert r.stderr <= 5e-4 * abs(r.estimate)
     assert abs(r.estimate - truth) <= 5 * r.stderr
     # the same probes at once: the incremental QR and H give the same estimate
     one = so.trace(A, method="xtrace", num_matvecs=r.num_matvecs, seed=3)

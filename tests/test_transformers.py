@@ -76,9 +76,9 @@ def test_products_match_the_dense_hessian_with_sdpa_attention(name):
     for engine in ("auto", "forward_over_reverse"):
         if low:
             with pytest.warns(RuntimeWarning, match=r"LlamaRMSNorm \(float32\).*float32 rounding only"):
-                H = st.hessian(model, loss_fn, batch, hvp=engine)
+                H = st.hessian(model, loss_fn, batch, engine=engine)
         else:
-            H = st.hessian(model, loss_fn, batch, hvp=engine)
+            H = st.hessian(model, loss_fn, batch, engine=engine)
         assert H.adapter.cross_check_error < (1e-6 if low else 1e-12)
         assert rel(H @ V, HV) < (1e-6 if low else 1e-12), engine
 

@@ -107,7 +107,7 @@ def test_subsets_are_dense_blocks(problem):
     assert list(B.param_blocks) == ["sequential/out/kernel", "sequential/out/bias"]
     assert rel(dense(B), problem["H_mean"][sl, sl]) < RTOL
     by_layer = stf.hessian(problem["model"], cross_entropy(), problem["batches"],
-                           variables=problem["model"].get_layer("out"), check_deterministic=False)
+                           wrt=problem["model"].get_layer("out"), check_deterministic=False)
     assert list(by_layer.param_blocks) == list(B.param_blocks)
     v = np.random.default_rng(8).normal(size=by_layer.shape[0])
     assert rel(by_layer @ tf.constant(v), problem["H_mean"][sl, sl] @ v) < RTOL
@@ -140,7 +140,7 @@ def test_plain_callable_over_variables_with_dict_batches():
         return tf.reduce_mean(r ** 2)
 
     data = [{"x": X[:6], "y": y[:6]}, {"x": X[6:], "y": y[6:]}]
-    H = stf.hessian(None, loss_fn, data, variables=[w, c])
+    H = stf.hessian(None, loss_fn, data, wrt=[w, c])
     assert list(H.param_blocks) == ["Variable", "Variable_1"]
     truth, _, _ = dense_hessian(lambda: loss_fn(None, {"x": X, "y": y}), [w, c])
     assert rel(dense(H), truth) < RTOL
@@ -175,15 +175,15 @@ def test_loss_that_is_not_a_scalar(problem):
 
 def test_variables_not_used_by_the_loss(problem):
     stray = tf.Variable(np.ones(2), name="stray")
-    with pytest.raises(ValueError, match="does not depend on the variables 'stray'.*variables="):
+    with pytest.raises(ValueError, match="does not depend on the variables 'stray'.*wrt="):
         stf.hessian(problem["model"], cross_entropy(), problem["batches"],
-                    variables=list(problem["model"].trainable_variables) + [stray])
+                    wrt=list(problem["model"].trainable_variables) + [stray])
 
 
 def test_integer_variables_and_lower_precision_loss(problem):
     step = tf.Variable(3, name="step")
-    with pytest.raises(TypeError, match="'step' \\(int32\\).*variables="):
-        stf.hessian(problem["model"], cross_entropy(), problem["batches"], variables=[step])
+    with pytest.raises(TypeError, match="'step' \\(int32\\).*wrt="):
+        stf.hessian(problem["model"], cross_entropy(), problem["batches"], wrt=[step])
     loss32 = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # float32 by default
     with pytest.raises(TypeError, match="loss is float32 but the variables are float64.*dtype='float64'"):
         stf.hessian(problem["model"], loss32, problem["batches"])

@@ -95,7 +95,7 @@ def test_every_engine_matches_dense_truth(name):
     n = D.shape[0]
     V = torch.randn(n, 3, dtype=F64)
     for engine in ENGINES:
-        H = st.hessian(model, loss_fn, batch, hvp=engine)
+        H = st.hessian(model, loss_fn, batch, engine=engine)
         assert H.adapter.cross_check_error < 1e-10
         assert rel(H @ V, D @ V.numpy()) < 1e-9, engine
         assert rel(H @ V[:, 0], D @ V[:, 0].numpy()) < 1e-9, engine
@@ -108,7 +108,7 @@ def test_mse_loss_under_forward_over_reverse():
     batch = (torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64))
     D = dense_truth(model, nn.MSELoss(), batch)
     V = torch.randn(D.shape[0], 4, dtype=F64)
-    H = st.hessian(model, nn.MSELoss(), batch, hvp="forward_over_reverse")
+    H = st.hessian(model, nn.MSELoss(), batch, engine="forward_over_reverse")
     assert rel(H @ V, D @ V.numpy()) < 1e-9
 
 
@@ -144,9 +144,9 @@ def test_cross_check_falls_back_from_a_wrong_engine_and_names_the_layer(monkeypa
     V = torch.randn(D.shape[0], 3, dtype=F64)
     assert rel(A.hvp(0, batch, V), D @ V.numpy()) < 1e-9
     # asked for explicitly: an error naming the engine that agrees with finite differences
-    with pytest.raises(ValueError, match="hvp='double_backward'"):
-        st.hessian(model, nn.CrossEntropyLoss(), batch, hvp="forward_over_reverse")
-    H = st.hessian(model, nn.CrossEntropyLoss(), batch, hvp="forward_over_reverse", cross_check=False)
+    with pytest.raises(ValueError, match="engine='double_backward'"):
+        st.hessian(model, nn.CrossEntropyLoss(), batch, engine="forward_over_reverse")
+    H = st.hessian(model, nn.CrossEntropyLoss(), batch, engine="forward_over_reverse", cross_check=False)
     assert H.engine == "forward_over_reverse"
 
 
@@ -189,7 +189,7 @@ def test_embedding_padding_row_is_frozen_and_products_are_symmetric(engine):
     batch = (torch.tensor([[0, 1, 2], [3, 0, 4], [1, 1, 0]]), torch.tensor([0, 1, 1]))
     D = dense_truth(model, nn.CrossEntropyLoss(), batch)
     assert np.abs(D[:3]).max() == 0 and np.abs(D[:, :3]).max() == 0
-    H = st.hessian(model, nn.CrossEntropyLoss(), batch, hvp=engine)
+    H = st.hessian(model, nn.CrossEntropyLoss(), batch, engine=engine)
     V = torch.randn(D.shape[0], 2, dtype=F64)
     HV = H @ V
     assert rel(HV, D @ V.numpy()) < 1e-12

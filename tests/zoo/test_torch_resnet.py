@@ -71,4 +71,4 @@ def test_stage_block_of_the_hessian_matches_dense():
     V = torch.randn(theta.numel(), 3, dtype=torch.float64)
     err = np.linalg.norm((block @ V).numpy() - dense @ V.numpy()) / np.linalg.norm(dense @ V.numpy())
     assert err < 1e-6
-    assert list(st.hessian(model, loss_fn, (X, y), params="stage3").param_blocks) == names
+    assert list(st.hessian(model, loss_fn, (X, y), wrt="stage3").param_blocks) == names

@@ -1,0 +1,108 @@
+"""The options of ``specops analyze`` and the checks made before any computation."""
+
+from __future__ import annotations
+
+import argparse
+
+from specops import report as rp
+from specops.cli.common import UsageError, number
+from specops.cli.sessions import BACKENDS
+
+HELP = "one command from model to a complete curvature report"
+DESCRIPTION = ("Top eigenvalues, trace, spectral density, per-block curvature and the loss landscape of a model's "
+               "loss Hessian, written to --out (results.json, esd.png, landscape.png, blocks.png, summary.md). "
+               "Without --model: a small ResNet trained on digits.")
+DEFAULT_OUT = "specops-report"
+LOSSES = ("cross_entropy", "mse")
+LANDSCAPES = ("none", "1d", "2d")
+#: Settings that identify the model and data; a resumed run must share them.
+IDENTITY = ("model", "data", "loss", "checkpoint", "backend", "dtype", "samples", "batch_size", "epochs", "seed")
+
+
+def span(text):
+    """``--landscape-span``: ``auto`` or a positive number."""
+    return "auto" if text == "auto" else number(float, 0, exclusive=True)(text)
+
+
+def add_arguments(a: argparse.ArgumentParser):
+    """Add the options of ``specops analyze`` to its subparser ``a``."""
+    g = a.add_argument_group("model and data")
+    g.add_argument("--model", metavar="MODULE:CALLABLE",
+                   help="callable returning the model (torch: an nn.Module; jax: (apply_fn, params); tensorflow: "
+                        "a keras Model); default: a ResNet-8 trained on digits")
+    g.add_argument("--data", metavar="MODULE:CALLABLE",
+                   help="callable returning the data: one batch (inputs, targets) or a list of batches; "
+                        "default: digits (with the default model)")
+    g.add_argument("--loss", default="cross_entropy",
+                   help=f"{' or '.join(LOSSES)}, or MODULE:CALLABLE returning the batch mean: loss(outputs, "
+                        "targets) for torch and jax, loss(targets, outputs) (Keras order) for tensorflow")
+    g.add_argument("--checkpoint", metavar="PATH", help="torch state_dict to load into the model")
+    g.add_argument("--backend", choices=tuple(BACKENDS), default="torch")
+    g.add_argument("--device", default="auto", help="torch device (cpu, cuda, cuda:1); auto: cuda if available")
+    g.add_argument("--dtype", choices=("model", "float32", "float64"), default="model",
+                   help="floating dtype of the analysis (model: the model's own)")
+    g.add_argument("--samples", type=number(int, 1), default=512,
+                   help="default data: training images the Hessian is taken over")
+    g.add_argument("--batch-size", type=number(int, 1), default=None,
+                   help="default data: split the samples into batches of this size")
+    g.add_argument("--epochs", type=number(int, 0), default=8, help="default model: training epochs")
+    g.add_argument("--threads", type=number(int, 1), default=None,
+                   help="torch CPU threads per process (default: 1 for the default model, whose 8x8 "
+                        "convolutions gain nothing from more; torch's own choice otherwise, divided by the "
+                        "number of MPI ranks)")
+    g = a.add_argument_group("analysis")
+    g.add_argument("--blocks", default="auto",
+                   help="per-block analysis: 'auto' (top-level modules), 'stages' (ResNet stem, stage1..3, "
+                        "head), 'none', or comma-separated module prefixes / glob patterns")
+    g.add_argument("--top-k", type=number(int, 1), default=3, help="top eigenvalues of the full Hessian")
+    g.add_argument("--eig-tol", type=number(float, 0, exclusive=True), default=1e-3,
+                   help="relative residual tolerance of the eigenvalues")
+    g.add_argument("--eig-matvecs", type=number(int, 1), default=500, help="product budget of each eigsh")
+    g.add_argument("--trace-rtol", type=number(float, 0, exclusive=True), default=0.02,
+                   help="stop the trace estimate once stderr <= rtol * |trace|")
+    g.add_argument("--trace-matvecs", type=number(int, 3), default=200, help="product budget of the trace")
+    g.add_argument("--block-trace-matvecs", type=number(int, 3), default=60,
+                   help="product budget of each block's trace")
+    g.add_argument("--esd-probes", type=number(int, 1), default=5, help="SLQ probe vectors")
+    g.add_argument("--esd-steps", type=number(int, 2), default=64, help="Lanczos steps per SLQ probe")
+    g.add_argument("--landscape", choices=LANDSCAPES, default="2d", help="loss landscape: none, a line or a plane")
+    g.add_argument("--landscape-directions", choices=("eigen", "filter", "random"), default="eigen",
+                   help="top eigenvectors, filter-normalized random (Li et al. 2018), or unit random")
+    g.add_argument("--landscape-span", type=span, default="auto",
+                   help="half-width of the landscape grid in units of the directions; auto: 1 for filter-"
+                        "normalized directions (Li et al.), else sqrt(4 / top eigenvalue), where the quadratic "
+                        "model rises by 2")
+    g.add_argument("--landscape-steps", type=number(int, 2, maximum=201), default=21, help="grid points per axis")
+    g.add_argument("--seed", type=number(int, 0), default=0, help="seed of every random choice")
+    g = a.add_argument_group("output")
+    g.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out, skipping finished stages")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
+    g.add_argument("--stages", default=",".join(rp.STAGES[1:]),
+                   help="comma-separated stages to run (others are skipped)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def check_args(args):
+    """Checks across options, before any computation; normalizes ``args.stages``.
+
+    Raises:
+        UsageError: an unknown stage, a 2-D eigenvector landscape with one eigenvector, or
+            ``--resume`` with ``--overwrite``.
+    """
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in rp.STAGES]
+    if unknown:
+        raise UsageError(f"--stages: unknown stage {unknown[0]!r}; stages are {', '.join(rp.STAGES[1:])}")
+    args.stages = ",".join(stages)
+    if args.landscape == "2d" and args.landscape_directions == "eigen" and args.top_k < 2 and "landscape" in stages:
+        raise UsageError("--landscape 2d along eigenvectors needs --top-k >= 2 (or --landscape-directions filter)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one")
+
+
+def settings(args) -> dict:
+    """The settings recorded in results.json: every option but those about the output."""
+    keys = [k for k in vars(args) if k not in ("command", "resume", "overwrite", "no_progress", "out")]
+    return {k: getattr(args, k) for k in keys}

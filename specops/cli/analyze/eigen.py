@@ -1,0 +1,43 @@
+"""The ``eigen`` stage: the top ``--top-k`` eigenvalues of the Hessian, and ``eigenvectors.npy``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from specops import report as rp
+
+NAME = "eigen"
+
+
+def settings(args) -> dict:
+    """The stage's settings (also what the eigenvector landscape depends on)."""
+    return dict(k=args.top_k, which="LA", tol=args.eig_tol, max_matvecs=args.eig_matvecs, seed=args.seed)
+
+
+def run(ctx):
+    import specops as so
+
+    a = ctx.args
+    if ctx.skip(NAME, settings(a)):
+        return
+    bar = ctx.printer.bar("top eigenvalues", a.eig_matvecs)
+    t0 = time.perf_counter()
+    A = rp.ProgressOperator(ctx.H, bar)
+    ctx.eig = so.eigsh(A, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed)
+    bar.close(f" {np.array2string(ctx.eig.eigenvalues, precision=4)}")
+    if ctx.state.write:
+        rp.atomic_save_npy(os.path.join(ctx.out, "eigenvectors.npy"), ctx.H.ops.to_numpy(ctx.eig.eigenvectors))
+    ctx.state.finish(NAME, settings(a), ctx.eig.to_dict(), A.num_matvecs, time.perf_counter() - t0)
+
+
+def eigenvectors(ctx) -> list:
+    """The top eigenvectors as backend vectors: from this run, or from ``eigenvectors.npy``."""
+    if ctx.eig is not None:
+        V = ctx.eig.eigenvectors
+    else:
+        path = os.path.join(ctx.out, "eigenvectors.npy")
+        V = ctx.H.ops.from_numpy(ctx.H.comm.bcast(np.load(path) if ctx.state.write else None))
+    return [V[:, j] for j in range(V.shape[1])]

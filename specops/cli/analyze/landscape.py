@@ -1,0 +1,55 @@
+"""The ``landscape`` stage: the loss on a line or a plane through the trained weights, along
+the top eigenvectors or random directions, and ``landscape.png``."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from specops import report as rp
+from specops.cli.analyze import eigen
+from specops.cli.common import UsageError
+
+NAME = "landscape"
+
+
+def auto_span(ctx, kind: str) -> float:
+    """``--landscape-span auto``: 1 for filter-normalized directions (or without the eigen
+    stage), else ``sqrt(4 / top eigenvalue)``, where the quadratic model rises by 2."""
+    if kind == "filter" or "eigen" not in ctx.state.data["stages"]:
+        return 1.0
+    top = float(ctx.state.result("eigen")["eigenvalues"][0])
+    return float(f"{math.sqrt(4.0 / top):.3g}") if top > 0 else 1.0
+
+
+def run(ctx):
+    import specops as so
+    from specops.landscape import Landscape, make_directions
+
+    a = ctx.args
+    if a.landscape == "none":
+        return
+    count = 1 if a.landscape == "1d" else 2
+    kind = a.landscape_directions
+    settings = dict(ndim=count, kind=kind, span=a.landscape_span, steps=a.landscape_steps, seed=a.seed, bias="zero")
+    if kind == "eigen":
+        settings["eigen"] = eigen.settings(a)
+    if settings["span"] == "auto":
+        settings["span"] = auto_span(ctx, kind)
+    if not ctx.skip(NAME, settings):
+        if kind == "eigen":
+            if not ctx.state.done("eigen", eigen.settings(a)):
+                raise UsageError("the eigen landscape needs the eigen stage: add 'eigen' to --stages")
+            dirs = eigen.eigenvectors(ctx)[:count]
+        else:
+            dirs = make_directions(ctx.H, kind, count, seed=a.seed)
+            if kind == "random":   # unit directions, so the span is in parameter norm like eigenvectors
+                dirs = [d * (1.0 / ctx.H.ops.norm(d)) for d in dirs]
+        bar = ctx.printer.bar(f"landscape {a.landscape}", a.landscape_steps ** count + 1, "losses")
+        ls = so.landscape(ctx.H, dirs, span=settings["span"], steps=a.landscape_steps, seed=a.seed,
+                          kind=kind, callback=lambda done, total: bar.update(done))
+        bar.close()
+        ctx.state.finish(NAME, settings, ls.to_dict(), 0, ls.seconds)
+    ls = Landscape.from_dict(ctx.state.data["stages"][NAME]["result"])
+    if ctx.state.write:
+        rp.plot_landscape(ls, os.path.join(ctx.out, "landscape.png"))

@@ -1,0 +1,123 @@
+"""The run of ``specops analyze``: check the arguments and ``--out``, make the framework's
+session and operator, run the stages in order, write the summary."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+from specops import report as rp
+from specops.cli import sessions
+from specops.cli.analyze import blocks, eigen, esd, landscape, trace
+from specops.cli.analyze.arguments import IDENTITY, check_args, settings
+from specops.cli.analyze.stage import Context
+from specops.cli.common import Printer, UsageError, detect_comm
+
+#: The analysis stages in the order they run (training, where it applies, comes first: the session's).
+STAGES = (eigen, trace, esd, blocks, landscape)
+
+
+def prepare_out(args, comm, printer) -> rp.ReportState:
+    """Check --out, and load an earlier run's state on --resume (rank 0 reads, every rank gets it)."""
+    error, data = None, None
+    if comm.rank == 0:
+        try:
+            rp.check_writable(args.out)
+            path = os.path.join(args.out, rp.RESULTS)
+            if os.path.exists(path):
+                if args.resume:
+                    state = rp.ReportState(args.out)
+                    state.load()
+                    old = state.data["settings"]
+                    diff = [k for k in IDENTITY if old.get(k) != getattr(args, k)]
+                    if diff:
+                        shown = ", ".join(f"--{k.replace('_', '-')} was {old.get(k)!r}, now {getattr(args, k)!r}"
+                                          for k in diff)
+                        raise UsageError(f"cannot resume the run in {args.out}: it analysed another model or data "
+                                         f"({shown}); use the same arguments or another --out")
+                    data = state.data
+                elif not args.overwrite:
+                    raise UsageError(f"--out {args.out} already holds a run ({path}); pass --resume to continue it "
+                                     "or --overwrite to start over")
+        except (UsageError, OSError, ValueError) as e:
+            error = str(e)
+    error, data = comm.bcast((error, data))
+    if error:
+        raise UsageError(error)
+    state = rp.ReportState(args.out, write=comm.rank == 0)
+    if data is not None:
+        state.data = data
+        printer(f"resuming the run in {args.out}: finished stages "
+                f"{', '.join(s for s in state.data['stages'] if s != 'blocks_partial') or 'none'}")
+    return state
+
+
+def analyze(args) -> int:
+    """Run ``specops analyze`` with parsed arguments; returns the exit status.
+
+    Raises:
+        UsageError: bad arguments or an ``--out`` that cannot be used, before any computation.
+    """
+    t_start = time.perf_counter()
+    check_args(args)
+    comm = detect_comm()
+    printer = Printer(comm.rank, not args.no_progress)
+    state = prepare_out(args, comm, printer)
+    session = sessions.session(args.backend, args, comm)
+    block_patterns = blocks.resolve_blocks(args.blocks, session.names) if session.names is not None else None
+    stages = args.stages.split(",")
+
+    state.data["settings"] = settings(args)
+    state.data["versions"] = rp.library_versions()
+    if session.needs_training:
+        session.train(state, args.out, printer)
+    setup = session.operator()
+    H = setup.H
+    if block_patterns is None:   # backends whose parameter names are known only from the operator
+        block_patterns = blocks.resolve_blocks(args.blocks, session.names)
+    loss = H.loss_at()
+    model_info = dict(description=setup.description, num_params=int(H.shape[0]), num_samples=int(H.num_samples),
+                      loss=loss, dtype=setup.dtype, engine=H.engine, ranks=comm.size,
+                      blocks={name: int(s.stop - s.start) for name, s in H.param_blocks.items()})
+    old = state.data.get("model") or {}
+    if old.get("num_params") not in (None, model_info["num_params"]) or (
+            old.get("loss") is not None and not math.isclose(old["loss"], loss, rel_tol=1e-5, abs_tol=1e-8)):
+        raise UsageError(f"cannot resume the run in {args.out}: the model or data changed (it had "
+                         f"{old.get('num_params')} parameters and loss {old.get('loss')}, now "
+                         f"{model_info['num_params']} and {loss}); use another --out or --overwrite")
+    state.data["model"] = model_info
+    state.data["versions"] = rp.library_versions()
+    state.save()
+    printer(f"specops analyze: {rp.describe_model(state.data)}; {comm.size} rank(s); output in {args.out}")
+
+    ctx = Context(args, H, state, printer, block_patterns)
+    for stage in STAGES:
+        if stage.NAME in stages:
+            stage.run(ctx)
+    state.data["total_seconds"] = time.perf_counter() - t_start
+    state.save()
+    write_summary(ctx)
+    printer()
+    printer(rp.summary_table(state.data))
+    printer(f"\nreport: {os.path.join(args.out, 'summary.md')} ({time.perf_counter() - t_start:.1f} s)")
+    return 0
+
+
+def write_summary(ctx):
+    """``summary.md`` with the pictures that exist (rank 0)."""
+    if not ctx.state.write:
+        return
+    images = [f for f in ("esd.png", "landscape.png", "blocks.png") if os.path.exists(os.path.join(ctx.out, f))]
+    rp.atomic_write(os.path.join(ctx.out, "summary.md"), rp.summary_markdown(ctx.state.data, images))
+
+
+def run(args) -> int:
+    """The command's entry: :func:`analyze`, and an interrupted run says how to continue it."""
+    try:
+        return analyze(args)
+    except KeyboardInterrupt:
+        print(f"\nspecops analyze: interrupted; finished stages are in {args.out}/{rp.RESULTS}; continue with "
+              "--resume", file=sys.stderr)
+        return 130

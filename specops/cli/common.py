@@ -1,0 +1,128 @@
+"""What every ``specops`` command shares: the usage error, number arguments, user callables,
+MPI detection and rank-0 printing."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+
+#: Environment variables by which MPI launchers announce the number of processes.
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
+
+
+class UsageError(ValueError):
+    """An invalid argument, found before any computation."""
+
+
+# --- argument types ---------------------------------------------------------------------------
+def number(kind, minimum=None, exclusive=False, maximum=None):
+    """An argparse ``type=``: ``kind`` (int or float), finite, within the bounds.
+
+    Args:
+        kind: ``int`` or ``float``.
+        minimum: the smallest allowed value (None: unbounded).
+        exclusive: the minimum itself is not allowed.
+        maximum: the largest allowed value (None: unbounded).
+
+    Returns:
+        A function from the argument's text to its value that raises
+        ``argparse.ArgumentTypeError`` with the rule it broke.
+    """
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if exclusive else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if exclusive else '>='} {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# --- distribution -----------------------------------------------------------------------------
+def launched_size(environ=None) -> int:
+    """The number of processes an MPI launcher started, from its environment (1 if none)."""
+    environ = os.environ if environ is None else environ
+    for var in MPI_SIZE_VARS:
+        try:
+            return max(int(environ[var]), 1)
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+def launched_rank0() -> bool:
+    """Whether this process is rank 0 of its launcher (or not launched by MPI at all)."""
+    return launched_size() <= 1 or os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
+
+
+def detect_comm():
+    """An :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
+    single-process communicator (and mpi4py is not imported)."""
+    from specops.distributed import Comm, MPIComm
+
+    if launched_size() <= 1:
+        return Comm()
+    comm = MPIComm()
+    return comm if comm.size > 1 else Comm()
+
+
+# --- loading user callables -------------------------------------------------------------------
+def load_callable(spec: str, what: str):
+    """``"package.module:name"`` -> the object (``name`` may be dotted).
+
+    Raises:
+        UsageError: naming ``what`` (the argument) and what is wrong with ``spec``.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{what} must look like 'module:callable' (e.g. mypkg.models:make_model), got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"{what}: cannot import module {module_name!r} ({e}); is it on PYTHONPATH?") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{what}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{what}: {spec} is not callable")
+    return obj
+
+
+def call_user(fn, what: str):
+    """``fn()``, with any exception turned into a :class:`UsageError` naming ``what``."""
+    try:
+        return fn()
+    except Exception as e:
+        raise UsageError(f"{what} raised {type(e).__name__}: {e}") from e
+
+
+# --- output -----------------------------------------------------------------------------------
+class Printer:
+    """Prints on rank 0 only; progress bars go to stderr."""
+
+    def __init__(self, rank: int, progress: bool):
+        self.rank0 = rank == 0
+        self.progress = progress and self.rank0
+
+    def __call__(self, text: str = "", stream=None):
+        if self.rank0:
+            print(text, file=stream or sys.stdout, flush=True)
+
+    def bar(self, label: str, total: int, unit: str = "matvecs"):
+        from specops import report as rp
+
+        return rp.ProgressBar(label, total, unit, enabled=self.progress)

@@ -1,0 +1,58 @@
+"""Framework sessions: from the command line's arguments to a Hessian operator.
+
+One module per framework, mirroring ``specops.backends``: :mod:`~specops.cli.sessions.torch`
+(the default ResNet on digits, its training stage, user ``nn.Module`` s and checkpoints),
+:mod:`~specops.cli.sessions.jax` (``(apply_fn, params)``) and
+:mod:`~specops.cli.sessions.tensorflow` (Keras models). A session is built from the parsed
+arguments and the communicator; it checks its arguments at once (before any computation),
+and provides ``names`` (the parameter names, or None until the operator exists),
+``needs_training``, ``train(state, out, printer)`` where training applies, and
+``operator() -> Setup``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+#: ``--backend`` choices -> the module of their session (each defines ``Session``).
+BACKENDS = {"torch": "specops.cli.sessions.torch", "jax": "specops.cli.sessions.jax",
+            "tensorflow": "specops.cli.sessions.tensorflow"}
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the stages need: the operator and how it was made."""
+
+    H: object
+    description: str
+    dtype: str
+    shapes: dict | None = None
+
+
+def session(backend: str, args, comm):
+    """The session of ``backend`` for these arguments (its framework is imported only now)."""
+    return importlib.import_module(BACKENDS[backend]).Session(args, comm)
+
+
+def shard_data(data, comm):
+    """This rank's part: a list of batches is split by batches when there are enough, otherwise
+    every batch (or the single batch) is split by samples."""
+    from specops.distributed import shard
+
+    if comm.size == 1:
+        return data
+    if isinstance(data, (tuple, dict)):
+        return _shard_batch(data, comm)
+    data = list(data)
+    if len(data) >= comm.size:
+        return shard(data, comm)
+    return [_shard_batch(b, comm) for b in data]
+
+
+def _shard_batch(batch, comm):
+    from specops.distributed import shard
+
+    if isinstance(batch, dict):
+        return {k: shard(v, comm) for k, v in batch.items()}
+    return tuple(shard(v, comm) for v in batch)
