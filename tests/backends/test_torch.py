@@ -291,8 +291,10 @@ def test_dict_inputs_and_the_general_loss_form_agree_with_dense():
 
 
 def test_outputs_loss_form_rejects_a_dict_batch_with_advice():
-    with pytest.raises(TypeError, match="loss_form='model'"):
+    with pytest.raises(TypeError, match=r"a dict batch needs 'labels'.*got keys \['x'\]; or write loss_fn\(model, batch\)"):
         st.hessian(DictModel().double(), nn.MSELoss(), {"x": torch.zeros(2, 3)})
+    with pytest.raises(TypeError, match="loss_form='model'"):
+        st.hessian(DictModel().double(), nn.MSELoss(), [(torch.zeros(2, 3),) * 3])
 
 
 def test_float32_inputs_are_cast_to_the_model_dtype_and_moved():
