@@ -27,7 +27,7 @@ Hessian-vector product engines (``engine=``):
   On a CUDA device, blocks of several columns (``matmat``) use ``forward_over_reverse``,
   which vectorizes over the columns (measured 2x faster per column on an H100).
 
-On CPU the first two build their graphs under :class:`_CheapDoubleBackward`, which swaps two
+On CPU the first two build their graphs under :class:`_Reroute` (:data:`_OVERRIDES`), which swaps two
 of PyTorch's second-derivative formulas for cheaper ones with the same results.
 
 Random layers (``random_layers=``): a forward pass that draws random numbers (dropout,
@@ -43,6 +43,7 @@ every product, loss and gradient, for every engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -243,34 +244,56 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
 _OVERRIDES = {F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv, F.batch_norm: _batch_norm}
 
 
-class _CheapDoubleBackward(TorchFunctionMode):
-    """While a graph to be differentiated twice is built: convolutions through :class:`_Conv`,
-    and batch norm with running statistics (``model.eval()``) as an elementwise affine map.
-
-    The values and derivatives are the same up to rounding (tested against
-    ``torch.func.hessian``); products through a cached ResNet-20 graph on CPU cost 2.2 instead
-    of 2.6-2.8 gradients. The model is not touched: only the functions it calls are rerouted.
+def _hardsigmoid(input, inplace=False):
+    """``F.hardsigmoid`` as ``relu6(x + 3) / 6``: PyTorch's kernel has no double backward
+    ("derivative for aten::hardsigmoid_backward is not implemented") and no forward-mode
+    derivative; ``relu6`` has both. The same values (the kernel computes ``min(max(x + 3, 0), 6) / 6``).
     """
+    out = F.relu6(input + 3) / 6
+    return input.copy_(out) if inplace else out
+
+
+# Formulas swapped while every graph to be differentiated twice is built, on every device.
+_SECOND_ORDER = {F.hardsigmoid: _hardsigmoid}
+
+
+class _Reroute(TorchFunctionMode):
+    """Calls to the functions in ``overrides`` go to their replacement (which may return None to
+    leave a call to PyTorch). The model is not touched: only the functions it calls are rerouted.
+
+    With :data:`_OVERRIDES` (the cheaper double backward, CPU only): convolutions through
+    :class:`_Conv`, and batch norm with running statistics (``model.eval()``) as an elementwise
+    affine map. The values and derivatives are the same up to rounding (tested against dense
+    Hessians); products through a cached ResNet-20 graph on CPU cost 2.2 instead of 2.6-2.8
+    gradients.
+    """
+
+    def __init__(self, overrides: dict):
+        super().__init__()
+        self.overrides = overrides
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        override = _OVERRIDES.get(func)
+        override = self.overrides.get(func)
         out = None if override is None else override(*args, **kwargs)
         return func(*args, **kwargs) if out is None else out
 
 
-def _twice_differentiable_attention():
-    """``scaled_dot_product_attention`` on its math kernel while a graph for products is built.
+@contextlib.contextmanager
+def _twice_differentiable(cheap: bool = False):
+    """While a graph for products is built: twice-differentiable formulas, and
+    ``scaled_dot_product_attention`` on its math kernel.
 
-    The fused kernels (flash, memory-efficient, cuDNN; the CPU flash kernel PyTorch picks by
-    default) have no double backward and no forward-mode derivative: ``nn.MultiheadAttention``,
-    Hugging Face models with ``attn_implementation="sdpa"`` and timm's attention all call them.
-    The math kernel is the same function written in differentiable operations. The model is
-    untouched: only the kernel choice is scoped to the product.
+    The fused attention kernels (flash, memory-efficient, cuDNN; the CPU flash kernel PyTorch
+    picks by default) have no double backward and no forward-mode derivative:
+    ``nn.MultiheadAttention``, Hugging Face models with ``attn_implementation="sdpa"`` and
+    timm's attention all call them. The math kernel is the same function written in
+    differentiable operations. ``cheap`` adds the cheaper double backward of :data:`_OVERRIDES`.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH])
+    with sdpa_kernel([SDPBackend.MATH]), _Reroute({**_SECOND_ORDER, **(_OVERRIDES if cheap else {})}):
+        yield
 
 
 # --- the model --------------------------------------------------------------------------
@@ -550,7 +573,7 @@ class TorchAdapter(ModelAdapter):
             ``random_layers="error"``.
     """
 
-    # Build graphs on CPU under _CheapDoubleBackward (False: PyTorch's formulas, for benchmarks).
+    # Build graphs on CPU with the cheaper double backward of _OVERRIDES (False: PyTorch's formulas, for benchmarks).
     # Not on CUDA: on an H100 it saved 20% at batch 128 but cost 30% more at batch 32, where the
     # products are bound by kernel launches and the Python-level backward adds to them.
     _cheap_double_backward = True
@@ -710,12 +733,8 @@ class TorchAdapter(ModelAdapter):
     def _graph(self, batch):
         """A leaf copy of theta and the gradient at it, with its graph (create_graph=True)."""
         theta = self._theta.detach().requires_grad_(True)
-        with _twice_differentiable_attention():
-            if self._cheap_double_backward and self.ops.torch_device.type == "cpu":
-                with _CheapDoubleBackward():
-                    loss = self._loss(theta, batch)
-            else:
-                loss = self._loss(theta, batch)
+        with _twice_differentiable(self._cheap_double_backward and self.ops.torch_device.type == "cpu"):
+            loss = self._loss(theta, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
         return theta, g
 
@@ -863,7 +882,7 @@ class TorchAdapter(ModelAdapter):
         def hv(v):
             return torch.func.jvp(grad, (self._theta, leaves), (v, zeros))[1]
 
-        with _twice_differentiable_attention():
+        with _twice_differentiable():
             if V.shape[1] == 1:
                 return hv(V[:, 0])[:, None]
             return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size, randomness="same")(V)

@@ -92,3 +92,20 @@ def dense_truth(model, loss, fd_rtol=1e-6, V=None):
 def pair_loss(loss_fn, batch):
     """``loss(call)`` for ``loss_fn(model(inputs), targets)``."""
     return lambda call: loss_fn(call(batch[0]), batch[1])
+
+
+def finite_difference_truth(model, loss, V, h=1e-3):
+    """``H V`` by Richardson-extrapolated central differences of PyTorch's gradients: for models
+    whose double backward PyTorch lacks (the error is O(h^4) where the loss is smooth)."""
+    f, theta = flat_loss(model, loss)
+    keep = frozen_padding(model).to(theta.dtype)
+    cols = []
+    for j in range(V.shape[1]):
+        v = V[:, j].to(theta.dtype) * keep
+        u = v / v.norm()
+
+        def central(step):
+            return (grad_at(f, theta + step * u) - grad_at(f, theta - step * u)) / (2 * step)
+
+        cols.append((4 * central(h) - central(2 * h)) / 3 * v.norm() * keep)
+    return torch.stack(cols, 1).double().numpy()
