@@ -138,7 +138,7 @@ def test_cross_check_falls_back_from_a_wrong_engine_and_names_the_layer(monkeypa
     # auto with vectorized blocks (as on a GPU): the defective engine is dropped, with a warning
     A = st.TorchAdapter(model, nn.CrossEntropyLoss())
     A._vectorize_columns = True
-    with pytest.warns(RuntimeWarning, match=r"norm\.weight \(LayerNorm.*using cached_graph instead"):
+    with pytest.warns(RuntimeWarning, match=r"norm\.weight \(LayerNorm.*side with reverse_over_reverse.*using cached_graph instead"):
         A.cross_check(batch)
     assert not A._vectorize_columns and A.cross_check_error > 1e-3
     V = torch.randn(D.shape[0], 3, dtype=F64)
