@@ -580,7 +580,7 @@ class TorchAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, loss_fn, *, wrt=None, loss_form="auto", engine="auto",
                  memory_budget=None, chunk_size=None, batch_size=None, progress=False,
-                 random_layers="error", richardson=False, _fixed=None, _theta=None):
+                 random_layers="error", richardson=False, autocast=None, _fixed=None, _theta=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -597,14 +597,22 @@ class TorchAdapter(ModelAdapter):
                     "draws new random numbers, so the loss has no fixed Hessian (the cached graph would "
                     "silently keep one random sub-network). " + _random_layers_fix()
                 )
-        self.ops = TorchOps(dtype, device)
+        if autocast is not None and autocast not in _HALF:
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        if autocast is not None and dtype in _HALF:
+            raise ValueError(f"autocast={autocast} is for float32 or float64 models; the model is already {dtype}")
+        # Half-precision models: products in the model's dtype, vectors (and theta, a master
+        # copy that holds the half values exactly) in float32, host work in float64.
+        self.param_dtype = dtype
+        self.autocast = autocast
+        self.ops = TorchOps(torch.float32 if dtype in _HALF else dtype, device)
         self.model = model
         self.loss_fn = loss_fn
         self.loss_form = "model" if loss_fn is None else resolve_loss_form(loss_fn, loss_form)
-        self._module = _LossModule(model, loss_fn, self.loss_form, dtype)
+        self._module = _LossModule(model, loss_fn, self.loss_form, autocast or dtype)
         self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
                          "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
-                         "richardson": richardson}
+                         "richardson": richardson, "autocast": autocast}
         self._requested = engine
         self.engine = "cached_graph" if engine == "auto" else engine
         # auto on a GPU: blocks of columns through one vectorized forward-over-reverse pass
@@ -612,7 +620,8 @@ class TorchAdapter(ModelAdapter):
         self._vectorize_columns = engine == "auto" and device.type == "cuda"
         self.richardson = richardson
         self.cross_check_error = None  # relative difference of the engines compared at construction
-        self.compute_dtype = dtype  # the lowest precision a forward pass computes in (cross_check)
+        # the lowest precision a forward pass computes in (found by cross_check)
+        self.compute_dtype = autocast or dtype
         self.memory_budget = (
             _default_memory_budget(device) if memory_budget is None else int(memory_budget)
         )
@@ -666,22 +675,28 @@ class TorchAdapter(ModelAdapter):
 
     def _prepare(self, batch):
         """Tensors to the model's device; floating ones to its dtype."""
-        ops = self.ops
+        ops, param_dtype = self.ops, self.param_dtype
 
         def move(t):
-            dtype = ops.torch_dtype if t.is_floating_point() else t.dtype
+            dtype = param_dtype if t.is_floating_point() else t.dtype
             return t.to(device=ops.torch_device, dtype=dtype)
 
         return _map_tensors(move, batch)
 
     def _state(self, theta):
         state = {"model." + n: p.detach() for n, p in self._fixed.items()}
-        state.update({"model." + n: t for n, t in self.unflatten(theta).items()})
+        state.update({"model." + n: t.to(self.param_dtype) for n, t in self.unflatten(theta).items()})
         # Copies of the buffers: batch norm in training mode updates them in place.
         state.update({"model." + n: b.clone() for n, b in self.model.named_buffers()})
         return state
 
     def _loss(self, theta, batch):
+        if self.autocast is not None:
+            with torch.autocast(self.ops.torch_device.type, dtype=self.autocast):
+                return self._loss_in_dtype(theta, batch).float()
+        return self._loss_in_dtype(theta, batch)
+
+    def _loss_in_dtype(self, theta, batch):
         if self.random_layers == "fixed":
             return self._fixed_mask_loss(theta, batch)
         return torch.func.functional_call(self._module, self._state(theta), (batch,))
@@ -834,7 +849,7 @@ class TorchAdapter(ModelAdapter):
             ``||HV - H V||`` (``None`` without).
         """
         theta = self._theta
-        eps = float(torch.finfo(theta.dtype).eps)
+        eps = float(torch.finfo(self.compute_dtype).eps)  # the gradients' rounding
         scale = max(1.0, float(torch.linalg.vector_norm(theta)) / max(theta.numel(), 1) ** 0.5)
         h = eps ** (1 / 5 if richardson else 1 / 3) * scale * step_factor
         cols, errors = [], []
@@ -988,7 +1003,9 @@ class TorchAdapter(ModelAdapter):
         accuracy (and the cross-check's tolerance). Hugging Face's Llama, for one, computes
         RMS norm and attention softmax in float32 in a float64 model.
         """
-        watch = _WatchPrecision(torch.finfo(self.ops.torch_dtype).bits)
+        if self.autocast is not None:  # lower precision by request
+            return
+        watch = _WatchPrecision(torch.finfo(self.param_dtype).bits)
         def leave(module, args, output):
             watch.stack.pop()  # (a forward hook that returns something replaces the output)
 
@@ -1004,7 +1021,7 @@ class TorchAdapter(ModelAdapter):
             self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
             where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
             warnings.warn(
-                f"the model's parameters are {self.ops.torch_dtype} but a forward pass computes parts in "
+                f"the model's parameters are {self.param_dtype} but a forward pass computes parts in "
                 f"lower precision: {where}. Products, and every spectrum from them, are accurate to "
                 f"{self.compute_dtype} rounding only", RuntimeWarning, stacklevel=4)
 
@@ -1051,7 +1068,8 @@ class TorchAdapter(ModelAdapter):
         return hints
 
 
-_ROUNDING = {torch.float32: 2e-3, torch.float64: 1e-7}  # engines agree within this (relative)
+# engines agree within this (relative), by the lowest precision a forward pass computes in
+_ROUNDING = {torch.bfloat16: 1e-1, torch.float16: 2e-2, torch.float32: 2e-3, torch.float64: 1e-7}
 _NORM_OR_ATTENTION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                       nn.MultiheadAttention)
 
@@ -1113,6 +1131,9 @@ def _no_engine_message(failures) -> str:
             f"needed; richardson=True for more accuracy){hint}")
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _listing(names, limit: int = 4) -> str:
     names = [n or "<model>" for n in names]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -1123,12 +1144,13 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
             comm=None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
             batch_size=None, random_layers: str = "error", cross_check: bool = True,
-            richardson: bool = False, params=None, hvp: str | None = None) -> ModelOperator:
+            richardson: bool = False, autocast: torch.dtype | None = None, params=None,
+            hvp: str | None = None) -> ModelOperator:
     """The Hessian of a model's loss over data, as a specops operator on flat tensors.
 
     Args:
         model: an ``nn.Module`` with all parameters on one device and of one dtype
-            (float32 or float64). Its mode is used as is: call ``model.eval()`` yourself for
+            (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors). Its mode is used as is: call ``model.eval()`` yourself for
             batch norm with running statistics and without dropout.
         loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
             to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
@@ -1168,6 +1190,10 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
             difference measured.
         richardson: with ``engine="finite_difference"``, Richardson extrapolation of two steps
             (four gradients per column instead of two, truncation error ``O(h^4)``).
+        autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: evaluate a float32 (or
+            float64) model under ``torch.autocast`` with that dtype. A model whose parameters
+            are bfloat16 or float16 needs no flag: its products run in its dtype and its
+            vectors are float32.
 
         params, hvp: former names of ``wrt`` and ``engine`` (deprecated).
 
@@ -1189,7 +1215,8 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
     engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
     adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
-                           progress=progress, random_layers=random_layers, richardson=richardson)
+                           progress=progress, random_layers=random_layers, richardson=richardson,
+                           autocast=autocast)
     for batch in ModelOperator._batches_of(data):
         adapter.check_random_forward(batch)
         if cross_check:
