@@ -26,9 +26,22 @@ Hessian-vector product engines (``engine=``):
   and the operator continues with ``double_backward``. ``H.engine`` says which is in use.
   On a CUDA device, blocks of several columns (``matmat``) use ``forward_over_reverse``,
   which vectorizes over the columns (measured 2x faster per column on an H100).
+- ``"finite_difference"``: central differences of gradients (``richardson=True``:
+  extrapolated), for layers without second derivatives; inexact on ReLU networks.
 
-On CPU the first two build their graphs under :class:`_Reroute` (:data:`_OVERRIDES`), which swaps two
-of PyTorch's second-derivative formulas for cheaper ones with the same results.
+At construction the engines are cross-checked (:meth:`TorchAdapter.cross_check`):
+reverse-over-reverse against forward-over-reverse on one probe product, finite differences
+deciding a mismatch; ``"auto"`` falls back from an engine found wrong, with a warning.
+
+Every graph for products is built with ``scaled_dot_product_attention`` on its math kernel
+and twice-differentiable formulas for the few functions PyTorch lacks them for
+(:data:`_SECOND_ORDER`: hardsigmoid). On CPU the first two engines also swap two of
+PyTorch's second-derivative formulas for cheaper ones with the same results (:data:`_OVERRIDES`).
+
+Models returning a ``ModelOutput`` or dict (Hugging Face) give ``loss_fn(outputs, targets)``
+their ``.logits``; ``loss_fn=None`` takes the model's own ``outputs.loss``. bfloat16 and
+float16 models compute products in their dtype with float32 vectors; ``autocast=`` runs a
+float32 model under ``torch.autocast``.
 
 Random layers (``random_layers=``): a forward pass that draws random numbers (dropout,
 ``DropPath``, ``RReLU`` in training mode, any ``torch.rand`` in ``forward``) has no fixed
@@ -573,7 +586,8 @@ class TorchAdapter(ModelAdapter):
             ``random_layers="error"``.
     """
 
-    # Build graphs on CPU with the cheaper double backward of _OVERRIDES (False: PyTorch's formulas, for benchmarks).
+    # Build graphs on CPU with the cheaper double backward of _OVERRIDES (False: PyTorch's
+    # formulas, for benchmarks).
     # Not on CUDA: on an H100 it saved 20% at batch 128 but cost 30% more at batch 32, where the
     # products are bound by kernel launches and the Python-level backward adds to them.
     _cheap_double_backward = True
@@ -600,7 +614,8 @@ class TorchAdapter(ModelAdapter):
         if autocast is not None and autocast not in _HALF:
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         if autocast is not None and dtype in _HALF:
-            raise ValueError(f"autocast={autocast} is for float32 or float64 models; the model is already {dtype}")
+            raise ValueError(f"autocast={autocast} is for float32 or float64 models; the model is "
+                             f"already {dtype}")
         # Half-precision models: products in the model's dtype, vectors (and theta, a master
         # copy that holds the half values exactly) in float32, host work in float64.
         self.param_dtype = dtype
@@ -863,8 +878,8 @@ class TorchAdapter(ModelAdapter):
             u = v / norm
 
             def central(step):
-                plus, minus = self._gradient_at(theta + step * u, batch), self._gradient_at(theta - step * u, batch)
-                return (plus - minus) / (2 * step)
+                plus = self._gradient_at(theta + step * u, batch)
+                return (plus - self._gradient_at(theta - step * u, batch)) / (2 * step)
 
             est = central(h)
             if richardson:
@@ -902,7 +917,8 @@ class TorchAdapter(ModelAdapter):
         with _twice_differentiable():
             if V.shape[1] == 1:
                 return hv(V[:, 0])[:, None]
-            return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size, randomness="same")(V)
+            return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size,
+                                   randomness="same")(V)
 
     # --- cross-check of the engines -----------------------------------------------
     def cross_check(self, batch) -> None:
@@ -932,10 +948,11 @@ class TorchAdapter(ModelAdapter):
         for name, fn in (("reverse_over_reverse", self._reverse_over_reverse),
                          ("forward_over_reverse", self._forward_over_reverse)):
             try:
-                products[name] = fn(batch, v) if self._padding_rows is None else fn(batch, v) * self._padding_rows
+                product = fn(batch, v)
+                products[name] = product if self._padding_rows is None else product * self._padding_rows
             except (RuntimeError, NotImplementedError) as e:
                 failures[name] = e
-        in_use = {"forward_over_reverse"} if self.engine == "forward_over_reverse" else {"reverse_over_reverse"}
+        in_use = {"forward_over_reverse" if self.engine == "forward_over_reverse" else "reverse_over_reverse"}
         if self._vectorize_columns:
             in_use.add("forward_over_reverse")
         auto = self._requested == "auto"
@@ -1150,8 +1167,9 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
 
     Args:
         model: an ``nn.Module`` with all parameters on one device and of one dtype
-            (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors). Its mode is used as is: call ``model.eval()`` yourself for
-            batch norm with running statistics and without dropout.
+            (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors).
+            Its mode is used as is: call ``model.eval()`` yourself for batch norm with running
+            statistics and without dropout.
         loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
             to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
             tuple are passed as ``model(**inputs)`` / ``model(*inputs)``); or the general
