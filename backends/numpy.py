@@ -6,10 +6,15 @@ Dense arrays, SciPy sparse matrices and SciPy ``LinearOperator`` s are wrapped b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from specops.layout import ParamLayout
 from specops.model import ModelAdapter, ModelOperator
+from specops.operator import LinearOperator
 from specops.ops import VectorOps
 
 
@@ -18,46 +23,46 @@ class NumpyOps(VectorOps):
 
     name = "numpy"
 
-    def __init__(self, dtype=np.float64):
+    def __init__(self, dtype: npt.DTypeLike = np.float64) -> None:
         super().__init__(dtype, "cpu")
 
-    def is_native(self, x) -> bool:
+    def is_native(self, x: Any) -> bool:
         return isinstance(x, np.ndarray)
 
-    def asarray(self, x):
+    def asarray(self, x: Any) -> np.ndarray:
         return np.asarray(x, dtype=self.dtype)
 
-    def to_numpy(self, x) -> np.ndarray:
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, dtype=np.float64)
 
-    def zeros(self, shape):
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
         # column-major, so column blocks of a basis are contiguous for BLAS
         return np.zeros(shape, dtype=self.dtype, order="F")
 
-    def concat(self, arrays, axis: int):
+    def concat(self, arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
         return np.concatenate(arrays, axis=axis)
 
-    def inner(self, X, Y):
+    def inner(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         return X.T @ Y
 
-    def combine(self, X, C):
+    def combine(self, X: np.ndarray, C: npt.ArrayLike) -> np.ndarray:
         return X @ np.asarray(C, dtype=self.dtype)
 
-    def column_norms(self, X) -> np.ndarray:
+    def column_norms(self, X: np.ndarray) -> np.ndarray:
         return np.linalg.norm(X, axis=0).astype(np.float64)
 
-    def qr(self, X):
+    def qr(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.linalg.qr(X, mode="reduced")
 
-    def einsum(self, spec: str, *arrays):
+    def einsum(self, spec: str, *arrays: np.ndarray) -> np.ndarray:
         return np.einsum(spec, *arrays)
 
-    def write_block(self, buffer, start: int, X, axis: int = 1):
+    def write_block(self, buffer: np.ndarray, start: int, X: np.ndarray, axis: int = 1) -> np.ndarray:
         index = (slice(None),) * axis + (slice(start, start + X.shape[axis]),)
         buffer[index] = X
         return buffer
 
-    def all_finite(self, X) -> bool:
+    def all_finite(self, X: np.ndarray) -> bool:
         return bool(np.isfinite(X).all())
 
 
@@ -75,7 +80,8 @@ class NumpyAdapter(ModelAdapter):
 
     engine = "numpy-callables"
 
-    def __init__(self, loss_fn, grad_fn, hvp_fn, theta, layout: ParamLayout, names=None):
+    def __init__(self, loss_fn: Callable[..., Any], grad_fn: Callable[..., Any], hvp_fn: Callable[..., Any],
+                 theta: npt.ArrayLike, layout: ParamLayout, names: list[str] | None = None) -> None:
         self.loss_fn, self.grad_fn, self.hvp_fn = loss_fn, grad_fn, hvp_fn
         self.theta = np.asarray(theta, dtype=np.float64)
         if layout.num_params != self.theta.size:
@@ -86,48 +92,56 @@ class NumpyAdapter(ModelAdapter):
         self.index = np.concatenate([np.arange(layout.blocks[n].start, layout.blocks[n].stop, dtype=np.int64)
                                      for n in self.layout.names] or [np.zeros(0, np.int64)])
 
-    def batch_size(self, batch) -> int:
+    def batch_size(self, batch: Any) -> int:
         first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
         return len(first)
 
-    def _full(self, delta):
+    def _full(self, delta: np.ndarray | None) -> np.ndarray:
         theta = self.theta.copy()
         if delta is not None:
             theta[self.index] += delta
         return theta
 
-    def loss(self, batch, delta=None) -> float:
+    def loss(self, batch: Any, delta: np.ndarray | None = None) -> float:
         return float(self.loss_fn(self._full(delta), batch))
 
-    def gradient(self, batch):
+    def gradient(self, batch: Any) -> np.ndarray:
         return np.asarray(self.grad_fn(self.theta, batch))[self.index]
 
-    def hvp(self, index, batch, V):
+    def hvp(self, index: int, batch: Any, V: np.ndarray) -> np.ndarray:
         full = np.zeros((self.theta.size, V.shape[1]))
         full[self.index] = V
         return np.asarray(self.hvp_fn(self.theta, batch, full))[self.index]
 
-    def params_vector(self):
+    def params_vector(self) -> np.ndarray:
         return self.theta[self.index].copy()
 
-    def subset(self, names):
+    def subset(self, names: list[str]) -> NumpyAdapter:
         return NumpyAdapter(self.loss_fn, self.grad_fn, self.hvp_fn, self.theta, self.full_layout, names)
 
 
-def hessian(loss_fn, grad_fn, hvp_fn, params, data, *, wrt=None, reduction: str = "mean", comm=None,
-            check_deterministic: bool = True) -> ModelOperator:
+def hessian(loss_fn: Callable[..., Any], grad_fn: Callable[..., Any], hvp_fn: Callable[..., Any],
+            params: dict[str, npt.ArrayLike] | npt.ArrayLike, data: Any, *, wrt: str | Sequence[str] | None = None,
+            reduction: str = "mean", comm: Any = None, check_deterministic: bool = True) -> ModelOperator:
     """The loss Hessian of a model written in NumPy, from its own gradient and HVP functions.
 
     Args:
-        loss_fn, grad_fn, hvp_fn: functions of ``(theta, batch)`` (and ``V`` for the HVP)
-            with ``theta`` the flat parameter vector; see :class:`NumpyAdapter`.
+        loss_fn: ``loss_fn(theta, batch) -> float``, with ``theta`` the flat parameter
+            vector; see :class:`NumpyAdapter`.
+        grad_fn: ``grad_fn(theta, batch) -> (n,)`` array, the gradient of ``loss_fn``.
+        hvp_fn: ``hvp_fn(theta, batch, V) -> (n, k)`` array, the Hessian times ``V``.
         params: a dict name -> array (flattened in order; the shapes are kept for
             ``H.unflatten``) or one flat array (one parameter named ``"theta"``).
         data: one batch (a tuple or dict) or a re-iterable of batches; ``batch[0]`` (or
             the first dict value) has one row per sample.
         wrt: ``None`` (every parameter) or names / glob patterns of the parameters to
             differentiate; the others are held fixed.
-        reduction, comm, check_deterministic: as for :class:`~specops.model.ModelOperator`.
+        reduction: as for :class:`~specops.model.ModelOperator`.
+        comm: as for :class:`~specops.model.ModelOperator`.
+        check_deterministic: as for :class:`~specops.model.ModelOperator`.
+
+    Returns:
+        The Hessian operator, a :class:`~specops.model.ModelOperator` on NumPy vectors.
     """
     if isinstance(params, dict):
         values = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
@@ -141,7 +155,7 @@ def hessian(loss_fn, grad_fn, hvp_fn, params, data, *, wrt=None, reduction: str 
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 
-def matrix_operator(x, symmetric=None):
+def matrix_operator(x: npt.ArrayLike, symmetric: bool | None = None) -> LinearOperator:
     """A dense NumPy matrix as an operator (same as :func:`specops.aslinearoperator`)."""
     from specops.operator import aslinearoperator
 

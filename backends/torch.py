@@ -571,7 +571,7 @@ class TorchAdapter(ModelAdapter):
     Args:
         model: the ``nn.Module``; its parameters share one dtype and device.
         loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``, returning a scalar.
-        params: parameter selection, see :func:`hessian`.
+        wrt: parameter selection, see :func:`hessian`.
         loss_form: ``"outputs"``, ``"model"`` or ``"auto"``, see :func:`hessian`.
         engine: one of :data:`ENGINES`.
         memory_budget: bytes of cached graphs allowed with ``engine="auto"``.
@@ -1212,8 +1212,8 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
             float64) model under ``torch.autocast`` with that dtype. A model whose parameters
             are bfloat16 or float16 needs no flag: its products run in its dtype and its
             vectors are float32.
-
-        params, hvp: former names of ``wrt`` and ``engine`` (deprecated).
+        params: former name of ``wrt`` (deprecated).
+        hvp: former name of ``engine`` (deprecated).
 
     Returns:
         A :class:`specops.model.ModelOperator`: ``H @ v`` for a flat tensor ``v``,

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Collection
+from typing import Any, Literal, TypeVar, overload
 
-from specops.operator import LinearOperator, NonFiniteError, aslinearoperator
+from specops.operator import LinearOperator, NonFiniteError, OperatorLike, aslinearoperator
+from specops.ops import Array
+
+T = TypeVar("T")
 
 
-def symmetric_operator(A, caller: str) -> LinearOperator:
+def symmetric_operator(A: OperatorLike, caller: str) -> LinearOperator:
+    """``A`` as an operator, refusing one marked non-symmetric (``caller`` names the algorithm)."""
     A = aslinearoperator(A)
     if not A.symmetric:
         raise ValueError(
@@ -17,22 +23,29 @@ def symmetric_operator(A, caller: str) -> LinearOperator:
     return A
 
 
-def choice(name: str, value, choices):
+def choice(name: str, value: T, choices: Collection[T]) -> T:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` listing them."""
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
     return value
 
 
-def positive_int(name: str, value, minimum: int = 1) -> int:
+def positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer >= ``minimum``, else a ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-def positive_float(name: str, value, allow_none: bool = False):
+@overload
+def positive_float(name: str, value: Any, allow_none: Literal[False] = False) -> float: ...
+@overload
+def positive_float(name: str, value: Any, allow_none: bool) -> float | None: ...
+def positive_float(name: str, value: Any, allow_none: bool = False) -> float | None:
+    """``value`` as a float if it is a positive number (or None if allowed), else a ``ValueError``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:  # type: ignore[operator]  # Integral has no __lt__ in typeshed
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
 
@@ -40,11 +53,11 @@ def positive_float(name: str, value, allow_none: bool = False):
 class Products:
     """``A @ V`` that counts products and refuses non-finite results."""
 
-    def __init__(self, A: LinearOperator):
+    def __init__(self, A: LinearOperator) -> None:
         self.A = A
         self.count = 0
 
-    def __call__(self, V):
+    def __call__(self, V: Array) -> Array:
         Y = self.A.matmat(V)
         first = self.count + 1
         self.count += int(V.shape[1])

@@ -12,13 +12,17 @@ columns, and each probe's basis is kept orthogonal (full reorthogonalization).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from scipy.linalg import eigh_tridiagonal
 from scipy.special import erf
 
 from specops import _checks
 from specops.lanczos import probe_lanczos
+from specops.operator import OperatorLike
+from specops.progress import bar as progress_bar
 from specops.random import check_kind, check_seed
 from specops.results import Result
 
@@ -57,7 +61,7 @@ class SpectralDensity(Result):
         sigma = self.default_sigma() if sigma is None else sigma
         return np.linspace(self.nodes.min() - 5 * sigma, self.nodes.max() + 5 * sigma, GRID_POINTS)
 
-    def evaluate(self, grid=None, sigma: float | None = None) -> np.ndarray:
+    def evaluate(self, grid: npt.ArrayLike | None = None, sigma: float | None = None) -> np.ndarray:
         """The density smoothed by a Gaussian kernel, at the points ``grid``.
 
         As ``scipy.stats.gaussian_kde.evaluate``: ``np.trapezoid(esd.evaluate(g), g)`` is
@@ -79,8 +83,17 @@ class SpectralDensity(Result):
         kernel = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2 * np.pi))
         return (kernel @ self.weights.ravel() / self.nodes.shape[0]).reshape(grid.shape)
 
-    def cdf(self, x, sigma: float = 0.0):
-        """The estimated fraction of eigenvalues ``<= x`` (a step function when ``sigma=0``)."""
+    def cdf(self, x: npt.ArrayLike, sigma: float = 0.0) -> np.ndarray:
+        """The estimated fraction of eigenvalues ``<= x``.
+
+        Args:
+            x: the points, any shape.
+            sigma: ``0`` for the step function of the quadrature nodes; a positive width
+                for the cumulative distribution of the Gaussian-smoothed density.
+
+        Returns:
+            The fractions, an array of ``x``'s shape.
+        """
         x = np.asarray(x, dtype=np.float64)
         nodes, weights = self.nodes.ravel(), self.weights.ravel() / self.nodes.shape[0]
         if sigma == 0:
@@ -89,7 +102,7 @@ class SpectralDensity(Result):
             return cum[np.searchsorted(nodes[order], x, side="right")]
         return 0.5 * (1 + erf((x[..., None] - nodes) / (sigma * np.sqrt(2)))) @ weights
 
-    def trace(self):
+    def trace(self) -> tuple[float, float]:
         """The trace estimate ``n * mean_probes sum_j w_j theta_j`` and its standard error."""
         n = self.settings["n"]
         per_probe = n * np.sum(self.weights * self.nodes, axis=1)
@@ -97,7 +110,8 @@ class SpectralDensity(Result):
         err = float(np.std(per_probe, ddof=1) / np.sqrt(p)) if p > 1 else float("inf")
         return float(per_probe.mean()), err
 
-    def plot(self, ax=None, sigma: float | None = None, grid=None, log: bool = True):
+    def plot(self, ax: Any = None, sigma: float | None = None, grid: npt.ArrayLike | None = None,
+             log: bool = True) -> Any:
         """Plot the density (log scale by default); returns the matplotlib axes."""
         import matplotlib.pyplot as plt
 
@@ -117,8 +131,8 @@ class SpectralDensity(Result):
         return ax
 
 
-def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0,
-                     kind: str = "rademacher") -> SpectralDensity:
+def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64, seed: int = 0,
+                     kind: str = "rademacher", progress: bool | str = False) -> SpectralDensity:
     """Estimate the eigenvalue spectral density of a symmetric operator by SLQ.
 
     Args:
@@ -127,9 +141,30 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
         num_steps: Lanczos steps per probe (nodes per probe; capped at n).
         seed: seed of the probes.
         kind: probe distribution, ``"rademacher"`` or ``"normal"``.
+        progress: draw a progress bar (tqdm) of the products (all probes advance together,
+            one Lanczos step per product block), ending with the estimated spectral range
+            and trace; a string labels it. Silent on MPI ranks other than 0.
 
     Returns:
         :class:`SpectralDensity` (``num_probes * num_steps`` products).
+
+    Raises:
+        ValueError: bad arguments, or an operator marked non-symmetric.
+        NonFiniteError: a product returned NaN or infinity.
+
+    Examples:
+        The spectrum of ``diag(1, ..., 100)``: 30 of its 100 eigenvalues are <= 30, and
+        the quadrature's weighted nodes give the trace, 5050 (exactly: Rademacher probes
+        of a diagonal matrix have no variance).
+
+        >>> import numpy as np
+        >>> import specops as so
+        >>> esd = so.spectral_density(np.diag(np.arange(1.0, 101.0)), num_probes=20, num_steps=30)
+        >>> print(f"{float(esd.cdf(30.5)):.2f}")
+        0.30
+        >>> estimate, stderr = esd.trace()
+        >>> print(f"{estimate:.6f}")
+        5050.000000
     """
     A = _checks.symmetric_operator(A, "spectral_density")
     num_probes = _checks.positive_int("num_probes", num_probes)
@@ -137,6 +172,8 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
     seed, kind = check_seed(seed), check_kind(kind)
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
+    bar = progress_bar(progress, num_probes * steps, "spectral_density", comm=A)
+    A = bar.track(A)
     mul = _checks.Products(A)
     p = num_probes
     Z = ops.random(n, range(p), seed, kind=kind, stream="slq")
@@ -149,4 +186,6 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 64, seed: int = 0
         nodes[i, :m], weights[i, :m] = theta, U[0] ** 2
         nodes[i, m:] = theta[-1]
     settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, kind=kind, backend=A.backend)
-    return SpectralDensity(nodes=nodes, weights=weights, num_matvecs=mul.count, settings=settings)
+    out = SpectralDensity(nodes=nodes, weights=weights, num_matvecs=mul.count, settings=settings)
+    bar.close(range=[nodes.min(), nodes.max()], trace=out.trace()[0])
+    return out

@@ -19,6 +19,9 @@ import numpy as np
 from specops import _checks
 from specops.lanczos import NORM_FLOOR, ROUNDING, order as _order, thick_restart, verified, wanted as _wanted
 from specops.lanczos import thresholds as _thresholds
+from specops.operator import OperatorLike
+from specops.ops import Array
+from specops.progress import bar as progress_bar
 from specops.random import check_seed
 from specops.results import Result
 
@@ -57,12 +60,13 @@ class EigResult(Result):
 
     @property
     def all_converged(self) -> bool:
+        """Whether every returned pair met the tolerance."""
         return bool(np.all(self.converged))
 
 
-def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
+def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
           max_matvecs: int | None = None, seed: int = 0, block_size: int | None = None,
-          max_basis: int | None = None, v0=None) -> EigResult:
+          max_basis: int | None = None, v0: Array | None = None, progress: bool | str = False) -> EigResult:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
     Args:
@@ -95,6 +99,9 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
             A block of ``j > 1`` columns makes the block size ``j`` (unless
             ``block_size`` is given; it must be >= j, and random columns fill the rest).
             Random columns are drawn from ``seed`` as usual for what ``v0`` leaves.
+        progress: draw a progress bar (tqdm) of the products against ``max_matvecs``, with
+            the current Ritz values and their largest residual; a string labels it.
+            Silent on MPI ranks other than 0 (:mod:`specops.progress`).
 
     The returned pairs are verified: one product of the ``k`` returned vectors (counted in
     ``num_matvecs``) gives their Rayleigh quotients and true residuals
@@ -106,6 +113,19 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
     Raises:
         ValueError: bad arguments (unknown ``which``/``method``, ``k > n``, ...).
         NonFiniteError: a product returned NaN or infinity.
+
+    Examples:
+        The three largest and the two smallest eigenvalues of ``diag(1, ..., 100)``, with
+        their eigenvectors (here NumPy arrays, since the operator is NumPy's):
+
+        >>> import numpy as np
+        >>> import specops as so
+        >>> A = np.diag(np.arange(1.0, 101.0))
+        >>> top = so.eigsh(A, k=3)
+        >>> np.round(top.eigenvalues, 8), top.all_converged, top.eigenvectors.shape
+        (array([100.,  99.,  98.]), True, (100, 3))
+        >>> np.round(so.eigsh(A, k=2, which="SA").eigenvalues, 8)
+        array([1., 2.])
     """
     A = _checks.symmetric_operator(A, "eigsh")
     n = A.shape[0]
@@ -137,6 +157,8 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
     if max_matvecs is None:
         max_matvecs = max(1000, 100 * k)
     max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
+    bar = progress_bar(progress, max_matvecs, "eigsh", comm=A)
+    A = bar.track(A)
     settings = dict(k=k, which=which, method=method, tol=tol, max_matvecs=max_matvecs, seed=seed,
                     n=n, dtype=A.dtype.name, backend=A.backend)
     if method == "power":
@@ -173,7 +195,8 @@ def eigsh(A, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float 
                 else:
                     *out, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k)
                 out[4] += spent
-    return EigResult(*out, settings=settings)
+    bar.close(eigenvalues=out[0], residual=float(np.max(out[2])))
+    return EigResult(*out, settings=settings)  # type: ignore[misc]  # out: the five other fields
 
 
 def _start_block(A, v0):
@@ -189,16 +212,19 @@ def _start_block(A, v0):
 
 
 def _default_basis(n, k, b):
-    """``max(40, 3k + 6b)``; for ``n <= SMALL`` the basis grows instead of restarting (at
-    most ``n`` products, then exact)."""
+    """``max(40, 3k + 6b)``; for ``n <= SMALL``, ``n - b``.
+
+    Small operators grow the basis instead of restarting (at most ``n`` products, then exact).
+    """
     return max(40, 3 * k + 6 * b, n - b if n <= SMALL else 0)
 
 
 class _Complement:
-    """``s A`` on the orthogonal complement of ``span(Q)`` (``s = -1`` turns the smallest end
-    into the largest), and ``low`` on ``span(Q)`` itself, below the range searched, so that
-    ``span(Q)`` never looks like a wanted eigenvalue:
-    ``s (I - QQ^T) A (I - QQ^T) + low QQ^T``."""
+    """``s (I - QQ^T) A (I - QQ^T) + low QQ^T``: ``s A`` on the complement of ``span(Q)``.
+
+    ``s = -1`` turns the smallest end into the largest; ``low`` on ``span(Q)`` itself lies
+    below the range searched, so that ``span(Q)`` never looks like a wanted eigenvalue.
+    """
 
     def __init__(self, A, Q, sign, low):
         self.A, self.Q, self.sign, self.low, self.ops, self.shape = A, Q, sign, low, A.ops, A.shape

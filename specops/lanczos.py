@@ -1,5 +1,7 @@
-"""The Lanczos process, written once: :func:`~specops.eigsh` (thick-restart block Lanczos)
-and :func:`~specops.spectral_density` (many independent probes side by side) both run it.
+"""The Lanczos process, written once, for :func:`~specops.eigsh` and :func:`~specops.spectral_density`.
+
+:func:`~specops.eigsh` runs it as thick-restart block Lanczos, and
+:func:`~specops.spectral_density` as many independent probes side by side.
 
 Both keep their bases orthogonal by full reorthogonalization (classical Gram-Schmidt,
 twice) and share one breakdown rule: a new direction is dropped only when its norm is at
@@ -17,7 +19,16 @@ process restarts from those vectors and their true residual block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import numpy.typing as npt
+
+from specops._checks import Products
+from specops.operator import LinearOperator
+from specops.ops import Array, VectorOps
+
+from specops.progress import show
 
 #: Convergence floor: residuals are judged relative to max(|lambda|, FLOOR * ||A||).
 NORM_FLOOR = 1e-3
@@ -51,22 +62,28 @@ def wanted(theta: np.ndarray, which: str, k: int) -> np.ndarray:
     return idx[np.argsort(theta[idx], kind="stable")] if which == "BE" else idx
 
 
-def thresholds(theta, tol, anorm, eps):
+def thresholds(theta: np.ndarray, tol: float, anorm: float, eps: float) -> np.ndarray:
     """Residual bound per Ritz value for convergence."""
     return np.maximum(tol * np.maximum(np.abs(theta), NORM_FLOOR * anorm), ROUNDING * eps * anorm)
 
 
-def breakdown(norms, anorm, eps):
+def breakdown(norms: npt.ArrayLike, anorm: float, eps: float) -> np.ndarray:
     """Which new directions (by norm) are at the rounding level: an invariant subspace."""
     return np.asarray(norms) <= ROUNDING * eps * max(anorm, np.finfo(np.float64).tiny)
 
 
-def thick_restart(A, mul, k, which, tol, budget, start, max_basis, draw, stop=None, verify=True):
+def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: float, budget: int, start: Array,
+                  max_basis: int, draw: Callable[[int], Array],
+                  stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
+                  verify: bool = True) -> tuple[np.ndarray, Array, np.ndarray, np.ndarray, Array]:
     """Thick-restart block Lanczos (Wu & Simon 2000) from the block ``start``.
 
     Args:
-        A: the operator; ``mul`` its counted product (:class:`specops._checks.Products`).
-        k, which, tol: the wanted pairs and the convergence tolerance.
+        A: the operator.
+        mul: its counted product (:class:`specops._checks.Products`).
+        k: the number of wanted pairs.
+        which: which end of the spectrum (as for :func:`~specops.eigsh`).
+        tol: the convergence tolerance (as for :func:`~specops.eigsh`).
         budget: products allowed in all (``mul.count`` included), the verification too.
         start: native (n, b) start block; ``b`` is the block size.
         max_basis: basis size before a thick restart.
@@ -102,6 +119,7 @@ def thick_restart(A, mul, k, which, tol, budget, start, max_basis, draw, stop=No
         anorm = max(anorm, float(np.abs(theta).max()))
         resid = np.linalg.norm(R @ S[-b:, :], axis=0)
         want = wanted(theta, which, k)
+        show(A, ritz=theta[want], residual=float(resid[want].max()))
         ok = A.decide(resid[want] <= thresholds(theta[want], tol, anorm, eps))
         spent = mul.count + b + reserve > budget
         if stop is not None and A.decide(bool(stop(theta[want], resid[want]))):
@@ -133,8 +151,10 @@ def thick_restart(A, mul, k, which, tol, budget, start, max_basis, draw, stop=No
 
 
 def _rayleigh_ritz(ops, mul, V, which):
-    """Rayleigh-Ritz on ``span(V)`` from one product: values, vectors, their product and
-    true residual norms, in the order of ``which``."""
+    """Rayleigh-Ritz on ``span(V)`` from one product.
+
+    Returns values, vectors, their product and true residual norms, in the order of ``which``.
+    """
     V, _ = ops.qr(V)
     AV = mul(V)
     G = ops.to_numpy(ops.inner(V, AV))
@@ -145,15 +165,18 @@ def _rayleigh_ritz(ops, mul, V, which):
     return vals, V, AV, ops.column_norms(AV - ops.scale_columns(V, vals))
 
 
-def verified(ops, mul, V, which):
+def verified(ops: VectorOps, mul: Products, V: Array, which: str) -> tuple[np.ndarray, Array, np.ndarray]:
     """Values, vectors and true residuals of the pairs in ``span(V)`` (one product each)."""
     vals, V, _, true = _rayleigh_ritz(ops, mul, V, which)
     return vals, V, true
 
 
 def _repair(A, Qn, R, buffer, columns, draw, anorm, eps):
-    """Replace directions of the new block that carry no information (an invariant
-    subspace was found) by fresh random directions orthogonal to everything so far."""
+    """Replace directions of the new block that carry no information by fresh random ones.
+
+    Such directions mean an invariant subspace was found; the fresh ones are orthogonal to
+    everything so far.
+    """
     ops = A.ops
     U, sigma, Vt = np.linalg.svd(R)
     dead = A.decide(breakdown(sigma, anorm, eps))
@@ -178,9 +201,10 @@ def _repair(A, Qn, R, buffer, columns, draw, anorm, eps):
     return ops.concat(cols, axis=1), R
 
 
-def probe_lanczos(A, mul, V, steps):
-    """``steps`` Lanczos steps for every column of the unit block ``V`` independently
-    (one ``matmat`` of all probes per step), each probe's basis fully reorthogonalized.
+def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``steps`` Lanczos steps for every column of the unit block ``V`` independently.
+
+    One ``matmat`` of all probes per step; each probe's basis is fully reorthogonalized.
 
     Returns:
         ``(alpha, beta, length)``: per probe the tridiagonal's diagonal (p, steps),

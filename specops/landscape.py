@@ -23,14 +23,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from specops import _checks
 from specops import random as _random
+from specops.progress import bar as progress_bar
 from specops.random import check_seed
+from specops.ops import Array
 from specops.results import Result
+
+if TYPE_CHECKING:
+    from specops.eigsh import EigResult
+    from specops.model import ModelOperator
+    from specops.operator import LinearOperator
 
 DIRECTION_KINDS = ("eigen", "random", "filter")
 BIAS_RULES = ("zero", "norm")
@@ -66,9 +74,10 @@ class Landscape(Result):
 
     @property
     def ndim(self) -> int:
+        """1 for a line, 2 for a plane."""
         return 1 if self.betas is None else 2
 
-    def plot(self, ax=None, levels: int = 30):
+    def plot(self, ax: Any = None, levels: int = 30) -> Any:
         """A line (1-D) or filled contours (2-D) of the losses; returns the matplotlib axes."""
         import matplotlib.pyplot as plt
 
@@ -93,7 +102,7 @@ class Landscape(Result):
 
 
 # --- directions ---------------------------------------------------------------------------
-def eigen_directions(eig, count: int = 1) -> list:
+def eigen_directions(eig: EigResult, count: int = 1) -> list[Array]:
     """The first ``count`` eigenvectors of an :class:`~specops.EigResult`, as vectors (n,).
 
     Raises:
@@ -108,7 +117,7 @@ def eigen_directions(eig, count: int = 1) -> list:
     return [V[:, j] for j in range(count)]
 
 
-def random_directions(H, count: int = 1, seed: int = 0) -> list:
+def random_directions(H: LinearOperator, count: int = 1, seed: int = 0) -> list[Array]:
     """``count`` seeded standard-normal directions (n,) of the operator's backend.
 
     The same seed gives the same directions on every backend and number of ranks.
@@ -118,8 +127,8 @@ def random_directions(H, count: int = 1, seed: int = 0) -> list:
     return [D[:, j] for j in range(count)]
 
 
-def filter_normalized_directions(H, count: int = 1, seed: int = 0, *, bias: str = "zero",
-                                 shapes: dict | None = None) -> list:
+def filter_normalized_directions(H: ModelOperator, count: int = 1, seed: int = 0, *, bias: str = "zero",
+                                 shapes: dict | None = None) -> list[Array]:
     """Random directions normalized filter by filter (Li et al. 2018).
 
     A standard-normal direction ``d`` is drawn as by :func:`random_directions`
@@ -180,8 +189,8 @@ def _normalize_block(d: np.ndarray, w: np.ndarray, shape: tuple, bias: str) -> n
     return (rows_d * (wn / np.where(dn > 0, dn, 1.0))).ravel()
 
 
-def make_directions(H, kind: str, count: int, *, seed: int = 0, eig=None, bias: str = "zero",
-                    shapes: dict | None = None) -> list:
+def make_directions(H: ModelOperator, kind: str, count: int, *, seed: int = 0, eig: EigResult | None = None,
+                    bias: str = "zero", shapes: dict | None = None) -> list[Array]:
     """Directions by name: ``"eigen"`` (needs ``eig``), ``"random"`` or ``"filter"``."""
     _checks.choice("direction kind", kind, DIRECTION_KINDS)
     if kind == "eigen":
@@ -194,7 +203,7 @@ def make_directions(H, kind: str, count: int, *, seed: int = 0, eig=None, bias: 
 
 
 # --- the landscape -------------------------------------------------------------------------
-def _axis(span, steps: int) -> np.ndarray:
+def _axis(span: float | Sequence[float], steps: int) -> np.ndarray:
     if isinstance(span, (tuple, list)):
         if len(span) != 2 or not span[0] < span[1]:
             raise ValueError(f"span must be a positive number or a pair (low, high) with low < high, got {span!r}")
@@ -205,8 +214,10 @@ def _axis(span, steps: int) -> np.ndarray:
     return np.linspace(lo, hi, steps)
 
 
-def landscape(H, directions, span=1.0, steps: int = 21, *, seed: int = 0, kind: str | None = None,
-              eig=None, bias: str = "zero", shapes: dict | None = None, callback=None) -> Landscape:
+def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, span: float | Sequence[float] = 1.0,
+              steps: int = 21, *, seed: int = 0, kind: str | None = None, eig: EigResult | None = None,
+              bias: str = "zero", shapes: dict | None = None,
+              callback: Callable[[int, int], Any] | None = None, progress: bool | str = False) -> Landscape:
     """The loss along one direction (a line) or two (a square grid) through the parameters.
 
     Args:
@@ -227,6 +238,8 @@ def landscape(H, directions, span=1.0, steps: int = 21, *, seed: int = 0, kind: 
             :func:`filter_normalized_directions`.
         shapes: parameter shapes overriding ``H.param_shapes``.
         callback: ``callback(done, total)`` after each evaluation (progress display).
+        progress: draw a progress bar (tqdm) of the loss evaluations, with the last loss;
+            a string labels it. Silent on MPI ranks other than 0.
 
     Returns:
         :class:`Landscape` with ``steps`` (1-D) or ``steps**2`` (2-D) losses.
@@ -248,7 +261,7 @@ def landscape(H, directions, span=1.0, steps: int = 21, *, seed: int = 0, kind: 
         directions = make_directions(H, name, int(dim[0]), seed=seed, eig=eig, bias=bias, shapes=shapes)
     elif hasattr(directions, "eigenvectors"):
         kind = kind or "eigen"
-        directions = eigen_directions(directions, 1)
+        directions = eigen_directions(directions, 1)  # type: ignore[arg-type]  # duck-typed: any result with eigenvectors
     directions = list(directions)
     if len(directions) not in (1, 2):
         raise ValueError(f"landscape takes one direction (a line) or two (a plane), got {len(directions)}")
@@ -263,12 +276,15 @@ def landscape(H, directions, span=1.0, steps: int = 21, *, seed: int = 0, kind: 
     betas = _axis(span, steps) if len(dirs) == 2 else None
     total = steps ** len(dirs) + 1
     done = 0
+    bar = progress_bar(progress, total, "landscape", unit="losses", comm=H)
     t0 = time.perf_counter()
 
-    def at(delta):
+    def at(delta: Array | None) -> float:
         nonlocal done
         value = H.loss_at(delta)
         done += 1
+        bar.to(done)
+        bar.show(loss=value)
         if callback is not None:
             callback(done, total)
         return value
@@ -283,6 +299,7 @@ def landscape(H, directions, span=1.0, steps: int = 21, *, seed: int = 0, kind: 
                     direction_norms=[ops.norm(d) for d in dirs])
     if kind == "filter":
         settings["bias"] = bias
+    bar.close(center=float(center), min=float(losses.min()), max=float(losses.max()))
     return Landscape(alphas=alphas, betas=betas, losses=losses, center_loss=float(center),
                      num_evaluations=done, seconds=time.perf_counter() - t0, settings=settings,
                      directions=dirs)

@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from specops.ops import Array, VectorOps
 
 
-def select_names(available: list[str], patterns) -> list[str]:
+def select_names(available: list[str], patterns: str | Iterable[str]) -> list[str]:
     """Resolve names or glob patterns against parameter names, keeping model order.
 
     A pattern matches a name equal to it, a glob match (``"layer1.*"``), or a name
@@ -51,9 +56,23 @@ class ParamLayout:
 
     Raises:
         ValueError: names and shapes differ in number, or a name repeats.
+
+    Examples:
+        >>> import numpy as np
+        >>> from specops.backends.numpy import NumpyOps
+        >>> from specops.layout import ParamLayout
+        >>> layout = ParamLayout(["w", "b"], [(2, 3), (2,)])
+        >>> layout.num_params, layout.blocks["b"]
+        (8, slice(6, 8, None))
+        >>> parts = layout.unflatten(np.arange(8.0), NumpyOps())
+        >>> parts["w"]
+        array([[0., 1., 2.],
+               [3., 4., 5.]])
+        >>> layout.flatten(parts, NumpyOps())
+        array([0., 1., 2., 3., 4., 5., 6., 7.])
     """
 
-    def __init__(self, names, shapes):
+    def __init__(self, names: Iterable[str], shapes: Iterable[Sequence[int]]) -> None:
         names = [str(n) for n in names]
         shapes = [tuple(int(d) for d in s) for s in shapes]
         if len(names) != len(shapes):
@@ -72,7 +91,7 @@ class ParamLayout:
     def __len__(self) -> int:
         return len(self.names)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, ParamLayout) and self.names == other.names and self.shapes == other.shapes
 
     def __repr__(self) -> str:
@@ -81,11 +100,11 @@ class ParamLayout:
         return f"ParamLayout({shown}{more}; {self.num_params} entries)"
 
     # --- selection -------------------------------------------------------------------
-    def select(self, patterns) -> list[str]:
+    def select(self, patterns: str | Iterable[str]) -> list[str]:
         """The names matched by names / glob patterns, in layout order (see :func:`select_names`)."""
         return select_names(self.names, patterns)
 
-    def subset(self, names) -> ParamLayout:
+    def subset(self, names: Iterable[str]) -> ParamLayout:
         """The layout of the named parameters only, in this layout's order."""
         unknown = [n for n in names if n not in self.shapes]
         if unknown:
@@ -95,7 +114,7 @@ class ParamLayout:
         return ParamLayout(kept, [self.shapes[n] for n in kept])
 
     # --- flat <-> per-parameter ----------------------------------------------------------
-    def _check_rows(self, v):
+    def _check_rows(self, v: Array) -> None:
         rows = int(v.shape[0]) if len(v.shape) else 0
         if len(v.shape) not in (1, 2) or rows != self.num_params:
             raise ValueError(
@@ -103,7 +122,7 @@ class ParamLayout:
                 f"got shape {tuple(v.shape)}"
             )
 
-    def unflatten(self, v, ops) -> dict:
+    def unflatten(self, v: Array, ops: VectorOps) -> dict[str, Array]:
         """A flat vector or block as ``name -> array``.
 
         Args:
@@ -119,7 +138,7 @@ class ParamLayout:
         k = int(v.shape[1])
         return {n: ops.reshape(ops.transpose(v[self.blocks[n]]), (k, *self.shapes[n])) for n in self.names}
 
-    def flatten(self, arrays, ops):
+    def flatten(self, arrays: dict[str, Any] | Iterable[Any], ops: VectorOps) -> Array:
         """Per-parameter arrays as one flat vector (n,) or a block (n, k).
 
         Args:
@@ -152,7 +171,7 @@ class ParamLayout:
             return ops.zeros((0,))
         first, shape0 = tuple(pieces[0].shape), self.shapes[self.names[0]]
         block = len(first) == len(shape0) + 1 and first[1:] == shape0
-        k = first[0] if block else None
+        k: Any = first[0] if block else None
         for name, p in zip(self.names, pieces):
             want = (k, *self.shapes[name]) if block else self.shapes[name]
             if tuple(p.shape) != want:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from specops.distributed import as_comm
 from specops.layout import ParamLayout, select_names  # noqa: F401 (select_names: re-exported)
 from specops.operator import LinearOperator, NonFiniteError
-from specops.ops import VectorOps
+from specops.ops import Array, VectorOps
+
+T = TypeVar("T")
 
 REDUCTIONS = ("mean", "sum")
 LOSS_FORMS = ("auto", "outputs", "model")
@@ -45,6 +49,7 @@ class ModelAdapter(abc.ABC):
 
     @property
     def num_params(self) -> int:
+        """Number of selected parameters (entries of the flat vector)."""
         return self.layout.num_params
 
     @property
@@ -58,38 +63,38 @@ class ModelAdapter(abc.ABC):
         return dict(self.layout.shapes)
 
     @abc.abstractmethod
-    def batch_size(self, batch) -> int:
+    def batch_size(self, batch: Any) -> int:
         """Number of samples in ``batch``."""
 
     @abc.abstractmethod
-    def loss(self, batch, delta=None) -> float:
+    def loss(self, batch: Any, delta: Array | None = None) -> float:
         """The batch loss (as the user's loss function reduces it) at ``theta + delta``."""
 
     @abc.abstractmethod
-    def gradient(self, batch):
+    def gradient(self, batch: Any) -> Array:
         """Gradient of the batch loss: native (n,)."""
 
     @abc.abstractmethod
-    def hvp(self, index: int, batch, V):
+    def hvp(self, index: int, batch: Any, V: Array) -> Array:
         """Hessian of the batch loss times native ``V`` (n, k); ``index`` numbers the batch."""
 
     @abc.abstractmethod
-    def params_vector(self):
+    def params_vector(self) -> Array:
         """The current parameters, flattened: native (n,)."""
 
     @abc.abstractmethod
     def subset(self, names: list[str]) -> ModelAdapter:
         """An adapter for the named parameters only (the others held fixed)."""
 
-    def unflatten(self, v) -> dict:
+    def unflatten(self, v: Array) -> dict:
         """A flat vector (n,) or block (n, k) as name -> array of shape ``shape`` / ``(k, *shape)``."""
         return self.layout.unflatten(v, self.ops)
 
-    def flatten(self, arrays):
+    def flatten(self, arrays: dict | Iterable[Array]) -> Array:
         """Per-parameter arrays (name -> array, or a sequence in order) as one flat vector or block."""
         return self.layout.flatten(arrays, self.ops)
 
-    def as_params(self, v):
+    def as_params(self, v: Array) -> Any:
         """A flat vector or block in the framework's own parameter structure.
 
         This default is :meth:`unflatten` (a dict name -> array); backends whose users
@@ -103,11 +108,23 @@ class ModelAdapter(abc.ABC):
         return []
 
 
-def renamed(function: str, new: str, value, old: str, old_value, default=None):
+def renamed(function: str, new: str, value: T | None, old: str, old_value: T | None,
+            default: T | None = None) -> T | None:
     """The value of argument ``new``, also accepting its former name ``old`` (with a warning).
 
     Every backend uses one name per concept (``wrt=`` selects the parameters, ``engine=``
     picks the product engine); earlier names keep working for a while.
+
+    Args:
+        function: the caller's name, for the messages.
+        new: the argument's name.
+        value: the value passed as ``new`` (``None``: not passed).
+        old: the former name.
+        old_value: the value passed as ``old`` (``None``: not passed).
+        default: the value when neither is passed.
+
+    Returns:
+        ``value``, else ``old_value`` (with a ``DeprecationWarning``), else ``default``.
 
     Raises:
         TypeError: both names are given.
@@ -122,12 +139,12 @@ def renamed(function: str, new: str, value, old: str, old_value, default=None):
     return old_value
 
 
-def is_single_batch(data) -> bool:
+def is_single_batch(data: Any) -> bool:
     """The convention of every backend: a tuple or a dict is one batch."""
     return isinstance(data, (tuple, dict))
 
 
-def common_batch_size(leaves) -> int:
+def common_batch_size(leaves: Iterable[Any]) -> int:
     """The common leading dimension of a batch's arrays (its number of samples).
 
     Args:
@@ -146,7 +163,7 @@ def common_batch_size(leaves) -> int:
     return sizes.pop()
 
 
-def resolve_loss_form(loss_fn, loss_form: str = "auto") -> str:
+def resolve_loss_form(loss_fn: Callable[..., Any], loss_form: str = "auto") -> str:
     """Which loss convention a backend's ``loss_fn`` follows.
 
     ``"outputs"``: ``loss_fn(outputs, targets)`` (Keras: ``(targets, outputs)``) applied to
@@ -181,8 +198,8 @@ class ModelOperator(LinearOperator):
             and compare two identical products at construction.
     """
 
-    def __init__(self, adapter: ModelAdapter, data, *, reduction: str = "mean", comm=None,
-                 check_deterministic: bool = True):
+    def __init__(self, adapter: ModelAdapter, data: Any, *, reduction: str = "mean", comm: Any = None,
+                 check_deterministic: bool = True) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         n = adapter.num_params
@@ -210,7 +227,7 @@ class ModelOperator(LinearOperator):
             self._check_deterministic()
 
     # --- data ---------------------------------------------------------------------
-    def decide(self, value):
+    def decide(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (see :meth:`LinearOperator.decide`)."""
         return self.comm.bcast(value, 0)
 
@@ -225,7 +242,7 @@ class ModelOperator(LinearOperator):
             )
         return data
 
-    def _iter(self):
+    def _iter(self) -> Iterator[Any]:
         return iter(self._data)
 
     def _weights(self):
@@ -249,7 +266,7 @@ class ModelOperator(LinearOperator):
         return total
 
     # --- products -----------------------------------------------------------------
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         t0 = time.perf_counter()
         out = self._accumulate(lambda i, b: self.adapter.hvp(i, b, V))
         if out is None:  # a rank with an empty shard
@@ -259,7 +276,7 @@ class ModelOperator(LinearOperator):
         self.matvec_seconds += time.perf_counter() - t0
         return out
 
-    def loss_at(self, delta=None) -> float:
+    def loss_at(self, delta: Array | None = None) -> float:
         """The data loss (``reduction``-weighted over all samples) at ``theta + delta``.
 
         The model's parameters are the same afterwards.
@@ -272,19 +289,20 @@ class ModelOperator(LinearOperator):
         self.num_loss_evals += 1
         return float(self.comm.allreduce_host(local))
 
-    def gradient(self):
+    def gradient(self) -> Array:
         """The gradient of the data loss at the current parameters: native (n,)."""
         g = self._accumulate(lambda i, b: self.adapter.gradient(b))
         if g is None:
             g = self.ops.zeros((self.shape[0],))
         return self.comm.allreduce(g, self.ops)
 
-    def params_vector(self):
+    def params_vector(self) -> Array:
         """The current parameters, flattened in the order of :attr:`param_blocks`."""
         return self.adapter.params_vector()
 
     @property
     def num_params(self) -> int:
+        """Number of parameters differentiated (the operator's size n)."""
         return self.shape[0]
 
     @property
@@ -302,36 +320,47 @@ class ModelOperator(LinearOperator):
         """Parameter name -> array shape."""
         return dict(self.layout.shapes)
 
-    def unflatten(self, v) -> dict:
-        """A flat vector (n,) or a block (n, k) (e.g. all eigenvectors) as a dict:
-        parameter name -> array of the parameter's shape, ``(k, *shape)`` for a block."""
+    def unflatten(self, v: Array) -> dict:
+        """A flat vector (n,) or a block (n, k) (e.g. all eigenvectors) as a dict.
+
+        The dict maps parameter name -> array of the parameter's shape, ``(k, *shape)``
+        for a block.
+        """
         return self.adapter.unflatten(v)
 
-    def flatten(self, arrays):
-        """Per-parameter arrays (a dict name -> array, or a sequence in order) as one
-        flat vector (n,) — or a block (n, k) from arrays of shape ``(k, *shape)``."""
+    def flatten(self, arrays: dict | Iterable[Array]) -> Array:
+        """Per-parameter arrays (a dict name -> array, or a sequence in order) as one flat vector.
+
+        The result is a vector (n,), or a block (n, k) from arrays of shape ``(k, *shape)``.
+        """
         return self.adapter.flatten(arrays)
 
-    def as_params(self, v):
-        """A flat vector (n,) or block (n, k) — an eigenvector, all k eigenvectors, a
-        diagonal, a landscape direction — in the framework's own parameter structure:
-        a dict name -> tensor (PyTorch, NumPy), the ``params`` pytree (JAX), a list
-        matching ``model.trainable_variables`` (Keras). Parameters left out of the
-        selection are zeros there; a block adds a leading axis of length k to every
-        array (``[j]`` is column ``j``)."""
+    def as_params(self, v: Array) -> Any:
+        """A flat vector (n,) or block (n, k) in the framework's own parameter structure.
+
+        ``v`` is an eigenvector, all k eigenvectors, a diagonal, a landscape direction...
+        The structure is a dict name -> tensor (PyTorch, NumPy), the ``params`` pytree
+        (JAX), a list matching ``model.trainable_variables`` (Keras). Parameters left out
+        of the selection are zeros there; a block adds a leading axis of length k to every
+        array (``[j]`` is column ``j``).
+        """
         return self.adapter.as_params(self.ops.asarray(v) if not self.ops.is_native(v) else v)
 
     @property
     def engine(self) -> str:
+        """The Hessian-product engine in use (backend-specific, e.g. ``"cached_graph"``)."""
         return self.adapter.engine
 
-    def restrict(self, index) -> LinearOperator:
+    def restrict(self, index: Any) -> LinearOperator:
         """The Hessian block of a subset of parameters.
 
         Args:
             index: parameter names or glob patterns (``"layer1.*"``): a new model
                 operator that differentiates only those parameters; or coordinates
                 (slices, index arrays) as for any operator.
+
+        Returns:
+            A :class:`ModelOperator` for names, else a restricted operator.
         """
         if isinstance(index, str) or (
             isinstance(index, (list, tuple)) and index and all(isinstance(s, str) for s in index)

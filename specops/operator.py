@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
-from specops.ops import VectorOps
+from specops.ops import Array, VectorOps
+
+T = TypeVar("T")
+
+OperatorLike: TypeAlias = Any
+"""What :func:`aslinearoperator` takes: a :class:`LinearOperator`, a NumPy array, a SciPy sparse
+matrix or ``LinearOperator``, or a dense torch / JAX / TensorFlow matrix."""
 
 
 class NonFiniteError(FloatingPointError):
     """A product or a loss came back with NaN or infinite entries."""
 
 
-def _dtype_name(x) -> str:
+def _dtype_name(x: Any) -> str:
     dt = getattr(x, "dtype", None)
     return getattr(dt, "name", None) or str(dt).rsplit(".", 1)[-1]
 
@@ -29,11 +37,40 @@ class LinearOperator:
         ops: the :class:`~specops.ops.VectorOps` of the operator's vectors.
         symmetric: whether the operator is known to be symmetric. Spectral
             algorithms refuse operators that are not.
+
+    Examples:
+        Every operator has products, algebra and SciPy interop:
+
+        >>> import numpy as np
+        >>> import specops as so
+        >>> A = so.aslinearoperator(np.diag([1.0, 2.0, 3.0]))
+        >>> A @ np.ones(3)
+        array([1., 2., 3.])
+        >>> (2 * A - A.identity()).to_dense()
+        array([[1., 0., 0.],
+               [0., 3., 0.],
+               [0., 0., 5.]])
+
+        A new operator implements ``_matmat`` on (n, k) blocks. The 1-D Laplacian, never
+        stored, has the eigenvalues ``2 - 2 cos(pi j / (n + 1))``:
+
+        >>> from specops.backends.numpy import NumpyOps
+        >>> class Laplacian(so.LinearOperator):
+        ...     def __init__(self, n):
+        ...         super().__init__((n, n), NumpyOps(np.float64))
+        ...     def _matmat(self, V):
+        ...         W = 2 * V
+        ...         W[1:] -= V[:-1]
+        ...         W[:-1] -= V[1:]
+        ...         return W
+        >>> top = so.eigsh(Laplacian(50), k=1)
+        >>> print(f"{top.eigenvalues[0]:.10f} {2 - 2 * np.cos(50 * np.pi / 51):.10f}")
+        3.9962066575 3.9962066575
     """
 
     symmetric = True
 
-    def __init__(self, shape, ops: VectorOps):
+    def __init__(self, shape: tuple[int, ...], ops: VectorOps) -> None:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2 or shape[0] != shape[1]:
             raise ValueError(f"specops operators are square; got shape {shape}")
@@ -45,20 +82,23 @@ class LinearOperator:
     # --- protocol -----------------------------------------------------------------
     @property
     def dtype(self) -> np.dtype:
+        """The NumPy dtype of the operator's vectors (float32 or float64)."""
         return self.ops.dtype
 
     @property
     def device(self) -> str:
+        """Where the operator's vectors live (``"cpu"``, ``"cuda:0"``, ...)."""
         return self.ops.device
 
     @property
     def backend(self) -> str:
+        """The backend of the operator's vectors (``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``)."""
         return self.ops.name
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         raise NotImplementedError
 
-    def _check(self, x, ndim: int):
+    def _check(self, x: Any, ndim: int) -> Array:
         ops = self.ops
         if ops.is_native(x) and _dtype_name(x) != ops.dtype.name:
             raise TypeError(
@@ -72,43 +112,43 @@ class LinearOperator:
             raise ValueError(f"expected an array of shape {want}, got {tuple(x.shape)}")
         return x
 
-    def matvec(self, v):
+    def matvec(self, v: Array) -> Array:
         """``A v`` for ``v`` of shape (n,)."""
         v = self._check(v, 1)
         return self._matmat(v[:, None])[:, 0]
 
-    def matmat(self, V):
+    def matmat(self, V: Array) -> Array:
         """``A V`` for ``V`` of shape (n, k): k products in one pass."""
         V = self._check(V, 2)
         if V.shape[1] == 0:
             return V
         return self._matmat(V)
 
-    def __matmul__(self, other):
+    def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
             return ProductOperator(self, other)
         ndim = len(getattr(other, "shape", np.shape(other)))
         return self.matvec(other) if ndim == 1 else self.matmat(other)
 
     # --- algebra ------------------------------------------------------------------
-    def __add__(self, other):
+    def __add__(self, other: object) -> LinearOperator:
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return SumOperator(self, other)
 
-    def __sub__(self, other):
+    def __sub__(self, other: object) -> LinearOperator:
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return SumOperator(self, ScaledOperator(other, -1.0))
 
-    def __mul__(self, c):
+    def __mul__(self, c: object) -> LinearOperator:
         if not isinstance(c, numbers.Real):
             return NotImplemented
         return ScaledOperator(self, float(c))
 
     __rmul__ = __mul__
 
-    def __neg__(self):
+    def __neg__(self) -> LinearOperator:
         return ScaledOperator(self, -1.0)
 
     def shift(self, c: float) -> LinearOperator:
@@ -119,22 +159,25 @@ class LinearOperator:
         """The identity with this operator's shape and vectors (for ``A - c * A.identity()``)."""
         return IdentityOperator(self.shape[0], self.ops)
 
-    def restrict(self, index) -> LinearOperator:
+    def restrict(self, index: slice | list[slice] | npt.ArrayLike) -> LinearOperator:
         """``P^T A P``: the operator on a subset of coordinates.
 
         Args:
             index: a slice, a sequence of slices, or an integer index array.
+
+        Returns:
+            The restricted operator, of size the number of selected coordinates.
         """
         return RestrictedOperator(self, index)
 
     # --- interop ------------------------------------------------------------------
-    def to_scipy(self):
+    def to_scipy(self) -> Any:
         """A float64 ``scipy.sparse.linalg.LinearOperator`` with the same products."""
         from scipy.sparse.linalg import LinearOperator as ScipyOperator
 
         ops = self.ops
 
-        def mm(X):
+        def mm(X: np.ndarray) -> np.ndarray:
             X = np.asarray(X, dtype=np.float64)
             vec = X.ndim == 1
             Y = ops.to_numpy(self.matmat(ops.from_numpy(X[:, None] if vec else X)))
@@ -153,79 +196,81 @@ class LinearOperator:
         ]
         return np.concatenate(cols, axis=1)
 
-    def __repr__(self):
+    def decide(self, value: T) -> T:
+        """A host value that steers an algorithm, as every process must take it.
+
+        The value is a convergence flag, a breakdown mask, an estimator choice, ...
+        Algorithms pass every data-dependent branch through this. A single-process operator
+        returns ``value``; a data-parallel one returns rank 0's (one broadcast), so ranks whose
+        floating-point results differ in the last bit (other MPIs, heterogeneous nodes,
+        non-deterministic GPU reductions) still take the same path and never deadlock.
+        Composite operators ask the operators they are made of.
+        """
+        for part in (getattr(self, "A", None), getattr(self, "B", None)):
+            if isinstance(part, LinearOperator):
+                value = part.decide(value)
+        return value
+
+    def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.ops}>"
 
 
-def _same_space(A: LinearOperator, B: LinearOperator):
+def _same_space(A: LinearOperator, B: LinearOperator) -> None:
     if A.shape != B.shape:
         raise ValueError(f"operator shapes differ: {A.shape} and {B.shape}")
     if A.ops != B.ops:
         raise ValueError(f"operators live on different backends/dtypes/devices: {A.ops} and {B.ops}")
 
 
-def _decide(self, value):
-    """A host value that steers an algorithm (a convergence flag, a breakdown mask, an
-    estimator choice), as every process must take it.
-
-    Algorithms pass every data-dependent branch through this. A single-process operator
-    returns ``value``; a data-parallel one returns rank 0's (one broadcast), so ranks whose
-    floating-point results differ in the last bit (other MPIs, heterogeneous nodes,
-    non-deterministic GPU reductions) still take the same path and never deadlock.
-    Composite operators ask the operators they are made of.
-    """
-    for part in (getattr(self, "A", None), getattr(self, "B", None)):
-        if isinstance(part, LinearOperator):
-            value = part.decide(value)
-    return value
-
-
-LinearOperator.decide = _decide
-
-
 class SumOperator(LinearOperator):
-    def __init__(self, A: LinearOperator, B: LinearOperator):
+    """``A + B`` for two operators on the same vectors; symmetric when both are."""
+
+    def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
         _same_space(A, B)
         super().__init__(A.shape, A.ops)
         self.A, self.B = A, B
         self.symmetric = A.symmetric and B.symmetric
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         return self.A._matmat(V) + self.B._matmat(V)
 
 
 class ScaledOperator(LinearOperator):
-    def __init__(self, A: LinearOperator, c: float):
+    """``c A`` for a real number ``c``."""
+
+    def __init__(self, A: LinearOperator, c: float) -> None:
         super().__init__(A.shape, A.ops)
         self.A, self.c = A, float(c)
         self.symmetric = A.symmetric
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         return self.A._matmat(V) * self.c
 
 
 class ProductOperator(LinearOperator):
     """``A B``; symmetric when it is ``A A`` or both factors say so via ``symmetric``."""
 
-    def __init__(self, A: LinearOperator, B: LinearOperator):
+    def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
         _same_space(A, B)
         super().__init__(A.shape, A.ops)
         self.A, self.B = A, B
         self.symmetric = A is B and A.symmetric
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         return self.A._matmat(self.B._matmat(V))
 
 
 class IdentityOperator(LinearOperator):
-    def __init__(self, n: int, ops: VectorOps):
+    """The n x n identity on a backend's vectors."""
+
+    def __init__(self, n: int, ops: VectorOps) -> None:
         super().__init__((n, n), ops)
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         return V
 
 
-def _index_to_slices(index, n: int) -> list[slice]:
+def _index_to_slices(index: Any, n: int) -> list[slice]:
     if isinstance(index, slice):
         index = [index]
     if isinstance(index, (list, tuple)) and index and all(isinstance(s, slice) for s in index):
@@ -258,7 +303,7 @@ def _index_to_slices(index, n: int) -> list[slice]:
 class RestrictedOperator(LinearOperator):
     """``P^T A P`` for a coordinate selection ``P`` given as slices of ``A``'s coordinates."""
 
-    def __init__(self, A: LinearOperator, index):
+    def __init__(self, A: LinearOperator, index: Any) -> None:
         n = A.shape[0]
         self.A = A
         self.slices = _index_to_slices(index, n)
@@ -266,11 +311,11 @@ class RestrictedOperator(LinearOperator):
         super().__init__((m, m), A.ops)
         self.symmetric = A.symmetric
 
-    def take(self, X):
+    def take(self, X: Array) -> Array:
         """The selected rows of ``X`` (n, k), in selection order."""
         return self.ops.concat([X[s] for s in self.slices], axis=0)
 
-    def embed(self, V):
+    def embed(self, V: Array) -> Array:
         """``P V``: rows of ``V`` (m, k) placed at the selected coordinates, zeros elsewhere."""
         n, k = self.A.shape[0], V.shape[1]
         offsets, off = [], 0
@@ -287,35 +332,44 @@ class RestrictedOperator(LinearOperator):
             pieces.append(self.ops.zeros((n - pos, k)))
         return self.ops.concat(pieces, axis=0)
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         return self.take(self.A._matmat(self.embed(V)))
 
 
 class MatrixOperator(LinearOperator):
     """A dense or sparse matrix of a backend, multiplied with the backend's ``@``."""
 
-    def __init__(self, matrix, ops: VectorOps, symmetric: bool = True):
+    def __init__(self, matrix: Any, ops: VectorOps, symmetric: bool = True) -> None:
         super().__init__(matrix.shape, ops)
         self.matrix = matrix
         self.symmetric = symmetric
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         return self.matrix @ V
 
 
 class ScipyOperator(LinearOperator):
     """A ``scipy.sparse.linalg.LinearOperator`` (or anything with its ``matmat``)."""
 
-    def __init__(self, op, ops: VectorOps, symmetric: bool = True):
+    def __init__(self, op: Any, ops: VectorOps, symmetric: bool = True) -> None:
         super().__init__(op.shape, ops)
         self.op = op
         self.symmetric = symmetric
 
-    def _matmat(self, V):
+    def _matmat(self, V: Array) -> Array:
         return np.asarray(self.op.matmat(V), dtype=self.dtype)
 
 
-def check_dense_symmetric(M: np.ndarray, what: str):
+def check_dense_symmetric(M: np.ndarray, what: str) -> None:
+    """Raise if the dense matrix ``M`` is not symmetric to rounding.
+
+    Args:
+        M: a square float64 matrix.
+        what: how the error message names it (``"matrix"``, ``"Hessian"``).
+
+    Raises:
+        ValueError: ``max |M - M^T|`` exceeds ``1e-10 max |M| sqrt(n)``.
+    """
     scale = max(float(np.abs(M).max()), np.finfo(np.float64).tiny)
     asym = float(np.abs(M - M.T).max())
     if asym > 1e-10 * scale * max(1, M.shape[0]) ** 0.5:
@@ -325,7 +379,8 @@ def check_dense_symmetric(M: np.ndarray, what: str):
         )
 
 
-def aslinearoperator(x, *, symmetric: bool | None = None, dtype=None) -> LinearOperator:
+def aslinearoperator(x: OperatorLike, *, symmetric: bool | None = None,
+                     dtype: npt.DTypeLike | None = None) -> LinearOperator:
     """Wrap ``x`` as a :class:`LinearOperator`.
 
     Args:
@@ -338,9 +393,26 @@ def aslinearoperator(x, *, symmetric: bool | None = None, dtype=None) -> LinearO
         dtype: NumPy, SciPy: the dtype of the vectors (default: float64, or float32 for
             float32 input).
 
+    Returns:
+        The operator; its vectors are arrays of ``x``'s framework (NumPy for NumPy and SciPy).
+
     Raises:
         TypeError: for an unsupported type.
         ValueError: for a non-square or (with ``symmetric=None``) non-symmetric matrix.
+
+    Examples:
+        >>> import numpy as np
+        >>> import scipy.sparse as sp
+        >>> import specops as so
+        >>> A = so.aslinearoperator(sp.diags([1.0, 2.0, 3.0]))
+        >>> A.shape, A.backend, A.dtype.name
+        ((3, 3), 'numpy', 'float64')
+        >>> A @ np.array([1.0, 1.0, 1.0])
+        array([1., 2., 3.])
+        >>> so.aslinearoperator(np.array([[1.0, 2.0], [0.0, 1.0]]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: the matrix is not symmetric (max |A - A^T| = 2, max |A| = 2); ...
     """
     if isinstance(x, LinearOperator):
         return x
@@ -357,7 +429,7 @@ def aslinearoperator(x, *, symmetric: bool | None = None, dtype=None) -> LinearO
 
     from specops.backends.numpy import NumpyOps
 
-    def pick_dtype(d):
+    def pick_dtype(d: npt.DTypeLike) -> npt.DTypeLike:
         if dtype is not None:
             return dtype
         return np.float32 if np.dtype(d) == np.float32 else np.float64
@@ -398,7 +470,7 @@ def aslinearoperator(x, *, symmetric: bool | None = None, dtype=None) -> LinearO
     )
 
 
-def check_symmetric(A: LinearOperator, *, num_probes: int = 2, rtol: float = 1e-6, seed: int = 0) -> float:
+def check_symmetric(A: OperatorLike, *, num_probes: int = 2, rtol: float = 1e-6, seed: int = 0) -> float:
     """Probe ``A`` for symmetry: ``|x^T A y - y^T A x|`` relative to ``|x| |A y|``.
 
     Returns:

@@ -17,10 +17,16 @@ backend, device and number of MPI ranks.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from specops import random as _random
+
+Array: TypeAlias = Any
+"""A backend's native array: ``numpy.ndarray``, ``torch.Tensor``, ``jax.Array`` or ``tf.Tensor``."""
 
 
 class VectorOps(abc.ABC):
@@ -36,7 +42,7 @@ class VectorOps(abc.ABC):
 
     name: str = "abstract"
 
-    def __init__(self, dtype, device: str = "cpu"):
+    def __init__(self, dtype: npt.DTypeLike, device: str = "cpu") -> None:
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(
@@ -46,58 +52,60 @@ class VectorOps(abc.ABC):
         self.dtype = dtype
         self.device = str(device)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}(dtype={self.dtype.name}, device={self.device!r})"
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (
             type(self) is type(other)
             and self.dtype == other.dtype
             and self.device == other.device
         )
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((type(self), self.dtype, self.device))
 
     # --- required -----------------------------------------------------------------
     @abc.abstractmethod
-    def is_native(self, x) -> bool:
+    def is_native(self, x: Any) -> bool:
         """Whether ``x`` is an array of this backend."""
 
     @abc.abstractmethod
-    def asarray(self, x):
-        """``x`` (a native array, or anything NumPy accepts) as a native array of this
-        dtype on this device."""
+    def asarray(self, x: Any) -> Array:
+        """``x`` (a native array, or anything NumPy accepts) as a native array.
+
+        The array has this dtype and is on this device.
+        """
 
     @abc.abstractmethod
-    def to_numpy(self, x) -> np.ndarray:
+    def to_numpy(self, x: Array) -> np.ndarray:
         """A host float64 NumPy copy of ``x``."""
 
     @abc.abstractmethod
-    def zeros(self, shape):
+    def zeros(self, shape: tuple[int, ...]) -> Array:
         """Native zeros of ``shape``."""
 
     @abc.abstractmethod
-    def concat(self, arrays, axis: int):
+    def concat(self, arrays: Sequence[Array], axis: int) -> Array:
         """Concatenation of native arrays along ``axis``."""
 
     @abc.abstractmethod
-    def inner(self, X, Y):
+    def inner(self, X: Array, Y: Array) -> Array:
         """``X^T Y`` for native ``X`` (n, a) and ``Y`` (n, b): native (a, b)."""
 
     @abc.abstractmethod
-    def combine(self, X, C):
+    def combine(self, X: Array, C: Array | np.ndarray) -> Array:
         """``X @ C`` for native ``X`` (n, a) and ``C`` (a, b), native or NumPy."""
 
     @abc.abstractmethod
-    def column_norms(self, X) -> np.ndarray:
+    def column_norms(self, X: Array) -> np.ndarray:
         """Euclidean norms of the columns of native ``X`` (n, k) as host float64."""
 
     @abc.abstractmethod
-    def qr(self, X):
+    def qr(self, X: Array) -> tuple[Array, Array]:
         """Reduced QR of native ``X`` (n, k), k <= n: native ``Q`` (n, k), ``R`` (k, k)."""
 
-    def orthonormalize(self, X):
+    def orthonormalize(self, X: Array) -> tuple[Array, np.ndarray]:
         """``Q, R`` with orthonormal ``Q`` (native) and host ``R`` (k, k), ``X = Q R``."""
         if X.shape[1] == 1:
             r = self.norm(X)
@@ -106,22 +114,26 @@ class VectorOps(abc.ABC):
         return Q, self.to_numpy(R)
 
     @abc.abstractmethod
-    def all_finite(self, X) -> bool:
+    def all_finite(self, X: Array) -> bool:
         """Whether every entry of ``X`` is finite (one host synchronisation)."""
 
     # --- derived (backends may override for speed) ----------------------------------
-    def einsum(self, spec: str, *arrays):
-        """``einsum`` over native arrays. This default goes through the host; backends
-        override it with their own ``einsum`` to stay on the device."""
+    def einsum(self, spec: str, *arrays: Array) -> Array:
+        """``einsum`` over native arrays.
+
+        This default goes through the host; backends override it with their own
+        ``einsum`` to stay on the device.
+        """
         return self.asarray(np.einsum(spec, *(self.to_numpy(a) for a in arrays)))
 
-    def from_numpy(self, a):
+    def from_numpy(self, a: np.ndarray) -> Array:
         """A host array as a native array of this dtype on this device."""
         return self.asarray(np.asarray(a, dtype=self.dtype))
 
-    def write_block(self, buffer, start: int, X, axis: int = 1):
-        """``buffer`` with the slices ``start .. start + k - 1`` along ``axis`` replaced by
-        ``X`` (``k = X.shape[axis]``; the other dimensions match).
+    def write_block(self, buffer: Array, start: int, X: Array, axis: int = 1) -> Array:
+        """``buffer`` with the slices ``start .. start + k - 1`` along ``axis`` replaced by ``X``.
+
+        Here ``k = X.shape[axis]``; the other dimensions match.
 
         Backends with mutable arrays (NumPy, torch) override this to write in place, so a
         growing basis is not copied at every step; this default returns a new array.
@@ -131,40 +143,40 @@ class VectorOps(abc.ABC):
         return self.concat([buffer[head + (slice(0, start),)], X, buffer[head + (slice(start + k, None),)]],
                            axis=axis)
 
-    def reshape(self, x, shape):
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
         """``x`` reshaped to ``shape`` (a view where the backend can)."""
         return x.reshape(tuple(shape))
 
-    def transpose(self, X):
+    def transpose(self, X: Array) -> Array:
         """The transpose of a native (n, k) block."""
         return X.T
 
-    def as_columns(self, x):
+    def as_columns(self, x: Array) -> Array:
         """``x`` of shape (n,) as (n, 1); (n, k) unchanged."""
         return x[:, None] if len(x.shape) == 1 else x
 
-    def scale_columns(self, X, s):
+    def scale_columns(self, X: Array, s: npt.ArrayLike) -> Array:
         """``X * s`` with one host scale per column."""
         return X * self.from_numpy(np.asarray(s, dtype=np.float64)[None, :])
 
-    def column_dots(self, X, Y) -> np.ndarray:
+    def column_dots(self, X: Array, Y: Array) -> np.ndarray:
         """``(X * Y).sum(axis=0)`` for native (n, k) blocks, as host float64 (k,)."""
         ones = self.from_numpy(np.ones((X.shape[0], 1)))
         return self.to_numpy(self.inner(ones, X * Y))[0]
 
-    def row_sums(self, X):
+    def row_sums(self, X: Array) -> Array:
         """``X.sum(axis=1)`` for native ``X`` (n, k): native (n,)."""
         return self.combine(X, np.ones((X.shape[1], 1)))[:, 0]
 
-    def dot(self, x, y) -> float:
+    def dot(self, x: Array, y: Array) -> float:
         """``x . y`` for native vectors, as a host float."""
         return float(self.to_numpy(self.inner(self.as_columns(x), self.as_columns(y)))[0, 0])
 
-    def norm(self, x) -> float:
+    def norm(self, x: Array) -> float:
         """Euclidean norm of a native vector, as a host float."""
         return float(self.column_norms(self.as_columns(x))[0])
 
-    def orthogonalize(self, W, Q, columns: int | None = None):
+    def orthogonalize(self, W: Array, Q: Array | None, columns: int | None = None) -> tuple[Array, np.ndarray]:
         """Remove the span of the orthonormal columns of ``Q`` from ``W``.
 
         Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005),
@@ -190,14 +202,23 @@ class VectorOps(abc.ABC):
         W = W - self.combine(Q, C2)
         return W, self.to_numpy(C1) + self.to_numpy(C2)
 
-    def combine_prefix(self, X, C):
-        """``X[:, :c] @ C`` for a basis buffer ``X`` (n, a) filled to ``c = C.shape[0] <= a``
-        columns (the rest may hold anything)."""
+    def combine_prefix(self, X: Array, C: np.ndarray) -> Array:
+        """``X[:, :c] @ C`` for a basis buffer ``X`` (n, a) filled to ``c = C.shape[0] <= a`` columns.
+
+        The columns past ``c`` may hold anything.
+        """
         return self.combine(X[:, : C.shape[0]], C)
 
-    def orthogonalize_probes(self, W, X, steps: int):
-        """Per probe ``p``: remove from ``W[:, p]`` the span of the orthonormal vectors
-        ``X[:steps, :, p]`` (a stack of independent Lanczos bases), twice.
+    def orthogonalize_probes(self, W: Array, X: Array, steps: int) -> tuple[Array, np.ndarray]:
+        """Per probe ``p``, remove from ``W[:, p]`` the span of the vectors ``X[:steps, :, p]``.
+
+        ``X`` is a stack of independent orthonormal Lanczos bases, one per probe; the
+        projection is applied twice, as in :meth:`orthogonalize`.
+
+        Args:
+            W: native (n, p) block, one column per probe.
+            X: native (steps or more, n, p) stack of bases.
+            steps: use the first ``steps`` vectors of each basis.
 
         Returns:
             ``(W', C)`` with host coefficients ``C`` (steps, p).
@@ -209,7 +230,8 @@ class VectorOps(abc.ABC):
         W = W - self.einsum("jnp,jp->np", B, c2)
         return W, self.to_numpy(c1) + self.to_numpy(c2)
 
-    def random(self, n: int, columns, seed: int, kind: str = "rademacher", stream: str = ""):
+    def random(self, n: int, columns: Iterable[int], seed: int, kind: str = "rademacher",
+               stream: str = "") -> Array:
         """Seeded random columns (n, len(columns)), the same on every backend.
 
         Column ``j`` depends only on ``(seed, stream, j)``, so drawing columns in
@@ -217,7 +239,7 @@ class VectorOps(abc.ABC):
         """
         return self.from_numpy(_random.probes(n, columns, seed, kind=kind, stream=stream))
 
-    def identity_columns(self, n: int, start: int, stop: int):
+    def identity_columns(self, n: int, start: int, stop: int) -> Array:
         """Columns ``start..stop-1`` of the n x n identity."""
         E = np.zeros((n, stop - start), dtype=self.dtype)
         E[np.arange(start, stop), np.arange(stop - start)] = 1.0

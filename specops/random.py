@@ -8,13 +8,15 @@ backend, on the device or on the number of MPI ranks.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 KINDS = ("rademacher", "normal")
 
 
-def check_seed(seed) -> int:
+def check_seed(seed: Any) -> int:
     """Validate a user seed: a non-negative integer."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -22,6 +24,7 @@ def check_seed(seed) -> int:
 
 
 def check_kind(kind: str) -> str:
+    """Validate a probe distribution: one of :data:`KINDS`."""
     if kind not in KINDS:
         raise ValueError(f"unknown probe distribution {kind!r}; choose one of {', '.join(KINDS)}")
     return kind
@@ -33,7 +36,7 @@ def generator(seed: int, stream: str = "", index: int = 0) -> np.random.Generato
     return np.random.default_rng(np.random.SeedSequence([check_seed(seed), key, int(index)]))
 
 
-def probes(n: int, columns, seed: int, kind: str = "rademacher", stream: str = "") -> np.ndarray:
+def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", stream: str = "") -> np.ndarray:
     """Host float64 probe matrix (n, len(columns)).
 
     Args:
@@ -42,6 +45,12 @@ def probes(n: int, columns, seed: int, kind: str = "rademacher", stream: str = "
         seed: the user's seed.
         kind: ``"rademacher"`` (entries +-1) or ``"normal"`` (standard Gaussian).
         stream: a name that separates independent uses of one seed.
+
+    Returns:
+        The probes, one column per entry of ``columns``.
+
+    Raises:
+        ValueError: a negative or non-integer seed, or an unknown ``kind``.
     """
     check_kind(kind)
     columns = list(columns)

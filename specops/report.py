@@ -1,10 +1,8 @@
-"""The curvature report of ``specops analyze``: state on disk, progress, plots and summaries.
+"""The curvature report of ``specops analyze``: state on disk, plots and summaries.
 
 - :class:`ReportState`: ``results.json`` in the output folder, rewritten atomically
   (a temporary file, then ``os.replace``) after every finished stage, so a killed run
   loses at most the stage it was in and ``--resume`` continues from there.
-- :class:`ProgressOperator`: wraps an operator, counts its products and draws a
-  progress bar on stderr (no dependency).
 - :func:`write_plots`, :func:`summary_markdown`, :func:`summary_table`: the pictures
   (``esd.png``, ``landscape.png``, ``blocks.png``), ``summary.md`` and the terminal table.
 """
@@ -22,7 +20,6 @@ import time
 
 import numpy as np
 
-from specops.operator import LinearOperator
 from specops.results import _from_jsonable, _to_jsonable
 
 RESULTS = "results.json"
@@ -148,67 +145,6 @@ class ReportState:
     def stage(self, name: str) -> dict | None:
         entry = self.data["stages"].get(name)
         return None if entry is None else _from_jsonable(entry)
-
-
-# --- progress -------------------------------------------------------------------------------
-class ProgressBar:
-    """A one-line progress bar on stderr: ``label [#####.....] done/total unit  time``.
-
-    Args:
-        label: what is running.
-        total: expected count (a budget; the bar stops at full when it is exceeded).
-        unit: name of what is counted.
-        enabled: draw at all (False on ranks other than 0, or when asked to be quiet).
-    """
-
-    WIDTH = 28
-
-    def __init__(self, label: str, total: int, unit: str = "matvecs", enabled: bool = True, stream=None):
-        self.label, self.total, self.unit, self.enabled = label, max(int(total), 1), unit, enabled
-        self.stream = sys.stderr if stream is None else stream
-        self.done = 0
-        self.t0 = time.perf_counter()
-        self._last = 0.0
-        # on a terminal the bar redraws in place; in a log file only the final line is written
-        self.live = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.update(0, force=True)
-
-    def update(self, done: int, force: bool = False):
-        self.done = done
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self._last < 0.1) or not (self.live or force == "final"):
-            return
-        self._last = now
-        frac = min(done / self.total, 1.0)
-        filled = round(frac * self.WIDTH)
-        bar = "#" * filled + "." * (self.WIDTH - filled)
-        self.stream.write(f"\r  {self.label:<22} [{bar}] {done:>5}/{self.total} {self.unit}  "
-                          f"{now - self.t0:6.1f}s ")
-        self.stream.flush()
-
-    def close(self, note: str = ""):
-        """Finish the line; a stage that stopped under its budget (converged early) shows a full bar."""
-        self.total = max(min(self.total, self.done), 1)
-        if self.enabled:
-            self.update(self.done, force="final")
-            self.stream.write(f"{note}\n")
-            self.stream.flush()
-
-
-class ProgressOperator(LinearOperator):
-    """An operator that forwards to ``A`` and advances a :class:`ProgressBar` by its products."""
-
-    def __init__(self, A: LinearOperator, bar: ProgressBar):
-        super().__init__(A.shape, A.ops)
-        self.A, self.bar = A, bar
-        self.symmetric = A.symmetric
-        self.num_matvecs = 0
-
-    def _matmat(self, V):
-        out = self.A.matmat(V)
-        self.num_matvecs += int(V.shape[1])
-        self.bar.update(self.num_matvecs)
-        return out
 
 
 # --- plots ----------------------------------------------------------------------------------
@@ -367,3 +303,98 @@ def summary_markdown(data: dict, images: list[str]) -> str:
         out += [f"## {captions.get(img, img)}", "", f"![{img}]({img})", ""]
     out.append(f"Full numbers with settings, seeds and versions: `{RESULTS}`.")
     return "\n".join(out) + "\n"
+
+
+# --- report.html ----------------------------------------------------------------------------
+CAPTIONS = {"esd.png": "Eigenvalue spectral density (SLQ, log scale) with the top eigenvalues",
+            "landscape.png": "Loss landscape", "blocks.png": "Per-block trace and top eigenvalue"}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1000px;
+       color: #222; line-height: 1.4; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; } td.num { font-family: ui-monospace, monospace; text-align: right; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.9em; color: #555; } code { font-size: 0.9em; }
+.meta { color: #444; } .no { color: #a00; font-weight: bold; }
+"""
+
+
+def _table(header, rows, numeric=()) -> str:
+    import html
+
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = []
+        for j, c in enumerate(row):
+            text = html.escape(str(c))
+            cls = ' class="num"' if j in numeric else (' class="no"' if text == "NO" else "")
+            cells.append(f"<td{cls}>{text}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _compact(value) -> str:
+    value = _from_jsonable(value)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    return json.dumps(_to_jsonable(value), separators=(", ", ": "), default=str) if isinstance(
+        value, (dict, list)) else str(value)
+
+
+def summary_html(data: dict, images: dict) -> str:
+    """``report.html``: one self-contained page (no external files, scripts or fonts).
+
+    Args:
+        data: the contents of ``results.json``.
+        images: file name -> PNG bytes, embedded as ``data:`` URIs in this order.
+
+    Returns:
+        The HTML text: the model and cost, the summary table, the figures, each stage's
+        settings and cost, the model's blocks, every setting and the library versions.
+    """
+    import base64
+    import html
+
+    esc = html.escape
+    s, m = data.get("settings", {}), data.get("model", {})
+    stages = data.get("stages", {})
+    total = sum(st.get("num_matvecs", 0) for st in stages.values())
+    seconds = sum(st.get("seconds", 0.0) for st in stages.values())
+    body = ["<h1>specops curvature report</h1>",
+            f"<p class=\"meta\"><b>Model:</b> {esc(describe_model(data))}<br>",
+            f"<b>Backend:</b> {esc(str(s.get('backend')))}, {esc(str(m.get('dtype', '')))}, engine "
+            f"{esc(str(m.get('engine', '')))}, {m.get('ranks', 1)} rank(s); seed {esc(str(s.get('seed')))}<br>",
+            f"<b>Cost:</b> {total} Hessian-vector products, {seconds:.1f} s in the stages"
+            + (f", {data['total_seconds']:.1f} s in all" if "total_seconds" in data else "") + "</p>"]
+    train = stages.get("train")
+    if train:
+        r = train["result"]
+        body.append(f"<p>Trained for {r['epochs']} epochs: training loss {_fmt(r['final_loss'])}, training "
+                    f"accuracy {_fmt(r['train_accuracy'], 3)}, held-out accuracy "
+                    f"{_fmt(r.get('test_accuracy'), 3)}.</p>")
+    body += ["<h2>Summary</h2>", _table(HEADER, summary_rows(data), numeric=(1, 4, 5))]
+    for name, png in images.items():
+        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        caption = CAPTIONS.get(name, name)
+        body.append(f"<h2>{esc(caption)}</h2>\n<figure><img src=\"{uri}\" alt=\"{esc(caption)}\" "
+                    f"data-file=\"{esc(name)}\"><figcaption>{esc(name)}</figcaption></figure>")
+    body += ["<h2>Stages</h2>", _table(
+        ("stage", "products", "seconds", "finished", "settings"),
+        [(name, st.get("num_matvecs", ""), _fmt(st.get("seconds"), 3), st.get("finished", ""),
+          _compact(st.get("settings", {}))) for name, st in stages.items() if name != "blocks_partial"],
+        numeric=(1, 2))]
+    blocks = m.get("blocks") or {}
+    if blocks:
+        body += ["<h2>Parameters</h2>", _table(("block", "parameters"), list(blocks.items()), numeric=(1,))]
+    body += ["<h2>Settings</h2>", _table(("setting", "value"), [(k, _compact(v)) for k, v in s.items()]),
+             "<h2>Versions</h2>", _table(("library", "version"), list(data.get("versions", {}).items())),
+             f"<p class=\"meta\">Every number with its settings and seeds: <code>{RESULTS}</code> in this "
+             "folder.</p>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>specops report: {esc(m.get('description', 'model'))}</title>\n<style>{_CSS}</style>\n"
+            "</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")

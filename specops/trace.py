@@ -18,6 +18,8 @@ import math
 import numpy as np
 
 from specops import _checks
+from specops.progress import bar as progress_bar
+from specops.progress import show
 from specops.random import check_kind, check_seed
 from specops.results import Result
 
@@ -98,13 +100,16 @@ def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0
         return np.array(samples)
     for Z, AZ in probe_chunks(A, mul, num, seed, kind, stream, chunk, transform=project, start=len(samples)):
         samples.extend(_forms(A.ops, Z, AZ))
+        if len(samples) > 1:
+            mean, err = _mean_stderr(np.array(samples))
+            show(A, trace=offset + mean, stderr=err)
         if len(samples) >= MIN_PROBES_FOR_RTOL and A.decide(_reached(*_mean_stderr(np.array(samples)), rtol, offset)):
             break
     return np.array(samples)
 
 
 def trace(A, method: str = "auto", num_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
-          kind: str = "rademacher", chunk: int = 10) -> TraceResult:
+          kind: str = "rademacher", chunk: int = 10, progress: bool | str = False) -> TraceResult:
     """Estimate the trace of a symmetric operator.
 
     Args:
@@ -117,9 +122,24 @@ def trace(A, method: str = "auto", num_matvecs: int = 100, rtol: float | None = 
         seed: seed of the probes.
         kind: probe distribution, ``"rademacher"`` or ``"normal"``.
         chunk: probes multiplied per ``matmat`` (one pass over the data for a model).
+        progress: draw a progress bar (tqdm) of the products against ``num_matvecs``, with
+            the running estimate and its standard error; a string labels it. Silent on MPI
+            ranks other than 0 (:mod:`specops.progress`).
 
     Returns:
         :class:`TraceResult` with the estimate and its standard error.
+
+    Examples:
+        A 300 x 300 matrix with eigenvalues ``0.9^j``, whose trace is 10: 60 products
+        give it to 0.3%, within its (conservative) standard error.
+
+        >>> import numpy as np
+        >>> import specops as so
+        >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((300, 300)))
+        >>> A = (Q * 0.9 ** np.arange(300)) @ Q.T
+        >>> tr = so.trace(A, num_matvecs=60, seed=0)
+        >>> print(f"{np.trace(A):.2f}, estimated {tr.estimate:.2f} +- {tr.stderr:.2f} ({tr.settings['estimator']})")
+        10.00, estimated 10.03 +- 0.20 (xtrace)
     """
     A = _checks.symmetric_operator(A, "trace")
     _checks.choice("method", method, METHODS)
@@ -129,6 +149,8 @@ def trace(A, method: str = "auto", num_matvecs: int = 100, rtol: float | None = 
     chunk = _checks.positive_int("chunk", chunk)
     settings = dict(method=method, num_matvecs=num_matvecs, rtol=rtol, seed=seed, kind=kind,
                     n=A.shape[0], backend=A.backend)
+    bar = progress_bar(progress, num_matvecs, "trace", comm=A)
+    A = bar.track(A)
     mul = _checks.Products(A)
     if method == "auto" and num_matvecs < 4:
         settings["estimator"] = "hutchinson"  # too few products for a sketch
@@ -138,6 +160,7 @@ def trace(A, method: str = "auto", num_matvecs: int = 100, rtol: float | None = 
         est, err = _hutchpp(A, mul, num_matvecs, seed, kind, chunk, rtol)
     else:
         est, err = _xtrace(A, mul, num_matvecs, rtol, seed, kind, chunk, settings)
+    bar.close(trace=est, stderr=err)
     return TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
 
 
@@ -204,6 +227,7 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
             est, err = _mean_stderr(rest)
             return low + est, err
         est, err = sketch.estimate()
+        show(A, trace=est, stderr=err)
         left = (m - mul.count) // 2
         met = s >= MIN_PROBES_FOR_RTOL and A.decide(_reached(est, err, rtol))
         if sketch.exact or rtol is None or left < 1 or met:

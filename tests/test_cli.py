@@ -69,7 +69,8 @@ def _default_operator(out):
 
 
 def test_default_run_writes_the_report(default_run):
-    for name in ("results.json", "esd.png", "landscape.png", "blocks.png", "summary.md", "model.pt"):
+    for name in ("results.json", "esd.png", "landscape.png", "blocks.png", "summary.md", "report.html",
+                 "model.pt"):
         path = os.path.join(default_run, name)
         assert os.path.getsize(path) > 0, name
     r = results(default_run)
@@ -317,3 +318,21 @@ def test_other_backends_match_a_dense_softmax_hessian(tmp_path, backend, model):
     np.testing.assert_allclose(arr(r["stages"]["eigen"]["result"]["eigenvalues"]), dense[::-1][:2], rtol=1e-3)
     assert r["stages"]["trace"]["result"]["estimate"] == pytest.approx(dense.sum(), rel=0.05)
     assert r["model"]["num_params"] == 650
+
+
+def test_progress_bars_on_stderr_unless_no_progress(tmp_path, capsys):
+    user = ["--model", "test_cli:tiny_model", "--data", "test_cli:tiny_data", "--stages", "eigen,trace,esd,blocks",
+            "--top-k", "1", "--trace-matvecs", "12", "--esd-probes", "1", "--esd-steps", "4",
+            "--block-trace-matvecs", "6"]
+    code, io = run([*user, "--out", str(tmp_path / "bars")], capsys)
+    assert code == 0
+    r = results(str(tmp_path / "bars"))
+    for label, stage in (("top eigenvalues", "eigen"), ("trace", "trace"), ("spectral density", "esd")):
+        n = r["stages"][stage]["num_matvecs"]
+        final = [s for s in io.err.replace("\r", "\n").splitlines() if s.startswith(label + ": 100%")]
+        assert final and f"{n}/{n}" in final[-1], (label, io.err)
+    trace = r["stages"]["trace"]["result"]
+    assert f"trace={trace['estimate']:.4g}, stderr={trace['stderr']:.4g}" in io.err
+    assert "block 0: top: 100%" in io.err and "block 2: trace: 100%" in io.err
+    code, io = run([*user, "--no-progress", "--out", str(tmp_path / "quiet")], capsys)
+    assert code == 0 and io.err == ""

@@ -112,7 +112,7 @@ def call_user(fn, what: str):
 
 # --- output -----------------------------------------------------------------------------------
 class Printer:
-    """Prints on rank 0 only; progress bars go to stderr."""
+    """Prints on rank 0 only; progress bars (tqdm, :mod:`specops.progress`) go to stderr."""
 
     def __init__(self, rank: int, progress: bool):
         self.rank0 = rank == 0
@@ -122,7 +122,6 @@ class Printer:
         if self.rank0:
             print(text, file=stream or sys.stdout, flush=True)
 
-    def bar(self, label: str, total: int, unit: str = "matvecs"):
-        from specops import report as rp
-
-        return rp.ProgressBar(label, total, unit, enabled=self.progress)
+    def bar(self, label: str):
+        """The ``progress=`` argument of a library call: its bar's label, or False (no bar)."""
+        return label if self.progress else False

@@ -67,15 +67,14 @@ def run(ctx):
                 continue
             tb = time.perf_counter()
             Hb = ctx.H.restrict(patterns)
-            bar = ctx.printer.bar(f"block {name}", a.eig_matvecs + a.block_trace_matvecs)
-            A = rp.ProgressOperator(Hb, bar)
-            e = so.eigsh(A, k=1, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed)
-            t = so.trace(A, method="auto", num_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),
-                         rtol=a.trace_rtol, seed=a.seed)
-            bar.close(f" top {e.eigenvalues[0]:.4g}, trace {t.estimate:.4g} +- {t.stderr:.2g}")
+            e = so.eigsh(Hb, k=1, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
+                         progress=ctx.printer.bar(f"block {name}: top"))
+            t = so.trace(Hb, method="auto", num_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),
+                         rtol=a.trace_rtol, seed=a.seed, progress=ctx.printer.bar(f"block {name}: trace"))
+            products = e.num_matvecs + t.num_matvecs
             done[name] = dict(num_params=int(Hb.shape[0]), eigen=e.to_dict(), trace=t.to_dict(),
-                              num_matvecs=A.num_matvecs, seconds=time.perf_counter() - tb)
-            total += A.num_matvecs
+                              num_matvecs=products, seconds=time.perf_counter() - tb)
+            total += products
             ctx.state.finish("blocks_partial", settings, done, total, time.perf_counter() - t0)
         seconds = sum(b["seconds"] for b in done.values())
         ctx.state.finish(NAME, settings, done, total, seconds)

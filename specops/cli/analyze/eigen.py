@@ -23,14 +23,12 @@ def run(ctx):
     a = ctx.args
     if ctx.skip(NAME, settings(a)):
         return
-    bar = ctx.printer.bar("top eigenvalues", a.eig_matvecs)
     t0 = time.perf_counter()
-    A = rp.ProgressOperator(ctx.H, bar)
-    ctx.eig = so.eigsh(A, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed)
-    bar.close(f" {np.array2string(ctx.eig.eigenvalues, precision=4)}")
+    ctx.eig = so.eigsh(ctx.H, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
+                       progress=ctx.printer.bar("top eigenvalues"))
     if ctx.state.write:
         rp.atomic_save_npy(os.path.join(ctx.out, "eigenvectors.npy"), ctx.H.ops.to_numpy(ctx.eig.eigenvectors))
-    ctx.state.finish(NAME, settings(a), ctx.eig.to_dict(), A.num_matvecs, time.perf_counter() - t0)
+    ctx.state.finish(NAME, settings(a), ctx.eig.to_dict(), ctx.eig.num_matvecs, time.perf_counter() - t0)
 
 
 def eigenvectors(ctx) -> list:

@@ -17,12 +17,10 @@ def run(ctx):
     a = ctx.args
     settings = dict(num_probes=a.esd_probes, num_steps=a.esd_steps, seed=a.seed)
     if not ctx.skip(NAME, settings):
-        bar = ctx.printer.bar("spectral density", a.esd_probes * min(a.esd_steps, ctx.H.shape[0]))
         t0 = time.perf_counter()
-        A = rp.ProgressOperator(ctx.H, bar)
-        d = so.spectral_density(A, num_probes=a.esd_probes, num_steps=a.esd_steps, seed=a.seed)
-        bar.close()
-        ctx.state.finish(NAME, settings, d.to_dict(), A.num_matvecs, time.perf_counter() - t0)
+        d = so.spectral_density(ctx.H, num_probes=a.esd_probes, num_steps=a.esd_steps, seed=a.seed,
+                                progress=ctx.printer.bar("spectral density"))
+        ctx.state.finish(NAME, settings, d.to_dict(), d.num_matvecs, time.perf_counter() - t0)
     d = SpectralDensity.from_dict(ctx.state.data["stages"][NAME]["result"])
     tops = ctx.state.result("eigen")["eigenvalues"] if "eigen" in ctx.state.data["stages"] else []
     if ctx.state.write:

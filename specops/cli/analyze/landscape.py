@@ -45,10 +45,8 @@ def run(ctx):
             dirs = make_directions(ctx.H, kind, count, seed=a.seed)
             if kind == "random":   # unit directions, so the span is in parameter norm like eigenvectors
                 dirs = [d * (1.0 / ctx.H.ops.norm(d)) for d in dirs]
-        bar = ctx.printer.bar(f"landscape {a.landscape}", a.landscape_steps ** count + 1, "losses")
         ls = so.landscape(ctx.H, dirs, span=settings["span"], steps=a.landscape_steps, seed=a.seed,
-                          kind=kind, callback=lambda done, total: bar.update(done))
-        bar.close()
+                          kind=kind, progress=ctx.printer.bar(f"landscape {a.landscape}"))
         ctx.state.finish(NAME, settings, ls.to_dict(), 0, ls.seconds)
     ls = Landscape.from_dict(ctx.state.data["stages"][NAME]["result"])
     if ctx.state.write:

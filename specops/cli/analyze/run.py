@@ -101,16 +101,22 @@ def analyze(args) -> int:
     write_summary(ctx)
     printer()
     printer(rp.summary_table(state.data))
-    printer(f"\nreport: {os.path.join(args.out, 'summary.md')} ({time.perf_counter() - t_start:.1f} s)")
+    printer(f"\nreport: {os.path.join(args.out, 'report.html')} and summary.md "
+            f"({time.perf_counter() - t_start:.1f} s)")
     return 0
 
 
 def write_summary(ctx):
-    """``summary.md`` with the pictures that exist (rank 0)."""
+    """``summary.md`` and the self-contained ``report.html`` with the pictures that exist (rank 0)."""
     if not ctx.state.write:
         return
     images = [f for f in ("esd.png", "landscape.png", "blocks.png") if os.path.exists(os.path.join(ctx.out, f))]
     rp.atomic_write(os.path.join(ctx.out, "summary.md"), rp.summary_markdown(ctx.state.data, images))
+    pngs = {}
+    for name in images:
+        with open(os.path.join(ctx.out, name), "rb") as fh:
+            pngs[name] = fh.read()
+    rp.atomic_write(os.path.join(ctx.out, "report.html"), rp.summary_html(ctx.state.data, pngs))
 
 
 def run(args) -> int:

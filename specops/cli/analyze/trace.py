@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-from specops import report as rp
-
 NAME = "trace"
 
 
@@ -16,9 +14,7 @@ def run(ctx):
     settings = dict(method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
     if ctx.skip(NAME, settings):
         return
-    bar = ctx.printer.bar("trace", a.trace_matvecs)
     t0 = time.perf_counter()
-    A = rp.ProgressOperator(ctx.H, bar)
-    r = so.trace(A, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
-    bar.close(f" {r.estimate:.5g} +- {r.stderr:.2g}")
-    ctx.state.finish(NAME, settings, r.to_dict(), A.num_matvecs, time.perf_counter() - t0)
+    r = so.trace(ctx.H, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
+                 progress=ctx.printer.bar("trace"))
+    ctx.state.finish(NAME, settings, r.to_dict(), r.num_matvecs, time.perf_counter() - t0)

@@ -13,6 +13,7 @@ import numpy as np
 from specops import report as rp
 from specops.cli.common import UsageError, call_user, load_callable
 from specops.cli.sessions import Setup, shard_data
+from specops.progress import Bar
 
 #: Digits images held out from the default model's training data, for its accuracy.
 DEFAULT_HELD_OUT = 297
@@ -154,11 +155,15 @@ class Session:
         Xtr, ytr, Xte, yte = self.split
         info = None
         if self.comm.rank == 0:
-            bar = rp.ProgressBar("train", args.epochs, "epochs", enabled=printer.progress)
-            info = train(self.model, Xtr, ytr, epochs=args.epochs, seed=args.seed,
-                         log=lambda e, loss, acc: bar.update(e))
+            bar = Bar(args.epochs, "train", "epochs", enabled=printer.progress)
+
+            def log(epoch, loss, acc):
+                bar.to(epoch)
+                bar.show(loss=loss, accuracy=acc)
+
+            info = train(self.model, Xtr, ytr, epochs=args.epochs, seed=args.seed, log=log)
             info["test_accuracy"] = accuracy(self.model, torch.from_numpy(Xte), torch.from_numpy(yte))
-            bar.close(f" accuracy {info['train_accuracy']:.3f} train, {info['test_accuracy']:.3f} held out")
+            bar.close(train_accuracy=info["train_accuracy"], held_out=info["test_accuracy"])
             buf = io.BytesIO()
             torch.save(self.model.state_dict(), buf)
             rp.atomic_write(path, buf.getvalue())
