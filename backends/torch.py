@@ -930,7 +930,7 @@ class TorchAdapter(ModelAdapter):
         with Richardson extrapolation decide which one is wrong. With ``engine="auto"`` the
         operator then falls back to the other engine with a warning naming the parameters and
         layer types where the two differ most; an explicitly requested engine found wrong, or
-        no engine that works, raises. Costs about three products of one batch, once.
+        no engine that works, raises. Costs a forward and two rebuilt products of one batch, once.
 
         Raises:
             ValueError: the requested engine disagrees with finite differences.

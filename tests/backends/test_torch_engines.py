@@ -194,3 +194,22 @@ def test_embedding_padding_row_is_frozen_and_products_are_symmetric(engine):
     HV = H @ V
     assert rel(HV, D @ V.numpy()) < 1e-12
     assert float(V[:, 0] @ HV[:, 1]) == pytest.approx(float(V[:, 1] @ HV[:, 0]), rel=1e-12)
+
+
+def test_cross_check_keeps_reverse_over_reverse_when_finite_differences_cannot_tell(monkeypatch):
+    model, batch = _model("group_norm")
+    original = st.TorchAdapter._forward_over_reverse
+
+    def off(self, batch, V):
+        return original(self, batch, V) * 1.01
+
+    def halfway(self, batch, V, richardson=False, step_factor=1.0):  # a referee between the two
+        return (self._reverse_over_reverse(batch, V) + off(self, batch, V)) / 2, None
+
+    monkeypatch.setattr(st.TorchAdapter, "_forward_over_reverse", off)
+    monkeypatch.setattr(st.TorchAdapter, "_finite_difference", halfway)
+    A = st.TorchAdapter(model, nn.CrossEntropyLoss())
+    A._vectorize_columns = True
+    with pytest.warns(RuntimeWarning, match="cannot tell which is right"):
+        A.cross_check(batch)
+    assert A.engine == "cached_graph" and not A._vectorize_columns
