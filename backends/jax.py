@@ -209,6 +209,70 @@ def batch_size(batch) -> int:
     return common_batch_size(tree_util.tree_leaves(batch))
 
 
+class DataMesh:
+    """Data parallelism over the devices of one process, in one compiled program.
+
+    A batch is split along its leading (sample) axis over a one-axis
+    ``jax.sharding.Mesh`` (``NamedSharding(mesh, P("data"))``); the parameters and the
+    product block are replicated. ``jax.jit`` of the unchanged loss then runs every
+    device on its slice of the batch and sums the partial gradients and products with
+    one all-reduce inside the program, so the result is the one-device product up to
+    the order of the sums.
+
+    Args:
+        devices: ``"local"`` (``jax.local_devices()``), a list of ``jax.Device``, or a
+            ``jax.sharding.Mesh`` (the batch is split over all of its axes).
+        home: the device the results go back to (the operator's vectors live there).
+
+    Raises:
+        ValueError: no device, or a device of another process (split the data across
+            processes with ``comm=`` instead).
+    """
+
+    def __init__(self, devices, home):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        if isinstance(devices, str):
+            if devices != "local":
+                raise ValueError(f"devices must be 'local', a list of devices or a Mesh, got {devices!r}")
+            devices = jax.local_devices(backend=home.platform)
+        if isinstance(devices, Mesh):
+            self.mesh, axes = devices, tuple(devices.axis_names)
+        else:
+            devices = list(devices)
+            if not devices:
+                raise ValueError("devices is empty: pass 'local', a list of jax devices or a Mesh")
+            self.mesh, axes = Mesh(np.array(devices), ("data",)), ("data",)
+        remote = [d for d in self.mesh.devices.flat if d.process_index != jax.process_index()]
+        if remote:
+            raise ValueError(
+                f"devices holds {len(remote)} device(s) of other processes; a batch is split over this "
+                "process's devices only: give each process its own shard of the data and pass comm=..."
+            )
+        self.size = int(self.mesh.devices.size)
+        self.home = home
+        self._split = NamedSharding(self.mesh, PartitionSpec(axes))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    def splits(self, batch) -> bool:
+        """Whether ``batch`` is split: its size is a multiple of the number of devices."""
+        return self.size > 1 and batch_size(batch) % self.size == 0
+
+    def split(self, batch):
+        def put(x):
+            return jax.device_put(x, self._split) if getattr(x, "ndim", 0) >= 1 else x
+        return tree_util.tree_map(put, batch)
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self._replicated)
+
+    def gather(self, x):
+        return jax.device_put(x, self.home)
+
+    def __repr__(self):
+        return f"DataMesh({self.size} devices: {', '.join(str(d) for d in self.mesh.devices.flat)})"
+
+
 class JaxAdapter(ModelAdapter):
     """The per-batch functions for ``loss_fn(params, batch)``, compiled once.
 
@@ -220,6 +284,8 @@ class JaxAdapter(ModelAdapter):
         dtype: cast every floating leaf to this dtype first (e.g. float64); ``None``
             keeps the leaves' dtype.
         chunk_size: columns per compiled ``vmap`` call (memory grows with it).
+        devices: ``None`` (the parameters' device), or the devices to split every batch
+            over (see :class:`DataMesh`).
 
     Raises:
         TypeError: a selected leaf is not a floating array (integer, function, ...),
@@ -228,7 +294,7 @@ class JaxAdapter(ModelAdapter):
 
     engine = "jax: jit(vmap(jvp(grad(loss))))"
 
-    def __init__(self, loss_fn, params, *, wrt=None, dtype=None, chunk_size: int = 16):
+    def __init__(self, loss_fn, params, *, wrt=None, dtype=None, chunk_size: int = 16, devices=None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {type(loss_fn).__name__}")
         if int(chunk_size) < 1:
@@ -272,6 +338,7 @@ class JaxAdapter(ModelAdapter):
         self._loss = jax.jit(self._scalar_loss)
         self._grad = jax.jit(jax.grad(self._scalar_loss))
         self._hvp = jax.jit(self._hvp_block)
+        self.mesh = None if devices is None else DataMesh(devices, self.ops.jax_device)
 
     def as_params(self, v):
         """``v`` (n,) or (n, k) as a pytree like ``params``: the selected leaves from ``v``
@@ -322,25 +389,34 @@ class JaxAdapter(ModelAdapter):
     def batch_size(self, batch) -> int:
         return batch_size(batch)
 
+    def _call(self, fn, batch, *vectors):
+        """``fn(flat, fixed, batch, *vectors)``, over the mesh's devices where there is one."""
+        if self.mesh is None or not self.mesh.splits(batch):
+            return fn(self._flat, self._fixed, batch, *vectors)
+        m = self.mesh
+        return m.gather(fn(m.replicate(self._flat), m.replicate(self._fixed), m.split(batch),
+                           *map(m.replicate, vectors)))
+
     def loss(self, batch, delta=None) -> float:
-        flat = self._flat if delta is None else self._flat + delta
-        return float(self._loss(flat, self._fixed, batch))
+        if delta is None:
+            return float(self._call(self._loss, batch))
+        return float(self._call(lambda flat, *rest: self._loss(flat + rest[-1], *rest[:-1]), batch, delta))
 
     def gradient(self, batch):
-        return self._grad(self._flat, self._fixed, batch)
+        return self._call(self._grad, batch)
 
     def hvp(self, index: int, batch, V):
         k, c = V.shape[1], self.chunk_size
         if k <= c:
-            return self._hvp(self._flat, self._fixed, batch, V)
-        return jnp.concatenate([self._hvp(self._flat, self._fixed, batch, V[:, j : j + c])
-                                for j in range(0, k, c)], axis=1)
+            return self._call(self._hvp, batch, V)
+        return jnp.concatenate([self._call(self._hvp, batch, V[:, j : j + c]) for j in range(0, k, c)], axis=1)
 
     def params_vector(self):
         return self._flat
 
     def subset(self, names: list[str]) -> JaxAdapter:
-        return JaxAdapter(self.loss_fn, self.params, wrt=list(names), chunk_size=self.chunk_size)
+        return JaxAdapter(self.loss_fn, self.params, wrt=list(names), chunk_size=self.chunk_size,
+                          devices=None if self.mesh is None else self.mesh.mesh)
 
     def determinism_hints(self) -> list[str]:
         return [
@@ -351,7 +427,7 @@ class JaxAdapter(ModelAdapter):
 
 
 def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=None,
-            check_deterministic: bool = True, dtype=None, chunk_size: int = 16) -> ModelOperator:
+            check_deterministic: bool = True, dtype=None, chunk_size: int = 16, devices=None) -> ModelOperator:
     """The Hessian of ``loss_fn(params, batch)`` over ``data`` with respect to ``params``.
 
     Args:
@@ -368,6 +444,12 @@ def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=No
             products agree.
         dtype: cast the floating leaves first (``jnp.float64`` needs ``jax_enable_x64``).
         chunk_size: columns of a block evaluated by one compiled ``vmap`` call.
+        devices: split every batch over several devices, one compiled program per
+            product (data parallel within the process): ``"local"`` (every local
+            device), a list of devices, or a ``jax.sharding.Mesh``. Batches whose size
+            the number of devices does not divide run on the parameters' device alone.
+            ``None`` (default): the parameters' device. Across hosts, combine it with
+            ``comm=`` (see ``docs/distributed.md``).
 
     Returns:
         A :class:`specops.ModelOperator`: ``H @ v`` takes and returns JAX arrays.
@@ -388,6 +470,228 @@ def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=No
         array([[1., 0.],
                [0., 1.]])
     """
-    adapter = JaxAdapter(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size)
+    adapter = JaxAdapter(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
+
+
+# --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
+def _output_loss(loss_fn, reduction: str = "mean"):
+    """The :class:`~specops.curvature.OutputLoss` of an optax loss specops recognizes, or None.
+
+    optax's losses are per sample (``(N,)``) or per entry (``(N, ...)``); :func:`ggn`
+    reduces them: a sum over each sample's entries, then ``reduction`` over samples.
+    """
+    from specops.curvature import OutputLoss
+
+    try:
+        import optax
+    except ImportError:  # pragma: no cover - optax is optional
+        return None
+    known = {
+        getattr(optax, "softmax_cross_entropy_with_integer_labels", None): ("categorical", 1.0),
+        getattr(optax, "softmax_cross_entropy", None): ("categorical", 1.0),
+        getattr(optax, "squared_error", None): ("gaussian", 2.0),
+        getattr(optax, "l2_loss", None): ("gaussian", 1.0),
+    }
+    known.pop(None, None)
+    hit = next((v for k, v in known.items() if k is loss_fn), None)
+    reduce = "samples" if reduction == "mean" else "sum"
+    return None if hit is None else OutputLoss(hit[0], reduce, factor=hit[1])
+
+
+_JAX_KNOWN_LOSSES = ("optax.softmax_cross_entropy_with_integer_labels or optax.softmax_cross_entropy "
+                     "(categorical), optax.squared_error or optax.l2_loss (Gaussian), passed as loss_fn "
+                     "itself (per-sample values, reduced by ggn/fisher)")
+
+
+def _reduced_loss(loss_fn, reduction):
+    """``loss_fn(outputs, targets)`` as a scalar: per-sample or per-entry values are summed over
+    each sample's entries, then averaged (``"mean"``) or summed over samples."""
+    def scalar(outputs, targets):
+        value = loss_fn(outputs, targets)
+        if jnp.ndim(value) == 0:
+            return value
+        per_sample = jnp.sum(jnp.reshape(value, (jnp.shape(value)[0], -1)), axis=1)
+        return jnp.mean(per_sample) if reduction == "mean" else jnp.sum(per_sample)
+
+    return scalar
+
+
+def _per_sample_dot(R, Z):
+    return jnp.sum(jnp.reshape(R * Z, (Z.shape[0], -1)), axis=1).reshape((-1,) + (1,) * (Z.ndim - 1))
+
+
+class _JaxCurvature:
+    """``V -> J^T M J V`` for one batch of a :class:`JaxAdapter`, compiled once per shape."""
+
+    def __init__(self, base: JaxAdapter, apply_fn, loss_fn, kind, reduction, num_samples, seed):
+        self.base, self.apply_fn, self.kind, self.reduction = base, apply_fn, kind, reduction
+        self.known = _output_loss(loss_fn, reduction)
+        self.scalar_loss = _reduced_loss(loss_fn, reduction)
+        self.num_samples, self.seed = num_samples, seed
+        self._noise = {}
+        self._block = jax.jit(self._product)
+
+    def _output_matrix(self, out, targets, noise):
+        known, N = self.known, out.shape[0]
+        if self.kind == "empirical":
+            r = jax.grad(self.scalar_loss)(out, targets)
+            scale = float(N) if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
+            return lambda Z: scale * r * _per_sample_dot(r, Z)
+        if known is None:
+            grad = jax.grad(self.scalar_loss)
+            return lambda Z: jax.jvp(lambda o: grad(o, targets), (out,), (Z,))[1]
+        weight = known.weight(N, out.size)
+        if known.likelihood == "categorical":
+            p = jax.nn.softmax(out, axis=-1)
+            if self.kind == "ggn":
+                return lambda Z: weight * (p * Z - p * jnp.sum(p * Z, axis=-1, keepdims=True))
+            labels = jnp.argmax(out[None] + noise, axis=-1)
+            R = p[None] - jax.nn.one_hot(labels, out.shape[-1], dtype=out.dtype)
+        else:
+            if self.kind == "ggn":
+                return lambda Z: weight * Z
+            R = noise
+        S = R.shape[0]
+        return lambda Z: (weight / S) * jnp.sum(R * _per_sample_dot_stack(R, Z), axis=0)
+
+    def _product(self, flat, fixed, batch, V, noise):
+        inputs, targets = batch
+
+        def f(p):
+            return self.apply_fn(self.base._tree(p, fixed), inputs)
+
+        out, vjp_fn = jax.vjp(f, flat)
+        M = self._output_matrix(jax.lax.stop_gradient(out), targets, noise)
+
+        def column(v):
+            return vjp_fn(M(jax.jvp(f, (flat,), (v,))[1]))[0]
+
+        return jax.vmap(column, in_axes=1, out_axes=1)(V)
+
+    def _draw(self, index, batch):
+        from specops.curvature import mc_noise
+
+        if self.kind != "mc":
+            return None
+        noise = self._noise.get(index)
+        if noise is None:
+            out = jax.eval_shape(lambda p: self.apply_fn(self.base._tree(p, self.base._fixed), batch[0]),
+                                 self.base._flat)
+            noise = self._noise[index] = self.base.ops.asarray(
+                mc_noise(out.shape, self.known, self.num_samples, self.seed, index))
+        return noise
+
+    def __call__(self, index, batch, V):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError("ggn and fisher need batches (inputs, targets)")
+        base, c = self.base, self.base.chunk_size
+        noise = self._draw(index, batch)
+        blocks = [self._block(base._flat, base._fixed, tuple(batch), V[:, j:j + c], noise)
+                  for j in range(0, V.shape[1], c)]
+        return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+
+
+def _per_sample_dot_stack(R, Z):
+    """``<R_s,i, Z_i>`` for a stack ``R`` (S, N, ...) against one column ``Z`` (N, ...)."""
+    S, N = R.shape[0], R.shape[1]
+    return jnp.sum(jnp.reshape(R * Z[None], (S, N, -1)), axis=2).reshape((S, N) + (1,) * (Z.ndim - 1))
+
+
+def _curvature_operator(kind, apply_fn, loss_fn, params, data, *, wrt, reduction, comm, check_deterministic,
+                        dtype, chunk_size, num_samples=1, seed=0) -> ModelOperator:
+    import inspect
+
+    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
+        unknown_likelihood_error
+    from specops.random import check_seed
+
+    what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
+    if not (callable(apply_fn) and callable(loss_fn)):
+        raise TypeError(f"{what} takes apply_fn(params, inputs) -> outputs and loss_fn(outputs, targets)")
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters), None)
+    except (TypeError, ValueError):
+        first = None
+    if first in ("params", "model", "module", "net", "network"):
+        raise model_form_error(what, "pass apply_fn(params, inputs) and loss_fn(outputs, targets), e.g. "
+                                     "optax.softmax_cross_entropy_with_integer_labels")
+    known = _output_loss(loss_fn)
+    if kind == "mc" and known is None:
+        raise unknown_likelihood_error(_JAX_KNOWN_LOSSES)
+    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
+    scalar = _reduced_loss(loss_fn, reduction)
+
+    def loss(p, batch):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"{what} needs batches (inputs, targets), got {type(batch).__name__}")
+        return scalar(apply_fn(p, batch[0]), batch[1])
+
+    base = JaxAdapter(loss, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size)
+    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
+           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
+    adapter = CurvatureAdapter(
+        base, lambda b: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed), kind,
+        f"{kind}: jit(vmap(vjp(M jvp))), {how}")
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+
+
+def ggn(apply_fn, loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=None,
+        check_deterministic: bool = True, dtype=None, chunk_size: int = 16) -> ModelOperator:
+    """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` over ``data``.
+
+    The Gauss-Newton split needs the model and the loss apart: ``apply_fn(params, inputs)``
+    gives the outputs ``f`` (a Flax ``model.apply``, an Equinox call, any function), and
+    ``loss_fn(outputs, targets)`` the loss. A scalar loss is used as is; a per-sample or
+    per-entry one (optax's losses) is summed over each sample's entries and reduced over
+    samples by ``reduction``. Products are one ``jvp`` and one ``vjp`` through
+    ``apply_fn``, vectorized over k columns and compiled once; the output Hessian is in
+    closed form for optax's softmax cross-entropy and squared-error losses and by
+    autodiff otherwise.
+
+    Args:
+        apply_fn: ``apply_fn(params, inputs) -> outputs``, pure and traceable.
+        loss_fn: ``loss_fn(outputs, targets)``: a scalar, or per-sample / per-entry values.
+        params, data, wrt, reduction, comm, check_deterministic, dtype, chunk_size: as
+            for :func:`hessian`; every batch is a pair ``(inputs, targets)``.
+
+    Returns:
+        A :class:`specops.ModelOperator` (``G.adapter.kind == "ggn"``).
+
+    Raises:
+        ValueError: a ``loss_fn(params, batch)`` (the loss must be a function of the
+            outputs alone). As :func:`hessian` otherwise.
+    """
+    return _curvature_operator("ggn", apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction, comm=comm,
+                               check_deterministic=check_deterministic, dtype=dtype, chunk_size=chunk_size)
+
+
+def fisher(apply_fn, loss_fn, params, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0,
+           wrt=None, reduction: str = "mean", comm=None, check_deterministic: bool = True, dtype=None,
+           chunk_size: int = 16) -> ModelOperator:
+    """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher over ``data``.
+
+    Arguments as for :func:`ggn`; see ``specops.backends.torch.fisher`` for the
+    definitions. ``kind="mc"`` needs one of optax's cross-entropy or squared-error losses
+    as ``loss_fn`` (its likelihood); the labels are drawn once per batch from ``seed``,
+    the same noise as on the other backends.
+
+    Args:
+        kind: ``"empirical"`` or ``"mc"``.
+        num_samples: sampled labels per sample for ``kind="mc"``.
+        seed: the seed of the sampled labels.
+        Others: as for :func:`ggn`.
+
+    Returns:
+        A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
+
+    Raises:
+        ValueError: ``kind="mc"`` with a loss whose likelihood is not known; a bad ``kind``,
+            ``num_samples`` or ``seed``.
+    """
+    from specops.curvature import check_kind
+
+    return _curvature_operator(check_kind(kind), apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction,
+                               comm=comm, check_deterministic=check_deterministic, dtype=dtype,
+                               chunk_size=chunk_size, num_samples=num_samples, seed=seed)

@@ -476,3 +476,238 @@ def hessian(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=Non
         break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
+
+
+# --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
+def _output_loss(loss_fn):
+    """The :class:`~specops.curvature.OutputLoss` of a Keras loss specops recognizes, or None."""
+    from specops.curvature import OutputLoss
+
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - Keras ships with TensorFlow
+        return None
+    reduction = getattr(loss_fn, "reduction", None)
+    kwargs = getattr(loss_fn, "_fn_kwargs", {}) or {}
+    if isinstance(loss_fn, (keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy)):
+        if not kwargs.get("from_logits") or kwargs.get("axis", -1) != -1 or kwargs.get("ignore_class") is not None:
+            return None
+        if reduction in ("sum_over_batch_size", "mean"):
+            return OutputLoss("categorical", "samples")
+        return OutputLoss("categorical", "sum") if reduction == "sum" else None
+    if isinstance(loss_fn, keras.losses.MeanSquaredError) and reduction in ("sum_over_batch_size", "mean"):
+        return OutputLoss("gaussian", "entries", factor=2.0)
+    return None
+
+
+_TF_KNOWN_LOSSES = ("keras.losses.SparseCategoricalCrossentropy / CategoricalCrossentropy with "
+                    "from_logits=True (categorical), keras.losses.MeanSquaredError with its default "
+                    "reduction (Gaussian)")
+
+
+def _per_sample_dot(R, Z):
+    """``<R_i, Z_i>`` over each sample's entries (leading axes of ``R`` beyond ``Z``'s are kept)."""
+    lead = R.shape.rank - Z.shape.rank
+    flat = tf.reshape(R * Z, tf.concat([tf.shape(R)[: lead + 1], [-1]], axis=0))
+    return tf.reshape(tf.reduce_sum(flat, axis=-1), tf.concat([tf.shape(R)[: lead + 1],
+                                                               [1] * (Z.shape.rank - 1)], axis=0))
+
+
+class _TFCurvature:
+    """``V -> J^T M J V`` for one batch of a :class:`TFAdapter`, traced once per shape."""
+
+    def __init__(self, base: TFAdapter, kind, reduction, num_samples, seed):
+        self.base, self.kind, self.reduction = base, kind, reduction
+        self.num_samples, self.seed = num_samples, seed
+        self.known = _output_loss(base.loss_fn)
+        self._noise = {}
+        self._block = tf.function(self._product, reduce_retracing=True)
+
+    def _output_matrix(self, out, targets, noise):
+        # shapes are dynamic: reduce_retracing traces one program for every batch size
+        known, loss_fn = self.known, self.base.loss_fn
+        N = tf.cast(tf.shape(out)[0], out.dtype)
+        if self.kind == "empirical":
+            with tf.GradientTape() as tape:
+                tape.watch(out)
+                value = loss_fn(targets, out)
+            r = tape.gradient(value, out)
+            scale = N if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
+            return lambda Z: scale * r * _per_sample_dot(r, Z)
+        if known is None:
+            def hessian_product(Z):
+                with tf.autodiff.ForwardAccumulator(out, Z) as acc:
+                    with tf.GradientTape() as tape:
+                        tape.watch(out)
+                        value = loss_fn(targets, out)
+                    g = tape.gradient(value, out)
+                return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return hessian_product
+        weight = known.weight(N, tf.cast(tf.size(out), out.dtype))
+        if known.likelihood == "categorical":
+            p = tf.nn.softmax(out, axis=-1)
+            if self.kind == "ggn":
+                return lambda Z: weight * (p * Z - p * tf.reduce_sum(p * Z, axis=-1, keepdims=True))
+            labels = tf.argmax(out[None] + noise, axis=-1)
+            R = p[None] - tf.one_hot(labels, out.shape[-1], dtype=out.dtype)
+        else:
+            if self.kind == "ggn":
+                return lambda Z: weight * Z
+            R = noise
+        S = tf.cast(tf.shape(R)[0], out.dtype)
+        return lambda Z: (weight / S) * tf.reduce_sum(R * _per_sample_dot(R, Z), axis=0)
+
+    def _product(self, batch, V, noise):
+        base = self.base
+        inputs, targets = batch
+        with tf.GradientTape(persistent=True) as tape:
+            out = base.model(inputs)
+        M = self._output_matrix(tf.stop_gradient(out), targets, noise)
+
+        def column(v):
+            with tf.autodiff.ForwardAccumulator(base._vars, base._unflatten(v)) as acc:
+                o = base.model(inputs)
+            Z = acc.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grads = tape.gradient(out, base._vars, output_gradients=M(Z),
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return base._flatten(grads)
+
+        return tf.transpose(tf.vectorized_map(column, tf.transpose(V)))
+
+    def _draw(self, index, batch):
+        from specops.curvature import mc_noise
+
+        if self.kind != "mc":
+            return None
+        noise = self._noise.get(index)
+        if noise is None:
+            shape = tuple(self.base.model(batch[0]).shape)
+            noise = self._noise[index] = self.base.ops.asarray(
+                mc_noise(shape, self.known, self.num_samples, self.seed, index))
+        return noise
+
+    def __call__(self, index, batch, V):
+        base, c = self.base, self.base.chunk_size
+        batch = base._prepare(batch)
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError("ggn and fisher need batches (inputs, targets)")
+        batch = tuple(batch)
+        noise = self._draw(index, batch)
+        blocks = []
+        for j in range(0, V.shape[1], c):
+            base._fix_randomness()
+            blocks.append(self._block(batch, V[:, j:j + c], noise))
+        return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
+
+
+def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: int = 1, seed: int = 0):
+    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
+    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
+        unknown_likelihood_error
+    from specops.random import check_seed
+
+    what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
+    if base.loss_form != "outputs":
+        raise model_form_error(what, "loss_fn(targets, outputs), e.g. "
+                                     "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
+    known = _output_loss(base.loss_fn)
+    if kind == "mc" and known is None:
+        raise unknown_likelihood_error(_TF_KNOWN_LOSSES)
+    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
+    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
+           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
+    return CurvatureAdapter(base, lambda b: _TFCurvature(b, kind, reduction, num_samples, seed), kind,
+                            f"{kind}: tf.function(vectorized_map(J^T M J)), {how}")
+
+
+def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
+                        loss_form, chunk_size, random_layers, num_samples=1, seed=0) -> ModelOperator:
+    base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
+                     random_layers=random_layers)
+    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed)
+    for batch in ModelOperator._batches_of(data):
+        base.check_random_forward(batch)
+        break
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+
+
+def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
+                   check_deterministic: bool = False) -> ModelOperator:
+    """The GGN or a Fisher of the same model, loss, data, variables and reduction as ``H``.
+
+    Args:
+        H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        num_samples, seed: of ``kind="mc"``, as for :func:`fisher`.
+        check_deterministic: run the construction checks again (``H`` passed them).
+
+    Returns:
+        A :class:`specops.ModelOperator` sharing ``H``'s data and communicator.
+
+    Raises:
+        TypeError: ``H`` is not a TensorFlow model operator. As :func:`fisher` otherwise.
+    """
+    from specops.curvature import KINDS, base_adapter, check_kind
+
+    base = base_adapter(H, TFAdapter)
+    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed)
+    return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
+                         check_deterministic=check_deterministic)
+
+
+def ggn(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
+        check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
+        random_layers: str = "error") -> ModelOperator:
+    """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` of a TensorFlow model's loss.
+
+    Products are one forward-mode JVP (``ForwardAccumulator``) and one VJP
+    (``GradientTape``) through the model, vectorized over k columns; the output Hessian is
+    in closed form for Keras' softmax cross-entropy losses (``from_logits=True``) and
+    ``MeanSquaredError``, by autodiff otherwise.
+
+    Args:
+        model, loss_fn, data, reduction, comm, check_deterministic, chunk_size,
+            random_layers: as for :func:`hessian`; ``loss_fn(targets, outputs)`` (Keras order).
+        wrt: the variable selection, as for :func:`hessian`.
+        loss_form: ``"auto"`` or ``"outputs"``; ``"model"`` is refused.
+
+    Returns:
+        A :class:`specops.ModelOperator` (``G.adapter.kind == "ggn"``).
+
+    Raises:
+        ValueError: a loss that is not a function of the outputs alone. As :func:`hessian` otherwise.
+    """
+    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt,
+                               reduction=reduction,
+                               comm=comm, check_deterministic=check_deterministic, loss_form=loss_form,
+                               chunk_size=chunk_size, random_layers=random_layers)
+
+
+def fisher(model, loss_fn, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0, wrt=None,
+           reduction: str = "mean", comm=None, check_deterministic: bool = True,
+           loss_form: str = "auto", chunk_size: int = 16, random_layers: str = "error") -> ModelOperator:
+    """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher of a TensorFlow model.
+
+    See ``specops.backends.torch.fisher`` for the definitions; the Monte-Carlo labels are
+    the same noise as on the other backends for the same ``seed``.
+
+    Args:
+        kind: ``"empirical"`` or ``"mc"`` (needs a Keras loss whose likelihood is known).
+        num_samples: sampled labels per sample for ``kind="mc"``.
+        seed: the seed of the sampled labels.
+        Others: as for :func:`ggn`.
+
+    Returns:
+        A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
+
+    Raises:
+        ValueError: ``kind="mc"`` with a loss whose likelihood is not known; a bad ``kind``,
+            ``num_samples`` or ``seed``; a loss that is not a function of the outputs alone.
+    """
+    from specops.curvature import check_kind
+
+    return _curvature_operator(check_kind(kind), model, loss_fn, data,
+                               wrt=wrt,
+                               reduction=reduction, comm=comm, check_deterministic=check_deterministic,
+                               loss_form=loss_form, chunk_size=chunk_size, random_layers=random_layers,
+                               num_samples=num_samples, seed=seed)

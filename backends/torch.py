@@ -1242,3 +1242,287 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
         break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
+
+
+# --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
+def _output_loss(loss_fn):
+    """The :class:`~specops.curvature.OutputLoss` of a PyTorch loss specops recognizes, or None."""
+    import functools
+
+    from specops.curvature import OutputLoss
+
+    kw = {}
+    fn = loss_fn
+    if isinstance(fn, functools.partial):
+        if fn.args:
+            return None
+        kw, fn = dict(fn.keywords), fn.func
+    if isinstance(fn, nn.CrossEntropyLoss):
+        kw = {"weight": fn.weight, "reduction": fn.reduction, "ignore_index": fn.ignore_index}
+        fn = F.cross_entropy
+    elif isinstance(fn, nn.MSELoss):
+        kw, fn = {"reduction": fn.reduction}, F.mse_loss
+    reduction = kw.get("reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        return None
+    if fn is F.cross_entropy and kw.get("weight") is None:
+        return OutputLoss("categorical", "samples" if reduction == "mean" else "sum",
+                          ignore_index=kw.get("ignore_index", -100))
+    if fn is F.mse_loss:
+        return OutputLoss("gaussian", "entries" if reduction == "mean" else "sum", factor=2.0)
+    return None
+
+
+_TORCH_KNOWN_LOSSES = ("nn.CrossEntropyLoss / F.cross_entropy without class weights (categorical), "
+                       "nn.MSELoss / F.mse_loss (Gaussian), with reduction 'mean' or 'sum'")
+
+
+def _per_sample_dot(R, Z):
+    """``<R_i, Z_i>`` over each sample's output entries, shaped to broadcast against ``Z``."""
+    return (R * Z).flatten(1).sum(1).view(-1, *(1,) * (Z.ndim - 1))
+
+
+class _TorchCurvature:
+    """``V -> J^T M J V`` for one batch of a :class:`TorchAdapter` (see specops.curvature)."""
+
+    def __init__(self, base: TorchAdapter, kind: str, reduction: str, num_samples: int, seed: int):
+        self.base, self.kind, self.reduction = base, kind, reduction
+        self.num_samples, self.seed = num_samples, seed
+        self.known = _output_loss(base.loss_fn)
+        self._noise = {}
+
+    def _outputs(self, theta, inputs, batch):
+        base = self.base
+        state = {k[len("model."):]: v for k, v in base._state(theta).items()}
+
+        def call():
+            if isinstance(inputs, dict):
+                return torch.func.functional_call(base.model, state, (), inputs)
+            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            return torch.func.functional_call(base.model, state, args)
+
+        if base.random_layers != "fixed":
+            return call()
+        device = base.ops.torch_device
+        seed = hash(base._fingerprint(batch)) % (1 << 62)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            return call()
+
+    def _loss_of_outputs(self, targets):
+        return lambda out: self.base.loss_fn(out, targets)
+
+    def _output_matrix(self, index, out, targets):
+        """The per-sample output-space map ``M`` as a function of one column ``Z``."""
+        known, N = self.known, out.shape[0]
+        if self.kind == "empirical":
+            o = out.detach().requires_grad_(True)
+            (r,) = torch.autograd.grad(self.base.loss_fn(o, targets), o)
+            scale = float(N) if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
+            return lambda Z: scale * r * _per_sample_dot(r, Z)
+        if known is None:
+            if self.kind == "mc":  # checked at construction; kept for subsets
+                raise RuntimeError("no likelihood for fisher(kind='mc')")
+            hess = torch.func.jacrev(self._loss_of_outputs(targets))
+            return lambda Z: torch.func.jvp(hess, (out,), (Z,))[1]
+        weight = known.weight(N, out.numel())
+        if known.likelihood == "categorical":
+            a = torch.full((N, 1), weight, dtype=out.dtype, device=out.device)
+            if known.ignore_index is not None and not targets.is_floating_point():
+                valid = (targets != known.ignore_index).to(out.dtype)[:, None]
+                a = valid * (weight * N / valid.sum().clamp(min=1) if known.reduce == "samples" else weight)
+            p = torch.softmax(out, dim=-1)
+            if self.kind == "ggn":
+                return lambda Z: a * (p * Z - p * (p * Z).sum(-1, keepdim=True))
+            G = self._draw(index, out)
+            labels = (out[None] + G).argmax(-1)
+            R = p[None] - F.one_hot(labels, out.shape[-1]).to(out.dtype)  # (S, N, C)
+        else:
+            a = weight
+            if self.kind == "ggn":
+                return lambda Z: a * Z
+            R = self._draw(index, out)
+        S = R.shape[0]
+        return lambda Z: (a / S) * sum(R[s] * _per_sample_dot(R[s], Z) for s in range(S))
+
+    def _draw(self, index, out):
+        from specops.curvature import mc_noise
+
+        noise = self._noise.get(index)
+        if noise is None or tuple(noise.shape[1:]) != tuple(out.shape):
+            host = mc_noise(tuple(out.shape), self.known, self.num_samples, self.seed, index)
+            noise = self._noise[index] = self.base.ops.asarray(host)
+        return noise
+
+    def __call__(self, index, batch, V):
+        base = self.base
+        prepared = base._prepare(batch)
+        if not (isinstance(prepared, (tuple, list)) and len(prepared) == 2):
+            raise TypeError("ggn and fisher need batches (inputs, targets)")
+        inputs, targets = prepared
+
+        def f(t):
+            out = self._outputs(t, inputs, prepared)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"ggn and fisher need a model that returns one tensor, got {type(out).__name__}")
+            return out
+
+        if V.shape[1] > 1:
+            return self._vectorized(f, index, targets, V)
+        # One column: one forward-mode pass gives the outputs (recorded for the backward) and
+        # their tangent J v at once, then one backward gives J^T M J v. ResNet-20 on CPU (batch
+        # 32, one thread): 1.9 gradients, against 2.2 for torch.func's vjp + jvp (two forwards).
+        import torch.autograd.forward_ad as fwAD
+
+        theta = base._theta.detach().requires_grad_(True)
+        with fwAD.dual_level():
+            out, Z = fwAD.unpack_dual(f(fwAD.make_dual(theta, V[:, 0])))
+        M = self._output_matrix(index, out.detach(), targets)
+        (w,) = torch.autograd.grad(out, theta, M(Z.detach()), allow_unused=True)
+        return (torch.zeros_like(V) if w is None else w[:, None])
+
+    def _vectorized(self, f, index, targets, V):
+        """``torch.func``: one forward for the VJP, the k JVPs and VJPs vectorized by ``vmap``
+        (in chunks of ``chunk_size`` columns). ResNet-20 on CPU, 4 columns: 1.9 gradients per
+        column, against 2.0 for 4 single-column products."""
+        theta = self.base._theta
+        out, vjp_fn = torch.func.vjp(f, theta)
+        M = self._output_matrix(index, out.detach(), targets)
+
+        def column(v):
+            return vjp_fn(M(torch.func.jvp(f, (theta,), (v,))[1]))[0]
+
+        return torch.func.vmap(column, in_dims=1, out_dims=1, chunk_size=self.base.chunk_size,
+                               randomness="same")(V)
+
+
+def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_samples: int = 1, seed: int = 0):
+    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
+    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
+        unknown_likelihood_error
+    from specops.random import check_seed
+
+    what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
+    if base.loss_form != "outputs":
+        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
+    known = _output_loss(base.loss_fn)
+    if kind == "mc" and known is None:
+        raise unknown_likelihood_error(_TORCH_KNOWN_LOSSES)
+    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
+    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
+           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
+    return CurvatureAdapter(
+        base, lambda b: _TorchCurvature(b, kind, reduction, num_samples, seed), kind,
+        f"{kind}: J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func "
+        f"jvp/vjp, {how}")
+
+
+def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
+                        progress, loss_form, chunk_size, batch_size, random_layers, num_samples=1,
+                        seed=0) -> ModelOperator:
+    base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
+                        engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
+                        progress=progress, random_layers=random_layers)
+    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed)
+    for batch in ModelOperator._batches_of(data):
+        base.check_random_forward(batch)
+        break
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+
+
+def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
+                   check_deterministic: bool = False) -> ModelOperator:
+    """The GGN or a Fisher of the same model, loss, data, parameters and reduction as ``H``.
+
+    Args:
+        H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        num_samples, seed: of ``kind="mc"``, as for :func:`fisher`.
+        check_deterministic: run the construction checks again (``H`` passed them).
+
+    Returns:
+        A :class:`specops.ModelOperator` sharing ``H``'s data and communicator.
+
+    Raises:
+        TypeError: ``H`` is not a PyTorch model operator. As :func:`fisher` otherwise.
+    """
+    from specops.curvature import KINDS, base_adapter, check_kind
+
+    base = base_adapter(H, TorchAdapter)
+    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed)
+    return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
+                         check_deterministic=check_deterministic)
+
+
+def ggn(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
+        check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
+        chunk_size: int | None = None, batch_size=None, random_layers: str = "error") -> ModelOperator:
+    """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` of a model's loss over data.
+
+    Products cost one Jacobian-vector product through the model and one vector-Jacobian
+    product (k columns vectorized by ``torch.func.vmap``); the loss Hessian with respect
+    to the outputs is in closed form for ``nn.CrossEntropyLoss`` / ``F.cross_entropy``
+    (softmax cross-entropy) and ``nn.MSELoss`` / ``F.mse_loss``, by autodiff otherwise.
+    Positive semi-definite when the loss is convex in the outputs. ``H - G`` (with
+    ``H = hessian(...)`` on the same arguments) is the residual term.
+
+    Args:
+        model, loss_fn, data, reduction, comm, check_deterministic, progress, chunk_size,
+            batch_size, random_layers: as for :func:`hessian`; ``loss_fn`` must be
+            ``loss_fn(outputs, targets)`` and ``model`` return one tensor.
+        wrt: the parameter selection, as for :func:`hessian`.
+        loss_form: ``"auto"`` or ``"outputs"``; ``"model"`` is refused.
+
+    Returns:
+        A :class:`specops.ModelOperator` (``G.adapter.kind == "ggn"``) that every
+        algorithm takes like a Hessian.
+
+    Raises:
+        ValueError: a loss that is not a function of the outputs alone (``loss_form="model"``).
+        As :func:`hessian` otherwise.
+    """
+    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt,
+                               reduction=reduction,
+                               comm=comm, check_deterministic=check_deterministic, progress=progress,
+                               loss_form=loss_form, chunk_size=chunk_size, batch_size=batch_size,
+                               random_layers=random_layers)
+
+
+def fisher(model: nn.Module, loss_fn, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0,
+           wrt=None, reduction: str = "mean", comm=None, check_deterministic: bool = True,
+           progress: bool = False, loss_form: str = "auto", chunk_size: int | None = None, batch_size=None,
+           random_layers: str = "error") -> ModelOperator:
+    """The Fisher matrix of a model's loss over data: empirical or Monte-Carlo sampled.
+
+    ``kind="empirical"``: ``c sum_i g_i g_i^T`` over the per-sample gradients ``g_i`` at the
+    true targets (``c = 1/N`` with ``reduction="mean"``, 1 with ``"sum"``), as the products
+    ``J^T (r_i r_i^T / c) J`` with the per-sample output gradients ``r_i``, so they cost
+    about a GGN product. ``kind="mc"``: targets sampled ``num_samples`` times per sample
+    from the model's predictive distribution (categorical for cross-entropy, Gaussian for
+    squared error), drawn once per batch from ``seed``; equal to the GGN in expectation.
+
+    Args:
+        kind: ``"empirical"`` or ``"mc"``.
+        num_samples: sampled labels per sample for ``kind="mc"``.
+        seed: the seed of the sampled labels (the same on every backend).
+        Others: as for :func:`ggn`.
+
+    Returns:
+        A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
+
+    Raises:
+        ValueError: ``kind="mc"`` with a loss whose likelihood is not known (the message
+            names the losses that are); a loss that is not a function of the outputs alone;
+            a bad ``kind``, ``num_samples`` or ``seed``.
+    """
+    from specops.curvature import check_kind
+
+    return _curvature_operator(check_kind(kind), model, loss_fn, data,
+                               wrt=wrt,
+                               reduction=reduction, comm=comm, check_deterministic=check_deterministic,
+                               progress=progress, loss_form=loss_form, chunk_size=chunk_size,
+                               batch_size=batch_size, random_layers=random_layers, num_samples=num_samples,
+                               seed=seed)

@@ -23,3 +23,16 @@ if command -v mpiexec >/dev/null && python3 -c "import mpi4py" 2>/dev/null; then
   echo "== MPI: 2 ranks sharing the GPU"
   timeout 120 mpiexec -n 2 python3 examples/mpi_hessian.py 2>&1 | tail -12
 fi
+echo "== torch.distributed with CUDA tensors: every split against one CPU process (1e-10)"
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -ge 2 ]; then  # one process per GPU over NCCL, tensors reduced on the devices
+  timeout 240 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed/torch_worker.py cuda "$OUT" 2>&1 | tail -8
+else  # NCCL refuses two ranks on one GPU: a NCCL group of one, then two ranks over gloo's CUDA path
+  SPECOPS_TEST_TORCH_BACKEND=nccl timeout 120 python3 -m torch.distributed.run --standalone --nproc_per_node 1 \
+      tests/distributed/torch_worker.py cuda "$OUT" 2>&1 | tail -4
+  SPECOPS_TEST_TORCH_BACKEND=cpu:gloo,cuda:gloo timeout 240 python3 -m torch.distributed.run --standalone \
+      --nproc_per_node 2 tests/distributed/torch_worker.py cuda "$OUT" 2>&1 | tail -4
+fi
+echo "== CPU speed-up on dedicated cores: torchrun (gloo) and JAX host devices, 1/2/4, ResNet-20 over 1,024 samples"
+timeout 480 python3 benchmarks/mpi_speedup.py --launcher torchrun --ranks 1,2,4 --reps 3 --json "$OUT/torch_speedup.json" 2>&1 | tail -6
+timeout 420 python3 benchmarks/jax_devices_speedup.py --devices 1,2,4 --reps 3 --json "$OUT/jax_speedup.json" 2>&1 | tail -6

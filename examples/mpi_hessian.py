@@ -1,8 +1,9 @@
-"""The Hessian spectrum of a small PyTorch network, with the data sharded over MPI ranks.
+"""The Hessian spectrum of a small PyTorch network, with the data sharded over MPI ranks or torchrun processes.
 
 Run with any number of ranks (or none)::
 
     mpiexec -n 2 python examples/mpi_hessian.py
+    torchrun --nproc_per_node 2 examples/mpi_hessian.py
     python examples/mpi_hessian.py
 
 Every rank holds the whole model and its own share of scikit-learn's digits; a
@@ -20,7 +21,7 @@ import specops
 from specops.backends.torch import hessian
 from specops.distributed import gpu_index, shard, world
 
-comm = world()  # MPIComm under mpiexec/srun, the single-process Comm otherwise
+comm = world()  # TorchComm under torchrun, MPIComm under mpiexec/srun, the single-process Comm otherwise
 torch.set_num_threads(1)
 device = torch.device("cuda", gpu_index(torch.cuda.device_count(), comm)) if torch.cuda.is_available() else "cpu"
 

@@ -18,6 +18,7 @@ from specops.trace import TraceResult, trace
 from specops.diagonal import DiagonalResult, diagonal
 from specops.density import SpectralDensity, spectral_density
 from specops.landscape import Landscape, landscape
+from specops.tracker import Tracker, TrackerLog
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "Landscape",
     "SpectralDensity",
     "TraceResult",
+    "Tracker",
+    "TrackerLog",
     "diagonal",
     "eigsh",
     "landscape",

@@ -210,7 +210,8 @@ class ModelOperator(LinearOperator):
         self.reduction = reduction
         self.comm = as_comm(comm)
         self._data = self._batches_of(data)
-        self.batch_sizes = [adapter.batch_size(b) for b in self._iter()]
+        self.batch_sizes = self._on_every_rank(lambda: [adapter.batch_size(b) for b in self._iter()],
+                                               "reading the batch sizes")
         # Collective checks: every rank sees every rank's values, so a mismatch raises on all
         # ranks alike and none is left waiting in the first Allreduce.
         self.comm.agree((n, self.ops.dtype.name), "the number of parameters and their dtype",
@@ -373,12 +374,36 @@ class ModelOperator(LinearOperator):
         return super().restrict(index)
 
     # --- checks -------------------------------------------------------------------
+    def _on_every_rank(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` on this rank; if it raises on any rank, raise on every rank.
+
+        A data shard that does not fit the model (wrong shapes, a missing key) fails on its
+        own rank only; the others would wait in the next collective. The failures are
+        gathered so that every rank raises the same error, naming the ranks and causes.
+        """
+        if self.comm.size == 1:
+            return fn()
+        error, failure = None, None
+        try:
+            value = fn()
+        except Exception as err:  # re-raised below on every rank, with this rank's as cause
+            error, value, failure = err, None, f"{type(err).__name__}: {err}"
+        failures = [(r, f) for r, f in enumerate(self.comm.allgather(failure)) if f is not None]
+        if failures:
+            causes = "; ".join(f"rank {r}: {f}" for r, f in failures[:4])
+            raise RuntimeError(
+                f"{what} failed on {len(failures)} of {self.comm.size} ranks ({causes}); every rank "
+                "must hold data of the layout the model expects"
+            ) from error
+        return value
+
     def _check_losses(self):
-        bad = []
-        for i, batch in enumerate(self._iter()):
-            value = float(self.adapter.loss(batch))
-            if not np.isfinite(value):
-                bad.append(f"batch {i} (loss {value})")
+        def losses():
+            return [float(self.adapter.loss(batch)) for batch in self._iter()]
+
+        bad = [f"batch {i} (loss {value})" for i, value in
+               enumerate(self._on_every_rank(losses, "evaluating the loss of every batch"))
+               if not np.isfinite(value)]
         if self.comm.size > 1:  # gathered, so that every rank raises the same error
             bad = [f"{b} on rank {r}" for r, rank_bad in enumerate(self.comm.allgather(bad)) for b in rank_bad]
         if bad:

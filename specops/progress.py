@@ -1,6 +1,8 @@
-"""Progress bars for long computations: ``progress=True`` in :func:`~specops.eigsh`,
-:func:`~specops.trace`, :func:`~specops.spectral_density`, :func:`~specops.landscape` and
-the bars of ``specops analyze``.
+"""Progress bars for long computations.
+
+``progress=True`` in :func:`~specops.eigsh`, :func:`~specops.trace`,
+:func:`~specops.spectral_density`, :func:`~specops.landscape`, and the bars of
+``specops analyze``.
 
 Bars are `tqdm <https://tqdm.github.io>`_'s ``tqdm.auto`` (a widget in Jupyter, a line on
 stderr elsewhere). They count products (or loss evaluations) against the budget and show
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +30,7 @@ from specops.operator import LinearOperator
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
-def rank(comm=None) -> int:
+def rank(comm: Any = None) -> int:
     """This process's rank: ``comm.rank`` if given, else the MPI launcher's variable (0 if none)."""
     if comm is not None and hasattr(comm, "rank"):
         return int(comm.rank)
@@ -39,7 +42,7 @@ def rank(comm=None) -> int:
     return 0
 
 
-def _fmt(value) -> str:
+def _fmt(value: Any) -> str:
     if isinstance(value, str):
         return value
     arr = np.asarray(value, dtype=np.float64)
@@ -60,9 +63,10 @@ class Bar:
         file: the stream (default: stderr).
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "products", enabled: bool = True, file=None):
+    def __init__(self, total: int, desc: str, unit: str = "products", enabled: bool = True,
+                 file: Any = None) -> None:
         self.count = 0
-        self._bar = None
+        self._bar: Any = None
         if enabled:
             from tqdm.auto import tqdm
 
@@ -77,18 +81,18 @@ class Bar:
         """Whether the bar is drawn."""
         return self._bar is not None
 
-    def to(self, count: int):
+    def to(self, count: int) -> None:
         """Move the bar to ``count`` done."""
         self.count = int(count)
         if self._bar is not None:
             self._bar.update(self.count - self._bar.n)
 
-    def show(self, **values):
+    def show(self, **values: Any) -> None:
         """Show the current estimate beside the bar, e.g. ``show(trace=12.3, stderr=0.4)``."""
         if self._bar is not None:
             self._bar.set_postfix_str(", ".join(f"{k}={_fmt(v)}" for k, v in values.items()), refresh=False)
 
-    def close(self, **values):
+    def close(self, **values: Any) -> None:
         """Finish the bar (full, if the run stopped under its budget), showing ``values`` last."""
         if self._bar is None:
             return
@@ -99,18 +103,18 @@ class Bar:
         self._bar.close()
         self._bar = None
 
-    def track(self, A):
+    def track(self, A: LinearOperator) -> LinearOperator:
         """``A`` whose products advance this bar (``A`` itself when the bar is disabled)."""
         return Tracked(A, self) if self.enabled else A
 
-    def __enter__(self):
+    def __enter__(self) -> Bar:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def bar(progress, total: int, desc: str, unit: str = "products", comm=None) -> Bar:
+def bar(progress: bool | str | None, total: int, desc: str, unit: str = "products", comm: Any = None) -> Bar:
     """The bar an algorithm draws for its ``progress`` argument.
 
     Args:
@@ -137,7 +141,7 @@ def bar(progress, total: int, desc: str, unit: str = "products", comm=None) -> B
 class Tracked(LinearOperator):
     """``A`` with every product advancing a :class:`Bar` (by the number of columns)."""
 
-    def __init__(self, A: LinearOperator, bar: Bar):
+    def __init__(self, A: LinearOperator, bar: Bar) -> None:
         super().__init__(A.shape, A.ops)
         self.A, self.bar = A, bar
         self.symmetric = A.symmetric
@@ -150,7 +154,7 @@ class Tracked(LinearOperator):
         return out
 
 
-def show(A, **values):
+def show(A: Any, **values: Any) -> None:
     """Show intermediate estimates on ``A``'s bar, if ``A`` is tracked (else nothing)."""
     if isinstance(A, Tracked):
         A.bar.show(**values)

@@ -17,19 +17,22 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 
 from specops.results import _from_jsonable, _to_jsonable
 
 RESULTS = "results.json"
-STAGES = ("train", "eigen", "trace", "esd", "blocks", "landscape")
+STAGES = ("train", "eigen", "trace", "esd", "curvature", "blocks", "landscape")
 
 
 # --- files ----------------------------------------------------------------------------------
-def atomic_write(path: str, data: bytes | str):
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
-    readers see the old file or the new one, never a partial one."""
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
@@ -44,20 +47,21 @@ def atomic_write(path: str, data: bytes | str):
         raise
 
 
-def atomic_savefig(fig, path: str, dpi: int = 120):
+def atomic_savefig(fig: Any, path: str, dpi: int = 120) -> None:
     """Save a matplotlib figure as PNG atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     atomic_write(path, buf.getvalue())
 
 
-def atomic_save_npy(path: str, array: np.ndarray):
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """Save ``array`` as ``.npy`` atomically."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(array))
     atomic_write(path, buf.getvalue())
 
 
-def check_writable(folder: str):
+def check_writable(folder: str) -> None:
     """Create ``folder`` if needed and prove a file can be written there.
 
     Raises:
@@ -104,13 +108,14 @@ class ReportState:
 
     FORMAT = "specops-analyze/1"
 
-    def __init__(self, folder: str, write: bool = True):
+    def __init__(self, folder: str, write: bool = True) -> None:
         self.folder = folder
         self.write = write
-        self.data = {"format": self.FORMAT, "settings": {}, "model": {}, "versions": {}, "stages": {}}
+        self.data: dict = {"format": self.FORMAT, "settings": {}, "model": {}, "versions": {}, "stages": {}}
 
     @property
     def path(self) -> str:
+        """The path of ``results.json``."""
         return os.path.join(self.folder, RESULTS)
 
     def load(self) -> bool:
@@ -124,18 +129,21 @@ class ReportState:
         self.data = data
         return True
 
-    def save(self):
+    def save(self) -> None:
+        """Write ``results.json`` atomically (on the writing rank only)."""
         if self.write:
             atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
 
     def done(self, stage: str, settings: dict) -> bool:
+        """Whether ``stage`` finished earlier with these ``settings``."""
         entry = self.data["stages"].get(stage)
         return entry is not None and entry.get("settings") == _to_jsonable(settings)
 
-    def result(self, stage: str):
+    def result(self, stage: str) -> Any:
+        """A finished stage's result, with its arrays as NumPy arrays."""
         return _from_jsonable(self.data["stages"][stage]["result"])
 
-    def finish(self, stage: str, settings: dict, result, num_matvecs: int, seconds: float):
+    def finish(self, stage: str, settings: dict, result: Any, num_matvecs: int, seconds: float) -> None:
         """Record a finished stage and write ``results.json`` at once."""
         self.data["stages"][stage] = _to_jsonable(dict(
             settings=settings, result=result, num_matvecs=int(num_matvecs), seconds=float(seconds),
@@ -143,6 +151,7 @@ class ReportState:
         self.save()
 
     def stage(self, name: str) -> dict | None:
+        """A stage's whole entry (settings, result, cost), or None if it did not run."""
         entry = self.data["stages"].get(name)
         return None if entry is None else _from_jsonable(entry)
 
@@ -158,7 +167,8 @@ def _pyplot():
     return plt
 
 
-def plot_esd(density, top_eigenvalues, path: str, title: str = ""):
+def plot_esd(density: Any, top_eigenvalues: list, path: str, title: str = "") -> None:
+    """``esd.png``: the spectral density on a log scale with the top eigenvalues marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     density.plot(ax=ax, log=True)
@@ -172,7 +182,8 @@ def plot_esd(density, top_eigenvalues, path: str, title: str = ""):
     plt.close(fig)
 
 
-def plot_landscape(ls, path: str, title: str = ""):
+def plot_landscape(ls: Any, path: str, title: str = "") -> None:
+    """``landscape.png``: the loss along a line or on a plane (contours)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     ls.plot(ax=ax)
@@ -182,7 +193,7 @@ def plot_landscape(ls, path: str, title: str = ""):
     plt.close(fig)
 
 
-def plot_blocks(blocks: dict, path: str, title: str = ""):
+def plot_blocks(blocks: dict, path: str, title: str = "") -> None:
     """Bar charts of each block's trace (with its standard error) and top eigenvalue."""
     plt = _pyplot()
     blocks = _from_jsonable(blocks)
@@ -208,7 +219,7 @@ def plot_blocks(blocks: dict, path: str, title: str = ""):
 
 
 # --- summaries ------------------------------------------------------------------------------
-def _fmt(x, digits: int = 4) -> str:
+def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
         return "-"
     x = float(x)
@@ -239,6 +250,7 @@ def summary_rows(data: dict) -> list[tuple]:
         rows.append(("ESD support", f"[{_fmt(nodes.min())}, {_fmt(nodes.max())}]",
                      f"{nodes.shape[0]} probes x {nodes.shape[1]} steps", "-", st["num_matvecs"],
                      _fmt(st["seconds"], 3)))
+    rows += _curvature_rows(data)
     if "blocks" in stages:
         st = stages["blocks"]
         for name, b in st["result"].items():
@@ -258,6 +270,27 @@ def summary_rows(data: dict) -> list[tuple]:
     return rows
 
 
+def _curvature_rows(data: dict) -> list[tuple]:
+    """Rows of the ``curvature`` stage (:mod:`specops.cli.analyze.curvature`).
+
+    Each operator's top eigenvalues, and the trace of the residual term H - G.
+    """
+    st = data["stages"].get("curvature")
+    if not st:
+        return []
+    rows = []
+    for n, r in st["result"]["operators"].items():
+        e = _from_jsonable(r["eigen"])
+        lams = ", ".join(_fmt(x, 5) for x in e["eigenvalues"])
+        rows.append((f"[{n}] top eigenvalues", lams, f"max residual {_fmt(max(e['residuals']), 2)}",
+                     "yes" if all(e["converged"]) else "NO", "", ""))
+    t = st["result"].get("residual_trace")
+    if t:
+        rows.append(("trace(H - G)", _fmt(t["estimate"], 6), f"stderr {_fmt(t['stderr'], 2)}", "-", "", ""))
+    rows[-1] = rows[-1][:4] + (st["num_matvecs"], _fmt(st["seconds"], 3))
+    return rows
+
+
 HEADER = ("quantity", "value", "uncertainty", "converged", "matvecs", "seconds")
 
 
@@ -271,6 +304,7 @@ def summary_table(data: dict) -> str:
 
 
 def describe_model(data: dict) -> str:
+    """One line: the model, its parameters, samples and loss."""
     m = data.get("model", {})
     parts = [m.get("description", "model"), f"{m.get('num_params', '?'):,} parameters" if isinstance(
         m.get("num_params"), int) else "", f"{m.get('num_samples', '?')} samples", f"loss {_fmt(m.get('loss'))}"]
@@ -298,7 +332,8 @@ def summary_markdown(data: dict, images: list[str]) -> str:
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     out.append("")
     captions = {"esd.png": "Eigenvalue spectral density (SLQ, log scale) with the top eigenvalues",
-                "landscape.png": "Loss landscape", "blocks.png": "Per-block trace and top eigenvalue"}
+                "landscape.png": "Loss landscape",
+                "curvature.png": "Spectral densities of the Hessian, the Gauss-Newton matrix and the Fishers", "blocks.png": "Per-block trace and top eigenvalue"}
     for img in images:
         out += [f"## {captions.get(img, img)}", "", f"![{img}]({img})", ""]
     out.append(f"Full numbers with settings, seeds and versions: `{RESULTS}`.")
@@ -322,7 +357,7 @@ figcaption { font-size: 0.9em; color: #555; } code { font-size: 0.9em; }
 """
 
 
-def _table(header, rows, numeric=()) -> str:
+def _table(header: Any, rows: Any, numeric: tuple = ()) -> str:
     import html
 
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"]
@@ -337,7 +372,7 @@ def _table(header, rows, numeric=()) -> str:
     return "\n".join(out)
 
 
-def _compact(value) -> str:
+def _compact(value: Any) -> str:
     value = _from_jsonable(value)
     if isinstance(value, np.ndarray):
         value = value.tolist()

@@ -1,5 +1,4 @@
-"""Result objects: host NumPy numbers plus the settings that produced them, round-tripping JSON,
-and how they print.
+"""Result objects: host NumPy numbers and their settings, round-tripping JSON, and how they print.
 
 Every result prints a short summary with its uncertainties (``repr``): eigenvalues with
 their residuals and convergence, a trace with its standard error, a density's range and
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,9 @@ def _from_jsonable(x):
     return x
 
 
+R = TypeVar("R", bound="Result")
+
+
 class Result:
     """Mixin for result dataclasses: ``to_dict``/``to_json``/``from_json``, a readable ``repr``.
 
@@ -55,37 +58,41 @@ class Result:
 
     _NOT_SERIALIZED: tuple = ()
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__repr__ = summary
+        setattr(cls, "__repr__", summary)
         if cls.__name__ in UNPACK:
-            cls.__iter__ = _unpack
+            setattr(cls, "__iter__", _unpack)
 
     def to_dict(self) -> dict:
+        """The result as JSON-ready data (arrays tagged with their dtype), with its ``type``."""
         d = {
             f.name: _to_jsonable(getattr(self, f.name))
-            for f in dataclasses.fields(self)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
             if f.name not in self._NOT_SERIALIZED
         }
         d["type"] = type(self).__name__
         return d
 
-    def to_json(self, **kwargs) -> str:
+    def to_json(self, **kwargs: Any) -> str:
+        """The result as JSON text (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls: type[R], d: dict) -> R:
+        """The result from :meth:`to_dict`'s data; fields not serialized come back as None."""
         d = dict(d)
         kind = d.pop("type", cls.__name__)
         if kind != cls.__name__:
             raise ValueError(f"this JSON holds a {kind}, not a {cls.__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         values = {k: _from_jsonable(v) for k, v in d.items() if k in names}
         values.update({k: None for k in cls._NOT_SERIALIZED})
         return cls(**values)
 
     @classmethod
-    def from_json(cls, text: str):
+    def from_json(cls: type[R], text: str) -> R:
+        """The result from :meth:`to_json`'s text."""
         return cls.from_dict(json.loads(text))
 
 
@@ -98,11 +105,11 @@ UNPACK = {
 }
 
 
-def _unpack(self):
+def _unpack(self: Any) -> Any:
     return iter(tuple(getattr(self, name) for name in UNPACK[type(self).__name__]))
 
 
-def _g(x, digits: int = 4) -> str:
+def _g(x: Any, digits: int = 4) -> str:
     return "-" if x is None else f"{float(x):.{digits}g}"
 
 
@@ -112,7 +119,7 @@ def _operator(settings: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def _eig_summary(r) -> list[str]:
+def _eig_summary(r: Any) -> list[str]:
     s = r.settings or {}
     vals = np.atleast_1d(np.asarray(r.eigenvalues, dtype=np.float64))
     res = np.atleast_1d(np.asarray(r.residuals, dtype=np.float64))
@@ -131,7 +138,7 @@ def _eig_summary(r) -> list[str]:
     return lines
 
 
-def _trace_summary(r) -> list[str]:
+def _trace_summary(r: Any) -> list[str]:
     s = r.settings or {}
     method = s.get("estimator") or s.get("method", "")
     rel = f", {r.stderr / abs(r.estimate):.1%} relative" if r.estimate and np.isfinite(r.stderr) else ""
@@ -140,7 +147,7 @@ def _trace_summary(r) -> list[str]:
             f"{r.num_matvecs}{budget} products; {_operator(s)})"]
 
 
-def _diagonal_summary(r) -> list[str]:
+def _diagonal_summary(r: Any) -> list[str]:
     s = r.settings or {}
     est, err = np.asarray(r.estimate, dtype=np.float64), np.asarray(r.stderr, dtype=np.float64)
     lines = [f"DiagonalResult: {est.size} entries ({s.get('method', '')}, {r.num_matvecs} products; "
@@ -153,7 +160,7 @@ def _diagonal_summary(r) -> list[str]:
     return lines
 
 
-def _density_summary(d) -> list[str]:
+def _density_summary(d: Any) -> list[str]:
     s = d.settings or {}
     nodes = np.asarray(d.nodes, dtype=np.float64)
     lines = [f"SpectralDensity: SLQ, {nodes.shape[0]} probes x {nodes.shape[1]} steps ({d.num_matvecs} products; "
@@ -167,7 +174,7 @@ def _density_summary(d) -> list[str]:
     return lines
 
 
-def _landscape_summary(ls) -> list[str]:
+def _landscape_summary(ls: Any) -> list[str]:
     s = ls.settings or {}
     losses = np.asarray(ls.losses, dtype=np.float64)
     grid = " x ".join(str(len(a)) for a in ((ls.alphas,) if ls.betas is None else (ls.alphas, ls.betas)))
@@ -181,9 +188,9 @@ SUMMARIES = {"EigResult": _eig_summary, "TraceResult": _trace_summary, "Diagonal
              "SpectralDensity": _density_summary, "Landscape": _landscape_summary}
 
 
-def _fields_summary(r) -> list[str]:
+def _fields_summary(r: Any) -> list[str]:
     """Any other result: its fields, arrays by shape."""
-    def short(v):
+    def short(v: Any) -> str:
         if isinstance(v, np.ndarray):
             return f"array{v.shape}" if v.size > 6 else np.array2string(v, precision=4)
         if v is not None and hasattr(v, "shape"):
@@ -194,9 +201,10 @@ def _fields_summary(r) -> list[str]:
                                                for f in dataclasses.fields(r) if f.name != "settings") + ")"]
 
 
-def summary(result) -> str:
-    """The readable summary of a result (its ``repr``): the numbers with their uncertainties,
-    the method, the products used.
+def summary(result: Result) -> str:
+    """The readable summary of a result (its ``repr``).
+
+    The numbers with their uncertainties, the method, the products used.
 
     Args:
         result: any :class:`Result`.

@@ -19,6 +19,7 @@ def test_wheel_contains_backends_and_zoo(tmp_path):
     for module in ("numpy", "torch", "jax", "tensorflow"):
         assert f"specops/backends/{module}.py" in names
     assert "specops/zoo/torch_resnet.py" in names and "specops/eigsh.py" in names
+    assert "specops/callbacks/keras.py" in names and "specops/cli/study.py" in names
     assert "specops/py.typed" in names  # PEP 561: the package ships its type hints
     assert not any(n.startswith(("backends/", "tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

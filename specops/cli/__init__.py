@@ -1,7 +1,8 @@
 """The ``specops`` command line.
 
-``specops analyze`` turns a model into a complete curvature report (docs/cli.md). The
-package shows the flow of a run:
+``specops analyze`` turns a model into a complete curvature report (docs/cli.md);
+``specops study`` runs the PyHessian paper's experiment (:mod:`specops.study`,
+docs/study.md). The package shows the flow of a run:
 
 - :mod:`specops.cli.common`: the usage error, number arguments, user callables, MPI
   detection, rank-0 printing: what every command shares;
@@ -30,6 +31,7 @@ from specops.cli.sessions.torch import default_data, default_model
 #: The subcommands: name -> module defining ``HELP``, ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS = {
     "analyze": "specops.cli.analyze",
+    "study": "specops.cli.study",
 }
 
 __all__ = ["COMMANDS", "MPI_SIZE_VARS", "UsageError", "build_parser", "default_data", "default_model",

@@ -1,5 +1,7 @@
-"""What every ``specops`` command shares: the usage error, number arguments, user callables,
-MPI detection and rank-0 printing."""
+"""What every ``specops`` command shares.
+
+The usage error, number arguments, user callables, MPI detection and rank-0 printing.
+"""
 
 from __future__ import annotations
 
@@ -62,18 +64,35 @@ def launched_size(environ=None) -> int:
 
 
 def launched_rank0() -> bool:
-    """Whether this process is rank 0 of its launcher (or not launched by MPI at all)."""
-    return launched_size() <= 1 or os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
+    """Whether this process is rank 0 of its launcher (or not launched by MPI or torchrun at all)."""
+    rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "0")))
+    return (launched_size() <= 1 and "RANK" not in os.environ) or rank == "0"
 
 
-def detect_comm():
-    """An :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
-    single-process communicator (and mpi4py is not imported)."""
-    from specops.distributed import Comm, MPIComm
+def detect_comm(name: str = "auto"):
+    """The communicator ``--comm name`` asks for (see :func:`specops.distributed.as_comm`).
 
-    if launched_size() <= 1:
+    ``"auto"``: a :class:`~specops.distributed.TorchComm` under torchrun, an
+    :class:`~specops.distributed.MPIComm` under ``mpiexec -n N`` with N > 1, else the
+    single-process communicator (and neither torch.distributed nor mpi4py is started).
+
+    Args:
+        name: ``"auto"``, ``"torch"``, ``"mpi"`` or ``"none"`` (the ``--comm`` argument).
+
+    Returns:
+        The communicator; the single-process one wherever only one process runs.
+
+    Raises:
+        UsageError: the named launch is missing (e.g. ``--comm torch`` outside torchrun).
+    """
+    from specops.distributed import Comm, as_comm, launcher
+
+    if name == "auto" and launcher() is None and launched_size() <= 1:
         return Comm()
-    comm = MPIComm()
+    try:
+        comm = as_comm(name)
+    except (RuntimeError, ImportError) as e:
+        raise UsageError(f"--comm {name}: {e}") from e
     return comm if comm.size > 1 else Comm()
 
 
@@ -119,6 +138,7 @@ class Printer:
         self.progress = progress and self.rank0
 
     def __call__(self, text: str = "", stream=None):
+        """Print ``text`` (to stdout, or ``stream``) on rank 0."""
         if self.rank0:
             print(text, file=stream or sys.stdout, flush=True)
 

@@ -76,22 +76,7 @@ def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = 
         FileNotFoundError: the batches are not there (saying where they were looked for
             and where to get them).
     """
-    if name not in CIFAR_FOLDERS:
-        raise ValueError(f"name must be one of {sorted(CIFAR_FOLDERS)}, got {name!r}")
-    folder = CIFAR_FOLDERS[name]
-    base = root if os.path.basename(os.path.normpath(root)) == folder else os.path.join(root, folder)
-    if name == "cifar10":
-        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        key = b"labels"
-    else:
-        files, key = ["train" if train else "test"], b"fine_labels"
-    missing = [f for f in files if not os.path.isfile(os.path.join(base, f))]
-    if missing:
-        raise FileNotFoundError(
-            f"{name} not found: {', '.join(os.path.join(base, f) for f in missing)} missing. Download the "
-            f"'python version' from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that "
-            f"{os.path.join(root, folder)} exists (specops downloads nothing)"
-        )
+    base, files, key = cifar_files(root, name, train)
     xs, ys = [], []
     for f in files:
         with open(os.path.join(base, f), "rb") as fh:
@@ -102,6 +87,36 @@ def cifar(root: str, name: str = "cifar10", train: bool = True, n: int | None = 
     if n is not None:
         X, y = X[:n], y[:n]
     return _standardize(X), y
+
+
+def cifar_files(root: str, name: str = "cifar10", train: bool | None = True) -> tuple[str, list, bytes]:
+    """The folder, batch files and label key of CIFAR-10/100 under ``root``, checked to exist.
+
+    ``train=None`` checks the files of both splits.
+
+    Raises:
+        ValueError: an unknown ``name``.
+        FileNotFoundError: a batch file is missing (naming every missing file and where to get them).
+    """
+    if name not in CIFAR_FOLDERS:
+        raise ValueError(f"name must be one of {sorted(CIFAR_FOLDERS)}, got {name!r}")
+    folder = CIFAR_FOLDERS[name]
+    base = root if os.path.basename(os.path.normpath(root)) == folder else os.path.join(root, folder)
+    if name == "cifar10":
+        files = ([f"data_batch_{i}" for i in range(1, 6)] if train in (True, None) else []) + (
+            ["test_batch"] if train in (False, None) else [])
+        key = b"labels"
+    else:
+        files = (["train"] if train in (True, None) else []) + (["test"] if train in (False, None) else [])
+        key = b"fine_labels"
+    missing = [f for f in files if not os.path.isfile(os.path.join(base, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"{name} not found: {', '.join(os.path.join(base, f) for f in missing)} missing. Download the "
+            f"'python version' from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it so that "
+            f"{os.path.join(root, folder)} exists (specops downloads nothing)"
+        )
+    return base, files, key
 
 
 def batches(X, y, batch_size: int) -> list:

@@ -1,4 +1,5 @@
-"""Launching ``mpiexec`` from pytest, with a hard time limit and a clear skip where MPI is missing."""
+"""Launching ``mpiexec`` and ``torchrun`` from pytest, with a hard time limit and a clear skip where
+MPI or torch.distributed is missing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "mpi_worker.py")
+TORCH_WORKER = os.path.join(HERE, "torch_worker.py")
 
 
 def find_mpiexec() -> str | None:
@@ -30,6 +32,14 @@ class Launch:
     stdout: str
     stderr: str
     seconds: float
+    ended: float  # time.time() when the launcher had exited
+
+    def seconds_after(self, marker: str) -> float:
+        """Seconds from the ``time.time()`` a worker printed after ``marker`` to the launcher's end."""
+        for line in self.stdout.splitlines():
+            if line.startswith(marker):
+                return self.ended - float(line[len(marker):].split()[0])
+        raise AssertionError(f"no line {marker!r} in the output:\n{self.stdout[-2000:]}")
 
 
 def launch(args, ranks: int = 2, timeout: float = 120.0, env: dict | None = None) -> Launch:
@@ -44,9 +54,26 @@ def launch(args, ranks: int = 2, timeout: float = 120.0, env: dict | None = None
     mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec found: pip install mpich, or set SPECOPS_MPIEXEC to your MPI's launcher")
-    env = dict(os.environ, **(env or {}), OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONUNBUFFERED="1", MPIEXEC_TIMEOUT=str(int(timeout) + 5))
     cmd = [mpiexec, "-n", str(ranks), sys.executable, *map(str, args)]
+    return _run(cmd, timeout, dict(env or {}, MPIEXEC_TIMEOUT=str(int(timeout) + 5)))
+
+
+def torchrun(args, nproc: int = 2, timeout: float = 120.0, env: dict | None = None) -> Launch:
+    """``torchrun --standalone --nproc_per_node nproc args...`` (gloo on the CPU), killed after ``timeout``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        pytest.skip("PyTorch is not installed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this PyTorch has no torch.distributed with gloo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *map(str, args)]
+    return _run(cmd, timeout, dict(env or {}, CUDA_VISIBLE_DEVICES=""))
+
+
+def _run(cmd, timeout, env) -> Launch:
+    env = dict(os.environ, **env, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -57,4 +84,4 @@ def launch(args, ranks: int = 2, timeout: float = 120.0, env: dict | None = None
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout:.0f} s (a hang?)\n"
                     f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    return Launch(proc.returncode, out, err, time.perf_counter() - t0)
+    return Launch(proc.returncode, out, err, time.perf_counter() - t0, time.time())

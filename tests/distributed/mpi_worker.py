@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -57,6 +58,7 @@ def run_basics(comm, out):
 def run_raise(comm):
     H = scenarios.build_numpy(scenarios.split(scenarios.NUM_SAMPLES, comm, "equal"), comm)
     if comm.rank == 1:
+        print(f"rank 1 raises at {time.time():.3f}", flush=True)
         raise RuntimeError("deliberate failure on rank 1")
     H @ np.ones(H.shape[0])  # rank 0 waits in the Allreduce for rank 1
     print("rank 0 finished a product that rank 1 never joined", flush=True)

@@ -61,15 +61,26 @@ def build_numpy(index, comm=None, d: int = 64):
     return hessian(model.loss, model.grad, model.hvp, theta0(d * 10), batches, comm=comm)
 
 
-def build_torch(index, comm=None):
+def build_torch(index, comm=None, batches=None, device="cpu"):
+    """``batches`` (an iterable of ``(X, y)`` tensors, e.g. a DataLoader) replaces those of ``index``."""
     import torch
     from specops.backends.torch import hessian
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 10)).double()
-    batches = [(torch.as_tensor(X), torch.as_tensor(y)) for X, y in data(index)]
-    return hessian(model, torch.nn.CrossEntropyLoss(), batches, comm=comm, hvp="double_backward")
+    model = model.to(device)
+    if batches is None:
+        batches = [(torch.as_tensor(X, device=device), torch.as_tensor(y, device=device)) for X, y in data(index)]
+    return hessian(model, torch.nn.CrossEntropyLoss(), batches, comm=comm, engine="double_backward")
+
+
+def torch_dataset(n: int):
+    """The first ``n`` digits as a ``TensorDataset`` (float64 images, int64 labels)."""
+    import torch
+
+    X, y = digits(NUM_SAMPLES)
+    return torch.utils.data.TensorDataset(torch.as_tensor(X[:n]), torch.as_tensor(y[:n]))
 
 
 def _mlp_params(seed=0):
@@ -143,3 +154,17 @@ def spectra(H, k: int = 4, probes: int = 30, steps: int = 20) -> dict:
         "gradient_norm": float(np.linalg.norm(grad)),
         "num_samples": int(H.num_samples),
     }
+
+
+RTOL = 1e-10
+KEYS = ("eigenvalues", "trace", "nodes", "weights", "loss", "gradient_norm", "num_samples")
+
+
+def assert_close(got: dict, ref: dict, label: str):
+    """Every entry of :data:`KEYS` of a distributed run equals the single-process one to :data:`RTOL`."""
+    for key in KEYS:
+        a, b = np.asarray(got[key], dtype=np.float64), np.asarray(ref[key], dtype=np.float64)
+        assert a.shape == b.shape, f"{label}: {key} has shape {a.shape} distributed, {b.shape} in one process"
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * scale,
+                                   err_msg=f"{label}: {key} distributed differs from one process")

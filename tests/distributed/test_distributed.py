@@ -82,7 +82,11 @@ def test_model_operator_rejects_mismatched_parameter_counts():
     """The check the operator runs at construction, fed another rank's size by the fake comm."""
     import scenarios
 
-    comm = FakeComm(0, 2, gathered=[(640, "float64"), (630, "float64")])
+    class Planted(FakeComm):  # the other rank's (parameters, dtype); other gathers mirror this rank
+        def allgather(self, obj):
+            return [(640, "float64"), (630, "float64")] if isinstance(obj, tuple) else [obj, obj]
+
+    comm = Planted(0, 2)
     with pytest.raises(ValueError, match=r"ranks disagree on the number of parameters.*rank 1: \(630"):
         scenarios.build_numpy(range(scenarios.NUM_SAMPLES), comm)
 
@@ -94,7 +98,7 @@ def test_single_process_comm_is_the_identity():
     assert c.allreduce(x, None) is x and c.allreduce_host(2.5) == 2.5
     assert c.allgather("a") == ["a"] and c.bcast("b") == "b"
     assert as_comm(c) is c
-    with pytest.raises(TypeError, match="comm must be None"):
+    with pytest.raises(ValueError, match="comm must be one of"):
         as_comm("world")
 
 
@@ -182,3 +186,41 @@ def test_every_branch_follows_rank_0_when_a_rank_computes_differently(run):
     out1 = run(scenarios.build_numpy(range(scenarios.NUM_SAMPLES), r1))
     assert r1.received == len(r0.sent) and not r1.sent
     assert out1.num_matvecs == out0.num_matvecs
+
+
+class _Peer(FakeComm):
+    """Rank ``rank`` of 2 whose peer mirrors it, except that the peer's ``fail_at``-th
+    failure report (the gathered outcome of a local step) is ``failure``."""
+
+    def __init__(self, rank, fail_at, failure):
+        super().__init__(rank, 2)
+        self.fail_at, self.failure, self.reports = fail_at, failure, 0
+
+    def allgather(self, obj):
+        if obj is None or isinstance(obj, str):  # a failure report: None when the step worked
+            self.reports += 1
+            peer = self.failure if self.reports == self.fail_at else None
+            return [obj, peer] if self.rank == 0 else [peer, obj]
+        return [obj, obj]
+
+
+def test_a_shard_that_does_not_fit_the_model_raises_on_every_rank():
+    """The peer's data does not fit the model: its loss raises there only. Every rank raises
+    the same error naming that rank and the cause, so none waits in a collective."""
+    import scenarios
+
+    failure = "ValueError: matmul: shapes do not fit"
+    for rank, peer in ((0, 1), (1, 0)):
+        with pytest.raises(RuntimeError, match="evaluating the loss of every batch failed on 1 of 2 ranks "
+                                               rf"\(rank {peer}: ValueError: matmul: shapes do not fit\)"):
+            scenarios.build_numpy(range(scenarios.NUM_SAMPLES), _Peer(rank, 2, failure))
+    # the failing rank itself: its own error is gathered and is the cause
+    import specops.backends.numpy as snp
+
+    def loss(theta, batch):
+        raise ValueError("a batch of 3 features for a model of 4")
+
+    with pytest.raises(RuntimeError, match="failed on 1 of 2 ranks \\(rank 1: ValueError: a batch of 3") as info:
+        snp.hessian(loss, lambda t, b: t, lambda t, b, V: V, np.zeros(2), (np.zeros((4, 3)), np.zeros(4)),
+                    comm=_Peer(1, 0, None))
+    assert isinstance(info.value.__cause__, ValueError)

@@ -14,12 +14,11 @@ import os
 import numpy as np
 import pytest
 import scenarios
+from scenarios import assert_close
 from mpi_launch import WORKER
 
 pytestmark = pytest.mark.mpi
 
-RTOL = 1e-10
-KEYS = ("eigenvalues", "trace", "nodes", "weights", "loss", "gradient_norm", "num_samples")
 FAULT_SECONDS = 30.0
 
 
@@ -33,15 +32,6 @@ def needs_backend(framework: str):
         pytest.skip(f"specops.backends.{framework} cannot be imported here: {e}")
     if not hasattr(module, "hessian"):
         pytest.skip(f"specops.backends.{framework} has no hessian() yet")
-
-
-def assert_close(got: dict, ref: dict, label: str):
-    for key in KEYS:
-        a, b = np.asarray(got[key], dtype=np.float64), np.asarray(ref[key], dtype=np.float64)
-        assert a.shape == b.shape, f"{label}: {key} has shape {a.shape} on 2 ranks, {b.shape} on 1"
-        scale = float(np.max(np.abs(b))) if b.size else 0.0
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * scale,
-                                   err_msg=f"{label}: {key} on 2 ranks differs from 1 process")
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax", "tensorflow"])

@@ -39,6 +39,9 @@ def add_arguments(a: argparse.ArgumentParser):
     g.add_argument("--checkpoint", metavar="PATH", help="torch state_dict to load into the model")
     g.add_argument("--backend", choices=tuple(BACKENDS), default="torch")
     g.add_argument("--device", default="auto", help="torch device (cpu, cuda, cuda:1); auto: cuda if available")
+    g.add_argument("--comm", choices=("auto", "torch", "mpi", "none"), default="auto",
+                   help="how processes combine their shards: torch (torch.distributed, under torchrun), mpi "
+                        "(mpiexec), none; auto: whichever launched this process")
     g.add_argument("--dtype", choices=("model", "float32", "float64"), default="model",
                    help="floating dtype of the analysis (model: the model's own)")
     g.add_argument("--samples", type=number(int, 1), default=512,
@@ -63,6 +66,10 @@ def add_arguments(a: argparse.ArgumentParser):
     g.add_argument("--trace-matvecs", type=number(int, 3), default=200, help="product budget of the trace")
     g.add_argument("--block-trace-matvecs", type=number(int, 3), default=60,
                    help="product budget of each block's trace")
+    g.add_argument("--curvature", default="hessian",
+                   help="operators to analyse side by side: hessian, ggn (Gauss-Newton), fisher (empirical), "
+                        "mc-fisher (Monte-Carlo), comma-separated, e.g. hessian,ggn: top eigenvalues and "
+                        "densities of each, the trace of H - G, curvature.png")
     g.add_argument("--esd-probes", type=number(int, 1), default=5, help="SLQ probe vectors")
     g.add_argument("--esd-steps", type=number(int, 2), default=64, help="Lanczos steps per SLQ probe")
     g.add_argument("--landscape", choices=LANDSCAPES, default="2d", help="loss landscape: none, a line or a plane")
@@ -100,6 +107,9 @@ def check_args(args):
         raise UsageError("--landscape 2d along eigenvectors needs --top-k >= 2 (or --landscape-directions filter)")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one")
+    from specops.cli.analyze import curvature
+
+    curvature.check(args)
 
 
 def settings(args) -> dict:

@@ -1,6 +1,8 @@
-"""The ``blocks`` stage: the top eigenvalue and the trace of each block's Hessian (``--blocks``),
-and ``blocks.png``. Each finished block is recorded at once (``blocks_partial``), so a resumed
-run continues with the next block."""
+"""The ``blocks`` stage: the top eigenvalue and the trace of each block's Hessian.
+
+The blocks are ``--blocks``; the stage also draws ``blocks.png``. Each finished block is
+recorded at once (``blocks_partial``), so a resumed run continues with the next block.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def resolve_blocks(spec: str, names: list[str]) -> dict:
 
 
 def run(ctx):
+    """Run the stage (or skip it when it finished earlier) and draw ``blocks.png``."""
     import specops as so
 
     a = ctx.args

@@ -18,6 +18,7 @@ def settings(args) -> dict:
 
 
 def run(ctx):
+    """Run the stage (or skip it when it finished earlier), record it and write ``eigenvectors.npy``."""
     import specops as so
 
     a = ctx.args

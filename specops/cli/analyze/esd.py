@@ -11,6 +11,7 @@ NAME = "esd"
 
 
 def run(ctx):
+    """Run the stage (or skip it when it finished earlier) and draw ``esd.png``."""
     import specops as so
     from specops.density import SpectralDensity
 

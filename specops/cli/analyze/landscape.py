@@ -1,5 +1,7 @@
-"""The ``landscape`` stage: the loss on a line or a plane through the trained weights, along
-the top eigenvectors or random directions, and ``landscape.png``."""
+"""The ``landscape`` stage: the loss on a line or a plane through the trained weights.
+
+The directions are the top eigenvectors or random ones; the stage also draws ``landscape.png``.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ NAME = "landscape"
 
 
 def auto_span(ctx, kind: str) -> float:
-    """``--landscape-span auto``: 1 for filter-normalized directions (or without the eigen
-    stage), else ``sqrt(4 / top eigenvalue)``, where the quadratic model rises by 2."""
+    """The span of ``--landscape-span auto``.
+
+    1 for filter-normalized directions (or without the eigen stage), else
+    ``sqrt(4 / top eigenvalue)``, where the quadratic model rises by 2.
+    """
     if kind == "filter" or "eigen" not in ctx.state.data["stages"]:
         return 1.0
     top = float(ctx.state.result("eigen")["eigenvalues"][0])
@@ -23,6 +28,11 @@ def auto_span(ctx, kind: str) -> float:
 
 
 def run(ctx):
+    """Run the stage (or skip it when it finished earlier) and draw ``landscape.png``.
+
+    Raises:
+        UsageError: an eigenvector landscape without the eigen stage.
+    """
     import specops as so
     from specops.landscape import Landscape, make_directions
 

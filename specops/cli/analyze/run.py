@@ -1,5 +1,8 @@
-"""The run of ``specops analyze``: check the arguments and ``--out``, make the framework's
-session and operator, run the stages in order, write the summary."""
+"""The run of ``specops analyze``, from the arguments to the summary.
+
+Check the arguments and ``--out``, make the framework's session and operator, run the
+stages in order, write ``summary.md`` and ``report.html``.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,13 @@ import time
 
 from specops import report as rp
 from specops.cli import sessions
-from specops.cli.analyze import blocks, eigen, esd, landscape, trace
+from specops.cli.analyze import blocks, curvature, eigen, esd, landscape, trace
 from specops.cli.analyze.arguments import IDENTITY, check_args, settings
 from specops.cli.analyze.stage import Context
 from specops.cli.common import Printer, UsageError, detect_comm
 
 #: The analysis stages in the order they run (training, where it applies, comes first: the session's).
-STAGES = (eigen, trace, esd, blocks, landscape)
+STAGES = (eigen, trace, esd, curvature, blocks, landscape)
 
 
 def prepare_out(args, comm, printer) -> rp.ReportState:
@@ -62,7 +65,7 @@ def analyze(args) -> int:
     """
     t_start = time.perf_counter()
     check_args(args)
-    comm = detect_comm()
+    comm = detect_comm(getattr(args, "comm", "auto"))
     printer = Printer(comm.rank, not args.no_progress)
     state = prepare_out(args, comm, printer)
     session = sessions.session(args.backend, args, comm)
@@ -110,7 +113,7 @@ def write_summary(ctx):
     """``summary.md`` and the self-contained ``report.html`` with the pictures that exist (rank 0)."""
     if not ctx.state.write:
         return
-    images = [f for f in ("esd.png", "landscape.png", "blocks.png") if os.path.exists(os.path.join(ctx.out, f))]
+    images = [f for f in ("esd.png", "curvature.png", "landscape.png", "blocks.png") if os.path.exists(os.path.join(ctx.out, f))]
     rp.atomic_write(os.path.join(ctx.out, "summary.md"), rp.summary_markdown(ctx.state.data, images))
     pngs = {}
     for name in images:

@@ -1,5 +1,4 @@
-"""What the stage modules of ``specops analyze`` share: the run's context and skipping
-finished stages."""
+"""What the stage modules of ``specops analyze`` share: the run's context, skipping finished stages."""
 
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ class Context:
 
     @property
     def out(self) -> str:
+        """The output folder (``--out``)."""
         return self.args.out
 
     def skip(self, name: str, settings: dict) -> bool:

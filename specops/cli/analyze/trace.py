@@ -8,6 +8,7 @@ NAME = "trace"
 
 
 def run(ctx):
+    """Run the stage (or skip it when it finished earlier) and record its result."""
     import specops as so
 
     a = ctx.args

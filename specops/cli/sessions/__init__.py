@@ -36,8 +36,11 @@ def session(backend: str, args, comm):
 
 
 def shard_data(data, comm):
-    """This rank's part: a list of batches is split by batches when there are enough, otherwise
-    every batch (or the single batch) is split by samples."""
+    """This rank's part of the data.
+
+    A list of batches is split by batches when there are enough, otherwise every batch (or
+    the single batch) is split by samples.
+    """
     from specops.distributed import shard
 
     if comm.size == 1:

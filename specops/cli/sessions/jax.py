@@ -1,5 +1,8 @@
-"""The JAX session of the command line: ``--model`` returns ``(apply_fn, params)``, the loss is
-``loss(apply_fn(params, inputs), targets)``; the operator of :func:`specops.backends.jax.hessian`."""
+"""The JAX session of the command line.
+
+``--model`` returns ``(apply_fn, params)``, the loss is ``loss(apply_fn(params, inputs),
+targets)``; the operator is :func:`specops.backends.jax.hessian`'s.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class Session:
         return load_callable(spec, "--loss")
 
     def operator(self) -> Setup:
+        """The Hessian operator of the loss over this rank's data."""
         apply_fn, loss = self.apply_fn, self.loss
 
         def loss_fn(params, batch):

@@ -1,5 +1,8 @@
-"""The TensorFlow session of the command line: ``--model`` returns a Keras model, the loss is a
-Keras loss (``from_logits=True``); the operator of :func:`specops.backends.tensorflow.hessian`."""
+"""The TensorFlow session of the command line.
+
+``--model`` returns a Keras model, the loss is a Keras loss (``from_logits=True``); the
+operator is :func:`specops.backends.tensorflow.hessian`'s.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class Session:
         self.needs_training = False
 
     def operator(self) -> Setup:
+        """The Hessian operator of the loss over this rank's data."""
         H = self.stf.hessian(self.model, self.loss, shard_data(self.data, self.comm), comm=self.comm)
         self.names = list(H.param_blocks)
         return Setup(H, self.description, H.dtype.name)

@@ -1,6 +1,9 @@
-"""The PyTorch session of the command line: the default ResNet-8 on digits and its training
-stage, or a user ``nn.Module`` (with an optional checkpoint), and the operator of
-:func:`specops.backends.torch.hessian`. torch is imported when a session is made."""
+"""The PyTorch session of the command line.
+
+The default ResNet-8 on digits and its training stage, or a user ``nn.Module`` (with an
+optional checkpoint), and the operator of :func:`specops.backends.torch.hessian`. torch is
+imported when a session is made.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +33,13 @@ def default_model(seed: int = 0):
 
 
 def default_data(samples: int = 512, seed: int = 0):
-    """Digits split for the default run: ``(train_X, train_y, test_X, test_y)``; the Hessian is
-    taken over the first ``samples`` training images."""
+    """Digits split for the default run: ``(train_X, train_y, test_X, test_y)``.
+
+    The Hessian is taken over the first ``samples`` training images.
+
+    Raises:
+        UsageError: more samples than the training split holds.
+    """
     from specops.zoo.data import digits
 
     X, y = digits(seed=seed)
@@ -137,6 +145,7 @@ class Session:
 
     @property
     def needs_training(self) -> bool:
+        """Whether the ``train`` stage runs: the default model without a checkpoint."""
         return self.default and not self.args.checkpoint
 
     def train(self, state, out: str, printer):
@@ -175,6 +184,7 @@ class Session:
         state.finish("train", settings, info, 0, time.perf_counter() - t0)
 
     def operator(self) -> Setup:
+        """The Hessian operator of the trained model in eval mode over this rank's data."""
         from specops.backends import torch as st
 
         torch, args = self.torch, self.args

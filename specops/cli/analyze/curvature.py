@@ -1,0 +1,137 @@
+"""The ``curvature`` stage: the Hessian beside the Gauss-Newton matrix and the Fishers.
+
+``--curvature hessian,ggn`` (any of :data:`CURVATURES`, comma-separated) computes, for each
+operator, its top ``--top-k`` eigenvalues and its spectral density (SLQ, the ``--esd-*``
+settings), and, when both the Hessian and the GGN are listed, the trace of the residual
+term ``H - G``; ``curvature.png`` overlays the densities. The Hessian's eigenvalues and
+density are taken from the ``eigen`` and ``esd`` stages when they ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from specops import report as rp
+from specops.cli.common import UsageError
+
+NAME = "curvature"
+#: ``--curvature`` names -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian).
+CURVATURES = {"hessian": None, "ggn": "ggn", "fisher": "empirical", "mc-fisher": "mc"}
+
+
+def parse(text: str) -> list[str]:
+    """``--curvature``: comma-separated names of :data:`CURVATURES`.
+
+    Raises:
+        UsageError: an unknown name.
+    """
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in CURVATURES]
+    if unknown or not names:
+        raise UsageError(f"--curvature: unknown operator {unknown[0] if unknown else text!r}; choose from "
+                         f"{', '.join(CURVATURES)} (comma-separated, e.g. hessian,ggn)")
+    return list(dict.fromkeys(names))
+
+
+def check(args):
+    """Checks before any computation (called by ``check_args``).
+
+    Raises:
+        UsageError: an unknown name, or the GGN/Fisher with the JAX backend.
+    """
+    names = parse(args.curvature)
+    if args.backend == "jax" and any(CURVATURES[n] for n in names):
+        raise UsageError("--curvature ggn/fisher/mc-fisher needs --backend torch or tensorflow: the JAX session's "
+                         "loss_fn(params, batch) does not separate the model from the loss; in Python, use "
+                         "specops.backends.jax.ggn(apply_fn, loss_fn, params, data)")
+    args.curvature = ",".join(names)
+
+
+def wanted(args) -> bool:
+    """Whether the stage runs: ``--curvature`` names more than the Hessian."""
+    return any(CURVATURES[n] for n in parse(args.curvature))
+
+
+def operator(ctx, name):
+    """The operator called ``name`` (a :data:`CURVATURES` key) of the run's model, loss and data."""
+    from specops.curvature import curvature_like
+
+    kind = CURVATURES[name]
+    return ctx.H if kind is None else curvature_like(ctx.H, kind, seed=ctx.args.seed)
+
+
+def analyse(ctx, name, A) -> dict:
+    """Top eigenvalues and the density of one operator (reusing the Hessian's stages)."""
+    import specops as so
+
+    a, stages = ctx.args, ctx.state.data["stages"]
+    if name == "hessian" and "eigen" in stages and "esd" in stages:
+        return {"eigen": stages["eigen"]["result"], "esd": stages["esd"]["result"], "num_matvecs": 0}
+    eig = so.eigsh(A, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
+                   progress=ctx.printer.bar(f"{name}: top eigenvalues"))
+    d = so.spectral_density(A, num_probes=a.esd_probes, num_steps=a.esd_steps, seed=a.seed,
+                            progress=ctx.printer.bar(f"{name}: spectral density"))
+    ctx.printer(f"  {name}: top eigenvalues {np.array2string(eig.eigenvalues, precision=4)}")
+    return {"eigen": eig.to_dict(), "esd": d.to_dict(), "num_matvecs": eig.num_matvecs + d.num_matvecs}
+
+
+def run(ctx):
+    """Run the stage (when :func:`wanted`) and draw ``curvature.png``."""
+    import specops as so
+
+    a = ctx.args
+    if not wanted(a):
+        return
+    names = parse(a.curvature)
+    settings = dict(curvature=names, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, num_probes=a.esd_probes,
+                    num_steps=a.esd_steps, trace_matvecs=a.trace_matvecs, trace_rtol=a.trace_rtol, seed=a.seed)
+    if not ctx.skip(NAME, settings):
+        t0 = time.perf_counter()
+        ops = {n: operator(ctx, n) for n in names}
+        result = {"operators": {}}
+        total = 0
+        for n, A in ops.items():
+            r = analyse(ctx, n, A)
+            total += r.pop("num_matvecs")
+            r["engine"] = A.engine
+            result["operators"][n] = r
+        if "hessian" in ops and "ggn" in ops:
+            t = so.trace(ops["hessian"] - ops["ggn"], num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
+                         progress=ctx.printer.bar("trace of H - G"))
+            ctx.printer(f"  trace(H - G) = {t.estimate:.4g} +- {t.stderr:.2g}")
+            result["residual_trace"] = t.to_dict()
+            total += t.num_matvecs
+        ctx.state.finish(NAME, settings, result, total, time.perf_counter() - t0)
+    if ctx.state.write:
+        plot(ctx.state.data["stages"][NAME]["result"], os.path.join(ctx.out, "curvature.png"))
+
+
+def plot(result: dict, path: str):
+    """``curvature.png``: the operators' densities on one axis (log scale), top eigenvalues marked."""
+    from specops.density import SpectralDensity
+
+    plt = rp._pyplot()
+    dens = {n: SpectralDensity.from_dict(r["esd"]) for n, r in result["operators"].items()}
+    lo = min(float(np.min(d.nodes)) for d in dens.values())
+    hi = max(float(np.max(d.nodes)) for d in dens.values())
+    sigma = max((d.default_sigma() for d in dens.values()), default=1e-3)
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 800)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (n, d) in enumerate(dens.items()):
+        y = d.evaluate(grid, sigma)
+        ax.semilogy(grid, np.maximum(y, max(y.max() * 1e-12, np.finfo(float).tiny)), color=f"C{i}", label=n)
+        for lam in np.asarray(rp._from_jsonable(result["operators"][n]["eigen"])["eigenvalues"], dtype=float):
+            ax.axvline(lam, color=f"C{i}", lw=0.7, ls="--")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    title = "spectral densities (SLQ); dashed: top eigenvalues"
+    if "residual_trace" in result:
+        t = result["residual_trace"]
+        title += f"\ntrace(H - G) = {t['estimate']:.4g} +- {t['stderr']:.2g}"
+    ax.set_title(title, fontsize=9)
+    rp.atomic_savefig(fig, path)
+    plt.close(fig)

@@ -1,0 +1,238 @@
+"""Curvature beyond the Hessian: generalized Gauss-Newton and Fisher operators.
+
+For a batch with outputs ``f = model(x; theta)`` and a loss ``L(f, y)`` the Hessian
+splits as ``H = J^T (d^2 L / df^2) J + sum_o (dL/df_o) d^2 f_o / dtheta^2``: the first
+term is the generalized Gauss-Newton matrix (GGN), positive semi-definite whenever the
+loss is convex in the outputs; the second is the residual term ``H - G``.
+
+Every operator here is one product skeleton, written once per backend:
+``J^T M (J V)``: one Jacobian-vector product through the model (k columns batched), an
+output-space matrix ``M`` applied per sample, one vector-Jacobian product. Only ``M``
+differs:
+
+- ``ggn``: ``M = d^2 L / df^2``, in closed form for softmax cross-entropy and squared
+  error, by autodiff of the loss with respect to the outputs otherwise.
+- ``fisher(kind="empirical")``: ``M_i = r_i r_i^T / c`` with ``r_i = dL/df_i`` at the
+  true targets and ``c`` the per-sample weight of the reduction (``1/N_b`` for mean,
+  ``1`` for sum): the same matrix as ``c sum_i g_i g_i^T`` over per-sample gradients
+  ``g_i``, without forming them.
+- ``fisher(kind="mc")``: ``M_i = a_i / S sum_s r_is r_is^T`` with ``r_is`` the gradient of
+  the negative log-likelihood at labels sampled from the model's predictive
+  distribution (``S = num_samples``, drawn once per batch from ``seed``): in
+  expectation the GGN of an exponential-family loss.
+
+The samples are drawn on the host from ``(seed, batch index)`` (Gumbel noise for
+categorical labels, Gaussian noise for regression targets), so the same seed gives the
+same Monte-Carlo Fisher on every backend.
+
+:class:`CurvatureAdapter` wraps a backend's Hessian adapter: data handling, weighting,
+parameter selection, blocks, MPI and the checks are the Hessian's, only the product is
+replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from specops import random as _random
+from specops.model import ModelAdapter
+
+KINDS = ("ggn", "empirical", "mc")
+FISHER_KINDS = ("empirical", "mc")
+LIKELIHOODS = ("categorical", "gaussian")
+# how a recognized loss reduces over a batch: over samples, over every output entry, or a sum
+_REDUCES = ("samples", "entries", "sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLoss:
+    """A loss specops recognizes, whose output Hessian and likelihood are known.
+
+    The batch loss is ``factor * w * sum_i nll_i`` with the negative log-likelihood
+    ``nll_i`` of sample ``i`` (unit variance for the Gaussian) and ``w`` from ``reduce``:
+    ``1/N`` (``"samples"``), ``1/numel(outputs)`` (``"entries"``) or ``1`` (``"sum"``).
+
+    Attributes:
+        likelihood: ``"categorical"`` (softmax over the last axis of (N, C) logits) or
+            ``"gaussian"`` (squared error, any output shape).
+        reduce: one of ``"samples"``, ``"entries"``, ``"sum"``.
+        factor: 1 for cross-entropy and ``0.5 (f - y)^2``, 2 for ``(f - y)^2``.
+        ignore_index: a class index whose samples the loss leaves out (PyTorch), or None.
+    """
+
+    likelihood: str
+    reduce: str
+    factor: float = 1.0
+    ignore_index: int | None = None
+
+    def __post_init__(self):
+        if self.likelihood not in LIKELIHOODS or self.reduce not in _REDUCES:
+            raise ValueError(f"unknown likelihood/reduction {self.likelihood!r}/{self.reduce!r}")
+
+    def weight(self, num_samples: int, num_entries: int) -> float:
+        """The scalar ``factor * w`` for a batch of ``num_samples`` samples."""
+        w = {"samples": 1.0 / num_samples, "entries": 1.0 / num_entries, "sum": 1.0}[self.reduce]
+        return self.factor * w
+
+
+def check_kind(kind: str, allowed=FISHER_KINDS) -> str:
+    if kind not in allowed:
+        raise ValueError(f"kind must be one of {allowed}, got {kind!r}")
+    return kind
+
+
+def check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    return int(num_samples)
+
+
+def model_form_error(what: str, backend_hint: str) -> ValueError:
+    """The error for a ``ggn``/``fisher`` whose loss is not a function of the outputs alone."""
+    return ValueError(
+        f"{what} needs a loss of the model's outputs alone, applied to model(inputs) for batches "
+        f"(inputs, targets): {backend_hint}. A general loss of the model and the batch (loss_form='model') "
+        "has no Gauss-Newton split; terms that depend on the parameters directly (weight decay "
+        "lam/2 |theta|^2) add their own Hessian: use G.shift(lam) for that one"
+    )
+
+
+def unknown_likelihood_error(known: str) -> ValueError:
+    """The error for ``fisher(kind="mc")`` with a loss whose likelihood is not known."""
+    return ValueError(
+        "fisher(kind='mc') samples labels from the model's predictive distribution, so it needs a loss "
+        f"whose likelihood specops knows: {known}. This loss is not one of them; pass one of those as "
+        "loss_fn, or use fisher(kind='empirical') or ggn(...), which work for any loss of the outputs"
+    )
+
+
+def mc_noise(outputs_shape, loss: OutputLoss, num_samples: int, seed: int, index: int) -> np.ndarray:
+    """Host noise for the labels of batch ``index``: shape ``(num_samples, *outputs_shape)``.
+
+    Categorical: standard Gumbel noise ``g``, the sampled class being
+    ``argmax(logits + g)`` (the Gumbel-max trick). Gaussian: standard normal noise
+    ``e``, the sampled target being ``f + e``.
+    """
+    rng = _random.generator(seed, "mc-fisher", index)
+    shape = (num_samples, *tuple(int(s) for s in outputs_shape))
+    if loss.likelihood == "categorical":
+        if len(shape) != 3:
+            raise ValueError(
+                f"the categorical likelihood needs logits of shape (samples, classes), got {shape[1:]}; "
+                "reshape the outputs (and targets) in the model"
+            )
+        return rng.gumbel(size=shape)
+    return rng.standard_normal(shape)
+
+
+def base_adapter(H, adapter_type):
+    """The backend's Hessian adapter behind a model operator ``H`` (of any curvature kind).
+
+    Raises:
+        TypeError: ``H`` is not a model operator of that backend.
+    """
+    adapter = getattr(H, "adapter", None)
+    if isinstance(adapter, CurvatureAdapter):
+        adapter = adapter.base
+    if not isinstance(adapter, adapter_type):
+        raise TypeError(f"expected a model operator of {adapter_type.__name__}, got {type(H).__name__}"
+                        + (f" of {type(adapter).__name__}" if adapter is not None else ""))
+    return adapter
+
+
+def curvature_like(H, kind: str = "ggn", **kwargs):
+    """The GGN (``kind="ggn"``) or a Fisher (``"empirical"``, ``"mc"``) of the same model,
+    loss, data and parameters as the model operator ``H`` (PyTorch or TensorFlow).
+
+    JAX's ``hessian`` takes one ``loss_fn(params, batch)``, which does not separate the
+    model from the loss: build the JAX operators with ``specops.backends.jax.ggn`` /
+    ``fisher`` from ``apply_fn`` and ``loss_fn(outputs, targets)``.
+
+    Args:
+        H: a model operator from a backend's ``hessian``, ``ggn`` or ``fisher``.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        **kwargs: ``num_samples``, ``seed``, ``check_deterministic`` of the backend's
+            ``curvature_like``.
+
+    Raises:
+        TypeError: an operator of another backend (JAX, NumPy) or not model-backed.
+    """
+    backend = getattr(H, "backend", None)
+    if backend == "torch":
+        from specops.backends import torch as module
+    elif backend == "tensorflow":
+        from specops.backends import tensorflow as module
+    else:
+        raise TypeError(
+            f"curvature_like takes PyTorch or TensorFlow model operators, got a {backend!r} operator; for JAX "
+            "build specops.backends.jax.ggn(apply_fn, loss_fn, params, data) / fisher(...) directly"
+        )
+    return module.curvature_like(H, kind, **kwargs)
+
+
+class CurvatureAdapter(ModelAdapter):
+    """A backend's Hessian adapter with its product replaced by a curvature product.
+
+    Args:
+        base: the backend's :class:`~specops.model.ModelAdapter` (loss, gradient,
+            parameters, subsets and checks are its own).
+        make_product: ``make_product(base) -> product(index, batch, V)``, the
+            curvature times native ``V`` (n, k) for one batch; called again for the
+            base adapter of every subset.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        engine: a short description of the product.
+    """
+
+    def __init__(self, base: ModelAdapter, make_product, kind: str, engine: str):
+        self.base = base
+        self.kind = kind
+        self.ops = base.ops
+        self.engine = engine
+        self._make_product = make_product
+        self._product = make_product(base)
+
+    @property
+    def layout(self):
+        return self.base.layout
+
+    def batch_size(self, batch) -> int:
+        return self.base.batch_size(batch)
+
+    def loss(self, batch, delta=None) -> float:
+        return self.base.loss(batch, delta)
+
+    def gradient(self, batch):
+        return self.base.gradient(batch)
+
+    def hvp(self, index: int, batch, V):
+        """The curvature (not the Hessian) of the batch loss times ``V``."""
+        return self._product(index, batch, V)
+
+    def params_vector(self):
+        return self.base.params_vector()
+
+    def unflatten(self, v) -> dict:
+        return self.base.unflatten(v)
+
+    def flatten(self, arrays):
+        return self.base.flatten(arrays)
+
+    def as_params(self, v):
+        return self.base.as_params(v)
+
+    def subset(self, names: list[str]) -> CurvatureAdapter:
+        return CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
+
+    def determinism_hints(self) -> list[str]:
+        hints = self.base.determinism_hints()
+        if self.kind == "mc":
+            hints = hints + ["the Monte-Carlo labels are drawn once per batch index: batches must come in "
+                             "the same order every pass"]
+        return hints
+
+    def __getattr__(self, name):
+        if name == "base":  # not yet set (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.base, name)

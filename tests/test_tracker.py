@@ -1,0 +1,260 @@
+"""specops.Tracker: records against independent calls and dense truth, warm starts, resume, callbacks."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import specops
+from specops.tracker import TrackerLog
+
+
+def _spectrum_matrix(n, top, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    d = np.concatenate([top, rng.uniform(-1, 1, size=n - len(top))])
+    return (Q * d) @ Q.T
+
+
+class Drifting:
+    """A matrix that moves by ``scale * t * E`` at step ``t``, counting its constructions."""
+
+    def __init__(self, n=1500, scale=1e-2, seed=0):
+        self.A0 = _spectrum_matrix(n, [50.0, 40.0, 30.0, 20.0], seed)
+        E = np.random.default_rng(seed + 1).normal(size=(n, n))
+        self.E = (E + E.T) / (2 * np.sqrt(n))
+        self.scale, self.t, self.calls = scale, 0, 0
+
+    def dense(self):
+        return self.A0 + self.scale * self.t * self.E
+
+    def __call__(self):
+        self.calls += 1
+        return specops.aslinearoperator(self.dense())
+
+
+OPTS = dict(trace_options=dict(num_matvecs=40), density_options=dict(num_probes=3, num_steps=20))
+
+
+def test_records_equal_independent_calls(tmp_path):
+    op = Drifting(n=300)
+    tracker = specops.Tracker(op, tmp_path / "c.jsonl", k=3, seed=7, warm_start=False, **OPTS)
+    for t in range(2):
+        op.t = t
+        rec = tracker.update(t)
+        A = op()
+        eig = specops.eigsh(A, k=3, seed=7)
+        tr = specops.trace(A, num_matvecs=40, seed=7)
+        esd = specops.spectral_density(A, num_probes=3, num_steps=20, seed=7)
+        np.testing.assert_array_equal(rec["eigenvalues"], eig.eigenvalues)
+        np.testing.assert_array_equal(rec["residuals"], eig.residuals)
+        assert rec["trace"]["estimate"] == tr.estimate and rec["trace"]["stderr"] == tr.stderr
+        np.testing.assert_array_equal(rec["density"]["nodes"], esd.nodes)
+        np.testing.assert_array_equal(rec["density"]["weights"], esd.weights)
+        assert rec["num_matvecs"] == eig.num_matvecs + tr.num_matvecs + esd.num_matvecs
+        truth = np.linalg.eigvalsh(op.dense())
+        np.testing.assert_allclose(rec["eigenvalues"], truth[::-1][:3], rtol=1e-6)
+    # the log holds the same records, in plain JSON
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == tracker.records
+    assert set(tracker.records[0]) >= {"step", "eigenvalues", "residuals", "trace", "density", "num_matvecs",
+                                       "seconds"}
+
+
+def test_warm_start_saves_products():
+    """Weights that moved little: the warm start takes >= 30% fewer eigenvalue products."""
+    cold_op, warm_op = Drifting(), Drifting()
+    cold = specops.Tracker(cold_op, k=3, metrics=("eigenvalues",), warm_start=False)
+    warm = specops.Tracker(warm_op, k=3, metrics=("eigenvalues",))
+    for t in range(3):
+        cold_op.t = warm_op.t = t
+        c, w = cold.update(t), warm.update(t)
+        truth = np.linalg.eigvalsh(warm_op.dense())[::-1][:3]
+        np.testing.assert_allclose(w["eigenvalues"], truth, rtol=1e-6)
+        assert all(w["converged"])
+        if t > 0:
+            assert w["warm_start"] == {"operator": True}
+            assert w["num_matvecs"] <= 0.7 * c["num_matvecs"], (w["num_matvecs"], c["num_matvecs"])
+
+
+def test_resume_after_interrupted_run(tmp_path):
+    path = tmp_path / "c.jsonl"
+    op = Drifting(n=1200, scale=1e-3)
+    tracker = specops.Tracker(op, path, k=2, **OPTS)
+    for t in range(2):
+        op.t = t
+        tracker.update(t)
+    with open(path, "ab") as fh:  # a crash while writing step 2's line
+        fh.write(b'{"step": 2, "eigenv')
+    assert [r["step"] for r in TrackerLog.read(path).records] == [0, 1]
+    with pytest.raises(FileExistsError, match="resume=True"):
+        specops.Tracker(op, path, k=2)
+    op2 = Drifting(n=1200, scale=1e-3)
+    resumed = specops.Tracker(op2, path, k=2, resume=True, **OPTS)
+    assert resumed.steps == [0, 1] and resumed.done(1)
+    assert resumed.update(1) == tracker.records[1] and op2.calls == 0   # finished steps are not recomputed
+    op2.t = 2
+    rec = resumed.update(2)
+    assert rec["warm_start"] == {"operator": True}    # from <path>.vectors.npz
+    np.testing.assert_allclose(rec["eigenvalues"], np.linalg.eigvalsh(op2.dense())[::-1][:2], rtol=1e-6)
+    log = specops.Tracker.load(path)
+    assert list(log.steps) == [0, 1, 2]
+    steps, est, err = log.traces()
+    assert list(steps) == [0, 1, 2] and np.all(err > 0)
+    assert est[2] == rec["trace"]["estimate"]
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown metric"):
+        specops.Tracker(lambda: None, metrics=("eigenvalue",))
+    with pytest.raises(ValueError, match="seed"):
+        specops.Tracker(lambda: None, trace_options=dict(seed=1))
+    with pytest.raises(TypeError, match="callable"):
+        specops.Tracker(np.eye(3))
+
+
+torch = pytest.importorskip("torch")
+
+
+def _torch_problem():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(20, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    return model, nn.CrossEntropyLoss(), (X, y)
+
+
+def _dense_hessian(model, loss_fn, batch, names):
+    params = dict(model.named_parameters())
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def f(flat):
+        pieces = flat.split([params[n].numel() for n in names])
+        state = {n: p.detach() for n, p in params.items()}
+        state.update({n: t.reshape(params[n].shape) for n, t in zip(names, pieces)})
+        return loss_fn(torch.func.functional_call(model, state, (batch[0],)), batch[1])
+
+    return torch.func.hessian(f)(theta).numpy()
+
+
+def test_blocks_against_dense_truth(tmp_path):
+    from specops.backends import torch as st
+
+    model, loss_fn, batch = _torch_problem()
+    tracker = specops.Tracker(lambda: st.hessian(model, loss_fn, batch), tmp_path / "c.jsonl", k=2,
+                              blocks={"first": "0.*", "last": "2.*"}, metrics=("eigenvalues", "trace"),
+                              trace_options=dict(num_matvecs=100), progress=True)
+    rec = tracker.update(0)
+    for name, prefix in (("first", "0."), ("last", "2.")):
+        names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+        dense = _dense_hessian(model, loss_fn, batch, names)
+        b = rec["blocks"][name]
+        np.testing.assert_allclose(b["trace"]["estimate"], np.trace(dense), rtol=1e-8)  # XTrace exact: 2n <= 100
+        np.testing.assert_allclose(b["eigenvalues"], np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-6)
+    full = _dense_hessian(model, loss_fn, batch, [n for n, _ in model.named_parameters()])
+    np.testing.assert_allclose(rec["eigenvalues"], np.linalg.eigvalsh(full)[::-1][:2], rtol=1e-6)
+    log = specops.Tracker.load(tmp_path / "c.jsonl")
+    assert log.blocks == ["first", "last"]
+    assert log.traces("last")[1][0] == rec["blocks"]["last"]["trace"]["estimate"]
+
+
+def test_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    op = Drifting(n=300)
+    tracker = specops.Tracker(op, tmp_path / "c.jsonl", k=2, **OPTS)
+    for t in range(3):
+        op.t = t
+        tracker.update(t, info={"loss": 1.0 / (t + 1)})
+    log = specops.Tracker.load(tmp_path / "c.jsonl")
+    fig = log.plot(tmp_path / "log.png")
+    assert len(fig.axes) == 3 and os.path.getsize(tmp_path / "log.png") > 0
+    ax = fig.axes[0]
+    assert ax.get_ylabel().startswith("trace")
+    np.testing.assert_allclose(log.top_eigenvalues()[1][:, 0], [r["eigenvalues"][0] for r in tracker.records])
+    assert log.records[2]["info"] == {"loss": 1.0 / 3}
+
+
+def test_lightning_callback(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch import nn
+
+    from specops.backends import torch as st
+    from specops.callbacks.lightning import TrackerCallback
+
+    model, loss_fn, batch = _torch_problem()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, b, i):
+            loss = loss_fn(self.net(b[0]), b[1])
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=10)
+    tracker = specops.Tracker(lambda: st.hessian(model, loss_fn, batch), tmp_path / "c.jsonl", k=2,
+                              metrics=("eigenvalues",))
+    cb = TrackerCallback(tracker, every=2)
+    trainer = pl.Trainer(max_epochs=4, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Module(), loader)
+    assert [r["step"] for r in cb.records] == [2, 4]
+    assert "train_loss" in cb.records[-1]["info"]
+    dense = _dense_hessian(model, loss_fn, batch, [n for n, _ in model.named_parameters()])
+    np.testing.assert_allclose(cb.records[-1]["eigenvalues"], np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-6)
+    assert isinstance(model, nn.Module)
+
+
+def test_keras_callback(tmp_path):
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    from specops.backends import tensorflow as stf
+    from specops.callbacks.keras import TrackerCallback
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(32, 4))
+    y = rng.integers(0, 3, size=32)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh", dtype="float64"),
+                              keras.layers.Dense(3, dtype="float64")])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
+    tracker = specops.Tracker(lambda: stf.hessian(model, loss, (X, y)), tmp_path / "c.jsonl", k=2,
+                              metrics=("eigenvalues", "trace"), trace_options=dict(num_matvecs=100))
+    cb = TrackerCallback(tracker, every=2, at_start=True)
+    model.fit(X, y, epochs=4, batch_size=32, verbose=0, shuffle=False, callbacks=[cb])
+    assert [r["step"] for r in cb.records] == [0, 2, 4]
+    assert cb.records[-1]["info"]["loss"] > 0
+    # truth: the dense Hessian of the trained model's loss, by TensorFlow's own autodiff
+    weights = model.trainable_variables
+    n = sum(int(np.prod(w.shape)) for w in weights)
+    flat = tf.Variable(tf.concat([tf.reshape(w, [-1]) for w in weights], 0))
+
+    def f(v):
+        out, i = tf.constant(X), 0
+        pieces = []
+        for w in weights:
+            size = int(np.prod(w.shape))
+            pieces.append(tf.reshape(v[i:i + size], w.shape))
+            i += size
+        h = tf.tanh(out @ pieces[0] + pieces[1])
+        return loss(y, h @ pieces[2] + pieces[3])
+
+    with tf.GradientTape() as t2:
+        with tf.GradientTape() as t1:
+            value = f(flat)
+        g = t1.gradient(value, flat)
+    dense = t2.jacobian(g, flat).numpy()
+    assert dense.shape == (n, n)
+    np.testing.assert_allclose(cb.records[-1]["eigenvalues"], np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-6)
+    np.testing.assert_allclose(cb.records[-1]["trace"]["estimate"], np.trace(dense), rtol=1e-8)
