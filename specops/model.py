@@ -79,8 +79,10 @@ class ModelAdapter(abc.ABC):
         """Hessian of the batch loss times native ``V`` (n, k); ``index`` numbers the batch."""
 
     def hvp_vector(self, index: int, batch: Any, v: Array) -> Array:
-        """Hessian of the batch loss times one native vector ``v`` (n,); backends with
-        compiled products override it to skip the reshapes."""
+        """Hessian of the batch loss times one native vector ``v`` (n,).
+
+        Backends with compiled products override it to skip the reshapes.
+        """
         return self.hvp(index, batch, v[:, None])[:, 0]
 
     @abc.abstractmethod
@@ -278,8 +280,11 @@ class ModelOperator(LinearOperator):
         return self._product(lambda i, b: self.adapter.hvp(i, b, V), tuple(V.shape))
 
     def matvec(self, v: Array) -> Array:
-        """``H v`` for ``v`` of shape (n,), through the adapter's single-vector product
-        (no reshapes around a compiled product)."""
+        """``H v`` for ``v`` of shape (n,).
+
+        Goes through the adapter's single-vector product (no reshapes around a compiled
+        product).
+        """
         v = self._check(v, 1)
         return self._product(lambda i, b: self.adapter.hvp_vector(i, b, v), tuple(v.shape))
 
