@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
+from types import ModuleType
 
 from specops.cli.common import MPI_SIZE_VARS, UsageError, detect_comm, launched_rank0, launched_size, load_callable
 from specops.cli.sessions.torch import default_data, default_model
@@ -38,7 +40,7 @@ __all__ = ["COMMANDS", "MPI_SIZE_VARS", "UsageError", "build_parser", "default_d
            "detect_comm", "launched_size", "load_callable", "main"]
 
 
-def _command(name: str):
+def _command(name: str) -> ModuleType:
     return importlib.import_module(COMMANDS[name])
 
 
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``specops`` console script and ``python -m specops``.
 
     Args:

@@ -10,6 +10,11 @@ import importlib
 import math
 import os
 import sys
+from collections.abc import Callable, Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from specops.distributed import Comm
 
 #: Environment variables by which MPI launchers announce the number of processes.
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
@@ -20,7 +25,8 @@ class UsageError(ValueError):
 
 
 # --- argument types ---------------------------------------------------------------------------
-def number(kind, minimum=None, exclusive=False, maximum=None):
+def number(kind: type[int] | type[float], minimum: float | None = None, exclusive: bool = False,
+           maximum: float | None = None) -> Callable[[str], Any]:
     """An argparse ``type=``: ``kind`` (int or float), finite, within the bounds.
 
     Args:
@@ -34,7 +40,7 @@ def number(kind, minimum=None, exclusive=False, maximum=None):
         ``argparse.ArgumentTypeError`` with the rule it broke.
     """
 
-    def parse(text):
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
@@ -52,8 +58,15 @@ def number(kind, minimum=None, exclusive=False, maximum=None):
 
 
 # --- distribution -----------------------------------------------------------------------------
-def launched_size(environ=None) -> int:
-    """The number of processes an MPI launcher started, from its environment (1 if none)."""
+def launched_size(environ: Mapping[str, str] | None = None) -> int:
+    """The number of processes an MPI launcher started, from its environment (1 if none).
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+
+    Returns:
+        The number of processes.
+    """
     environ = os.environ if environ is None else environ
     for var in MPI_SIZE_VARS:
         try:
@@ -69,7 +82,7 @@ def launched_rank0() -> bool:
     return (launched_size() <= 1 and "RANK" not in os.environ) or rank == "0"
 
 
-def detect_comm(name: str = "auto"):
+def detect_comm(name: str = "auto") -> Comm:
     """The communicator ``--comm name`` asks for (see :func:`specops.distributed.as_comm`).
 
     ``"auto"``: a :class:`~specops.distributed.TorchComm` under torchrun, an
@@ -97,8 +110,15 @@ def detect_comm(name: str = "auto"):
 
 
 # --- loading user callables -------------------------------------------------------------------
-def load_callable(spec: str, what: str):
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
     """``"package.module:name"`` -> the object (``name`` may be dotted).
+
+    Args:
+        spec: ``"package.module:name"``.
+        what: the argument that named it, for the messages.
+
+    Returns:
+        The callable.
 
     Raises:
         UsageError: naming ``what`` (the argument) and what is wrong with ``spec``.
@@ -121,8 +141,19 @@ def load_callable(spec: str, what: str):
     return obj
 
 
-def call_user(fn, what: str):
-    """``fn()``, with any exception turned into a :class:`UsageError` naming ``what``."""
+def call_user(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()``, with any exception turned into a :class:`UsageError` naming ``what``.
+
+    Args:
+        fn: the user's callable.
+        what: what it is, for the message.
+
+    Returns:
+        What ``fn()`` returns.
+
+    Raises:
+        UsageError: ``fn()`` raised.
+    """
     try:
         return fn()
     except Exception as e:
@@ -133,15 +164,22 @@ def call_user(fn, what: str):
 class Printer:
     """Prints on rank 0 only; progress bars (tqdm, :mod:`specops.progress`) go to stderr."""
 
-    def __init__(self, rank: int, progress: bool):
+    def __init__(self, rank: int, progress: bool) -> None:
         self.rank0 = rank == 0
         self.progress = progress and self.rank0
 
-    def __call__(self, text: str = "", stream=None):
+    def __call__(self, text: str = "", stream: IO[str] | None = None) -> None:
         """Print ``text`` (to stdout, or ``stream``) on rank 0."""
         if self.rank0:
             print(text, file=stream or sys.stdout, flush=True)
 
-    def bar(self, label: str):
-        """The ``progress=`` argument of a library call: its bar's label, or False (no bar)."""
+    def bar(self, label: str) -> str | bool:
+        """The ``progress=`` argument of a library call: its bar's label, or False (no bar).
+
+        Args:
+            label: the bar's label.
+
+        Returns:
+            ``label`` when progress is shown on this rank, else ``False``.
+        """
         return label if self.progress else False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from specops import report as rp
 from specops.cli.common import UsageError, number
@@ -19,13 +20,24 @@ LANDSCAPES = ("none", "1d", "2d")
 IDENTITY = ("model", "data", "loss", "checkpoint", "backend", "dtype", "samples", "batch_size", "epochs", "seed")
 
 
-def span(text):
-    """``--landscape-span``: ``auto`` or a positive number."""
+def span(text: str) -> Any:
+    """``--landscape-span``: ``auto`` or a positive number.
+
+    Args:
+        text: the argument.
+
+    Returns:
+        ``"auto"`` or the number.
+    """
     return "auto" if text == "auto" else number(float, 0, exclusive=True)(text)
 
 
-def add_arguments(a: argparse.ArgumentParser):
-    """Add the options of ``specops analyze`` to its subparser ``a``."""
+def add_arguments(a: argparse.ArgumentParser) -> None:
+    """Add the options of ``specops analyze`` to its subparser ``a``.
+
+    Args:
+        a: the subparser.
+    """
     g = a.add_argument_group("model and data")
     g.add_argument("--model", metavar="MODULE:CALLABLE",
                    help="callable returning the model (torch: an nn.Module; jax: (apply_fn, params); tensorflow: "
@@ -91,8 +103,11 @@ def add_arguments(a: argparse.ArgumentParser):
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
-def check_args(args):
+def check_args(args: argparse.Namespace) -> None:
     """Checks across options, before any computation; normalizes ``args.stages``.
+
+    Args:
+        args: the parsed arguments.
 
     Raises:
         UsageError: an unknown stage, a 2-D eigenvector landscape with one eigenvector, or
@@ -112,7 +127,14 @@ def check_args(args):
     curvature.check(args)
 
 
-def settings(args) -> dict:
-    """The settings recorded in results.json: every option but those about the output."""
+def settings(args: argparse.Namespace) -> dict:
+    """The settings recorded in results.json: every option but those about the output.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        Option name -> value.
+    """
     keys = [k for k in vars(args) if k not in ("command", "resume", "overwrite", "no_progress", "out")]
     return {k: getattr(args, k) for k in keys}

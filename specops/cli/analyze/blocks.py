@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 from specops import report as rp
 from specops.cli.common import UsageError
+
+if TYPE_CHECKING:
+    from specops.cli.analyze.stage import Context
 
 NAME = "blocks"
 
@@ -48,8 +52,12 @@ def resolve_blocks(spec: str, names: list[str]) -> dict:
     return blocks
 
 
-def run(ctx):
-    """Run the stage (or skip it when it finished earlier) and draw ``blocks.png``."""
+def run(ctx: Context) -> None:
+    """Run the stage (or skip it when it finished earlier) and draw ``blocks.png``.
+
+    Args:
+        ctx: the run's context.
+    """
     import specops as so
 
     a = ctx.args

@@ -9,13 +9,20 @@ density are taken from the ``eigen`` and ``esd`` stages when they ran.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from specops import report as rp
 from specops.cli.common import UsageError
+
+if TYPE_CHECKING:
+    from specops.cli.analyze.stage import Context
+    from specops.model import ModelOperator
+    from specops.operator import LinearOperator
 
 NAME = "curvature"
 #: ``--curvature`` names -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian).
@@ -24,6 +31,12 @@ CURVATURES = {"hessian": None, "ggn": "ggn", "fisher": "empirical", "mc-fisher":
 
 def parse(text: str) -> list[str]:
     """``--curvature``: comma-separated names of :data:`CURVATURES`.
+
+    Args:
+        text: the argument.
+
+    Returns:
+        The names, without repeats, in order.
 
     Raises:
         UsageError: an unknown name.
@@ -36,8 +49,11 @@ def parse(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check(args):
-    """Checks before any computation (called by ``check_args``).
+def check(args: argparse.Namespace) -> None:
+    """Checks before any computation (called by ``check_args``); normalizes ``args.curvature``.
+
+    Args:
+        args: the parsed arguments.
 
     Raises:
         UsageError: an unknown name, or the GGN/Fisher with the JAX backend.
@@ -50,21 +66,45 @@ def check(args):
     args.curvature = ",".join(names)
 
 
-def wanted(args) -> bool:
-    """Whether the stage runs: ``--curvature`` names more than the Hessian."""
+def wanted(args: argparse.Namespace) -> bool:
+    """Whether the stage runs: ``--curvature`` names more than the Hessian.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        ``True`` if it names the GGN or a Fisher.
+    """
     return any(CURVATURES[n] for n in parse(args.curvature))
 
 
-def operator(ctx, name):
-    """The operator called ``name`` (a :data:`CURVATURES` key) of the run's model, loss and data."""
+def operator(ctx: Context, name: str) -> ModelOperator:
+    """The operator called ``name`` (a :data:`CURVATURES` key) of the run's model, loss and data.
+
+    Args:
+        ctx: the run's context.
+        name: the operator's ``--curvature`` name.
+
+    Returns:
+        The Hessian itself, or a curvature operator of the same model.
+    """
     from specops.curvature import curvature_like
 
     kind = CURVATURES[name]
     return ctx.H if kind is None else curvature_like(ctx.H, kind, seed=ctx.args.seed)
 
 
-def analyse(ctx, name, A) -> dict:
-    """Top eigenvalues and the density of one operator (reusing the Hessian's stages)."""
+def analyse(ctx: Context, name: str, A: LinearOperator) -> dict:
+    """Top eigenvalues and the density of one operator (reusing the Hessian's stages).
+
+    Args:
+        ctx: the run's context.
+        name: the operator's ``--curvature`` name.
+        A: the operator.
+
+    Returns:
+        ``{"eigen", "esd", "num_matvecs"}``: the results as dicts and the products used.
+    """
     import specops as so
 
     a, stages = ctx.args, ctx.state.data["stages"]
@@ -78,8 +118,12 @@ def analyse(ctx, name, A) -> dict:
     return {"eigen": eig.to_dict(), "esd": d.to_dict(), "num_matvecs": eig.num_matvecs + d.num_matvecs}
 
 
-def run(ctx):
-    """Run the stage (when :func:`wanted`) and draw ``curvature.png``."""
+def run(ctx: Context) -> None:
+    """Run the stage (when :func:`wanted`) and draw ``curvature.png``.
+
+    Args:
+        ctx: the run's context.
+    """
     import specops as so
 
     a = ctx.args
@@ -91,7 +135,7 @@ def run(ctx):
     if not ctx.skip(NAME, settings):
         t0 = time.perf_counter()
         ops = {n: operator(ctx, n) for n in names}
-        result = {"operators": {}}
+        result: dict[str, Any] = {"operators": {}}
         total = 0
         for n, A in ops.items():
             r = analyse(ctx, n, A)
@@ -109,8 +153,13 @@ def run(ctx):
         plot(ctx.state.data["stages"][NAME]["result"], os.path.join(ctx.out, "curvature.png"))
 
 
-def plot(result: dict, path: str):
-    """``curvature.png``: the operators' densities on one axis (log scale), top eigenvalues marked."""
+def plot(result: dict, path: str) -> None:
+    """``curvature.png``: the operators' densities on one axis (log scale), top eigenvalues marked.
+
+    Args:
+        result: the stage's result.
+        path: the file to write.
+    """
     from specops.density import SpectralDensity
 
     plt = rp._pyplot()

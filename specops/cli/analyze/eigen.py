@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from specops import report as rp
 
+if TYPE_CHECKING:
+    from specops.cli.analyze.stage import Context
+
 NAME = "eigen"
 
 
-def settings(args) -> dict:
-    """The stage's settings (also what the eigenvector landscape depends on)."""
+def settings(args: argparse.Namespace) -> dict:
+    """The stage's settings (also what the eigenvector landscape depends on).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The settings.
+    """
     return dict(k=args.top_k, which="LA", tol=args.eig_tol, max_matvecs=args.eig_matvecs, seed=args.seed)
 
 
-def run(ctx):
-    """Run the stage (or skip it when it finished earlier), record it and write ``eigenvectors.npy``."""
+def run(ctx: Context) -> None:
+    """Run the stage (or skip it when it finished earlier), record it and write ``eigenvectors.npy``.
+
+    Args:
+        ctx: the run's context.
+    """
     import specops as so
 
     a = ctx.args
@@ -32,8 +48,15 @@ def run(ctx):
     ctx.state.finish(NAME, settings(a), ctx.eig.to_dict(), ctx.eig.num_matvecs, time.perf_counter() - t0)
 
 
-def eigenvectors(ctx) -> list:
-    """The top eigenvectors as backend vectors: from this run, or from ``eigenvectors.npy``."""
+def eigenvectors(ctx: Context) -> list:
+    """The top eigenvectors as backend vectors: from this run, or from ``eigenvectors.npy``.
+
+    Args:
+        ctx: the run's context.
+
+    Returns:
+        The eigenvectors, one backend vector each.
+    """
     if ctx.eig is not None:
         V = ctx.eig.eigenvectors
     else:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 from specops import report as rp
+
+if TYPE_CHECKING:
+    from specops.cli.analyze.stage import Context
 
 NAME = "esd"
 
 
-def run(ctx):
-    """Run the stage (or skip it when it finished earlier) and draw ``esd.png``."""
+def run(ctx: Context) -> None:
+    """Run the stage (or skip it when it finished earlier) and draw ``esd.png``.
+
+    Args:
+        ctx: the run's context.
+    """
     import specops as so
     from specops.density import SpectralDensity
 

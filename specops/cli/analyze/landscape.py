@@ -7,19 +7,30 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 from specops import report as rp
 from specops.cli.analyze import eigen
 from specops.cli.common import UsageError
 
+if TYPE_CHECKING:
+    from specops.cli.analyze.stage import Context
+
 NAME = "landscape"
 
 
-def auto_span(ctx, kind: str) -> float:
+def auto_span(ctx: Context, kind: str) -> float:
     """The span of ``--landscape-span auto``.
 
     1 for filter-normalized directions (or without the eigen stage), else
     ``sqrt(4 / top eigenvalue)``, where the quadratic model rises by 2.
+
+    Args:
+        ctx: the run's context.
+        kind: the kind of directions.
+
+    Returns:
+        The span.
     """
     if kind == "filter" or "eigen" not in ctx.state.data["stages"]:
         return 1.0
@@ -27,8 +38,11 @@ def auto_span(ctx, kind: str) -> float:
     return float(f"{math.sqrt(4.0 / top):.3g}") if top > 0 else 1.0
 
 
-def run(ctx):
+def run(ctx: Context) -> None:
     """Run the stage (or skip it when it finished earlier) and draw ``landscape.png``.
+
+    Args:
+        ctx: the run's context.
 
     Raises:
         UsageError: an eigenvector landscape without the eigen stage.

@@ -6,10 +6,12 @@ stages in order, write ``summary.md`` and ``report.html``.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from specops import report as rp
 from specops.cli import sessions
@@ -18,12 +20,28 @@ from specops.cli.analyze.arguments import IDENTITY, check_args, settings
 from specops.cli.analyze.stage import Context
 from specops.cli.common import Printer, UsageError, detect_comm
 
+if TYPE_CHECKING:
+    from specops.distributed import Comm
+
 #: The analysis stages in the order they run (training, where it applies, comes first: the session's).
 STAGES = (eigen, trace, esd, curvature, blocks, landscape)
 
 
-def prepare_out(args, comm, printer) -> rp.ReportState:
-    """Check --out, and load an earlier run's state on --resume (rank 0 reads, every rank gets it)."""
+def prepare_out(args: argparse.Namespace, comm: Comm, printer: Printer) -> rp.ReportState:
+    """Check --out, and load an earlier run's state on --resume (rank 0 reads, every rank gets it).
+
+    Args:
+        args: the parsed arguments.
+        comm: the communicator.
+        printer: the rank-0 printer.
+
+    Returns:
+        The run's state: new, or the earlier run's on ``--resume``.
+
+    Raises:
+        UsageError: an ``--out`` that cannot be written, holds another run, or holds a run
+            without ``--resume`` or ``--overwrite`` (raised on every rank).
+    """
     error, data = None, None
     if comm.rank == 0:
         try:
@@ -57,8 +75,14 @@ def prepare_out(args, comm, printer) -> rp.ReportState:
     return state
 
 
-def analyze(args) -> int:
+def analyze(args: argparse.Namespace) -> int:
     """Run ``specops analyze`` with parsed arguments; returns the exit status.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit status (0).
 
     Raises:
         UsageError: bad arguments or an ``--out`` that cannot be used, before any computation.
@@ -109,8 +133,12 @@ def analyze(args) -> int:
     return 0
 
 
-def write_summary(ctx):
-    """``summary.md`` and the self-contained ``report.html`` with the pictures that exist (rank 0)."""
+def write_summary(ctx: Context) -> None:
+    """``summary.md`` and the self-contained ``report.html`` with the pictures that exist (rank 0).
+
+    Args:
+        ctx: the run's context.
+    """
     if not ctx.state.write:
         return
     images = [f for f in ("esd.png", "curvature.png", "landscape.png", "blocks.png") if os.path.exists(os.path.join(ctx.out, f))]
@@ -122,8 +150,15 @@ def write_summary(ctx):
     rp.atomic_write(os.path.join(ctx.out, "report.html"), rp.summary_html(ctx.state.data, pngs))
 
 
-def run(args) -> int:
-    """The command's entry: :func:`analyze`, and an interrupted run says how to continue it."""
+def run(args: argparse.Namespace) -> int:
+    """The command's entry: :func:`analyze`, and an interrupted run says how to continue it.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit status: that of :func:`analyze`, 130 when interrupted.
+    """
     try:
         return analyze(args)
     except KeyboardInterrupt:

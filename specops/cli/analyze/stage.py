@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from specops.cli.common import Printer
+    from specops.model import ModelOperator
+    from specops.report import ReportState
 
 
 @dataclasses.dataclass
@@ -19,12 +26,12 @@ class Context:
             (a resumed run reloads the eigenvectors from ``eigenvectors.npy``).
     """
 
-    args: object
-    H: object
-    state: object
-    printer: object
+    args: argparse.Namespace
+    H: ModelOperator
+    state: ReportState
+    printer: Printer
     blocks: dict
-    eig: object = None
+    eig: Any = None
 
     @property
     def out(self) -> str:
@@ -32,7 +39,15 @@ class Context:
         return self.args.out
 
     def skip(self, name: str, settings: dict) -> bool:
-        """True (and says so) when stage ``name`` finished earlier with the same settings."""
+        """True (and says so) when stage ``name`` finished earlier with the same settings.
+
+        Args:
+            name: the stage.
+            settings: the stage's settings in this run.
+
+        Returns:
+            Whether to skip the stage.
+        """
         if self.state.done(name, settings):
             self.printer(f"  {name}: finished earlier, skipped")
             return True

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specops.cli.analyze.stage import Context
 
 NAME = "trace"
 
 
-def run(ctx):
-    """Run the stage (or skip it when it finished earlier) and record its result."""
+def run(ctx: Context) -> None:
+    """Run the stage (or skip it when it finished earlier) and record its result.
+
+    Args:
+        ctx: the run's context.
+    """
     import specops as so
 
     a = ctx.args

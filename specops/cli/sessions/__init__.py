@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
+
+    from specops.distributed import Comm
+    from specops.model import ModelOperator
 
 #: ``--backend`` choices -> the module of their session (each defines ``Session``).
 BACKENDS = {"torch": "specops.cli.sessions.torch", "jax": "specops.cli.sessions.jax",
@@ -22,24 +29,47 @@ BACKENDS = {"torch": "specops.cli.sessions.torch", "jax": "specops.cli.sessions.
 
 @dataclasses.dataclass
 class Setup:
-    """What the stages need: the operator and how it was made."""
+    """What the stages need: the operator and how it was made.
 
-    H: object
+    Attributes:
+        H: the Hessian operator.
+        description: the model and data, in words.
+        dtype: the operator's dtype name.
+        shapes: parameter name -> shape, where the session knows them.
+    """
+
+    H: ModelOperator
     description: str
     dtype: str
     shapes: dict | None = None
 
 
-def session(backend: str, args, comm):
-    """The session of ``backend`` for these arguments (its framework is imported only now)."""
+def session(backend: str, args: argparse.Namespace, comm: Comm) -> Any:
+    """The session of ``backend`` for these arguments (its framework is imported only now).
+
+    Args:
+        backend: a key of :data:`BACKENDS`.
+        args: the parsed arguments.
+        comm: the communicator.
+
+    Returns:
+        The backend's ``Session``.
+    """
     return importlib.import_module(BACKENDS[backend]).Session(args, comm)
 
 
-def shard_data(data, comm):
+def shard_data(data: Any, comm: Comm) -> Any:
     """This rank's part of the data.
 
     A list of batches is split by batches when there are enough, otherwise every batch (or
     the single batch) is split by samples.
+
+    Args:
+        data: one batch (a tuple or dict) or a sequence of batches.
+        comm: the communicator.
+
+    Returns:
+        This rank's batches, or its part of the batch.
     """
     from specops.distributed import shard
 

@@ -6,14 +6,21 @@ targets)``; the operator is :func:`specops.backends.jax.hessian`'s.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from specops.cli.common import UsageError, call_user, load_callable
 from specops.cli.sessions import Setup, shard_data
+
+if TYPE_CHECKING:
+    import argparse
+
+    from specops.distributed import Comm
 
 
 class Session:
     """``--model`` returns ``(apply_fn, params)``; the loss is ``loss(apply_fn(params, inputs), targets)``."""
 
-    def __init__(self, args, comm):
+    def __init__(self, args: argparse.Namespace, comm: Comm) -> None:
         try:
             import jax
             import jax.numpy as jnp
@@ -37,13 +44,13 @@ class Session:
         self.data = call_user(load_callable(args.data, "--data"), "--data")
         self.loss = self._loss(args.loss)
         self.description = f"JAX model from {args.model}"
-        self.names = None
+        self.names: list[str] | None = None
         self.needs_training = False
 
-    def _loss(self, spec):
+    def _loss(self, spec: str) -> Any:
         jax, jnp = self.jax, self.jnp
         if spec == "cross_entropy":
-            def loss(outputs, targets):
+            def loss(outputs: Any, targets: Any) -> Any:
                 logp = jax.nn.log_softmax(outputs)
                 return -jnp.mean(jnp.take_along_axis(logp, targets[:, None].astype(jnp.int32), axis=1))
             return loss
@@ -55,7 +62,7 @@ class Session:
         """The Hessian operator of the loss over this rank's data."""
         apply_fn, loss = self.apply_fn, self.loss
 
-        def loss_fn(params, batch):
+        def loss_fn(params: Any, batch: Any) -> Any:
             return loss(apply_fn(params, batch[0]), batch[1])
 
         data = shard_data(self.data, self.comm)

@@ -6,14 +6,21 @@ operator is :func:`specops.backends.tensorflow.hessian`'s.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from specops.cli.common import UsageError, call_user, load_callable
 from specops.cli.sessions import Setup, shard_data
+
+if TYPE_CHECKING:
+    import argparse
+
+    from specops.distributed import Comm
 
 
 class Session:
     """``--model`` returns a Keras model; the loss is a Keras loss (``from_logits=True``)."""
 
-    def __init__(self, args, comm):
+    def __init__(self, args: argparse.Namespace, comm: Comm) -> None:
         try:
             import tensorflow as tf
 
@@ -38,7 +45,7 @@ class Session:
         else:
             self.loss = load_callable(args.loss, "--loss")
         self.description = f"Keras model from {args.model}"
-        self.names = None
+        self.names: list[str] | None = None
         self.needs_training = False
 
     def operator(self) -> Setup:

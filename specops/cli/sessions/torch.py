@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,12 +19,26 @@ from specops.cli.common import UsageError, call_user, load_callable
 from specops.cli.sessions import Setup, shard_data
 from specops.progress import Bar
 
+if TYPE_CHECKING:
+    import argparse
+
+    from specops.cli.common import Printer
+    from specops.distributed import Comm
+    from specops.report import ReportState
+
 #: Digits images held out from the default model's training data, for its accuracy.
 DEFAULT_HELD_OUT = 297
 
 
-def default_model(seed: int = 0):
-    """The default network: ResNet-8 (batch norm, residual connections), width 8, for 1x8x8 digits."""
+def default_model(seed: int = 0) -> Any:
+    """The default network: ResNet-8 (batch norm, residual connections), width 8, for 1x8x8 digits.
+
+    Args:
+        seed: the torch seed of its initialization.
+
+    Returns:
+        The ``torch.nn.Module``.
+    """
     import torch
 
     from specops.zoo.torch_resnet import resnet
@@ -32,10 +47,17 @@ def default_model(seed: int = 0):
     return resnet(8, num_classes=10, in_channels=1, width=8, batch_norm=True, residual=True)
 
 
-def default_data(samples: int = 512, seed: int = 0):
+def default_data(samples: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Digits split for the default run: ``(train_X, train_y, test_X, test_y)``.
 
     The Hessian is taken over the first ``samples`` training images.
+
+    Args:
+        samples: images the Hessian will be taken over (checked against the training split).
+        seed: seed of the digits' shuffle.
+
+    Returns:
+        The training images and labels, and the held-out ones.
 
     Raises:
         UsageError: more samples than the training split holds.
@@ -49,7 +71,7 @@ def default_data(samples: int = 512, seed: int = 0):
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
 
 
-def _to_torch(obj, torch):
+def _to_torch(obj: Any, torch: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj)
     if isinstance(obj, dict):
@@ -61,7 +83,7 @@ def _to_torch(obj, torch):
     return obj
 
 
-def _torch_loss(spec: str):
+def _torch_loss(spec: str) -> Any:
     from torch import nn
 
     if spec == "cross_entropy":
@@ -72,7 +94,7 @@ def _torch_loss(spec: str):
     return fn() if isinstance(fn, type) else fn
 
 
-def _load_checkpoint(model, path: str, torch):
+def _load_checkpoint(model: Any, path: str, torch: Any) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"--checkpoint {path!r} does not exist")
     try:
@@ -96,7 +118,7 @@ def _load_checkpoint(model, path: str, torch):
 class Session:
     """Builds the torch model, data and operator; trains the default model as a stage."""
 
-    def __init__(self, args, comm):
+    def __init__(self, args: argparse.Namespace, comm: Comm) -> None:
         import torch
 
         self.torch, self.args, self.comm = torch, args, comm
@@ -148,8 +170,14 @@ class Session:
         """Whether the ``train`` stage runs: the default model without a checkpoint."""
         return self.default and not self.args.checkpoint
 
-    def train(self, state, out: str, printer):
-        """The ``train`` stage: rank 0 trains (or reloads ``model.pt`` on resume), every rank gets the weights."""
+    def train(self, state: ReportState, out: str, printer: Printer) -> None:
+        """The ``train`` stage: rank 0 trains (or reloads ``model.pt`` on resume), every rank gets the weights.
+
+        Args:
+            state: the run's state (the stage is recorded in it).
+            out: the output folder (``model.pt`` goes there).
+            printer: the rank-0 printer.
+        """
         torch, args = self.torch, self.args
         settings = dict(epochs=args.epochs, seed=args.seed, model="resnet8-width8", data="digits")
         path = os.path.join(out, "model.pt")
@@ -166,7 +194,7 @@ class Session:
         if self.comm.rank == 0:
             bar = Bar(args.epochs, "train", "epochs", enabled=printer.progress)
 
-            def log(epoch, loss, acc):
+            def log(epoch: int, loss: float, acc: float) -> None:
                 bar.to(epoch)
                 bar.show(loss=loss, accuracy=acc)
 
@@ -195,7 +223,7 @@ class Session:
         if self.default:
             Xtr, ytr = self.split[0][: args.samples], self.split[1][: args.samples]
             bs = args.batch_size or len(Xtr)
-            data = [(torch.from_numpy(Xtr[i : i + bs]), torch.from_numpy(ytr[i : i + bs]))
+            data: Any = [(torch.from_numpy(Xtr[i : i + bs]), torch.from_numpy(ytr[i : i + bs]))
                     for i in range(0, len(Xtr), bs)]
             data = data[0] if len(data) == 1 else data
         else:
