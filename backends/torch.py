@@ -26,9 +26,22 @@ Hessian-vector product engines (``engine=``):
   and the operator continues with ``double_backward``. ``H.engine`` says which is in use.
   On a CUDA device, blocks of several columns (``matmat``) use ``forward_over_reverse``,
   which vectorizes over the columns (measured 2x faster per column on an H100).
+- ``"finite_difference"``: central differences of gradients (``richardson=True``:
+  extrapolated), for layers without second derivatives; inexact on ReLU networks.
 
-On CPU the first two build their graphs under :class:`_CheapDoubleBackward`, which swaps two
-of PyTorch's second-derivative formulas for cheaper ones with the same results.
+At construction the engines are cross-checked (:meth:`TorchAdapter.cross_check`):
+reverse-over-reverse against forward-over-reverse on one probe product, finite differences
+deciding a mismatch; ``"auto"`` falls back from an engine found wrong, with a warning.
+
+Every graph for products is built with ``scaled_dot_product_attention`` on its math kernel
+and twice-differentiable formulas for the few functions PyTorch lacks them for
+(:data:`_SECOND_ORDER`: hardsigmoid). On CPU the first two engines also swap two of
+PyTorch's second-derivative formulas for cheaper ones with the same results (:data:`_OVERRIDES`).
+
+Models returning a ``ModelOutput`` or dict (Hugging Face) give ``loss_fn(outputs, targets)``
+their ``.logits``; ``loss_fn=None`` takes the model's own ``outputs.loss``. bfloat16 and
+float16 models compute products in their dtype with float32 vectors; ``autocast=`` runs a
+float32 model under ``torch.autocast``.
 
 Random layers (``random_layers=``): a forward pass that draws random numbers (dropout,
 ``DropPath``, ``RReLU`` in training mode, any ``torch.rand`` in ``forward``) has no fixed
@@ -43,8 +56,10 @@ every product, loss and gradient, for every engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -57,7 +72,8 @@ from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, re
 from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
-ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse")
+ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse", "finite_difference")
+_REVERSE = ("cached_graph", "double_backward")
 RANDOM_LAYERS = ("error", "fixed")
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -241,20 +257,56 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
 _OVERRIDES = {F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv, F.batch_norm: _batch_norm}
 
 
-class _CheapDoubleBackward(TorchFunctionMode):
-    """While a graph to be differentiated twice is built: convolutions through :class:`_Conv`,
-    and batch norm with running statistics (``model.eval()``) as an elementwise affine map.
-
-    The values and derivatives are the same up to rounding (tested against
-    ``torch.func.hessian``); products through a cached ResNet-20 graph on CPU cost 2.2 instead
-    of 2.6-2.8 gradients. The model is not touched: only the functions it calls are rerouted.
+def _hardsigmoid(input, inplace=False):
+    """``F.hardsigmoid`` as ``relu6(x + 3) / 6``: PyTorch's kernel has no double backward
+    ("derivative for aten::hardsigmoid_backward is not implemented") and no forward-mode
+    derivative; ``relu6`` has both. The same values (the kernel computes ``min(max(x + 3, 0), 6) / 6``).
     """
+    out = F.relu6(input + 3) / 6
+    return input.copy_(out) if inplace else out
+
+
+# Formulas swapped while every graph to be differentiated twice is built, on every device.
+_SECOND_ORDER = {F.hardsigmoid: _hardsigmoid}
+
+
+class _Reroute(TorchFunctionMode):
+    """Calls to the functions in ``overrides`` go to their replacement (which may return None to
+    leave a call to PyTorch). The model is not touched: only the functions it calls are rerouted.
+
+    With :data:`_OVERRIDES` (the cheaper double backward, CPU only): convolutions through
+    :class:`_Conv`, and batch norm with running statistics (``model.eval()``) as an elementwise
+    affine map. The values and derivatives are the same up to rounding (tested against dense
+    Hessians); products through a cached ResNet-20 graph on CPU cost 2.2 instead of 2.6-2.8
+    gradients.
+    """
+
+    def __init__(self, overrides: dict):
+        super().__init__()
+        self.overrides = overrides
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        override = _OVERRIDES.get(func)
+        override = self.overrides.get(func)
         out = None if override is None else override(*args, **kwargs)
         return func(*args, **kwargs) if out is None else out
+
+
+@contextlib.contextmanager
+def _twice_differentiable(cheap: bool = False):
+    """While a graph for products is built: twice-differentiable formulas, and
+    ``scaled_dot_product_attention`` on its math kernel.
+
+    The fused attention kernels (flash, memory-efficient, cuDNN; the CPU flash kernel PyTorch
+    picks by default) have no double backward and no forward-mode derivative:
+    ``nn.MultiheadAttention``, Hugging Face models with ``attn_implementation="sdpa"`` and
+    timm's attention all call them. The math kernel is the same function written in
+    differentiable operations. ``cheap`` adds the cheaper double backward of :data:`_OVERRIDES`.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]), _Reroute({**_SECOND_ORDER, **(_OVERRIDES if cheap else {})}):
+        yield
 
 
 # --- the model --------------------------------------------------------------------------
@@ -263,39 +315,113 @@ class _LossModule(nn.Module):
 
     Wrapping lets ``torch.func.functional_call`` substitute the parameters for the whole
     call, including a general ``loss_fn(model, batch)`` that touches the model freely.
+    ``loss_fn=None`` takes the loss the model returns itself (``outputs.loss``: a Hugging
+    Face model given a batch with ``labels``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn, loss_form: str):
+    def __init__(self, model: nn.Module, loss_fn, loss_form: str, dtype: torch.dtype):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.loss_form = loss_form
+        self.dtype = dtype
 
     def forward(self, batch):
-        if self.loss_form == "model":
+        if self.loss_fn is None:
+            loss = _own_loss(_call(self.model, batch))
+        elif self.loss_form == "model":
             loss = self.loss_fn(self.model, batch)
         else:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            inputs, targets = _split(batch)
+            outputs = _logits(_call(self.model, inputs))
+            try:
+                loss = self.loss_fn(outputs, targets)
+            except TypeError as e:
                 raise TypeError(
-                    "with loss_fn(outputs, targets) every batch must be a pair (inputs, targets), got "
-                    f"{type(batch).__name__}; for other batches (dicts, triples) write the loss as "
-                    "loss_fn(model, batch) and pass loss_form='model'"
-                )
-            inputs, targets = batch
-            if isinstance(inputs, dict):
-                outputs = self.model(**inputs)
-            elif isinstance(inputs, (tuple, list)):
-                outputs = self.model(*inputs)
-            else:
-                outputs = self.model(inputs)
-            loss = self.loss_fn(outputs, targets)
+                    f"loss_fn(outputs, targets) failed: {e}. specops called it with the model's outputs "
+                    f"({_describe(outputs)}) and the targets; if it is written as loss_fn(model, batch), name "
+                    "its first parameter `model` or pass loss_form='model'"
+                ) from e
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            if isinstance(loss, dict) or hasattr(loss, "logits"):
+                raise TypeError(
+                    f"the loss function returned the model's outputs ({_describe(loss)}), not a scalar: return "
+                    "outputs.loss, or a loss of outputs.logits"
+                )
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
                 f"the loss function must return a scalar tensor, got {shape}; reduce it with "
                 "reduction='mean' (or 'sum', and pass reduction='sum' to hessian)"
             )
+        if loss.is_floating_point() and torch.finfo(loss.dtype).bits < torch.finfo(self.dtype).bits:
+            raise ValueError(
+                f"the loss is computed in {loss.dtype} while the parameters are {self.dtype}: its Hessian "
+                f"would be only {loss.dtype}-accurate. Hugging Face's built-in losses (outputs.loss) cast "
+                "the logits to float32; for a float64 model pass a loss of the logits instead, e.g. "
+                "loss_fn=lambda logits, labels: F.cross_entropy(logits[:, :-1].flatten(0, 1), "
+                "labels[:, 1:].flatten()) for a causal LM (batches {'input_ids': ..., 'labels': ...})"
+            )
         return loss
+
+
+def _call(model, inputs):
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _split(batch):
+    """``(inputs, targets)`` of a batch for ``loss_fn(outputs, targets)``."""
+    if isinstance(batch, dict):
+        if "labels" not in batch:
+            raise TypeError(
+                f"with loss_fn(outputs, targets), a dict batch needs 'labels' (the targets; the other entries "
+                f"are the model's inputs), got keys {sorted(batch)}; or write loss_fn(model, batch)"
+            )
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(
+            "with loss_fn(outputs, targets) every batch must be a pair (inputs, targets) or a dict with "
+            f"'labels', got {type(batch).__name__}; for other batches (triples, ...) write the loss as "
+            "loss_fn(model, batch) and pass loss_form='model'"
+        )
+    return batch
+
+
+def _logits(outputs):
+    """The tensor ``loss_fn(outputs, targets)`` gets: ``outputs.logits`` of a ``ModelOutput`` or dict."""
+    if isinstance(outputs, torch.Tensor) or not (isinstance(outputs, dict) or hasattr(outputs, "logits")):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, dict) else outputs.logits
+    if logits is None:
+        raise TypeError(
+            f"the model returns {_describe(outputs)}; specops applies loss_fn(outputs, targets) to its "
+            "'logits', which it has not: write the loss as loss_fn(model, batch)"
+        )
+    return logits
+
+
+def _own_loss(outputs):
+    """``outputs.loss`` for ``loss_fn=None``."""
+    loss = (outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None))
+    if loss is None:
+        raise TypeError(
+            f"loss_fn=None takes the loss the model returns, but it returned {_describe(outputs)} without one; "
+            "Hugging Face models compute it only when the batch has 'labels' (add them), or pass "
+            "loss_fn(outputs, targets), applied to outputs.logits"
+        )
+    return loss
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return f"a {type(obj).__name__} with fields {', '.join(map(str, obj.keys()))}"
+    return f"a {type(obj).__name__}"
 
 
 def _map_tensors(fn, obj):
@@ -372,6 +498,13 @@ def _check_uniform(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     floating = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     if not floating:
         raise ValueError("the model has no floating-point parameters")
+    on_meta = [n for n, p in floating if p.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"the model's parameters are on the meta device ({_listing(on_meta)}): they have shapes but no "
+            "values (a model built under init_empty_weights() or with device='meta'). Materialize it first, "
+            "e.g. model.to_empty(device='cpu') and load_state_dict(...), or build it on a real device"
+        )
     kinds = {(p.dtype, p.device) for _, p in floating}
     if len(kinds) > 1:
         seen = {}
@@ -453,14 +586,15 @@ class TorchAdapter(ModelAdapter):
             ``random_layers="error"``.
     """
 
-    # Build graphs on CPU under _CheapDoubleBackward (False: PyTorch's formulas, for benchmarks).
+    # Build graphs on CPU with the cheaper double backward of _OVERRIDES (False: PyTorch's
+    # formulas, for benchmarks).
     # Not on CUDA: on an H100 it saved 20% at batch 128 but cost 30% more at batch 32, where the
     # products are bound by kernel launches and the Python-level backward adds to them.
     _cheap_double_backward = True
 
     def __init__(self, model: nn.Module, loss_fn, *, wrt=None, loss_form="auto", engine="auto",
                  memory_budget=None, chunk_size=None, batch_size=None, progress=False,
-                 random_layers="error", _fixed=None, _theta=None):
+                 random_layers="error", richardson=False, autocast=None, _fixed=None, _theta=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -468,6 +602,7 @@ class TorchAdapter(ModelAdapter):
         if random_layers not in RANDOM_LAYERS:
             raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
         self.random_layers = random_layers
+        dtype, device = _check_uniform(model)
         if random_layers == "error":
             found = _random_modules(model)
             if found:
@@ -476,28 +611,32 @@ class TorchAdapter(ModelAdapter):
                     "draws new random numbers, so the loss has no fixed Hessian (the cached graph would "
                     "silently keep one random sub-network). " + _random_layers_fix()
                 )
-        dtype, device = _check_uniform(model)
-        # torch.func's forward-over-reverse gets the second derivatives of batch norm with batch
-        # statistics wrong (0.9% off double backward, which agrees with finite differences)
-        self._batch_statistics = [n for n, m in model.named_modules()
-                                  if isinstance(m, nn.modules.batchnorm._NormBase)
-                                  and (m.training or not m.track_running_stats)]
-        if engine == "forward_over_reverse" and self._batch_statistics:
-            raise ValueError(
-                f"engine='forward_over_reverse' gives wrong products for normalization layers that use batch "
-                f"statistics ({_listing(self._batch_statistics)}): torch.func's forward-over-reverse of "
-                "batch norm in that mode is off by about 1%. Use engine='cached_graph' or 'double_backward', "
-                "or call model.eval() on layers that keep running statistics"
-            )
-        self.ops = TorchOps(dtype, device)
+        if autocast is not None and autocast not in _HALF:
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        if autocast is not None and dtype in _HALF:
+            raise ValueError(f"autocast={autocast} is for float32 or float64 models; the model is "
+                             f"already {dtype}")
+        # Half-precision models: products in the model's dtype, vectors (and theta, a master
+        # copy that holds the half values exactly) in float32, host work in float64.
+        self.param_dtype = dtype
+        self.autocast = autocast
+        self.ops = TorchOps(torch.float32 if dtype in _HALF else dtype, device)
         self.model = model
         self.loss_fn = loss_fn
-        self.loss_form = resolve_loss_form(loss_fn, loss_form)
-        self._module = _LossModule(model, loss_fn, self.loss_form)
+        self.loss_form = "model" if loss_fn is None else resolve_loss_form(loss_fn, loss_form)
+        self._module = _LossModule(model, loss_fn, self.loss_form, autocast or dtype)
         self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
-                         "batch_size": batch_size, "progress": progress, "random_layers": random_layers}
+                         "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
+                         "richardson": richardson, "autocast": autocast}
         self._requested = engine
         self.engine = "cached_graph" if engine == "auto" else engine
+        # auto on a GPU: blocks of columns through one vectorized forward-over-reverse pass
+        # (cleared by the cross-check if that engine disagrees or fails)
+        self._vectorize_columns = engine == "auto" and device.type == "cuda"
+        self.richardson = richardson
+        self.cross_check_error = None  # relative difference of the engines compared at construction
+        # the lowest precision a forward pass computes in (found by cross_check)
+        self.compute_dtype = autocast or dtype
         self.memory_budget = (
             _default_memory_budget(device) if memory_budget is None else int(memory_budget)
         )
@@ -511,6 +650,7 @@ class TorchAdapter(ModelAdapter):
         if _theta is None:
             _theta = self.flatten({n: all_params[n].detach() for n in names}) if names else None
         self._theta = _theta
+        self._padding_rows = _padding_rows(model, self.param_blocks, self.ops)
         # Parameters held fixed: the model's own, or the values a parent adapter differentiated.
         self._fixed = dict(_fixed or {})
         for n, p in all_params.items():
@@ -531,6 +671,9 @@ class TorchAdapter(ModelAdapter):
         engine = self._requested
         sub = TorchAdapter(self.model, self.loss_fn, wrt=list(names), engine=engine, _fixed=fixed,
                            _theta=self.layout.subset(names).flatten({n: current[n] for n in names}, self.ops), **self._options)
+        sub._vectorize_columns = self._vectorize_columns  # the engine decision of the cross-check
+        if engine == "auto" and self.engine == "forward_over_reverse":
+            sub.engine = self.engine
         return sub
 
     # --- evaluation ---------------------------------------------------------------
@@ -547,22 +690,28 @@ class TorchAdapter(ModelAdapter):
 
     def _prepare(self, batch):
         """Tensors to the model's device; floating ones to its dtype."""
-        ops = self.ops
+        ops, param_dtype = self.ops, self.param_dtype
 
         def move(t):
-            dtype = ops.torch_dtype if t.is_floating_point() else t.dtype
+            dtype = param_dtype if t.is_floating_point() else t.dtype
             return t.to(device=ops.torch_device, dtype=dtype)
 
         return _map_tensors(move, batch)
 
     def _state(self, theta):
         state = {"model." + n: p.detach() for n, p in self._fixed.items()}
-        state.update({"model." + n: t for n, t in self.unflatten(theta).items()})
+        state.update({"model." + n: t.to(self.param_dtype) for n, t in self.unflatten(theta).items()})
         # Copies of the buffers: batch norm in training mode updates them in place.
         state.update({"model." + n: b.clone() for n, b in self.model.named_buffers()})
         return state
 
     def _loss(self, theta, batch):
+        if self.autocast is not None:
+            with torch.autocast(self.ops.torch_device.type, dtype=self.autocast):
+                return self._loss_in_dtype(theta, batch).float()
+        return self._loss_in_dtype(theta, batch)
+
+    def _loss_in_dtype(self, theta, batch):
         if self.random_layers == "fixed":
             return self._fixed_mask_loss(theta, batch)
         return torch.func.functional_call(self._module, self._state(theta), (batch,))
@@ -614,10 +763,7 @@ class TorchAdapter(ModelAdapter):
     def _graph(self, batch):
         """A leaf copy of theta and the gradient at it, with its graph (create_graph=True)."""
         theta = self._theta.detach().requires_grad_(True)
-        if self._cheap_double_backward and self.ops.torch_device.type == "cpu":
-            with _CheapDoubleBackward():
-                loss = self._loss(theta, batch)
-        else:
+        with _twice_differentiable(self._cheap_double_backward and self.ops.torch_device.type == "cpu"):
             loss = self._loss(theta, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
         return theta, g
@@ -665,13 +811,17 @@ class TorchAdapter(ModelAdapter):
         return entry
 
     def hvp(self, index: int, batch, V):
+        if self._padding_rows is None:
+            return self._hvp(index, batch, V)
+        return self._hvp(index, batch, V * self._padding_rows) * self._padding_rows
+
+    def _hvp(self, index: int, batch, V):
         if self.progress:
             sys.stderr.write(f"\rspecops: product {self._products + 1}, batch {index + 1}   ")
             sys.stderr.flush()
         if index == 0:
             self._products += 1
-        if (self._requested == "auto" and V.shape[1] > 1 and self.ops.torch_device.type == "cuda"
-                and not self._batch_statistics):
+        if self._requested == "auto" and V.shape[1] > 1 and self._vectorize_columns:
             # on a GPU, one vectorized forward-over-reverse pass beats k double backwards
             # (ResNet-20 on an H100: 1.7x a gradient per column against 3.6x)
             return self._forward_over_reverse(self._prepare(batch), V)
@@ -687,19 +837,235 @@ class TorchAdapter(ModelAdapter):
         if self.engine == "double_backward":
             theta, g = self._graph(batch)
             return self._double_backward(theta, g, V, keep=False)
+        if self.engine == "finite_difference":
+            return self._finite_difference(batch, V, self.richardson)[0]
         return self._forward_over_reverse(batch, V)
 
+    def _reverse_over_reverse(self, batch, V):
+        theta, g = self._graph(batch)
+        return self._double_backward(theta, g, V, keep=False)
+
+    def _finite_difference(self, batch, V, richardson=False, step_factor=1.0):
+        """Central differences of gradients along each column; with Richardson, an error estimate.
+
+        Column ``v`` is stepped by ``h v / ||v||`` with ``h = eps**(1/3) * max(1, rms(theta))``:
+        the step that balances the truncation error ``O(h^2)`` against the rounding error
+        ``O(eps / h)`` of the gradients, as Stan's ``finite_diff_hessian_times_vector_auto``
+        steps ``cbrt(eps)`` along the normalized vector (here scaled by the parameters' size).
+        Two gradients per column. ``richardson=True`` takes ``h = eps**(1/5) * max(1,
+        rms(theta))``, combines the steps ``h`` and ``2h`` as ``R = (4 D(h) - D(2h)) / 3``
+        (truncation error ``O(h^4)``) and estimates the error of ``R`` by ``|R - D(h)|`` (four
+        gradients per column).
+
+        ``step_factor`` scales ``h`` (for benchmarks of the rule).
+
+        Returns:
+            ``(HV, errors)``: the products (n, k) and, with Richardson, per-column estimates of
+            ``||HV - H V||`` (``None`` without).
+        """
+        theta = self._theta
+        eps = float(torch.finfo(self.compute_dtype).eps)  # the gradients' rounding
+        scale = max(1.0, float(torch.linalg.vector_norm(theta)) / max(theta.numel(), 1) ** 0.5)
+        h = eps ** (1 / 5 if richardson else 1 / 3) * scale * step_factor
+        cols, errors = [], []
+        for j in range(V.shape[1]):
+            v = V[:, j]
+            norm = float(torch.linalg.vector_norm(v))
+            if norm == 0.0:
+                cols.append(torch.zeros_like(v))
+                errors.append(0.0)
+                continue
+            u = v / norm
+
+            def central(step):
+                plus = self._gradient_at(theta + step * u, batch)
+                return (plus - self._gradient_at(theta - step * u, batch)) / (2 * step)
+
+            est = central(h)
+            if richardson:
+                coarse = central(2 * h)
+                est, fine = (4 * est - coarse) / 3, est
+                errors.append(float(torch.linalg.vector_norm(est - fine)) * norm)
+            cols.append(est * norm)
+        return torch.stack(cols, dim=1), (np.asarray(errors) if richardson else None)
+
+    def _gradient_at(self, theta, batch):
+        theta = theta.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(self._loss(theta, batch), theta, allow_unused=True)
+        return torch.zeros_like(theta) if g is None else g
+
     def _forward_over_reverse(self, batch, V):
-        # jacrev rather than grad: grad's scalar cotangent has a zero tangent that some backward
-        # formulas (mse_loss) try to write to under forward AD (torch 2.x: "ZeroTensors are immutable").
-        grad = torch.func.jacrev(lambda theta: self._loss(theta, batch))
+        # jvp of grad, not of jacrev (which torch.func.hessian uses): under jacrev's inner vmap
+        # the forward derivative of layer norm's backward is wrong (torch 2.13: 11% off
+        # finite differences for the layer norm weights, 2% on a transformer block), while the
+        # same jvp of grad vmapped over the columns is exact. The batch's floating tensors are
+        # primals with materialized zero tangents: left without one, some backward formulas
+        # (mse_loss) write into the target's immutable ZeroTensor tangent under forward AD.
+        leaves = []
+        _map_tensors(lambda t: leaves.append(t) if t.is_floating_point() else None, batch)
+
+        def grad(theta, data):
+            it = iter(data)
+            rebuilt = _map_tensors(lambda t: next(it) if t.is_floating_point() else t, batch)
+            return torch.func.grad(lambda t: self._loss(t, rebuilt))(theta)
+
+        zeros = [torch.zeros_like(t) for t in leaves]
 
         def hv(v):
-            return torch.func.jvp(grad, (self._theta,), (v,))[1]
+            return torch.func.jvp(grad, (self._theta, leaves), (v, zeros))[1]
 
-        if V.shape[1] == 1:
-            return hv(V[:, 0])[:, None]
-        return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size, randomness="same")(V)
+        with _twice_differentiable():
+            if V.shape[1] == 1:
+                return hv(V[:, 0])[:, None]
+            return torch.func.vmap(hv, in_dims=1, out_dims=1, chunk_size=self.chunk_size,
+                                   randomness="same")(V)
+
+    # --- cross-check of the engines -----------------------------------------------
+    def cross_check(self, batch) -> None:
+        """Check the engine(s) in use against an independent one on one product with ``batch``.
+
+        Reverse-over-reverse (the formulas of ``cached_graph`` and ``double_backward``) and
+        forward-over-reverse share no second-derivative code, so a framework defect in either
+        shows as a mismatch. On a mismatch beyond rounding, central differences of gradients
+        with Richardson extrapolation decide which one is wrong. With ``engine="auto"`` the
+        operator then falls back to the other engine with a warning naming the parameters and
+        layer types where the two differ most; an explicitly requested engine found wrong, or
+        no engine that works, raises. Costs a forward and two rebuilt products of one batch, once.
+
+        Raises:
+            ValueError: the requested engine disagrees with finite differences.
+            RuntimeError: neither engine can differentiate the model twice (the message offers
+                ``engine="finite_difference"``).
+        """
+        batch = self._prepare(batch)
+        self._check_precision(batch)
+        if self.engine == "finite_difference":
+            return
+        v = self.ops.random(self.num_params, [0], 0, kind="normal", stream="cross_check")
+        if self._padding_rows is not None:
+            v = v * self._padding_rows
+        products, failures = {}, {}
+        for name, fn in (("reverse_over_reverse", self._reverse_over_reverse),
+                         ("forward_over_reverse", self._forward_over_reverse)):
+            try:
+                product = fn(batch, v)
+                products[name] = product if self._padding_rows is None else product * self._padding_rows
+            except (RuntimeError, NotImplementedError) as e:
+                failures[name] = e
+        in_use = {"forward_over_reverse" if self.engine == "forward_over_reverse" else "reverse_over_reverse"}
+        if self._vectorize_columns:
+            in_use.add("forward_over_reverse")
+        auto = self._requested == "auto"
+        if not products:
+            raise RuntimeError(_no_engine_message(failures))
+        for name, error in failures.items():
+            if name not in in_use:
+                continue
+            if not auto:
+                raise RuntimeError(f"{error}\n{_no_engine_message(failures)}") from error
+            self._use(next(iter(products)))  # auto: the engine that works
+        tol = _ROUNDING[self.compute_dtype]
+        if len(products) == 2:
+            a, b = products["reverse_over_reverse"], products["forward_over_reverse"]
+            self.cross_check_error = _rel(b, a)
+            if self.cross_check_error <= tol:
+                return
+            # the referee: plain central differences at the small step (fewer kinks of ReLU-like
+            # layers crossed than Richardson's larger step; 1e-10 in float64 on smooth models)
+            reference, _ = self._finite_difference(batch, v)
+            if self._padding_rows is not None:
+                reference = reference * self._padding_rows
+            wrong = max(products, key=lambda k: _rel(products[k], reference))
+            right = next(k for k in products if k != wrong)
+            d_right, d_wrong = _rel(products[right], reference), _rel(products[wrong], reference)
+            where = self._where_different(a, b)
+            message = (f"the Hessian-vector products of reverse-over-reverse and forward-over-reverse "
+                       f"differ by {self.cross_check_error:.2g} (relative; rounding is below {tol:.0e}) "
+                       f"and differ most in {where}")
+            if d_right > 0.1 * d_wrong:  # finite differences cannot tell (kinks, float32 rounding)
+                self._use("reverse_over_reverse")
+                warnings.warn(f"{message}. Finite differences of gradients cannot tell which is right "
+                              f"({d_right:.1g} and {d_wrong:.1g} from each); using {self.engine}",
+                              RuntimeWarning, stacklevel=3)
+                return
+            message += (f". Finite differences of gradients side with {right} ({d_right:.1g} against "
+                        f"{d_wrong:.1g}): PyTorch's {wrong} derivatives of some layer are wrong")
+            if wrong not in in_use:
+                return
+            if not auto:
+                other = "forward_over_reverse" if wrong == "reverse_over_reverse" else "double_backward"
+                raise ValueError(f"{message}. Use engine={other!r} (or 'auto'), or cross_check=False to keep "
+                                 f"engine={self.engine!r}")
+            self._use(right)
+            warnings.warn(f"{message}; using {self.engine} instead", RuntimeWarning, stacklevel=3)
+            return
+        # one engine works: check it against finite differences, at their accuracy
+        name, product = next(iter(products.items()))
+        reference, errors = self._finite_difference(batch, v, richardson=True)
+        if self._padding_rows is not None:
+            reference = reference * self._padding_rows
+        scale = max(float(torch.linalg.vector_norm(reference)), float(np.finfo(np.float64).tiny))
+        self.cross_check_error = _rel(product, reference)
+        if self.cross_check_error > max(10 * float(errors[0]) / scale, 1e3 * tol):
+            failed = "; ".join(f"{k} failed: {str(e).splitlines()[0]}" for k, e in failures.items())
+            warnings.warn(f"{name} Hessian-vector products differ from finite differences of gradients by "
+                          f"{self.cross_check_error:.2g} (relative; their error estimate is "
+                          f"{float(errors[0]) / scale:.1g}; steps that cross kinks of ReLU-like layers make "
+                          f"them unreliable); {failed}", RuntimeWarning, stacklevel=3)
+
+    def _check_precision(self, batch) -> None:
+        """Warn if a forward pass computes in a lower precision than the parameters.
+
+        Sets :attr:`compute_dtype`, the lowest precision seen, which bounds the products'
+        accuracy (and the cross-check's tolerance). Hugging Face's Llama, for one, computes
+        RMS norm and attention softmax in float32 in a float64 model.
+        """
+        if self.autocast is not None:  # lower precision by request
+            return
+        watch = _WatchPrecision(torch.finfo(self.param_dtype).bits)
+        def leave(module, args, output):
+            watch.stack.pop()  # (a forward hook that returns something replaces the output)
+
+        pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: watch.stack.append(m))
+        post = torch.nn.modules.module.register_module_forward_hook(leave)
+        try:
+            with torch.no_grad(), watch:
+                self._loss(self._theta, batch)
+        finally:
+            pre.remove()
+            post.remove()
+        if watch.found:
+            self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
+            where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
+            warnings.warn(
+                f"the model's parameters are {self.param_dtype} but a forward pass computes parts in "
+                f"lower precision: {where}. Products, and every spectrum from them, are accurate to "
+                f"{self.compute_dtype} rounding only", RuntimeWarning, stacklevel=4)
+
+    def _use(self, name):
+        """Switch an ``auto`` operator to the products of ``name``."""
+        if name == "forward_over_reverse":
+            self.engine = "forward_over_reverse"
+        else:
+            self._vectorize_columns = False
+            if self.engine == "forward_over_reverse":
+                self.engine = "cached_graph"
+
+    def _where_different(self, a, b, limit: int = 3) -> str:
+        """The parameters (and their layers' types) where two product vectors differ most."""
+        diff = self.unflatten(a - b)
+        total = max(float(torch.linalg.vector_norm(a)), float(np.finfo(np.float64).tiny))
+        ranked = sorted(diff, key=lambda n: -float(torch.linalg.vector_norm(diff[n])))[:limit]
+        parts = []
+        for n in ranked:
+            owner = n.rsplit(".", 1)[0] if "." in n else ""
+            kind = type(self.model.get_submodule(owner)).__name__
+            parts.append(f"{n} ({kind}: {float(torch.linalg.vector_norm(diff[n])) / total:.2g})")
+        types = sorted({type(m).__name__ for m in self.model.modules()
+                        if isinstance(m, _NORM_OR_ATTENTION) or "Norm" in type(m).__name__
+                        or "Attention" in type(m).__name__})
+        present = f"; normalization and attention layers present: {', '.join(types)}" if types else ""
+        return ", ".join(parts) + present
 
     # --- diagnostics --------------------------------------------------------------
     def determinism_hints(self) -> list[str]:
@@ -719,6 +1085,72 @@ class TorchAdapter(ModelAdapter):
         return hints
 
 
+# engines agree within this (relative), by the lowest precision a forward pass computes in
+_ROUNDING = {torch.bfloat16: 1e-1, torch.float16: 2e-2, torch.float32: 2e-3, torch.float64: 1e-7}
+_NORM_OR_ATTENTION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+                      nn.MultiheadAttention)
+
+
+class _WatchPrecision(TorchFunctionMode):
+    """Records the modules (by type) in which operations return floats of fewer than ``bits`` bits."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits, self.stack, self.found = bits, [], {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (isinstance(out, torch.Tensor) and out.is_floating_point()
+                and torch.finfo(out.dtype).bits < self.bits):
+            where = type(self.stack[-1]).__name__ if self.stack else "the loss function"
+            self.found.setdefault(where, out.dtype)
+        return out
+
+
+def _padding_rows(model: nn.Module, blocks: dict, ops: TorchOps):
+    """A column (n, 1) of ones with zeros at the padding rows of ``nn.Embedding(padding_idx=...)``.
+
+    PyTorch's gradient of an embedding leaves the ``padding_idx`` row out (it is never
+    trained), although the loss depends on it. Its double backward then gives a Hessian that
+    is not symmetric (the row's column is zero, its row is not), forward-over-reverse the
+    transpose. The consistent operator treats the row as frozen, as the gradient does: zero
+    row and column. None when the selection holds no such row.
+    """
+    mask = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or module.padding_idx is None:
+            continue
+        key = f"{name}.weight" if name else "weight"
+        if key not in blocks:
+            continue
+        if mask is None:
+            mask = ops.zeros((sum(b.stop - b.start for b in blocks.values()), 1)) + 1
+        width = module.embedding_dim
+        start = blocks[key].start + module.padding_idx % module.num_embeddings * width
+        mask[start:start + width] = 0
+    return mask
+
+
+def _rel(a, b) -> float:
+    scale = max(float(torch.linalg.vector_norm(b)), float(np.finfo(np.float64).tiny))
+    return float(torch.linalg.vector_norm(a - b)) / scale
+
+
+def _no_engine_message(failures) -> str:
+    lines = [f"  {name}: {str(e).splitlines()[0]}" for name, e in failures.items()]
+    hint = ""
+    if any("scaled_dot_product" in str(e) or "attention" in str(e) for e in failures.values()):
+        hint = ("; fused attention kernels have no double backward: specops switches "
+                "scaled_dot_product_attention to its math kernel, so a model calling a fused kernel "
+                "directly needs attn_implementation='eager' (Hugging Face) or a plain attention")
+    return ("PyTorch cannot differentiate this model twice with the engine(s):\n" + "\n".join(lines)
+            + f"\nPass engine='finite_difference' (central differences of gradients, no second derivatives "
+            f"needed; richardson=True for more accuracy){hint}")
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _listing(names, limit: int = 4) -> str:
     names = [n or "<model>" for n in names]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -728,13 +1160,16 @@ def _listing(names, limit: int = 4) -> str:
 def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", engine: str | None = None,
             comm=None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
-            batch_size=None, random_layers: str = "error", params=None, hvp: str | None = None) -> ModelOperator:
+            batch_size=None, random_layers: str = "error", cross_check: bool = True,
+            richardson: bool = False, autocast: torch.dtype | None = None, params=None,
+            hvp: str | None = None) -> ModelOperator:
     """The Hessian of a model's loss over data, as a specops operator on flat tensors.
 
     Args:
         model: an ``nn.Module`` with all parameters on one device and of one dtype
-            (float32 or float64). Its mode is used as is: call ``model.eval()`` yourself for
-            batch norm with running statistics and without dropout.
+            (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors).
+            Its mode is used as is: call ``model.eval()`` yourself for batch norm with running
+            statistics and without dropout.
         loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
             to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
             tuple are passed as ``model(**inputs)`` / ``model(*inputs)``); or the general
@@ -746,8 +1181,9 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
             (``"stage2.*"``), modules or parameters, alone or in a list. Frozen parameters are
             always left out.
         reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
-        engine: ``"auto"``, ``"cached_graph"``, ``"double_backward"`` or ``"forward_over_reverse"``
-            (see the module docstring); ``H.engine`` names the engine in use.
+        engine: ``"auto"``, ``"cached_graph"``, ``"double_backward"``, ``"forward_over_reverse"``
+            or ``"finite_difference"`` (see the module docstring); ``H.engine`` names the engine
+            in use.
         comm: ``None`` or a communicator (``specops.distributed.MPIComm``); each rank passes its
             own shard of the data.
         check_deterministic: check every batch's loss is finite and that two identical products
@@ -765,6 +1201,17 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
             a forward of the first batch draws random numbers) raises
             :class:`specops.NonDeterministicError`; ``"fixed"``: the Hessian of one fixed
             random sub-network, each batch with the same mask in every product.
+        cross_check: compare reverse-over-reverse and forward-over-reverse products on one
+            probe vector of the first batch at construction (finite differences decide a
+            mismatch); ``"auto"`` falls back with a warning from an engine found wrong, an
+            explicit engine found wrong raises. ``H.adapter.cross_check_error`` is the relative
+            difference measured.
+        richardson: with ``engine="finite_difference"``, Richardson extrapolation of two steps
+            (four gradients per column instead of two, truncation error ``O(h^4)``).
+        autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: evaluate a float32 (or
+            float64) model under ``torch.autocast`` with that dtype. A model whose parameters
+            are bfloat16 or float16 needs no flag: its products run in its dtype and its
+            vectors are float32.
         params: former name of ``wrt`` (deprecated).
         hvp: former name of ``engine`` (deprecated).
 
@@ -779,14 +1226,19 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
         specops.NonFiniteError: a batch's loss is not finite (the batch is named).
         specops.NonDeterministicError: a random forward pass (with ``random_layers="error"``;
             the layers and the fix are named), or two identical products differ.
+        RuntimeError: no engine can differentiate the model twice (the message offers
+            ``engine="finite_difference"``).
     """
     wrt = renamed("hessian", "wrt", wrt, "params", params)
     engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
     adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
-                           progress=progress, random_layers=random_layers)
+                           progress=progress, random_layers=random_layers, richardson=richardson,
+                           autocast=autocast)
     for batch in ModelOperator._batches_of(data):
         adapter.check_random_forward(batch)
+        if cross_check:
+            adapter.cross_check(batch)
         break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)

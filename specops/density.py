@@ -5,13 +5,15 @@ eigenvalues ``theta_j`` (nodes) and squared first eigenvector components ``w_j``
 (weights) form a Gauss quadrature of the spectral measure ``v^T delta(A - x) v``;
 averaged over probes, of the density ``(1/n) sum_i delta(x - lambda_i)`` (Golub &
 Meurant 1994; Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
-All probes run side by side: each Lanczos step is one ``matmat`` of ``num_probes``
-columns, and each probe's basis is kept orthogonal (full reorthogonalization).
+Probes run side by side: each Lanczos step is one ``matmat`` of the probes of a group
+(all of them when their bases fit in the memory budget), and each probe's basis is kept
+orthogonal (full reorthogonalization, or against a window of its last vectors).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -132,8 +134,17 @@ class SpectralDensity(Result):
 
 
 def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64, seed: int = 0,
-                     kind: str = "rademacher", progress: bool | str = False) -> SpectralDensity:
+                     kind: str = "rademacher", progress: bool | str = False, *,
+                     probes_at_once: int | None = None, reorth_window: int | None = None,
+                     memory_budget: int | None = None) -> SpectralDensity:
     """Estimate the eigenvalue spectral density of a symmetric operator by SLQ.
+
+    The Lanczos bases take ``probes_at_once * window * n`` numbers (``window = num_steps``
+    with full reorthogonalization). By default as many probes run side by side as fit in
+    ``memory_budget`` (the rest run in later groups, with the same probes and the same
+    result); only when a single probe's full basis does not fit is the
+    reorthogonalization window shortened to what fits, with a warning (accuracy cost:
+    docs/algorithms.md).
 
     Args:
         A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
@@ -144,9 +155,18 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         progress: draw a progress bar (tqdm) of the products (all probes advance together,
             one Lanczos step per product block), ending with the estimated spectral range
             and trace; a string labels it. Silent on MPI ranks other than 0.
+        probes_at_once: probes run side by side (one ``matmat`` of that many columns per
+            step); default: as many as the budget allows, at most ``num_probes``.
+        reorth_window: reorthogonalize each probe against only its last ``reorth_window``
+            Lanczos vectors (``>= 2``) instead of all of them; default: full
+            reorthogonalization when one probe's basis fits in the budget.
+        memory_budget: bytes allowed for the bases; default half the free memory of the
+            vectors' device (:meth:`~specops.ops.VectorOps.free_memory`).
 
     Returns:
-        :class:`SpectralDensity` (``num_probes * num_steps`` products).
+        :class:`SpectralDensity` (``num_probes * num_steps`` products); its ``settings``
+        say the ``probes_at_once``, ``reorth_window`` (``None``: full) and ``basis_bytes``
+        used.
 
     Raises:
         ValueError: bad arguments, or an operator marked non-symmetric.
@@ -172,20 +192,65 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
     seed, kind = check_seed(seed), check_kind(kind)
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
+    p = num_probes
+    group, window, budget = _plan(ops, n, p, steps, probes_at_once, reorth_window, memory_budget)
     bar = progress_bar(progress, num_probes * steps, "spectral_density", comm=A)
     A = bar.track(A)
     mul = _checks.Products(A)
-    p = num_probes
-    Z = ops.random(n, range(p), seed, kind=kind, stream="slq")
-    V = ops.scale_columns(Z, 1.0 / ops.column_norms(Z))
-    alpha, beta, length = probe_lanczos(A, mul, V, steps)
+    alpha, beta, length = np.zeros((p, steps)), np.zeros((p, steps)), np.zeros(p, dtype=int)
+    for first in range(0, p, group):
+        cols = range(first, min(first + group, p))
+        Z = ops.random(n, cols, seed, kind=kind, stream="slq")
+        V = ops.scale_columns(Z, 1.0 / ops.column_norms(Z))
+        del Z
+        alpha[cols], beta[cols], length[cols] = probe_lanczos(A, mul, V, steps, window)
+        del V
     nodes, weights = np.zeros((p, steps)), np.zeros((p, steps))
     for i in range(p):
         m = length[i]
         theta, U = eigh_tridiagonal(alpha[i, :m], beta[i, : m - 1])
         nodes[i, :m], weights[i, :m] = theta, U[0] ** 2
         nodes[i, m:] = theta[-1]
-    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, kind=kind, backend=A.backend)
+    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, kind=kind, backend=A.backend,
+                    probes_at_once=group, reorth_window=window,
+                    basis_bytes=basis_bytes(n, group, steps if window is None else window, ops.dtype),
+                    memory_budget=budget)
     out = SpectralDensity(nodes=nodes, weights=weights, num_matvecs=mul.count, settings=settings)
     bar.close(range=[nodes.min(), nodes.max()], trace=out.trace()[0])
     return out
+
+
+def basis_bytes(n: int, probes: int, window: int, dtype: npt.DTypeLike) -> int:
+    """Bytes of SLQ's Lanczos bases: ``window`` vectors of length ``n`` for each of ``probes`` probes."""
+    return int(window) * int(n) * int(probes) * np.dtype(dtype).itemsize
+
+
+def _plan(ops, n, p, steps, probes_at_once, reorth_window, memory_budget):
+    """``(probes_at_once, reorth_window or None, budget)`` for SLQ within the memory budget."""
+    if probes_at_once is not None:
+        probes_at_once = min(_checks.positive_int("probes_at_once", probes_at_once), p)
+    if reorth_window is not None:
+        reorth_window = _checks.positive_int("reorth_window (vectors kept, 2 at least)", reorth_window, minimum=2)
+        reorth_window = None if reorth_window >= steps else reorth_window
+    if memory_budget is None:
+        budget = ops.free_memory() // 2
+    else:
+        budget = _checks.positive_int("memory_budget", memory_budget)
+    one = basis_bytes(n, 1, 1, ops.dtype)  # one vector
+    group = probes_at_once or 1
+    if reorth_window is None and group * one * steps > budget:
+        reorth_window = int(max(2, budget // (group * one)))
+        warnings.warn(
+            f"spectral_density: the full Lanczos bases of {group} probe(s) ({steps} x {n} numbers each, "
+            f"{_size(group * one * steps)}) exceed the memory budget ({_size(budget)}); "
+            f"reorthogonalizing against the last {reorth_window} vectors only. Pass reorth_window= "
+            "to choose, or memory_budget= to allow more memory",
+            stacklevel=3,
+        )
+    if probes_at_once is None:
+        probes_at_once = int(min(p, max(1, budget // (one * (steps if reorth_window is None else reorth_window)))))
+    return probes_at_once, reorth_window, budget
+
+
+def _size(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"

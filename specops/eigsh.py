@@ -180,6 +180,7 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
         if checked and out[3].all():
             missed, used, complete = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4],
                                                        seed, max_basis)
+            del basis  # the block rerun below needs its own basis; free this one first
             settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed),
                                                   complete=bool(complete))
             out[4] += used

@@ -201,10 +201,21 @@ def _repair(A, Qn, R, buffer, columns, draw, anorm, eps):
     return ops.concat(cols, axis=1), R
 
 
-def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int,
+                  window: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``steps`` Lanczos steps for every column of the unit block ``V`` independently.
 
-    One ``matmat`` of all probes per step; each probe's basis is fully reorthogonalized.
+    One ``matmat`` of all probes per step. Each probe's basis is fully reorthogonalized,
+    or, with ``window``, only against its last ``window`` vectors (a ring buffer of
+    ``window x n x p`` instead of ``steps x n x p``).
+
+    Args:
+        A: the operator.
+        mul: its counted product.
+        V: native (n, p) block of unit probes.
+        steps: Lanczos steps per probe.
+        window: vectors kept per probe for reorthogonalization (``>= 2``); ``None``
+            keeps all ``steps`` (full reorthogonalization).
 
     Returns:
         ``(alpha, beta, length)``: per probe the tridiagonal's diagonal (p, steps),
@@ -213,15 +224,16 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int) -> tup
     """
     ops = A.ops
     n, p = V.shape
-    X = ops.write_block(ops.zeros((steps, n, p)), 0, V[None], axis=0)  # X[j]: step j of every probe
+    slots = steps if window is None else min(window, steps)
+    X = ops.write_block(ops.zeros((slots, n, p)), 0, V[None], axis=0)  # X[j % slots]: step j of every probe
     alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
     length = np.full(p, steps)
     live = np.ones(p, dtype=bool)
     anorm = 0.0
     eps = float(np.finfo(ops.dtype).eps)
     for j in range(steps):
-        W, c = ops.orthogonalize_probes(mul(V), X, j + 1)
-        alpha[live, j] = c[j, live]
+        W, c = ops.orthogonalize_probes(mul(V), X, min(j + 1, slots))
+        alpha[live, j] = c[j % slots, live]
         if j == steps - 1:
             break
         b = ops.column_norms(W)
@@ -233,5 +245,5 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int) -> tup
             break
         beta[live, j] = b[live]
         V = ops.scale_columns(W, np.where(live, 1.0 / np.where(live, b, 1.0), 0.0))
-        X = ops.write_block(X, j + 1, V[None], axis=0)
+        X = ops.write_block(X, (j + 1) % slots, V[None], axis=0)
     return alpha, beta, length

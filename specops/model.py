@@ -78,6 +78,13 @@ class ModelAdapter(abc.ABC):
     def hvp(self, index: int, batch: Any, V: Array) -> Array:
         """Hessian of the batch loss times native ``V`` (n, k); ``index`` numbers the batch."""
 
+    def hvp_vector(self, index: int, batch: Any, v: Array) -> Array:
+        """Hessian of the batch loss times one native vector ``v`` (n,).
+
+        Backends with compiled products override it to skip the reshapes.
+        """
+        return self.hvp(index, batch, v[:, None])[:, 0]
+
     @abc.abstractmethod
     def params_vector(self) -> Array:
         """The current parameters, flattened: native (n,)."""
@@ -256,7 +263,9 @@ class ModelOperator(LinearOperator):
         total = None
         count = 0
         for i, (batch, w) in enumerate(zip(self._iter(), self._weights())):
-            term = fn(i, batch) * w
+            term = fn(i, batch)
+            if w != 1.0:  # one batch (or reduction="sum"): no extra operation per product
+                term = term * w
             total = term if total is None else total + term
             count += 1
         if count != len(self.batch_sizes):
@@ -268,12 +277,24 @@ class ModelOperator(LinearOperator):
 
     # --- products -----------------------------------------------------------------
     def _matmat(self, V: Array) -> Array:
+        return self._product(lambda i, b: self.adapter.hvp(i, b, V), tuple(V.shape))
+
+    def matvec(self, v: Array) -> Array:
+        """``H v`` for ``v`` of shape (n,).
+
+        Goes through the adapter's single-vector product (no reshapes around a compiled
+        product).
+        """
+        v = self._check(v, 1)
+        return self._product(lambda i, b: self.adapter.hvp_vector(i, b, v), tuple(v.shape))
+
+    def _product(self, fn: Callable[[int, Any], Array], shape: tuple) -> Array:
         t0 = time.perf_counter()
-        out = self._accumulate(lambda i, b: self.adapter.hvp(i, b, V))
+        out = self._accumulate(fn)
         if out is None:  # a rank with an empty shard
-            out = self.ops.zeros(tuple(V.shape))
+            out = self.ops.zeros(shape)
         out = self.comm.allreduce(out, self.ops)
-        self.num_matvecs += int(V.shape[1])
+        self.num_matvecs += int(shape[1]) if len(shape) == 2 else 1
         self.matvec_seconds += time.perf_counter() - t0
         return out
 

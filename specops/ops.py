@@ -17,6 +17,7 @@ backend, device and number of MPI ranks.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
@@ -230,6 +231,18 @@ class VectorOps(abc.ABC):
         W = W - self.einsum("jnp,jp->np", B, c2)
         return W, self.to_numpy(c1) + self.to_numpy(c2)
 
+    def free_memory(self) -> int:
+        """Bytes free for new arrays on this device (an estimate, for choosing buffer sizes).
+
+        Host memory (``MemAvailable``) by default; CUDA devices of torch report the
+        device's free memory.
+        """
+        if self.name == "torch" and self.device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(self.device))[0])
+        return host_free_memory()
+
     def random(self, n: int, columns: Iterable[int], seed: int, kind: str = "rademacher",
                stream: str = "") -> Array:
         """Seeded random columns (n, len(columns)), the same on every backend.
@@ -244,3 +257,18 @@ class VectorOps(abc.ABC):
         E = np.zeros((n, stop - start), dtype=self.dtype)
         E[np.arange(start, stop), np.arange(stop - start)] = 1.0
         return self.from_numpy(E)
+
+
+def host_free_memory() -> int:
+    """Bytes of host memory available (``MemAvailable`` of ``/proc/meminfo``, else physical / 4)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 << 30

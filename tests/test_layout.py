@@ -139,3 +139,33 @@ def test_keras_parameter_structure():
     single = Hs.as_params(tf.ones(Hs.shape[0], dtype=tf.float64))
     assert len(single) == len(model.trainable_variables)
     assert np.all(single[0].numpy() == 0) and np.all(single[2].numpy() == 1)
+
+
+def test_single_vector_products_equal_one_column_blocks():
+    """``H @ v`` goes through the adapter's single-vector product (compiled without reshapes
+    in JAX); it equals the block product and counts one product, for the Hessian and a GGN."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from specops.backends import jax as sj
+
+    key = jax.random.PRNGKey(1)
+    params = {"w": jax.random.normal(key, (3, 2)), "b": jnp.zeros(2)}
+    X, y = jax.random.normal(key, (5, 3)), jax.random.normal(key, (5, 2))
+
+    def apply(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    def loss(p, batch):
+        return jnp.mean((apply(p, batch[0]) - batch[1]) ** 2)
+
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]  # weights 3/5 and 2/5
+    for H in (sj.hessian(loss, params, batches),
+              sj.ggn(apply, lambda out, t: jnp.mean((out - t) ** 2), params, batches)):
+        v = jax.random.normal(key, (H.shape[0],))
+        before = H.num_matvecs
+        hv = H @ v
+        assert H.num_matvecs == before + 1 and hv.shape == v.shape
+        np.testing.assert_allclose(np.asarray(hv), np.asarray(H.matmat(v[:, None])[:, 0]), rtol=1e-6, atol=1e-7)
+        dense = H.to_dense()
+        np.testing.assert_allclose(np.asarray(hv), dense @ np.asarray(v), rtol=1e-5, atol=1e-6)

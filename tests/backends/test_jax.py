@@ -97,8 +97,12 @@ def test_compiled_once_not_per_product(problem):
     traced = H.adapter.num_traces  # the full batches and the shorter last batch
     assert traced == 2
     v = jnp.ones(H.shape[0])
+    H @ v  # H @ v has its own program per batch shape (no reshapes around it)
+    assert H.adapter.num_traces <= 2 * traced
+    traced = H.adapter.num_traces
     for _ in range(5):
         H @ v
+        H.matmat(v[:, None])
     assert H.adapter.num_traces == traced
 
 
