@@ -303,6 +303,8 @@ def test_ggn_and_residual_against_dense_truth(tmp_path):
     # the residual term: 30 products < 2n, an estimate, within three standard errors of tr(H - G)
     res = rec["residual"]["trace"]
     assert 0 < res["stderr"] and abs(res["estimate"] - np.trace(dense_h - dense_g)) <= 3 * res["stderr"]
+    H = st.hessian(model, loss_fn, batch)
+    assert res["estimate"] == specops.trace(H - G, num_matvecs=30, seed=3).estimate   # the same seed
     assert rec["products"]["residual/trace"] == 30 and "ggn/eigenvalues" in rec["products"]
     # warm start per curvature, and the log reads back by curvature
     model[0].weight.data += 1e-3
