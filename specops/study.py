@@ -217,7 +217,7 @@ def parse_curvatures(text: str) -> tuple:
     Raises:
         UsageError: an unknown name (naming the known ones).
     """
-    from specops.tracker import CURVATURES
+    from specops.curvature import CURVATURES
 
     names = [c.strip() for c in str(text).split(",") if c.strip()]
     unknown = [c for c in names if c not in CURVATURES]

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from specops.curvature import CURVATURES
 from specops.density import SpectralDensity, spectral_density
 from specops.eigsh import eigsh
 from specops.progress import bar as progress_bar
@@ -43,9 +44,6 @@ from specops.trace import trace
 
 METRICS = ("eigenvalues", "trace", "density")
 FORMAT = "specops-tracker/1"
-#: Curvature names -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian),
-#: the same names as ``specops analyze --curvature``.
-CURVATURES = {"hessian": None, "ggn": "ggn", "fisher": "empirical", "mc-fisher": "mc"}
 RESIDUAL = "residual"
 
 

@@ -16,10 +16,10 @@ import numpy as np
 
 from specops import report as rp
 from specops.cli.common import UsageError
+from specops.curvature import CURVATURES
 
 NAME = "curvature"
 #: ``--curvature`` names -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian).
-CURVATURES = {"hessian": None, "ggn": "ggn", "fisher": "empirical", "mc-fisher": "mc"}
 
 
 def parse(text: str) -> list[str]:
