@@ -48,6 +48,9 @@ A = TypeVar("A", bound=ModelAdapter)
 Product = Callable[[int, Any, Array], Array]
 
 KINDS = ("ggn", "empirical", "mc")
+#: Curvature names (``specops analyze --curvature``, the tracker, the study) -> the ``kind``
+#: of :func:`curvature_like` (None: the Hessian itself).
+CURVATURES = {"hessian": None, "ggn": "ggn", "fisher": "empirical", "mc-fisher": "mc"}
 FISHER_KINDS = ("empirical", "mc")
 LIKELIHOODS = ("categorical", "gaussian")
 # how a recognized loss reduces over a batch: over samples, over every output entry, or a sum

@@ -75,6 +75,7 @@ class Config:
     eig_tol: float
     landscape_steps: int
     landscape_span: float
+    curvatures: tuple = ("hessian",)
 
     def to_dict(self) -> dict:
         """The settings as JSON types (tuples as lists)."""
@@ -137,6 +138,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--eig-tol", type=float, default=1e-3, help="relative residual tolerance of the eigenvalues")
     p.add_argument("--landscape-steps", type=int, default=11, help="grid points per axis of the landscape")
     p.add_argument("--landscape-span", type=float, default=0.5, help="half-width of the landscape grid")
+    p.add_argument("--curvature", default="hessian",
+                   help="comma-separated curvatures tracked at every checkpoint: hessian (always), ggn, fisher "
+                        "(empirical), mc-fisher; with ggn the trace of H - G too (default hessian)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -194,6 +198,7 @@ def config_from_args(args) -> Config:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 4, got {getattr(args, name)}")
     if not args.eig_tol > 0 or not args.landscape_span > 0:
         raise UsageError("--eig-tol and --landscape-span must be positive")
+    curvatures = parse_curvatures(args.curvature)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     pick = {k: (getattr(args, k) if getattr(args, k) is not None else base[k])
@@ -202,7 +207,24 @@ def config_from_args(args) -> Config:
                   lrs=lrs, checkpoints=checkpoints, seed=args.seed, k=args.k, trace_matvecs=args.trace_matvecs,
                   stage_trace_matvecs=args.stage_trace_matvecs,
                   esd_probes=args.esd_probes, esd_steps=args.esd_steps, eig_tol=args.eig_tol,
-                  landscape_steps=args.landscape_steps, landscape_span=args.landscape_span, **pick)
+                  landscape_steps=args.landscape_steps, landscape_span=args.landscape_span,
+                  curvatures=curvatures, **pick)
+
+
+def parse_curvatures(text: str) -> tuple:
+    """``--curvature``: the Hessian first (its landscape and figures are the paper's), then the others.
+
+    Raises:
+        UsageError: an unknown name (naming the known ones).
+    """
+    from specops.curvature import CURVATURES
+
+    names = [c.strip() for c in str(text).split(",") if c.strip()]
+    unknown = [c for c in names if c not in CURVATURES]
+    if unknown or not names:
+        raise UsageError(f"--curvature: unknown curvature {unknown[0] if unknown else text!r}; choose from "
+                         f"{', '.join(CURVATURES)} (comma-separated, e.g. hessian,ggn)")
+    return tuple(dict.fromkeys(["hessian", *names]))
 
 
 def checkpoint_epochs(text: str, epochs: int) -> tuple:
@@ -365,7 +387,8 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data, folder
         blocks={s: f"{s}.*" for s in STAGES}, block_metrics=("trace",), resume=True,
         block_options={"trace": dict(num_matvecs=cfg.stage_trace_matvecs)},
         eigsh_options=dict(tol=cfg.eig_tol), trace_options=dict(num_matvecs=cfg.trace_matvecs),
-        density_options=dict(num_probes=cfg.esd_probes, num_steps=cfg.esd_steps), progress=progress)
+        density_options=dict(num_probes=cfg.esd_probes, num_steps=cfg.esd_steps), progress=progress,
+        curvatures=cfg.curvatures)
     lr_folder = os.path.join(folder, _lr_name(lr))
     for epoch in cfg.checkpoints:
         if tracker.done(epoch):
@@ -411,7 +434,7 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: boo
             error = str(e)
         if error is None and os.path.exists(settings_path):
             with open(settings_path) as fh:
-                old = json.load(fh)
+                old = {"curvatures": ["hessian"], **json.load(fh)}  # studies from before --curvature
             if not resume:
                 error = (f"--out {out!r} already holds a study; pass --resume to continue it or choose another "
                          "--out")
@@ -575,6 +598,8 @@ def write_figures(study: dict, out: str) -> list[str]:
     atomic_savefig(fig, os.path.join(out, "stage_trace.png"))
     plt.close(fig)
     images.append("stage_trace.png")
+    if len(study["settings"].get("curvatures", ["hessian"])) > 1:
+        images.append(_curvature_figure(study, out, plt))
     for d in depths:
         runs = by_depth[d]
         cols = min(len(runs), 3)
@@ -595,6 +620,71 @@ def write_figures(study: dict, out: str) -> list[str]:
         plt.close(fig)
         images.append(name)
     return images
+
+
+def _curvature_figure(study: dict, out: str, plt) -> str:
+    """``curvature.png``: top eigenvalue and trace of each curvature against the epoch, per depth.
+
+    One colour per variant; the Hessian solid, the GGN dashed, the Fishers dotted, the residual
+    term ``H - G`` (trace panel) dash-dotted.
+    """
+    from specops.tracker import RESIDUAL, TrackerLog
+
+    names = study["settings"]["curvatures"]
+    styles = {"hessian": ("-", "o"), "ggn": ("--", "s"), "fisher": (":", "^"), "mc-fisher": (":", "v"),
+              RESIDUAL: ("-.", "x")}
+    by_depth = _runs_by_depth(study)
+    depths = sorted(by_depth)
+    fig, axes = plt.subplots(len(depths), 2, figsize=(11, 3.6 * len(depths)), squeeze=False)
+    for row, d in zip(axes, depths):
+        for i, r in enumerate(by_depth[d]):
+            log, color = TrackerLog(r["checkpoints"]), f"C{i}"
+            for c in names:
+                ls, m = styles[c]
+                steps, vals, _ = log.top_eigenvalues(curvature=c)
+                row[0].plot(steps, vals[:, 0], ls=ls, marker=m, ms=3, color=color, label=f"{r['label']}, {c}")
+            for c in [*names, RESIDUAL]:
+                ls, m = styles[c]
+                steps, est, err = log.traces(curvature=c)
+                if steps.size:
+                    row[1].errorbar(steps, est, yerr=err, ls=ls, marker=m, ms=3, capsize=2, color=color,
+                                    label=f"{r['label']}, {'H - G' if c == RESIDUAL else c}")
+        row[0].set_title(f"ResNet-{d}: top eigenvalue", fontsize=9)
+        row[1].set_title(f"ResNet-{d}: trace", fontsize=9)
+        row[1].axhline(0, color="0.5", lw=0.6)
+        for ax in row:
+            ax.set_xlabel("epoch")
+        row[1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    atomic_savefig(fig, os.path.join(out, "curvature.png"))
+    plt.close(fig)
+    return "curvature.png"
+
+
+def _curvature_rows(study: dict) -> list[str]:
+    """The table of every curvature's top eigenvalue and trace at the last checkpoint."""
+    from specops.tracker import RESIDUAL, TrackerLog
+
+    names = study["settings"].get("curvatures", ["hessian"])
+    if len(names) < 2:
+        return []
+    res = "ggn" in names
+    lines = ["", "## Curvatures at the last checkpoint", "",
+             "| depth | variant | " + " | ".join(f"{c} top eigenvalue | {c} trace" for c in names)
+             + (" | trace of H - G +- stderr |" if res else " |"),
+             "|---|---|" + "---|---|" * len(names) + ("---|" if res else "")]
+    for d, runs in sorted(_runs_by_depth(study).items()):
+        for r in runs:
+            log = TrackerLog(r["checkpoints"][-1:])
+            cells = []
+            for c in names:
+                ev, tr = log.top_eigenvalues(curvature=c)[1], log.traces(curvature=c)[1]
+                cells += [_f(ev[0, 0] if ev.size else None), _f(tr[0] if tr.size else None)]
+            if res:
+                _, est, err = log.traces(curvature=RESIDUAL)
+                cells.append(f"{_f(est[0])} +- {_f(err[0], 2)}" if est.size else "-")
+            lines.append(f"| {d} | {r['label']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _f(x, digits=4):
@@ -628,6 +718,7 @@ def summary_markdown(study: dict, images: list[str]) -> str:
                          f"{100 * r['test_accuracy']:.1f} | {_f(c['eigenvalues'][0])} | "
                          f"{_f(c['trace']['estimate'])} +- {_f(c['trace']['stderr'], 2)} | "
                          + " | ".join(f"{_f(t['estimate'])}" for t in st) + " |")
+    lines += _curvature_rows(study)
     lines += ["", "## Learning-rate sweep (held-out accuracy)", "",
               "| depth | variant | " + " | ".join(f"lr {x:g}" for x in s["lrs"]) + " |",
               "|---|---|" + "---|" * len(s["lrs"])]
@@ -636,7 +727,8 @@ def summary_markdown(study: dict, images: list[str]) -> str:
             lines.append(f"| {d} | {r['label']} | "
                          + " | ".join(f"{100 * r['sweep'][f'{x:g}']['test_accuracy']:.1f}" for x in s["lrs"]) + " |")
     captions = {"trace.png": "Trace vs. epoch", "top_eigenvalue.png": "Top eigenvalue vs. epoch",
-                "stage_trace.png": "Stage-wise trace"}
+                "stage_trace.png": "Stage-wise trace",
+                "curvature.png": "Hessian vs. " + ", ".join(s.get("curvatures", ["hessian"])[1:]) + " over training"}
     for img in images:
         cap = captions.get(img) or (f"ESD evolution, ResNet-{img[5:-4]}" if img.startswith("esd_d")
                                     else f"Loss landscape, ResNet-{img[11:-4]}")

@@ -13,6 +13,13 @@ and in ``<path>.vectors.npz``, so a resumed run warm-starts too). Between checkp
 weights move little and the new eigenvectors lie close to the old ones, so a warm
 checkpoint needs fewer products than a cold one (docs/study.md states the measured saving).
 
+Several curvatures: ``curvatures=("hessian", "ggn")`` tracks the generalized Gauss-Newton
+matrix (or the Fishers, :mod:`specops.curvature`) beside the Hessian at every step. The
+first name's metrics are the record's top-level keys (the Hessian's, as without
+``curvatures``); every other one is under ``record["curvatures"][name]``, with its own warm
+start, and with both the Hessian and the GGN the record holds the trace of the residual
+term ``H - G`` (``record["residual"]``).
+
 Every metric uses the same ``seed`` at every step (common random numbers): differences
 between checkpoints are then not blurred by fresh probe noise. A record's numbers equal
 those of independent calls of ``eigsh``/``trace``/``spectral_density`` with that seed
@@ -29,6 +36,7 @@ import time
 
 import numpy as np
 
+from specops.curvature import CURVATURES
 from specops.density import SpectralDensity, spectral_density
 from specops.eigsh import eigsh
 from specops.progress import bar as progress_bar
@@ -36,6 +44,19 @@ from specops.trace import trace
 
 METRICS = ("eigenvalues", "trace", "density")
 FORMAT = "specops-tracker/1"
+RESIDUAL = "residual"
+
+
+def _check_curvatures(curvatures) -> tuple:
+    names = (curvatures,) if isinstance(curvatures, str) else tuple(curvatures)
+    if not names:
+        raise ValueError(f"curvatures is empty; choose from {list(CURVATURES)}")
+    bad = [c for c in names if c not in CURVATURES]
+    if bad:
+        raise ValueError(f"curvatures: unknown curvature(s) {bad}; choose from {list(CURVATURES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"curvatures lists a name twice: {list(names)}")
+    return names
 
 
 def _check_metrics(metrics, what: str) -> tuple:
@@ -78,9 +99,16 @@ class Tracker:
         progress: a progress bar (``tqdm.auto``, :mod:`specops.progress`) over the metrics of
             each update: True, or a label.
         comm: ``None`` or a communicator whose operators are data-parallel: only rank 0 writes.
+        curvatures: the operators tracked, any of :data:`CURVATURES` (``"hessian"``,
+            ``"ggn"``, ``"fisher"`` (empirical), ``"mc-fisher"``), each with ``metrics``;
+            the first one's are the record's top-level keys and its blocks. ``make_operator``
+            returns either the model's Hessian (PyTorch or TensorFlow: the others are built
+            from it by :func:`specops.curvature.curvature_like`, the Monte-Carlo Fisher with
+            ``seed``) or a dict ``{name: operator}`` holding every name (any backend, e.g.
+            JAX's ``ggn``).
 
     Raises:
-        ValueError: unknown metrics, bad ``k``.
+        ValueError: unknown metrics or curvatures, bad ``k``.
         FileExistsError: ``path`` holds records and ``resume`` is False.
     """
 
@@ -88,7 +116,8 @@ class Tracker:
                  blocks: dict | None = None, block_metrics=("eigenvalues", "trace"), block_options: dict | None = None,
                  warm_start: bool = True,
                  resume: bool = False, eigsh_options: dict | None = None, trace_options: dict | None = None,
-                 density_options: dict | None = None, progress: bool = False, comm=None):
+                 density_options: dict | None = None, progress: bool = False, comm=None,
+                 curvatures=("hessian",)):
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
@@ -113,11 +142,12 @@ class Tracker:
                 raise ValueError(f"{name} must not hold 'seed': the tracker's seed= is used for every metric")
         if {"k", "v0"} & (set(self.eigsh_options) | set(self.block_options.get("eigenvalues", {}))):
             raise ValueError("eigsh_options must not hold 'k' or 'v0': pass k= to the Tracker; v0 is the warm start")
+        self.curvatures = _check_curvatures(curvatures)
         self.progress = progress
         self.comm = comm
         self.write = comm is None or comm.rank == 0
         self.records: list[dict] = []
-        self.vectors: dict = {}   # "" (whole operator) or block name -> previous eigenvectors (native)
+        self.vectors: dict = {}   # "" (whole operator), block name or "curvature:<name>" -> eigenvectors (native)
         self._host_vectors: dict = {}
         if self.path is not None and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             if not resume:
@@ -187,31 +217,51 @@ class Tracker:
         Returns:
             The record: ``step``, ``eigenvalues``, ``residuals``, ``converged``, ``trace``
             ``{estimate, stderr}``, ``density`` ``{nodes, weights}``, ``blocks`` (the same
-            per block), ``num_matvecs`` (all products of this update), ``products`` (per
-            metric), ``warm_start``, ``info``, ``seconds``. A step recorded before (resume)
+            per block), ``curvatures`` (the same per curvature after the first),
+            ``residual`` (``{trace}`` of ``H - G``), ``curvature`` (the first curvature's
+            name, when not the Hessian), ``num_matvecs`` (all products of this update),
+            ``products`` (per metric), ``warm_start``, ``info``, ``seconds``. A step recorded before (resume)
             is returned as stored, without computing.
         """
         for r in self.records:
             if r["step"] == step:
                 return r
         t0 = time.perf_counter()
-        A = self.make_operator()
-        tasks = [("", m) for m in self.metrics] + [(b, m) for b in self.blocks for m in self.block_metrics]
+        ops = self._operators()
+        primary, others = self.curvatures[0], self.curvatures[1:]
+        A = ops[primary]
+        residual = "trace" in self.metrics and {"hessian", "ggn"} <= set(self.curvatures)
+        tasks = ([("", m) for m in self.metrics] + [(b, m) for b in self.blocks for m in self.block_metrics]
+                 + [(f"curvature:{c}", m) for c in others for m in self.metrics]
+                 + ([(RESIDUAL, "trace")] if residual else []))
         bar = progress_bar(self.progress, len(tasks), f"curvature at step {step}", unit="metrics",
                            comm=self.comm)
-        record = {"step": step}
+        record: dict = {"step": step}
+        if primary != "hessian":
+            record["curvature"] = primary
         record["blocks"] = {name: {} for name in self.blocks}
+        record["curvatures"] = {c: {} for c in others}
         products = {}
         warm = {}
         operators = {"": A}
+        if residual:
+            operators[RESIDUAL] = ops["hessian"] - ops["ggn"]
+        operators.update({f"curvature:{c}": ops[c] for c in others})
         for name, metric in tasks:
             if name not in operators:
                 operators[name] = A.restrict(self.blocks[name])
-            out = record if name == "" else record["blocks"][name]
+            if name == "":
+                out, key = record, metric
+            elif name.startswith("curvature:"):
+                out, key = record["curvatures"][name[10:]], f"{name[10:]}/{metric}"
+            elif name == RESIDUAL:
+                out, key = record.setdefault(RESIDUAL, {}), f"{RESIDUAL}/{metric}"
+            else:
+                out, key = record["blocks"][name], f"{name}:{metric}"
             used, was_warm = self._metric(operators[name], name, metric, out)
-            products[f"{name}:{metric}" if name else metric] = used
+            products[key] = used
             if metric == "eigenvalues":
-                warm[name or "operator"] = was_warm
+                warm[name[10:] if name.startswith("curvature:") else (name or "operator")] = was_warm
             bar.to(len(products))
         bar.close()
         record["num_matvecs"] = int(sum(products.values()))
@@ -219,8 +269,9 @@ class Tracker:
         record["warm_start"] = warm
         record["info"] = dict(info or {})
         record["seconds"] = time.perf_counter() - t0
-        if not self.blocks:
-            del record["blocks"]
+        for key in ("blocks", "curvatures"):
+            if not record[key]:
+                del record[key]
         record = _plain(record)
         if self.path is not None and self.write:
             self._append(record)
@@ -229,13 +280,36 @@ class Tracker:
         self.records.append(record)
         return record
 
-    def eigenvectors(self, A, block: str | None = None):
-        """The last recorded eigenvectors (of ``block``, or the whole operator) as ``A``'s arrays.
+    def _operators(self) -> dict:
+        """``{curvature name: operator}`` at the current weights, from ``make_operator()``."""
+        made = self.make_operator()
+        if isinstance(made, dict):
+            missing = [c for c in self.curvatures if c not in made]
+            if missing:
+                raise ValueError(f"make_operator() returned a dict without {missing}; it must hold every name "
+                                 f"of curvatures={list(self.curvatures)}")
+            return {c: made[c] for c in self.curvatures}
+        if self.curvatures == ("hessian",):
+            return {"hessian": made}
+        from specops.curvature import curvature_like
 
-        They come from memory, or after a resume from ``<path>.vectors.npz``; ``None`` if none
+        ops = {}
+        for c in self.curvatures:
+            kind = CURVATURES[c]
+            try:
+                ops[c] = made if kind is None else curvature_like(made, kind, seed=self.seed)
+            except TypeError as e:
+                raise TypeError(f"curvatures={list(self.curvatures)}: {e}; or let make_operator() return a dict "
+                                "{name: operator} of those curvatures") from e
+        return ops
+
+    def eigenvectors(self, A, block: str | None = None, curvature: str | None = None):
+        """The last recorded eigenvectors of the first curvature, a ``block`` or a ``curvature``.
+
+        As ``A``'s arrays. They come from memory, or after a resume from ``<path>.vectors.npz``; ``None`` if none
         were recorded or they do not fit ``A``.
         """
-        name = block or ""
+        name = f"curvature:{curvature}" if curvature and curvature != self.curvatures[0] else (block or "")
         V = self.vectors.get(name)
         if V is None and name in self._host_vectors:
             V = A.ops.asarray(self._host_vectors[name])
@@ -251,7 +325,7 @@ class Tracker:
         """Compute one metric of ``A`` into ``out``; returns ``(products, warm)``."""
         opts = {"eigenvalues": self.eigsh_options, "trace": self.trace_options,
                 "density": self.density_options}[metric]
-        if name:
+        if name in self.blocks:
             opts = {**opts, **self.block_options.get(metric, {})}
         if metric == "eigenvalues":
             v0 = self._start(A, name)
@@ -316,30 +390,37 @@ class TrackerLog:
         """The recorded steps, in order."""
         return np.array([r["step"] for r in self.records])
 
-    def _where(self, key: str, block: str | None):
+    def _where(self, key: str, block: str | None, curvature: str | None = None):
         rows = []
         for r in self.records:
-            src = r if block is None else r.get("blocks", {}).get(block, {})
-            rows.append((r["step"], src.get(key)))
+            rows.append((r["step"], _source(r, block, curvature).get(key)))
         return [(s, v) for s, v in rows if v is not None]
 
-    def top_eigenvalues(self, block: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(steps, eigenvalues (steps, k), residuals (steps, k))`` of the operator or a block."""
-        ev = self._where("eigenvalues", block)
-        res = dict(self._where("residuals", block))
+    def top_eigenvalues(self, block: str | None = None, curvature: str | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(steps, eigenvalues (steps, k), residuals (steps, k))``.
+
+        Of the first curvature tracked, a ``block`` of it, or a ``curvature`` (a :data:`CURVATURES` name).
+        """
+        ev = self._where("eigenvalues", block, curvature)
+        res = dict(self._where("residuals", block, curvature))
         steps = np.array([s for s, _ in ev])
         return steps, np.array([np.asarray(v) for _, v in ev]), np.array([np.asarray(res[s]) for s, _ in ev])
 
-    def traces(self, block: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(steps, estimates, stderrs)`` of the trace of the operator or a block."""
-        tr = self._where("trace", block)
+    def traces(self, block: str | None = None, curvature: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(steps, estimates, stderrs)`` of the trace.
+
+        Of the first curvature, a ``block``, or a ``curvature`` (``"residual"``: the term ``H - G``).
+        """
+        tr = self._where("trace", block, curvature)
         return (np.array([s for s, _ in tr]), np.array([t["estimate"] for _, t in tr]),
                 np.array([np.inf if t["stderr"] is None else t["stderr"] for _, t in tr]))
 
-    def densities(self, block: str | None = None) -> list[tuple]:
-        """``[(step, SpectralDensity)]`` of the steps that recorded a density."""
+    def densities(self, block: str | None = None, curvature: str | None = None) -> list[tuple]:
+        """``[(step, SpectralDensity)]`` of the steps that recorded a density (of a block or a curvature)."""
         out = []
-        for s, d in self._where("density", block):
+        for s, d in self._where("density", block, curvature):
             nodes, weights = np.asarray(d["nodes"]), np.asarray(d["weights"])
             settings = dict(n=d.get("n"), num_probes=nodes.shape[0], num_steps=nodes.shape[1])
             out.append((s, SpectralDensity(nodes=nodes, weights=weights, num_matvecs=nodes.size,
@@ -352,6 +433,14 @@ class TrackerLog:
         names = []
         for r in self.records:
             names += [b for b in r.get("blocks", {}) if b not in names]
+        return names
+
+    @property
+    def curvatures(self) -> list[str]:
+        """The curvatures tracked, the first one (top-level keys) first."""
+        names = []
+        for r in self.records:
+            names += [c for c in [r.get("curvature", "hessian"), *r.get("curvatures", {})] if c not in names]
         return names
 
     # --- plots ----------------------------------------------------------------------------
@@ -395,6 +484,60 @@ class TrackerLog:
         ax.legend(fontsize=7)
         return ax
 
+    def plot_curvatures(self, path: str | None = None):
+        """The curvatures side by side; saved to ``path`` if given.
+
+        Top eigenvalue and trace (with the residual term ``H - G``) against the step, and the
+        last step's densities overlaid.
+
+        Returns:
+            The matplotlib figure.
+
+        Raises:
+            ValueError: the log tracked a single curvature.
+        """
+        import matplotlib.pyplot as plt
+
+        names = self.curvatures
+        if len(names) < 2:
+            raise ValueError(f"this log tracked one curvature ({names}); track curvatures=('hessian', 'ggn')")
+        fig, axes = plt.subplots(1, 3, figsize=(13.8, 3.6))
+        for c in names:
+            steps, vals, res = self.top_eigenvalues(curvature=c)
+            if steps.size:
+                axes[0].errorbar(steps, vals[:, 0], yerr=res[:, 0], marker="o", ms=3, capsize=3, label=c)
+            steps, est, err = self.traces(curvature=c)
+            if steps.size:
+                axes[1].errorbar(steps, est, yerr=err, marker="o", ms=3, capsize=3, label=c)
+        steps, est, err = self.traces(curvature=RESIDUAL)
+        if steps.size:
+            axes[1].errorbar(steps, est, yerr=err, marker="s", ms=3, capsize=3, ls="--", label="H - G")
+        axes[0].set_ylabel("top eigenvalue")
+        axes[1].set_ylabel("trace")
+        for ax in axes[:2]:
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        last = {c: self.densities(curvature=c)[-1] for c in names if self.densities(curvature=c)}
+        if last:
+            lo = min(float(d.nodes.min()) for _, d in last.values())
+            hi = max(float(d.nodes.max()) for _, d in last.values())
+            sigma = max(0.005 * (hi - lo), 1e-12)
+            grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 1001)
+            for c, (step, d) in last.items():
+                values = d.evaluate(grid, sigma)
+                axes[2].semilogy(grid, np.maximum(values, values.max() * 1e-10), label=f"{c} (step {step})")
+            axes[2].set_xlabel("eigenvalue")
+            axes[2].set_ylabel("density")
+            axes[2].legend(fontsize=7)
+        else:
+            axes[2].axis("off")
+        fig.tight_layout()
+        if path is not None:
+            from specops.report import atomic_savefig
+
+            atomic_savefig(fig, path)
+        return fig
+
     def plot(self, path: str | None = None):
         """Trace, top eigenvalue and density evolution side by side; saved to ``path`` if given.
 
@@ -414,6 +557,17 @@ class TrackerLog:
 
             atomic_savefig(fig, path)
         return fig
+
+
+def _source(record: dict, block: str | None, curvature: str | None) -> dict:
+    """The part of a record holding the metrics of ``block`` or ``curvature`` (or the first operator)."""
+    if block is not None:
+        return record.get("blocks", {}).get(block, {})
+    if curvature is None or curvature == record.get("curvature", "hessian"):
+        return record
+    if curvature == RESIDUAL:
+        return record.get(RESIDUAL, {})
+    return record.get("curvatures", {}).get(curvature, {})
 
 
 def _axes(ax):

@@ -82,7 +82,7 @@ def test_step_schedule_and_exact_resume():
 TINY = ["--depths", "8", "--variants", "baseline,no-bn-s3", "--epochs", "2", "--lrs", "0.2,0.05",
         "--checkpoints", "0,2", "--width", "4", "--batch-size", "50", "--train-samples", "300",
         "--hessian-samples", "64", "--trace-matvecs", "8", "--stage-trace-matvecs", "6", "--esd-probes", "2",
-        "--esd-steps", "8", "--landscape-steps", "3", "--threads", "1", "--no-progress"]
+        "--esd-steps", "8", "--landscape-steps", "3", "--threads", "1", "--no-progress", "--curvature", "hessian,ggn"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def tiny_study(tmp_path_factory):
 def test_study_end_to_end(tiny_study):
     out, data = tiny_study
     for name in ("summary.md", "trace.png", "top_eigenvalue.png", "stage_trace.png", "esd_d8.png",
-                 "landscape_d8.png", "settings.json"):
+                 "landscape_d8.png", "settings.json", "curvature.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert set(data["runs"]) == {"baseline_d8", "no-bn-s3_d8"}
     summary = open(os.path.join(out, "summary.md")).read()
@@ -105,9 +105,14 @@ def test_study_end_to_end(tiny_study):
         assert r["test_accuracy"] == max(sweep.values()) and sweep[r["best_lr"]] == r["test_accuracy"]
         assert [c["step"] for c in r["checkpoints"]] == [0, 2]
         assert set(r["checkpoints"][-1]["blocks"]) == {"stage1", "stage2", "stage3"}
+        for c in r["checkpoints"]:
+            assert set(c["curvatures"]["ggn"]) >= {"eigenvalues", "residuals", "trace", "density"}
+            assert c["residual"]["trace"]["stderr"] > 0
         log = specops.Tracker.load(os.path.join(out, "runs", name, "curvature.jsonl"))
         assert log.records == r["checkpoints"]
         assert f"{100 * r['test_accuracy']:.1f}" in summary
+        res = r["checkpoints"][-1]["residual"]["trace"]
+        assert f"{res['estimate']:.4g} +- {res['stderr']:.2g}" in summary
         assert r["landscape"]["losses"]["__ndarray__"] and len(r["landscape"]["alphas"]["__ndarray__"]) == 3
 
 
@@ -132,6 +137,12 @@ def test_study_records_equal_independent_calls(tiny_study):
     assert last["blocks"]["stage3"]["trace"]["estimate"] == pytest.approx(stage3.estimate, rel=1e-5)
     eig = specops.eigsh(H, k=2, tol=1e-3, seed=0)
     np.testing.assert_allclose(last["eigenvalues"], eig.eigenvalues, rtol=2e-3)
+    G = st.ggn(model, nn.CrossEntropyLoss(), (torch.from_numpy(X[:64]), torch.from_numpy(y[:64])))
+    ggn = last["curvatures"]["ggn"]
+    np.testing.assert_allclose(ggn["eigenvalues"], specops.eigsh(G, k=2, tol=1e-3, seed=0).eigenvalues, rtol=2e-3)
+    assert ggn["trace"]["estimate"] == pytest.approx(specops.trace(G, num_matvecs=8, seed=0).estimate, rel=1e-5)
+    assert last["residual"]["trace"]["estimate"] == pytest.approx(
+        specops.trace(H - G, num_matvecs=8, seed=0).estimate, rel=1e-4, abs=1e-6)
     assert ckpt["test_accuracy"] == r["test_accuracy"]
 
 
@@ -171,6 +182,7 @@ def test_study_resume(tiny_study, tmp_path):
     (["--checkpoints", "5", "--epochs", "2"], "choose 1..2"),
     (["--lrs", "0.1,-1"], "positive"),
     (["--k", "1"], "top two eigenvectors"),
+    (["--curvature", "hessian,gnn"], "unknown curvature 'gnn'; choose from hessian, ggn, fisher, mc-fisher"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
     out = tmp_path / "out"

@@ -258,3 +258,94 @@ def test_keras_callback(tmp_path):
     assert dense.shape == (n, n)
     np.testing.assert_allclose(cb.records[-1]["eigenvalues"], np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-6)
     np.testing.assert_allclose(cb.records[-1]["trace"]["estimate"], np.trace(dense), rtol=1e-8)
+
+
+def _dense_ggn(model, batch):
+    """``J^T H_out J`` of the mean cross-entropy, from ``torch.func.jacrev`` of the outputs."""
+    params = dict(model.named_parameters())
+    names = list(params)
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def outputs(flat):
+        pieces = flat.split([params[n].numel() for n in names])
+        state = {n: t.reshape(params[n].shape) for n, t in zip(names, pieces)}
+        return torch.func.functional_call(model, state, (batch[0],))
+
+    J = torch.func.jacrev(outputs)(theta).numpy()          # (N, C, n)
+    p = torch.softmax(outputs(theta), -1).detach().numpy()  # (N, C)
+    H_out = (np.einsum("ic,cd->icd", p, np.eye(p.shape[1])) - np.einsum("ic,id->icd", p, p)) / len(p)
+    return np.einsum("icn,icd,idm->nm", J, H_out, J)
+
+
+def test_ggn_and_residual_against_dense_truth(tmp_path):
+    from specops.backends import torch as st
+
+    model, loss_fn, batch = _torch_problem()
+    opts = dict(trace_options=dict(num_matvecs=30), density_options=dict(num_probes=2, num_steps=12))
+    tracker = specops.Tracker(lambda: st.hessian(model, loss_fn, batch), tmp_path / "c.jsonl", k=3, seed=3,
+                              curvatures=("hessian", "ggn"), **opts)
+    rec = tracker.update(0)
+    G = st.ggn(model, loss_fn, batch)
+    g = rec["curvatures"]["ggn"]
+    # equal to independent calls on specops' GGN with the same seed
+    eig = specops.eigsh(G, k=3, seed=3)
+    np.testing.assert_array_equal(g["eigenvalues"], eig.eigenvalues)
+    tr = specops.trace(G, num_matvecs=30, seed=3)
+    assert g["trace"]["estimate"] == tr.estimate and g["trace"]["stderr"] == tr.stderr
+    np.testing.assert_array_equal(g["density"]["weights"],
+                                  specops.spectral_density(G, num_probes=2, num_steps=12, seed=3).weights)
+    # and to the dense J^T H_out J, float64
+    dense_g = _dense_ggn(model, batch)
+    dense_h = _dense_hessian(model, loss_fn, batch, [n for n, _ in model.named_parameters()])
+    np.testing.assert_allclose(g["eigenvalues"], np.linalg.eigvalsh(dense_g)[::-1][:3], rtol=1e-6)
+    np.testing.assert_allclose(rec["eigenvalues"], np.linalg.eigvalsh(dense_h)[::-1][:3], rtol=1e-6)
+    assert abs(g["trace"]["estimate"] - np.trace(dense_g)) <= 3 * g["trace"]["stderr"]
+    # the residual term: 30 products < 2n, an estimate, within three standard errors of tr(H - G)
+    res = rec["residual"]["trace"]
+    assert 0 < res["stderr"] and abs(res["estimate"] - np.trace(dense_h - dense_g)) <= 3 * res["stderr"]
+    H = st.hessian(model, loss_fn, batch)
+    assert res["estimate"] == specops.trace(H - G, num_matvecs=30, seed=3).estimate   # the same seed
+    assert rec["products"]["residual/trace"] == 30 and "ggn/eigenvalues" in rec["products"]
+    # warm start per curvature, and the log reads back by curvature
+    model[0].weight.data += 1e-3
+    rec1 = tracker.update(1)
+    assert rec1["warm_start"] == {"operator": True, "ggn": True}
+    np.testing.assert_allclose(rec1["curvatures"]["ggn"]["eigenvalues"],
+                               np.linalg.eigvalsh(_dense_ggn(model, batch))[::-1][:3], rtol=1e-6)
+    log = specops.Tracker.load(tmp_path / "c.jsonl")
+    assert log.curvatures == ["hessian", "ggn"]
+    np.testing.assert_array_equal(log.top_eigenvalues(curvature="ggn")[1][:, 0],
+                                  [g["eigenvalues"][0], rec1["curvatures"]["ggn"]["eigenvalues"][0]])
+    assert log.traces(curvature="residual")[1][0] == res["estimate"]
+    assert log.traces()[1][0] == rec["trace"]["estimate"]          # the Hessian's keys, as without curvatures
+    assert len(log.densities(curvature="ggn")) == 2
+
+
+def test_curvatures_from_a_dict_and_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    H, G = Drifting(n=200), Drifting(n=200, seed=5)
+    make = lambda: {"ggn": G(), "hessian": H()}  # noqa: E731
+    tracker = specops.Tracker(make, tmp_path / "c.jsonl", k=2, curvatures=("ggn", "hessian"), **OPTS)
+    for t in range(2):
+        H.t = G.t = t
+        rec = tracker.update(t)
+        np.testing.assert_allclose(rec["eigenvalues"], np.linalg.eigvalsh(G.dense())[::-1][:2], rtol=1e-6)
+        np.testing.assert_allclose(rec["curvatures"]["hessian"]["eigenvalues"],
+                                   np.linalg.eigvalsh(H.dense())[::-1][:2], rtol=1e-6)
+    assert rec["curvature"] == "ggn"
+    log = specops.Tracker.load(tmp_path / "c.jsonl")
+    assert log.curvatures == ["ggn", "hessian"]
+    np.testing.assert_array_equal(log.top_eigenvalues(curvature="ggn")[1], log.top_eigenvalues()[1])
+    fig = log.plot_curvatures(tmp_path / "curv.png")
+    assert len(fig.axes) == 3 and os.path.getsize(tmp_path / "curv.png") > 0
+    assert {t.get_text() for t in fig.axes[1].get_legend().get_texts()} == {"ggn", "hessian", "H - G"}
+    with pytest.raises(ValueError, match="one curvature"):
+        TrackerLog(log.records[:0]).plot_curvatures()
+    with pytest.raises(ValueError, match="unknown curvature"):
+        specops.Tracker(make, curvatures=("hessian", "gnn"))
+    with pytest.raises(ValueError, match="without \\['fisher'\\]"):
+        specops.Tracker(make, curvatures=("hessian", "fisher")).update(0)
+    with pytest.raises(TypeError, match="dict"):
+        specops.Tracker(H, curvatures=("hessian", "ggn")).update(0)

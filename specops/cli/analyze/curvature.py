@@ -18,6 +18,7 @@ import numpy as np
 
 from specops import report as rp
 from specops.cli.common import UsageError
+from specops.curvature import CURVATURES
 
 if TYPE_CHECKING:
     from specops.cli.analyze.stage import Context
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 NAME = "curvature"
 #: ``--curvature`` names -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian).
-CURVATURES = {"hessian": None, "ggn": "ggn", "fisher": "empirical", "mc-fisher": "mc"}
 
 
 def parse(text: str) -> list[str]:
