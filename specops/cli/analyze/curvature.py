@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from specops.operator import LinearOperator
 
 NAME = "curvature"
-#: ``--curvature`` names -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian).
 
 
 def parse(text: str) -> list[str]:
