@@ -67,6 +67,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
+
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
 from specops.operator import MatrixOperator, check_dense_symmetric
@@ -89,7 +92,7 @@ class TorchOps(VectorOps):
 
     name = "torch"
 
-    def __init__(self, dtype=torch.float64, device="cpu"):
+    def __init__(self, dtype: Any = torch.float64, device: Any = "cpu"):
         if isinstance(dtype, torch.dtype):
             if dtype not in _TORCH_TO_NUMPY:
                 raise TypeError(
@@ -101,44 +104,44 @@ class TorchOps(VectorOps):
         self.torch_dtype = torch.float32 if self.dtype == np.float32 else torch.float64
         self.torch_device = torch.device(device)
 
-    def is_native(self, x) -> bool:
+    def is_native(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
 
-    def asarray(self, x):
+    def asarray(self, x: Any) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             return x.to(device=self.torch_device, dtype=self.torch_dtype)
         return torch.as_tensor(np.asarray(x), dtype=self.torch_dtype, device=self.torch_device)
 
-    def to_numpy(self, x) -> np.ndarray:
+    def to_numpy(self, x: Any) -> np.ndarray:
         if isinstance(x, torch.Tensor):
             return x.detach().to("cpu", torch.float64).numpy().copy()
         return np.array(x, dtype=np.float64)
 
-    def zeros(self, shape):
+    def zeros(self, shape: Any) -> torch.Tensor:
         return torch.zeros(tuple(shape), dtype=self.torch_dtype, device=self.torch_device)
 
-    def concat(self, arrays, axis: int):
+    def concat(self, arrays: Any, axis: int) -> torch.Tensor:
         return torch.cat(list(arrays), dim=axis)
 
-    def inner(self, X, Y):
+    def inner(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         return X.T @ Y
 
-    def combine(self, X, C):
+    def combine(self, X: torch.Tensor, C: Any) -> torch.Tensor:
         return X @ self.asarray(C)
 
-    def column_norms(self, X) -> np.ndarray:
+    def column_norms(self, X: torch.Tensor) -> np.ndarray:
         return self.to_numpy(torch.linalg.vector_norm(X, dim=0))
 
-    def qr(self, X):
+    def qr(self, X: torch.Tensor) -> Any:
         return torch.linalg.qr(X, mode="reduced")
 
-    def all_finite(self, X) -> bool:
+    def all_finite(self, X: torch.Tensor) -> bool:
         return bool(torch.isfinite(X).all())
 
-    def einsum(self, spec: str, *arrays):
+    def einsum(self, spec: str, *arrays: torch.Tensor) -> torch.Tensor:
         return torch.einsum(spec, *arrays)
 
-    def write_block(self, buffer, start: int, X, axis: int = 1):
+    def write_block(self, buffer: torch.Tensor, start: int, X: torch.Tensor, axis: int = 1) -> torch.Tensor:
         buffer.narrow(axis, start, X.shape[axis]).copy_(X)  # in place: no copy of the basis per step
         return buffer
 
@@ -179,8 +182,10 @@ def matrix_operator(x: torch.Tensor, symmetric: bool | None = None) -> MatrixOpe
 # statistics (7x its backward). The two classes below and the mode after them give both
 # plain formulas.
 class _ConvBackward(torch.autograd.Function):
-    """``(grad_input, grad_weight)`` of a convolution, differentiable once more with the
-    kernels PyTorch uses for gradients (``convolution_backward``).
+    """``(grad_input, grad_weight)`` of a convolution, differentiable once more.
+
+    Differentiable once more with the kernels PyTorch uses for gradients
+    (``convolution_backward``).
     """
 
     @staticmethod
@@ -258,9 +263,11 @@ _OVERRIDES = {F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv, F.batch_norm: _
 
 
 def _hardsigmoid(input, inplace=False):
-    """``F.hardsigmoid`` as ``relu6(x + 3) / 6``: PyTorch's kernel has no double backward
-    ("derivative for aten::hardsigmoid_backward is not implemented") and no forward-mode
-    derivative; ``relu6`` has both. The same values (the kernel computes ``min(max(x + 3, 0), 6) / 6``).
+    """``F.hardsigmoid`` as ``relu6(x + 3) / 6``, which is twice differentiable.
+
+    PyTorch's kernel has no double backward ("derivative for aten::hardsigmoid_backward is not
+    implemented") and no forward-mode derivative; ``relu6`` has both. The same values (the
+    kernel computes ``min(max(x + 3, 0), 6) / 6``).
     """
     out = F.relu6(input + 3) / 6
     return input.copy_(out) if inplace else out
@@ -271,8 +278,10 @@ _SECOND_ORDER = {F.hardsigmoid: _hardsigmoid}
 
 
 class _Reroute(TorchFunctionMode):
-    """Calls to the functions in ``overrides`` go to their replacement (which may return None to
-    leave a call to PyTorch). The model is not touched: only the functions it calls are rerouted.
+    """Calls to the functions in ``overrides`` go to their replacement.
+
+    A replacement may return None to leave a call to PyTorch. The model is not touched: only
+    the functions it calls are rerouted.
 
     With :data:`_OVERRIDES` (the cheaper double backward, CPU only): convolutions through
     :class:`_Conv`, and batch norm with running statistics (``model.eval()``) as an elementwise
@@ -293,9 +302,10 @@ class _Reroute(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _twice_differentiable(cheap: bool = False):
-    """While a graph for products is built: twice-differentiable formulas, and
-    ``scaled_dot_product_attention`` on its math kernel.
+def _twice_differentiable(cheap: bool = False) -> Iterator[None]:
+    """Twice-differentiable formulas and the math attention kernel, while a product graph is built.
+
+    ``scaled_dot_product_attention`` runs on its math kernel.
 
     The fused attention kernels (flash, memory-efficient, cuDNN; the CPU flash kernel PyTorch
     picks by default) have no double backward and no forward-mode derivative:
@@ -319,7 +329,7 @@ class _LossModule(nn.Module):
     Face model given a batch with ``labels``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn, loss_form: str, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, loss_fn: Any, loss_form: str, dtype: torch.dtype):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -416,7 +426,7 @@ def _own_loss(outputs):
     return loss
 
 
-def _describe(obj) -> str:
+def _describe(obj: Any) -> str:
     if isinstance(obj, torch.Tensor):
         return f"a tensor of shape {tuple(obj.shape)}"
     if isinstance(obj, dict):
@@ -457,7 +467,7 @@ def _default_memory_budget(device: torch.device) -> int:
     return int(0.25 * physical)
 
 
-def _resolve_params(model: nn.Module, params) -> list[str]:
+def _resolve_params(model: nn.Module, params: Any) -> list[str]:
     """Names of the selected trainable parameters, in model order."""
     named = list(model.named_parameters())
     trainable = [n for n, p in named if p.requires_grad]
@@ -507,7 +517,7 @@ def _check_uniform(model: nn.Module) -> tuple[torch.dtype, torch.device]:
         )
     kinds = {(p.dtype, p.device) for _, p in floating}
     if len(kinds) > 1:
-        seen = {}
+        seen: dict[tuple[Any, Any], str] = {}
         for n, p in floating:
             seen.setdefault((p.dtype, p.device), n)
         listing = "; ".join(f"{n}: {d}, {dev}" for (d, dev), n in seen.items())
@@ -586,15 +596,20 @@ class TorchAdapter(ModelAdapter):
             ``random_layers="error"``.
     """
 
+    ops: TorchOps
+
     # Build graphs on CPU with the cheaper double backward of _OVERRIDES (False: PyTorch's
     # formulas, for benchmarks).
     # Not on CUDA: on an H100 it saved 20% at batch 128 but cost 30% more at batch 32, where the
     # products are bound by kernel launches and the Python-level backward adds to them.
     _cheap_double_backward = True
 
-    def __init__(self, model: nn.Module, loss_fn, *, wrt=None, loss_form="auto", engine="auto",
-                 memory_budget=None, chunk_size=None, batch_size=None, progress=False,
-                 random_layers="error", richardson=False, autocast=None, _fixed=None, _theta=None):
+    def __init__(self, model: nn.Module, loss_fn: Any, *, wrt: Any = None,
+                 loss_form: str = "auto", engine: str = "auto", memory_budget: int | None = None,
+                 chunk_size: int | None = None, batch_size: Callable[[Any], int] | None = None,
+                 progress: bool = False, random_layers: str = "error", richardson: bool = False,
+                 autocast: torch.dtype | None = None, _fixed: dict[str, Any] | None = None,
+                 _theta: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -625,16 +640,18 @@ class TorchAdapter(ModelAdapter):
         self.loss_fn = loss_fn
         self.loss_form = "model" if loss_fn is None else resolve_loss_form(loss_fn, loss_form)
         self._module = _LossModule(model, loss_fn, self.loss_form, autocast or dtype)
-        self._options = {"loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
-                         "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
-                         "richardson": richardson, "autocast": autocast}
+        self._options: dict[str, Any] = {
+            "loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
+            "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
+            "richardson": richardson, "autocast": autocast}
         self._requested = engine
         self.engine = "cached_graph" if engine == "auto" else engine
         # auto on a GPU: blocks of columns through one vectorized forward-over-reverse pass
         # (cleared by the cross-check if that engine disagrees or fails)
         self._vectorize_columns = engine == "auto" and device.type == "cuda"
         self.richardson = richardson
-        self.cross_check_error = None  # relative difference of the engines compared at construction
+        # relative difference of the engines compared at construction
+        self.cross_check_error: float | None = None
         # the lowest precision a forward pass computes in (found by cross_check)
         self.compute_dtype = autocast or dtype
         self.memory_budget = (
@@ -656,12 +673,12 @@ class TorchAdapter(ModelAdapter):
         for n, p in all_params.items():
             if n not in self.layout.shapes and n not in self._fixed:
                 self._fixed[n] = p
-        self._cache = {}
+        self._cache: dict[int, tuple[Any, Any, Any, int]] = {}
         self._cache_bytes = 0
         self._products = 0
 
     # --- layout -------------------------------------------------------------------
-    def params_vector(self):
+    def params_vector(self) -> torch.Tensor:
         return self._theta.clone()
 
     def subset(self, names: list[str]) -> TorchAdapter:
@@ -677,7 +694,7 @@ class TorchAdapter(ModelAdapter):
         return sub
 
     # --- evaluation ---------------------------------------------------------------
-    def batch_size(self, batch) -> int:
+    def batch_size(self, batch: Any) -> int:
         if self._batch_size_fn is not None:
             return int(self._batch_size_fn(batch))
         t = _first_tensor(batch)
@@ -727,7 +744,7 @@ class TorchAdapter(ModelAdapter):
                     torch.cuda.manual_seed(seed)
             return torch.func.functional_call(self._module, self._state(theta), (batch,))
 
-    def check_random_forward(self, batch):
+    def check_random_forward(self, batch: Any) -> None:
         """Raise if one forward pass of ``batch`` draws random numbers (``random_layers="error"``).
 
         Catches what inspecting the modules cannot: ``torch.rand``, ``F.dropout`` and other
@@ -750,12 +767,12 @@ class TorchAdapter(ModelAdapter):
                 "fixed Hessian. " + _random_layers_fix()
             )
 
-    def loss(self, batch, delta=None) -> float:
+    def loss(self, batch: Any, delta: torch.Tensor | None = None) -> float:
         theta = self._theta if delta is None else self._theta + delta
         with torch.no_grad():
             return float(self._loss(theta, self._prepare(batch)))
 
-    def gradient(self, batch):
+    def gradient(self, batch: Any) -> torch.Tensor:
         theta = self._theta.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(self._loss(theta, self._prepare(batch)), theta, allow_unused=True)
         return torch.zeros_like(theta) if g is None else g
@@ -769,7 +786,8 @@ class TorchAdapter(ModelAdapter):
         return theta, g
 
     @staticmethod
-    def _double_backward(theta, g, V, keep: bool):
+    def _double_backward(theta: torch.Tensor, g: torch.Tensor | None, V: torch.Tensor,
+                         keep: bool) -> torch.Tensor:
         k = V.shape[1]
         if g is None or not g.requires_grad:  # the loss is at most linear in theta
             return torch.zeros_like(V)
@@ -781,19 +799,19 @@ class TorchAdapter(ModelAdapter):
         return torch.stack(cols, dim=1)
 
     @staticmethod
-    def _fingerprint(batch):
+    def _fingerprint(batch: Any) -> tuple[tuple[tuple[int, ...], float], ...]:
         """A cheap summary of a batch's tensors, to notice data that changes between passes."""
-        leaves = []
+        leaves: list[torch.Tensor] = []
         _map_tensors(leaves.append, batch)
         return tuple((tuple(t.shape), float(t.detach().double().sum())) for t in leaves)
 
-    def _cached_graph(self, index, batch):
+    def _cached_graph(self, index: int, batch: Any) -> tuple[Any, Any, Any, int]:
         entry = self._cache.get(index)
         fingerprint = self._fingerprint(batch)
         if entry is None:
-            seen = {}
+            seen: dict[int, int] = {}
 
-            def pack(t):
+            def pack(t: torch.Tensor) -> torch.Tensor:
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
                 return t
@@ -810,12 +828,12 @@ class TorchAdapter(ModelAdapter):
             )
         return entry
 
-    def hvp(self, index: int, batch, V):
+    def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
         if self._padding_rows is None:
             return self._hvp(index, batch, V)
         return self._hvp(index, batch, V * self._padding_rows) * self._padding_rows
 
-    def _hvp(self, index: int, batch, V):
+    def _hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
         if self.progress:
             sys.stderr.write(f"\rspecops: product {self._products + 1}, batch {index + 1}   ")
             sys.stderr.flush()
@@ -921,7 +939,7 @@ class TorchAdapter(ModelAdapter):
                                    randomness="same")(V)
 
     # --- cross-check of the engines -----------------------------------------------
-    def cross_check(self, batch) -> None:
+    def cross_check(self, batch: Any) -> None:
         """Check the engine(s) in use against an independent one on one product with ``batch``.
 
         Reverse-over-reverse (the formulas of ``cached_graph`` and ``double_backward``) and
@@ -1013,7 +1031,7 @@ class TorchAdapter(ModelAdapter):
                           f"{float(errors[0]) / scale:.1g}; steps that cross kinks of ReLU-like layers make "
                           f"them unreliable); {failed}", RuntimeWarning, stacklevel=3)
 
-    def _check_precision(self, batch) -> None:
+    def _check_precision(self, batch: Any) -> None:
         """Warn if a forward pass computes in a lower precision than the parameters.
 
         Sets :attr:`compute_dtype`, the lowest precision seen, which bounds the products'
@@ -1051,7 +1069,7 @@ class TorchAdapter(ModelAdapter):
             if self.engine == "forward_over_reverse":
                 self.engine = "cached_graph"
 
-    def _where_different(self, a, b, limit: int = 3) -> str:
+    def _where_different(self, a: torch.Tensor, b: torch.Tensor, limit: int = 3) -> str:
         """The parameters (and their layers' types) where two product vectors differ most."""
         diff = self.unflatten(a - b)
         total = max(float(torch.linalg.vector_norm(a)), float(np.finfo(np.float64).tiny))
@@ -1096,7 +1114,9 @@ class _WatchPrecision(TorchFunctionMode):
 
     def __init__(self, bits: int):
         super().__init__()
-        self.bits, self.stack, self.found = bits, [], {}
+        self.bits = bits
+        self.stack: list[nn.Module] = []
+        self.found: dict[str, torch.dtype] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -1107,7 +1127,7 @@ class _WatchPrecision(TorchFunctionMode):
         return out
 
 
-def _padding_rows(model: nn.Module, blocks: dict, ops: TorchOps):
+def _padding_rows(model: nn.Module, blocks: dict[str, slice], ops: TorchOps) -> torch.Tensor | None:
     """A column (n, 1) of ones with zeros at the padding rows of ``nn.Embedding(padding_idx=...)``.
 
     PyTorch's gradient of an embedding leaves the ``padding_idx`` row out (it is never
@@ -1131,12 +1151,12 @@ def _padding_rows(model: nn.Module, blocks: dict, ops: TorchOps):
     return mask
 
 
-def _rel(a, b) -> float:
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = max(float(torch.linalg.vector_norm(b)), float(np.finfo(np.float64).tiny))
     return float(torch.linalg.vector_norm(a - b)) / scale
 
 
-def _no_engine_message(failures) -> str:
+def _no_engine_message(failures: Mapping[str, BaseException]) -> str:
     lines = [f"  {name}: {str(e).splitlines()[0]}" for name, e in failures.items()]
     hint = ""
     if any("scaled_dot_product" in str(e) or "attention" in str(e) for e in failures.values()):
@@ -1151,17 +1171,19 @@ def _no_engine_message(failures) -> str:
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _listing(names, limit: int = 4) -> str:
+def _listing(names: Any, limit: int = 4) -> str:
     names = [n or "<model>" for n in names]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # --- public entry point -------------------------------------------------------------
-def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", engine: str | None = None,
-            comm=None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
+def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
+            engine: str | None = None, comm: Any = None, check_deterministic: bool = True,
+            progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
-            batch_size=None, random_layers: str = "error", cross_check: bool = True,
-            richardson: bool = False, autocast: torch.dtype | None = None, params=None,
+            batch_size: Callable[[Any], int] | None = None, random_layers: str = "error",
+            cross_check: bool = True, richardson: bool = False, autocast: torch.dtype | None = None,
+            params: Any = None,
             hvp: str | None = None) -> ModelOperator:
     """The Hessian of a model's loss over data, as a specops operator on flat tensors.
 
@@ -1231,7 +1253,8 @@ def hessian(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean
     """
     wrt = renamed("hessian", "wrt", wrt, "params", params)
     engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
-    adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,
+    # renamed(..., default="auto") never returns None here, but is typed Optional
+    adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,  # type: ignore[arg-type]
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,
                            autocast=autocast)
@@ -1289,7 +1312,7 @@ class _TorchCurvature:
         self.base, self.kind, self.reduction = base, kind, reduction
         self.num_samples, self.seed = num_samples, seed
         self.known = _output_loss(base.loss_fn)
-        self._noise = {}
+        self._noise: dict[Any, Any] = {}
 
     def _outputs(self, theta, inputs, batch):
         base = self.base
@@ -1385,9 +1408,11 @@ class _TorchCurvature:
         return (torch.zeros_like(V) if w is None else w[:, None])
 
     def _vectorized(self, f, index, targets, V):
-        """``torch.func``: one forward for the VJP, the k JVPs and VJPs vectorized by ``vmap``
-        (in chunks of ``chunk_size`` columns). ResNet-20 on CPU, 4 columns: 1.9 gradients per
-        column, against 2.0 for 4 single-column products."""
+        """``torch.func``: one forward for the VJP, the k JVPs and VJPs vectorized by ``vmap``.
+
+        In chunks of ``chunk_size`` columns. ResNet-20 on CPU, 4 columns: 1.9 gradients per
+        column, against 2.0 for 4 single-column products.
+        """
         theta = self.base._theta
         out, vjp_fn = torch.func.vjp(f, theta)
         M = self._output_matrix(index, out.detach(), targets)
@@ -1399,7 +1424,8 @@ class _TorchCurvature:
                                randomness="same")(V)
 
 
-def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_samples: int = 1, seed: int = 0):
+def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_samples: int = 1,
+                       seed: int = 0) -> ModelAdapter:
     """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
     from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
         unknown_likelihood_error
@@ -1415,14 +1441,15 @@ def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_sample
     how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
            "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
     return CurvatureAdapter(
-        base, lambda b: _TorchCurvature(b, kind, reduction, num_samples, seed), kind,
+        base, lambda b: _TorchCurvature(cast(TorchAdapter, b), kind, reduction, num_samples, seed), kind,
         f"{kind}: J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func "
         f"jvp/vjp, {how}")
 
 
-def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
-                        progress, loss_form, chunk_size, batch_size, random_layers, num_samples=1,
-                        seed=0) -> ModelOperator:
+def _curvature_operator(kind: str, model: nn.Module, loss_fn: Any, data: Any, *,
+                        wrt: Any, reduction: str, comm: Any, check_deterministic: bool, progress: bool,
+                        loss_form: str, chunk_size: int | None, batch_size: Callable[[Any], int] | None,
+                        random_layers: str, num_samples: int = 1, seed: int = 0) -> ModelOperator:
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
                         engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
                         progress=progress, random_layers=random_layers)
@@ -1440,7 +1467,8 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
     Args:
         H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
         kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
-        num_samples, seed: of ``kind="mc"``, as for :func:`fisher`.
+        num_samples: sampled labels per sample of ``kind="mc"``, as for :func:`fisher`.
+        seed: the seed of the sampled labels of ``kind="mc"``, as for :func:`fisher`.
         check_deterministic: run the construction checks again (``H`` passed them).
 
     Returns:
@@ -1457,9 +1485,10 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
                          check_deterministic=check_deterministic)
 
 
-def ggn(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
-        check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
-        chunk_size: int | None = None, batch_size=None, random_layers: str = "error") -> ModelOperator:
+def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
+        comm: Any = None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
+        chunk_size: int | None = None, batch_size: Callable[[Any], int] | None = None,
+        random_layers: str = "error") -> ModelOperator:
     """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` of a model's loss over data.
 
     Products cost one Jacobian-vector product through the model and one vector-Jacobian
@@ -1470,11 +1499,18 @@ def ggn(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", c
     ``H = hessian(...)`` on the same arguments) is the residual term.
 
     Args:
-        model, loss_fn, data, reduction, comm, check_deterministic, progress, chunk_size,
-            batch_size, random_layers: as for :func:`hessian`; ``loss_fn`` must be
-            ``loss_fn(outputs, targets)`` and ``model`` return one tensor.
+        model: the ``nn.Module``, as for :func:`hessian`; it must return one tensor.
+        loss_fn: ``loss_fn(outputs, targets)``, as for :func:`hessian`.
+        data: the batches, as for :func:`hessian`.
         wrt: the parameter selection, as for :func:`hessian`.
+        reduction: ``"mean"`` or ``"sum"`` over the samples, as for :func:`hessian`.
+        comm: ``None`` or a communicator, as for :func:`hessian`.
+        check_deterministic: as for :func:`hessian`.
+        progress: report batches and products on stderr, as for :func:`hessian`.
         loss_form: ``"auto"`` or ``"outputs"``; ``"model"`` is refused.
+        chunk_size: columns per vectorized pass (default: all), as for :func:`hessian`.
+        batch_size: ``batch -> int``, as for :func:`hessian`.
+        random_layers: ``"error"`` or ``"fixed"``, as for :func:`hessian`.
 
     Returns:
         A :class:`specops.ModelOperator` (``G.adapter.kind == "ggn"``) that every
@@ -1491,10 +1527,11 @@ def ggn(model: nn.Module, loss_fn, data, *, wrt=None, reduction: str = "mean", c
                                random_layers=random_layers)
 
 
-def fisher(model: nn.Module, loss_fn, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0,
-           wrt=None, reduction: str = "mean", comm=None, check_deterministic: bool = True,
-           progress: bool = False, loss_form: str = "auto", chunk_size: int | None = None, batch_size=None,
-           random_layers: str = "error") -> ModelOperator:
+def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical", num_samples: int = 1,
+           seed: int = 0, wrt: Any = None, reduction: str = "mean", comm: Any = None,
+           check_deterministic: bool = True,
+           progress: bool = False, loss_form: str = "auto", chunk_size: int | None = None,
+           batch_size: Callable[[Any], int] | None = None, random_layers: str = "error") -> ModelOperator:
     """The Fisher matrix of a model's loss over data: empirical or Monte-Carlo sampled.
 
     ``kind="empirical"``: ``c sum_i g_i g_i^T`` over the per-sample gradients ``g_i`` at the
@@ -1508,7 +1545,18 @@ def fisher(model: nn.Module, loss_fn, data, *, kind: str = "empirical", num_samp
         kind: ``"empirical"`` or ``"mc"``.
         num_samples: sampled labels per sample for ``kind="mc"``.
         seed: the seed of the sampled labels (the same on every backend).
-        Others: as for :func:`ggn`.
+        model: the ``nn.Module``, as for :func:`ggn`.
+        loss_fn: ``loss_fn(outputs, targets)``, as for :func:`ggn`.
+        data: the batches, as for :func:`ggn`.
+        wrt: the parameter selection, as for :func:`ggn`.
+        reduction: ``"mean"`` or ``"sum"`` over the samples, as for :func:`ggn`.
+        comm: ``None`` or a communicator, as for :func:`ggn`.
+        check_deterministic: as for :func:`ggn`.
+        progress: report batches and products on stderr, as for :func:`ggn`.
+        loss_form: ``"auto"`` or ``"outputs"``, as for :func:`ggn`.
+        chunk_size: columns per vectorized pass, as for :func:`ggn`.
+        batch_size: ``batch -> int``, as for :func:`ggn`.
+        random_layers: ``"error"`` or ``"fixed"``, as for :func:`ggn`.
 
     Returns:
         A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
