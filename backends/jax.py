@@ -19,7 +19,9 @@ device; float64 needs ``jax.config.update("jax_enable_x64", True)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +40,13 @@ def _x64_enabled() -> bool:
     return bool(jax.config.read("jax_enable_x64"))
 
 
-def _device_of(x):
+def _device_of(x: Any) -> Any:
     devices = getattr(x, "devices", None)
     return next(iter(devices())) if devices is not None else jax.devices()[0]
 
 
 @jax.jit
-def _orthogonalize_twice(W, Q, columns):
+def _orthogonalize_twice(W: Any, Q: Any, columns: Any) -> tuple[Any, Any, Any]:
     # columns is traced: one program per buffer shape; columns past it are masked out
     mask = (jnp.arange(Q.shape[1]) < columns).astype(W.dtype)[:, None]
     C1 = jnp.matmul(Q.T, W, precision=_HIGHEST) * mask
@@ -54,12 +56,12 @@ def _orthogonalize_twice(W, Q, columns):
 
 
 @jax.jit
-def _all_finite(X):
+def _all_finite(X: Any) -> Any:
     return jnp.isfinite(X).all()
 
 
 @jax.jit
-def _orthogonalize_probes(W, X, steps):
+def _orthogonalize_probes(W: Any, X: Any, steps: Any) -> tuple[Any, Any, Any]:
     mask = (jnp.arange(X.shape[0]) < steps).astype(W.dtype)[:, None]
     c1 = jnp.einsum("jnp,np->jp", X, W, precision=_HIGHEST) * mask
     W = W - jnp.einsum("jnp,jp->np", X, c1, precision=_HIGHEST)
@@ -80,7 +82,7 @@ class JaxOps(VectorOps):
     """
 
     name = "jax"
-    def __init__(self, dtype=np.float32, device=None):
+    def __init__(self, dtype: Any = np.float32, device: Any = None) -> None:
         if np.dtype(dtype) == np.float64 and not _x64_enabled():
             raise TypeError(
                 "float64 JAX vectors need 64-bit mode: call jax.config.update('jax_enable_x64', True) "
@@ -89,37 +91,37 @@ class JaxOps(VectorOps):
         self.jax_device = jax.devices()[0] if device is None else device
         super().__init__(dtype, f"{self.jax_device.platform}:{self.jax_device.id}")
 
-    def is_native(self, x) -> bool:
+    def is_native(self, x: Any) -> bool:
         return isinstance(x, jax.Array)
 
-    def asarray(self, x):
+    def asarray(self, x: Any) -> Any:
         return jax.device_put(jnp.asarray(x, dtype=self.dtype), self.jax_device)
 
-    def to_numpy(self, x) -> np.ndarray:
+    def to_numpy(self, x: Any) -> np.ndarray:
         return np.array(x, dtype=np.float64)
 
-    def zeros(self, shape):
+    def zeros(self, shape: tuple[int, ...]) -> Any:
         return jnp.zeros(shape, dtype=self.dtype, device=self.jax_device)
 
-    def concat(self, arrays, axis: int):
+    def concat(self, arrays: Any, axis: int) -> Any:
         return jnp.concatenate(arrays, axis=axis)
 
-    def inner(self, X, Y):
+    def inner(self, X: Any, Y: Any) -> Any:
         return jnp.matmul(X.T, Y, precision=_HIGHEST)
 
-    def combine(self, X, C):
+    def combine(self, X: Any, C: Any) -> Any:
         return jnp.matmul(X, self.asarray(C), precision=_HIGHEST)
 
-    def column_norms(self, X) -> np.ndarray:
+    def column_norms(self, X: Any) -> np.ndarray:
         return np.asarray(jnp.linalg.norm(X, axis=0), dtype=np.float64)
 
-    def qr(self, X):
+    def qr(self, X: Any) -> tuple[Any, Any]:
         return jnp.linalg.qr(X, mode="reduced")
 
-    def all_finite(self, X) -> bool:
+    def all_finite(self, X: Any) -> bool:
         return bool(_all_finite(X))  # one compiled program: one dispatch, not two
 
-    def orthogonalize(self, W, Q, columns=None):
+    def orthogonalize(self, W: Any, Q: Any, columns: int | None = None) -> tuple[Any, np.ndarray]:
         """As :meth:`VectorOps.orthogonalize`, as one compiled program.
 
         JAX compiles every new shape, and a growing basis has a new shape at every
@@ -132,42 +134,48 @@ class JaxOps(VectorOps):
         W, C1, C2 = _orthogonalize_twice(W, Q, columns)
         return W, (self.to_numpy(C1) + self.to_numpy(C2))[:columns]
 
-    def combine_prefix(self, X, C):
-        """As :meth:`VectorOps.combine_prefix`, with ``C`` padded by zero rows so the
-        program keeps the buffer's shape."""
+    def combine_prefix(self, X: Any, C: np.ndarray) -> Any:
+        """As :meth:`VectorOps.combine_prefix`, with ``C`` padded by zero rows.
+
+        The padding keeps the program at the buffer's shape.
+        """
         C = np.asarray(C, dtype=np.float64)
         pad = np.zeros((X.shape[1], C.shape[1]))
         pad[: C.shape[0]] = C
         return self.combine(X, pad)
 
-    def orthogonalize_probes(self, W, X, steps: int):
-        """As :meth:`VectorOps.orthogonalize_probes`, over the whole fixed-shape stack
-        with the slices past ``steps`` masked out."""
+    def orthogonalize_probes(self, W: Any, X: Any, steps: int) -> tuple[Any, np.ndarray]:
+        """As :meth:`VectorOps.orthogonalize_probes`, over the whole fixed-shape stack.
+
+        The slices past ``steps`` are masked out.
+        """
         W, c1, c2 = _orthogonalize_probes(W, X, int(steps))
         return W, (self.to_numpy(c1) + self.to_numpy(c2))[:steps]
 
-    def write_block(self, buffer, start: int, X, axis: int = 1):
+    def write_block(self, buffer: Any, start: int, X: Any, axis: int = 1) -> Any:
         return _write_block(buffer, start, X, axis)
 
     def free_memory(self) -> int:
-        """As :meth:`VectorOps.free_memory`: the device's ``bytes_limit - bytes_in_use`` where
-        JAX reports them (GPUs, TPUs), else host memory."""
+        """As :meth:`VectorOps.free_memory`: the device's ``bytes_limit - bytes_in_use``.
+
+        That is where JAX reports them (GPUs, TPUs), else host memory.
+        """
         stats = self.jax_device.memory_stats() if hasattr(self.jax_device, "memory_stats") else None
         if stats and "bytes_limit" in stats:
             return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
         return super().free_memory()
 
-    def einsum(self, spec: str, *arrays):
+    def einsum(self, spec: str, *arrays: Any) -> Any:
         return jnp.einsum(spec, *(self.asarray(a) for a in arrays), precision=_HIGHEST)
 
 
 @partial(jax.jit, static_argnums=3)
-def _write_block(buffer, start, X, axis):
+def _write_block(buffer: Any, start: Any, X: Any, axis: int) -> Any:
     # start is traced: one program per block shape, not one per position
     return jax.lax.dynamic_update_slice_in_dim(buffer, X, start, axis)
 
 
-def matrix_operator(x, symmetric=None) -> MatrixOperator:
+def matrix_operator(x: Any, symmetric: bool | None = None) -> MatrixOperator:
     """A dense JAX matrix as an operator whose products stay in JAX on its device.
 
     Args:
@@ -190,7 +198,7 @@ def matrix_operator(x, symmetric=None) -> MatrixOperator:
     return MatrixOperator(x, JaxOps(x.dtype, _device_of(x)), symmetric=symmetric is not False)
 
 
-def _path_name(path) -> str:
+def _path_name(path: Any) -> str:
     parts = []
     for key in path:
         if isinstance(key, tree_util.DictKey):
@@ -206,18 +214,18 @@ def _path_name(path) -> str:
     return ".".join(parts) or "params"
 
 
-def _is_float_array(leaf) -> bool:
+def _is_float_array(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
-def _describe(leaf) -> str:
+def _describe(leaf: Any) -> str:
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None:
         return str(dtype)
     return "function" if callable(leaf) else type(leaf).__name__
 
 
-def batch_size(batch) -> int:
+def batch_size(batch: Any) -> int:
     """The common leading dimension of the arrays of a batch pytree."""
     return common_batch_size(tree_util.tree_leaves(batch))
 
@@ -242,7 +250,7 @@ class DataMesh:
             processes with ``comm=`` instead).
     """
 
-    def __init__(self, devices, home):
+    def __init__(self, devices: Any, home: Any) -> None:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         if isinstance(devices, str):
@@ -267,22 +275,22 @@ class DataMesh:
         self._split = NamedSharding(self.mesh, PartitionSpec(axes))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
 
-    def splits(self, batch) -> bool:
+    def splits(self, batch: Any) -> bool:
         """Whether ``batch`` is split: its size is a multiple of the number of devices."""
         return self.size > 1 and batch_size(batch) % self.size == 0
 
-    def split(self, batch):
-        def put(x):
+    def split(self, batch: Any) -> Any:
+        def put(x: Any) -> Any:
             return jax.device_put(x, self._split) if getattr(x, "ndim", 0) >= 1 else x
         return tree_util.tree_map(put, batch)
 
-    def replicate(self, tree):
+    def replicate(self, tree: Any) -> Any:
         return jax.device_put(tree, self._replicated)
 
-    def gather(self, x):
+    def gather(self, x: Any) -> Any:
         return jax.device_put(x, self.home)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"DataMesh({self.size} devices: {', '.join(str(d) for d in self.mesh.devices.flat)})"
 
 
@@ -307,7 +315,8 @@ class JaxAdapter(ModelAdapter):
 
     engine = "jax: jit(vmap(jvp(grad(loss))))"
 
-    def __init__(self, loss_fn, params, *, wrt=None, dtype=None, chunk_size: int = 16, devices=None):
+    def __init__(self, loss_fn: Callable[..., Any], params: Any, *, wrt: Any = None, dtype: Any = None,
+                 chunk_size: int = 16, devices: Any = None) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {type(loss_fn).__name__}")
         if int(chunk_size) < 1:
@@ -353,10 +362,12 @@ class JaxAdapter(ModelAdapter):
         self._hvp = jax.jit(self._hvp_block)
         self.mesh = None if devices is None else DataMesh(devices, self.ops.jax_device)
 
-    def as_params(self, v):
-        """``v`` (n,) or (n, k) as a pytree like ``params``: the selected leaves from ``v``
-        (with a leading axis of length k for a block), the other array leaves zeros, the
-        rest as they are."""
+    def as_params(self, v: Any) -> Any:
+        """``v`` (n,) or (n, k) as a pytree like ``params``.
+
+        The selected leaves come from ``v`` (with a leading axis of length k for a block),
+        the other array leaves are zeros, the rest as they are.
+        """
         pieces = self.unflatten(v)
         leaves = tree_util.tree_leaves(self.params)
         lead = () if len(v.shape) == 1 else (int(v.shape[1]),)
@@ -367,7 +378,7 @@ class JaxAdapter(ModelAdapter):
         return tree_util.tree_unflatten(self._treedef, out)
 
     # --- pure functions (traced) ----------------------------------------------------
-    def _tree(self, flat, fixed):
+    def _tree(self, flat: Any, fixed: Any) -> Any:
         leaves = list(self._static)
         for i, leaf in zip(self._fixed_index, fixed):
             leaves[i] = leaf
@@ -375,7 +386,7 @@ class JaxAdapter(ModelAdapter):
             leaves[i] = piece
         return tree_util.tree_unflatten(self._treedef, leaves)
 
-    def _scalar_loss(self, flat, fixed, batch):
+    def _scalar_loss(self, flat: Any, fixed: Any, batch: Any) -> Any:
         value = self.loss_fn(self._tree(flat, fixed), batch)
         shape = jnp.shape(value)
         if shape != ():
@@ -387,13 +398,13 @@ class JaxAdapter(ModelAdapter):
             raise TypeError(f"loss_fn must return a floating scalar, got {jnp.result_type(value)}")
         return value
 
-    def _hvp_block(self, flat, fixed, batch, V):
+    def _hvp_block(self, flat: Any, fixed: Any, batch: Any, V: Any) -> Any:
         self.num_traces += 1  # runs only while tracing: counts compilations
 
-        def grad(p):
+        def grad(p: Any) -> Any:
             return jax.grad(self._scalar_loss)(p, fixed, batch)
 
-        def column(v):
+        def column(v: Any) -> Any:
             return jax.jvp(grad, (flat,), (v,))[1]
 
         if V.ndim == 1:  # one vector (H @ v): no reshapes outside the compiled program
@@ -403,10 +414,10 @@ class JaxAdapter(ModelAdapter):
         return jax.vmap(column, in_axes=1, out_axes=1)(V)
 
     # --- ModelAdapter -----------------------------------------------------------------
-    def batch_size(self, batch) -> int:
+    def batch_size(self, batch: Any) -> int:
         return batch_size(batch)
 
-    def _call(self, fn, batch, *vectors):
+    def _call(self, fn: Callable[..., Any], batch: Any, *vectors: Any) -> Any:
         """``fn(flat, fixed, batch, *vectors)``, over the mesh's devices where there is one."""
         if self.mesh is None or not self.mesh.splits(batch):
             return fn(self._flat, self._fixed, batch, *vectors)
@@ -414,24 +425,24 @@ class JaxAdapter(ModelAdapter):
         return m.gather(fn(m.replicate(self._flat), m.replicate(self._fixed), m.split(batch),
                            *map(m.replicate, vectors)))
 
-    def loss(self, batch, delta=None) -> float:
+    def loss(self, batch: Any, delta: Any = None) -> float:
         if delta is None:
             return float(self._call(self._loss, batch))
         return float(self._call(lambda flat, *rest: self._loss(flat + rest[-1], *rest[:-1]), batch, delta))
 
-    def gradient(self, batch):
+    def gradient(self, batch: Any) -> Any:
         return self._call(self._grad, batch)
 
-    def hvp(self, index: int, batch, V):
+    def hvp(self, index: int, batch: Any, V: Any) -> Any:
         k, c = V.shape[1], self.chunk_size
         if k <= c:
             return self._call(self._hvp, batch, V)
         return jnp.concatenate([self._call(self._hvp, batch, V[:, j : j + c]) for j in range(0, k, c)], axis=1)
 
-    def hvp_vector(self, index: int, batch, v):
+    def hvp_vector(self, index: int, batch: Any, v: Any) -> Any:
         return self._call(self._hvp, batch, v)
 
-    def params_vector(self):
+    def params_vector(self) -> Any:
         return self._flat
 
     def subset(self, names: list[str]) -> JaxAdapter:
@@ -446,8 +457,9 @@ class JaxAdapter(ModelAdapter):
         ]
 
 
-def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=None,
-            check_deterministic: bool = True, dtype=None, chunk_size: int = 16, devices=None) -> ModelOperator:
+def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
+            comm: Any = None, check_deterministic: bool = True, dtype: Any = None, chunk_size: int = 16,
+            devices: Any = None) -> ModelOperator:
     """The Hessian of ``loss_fn(params, batch)`` over ``data`` with respect to ``params``.
 
     Args:
@@ -496,7 +508,7 @@ def hessian(loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=No
 
 
 # --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
-def _output_loss(loss_fn, reduction: str = "mean"):
+def _output_loss(loss_fn: Any, reduction: str = "mean") -> Any:
     """The :class:`~specops.curvature.OutputLoss` of an optax loss specops recognizes, or None.
 
     optax's losses are per sample (``(N,)``) or per entry (``(N, ...)``); :func:`ggn`
@@ -525,10 +537,13 @@ _JAX_KNOWN_LOSSES = ("optax.softmax_cross_entropy_with_integer_labels or optax.s
                      "itself (per-sample values, reduced by ggn/fisher)")
 
 
-def _reduced_loss(loss_fn, reduction):
-    """``loss_fn(outputs, targets)`` as a scalar: per-sample or per-entry values are summed over
-    each sample's entries, then averaged (``"mean"``) or summed over samples."""
-    def scalar(outputs, targets):
+def _reduced_loss(loss_fn: Callable[..., Any], reduction: str) -> Callable[[Any, Any], Any]:
+    """``loss_fn(outputs, targets)`` as a scalar.
+
+    Per-sample or per-entry values are summed over each sample's entries, then averaged
+    (``"mean"``) or summed over samples.
+    """
+    def scalar(outputs: Any, targets: Any) -> Any:
         value = loss_fn(outputs, targets)
         if jnp.ndim(value) == 0:
             return value
@@ -538,22 +553,23 @@ def _reduced_loss(loss_fn, reduction):
     return scalar
 
 
-def _per_sample_dot(R, Z):
+def _per_sample_dot(R: Any, Z: Any) -> Any:
     return jnp.sum(jnp.reshape(R * Z, (Z.shape[0], -1)), axis=1).reshape((-1,) + (1,) * (Z.ndim - 1))
 
 
 class _JaxCurvature:
     """``V -> J^T M J V`` for one batch of a :class:`JaxAdapter`, compiled once per shape."""
 
-    def __init__(self, base: JaxAdapter, apply_fn, loss_fn, kind, reduction, num_samples, seed):
+    def __init__(self, base: JaxAdapter, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], kind: str,
+                 reduction: str, num_samples: int, seed: int) -> None:
         self.base, self.apply_fn, self.kind, self.reduction = base, apply_fn, kind, reduction
         self.known = _output_loss(loss_fn, reduction)
         self.scalar_loss = _reduced_loss(loss_fn, reduction)
         self.num_samples, self.seed = num_samples, seed
-        self._noise = {}
+        self._noise: dict[int, Any] = {}
         self._block = jax.jit(self._product)
 
-    def _output_matrix(self, out, targets, noise):
+    def _output_matrix(self, out: Any, targets: Any, noise: Any) -> Callable[[Any], Any]:
         known, N = self.known, out.shape[0]
         if self.kind == "empirical":
             r = jax.grad(self.scalar_loss)(out, targets)
@@ -576,21 +592,21 @@ class _JaxCurvature:
         S = R.shape[0]
         return lambda Z: (weight / S) * jnp.sum(R * _per_sample_dot_stack(R, Z), axis=0)
 
-    def _product(self, flat, fixed, batch, V, noise):
+    def _product(self, flat: Any, fixed: Any, batch: Any, V: Any, noise: Any) -> Any:
         inputs, targets = batch
 
-        def f(p):
+        def f(p: Any) -> Any:
             return self.apply_fn(self.base._tree(p, fixed), inputs)
 
         out, vjp_fn = jax.vjp(f, flat)
         M = self._output_matrix(jax.lax.stop_gradient(out), targets, noise)
 
-        def column(v):
+        def column(v: Any) -> Any:
             return vjp_fn(M(jax.jvp(f, (flat,), (v,))[1]))[0]
 
         return jax.vmap(column, in_axes=1, out_axes=1)(V)
 
-    def _draw(self, index, batch):
+    def _draw(self, index: int, batch: Any) -> Any:
         from specops.curvature import mc_noise
 
         if self.kind != "mc":
@@ -603,7 +619,7 @@ class _JaxCurvature:
                 mc_noise(out.shape, self.known, self.num_samples, self.seed, index))
         return noise
 
-    def __call__(self, index, batch, V):
+    def __call__(self, index: int, batch: Any, V: Any) -> Any:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError("ggn and fisher need batches (inputs, targets)")
         base, c = self.base, self.base.chunk_size
@@ -613,14 +629,15 @@ class _JaxCurvature:
         return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
 
 
-def _per_sample_dot_stack(R, Z):
+def _per_sample_dot_stack(R: Any, Z: Any) -> Any:
     """``<R_s,i, Z_i>`` for a stack ``R`` (S, N, ...) against one column ``Z`` (N, ...)."""
     S, N = R.shape[0], R.shape[1]
     return jnp.sum(jnp.reshape(R * Z[None], (S, N, -1)), axis=2).reshape((S, N) + (1,) * (Z.ndim - 1))
 
 
-def _curvature_operator(kind, apply_fn, loss_fn, params, data, *, wrt, reduction, comm, check_deterministic,
-                        dtype, chunk_size, num_samples=1, seed=0) -> ModelOperator:
+def _curvature_operator(kind: str, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any,
+                        data: Any, *, wrt: Any, reduction: str, comm: Any, check_deterministic: bool,
+                        dtype: Any, chunk_size: int, num_samples: int = 1, seed: int = 0) -> ModelOperator:
     import inspect
 
     from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
@@ -643,7 +660,7 @@ def _curvature_operator(kind, apply_fn, loss_fn, params, data, *, wrt, reduction
     num_samples, seed = check_num_samples(num_samples), check_seed(seed)
     scalar = _reduced_loss(loss_fn, reduction)
 
-    def loss(p, batch):
+    def loss(p: Any, batch: Any) -> Any:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"{what} needs batches (inputs, targets), got {type(batch).__name__}")
         return scalar(apply_fn(p, batch[0]), batch[1])
@@ -652,13 +669,15 @@ def _curvature_operator(kind, apply_fn, loss_fn, params, data, *, wrt, reduction
     how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
            "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
     adapter = CurvatureAdapter(
-        base, lambda b: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed), kind,
+        base, lambda b: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed),  # type: ignore[arg-type]  # b is base, a JaxAdapter
+        kind,
         f"{kind}: jit(vmap(vjp(M jvp))), {how}")
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 
-def ggn(apply_fn, loss_fn, params, data, *, wrt=None, reduction: str = "mean", comm=None,
-        check_deterministic: bool = True, dtype=None, chunk_size: int = 16) -> ModelOperator:
+def ggn(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = None,
+        reduction: str = "mean", comm: Any = None, check_deterministic: bool = True, dtype: Any = None,
+        chunk_size: int = 16) -> ModelOperator:
     """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` over ``data``.
 
     The Gauss-Newton split needs the model and the loss apart: ``apply_fn(params, inputs)``
@@ -673,8 +692,14 @@ def ggn(apply_fn, loss_fn, params, data, *, wrt=None, reduction: str = "mean", c
     Args:
         apply_fn: ``apply_fn(params, inputs) -> outputs``, pure and traceable.
         loss_fn: ``loss_fn(outputs, targets)``: a scalar, or per-sample / per-entry values.
-        params, data, wrt, reduction, comm, check_deterministic, dtype, chunk_size: as
-            for :func:`hessian`; every batch is a pair ``(inputs, targets)``.
+        params: as for :func:`hessian`.
+        data: as for :func:`hessian`; every batch is a pair ``(inputs, targets)``.
+        wrt: as for :func:`hessian`.
+        reduction: as for :func:`hessian`.
+        comm: as for :func:`hessian`.
+        check_deterministic: as for :func:`hessian`.
+        dtype: as for :func:`hessian`.
+        chunk_size: as for :func:`hessian`.
 
     Returns:
         A :class:`specops.ModelOperator` (``G.adapter.kind == "ggn"``).
@@ -687,8 +712,9 @@ def ggn(apply_fn, loss_fn, params, data, *, wrt=None, reduction: str = "mean", c
                                check_deterministic=check_deterministic, dtype=dtype, chunk_size=chunk_size)
 
 
-def fisher(apply_fn, loss_fn, params, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0,
-           wrt=None, reduction: str = "mean", comm=None, check_deterministic: bool = True, dtype=None,
+def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, data: Any, *,
+           kind: str = "empirical", num_samples: int = 1, seed: int = 0, wrt: Any = None, reduction: str = "mean",
+           comm: Any = None, check_deterministic: bool = True, dtype: Any = None,
            chunk_size: int = 16) -> ModelOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher over ``data``.
 
@@ -701,7 +727,16 @@ def fisher(apply_fn, loss_fn, params, data, *, kind: str = "empirical", num_samp
         kind: ``"empirical"`` or ``"mc"``.
         num_samples: sampled labels per sample for ``kind="mc"``.
         seed: the seed of the sampled labels.
-        Others: as for :func:`ggn`.
+        apply_fn: as for :func:`ggn`.
+        loss_fn: as for :func:`ggn`.
+        params: as for :func:`ggn`.
+        data: as for :func:`ggn`.
+        wrt: as for :func:`ggn`.
+        reduction: as for :func:`ggn`.
+        comm: as for :func:`ggn`.
+        check_deterministic: as for :func:`ggn`.
+        dtype: as for :func:`ggn`.
+        chunk_size: as for :func:`ggn`.
 
     Returns:
         A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).

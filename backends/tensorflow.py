@@ -30,6 +30,9 @@ when the loss raises.
 from __future__ import annotations
 
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
@@ -57,55 +60,55 @@ class TFOps(VectorOps):
 
     name = "tensorflow"
 
-    def __init__(self, dtype=np.float64, device: str = "CPU:0"):
+    def __init__(self, dtype: Any = np.float64, device: str = "CPU:0") -> None:
         super().__init__(tf.as_dtype(dtype).as_numpy_dtype, _device_name(device))
         self.tf_dtype = tf.as_dtype(self.dtype)
 
-    def is_native(self, x) -> bool:
+    def is_native(self, x: Any) -> bool:
         return isinstance(x, tf.Tensor)
 
-    def asarray(self, x):
+    def asarray(self, x: Any) -> Any:
         with tf.device(self.device):
             if isinstance(x, (tf.Tensor, tf.Variable)):
                 return tf.identity(tf.cast(x, self.tf_dtype))
             return tf.convert_to_tensor(np.asarray(x, dtype=self.dtype))
 
-    def to_numpy(self, x) -> np.ndarray:
+    def to_numpy(self, x: Any) -> np.ndarray:
         return np.array(x, dtype=np.float64)
 
-    def zeros(self, shape):
+    def zeros(self, shape: tuple[int, ...]) -> Any:
         with tf.device(self.device):
             return tf.zeros(shape, dtype=self.tf_dtype)
 
-    def concat(self, arrays, axis: int):
+    def concat(self, arrays: Any, axis: int) -> Any:
         return tf.concat(list(arrays), axis=axis)
 
-    def inner(self, X, Y):
+    def inner(self, X: Any, Y: Any) -> Any:
         return tf.linalg.matmul(X, Y, transpose_a=True)
 
-    def combine(self, X, C):
+    def combine(self, X: Any, C: Any) -> Any:
         return tf.linalg.matmul(X, self.asarray(C))
 
-    def column_norms(self, X) -> np.ndarray:
+    def column_norms(self, X: Any) -> np.ndarray:
         return np.asarray(tf.norm(X, axis=0), dtype=np.float64)
 
-    def qr(self, X):
+    def qr(self, X: Any) -> tuple[Any, Any]:
         return tf.linalg.qr(X, full_matrices=False)
 
-    def all_finite(self, X) -> bool:
+    def all_finite(self, X: Any) -> bool:
         return bool(tf.reduce_all(tf.math.is_finite(X)))
 
-    def einsum(self, spec: str, *arrays):
+    def einsum(self, spec: str, *arrays: Any) -> Any:
         return tf.einsum(spec, *(self.asarray(a) for a in arrays))
 
-    def reshape(self, x, shape):
+    def reshape(self, x: Any, shape: Any) -> Any:
         return tf.reshape(x, tuple(shape))
 
-    def transpose(self, X):
+    def transpose(self, X: Any) -> Any:
         return tf.transpose(X)
 
 
-def matrix_operator(x, symmetric=None) -> MatrixOperator:
+def matrix_operator(x: Any, symmetric: bool | None = None) -> MatrixOperator:
     """A dense TensorFlow matrix as an operator whose products stay in TensorFlow.
 
     Args:
@@ -130,7 +133,7 @@ def matrix_operator(x, symmetric=None) -> MatrixOperator:
 
 
 # --- variables --------------------------------------------------------------------------
-def _tf_variable(v):
+def _tf_variable(v: Any) -> Any:
     """The ``tf.Variable`` behind a Keras 3 variable (what the tapes must watch)."""
     if isinstance(v, tf.Variable):
         return v
@@ -140,9 +143,9 @@ def _tf_variable(v):
     raise TypeError(f"expected a tf.Variable or a Keras variable, got {type(v).__name__}")
 
 
-def _named(variables) -> dict:
+def _named(variables: Any) -> dict:
     """Unique name -> variable, in order."""
-    out = {}
+    out: dict[str, Any] = {}
     for v in variables:
         base = getattr(v, "path", None) or v.name.split(":")[0]
         name, i = base, 0
@@ -153,7 +156,7 @@ def _named(variables) -> dict:
     return out
 
 
-def _resolve_variables(model, variables) -> dict:
+def _resolve_variables(model: Any, variables: Any) -> dict:
     available = getattr(model, "trainable_variables", None)
     named = _named(available or [])
     if variables is None:
@@ -186,7 +189,7 @@ RANDOM_LAYERS = ("error", "fixed")
 _RANDOM_NAME_PARTS = ("Dropout", "Noise", "Random")
 
 
-def _layers(model) -> list:
+def _layers(model: Any) -> list:
     """The model and every layer nested in it (Keras), or ``[]`` for other callables."""
     flatten = getattr(model, "_flatten_layers", None)
     if flatten is not None:
@@ -194,19 +197,19 @@ def _layers(model) -> list:
     return []
 
 
-def _random_layers(model) -> list:
+def _random_layers(model: Any) -> list:
     """Keras layers that draw random numbers when called with ``training=True``."""
     return [layer for layer in _layers(model)
             if getattr(layer, "seed_generator", None) is not None
             or any(part in type(layer).__name__ for part in _RANDOM_NAME_PARTS)]
 
 
-def _describe(layer) -> str:
+def _describe(layer: Any) -> str:
     rate = next((getattr(layer, a) for a in ("rate", "stddev") if hasattr(layer, a)), None)
     return f"{layer.name} ({type(layer).__name__}" + ("" if rate is None else f", {rate:g}") + ")"
 
 
-def _batch_size(batch) -> int:
+def _batch_size(batch: Any) -> int:
     return common_batch_size(tf.nest.flatten(batch))
 
 
@@ -231,9 +234,10 @@ class TFAdapter(ModelAdapter):
     """
 
     engine = "tensorflow: tf.function(vectorized_map(ForwardAccumulator over GradientTape))"
+    ops: TFOps
 
-    def __init__(self, model, loss_fn, *, wrt=None, loss_form: str = "auto", chunk_size: int = 16,
-                 random_layers: str = "error"):
+    def __init__(self, model: Any, loss_fn: Callable[..., Any], *, wrt: Any = None, loss_form: str = "auto",
+                 chunk_size: int = 16, random_layers: str = "error") -> None:
         if random_layers not in RANDOM_LAYERS:
             raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
         self.random_layers = random_layers
@@ -269,10 +273,13 @@ class TFAdapter(ModelAdapter):
         self._grad = tf.function(self._flat_gradient, reduce_retracing=True)
         self._hvp = tf.function(self._hvp_block, reduce_retracing=True)
 
-    def as_params(self, v):
-        """``v`` (n,) or (n, k) as a list matching ``model.trainable_variables`` (the
-        selected variables from ``v``, with a leading axis of length k for a block; the
-        others zeros), or over the selected variables for a model without that list."""
+    def as_params(self, v: Any) -> list:
+        """``v`` (n,) or (n, k) as a list matching ``model.trainable_variables``.
+
+        The selected variables come from ``v`` (with a leading axis of length k for a
+        block; the others are zeros), or the list is over the selected variables for a
+        model without ``trainable_variables``.
+        """
         pieces = list(self.unflatten(v).values())
         model_vars = [_tf_variable(x) for x in (getattr(self.model, "trainable_variables", None) or [])]
         mine = {id(var): piece for var, piece in zip(self._vars, pieces)}
@@ -282,7 +289,7 @@ class TFAdapter(ModelAdapter):
         return [mine.get(id(var), tf.zeros(lead + tuple(var.shape), self.ops.tf_dtype)) for var in model_vars]
 
     # --- traced functions -----------------------------------------------------------
-    def _scalar_loss(self, batch):
+    def _scalar_loss(self, batch: Any) -> Any:
         if self.loss_form == "model":
             value = self.loss_fn(self.model, batch)
         else:
@@ -308,7 +315,7 @@ class TFAdapter(ModelAdapter):
             )
         return value
 
-    def _gradients(self, batch):
+    def _gradients(self, batch: Any) -> Any:
         with tf.GradientTape() as tape:
             value = self._scalar_loss(batch)
         grads = tape.gradient(value, self._vars)
@@ -320,16 +327,16 @@ class TFAdapter(ModelAdapter):
             )
         return grads
 
-    def _flatten(self, tensors):
+    def _flatten(self, tensors: Any) -> Any:
         return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
-    def _flat_gradient(self, batch):
+    def _flat_gradient(self, batch: Any) -> Any:
         return self._flatten(self._gradients(batch))
 
-    def _unflatten(self, v):
+    def _unflatten(self, v: Any) -> list:
         return [tf.reshape(t, self.layout.shapes[n]) for t, n in zip(tf.split(v, self.layout.sizes), self.layout.names)]
 
-    def _hvp_block(self, batch, V):
+    def _hvp_block(self, batch: Any, V: Any) -> Any:
         self.num_traces += 1  # runs only while tracing: counts traces
 
         def column(v):
@@ -340,7 +347,7 @@ class TFAdapter(ModelAdapter):
         return tf.transpose(tf.vectorized_map(column, tf.transpose(V)))
 
     # --- ModelAdapter -----------------------------------------------------------------
-    def _prepare(self, batch):
+    def _prepare(self, batch: Any) -> Any:
         """Tensors on the variables' device; floating ones in their dtype."""
         def convert(x):
             if isinstance(x, (str, bytes)) or x is None:
@@ -351,15 +358,15 @@ class TFAdapter(ModelAdapter):
         with tf.device(self.ops.device):
             return tf.nest.map_structure(convert, batch)
 
-    def batch_size(self, batch) -> int:
+    def batch_size(self, batch: Any) -> int:
         return _batch_size(batch)
 
-    def _fix_randomness(self):
+    def _fix_randomness(self) -> None:
         if self.random_layers == "fixed":
             for state, value in self._seed_states:
                 state.assign(value)
 
-    def check_random_forward(self, batch):
+    def check_random_forward(self, batch: Any) -> None:
         """Raise if two evaluations of ``batch``'s loss differ (a random forward pass)."""
         first, second = self.loss(batch), self.loss(batch)
         rtol = 1e-5 if self.ops.dtype == np.float32 else 1e-12
@@ -380,7 +387,7 @@ class TFAdapter(ModelAdapter):
             "default of model(x)), or pass random_layers='fixed' to keep one fixed random mask"
         )
 
-    def loss(self, batch, delta=None) -> float:
+    def loss(self, batch: Any, delta: Any = None) -> float:
         self._fix_randomness()
         batch = self._prepare(batch)
         if delta is None:
@@ -394,11 +401,11 @@ class TFAdapter(ModelAdapter):
             for var, value in zip(self._vars, saved):
                 var.assign(value)
 
-    def gradient(self, batch):
+    def gradient(self, batch: Any) -> Any:
         self._fix_randomness()
         return self._grad(self._prepare(batch))
 
-    def hvp(self, index: int, batch, V):
+    def hvp(self, index: int, batch: Any, V: Any) -> Any:
         batch, c = self._prepare(batch), self.chunk_size
         if self.random_layers == "fixed" and V.shape[1] > c:
             return tf.concat([self.hvp(index, batch, V[:, j : j + c]) for j in range(0, V.shape[1], c)], axis=1)
@@ -407,7 +414,7 @@ class TFAdapter(ModelAdapter):
             return self._hvp(batch, V)
         return tf.concat([self._hvp(batch, V[:, j : j + c]) for j in range(0, V.shape[1], c)], axis=1)
 
-    def params_vector(self):
+    def params_vector(self) -> Any:
         return self._flatten([tf.identity(v) for v in self._vars])
 
     def subset(self, names: list[str]) -> TFAdapter:
@@ -426,9 +433,9 @@ class TFAdapter(ModelAdapter):
         ]
 
 
-def hessian(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
-            check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
-            random_layers: str = "error", variables=None) -> ModelOperator:
+def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str = "mean",
+            comm: Any = None, check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
+            random_layers: str = "error", variables: Any = None) -> ModelOperator:
     """The Hessian of a TensorFlow model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -479,7 +486,7 @@ def hessian(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=Non
 
 
 # --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
-def _output_loss(loss_fn):
+def _output_loss(loss_fn: Any) -> Any:
     """The :class:`~specops.curvature.OutputLoss` of a Keras loss specops recognizes, or None."""
     from specops.curvature import OutputLoss
 
@@ -505,7 +512,7 @@ _TF_KNOWN_LOSSES = ("keras.losses.SparseCategoricalCrossentropy / CategoricalCro
                     "reduction (Gaussian)")
 
 
-def _per_sample_dot(R, Z):
+def _per_sample_dot(R: Any, Z: Any) -> Any:
     """``<R_i, Z_i>`` over each sample's entries (leading axes of ``R`` beyond ``Z``'s are kept)."""
     lead = R.shape.rank - Z.shape.rank
     flat = tf.reshape(R * Z, tf.concat([tf.shape(R)[: lead + 1], [-1]], axis=0))
@@ -516,14 +523,14 @@ def _per_sample_dot(R, Z):
 class _TFCurvature:
     """``V -> J^T M J V`` for one batch of a :class:`TFAdapter`, traced once per shape."""
 
-    def __init__(self, base: TFAdapter, kind, reduction, num_samples, seed):
+    def __init__(self, base: TFAdapter, kind: str, reduction: str, num_samples: int, seed: int) -> None:
         self.base, self.kind, self.reduction = base, kind, reduction
         self.num_samples, self.seed = num_samples, seed
         self.known = _output_loss(base.loss_fn)
-        self._noise = {}
+        self._noise: dict[int, Any] = {}
         self._block = tf.function(self._product, reduce_retracing=True)
 
-    def _output_matrix(self, out, targets, noise):
+    def _output_matrix(self, out: Any, targets: Any, noise: Any) -> Callable[[Any], Any]:
         # shapes are dynamic: reduce_retracing traces one program for every batch size
         known, loss_fn = self.known, self.base.loss_fn
         N = tf.cast(tf.shape(out)[0], out.dtype)
@@ -557,7 +564,7 @@ class _TFCurvature:
         S = tf.cast(tf.shape(R)[0], out.dtype)
         return lambda Z: (weight / S) * tf.reduce_sum(R * _per_sample_dot(R, Z), axis=0)
 
-    def _product(self, batch, V, noise):
+    def _product(self, batch: Any, V: Any, noise: Any) -> Any:
         base = self.base
         inputs, targets = batch
         with tf.GradientTape(persistent=True) as tape:
@@ -574,7 +581,7 @@ class _TFCurvature:
 
         return tf.transpose(tf.vectorized_map(column, tf.transpose(V)))
 
-    def _draw(self, index, batch):
+    def _draw(self, index: int, batch: Any) -> Any:
         from specops.curvature import mc_noise
 
         if self.kind != "mc":
@@ -586,7 +593,7 @@ class _TFCurvature:
                 mc_noise(shape, self.known, self.num_samples, self.seed, index))
         return noise
 
-    def __call__(self, index, batch, V):
+    def __call__(self, index: int, batch: Any, V: Any) -> Any:
         base, c = self.base, self.base.chunk_size
         batch = base._prepare(batch)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -600,7 +607,8 @@ class _TFCurvature:
         return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
 
-def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: int = 1, seed: int = 0):
+def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: int = 1,
+                       seed: int = 0) -> ModelAdapter:
     """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
     from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
         unknown_likelihood_error
@@ -616,12 +624,14 @@ def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: 
     num_samples, seed = check_num_samples(num_samples), check_seed(seed)
     how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
            "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    return CurvatureAdapter(base, lambda b: _TFCurvature(b, kind, reduction, num_samples, seed), kind,
+    return CurvatureAdapter(base, lambda b: _TFCurvature(b, kind, reduction, num_samples, seed),  # type: ignore[arg-type]  # b is base, a TFAdapter
+                            kind,
                             f"{kind}: tf.function(vectorized_map(J^T M J)), {how}")
 
 
-def _curvature_operator(kind, model, loss_fn, data, *, wrt, reduction, comm, check_deterministic,
-                        loss_form, chunk_size, random_layers, num_samples=1, seed=0) -> ModelOperator:
+def _curvature_operator(kind: str, model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any, reduction: str,
+                        comm: Any, check_deterministic: bool, loss_form: str, chunk_size: int, random_layers: str,
+                        num_samples: int = 1, seed: int = 0) -> ModelOperator:
     base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
                      random_layers=random_layers)
     adapter = _curvature_adapter(base, kind, reduction, num_samples, seed)
@@ -638,7 +648,8 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
     Args:
         H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
         kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
-        num_samples, seed: of ``kind="mc"``, as for :func:`fisher`.
+        num_samples: of ``kind="mc"``, as for :func:`fisher`.
+        seed: of ``kind="mc"``, as for :func:`fisher`.
         check_deterministic: run the construction checks again (``H`` passed them).
 
     Returns:
@@ -655,8 +666,8 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
                          check_deterministic=check_deterministic)
 
 
-def ggn(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
-        check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
+def ggn(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str = "mean",
+        comm: Any = None, check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
         random_layers: str = "error") -> ModelOperator:
     """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` of a TensorFlow model's loss.
 
@@ -666,8 +677,14 @@ def ggn(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
     ``MeanSquaredError``, by autodiff otherwise.
 
     Args:
-        model, loss_fn, data, reduction, comm, check_deterministic, chunk_size,
-            random_layers: as for :func:`hessian`; ``loss_fn(targets, outputs)`` (Keras order).
+        model: as for :func:`hessian`.
+        loss_fn: as for :func:`hessian`; ``loss_fn(targets, outputs)`` (Keras order).
+        data: as for :func:`hessian`.
+        reduction: as for :func:`hessian`.
+        comm: as for :func:`hessian`.
+        check_deterministic: as for :func:`hessian`.
+        chunk_size: as for :func:`hessian`.
+        random_layers: as for :func:`hessian`.
         wrt: the variable selection, as for :func:`hessian`.
         loss_form: ``"auto"`` or ``"outputs"``; ``"model"`` is refused.
 
@@ -683,9 +700,10 @@ def ggn(model, loss_fn, data, *, wrt=None, reduction: str = "mean", comm=None,
                                chunk_size=chunk_size, random_layers=random_layers)
 
 
-def fisher(model, loss_fn, data, *, kind: str = "empirical", num_samples: int = 1, seed: int = 0, wrt=None,
-           reduction: str = "mean", comm=None, check_deterministic: bool = True,
-           loss_form: str = "auto", chunk_size: int = 16, random_layers: str = "error") -> ModelOperator:
+def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, kind: str = "empirical", num_samples: int = 1,
+           seed: int = 0, wrt: Any = None, reduction: str = "mean", comm: Any = None,
+           check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
+           random_layers: str = "error") -> ModelOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher of a TensorFlow model.
 
     See ``specops.backends.torch.fisher`` for the definitions; the Monte-Carlo labels are
@@ -695,7 +713,16 @@ def fisher(model, loss_fn, data, *, kind: str = "empirical", num_samples: int = 
         kind: ``"empirical"`` or ``"mc"`` (needs a Keras loss whose likelihood is known).
         num_samples: sampled labels per sample for ``kind="mc"``.
         seed: the seed of the sampled labels.
-        Others: as for :func:`ggn`.
+        model: as for :func:`ggn`.
+        loss_fn: as for :func:`ggn`.
+        data: as for :func:`ggn`.
+        wrt: as for :func:`ggn`.
+        reduction: as for :func:`ggn`.
+        comm: as for :func:`ggn`.
+        check_deterministic: as for :func:`ggn`.
+        loss_form: as for :func:`ggn`.
+        chunk_size: as for :func:`ggn`.
+        random_layers: as for :func:`ggn`.
 
     Returns:
         A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).

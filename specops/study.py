@@ -33,6 +33,9 @@ import os
 import sys
 import time
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import numpy as np
 
 from specops.cli.common import UsageError
@@ -84,7 +87,7 @@ class Config:
 
 
 # --- arguments ------------------------------------------------------------------------------
-def _list(text: str, kind, what: str) -> tuple:
+def _list(text: str, kind: Callable[[str], Any], what: str) -> tuple:
     try:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError as e:
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_arguments(p: argparse.ArgumentParser):
+def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``specops study``."""
     from specops.zoo.variants import VARIANTS
 
@@ -145,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def config_from_args(args) -> Config:
+def config_from_args(args: argparse.Namespace) -> Config:
     """Check every argument and build the :class:`Config`; nothing is trained before this passes.
 
     Raises:
@@ -154,7 +157,7 @@ def config_from_args(args) -> Config:
     """
     from specops.zoo.variants import VARIANTS
 
-    base = FULL if args.full else EMBEDDED
+    base: dict[str, Any] = FULL if args.full else EMBEDDED
     if args.data not in DATASETS:
         raise UsageError(f"--data {args.data!r}: choose one of {', '.join(DATASETS)}")
     if args.data == "digits" and args.data_dir:
@@ -251,7 +254,7 @@ def checkpoint_epochs(text: str, epochs: int) -> tuple:
 
 
 # --- data and models ------------------------------------------------------------------------
-def load_data(cfg: Config):
+def load_data(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
     """``(X_train, y_train, X_test, y_test, num_classes, channels)`` as NumPy arrays."""
     if cfg.data == "digits":
         from specops.zoo.data import digits
@@ -262,15 +265,16 @@ def load_data(cfg: Config):
     else:
         from specops.zoo.data import cifar
 
-        Xtr, ytr = cifar(cfg.data_dir, cfg.data, train=True)
-        Xte, yte = cifar(cfg.data_dir, cfg.data, train=False)
+        data_dir = cast(str, cfg.data_dir)  # config_from_args requires --data-dir for CIFAR
+        Xtr, ytr = cifar(data_dir, cfg.data, train=True)
+        Xte, yte = cifar(data_dir, cfg.data, train=False)
     if cfg.train_samples is not None:
         Xtr, ytr = Xtr[: cfg.train_samples], ytr[: cfg.train_samples]
     classes = 100 if cfg.data == "cifar100" else 10
     return Xtr, ytr, Xte, yte, classes, Xtr.shape[1]
 
 
-def make_model(cfg: Config, variant: str, depth: int, classes: int, channels: int):
+def make_model(cfg: Config, variant: str, depth: int, classes: int, channels: int) -> Any:
     """The seeded model of one run (the same initialization for every learning rate)."""
     import torch
 
@@ -290,7 +294,7 @@ def _lr_name(lr: float) -> str:
 
 
 # --- phase 1: training ----------------------------------------------------------------------
-def _save_torch(obj, path: str):
+def _save_torch(obj: Any, path: str) -> None:
     import torch
 
     buf = io.BytesIO()
@@ -302,7 +306,7 @@ def _checkpoint_path(folder: str, epoch: int) -> str:
     return os.path.join(folder, f"epoch{epoch:04d}.pt")
 
 
-def _accuracies(model, data, cfg):
+def _accuracies(model: Any, data: tuple, cfg: Config) -> dict:
     import torch
 
     from specops.zoo.train import accuracy
@@ -317,7 +321,7 @@ def _accuracies(model, data, cfg):
     return out
 
 
-def train_run(cfg: Config, variant: str, depth: int, lr: float, data, folder: str) -> dict:
+def train_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple, folder: str) -> dict:
     """Train one (variant, depth, learning rate), saving every checkpoint; resumes from the last one.
 
     Returns:
@@ -347,7 +351,7 @@ def train_run(cfg: Config, variant: str, depth: int, lr: float, data, folder: st
         model.load_state_dict(state["model"])
         state = None
 
-    def on_epoch(epoch, st):
+    def on_epoch(epoch: int, st: dict) -> None:
         if epoch in cfg.checkpoints:
             info = _accuracies(model, data, cfg) | dict(epoch=epoch, lr=st["lr"], loss=st["loss"])
             history[str(epoch)] = info
@@ -364,7 +368,8 @@ def train_run(cfg: Config, variant: str, depth: int, lr: float, data, folder: st
 
 
 # --- phase 2: curvature ---------------------------------------------------------------------
-def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data, folder: str, progress: bool) -> dict:
+def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple, folder: str,
+                  progress: bool) -> dict:
     """The tracker log over the checkpoints of the kept run, and the landscape at the last one."""
     import torch
     from torch import nn
@@ -379,7 +384,7 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data, folder
     batches = [(X[i : i + chunk], y[i : i + chunk]) for i in range(0, m, chunk)]
     loss_fn = nn.CrossEntropyLoss()
 
-    def make_operator():
+    def make_operator() -> Any:
         return st.hessian(model, loss_fn, batches[0] if len(batches) == 1 else batches)
 
     tracker = specops.Tracker(
@@ -415,7 +420,8 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data, folder
 
 
 # --- the study ------------------------------------------------------------------------------
-def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: bool = True, log=print) -> dict:
+def run(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, progress: bool = True,
+        log: Callable[[str], Any] = print) -> dict:
     """Run (or continue) a study into ``out``; returns ``study.json``'s contents (on every rank).
 
     Raises:
@@ -451,7 +457,7 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: boo
     runs_dir = os.path.join(out, "runs")
     train_tasks = [(v, d, lr) for d in cfg.depths for v in cfg.variants for lr in cfg.lrs]
     bar = progress_bar(progress, len(train_tasks), "train", unit="runs", comm=comm)
-    mine = {}
+    mine: dict[tuple, dict] = {}
     for i, (v, d, lr) in enumerate(train_tasks):
         if i % comm.size == comm.rank:
             mine[(v, d, lr)] = train_run(cfg, v, d, lr, data, os.path.join(runs_dir, run_name(v, d), _lr_name(lr)))
@@ -490,7 +496,7 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm=None, progress: boo
     return study
 
 
-def _study_json(cfg, trained, best, curvature, ranks) -> dict:
+def _study_json(cfg: Config, trained: dict, best: dict, curvature: dict, ranks: int) -> dict:
     from specops.zoo.variants import VARIANTS
 
     runs = {}
@@ -510,14 +516,14 @@ def _study_json(cfg, trained, best, curvature, ranks) -> dict:
 
 
 # --- figures and summary --------------------------------------------------------------------
-def _runs_by_depth(study):
-    out = {}
+def _runs_by_depth(study: dict) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
     for r in study["runs"].values():
         out.setdefault(r["depth"], []).append(r)
     return out
 
 
-def _series(run, key):
+def _series(run: dict, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     steps = np.array([c["step"] for c in run["checkpoints"]])
     if key == "trace":
         return (steps, np.array([c["trace"]["estimate"] for c in run["checkpoints"]]),
@@ -585,7 +591,7 @@ def write_figures(study: dict, out: str) -> list[str]:
     for ax, d in zip(axes[:, 0], depths):
         runs = by_depth[d]
         x = np.arange(len(runs))
-        for s, stage in enumerate(STAGES):
+        for s, stage in enumerate(STAGES):  # type: ignore[assignment]  # s: the steps above, a stage index here
             vals = [r["checkpoints"][-1]["blocks"][stage]["trace"]["estimate"] for r in runs]
             errs = [r["checkpoints"][-1]["blocks"][stage]["trace"]["stderr"] or 0.0 for r in runs]
             ax.bar(x + (s - 1) * 0.27, vals, 0.27, yerr=errs, capsize=2, label=stage)
@@ -622,7 +628,7 @@ def write_figures(study: dict, out: str) -> list[str]:
     return images
 
 
-def _curvature_figure(study: dict, out: str, plt) -> str:
+def _curvature_figure(study: dict, out: str, plt: Any) -> str:
     """``curvature.png``: top eigenvalue and trace of each curvature against the epoch, per depth.
 
     One colour per variant; the Hessian solid, the GGN dashed, the Fishers dotted, the residual
@@ -687,7 +693,7 @@ def _curvature_rows(study: dict) -> list[str]:
     return lines
 
 
-def _f(x, digits=4):
+def _f(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}g}"
 
 
@@ -739,12 +745,12 @@ def summary_markdown(study: dict, images: list[str]) -> str:
 
 
 # --- entry point ----------------------------------------------------------------------------
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m specops.study [options]``, the same as ``specops study [options]``; returns the exit status."""
     return run_command(build_parser().parse_args(argv))
 
 
-def run_command(args) -> int:
+def run_command(args: argparse.Namespace) -> int:
     """Run the study for parsed arguments.
 
     Returns:

@@ -34,6 +34,9 @@ import math
 import os
 import time
 
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
 import numpy as np
 
 from specops.curvature import CURVATURES
@@ -47,7 +50,7 @@ FORMAT = "specops-tracker/1"
 RESIDUAL = "residual"
 
 
-def _check_curvatures(curvatures) -> tuple:
+def _check_curvatures(curvatures: str | Iterable[str]) -> tuple:
     names = (curvatures,) if isinstance(curvatures, str) else tuple(curvatures)
     if not names:
         raise ValueError(f"curvatures is empty; choose from {list(CURVATURES)}")
@@ -59,7 +62,7 @@ def _check_curvatures(curvatures) -> tuple:
     return names
 
 
-def _check_metrics(metrics, what: str) -> tuple:
+def _check_metrics(metrics: str | Iterable[str], what: str) -> tuple:
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     bad = [m for m in metrics if m not in METRICS]
     if bad:
@@ -112,12 +115,14 @@ class Tracker:
         FileExistsError: ``path`` holds records and ``resume`` is False.
     """
 
-    def __init__(self, make_operator, path: str | None = None, metrics=METRICS, k: int = 3, seed: int = 0, *,
-                 blocks: dict | None = None, block_metrics=("eigenvalues", "trace"), block_options: dict | None = None,
+    def __init__(self, make_operator: Callable[[], Any], path: str | os.PathLike | None = None,
+                 metrics: str | Iterable[str] = METRICS, k: int = 3, seed: int = 0, *,
+                 blocks: dict | None = None, block_metrics: str | Iterable[str] = ("eigenvalues", "trace"),
+                 block_options: dict | None = None,
                  warm_start: bool = True,
                  resume: bool = False, eigsh_options: dict | None = None, trace_options: dict | None = None,
-                 density_options: dict | None = None, progress: bool = False, comm=None,
-                 curvatures=("hessian",)):
+                 density_options: dict | None = None, progress: bool = False, comm: Any = None,
+                 curvatures: str | Iterable[str] = ("hessian",)) -> None:
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
@@ -164,16 +169,16 @@ class Tracker:
         """Where the last eigenvectors are kept for a resumed run (``<path>.vectors.npz``)."""
         return None if self.path is None else self.path + ".vectors.npz"
 
-    def _drop_torn_line(self):
+    def _drop_torn_line(self) -> None:
         """Cut a last line without its newline (a write interrupted by a crash)."""
-        with open(self.path, "rb+") as fh:
+        with open(cast(str, self.path), "rb+") as fh:  # only called with a path
             data = fh.read()
             if data and not data.endswith(b"\n"):
                 fh.truncate(data.rfind(b"\n") + 1)
 
-    def _append(self, record: dict):
+    def _append(self, record: dict) -> None:
         line = (json.dumps(record, allow_nan=False) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(cast(str, self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, line)  # one write of the whole line: an O_APPEND write is not interleaved
             while written < len(line):    # pragma: no cover - regular files take the whole line
@@ -189,13 +194,13 @@ class Tracker:
         with np.load(path) as data:
             return {key: data[key] for key in data.files}
 
-    def _save_vectors(self, ops):
+    def _save_vectors(self, ops: Any) -> None:
         from specops.report import atomic_write
 
         host = {name: ops.to_numpy(V) for name, V in self.vectors.items()}
         buf = io.BytesIO()
         np.savez(buf, **host)
-        atomic_write(self.vectors_path, buf.getvalue())
+        atomic_write(cast(str, self.vectors_path), buf.getvalue())  # only called with a path
 
     # --- updates --------------------------------------------------------------------------
     @property
@@ -203,11 +208,11 @@ class Tracker:
         """The recorded steps, in order."""
         return [r["step"] for r in self.records]
 
-    def done(self, step) -> bool:
+    def done(self, step: Any) -> bool:
         """Whether ``step`` is already recorded (after a resume)."""
         return any(r["step"] == step for r in self.records)
 
-    def update(self, step, info: dict | None = None) -> dict:
+    def update(self, step: Any, info: dict | None = None) -> dict:
         """Compute the metrics at the current weights, append them to the log and return them.
 
         Args:
@@ -303,7 +308,7 @@ class Tracker:
                                 "{name: operator} of those curvatures") from e
         return ops
 
-    def eigenvectors(self, A, block: str | None = None, curvature: str | None = None):
+    def eigenvectors(self, A: Any, block: str | None = None, curvature: str | None = None) -> Any:
         """The last recorded eigenvectors of the first curvature, a ``block`` or a ``curvature``.
 
         As ``A``'s arrays. They come from memory, or after a resume from ``<path>.vectors.npz``; ``None`` if none
@@ -317,16 +322,17 @@ class Tracker:
             return None
         return V
 
-    def _start(self, A, name):
+    def _start(self, A: Any, name: str) -> Any:
         """The previous eigenvectors of ``name`` as a start block for ``A``, or None (cold)."""
         return self.eigenvectors(A, name) if self.warm_start else None
 
-    def _metric(self, A, name: str, metric: str, out: dict):
+    def _metric(self, A: Any, name: str, metric: str, out: dict) -> tuple[int, bool]:
         """Compute one metric of ``A`` into ``out``; returns ``(products, warm)``."""
         opts = {"eigenvalues": self.eigsh_options, "trace": self.trace_options,
                 "density": self.density_options}[metric]
         if name in self.blocks:
             opts = {**opts, **self.block_options.get(metric, {})}
+        res: Any
         if metric == "eigenvalues":
             v0 = self._start(A, name)
             res = eigsh(A, k=self.k, seed=self.seed, v0=v0, **opts)
@@ -390,7 +396,7 @@ class TrackerLog:
         """The recorded steps, in order."""
         return np.array([r["step"] for r in self.records])
 
-    def _where(self, key: str, block: str | None, curvature: str | None = None):
+    def _where(self, key: str, block: str | None, curvature: str | None = None) -> list[tuple[Any, Any]]:
         rows = []
         for r in self.records:
             rows.append((r["step"], _source(r, block, curvature).get(key)))
@@ -444,7 +450,7 @@ class TrackerLog:
         return names
 
     # --- plots ----------------------------------------------------------------------------
-    def plot_trace(self, ax=None, block: str | None = None, label: str | None = None, **kwargs):
+    def plot_trace(self, ax: Any = None, block: str | None = None, label: str | None = None, **kwargs: Any) -> Any:
         """The trace against the step with error bars of one standard error; returns the axes."""
         ax = _axes(ax)
         steps, est, err = self.traces(block)
@@ -453,8 +459,8 @@ class TrackerLog:
         ax.set_ylabel("trace of the Hessian" + (f" ({block})" if block else ""))
         return ax
 
-    def plot_eigenvalues(self, ax=None, block: str | None = None, label: str | None = None, which: int = 0,
-                         **kwargs):
+    def plot_eigenvalues(self, ax: Any = None, block: str | None = None, label: str | None = None, which: int = 0,
+                         **kwargs: Any) -> Any:
         """Eigenvalue ``which`` (0: the top) against the step, with its residual as error bar."""
         ax = _axes(ax)
         steps, vals, res = self.top_eigenvalues(block)
@@ -463,7 +469,8 @@ class TrackerLog:
         ax.set_ylabel(f"eigenvalue {which + 1} of the Hessian" + (f" ({block})" if block else ""))
         return ax
 
-    def plot_density(self, ax=None, block: str | None = None, sigma: float | None = None, cmap: str = "viridis"):
+    def plot_density(self, ax: Any = None, block: str | None = None, sigma: float | None = None,
+                     cmap: str = "viridis") -> Any:
         """The spectral densities of all steps on one log-scale axes, coloured by step."""
         import matplotlib.pyplot as plt
 
@@ -484,7 +491,7 @@ class TrackerLog:
         ax.legend(fontsize=7)
         return ax
 
-    def plot_curvatures(self, path: str | None = None):
+    def plot_curvatures(self, path: str | None = None) -> Any:
         """The curvatures side by side; saved to ``path`` if given.
 
         Top eigenvalue and trace (with the residual term ``H - G``) against the step, and the
@@ -538,7 +545,7 @@ class TrackerLog:
             atomic_savefig(fig, path)
         return fig
 
-    def plot(self, path: str | None = None):
+    def plot(self, path: str | None = None) -> Any:
         """Trace, top eigenvalue and density evolution side by side; saved to ``path`` if given.
 
         Returns:
@@ -550,7 +557,7 @@ class TrackerLog:
                                   ("density", len(self.densities()))) if ok]
         fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.6 * max(len(panels), 1), 3.6), squeeze=False)
         for ax, p in zip(axes[0], panels):
-            {"trace": self.plot_trace, "eig": self.plot_eigenvalues, "density": self.plot_density}[p](ax=ax)
+            {"trace": self.plot_trace, "eig": self.plot_eigenvalues, "density": self.plot_density}[p](ax=ax)  # type: ignore[operator]  # a dict of plotters of different signatures, all taking ax
         fig.tight_layout()
         if path is not None:
             from specops.report import atomic_savefig
@@ -570,7 +577,7 @@ def _source(record: dict, block: str | None, curvature: str | None) -> dict:
     return record.get("curvatures", {}).get(curvature, {})
 
 
-def _axes(ax):
+def _axes(ax: Any) -> Any:
     if ax is not None:
         return ax
     import matplotlib.pyplot as plt
@@ -578,7 +585,7 @@ def _axes(ax):
     return plt.subplots(figsize=(5.5, 3.8))[1]
 
 
-def _plain(x):
+def _plain(x: Any) -> Any:
     """Records as plain JSON.
 
     Arrays become (nested) lists, NumPy scalars numbers, and a non-finite float (the stderr
