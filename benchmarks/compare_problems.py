@@ -70,7 +70,7 @@ def relative_residuals(model, loss_fn, X, y, V, lams):
 
     from specops.backends import torch as st
 
-    H = st.hessian(model, loss_fn, (X, y), hvp="double_backward", check_deterministic=False)
+    H = st.hessian(model, loss_fn, (X, y), engine="double_backward", check_deterministic=False)
     V = torch.as_tensor(np.asarray(V) if not torch.is_tensor(V) else V, dtype=torch.float32).reshape(H.shape[0], -1)
     V = V / torch.linalg.vector_norm(V, dim=0)
     lams = np.asarray(lams, dtype=np.float64)

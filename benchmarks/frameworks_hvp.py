@@ -86,7 +86,7 @@ def torch_adapter(kind, X, y):
     batch = (torch.tensor(X), torch.tensor(y))
     adapters = {}
     for engine in ("auto", "forward_over_reverse"):
-        H = st.hessian(model, nn.CrossEntropyLoss(), batch, hvp=engine, check_deterministic=False)
+        H = st.hessian(model, nn.CrossEntropyLoss(), batch, engine=engine, check_deterministic=False)
         adapters[f"torch ({H.engine})"] = (H, batch)
     return adapters
 

@@ -117,12 +117,12 @@ def bench_products(model, loss_fn, settings, repeats, device, rows, columns=8, n
         v, V = torch.randn(n, device=device), torch.randn(n, max(columns, 1), device=device)
         candidates = {"gradient (torch.autograd.grad)": gradient_fn(model, loss_fn, batches, params)}
         for engine in ENGINES:
-            H = st.hessian(model, loss_fn, data, hvp=engine)
+            H = st.hessian(model, loss_fn, data, engine=engine)
             candidates[f"specops HVP, {engine}"] = lambda H=H, v=v: H @ v
             if columns:
                 candidates[f"specops matmat({columns}) per column, {engine}"] = lambda H=H, V=V: H @ V
             if native and engine != "forward_over_reverse":
-                Hn = native_hessian(model, loss_fn, data, hvp=engine)
+                Hn = native_hessian(model, loss_fn, data, engine=engine)
                 candidates[f"specops HVP, {engine}, PyTorch's double backward"] = lambda H=Hn, v=v: H @ v
         ph = pyhessian_product(model, loss_fn, batches, device)
         if ph is not None:

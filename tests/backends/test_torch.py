@@ -79,7 +79,7 @@ def test_mlp_products_match_dense_hessian(engine, task, reduction):
     else:
         loss_fn, batches = nn.MSELoss(reduction=reduction), regression_batches()
     dense, _, _ = dense_hessian(model, loss_fn, batches)
-    H = st.hessian(model, loss_fn, batches, reduction=reduction, hvp=engine)
+    H = st.hessian(model, loss_fn, batches, reduction=reduction, engine=engine)
     assert H.engine == engine and H.num_samples == 11 and H.batch_sizes == [7, 4]
     check_products(H, dense)
 
@@ -109,7 +109,7 @@ def test_cnn_with_batch_norm_in_eval_mode(engine):
     batches = [(torch.randn(s, 1, 4, 4, dtype=torch.float64), torch.randint(0, 4, (s,))) for s in (5, 3)]
     loss_fn = nn.CrossEntropyLoss()
     dense, _, _ = dense_hessian(model, loss_fn, batches)
-    H = st.hessian(model, loss_fn, batches, hvp=engine)
+    H = st.hessian(model, loss_fn, batches, engine=engine)
     check_products(H, dense)
 
 
@@ -160,7 +160,7 @@ def test_cheaper_double_backward_of_convolutions_and_batch_norm_is_exact(engine,
     names = None if params is None else [n for n, _ in model.named_parameters()
                                          if n.startswith("bn1.") or n in params]
     dense, _, _ = dense_hessian(model, loss_fn, batches, names=names)
-    H = st.hessian(model, loss_fn, batches, hvp=engine, params=params)
+    H = st.hessian(model, loss_fn, batches, engine=engine, wrt=params)
     check_products(H, dense)
     # both convolutions with numeric padding and all three batch norms took the cheaper route;
     # the "same"-padded one was left to PyTorch
@@ -188,7 +188,7 @@ def test_auto_engine_falls_back_when_graphs_exceed_the_budget():
 def test_forward_over_reverse_in_chunks():
     model, loss_fn, batches = mlp(), nn.CrossEntropyLoss(), classification_batches()
     dense, _, _ = dense_hessian(model, loss_fn, batches)
-    H = st.hessian(model, loss_fn, batches, hvp="forward_over_reverse", chunk_size=2)
+    H = st.hessian(model, loss_fn, batches, engine="forward_over_reverse", chunk_size=2)
     check_products(H, dense, k=5)
 
 
@@ -198,7 +198,7 @@ def test_parameter_subset_by_glob_and_module_is_the_dense_submatrix():
     names = ["2.weight", "2.bias"]
     dense, _, _ = dense_hessian(model, loss_fn, batches, names=names)
     for params in ("2.*", model[2], [model[2].weight, "2.bias"]):
-        H = st.hessian(model, loss_fn, batches, params=params)
+        H = st.hessian(model, loss_fn, batches, wrt=params)
         assert list(H.param_blocks) == names
         check_products(H, dense)
 
@@ -233,7 +233,7 @@ def test_frozen_parameters_left_out_and_unused_ones_give_zero_rows(engine):
     batches = regression_batches((6, 5), inputs=4, outputs=2)
     loss_fn = nn.MSELoss()
     dense, _, _ = dense_hessian(model, loss_fn, batches)
-    H = st.hessian(model, loss_fn, batches, hvp=engine)
+    H = st.hessian(model, loss_fn, batches, engine=engine)
     assert list(H.param_blocks) == ["unused", "out.weight", "out.bias"]  # model order
     check_products(H, dense)
     assert np.all(H.to_dense()[H.param_blocks["unused"]] == 0)
@@ -242,12 +242,12 @@ def test_frozen_parameters_left_out_and_unused_ones_give_zero_rows(engine):
 def test_selecting_only_frozen_parameters_is_an_error():
     model = FrozenUnused().double()
     with pytest.raises(ValueError, match="frozen"):
-        st.hessian(model, nn.MSELoss(), regression_batches((3,), 4, 2)[0], params="frozen")
+        st.hessian(model, nn.MSELoss(), regression_batches((3,), 4, 2)[0], wrt="frozen")
 
 
 def test_unknown_parameter_name_lists_the_parameters():
     with pytest.raises(ValueError, match="0.weight"):
-        st.hessian(mlp(), nn.CrossEntropyLoss(), classification_batches((3,))[0], params="encoder.*")
+        st.hessian(mlp(), nn.CrossEntropyLoss(), classification_batches((3,))[0], wrt="encoder.*")
 
 
 # --- data and loss conventions ------------------------------------------------------
@@ -339,7 +339,7 @@ def test_model_state_is_never_changed():
     stats = {n: b.clone() for n, b in model.named_buffers()}
     batch = (torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randint(0, 4, (6,)))
     for engine in ENGINES:
-        H = st.hessian(model, nn.CrossEntropyLoss(), batch, hvp=engine)
+        H = st.hessian(model, nn.CrossEntropyLoss(), batch, engine=engine)
         H @ torch.randn(H.shape[0], 2, dtype=torch.float64)
         H.loss_at(torch.ones(H.shape[0], dtype=torch.float64))
     assert model.training and all(m.training for m in model.modules())
@@ -352,7 +352,7 @@ def test_dropout_in_training_mode_is_detected_and_named():
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     batch = classification_batches((16,))[0]
     with pytest.raises(specops.NonDeterministicError, match=r"random layers in training mode: 2 \(Dropout, p=0.5\).*model.eval\(\)"):
-        st.hessian(model, nn.CrossEntropyLoss(), batch, hvp="double_backward")
+        st.hessian(model, nn.CrossEntropyLoss(), batch, engine="double_backward")
     model.eval()
     st.hessian(model, nn.CrossEntropyLoss(), batch)  # deterministic now
 
@@ -370,7 +370,7 @@ class Augmenting:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_data_that_changes_between_passes_is_detected(engine):
     with pytest.raises(specops.NonDeterministicError):
-        st.hessian(mlp(), nn.CrossEntropyLoss(), Augmenting(classification_batches()), hvp=engine)
+        st.hessian(mlp(), nn.CrossEntropyLoss(), Augmenting(classification_batches()), engine=engine)
 
 
 def test_dataloader_without_shuffling_works_and_a_shuffling_one_is_refused():
