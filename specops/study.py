@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from specops.cli.common import UsageError
+from specops.cli.common import UsageError, detect_comm, launched_rank0
 from specops.progress import bar as progress_bar
 from specops.report import atomic_savefig, atomic_write, check_writable, library_versions
 
@@ -146,6 +146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(empirical), mc-fisher; with ggn the trace of H - G too (default hessian)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--comm", choices=("auto", "torch", "mpi", "none"), default="auto",
+                   help="how processes share the runs: torch (under torchrun), mpi (mpiexec), none; "
+                        "auto: whichever launched the process")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -756,9 +759,12 @@ def run_command(args: argparse.Namespace) -> int:
     Returns:
         0 on success, 2 for bad arguments (the message on stderr, rank 0), 130 when interrupted.
     """
-    from specops.distributed import world
-
-    comm = world()
+    try:
+        comm = detect_comm(args.comm)
+    except UsageError as e:
+        if launched_rank0():
+            print(f"specops study: error: {e}", file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(args)
         import torch

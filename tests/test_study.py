@@ -183,8 +183,11 @@ def test_study_resume(tiny_study, tmp_path):
     (["--lrs", "0.1,-1"], "positive"),
     (["--k", "1"], "top two eigenvectors"),
     (["--curvature", "hessian,gnn"], "unknown curvature 'gnn'; choose from hessian, ggn, fisher, mc-fisher"),
+    (["--comm", "torch"], "--comm torch: no torch.distributed launch found.*torchrun"),
 ])
-def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
+def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert study.main(args + ["--out", str(out)]) == 2
