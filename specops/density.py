@@ -193,7 +193,7 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
     p = num_probes
-    group, window, budget = _plan(ops, n, p, steps, probes_at_once, reorth_window, memory_budget)
+    group, window, budget = _plan(ops, n, p, steps, probes_at_once, reorth_window, memory_budget, A.decide)
     bar = progress_bar(progress, num_probes * steps, "spectral_density", comm=A)
     A = bar.track(A)
     mul = _checks.Products(A)
@@ -225,15 +225,20 @@ def basis_bytes(n: int, probes: int, window: int, dtype: npt.DTypeLike) -> int:
     return int(window) * int(n) * int(probes) * np.dtype(dtype).itemsize
 
 
-def _plan(ops, n, p, steps, probes_at_once, reorth_window, memory_budget):
-    """``(probes_at_once, reorth_window or None, budget)`` for SLQ within the memory budget."""
+def _plan(ops, n, p, steps, probes_at_once, reorth_window, memory_budget, decide=lambda value: value):
+    """``(probes_at_once, reorth_window or None, budget)`` for SLQ within the memory budget.
+
+    The default budget comes from this process's free memory, which differs between ranks;
+    ``decide`` (the operator's: rank 0's value on every rank) makes the plan, and with it
+    the number and shape of the collective products, the same everywhere.
+    """
     if probes_at_once is not None:
         probes_at_once = min(_checks.positive_int("probes_at_once", probes_at_once), p)
     if reorth_window is not None:
         reorth_window = _checks.positive_int("reorth_window (vectors kept, 2 at least)", reorth_window, minimum=2)
         reorth_window = None if reorth_window >= steps else reorth_window
     if memory_budget is None:
-        budget = ops.free_memory() // 2
+        budget = int(decide(int(ops.free_memory() // 2)))
     else:
         budget = _checks.positive_int("memory_budget", memory_budget)
     one = basis_bytes(n, 1, 1, ops.dtype)  # one vector

@@ -402,7 +402,10 @@ class TorchComm(Comm):
                 backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
             seconds = float(os.environ.get("SPECOPS_TORCH_TIMEOUT", TORCH_TIMEOUT_SECONDS) if timeout is None
                             else timeout)
-            dist.init_process_group(backend=backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+            # Under torchrun the agent hosts the rendezvous store (env://); a store hosted by rank 0
+            # (tcp://) goes away when rank 0 exits, and a peer still holding it is aborted by C++.
+            init = "env://" if "TORCHELASTIC_RUN_ID" in os.environ else f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+            dist.init_process_group(backend=backend, init_method=init,
                                     rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
                                     timeout=datetime.timedelta(seconds=seconds))
             # The group's threads must stop before the interpreter exits, or C++ terminates the process.
@@ -575,6 +578,10 @@ class JaxComm(Comm):
 def _destroy_default_group() -> None:
     dist = sys.modules["torch.distributed"]
     if dist.is_initialized():
+        try:  # every rank reaches the destruction together, so no rank's gloo threads outlive a peer
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: destroy what is left
+            pass
         dist.destroy_process_group()
 
 

@@ -30,6 +30,7 @@ from specops.distributed import (  # noqa: E402
 )
 
 FAULT_SECONDS = 10.0
+EXIT_ABORT = "terminate called without an active exception"
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                       "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE",
@@ -41,6 +42,12 @@ def two_ranks(tmp_path_factory):
     """The output folder of one ``torchrun --nproc_per_node 2 torch_worker.py all`` launch, and its stdout."""
     out = tmp_path_factory.mktemp("torchrun")
     run = torchrun([TORCH_WORKER, "all", out], timeout=240)
+    if run.returncode != 0 and EXIT_ABORT in run.stderr and (out / "sampler-rank1.json").exists():
+        # Known, open: now and then (about 1 launch in 7 here) a rank is aborted by C++ at
+        # interpreter exit, after all its work and output, although the process group is
+        # destroyed at exit (docs/distributed.md). Relaunch once; any other failure fails.
+        out = tmp_path_factory.mktemp("torchrun")
+        run = torchrun([TORCH_WORKER, "all", out], timeout=240)
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stderr[-4000:]}"
     return out, run.stdout
 
