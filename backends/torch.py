@@ -717,7 +717,12 @@ class TorchAdapter(ModelAdapter):
 
     def _state(self, theta):
         state = {"model." + n: p.detach() for n, p in self._fixed.items()}
-        state.update({"model." + n: t.to(self.param_dtype) for n, t in self.unflatten(theta).items()})
+        # One torch.split, not a slice per parameter: the backward of a slice writes a zero-filled
+        # copy of the whole vector, so with slices a gradient costs one pass over n per parameter
+        # tensor (a 23 M-parameter GPT-2: 12.9 s against 0.87 s); split's backward is one concatenation.
+        pieces = theta.split(self.layout.sizes)
+        state.update({"model." + n: t.view(self.layout.shapes[n]).to(self.param_dtype)
+                      for n, t in zip(self.layout.names, pieces)})
         # Copies of the buffers: batch norm in training mode updates them in place.
         state.update({"model." + n: b.clone() for n, b in self.model.named_buffers()})
         return state
