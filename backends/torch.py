@@ -796,11 +796,15 @@ class TorchAdapter(ModelAdapter):
         k = V.shape[1]
         if g is None or not g.requires_grad:  # the loss is at most linear in theta
             return torch.zeros_like(V)
+        # Contiguous columns: a column of V (stride k) fed to the backward reaches every layer as
+        # strided gradients (a 29 M-parameter GPT-2: 14 s a column of a 4-column block, 0.5 s
+        # for a vector); the rows of V.T are contiguous.
+        rows = V.T.contiguous()
         cols = []
         for j in range(k):
-            (h,) = torch.autograd.grad(g, theta, grad_outputs=V[:, j], retain_graph=keep or j < k - 1,
+            (h,) = torch.autograd.grad(g, theta, grad_outputs=rows[j], retain_graph=keep or j < k - 1,
                                        allow_unused=True)
-            cols.append(torch.zeros_like(V[:, j]) if h is None else h)
+            cols.append(torch.zeros_like(rows[j]) if h is None else h)
         return torch.stack(cols, dim=1)
 
     @staticmethod
