@@ -22,6 +22,7 @@ class NumpyOps(VectorOps):
     """Vector operations on NumPy arrays (host memory)."""
 
     name = "numpy"
+    in_place = True
 
     def __init__(self, dtype: npt.DTypeLike = np.float64) -> None:
         super().__init__(dtype, "cpu")
@@ -64,6 +65,9 @@ class NumpyOps(VectorOps):
 
     def all_finite(self, X: np.ndarray) -> bool:
         return bool(np.isfinite(X).all())
+
+    def to_host(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=self.dtype)
 
 
 class NumpyAdapter(ModelAdapter):

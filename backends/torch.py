@@ -91,6 +91,7 @@ class TorchOps(VectorOps):
     """
 
     name = "torch"
+    in_place = True
 
     def __init__(self, dtype: Any = torch.float64, device: Any = "cpu"):
         if isinstance(dtype, torch.dtype):
@@ -144,6 +145,20 @@ class TorchOps(VectorOps):
     def write_block(self, buffer: torch.Tensor, start: int, X: torch.Tensor, axis: int = 1) -> torch.Tensor:
         buffer.narrow(axis, start, X.shape[axis]).copy_(X)  # in place: no copy of the basis per step
         return buffer
+
+    def buffer(self, shape: Any) -> torch.Tensor:
+        if len(shape) == 2:  # column-major: a column block is contiguous, read at memory speed
+            return self.zeros(tuple(shape)[::-1]).T
+        return self.zeros(shape)
+
+    def subtract_combine(self, W: torch.Tensor, X: torch.Tensor, C: Any) -> torch.Tensor:
+        return torch.addmm(W, X, self.asarray(C), alpha=-1.0)  # one GEMM, no temporary
+
+    def to_host(self, X: torch.Tensor) -> np.ndarray:
+        return X.detach().to("cpu", self.torch_dtype).numpy()
+
+    def host(self) -> TorchOps:
+        return TorchOps(self.torch_dtype, "cpu")
 
 
 def matrix_operator(x: torch.Tensor, symmetric: bool | None = None) -> MatrixOperator:
