@@ -73,7 +73,7 @@ from typing import Any, cast
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
 from specops.operator import MatrixOperator, check_dense_symmetric
-from specops.ops import VectorOps
+from specops.ops import VectorOps, sum_over_rows
 
 ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse", "finite_difference")
 _REVERSE = ("cached_graph", "double_backward")
@@ -125,13 +125,13 @@ class TorchOps(VectorOps):
         return torch.cat(list(arrays), dim=axis)
 
     def inner(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return X.T @ Y
+        return sum_over_rows(lambda x, y: (x.T @ y).double(), X, Y).to(self.torch_dtype)
 
     def combine(self, X: torch.Tensor, C: Any) -> torch.Tensor:
         return X @ self.asarray(C)
 
     def column_norms(self, X: torch.Tensor) -> np.ndarray:
-        return self.to_numpy(torch.linalg.vector_norm(X, dim=0))
+        return self.to_numpy(sum_over_rows(lambda x: x.square().sum(dim=0).double(), X).sqrt())
 
     def qr(self, X: torch.Tensor) -> Any:
         return torch.linalg.qr(X, mode="reduced")

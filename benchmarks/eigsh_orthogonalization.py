@@ -4,10 +4,11 @@
 size n (default 10^7: a diagonal bulk plus eight well-separated outliers), run twice side
 by side: with the vector operations as they were before (classical Gram-Schmidt twice
 over the whole basis at every step, a row-major torch basis, the thick restart's rotation
-into a second copy: :class:`Before`) and as they are now (the recurrence's last two
-blocks removed first, one pass over the whole basis repeated only under the
-Daniel-Gragg-Kaufman-Stewart criterion, a column-major basis, fused ``W - Q C``, the
-rotation in place). Timed: ``orthogonalize`` (every Gram-Schmidt pass, the multiplicity
+into a second copy, inner products and norms summed by MKL in one float32 run:
+:class:`Before`) and as they are now (the recurrence's last two blocks removed first,
+one pass over the whole basis repeated only under the Daniel-Gragg-Kaufman-Stewart
+criterion, a column-major basis, fused ``W - Q C``, the rotation in place, reductions
+summed in blocks of rows in float64). Timed: ``orthogonalize`` (every Gram-Schmidt pass, the multiplicity
 check's projections included), the basis' rotations and combinations
 (``rotate_prefix``, ``combine_prefix``) and the products. The products of this operator
 are nearly free, so the share is then projected onto a real model: one Hessian-vector
@@ -38,6 +39,12 @@ class Before(TorchOps):
 
     def buffer(self, shape):
         return self.zeros(shape)
+
+    def inner(self, X, Y):
+        return X.T @ Y
+
+    def column_norms(self, X):
+        return self.to_numpy(torch.linalg.vector_norm(X, dim=0))
 
     def subtract_combine(self, W, X, C):
         return W - self.combine(X, C)

@@ -3,8 +3,10 @@
 :func:`~specops.eigsh` runs it as thick-restart block Lanczos, and
 :func:`~specops.spectral_density` as many independent probes side by side.
 
-Both keep their bases orthogonal by full reorthogonalization (classical Gram-Schmidt,
-twice) and share one breakdown rule: a new direction is dropped only when its norm is at
+Both keep their bases orthogonal by full reorthogonalization (the recurrence's last
+vectors first, then classical Gram-Schmidt over the whole basis, that pass repeated only
+under the DGKS criterion: :meth:`~specops.ops.VectorOps.orthogonalize`) and share one
+breakdown rule: a new direction is dropped only when its norm is at
 the rounding level of the products (``ROUNDING * eps * ||A||``), so no coupling larger than
 rounding is ever discarded. Backend tricks (fixed shapes for XLA, buffers written in place)
 live behind the vector operations (:meth:`~specops.ops.VectorOps.orthogonalize` with
@@ -167,7 +169,7 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
     ops, n = A.ops, A.shape[0]
     eps = float(np.finfo(ops.dtype).eps)
     reserve = k if verify else 0
-    pending, _ = ops.qr(start)
+    pending, _ = ops.orthonormalize(start)
     basis = Basis(ops, store, (n, max_basis))  # the basis lives in columns 0..m-1
     T = np.zeros((0, 0))
     anorm = 0.0
