@@ -170,7 +170,7 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
     settings = dict(k=k, which=which, method=method, tol=tol, max_matvecs=max_matvecs, seed=seed,
                     n=n, dtype=A.dtype.name, backend=A.backend)
     if store != A.ops:
-        settings["basis_memory"] = store.device
+        settings["basis_memory"] = f"{store.name}:{store.device}"
     if method == "power":
         if which == "BE":
             raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")

@@ -174,3 +174,58 @@ def test_float32_reductions_accurate_at_large_n(backend):
     norms = ops.column_norms(X)
     assert np.allclose(norms, np.sqrt(np.diag(exact_gram)), rtol=1e-6)
     assert sum_over_rows(lambda x: x.sum(axis=0), X64).shape == (2,)
+
+
+# --- the basis in other memory than the operator's vectors -------------------------------
+def _same_results(A, store, k=4, **kw):
+    """eigsh and spectral_density with the basis kept by ``store`` against the default."""
+    ops = A.ops
+    for fn, args in ((so.eigsh, dict(k=k, max_basis=14, **kw)),
+                     (so.spectral_density, dict(num_probes=3, num_steps=25))):
+        default, moved = fn(A, **args), fn(A, basis_memory=store, **args)
+        assert moved.num_matvecs == default.num_matvecs
+        if fn is so.eigsh:
+            assert np.allclose(moved.eigenvalues, default.eigenvalues, rtol=1e-10, atol=0)
+            assert np.allclose(moved.residuals, default.residuals, rtol=1e-3, atol=1e-12)
+            assert ops.is_native(moved.eigenvectors)  # results come back as the operator's arrays
+            overlap = ops.to_numpy(moved.eigenvectors).T @ ops.to_numpy(default.eigenvectors)
+            assert np.allclose(np.abs(np.diag(overlap)), 1.0, atol=1e-8)
+        else:
+            assert np.allclose(moved.nodes, default.nodes, rtol=1e-9, atol=1e-12)
+            assert np.abs(moved.weights - default.weights).max() < 1e-8  # weights sum to 1 per probe
+        if store != ops:
+            assert moved.settings["basis_memory"].startswith(store.name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_basis_in_numpy_host_memory_equals_the_default(backend):
+    M, lam = _matrix("clustered", n=200)
+    A = _operator(M, backend, np.float64)
+    store = NumpyOps(np.float64)
+    _same_results(A, store)
+    _same_results(A, store, block_size=2)
+    assert so.eigsh(A, k=3, basis_memory="host").settings.get("basis_memory") == (
+        None if backend == "torch" else "numpy:cpu")  # torch on the CPU: host memory is its own
+
+
+def test_basis_memory_refused_clearly():
+    A = so.aslinearoperator(np.diag(np.arange(1.0, 50.0)))
+    with pytest.raises(ValueError, match="basis_memory"):
+        so.eigsh(A, basis_memory="disk")
+    with pytest.raises(ValueError, match="dtype"):
+        so.spectral_density(A, basis_memory=NumpyOps(np.float32))
+
+
+def test_basis_in_host_memory_for_a_cuda_operator():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from specops.backends.torch import TorchOps, matrix_operator
+
+    M, _ = _matrix("outliers", n=400)
+    A = matrix_operator(torch.as_tensor(M, device="cuda"))
+    store = TorchOps(torch.float64, "cpu")
+    assert A.ops.host() == store
+    _same_results(A, store)
+    r = so.eigsh(A, k=3, basis_memory="host")
+    assert r.settings["basis_memory"] == "torch:cpu" and r.eigenvectors.device.type == "cuda"
