@@ -63,6 +63,10 @@ class NumpyOps(VectorOps):
         buffer[index] = X
         return buffer
 
+    def buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        # uninitialized, column-major: the algorithms read only what they wrote
+        return np.empty(shape, dtype=self.dtype, order="F")
+
     def all_finite(self, X: np.ndarray) -> bool:
         return bool(np.isfinite(X).all())
 

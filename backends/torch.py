@@ -73,7 +73,7 @@ from typing import Any, cast
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
 from specops.operator import MatrixOperator, check_dense_symmetric
-from specops.ops import VectorOps, sum_over_rows
+from specops.ops import ROWS, VectorOps, sum_over_rows
 
 ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse", "finite_difference")
 _REVERSE = ("cached_graph", "double_backward")
@@ -104,6 +104,9 @@ class TorchOps(VectorOps):
         super().__init__(dtype, str(torch.device(device)))
         self.torch_dtype = torch.float32 if self.dtype == np.float32 else torch.float64
         self.torch_device = torch.device(device)
+        # rows per float32 partial sum of inner products and norms (specops.ops.sum_over_rows):
+        # MKL adds in one run; GPU reductions are trees, blocks there only bound the launches
+        self.rows = ROWS if self.torch_device.type == "cpu" else 1 << 22
 
     def is_native(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
@@ -125,19 +128,20 @@ class TorchOps(VectorOps):
         return torch.cat(list(arrays), dim=axis)
 
     def inner(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return sum_over_rows(lambda x, y: (x.T @ y).double(), X, Y).to(self.torch_dtype)
+        return sum_over_rows(lambda x, y: (x.T @ y).double(), X, Y, rows=self.rows).to(self.torch_dtype)
 
     def combine(self, X: torch.Tensor, C: Any) -> torch.Tensor:
         return X @ self.asarray(C)
 
     def column_norms(self, X: torch.Tensor) -> np.ndarray:
-        return self.to_numpy(sum_over_rows(lambda x: x.square().sum(dim=0).double(), X).sqrt())
+        return self.to_numpy(sum_over_rows(lambda x: x.square().sum(dim=0).double(), X, rows=self.rows).sqrt())
 
     def qr(self, X: torch.Tensor) -> Any:
         return torch.linalg.qr(X, mode="reduced")
 
     def all_finite(self, X: torch.Tensor) -> bool:
-        return bool(torch.isfinite(X).all())
+        # the max-norm propagates NaN and infinity: one pass, no boolean copy of X
+        return bool(torch.isfinite(torch.linalg.vector_norm(X, float("inf"))))
 
     def einsum(self, spec: str, *arrays: torch.Tensor) -> torch.Tensor:
         return torch.einsum(spec, *arrays)
@@ -147,9 +151,11 @@ class TorchOps(VectorOps):
         return buffer
 
     def buffer(self, shape: Any) -> torch.Tensor:
-        if len(shape) == 2:  # column-major: a column block is contiguous, read at memory speed
-            return self.zeros(tuple(shape)[::-1]).T
-        return self.zeros(shape)
+        # uninitialized (the algorithms read only what they wrote: no page is touched before
+        # its column is used); 2-D column-major, so a block of columns is contiguous
+        if len(shape) == 2:
+            return torch.empty(tuple(shape)[::-1], dtype=self.torch_dtype, device=self.torch_device).T
+        return torch.empty(tuple(shape), dtype=self.torch_dtype, device=self.torch_device)
 
     def subtract_combine(self, W: torch.Tensor, X: torch.Tensor, C: Any) -> torch.Tensor:
         return torch.addmm(W, X, self.asarray(C), alpha=-1.0)  # one GEMM, no temporary

@@ -191,8 +191,9 @@ class VectorOps(abc.ABC):
         """Zeros for a basis buffer: ``(n, m)`` columns, or a ``(slots, n, p)`` stack of blocks.
 
         Backends lay a 2-D buffer out so that each column is contiguous (a block of
-        columns is then read at the speed of memory, however few of them are in use);
-        this default is :meth:`zeros`.
+        columns is then read at the speed of memory, however few of them are in use),
+        and those written :attr:`in_place` may leave it uninitialized: the algorithms
+        read only the slices they wrote. This default is :meth:`zeros`.
         """
         return self.zeros(shape)
 
@@ -375,8 +376,8 @@ class VectorOps(abc.ABC):
         return self.from_numpy(E)
 
 
-def sum_over_rows(fn: Callable[..., Any], *arrays: Array) -> Any:
-    """``sum_b fn(*blocks_b)`` over blocks of ``ROWS`` rows of the ``arrays`` (n, ...).
+def sum_over_rows(fn: Callable[..., Any], *arrays: Array, rows: int = ROWS) -> Any:
+    """``sum_b fn(*blocks_b)`` over blocks of ``rows`` rows of the ``arrays`` (n, ...).
 
     For reductions over the n entries (inner products, norms) in backends whose BLAS
     adds them one by one in the arrays' precision: in float32 at n = 10^7 that loses
@@ -385,8 +386,8 @@ def sum_over_rows(fn: Callable[..., Any], *arrays: Array) -> Any:
     partial sums in float64.
     """
     total = None
-    for r in range(0, arrays[0].shape[0], ROWS):
-        part = fn(*(a[r : r + ROWS] for a in arrays))
+    for r in range(0, arrays[0].shape[0], rows):
+        part = fn(*(a[r : r + rows] for a in arrays))
         total = part if total is None else total + part
     return total
 
