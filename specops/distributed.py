@@ -405,10 +405,10 @@ class TorchComm(Comm):
             # Under torchrun the agent hosts the rendezvous store (env://); a store hosted by rank 0
             # (tcp://) goes away when rank 0 exits, and a peer still holding it is aborted by C++.
             init = "env://" if "TORCHELASTIC_RUN_ID" in os.environ else f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+            _import_group_defaults()
             dist.init_process_group(backend=backend, init_method=init,
                                     rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
                                     timeout=datetime.timedelta(seconds=seconds))
-            # The group's threads must stop before the interpreter exits, or C++ terminates the process.
             atexit.register(_destroy_default_group)
         return cls(abort_on_exception=abort_on_exception)
 
@@ -575,14 +575,44 @@ class JaxComm(Comm):
         return f"JaxComm(rank={self.rank}, size={self.size}, device={self.device})"
 
 
+def _import_group_defaults() -> None:
+    """Import, before the default group starts, the torch modules that take it as a default argument.
+
+    ``torch.distributed.nn.functional`` binds ``group=group.WORLD`` when it is imported. Imported
+    after ``init_process_group`` (``torch.func`` imports it lazily, through ``torch._dynamo`` and
+    FSDP), its functions keep the group alive after ``destroy_process_group``, so that its threads
+    outlive the interpreter (see :func:`_destroy_default_group`); imported before, they hold ``None``.
+    """
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except ImportError:  # pragma: no cover - a build without it has nothing that holds the group
+        pass
+
+
 def _destroy_default_group() -> None:
+    """Destroy the default group at exit (it was started by :meth:`TorchComm.from_environment`).
+
+    Freeing the group joins gloo's worker threads while the interpreter is still whole. A worker
+    releases a collective's work after the caller has gone on; releasing the work's tensors takes
+    the GIL. Once the interpreter is finalizing, Python ends a thread that asks for the GIL
+    (``pthread_exit``), and that unwinding through C++'s ``noexcept`` destructors calls
+    ``std::terminate``: *terminate called without an active exception*, now and then, at exit.
+    The group is only freed if nothing else refers to it (see :func:`_import_group_defaults`).
+    """
+    import gc
+    import weakref
+
     dist = sys.modules["torch.distributed"]
-    if dist.is_initialized():
-        try:  # every rank reaches the destruction together, so no rank's gloo threads outlive a peer
-            dist.barrier()
-        except Exception:  # noqa: BLE001 - a peer already gone: destroy what is left
-            pass
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    try:  # every rank has read its last message before any rank closes its connections
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer already gone: destroy what is left
+        pass
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    if group() is not None:  # held in a reference cycle: free it now, with its threads
+        gc.collect()
 
 
 def _torch_launch_environment() -> dict[str, str]:

@@ -30,7 +30,6 @@ from specops.distributed import (  # noqa: E402
 )
 
 FAULT_SECONDS = 10.0
-EXIT_ABORT = "terminate called without an active exception"
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                       "SLURM_PROCID", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE",
@@ -42,12 +41,6 @@ def two_ranks(tmp_path_factory):
     """The output folder of one ``torchrun --nproc_per_node 2 torch_worker.py all`` launch, and its stdout."""
     out = tmp_path_factory.mktemp("torchrun")
     run = torchrun([TORCH_WORKER, "all", out], timeout=240)
-    if run.returncode != 0 and EXIT_ABORT in run.stderr and (out / "sampler-rank1.json").exists():
-        # Known, open: now and then (about 1 launch in 7 here) a rank is aborted by C++ at
-        # interpreter exit, after all its work and output, although the process group is
-        # destroyed at exit (docs/distributed.md). Relaunch once; any other failure fails.
-        out = tmp_path_factory.mktemp("torchrun")
-        run = torchrun([TORCH_WORKER, "all", out], timeout=240)
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stderr[-4000:]}"
     return out, run.stdout
 
@@ -108,6 +101,18 @@ def test_mismatched_models_raise_on_every_rank(two_ranks):
         assert f"rank {r} caught ValueError: ranks disagree on the number of parameters" in stdout
         assert f"rank {r} caught NonFiniteError: the loss is not finite for batch 0 (loss nan) on rank 1" in stdout
     assert "rank 0: (640, 'float64'), rank 1: (630, 'float64')" in stdout
+
+
+def test_group_and_its_threads_are_gone_before_the_interpreter_finalizes(two_ranks):
+    # A gloo worker thread alive at finalization may be ended inside a C++ destructor (terminate
+    # called without an active exception, exit status -6): rare, so the cause is checked instead.
+    # The worker's products use torch.func, which imports torch.distributed.nn after the group
+    # started; without specops importing it first, its default arguments keep the group alive.
+    out, _ = two_ranks
+    for r, state in enumerate(ranks_of(out, "exit")):
+        assert state["group_alive"] is False, f"rank {r}: the process group outlived its destruction"
+        if state["threads_listed"]:
+            assert state["gloo_threads"] == [], f"rank {r}: gloo threads left at exit: {state['gloo_threads']}"
 
 
 def test_exception_on_one_rank_ends_the_job():

@@ -6,7 +6,9 @@ gloo process group that ``as_comm("torch")`` starts from torchrun's variables. M
         (``basics-rankR.json``); spectra of the NumPy and PyTorch models for every split
         (``FRAMEWORK-SPLIT-rankR.json``); a ``DistributedSampler`` loader of 239 samples
         through :func:`~specops.distributed.shard` (``sampler-rankR.json``); mismatched
-        models and a non-finite loss on one rank, caught on every rank (printed).
+        models and a non-finite loss on one rank, caught on every rank (printed); at exit,
+        after specops destroyed the group, whether the group object and gloo's threads are gone
+        (``exit-rankR.json``: they must be, before the interpreter finalizes).
     ``raise``: rank 1 raises while rank 0 waits in a product's allreduce (must end the job).
     ``cuda``: on a GPU machine (``benchmarks/gpu_check.sh``): the PyTorch model on this rank's
         GPU over the backend ``$SPECOPS_TEST_TORCH_BACKEND`` (default NCCL where CUDA is), for
@@ -27,6 +29,45 @@ from mpi_worker import run_basics, run_mismatch, run_raise, run_spectra, write
 from specops.distributed import TorchComm, as_comm, launcher, shard
 
 SAMPLER_SAMPLES = 239  # odd: a DistributedSampler over 2 ranks pads with one repeated sample
+
+
+def check_at_exit(out):
+    """Register, before the group starts, an exit check that runs after specops destroyed it.
+
+    atexit runs last-registered first, so this runs after the destruction that
+    ``as_comm("torch")`` registers. A gloo worker thread still alive when the interpreter
+    finalizes can be ended inside a C++ destructor (*terminate called without an active
+    exception*); the check records what is left instead of waiting for that rare abort.
+    """
+    import atexit
+    import weakref
+
+    held = {}
+
+    def record():
+        tasks = "/proc/self/task"
+        names = []
+        if os.path.isdir(tasks):
+            for task in os.listdir(tasks):
+                try:
+                    with open(os.path.join(tasks, task, "comm")) as f:
+                        names.append(f.read().strip())
+                except OSError:  # the thread ended meanwhile
+                    pass
+        write(out, f"exit-rank{held['rank']}.json", {
+            "group_alive": held["group"]() is not None,
+            "gloo_threads": sorted(n for n in names if "gloo" in n),
+            "threads_listed": bool(names),
+        })
+
+    atexit.register(record)
+
+    def keep(comm):
+        import torch.distributed as dist
+
+        held["rank"], held["group"] = comm.rank, weakref.ref(dist.group.WORLD)
+
+    return keep
 
 
 def run_sampler(comm, out):
@@ -73,8 +114,11 @@ def main():
     detected = launcher()
     if mode == "cuda":
         return run_cuda(TorchComm.from_environment(os.environ.get("SPECOPS_TEST_TORCH_BACKEND") or None))
+    keep = check_at_exit(out) if mode == "all" else None
     comm = as_comm("torch")
     assert isinstance(comm, TorchComm), comm
+    if keep is not None:
+        keep(comm)
     if mode == "raise":
         return run_raise(comm)
     if mode != "all":
