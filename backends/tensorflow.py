@@ -21,6 +21,11 @@ unknown, so an unequal last batch or a new number of columns reuses the trace (o
 trace for single vectors, one for blocks; ``H.adapter.num_traces`` counts them). A
 model that needs a static batch size is traced for each batch shape instead.
 
+Transformers: a dict batch's ``"labels"`` are the targets of ``loss_fn(targets,
+outputs)`` and its other entries the model's inputs (one dict); a dict output (or one
+with ``.logits``) gives the loss its ``"logits"``; ``loss_fn=None`` takes the model's own
+``"loss"``. The same rules as the PyTorch backend's, in the Keras argument order.
+
 Parameters are named by Keras 3 variable paths (``"sequential/dense/kernel"``), or by
 ``tf.Variable.name`` without ``":0"`` (repeated names get ``_1``, ``_2``, ...). Select
 blocks with those names or glob patterns (``"sequential/dense/*"``).
@@ -300,7 +305,10 @@ class TFAdapter(ModelAdapter):
             (Keras calls it in inference mode unless your loss passes ``training=True``).
         loss_fn: ``loss_fn(targets, outputs)`` in the Keras order (a ``keras.losses``
             object works as is), applied to ``model(inputs)`` for batches
-            ``(inputs, targets)``; or ``loss_fn(model, batch)`` for any batch.
+            ``(inputs, targets)`` or dicts with ``"labels"`` (the other entries are the
+            inputs, passed as one dict; a dict output gives its ``"logits"``); or
+            ``loss_fn(model, batch)`` for any batch; or ``None``: the model's own
+            ``"loss"`` output, given the whole batch.
         wrt: ``None`` (the model's trainable variables), or names / glob
             patterns, variables, Keras layers, alone or in a list.
         loss_form: ``"outputs"``, ``"model"`` or ``"auto"`` (``"model"`` when the
@@ -608,8 +616,10 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
             the loss passes ``training=True``).
         loss_fn: ``loss_fn(targets, outputs)`` (Keras order; e.g.
             ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``) applied to
-            ``model(inputs)`` for batches ``(inputs, targets)``; or ``loss_fn(model, batch)``
-            for any batch. Must return a scalar.
+            ``model(inputs)`` for batches ``(inputs, targets)`` or dicts with ``"labels"``
+            (the other entries are the inputs, passed as one dict; a dict output gives
+            its ``"logits"``); or ``loss_fn(model, batch)`` for any batch; or ``None``:
+            the ``"loss"`` the model returns given the whole batch. Must return a scalar.
         data: one batch (a tuple or dict) or a re-iterable of batches (a list, a
             ``tf.data.Dataset`` that does not reshuffle). Floating tensors are cast to
             the variables' dtype.
