@@ -95,6 +95,8 @@ class JaxOps(VectorOps):
         return isinstance(x, jax.Array)
 
     def asarray(self, x: Any) -> Any:
+        if isinstance(x, jax.Array) and x.dtype == self.dtype and x.sharding.device_set == {self.jax_device}:
+            return x  # already in place: no dispatch (60 us a product on small models)
         return jax.device_put(jnp.asarray(x, dtype=self.dtype), self.jax_device)
 
     def to_numpy(self, x: Any) -> np.ndarray:

@@ -1003,7 +1003,8 @@ class TorchAdapter(ModelAdapter):
             if d_right > 0.1 * d_wrong:  # finite differences cannot tell (kinks, float32 rounding)
                 self._use("reverse_over_reverse")
                 warnings.warn(f"{message}. Finite differences of gradients cannot tell which is right "
-                              f"({d_right:.1g} and {d_wrong:.1g} from each); using {self.engine}",
+                              f"({d_right:.1g} and {d_wrong:.1g} from each); using {self.engine}. The same "
+                              "products of a float64 copy of the model would (docs/backends/torch.md)",
                               RuntimeWarning, stacklevel=3)
                 return
             message += (f". Finite differences of gradients side with {right} ({d_right:.1g} against "

@@ -33,6 +33,9 @@ SMALL = 1000
 #: The multiplicity check converges the extreme eigenpair of the complement to at most this
 #: relative residual (or the caller's tol, if smaller) before it trusts it.
 CHECK_TOL = 1e-2
+#: A warm start skips the multiplicity check when every starting column keeps at least this
+#: much of its norm in the final Krylov space (a hidden copy allows at most sqrt(1/2) = 0.71).
+WARM_INSIDE = 0.9
 
 
 @dataclasses.dataclass
@@ -96,9 +99,14 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
             ``k + 2b`` vectors are solved densely from ``n`` products.
         v0: starting vector(s), (n,) or (n, j) in any array type the operator's backend
             takes (e.g. the eigenvectors of an earlier checkpoint, as SciPy's ``v0``).
-            A block of ``j > 1`` columns makes the block size ``j`` (unless
-            ``block_size`` is given; it must be >= j, and random columns fill the rest).
-            Random columns are drawn from ``seed`` as usual for what ``v0`` leaves.
+            A block of ``j > 1`` columns is a *warm start*: single-vector Lanczos from the
+            sum of its unit columns, and instead of the multiplicity check, a check that
+            every column lies mostly (``WARM_INSIDE``) in the final Krylov space, which a
+            copy of a repeated eigenvalue spanned by the columns cannot; if one does not,
+            the multiplicity check runs as for a cold start (``settings["warm_start"]``
+            says which). With ``block_size`` given, block Lanczos starts from the
+            columns instead (``block_size >= j``; random columns fill the rest, drawn
+            from ``seed``).
         progress: draw a progress bar (tqdm) of the products against ``max_matvecs``, with
             the current Ritz values and their largest residual; a string labels it.
             Silent on MPI ranks other than 0 (:mod:`specops.progress`).
@@ -139,10 +147,14 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
     # LM: the complement's inner end lies in the bulk near 0, slow to settle; a block is cheaper
     start = None if v0 is None else _start_block(A, v0)
     checked = block_size is None and k > 1 and method == "lanczos" and which != "LM"
+    warm = None  # a warm start's columns, checked against the final Krylov space
     if block_size is None:
         b = k if which == "LM" else 1
-        if start is not None and start.shape[1] > 1:
+        if start is not None and start.shape[1] > 1 and which == "LM":
             b, checked = start.shape[1], False
+        elif start is not None and start.shape[1] > 1:
+            warm = start
+            start = A.ops.combine(start, np.ones((start.shape[1], 1)))
     else:
         b = _checks.positive_int("block_size", block_size)
         if start is not None and start.shape[1] > b:
@@ -177,6 +189,10 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
             raise ValueError(f"max_matvecs={max_matvecs} is too small: Lanczos needs at least block_size + k = "
                              f"{b + k} products (k of them verify the result)")
         *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, v0=start)
+        if warm is not None:
+            inside = _inside(A, warm, basis)
+            checked = checked and not A.decide(bool(inside >= WARM_INSIDE))
+            settings["warm_start"] = dict(columns=int(warm.shape[1]), inside=inside, checked=bool(checked))
         if checked and out[3].all():
             missed, used, complete = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4],
                                                        seed, max_basis)
@@ -209,7 +225,19 @@ def _start_block(A, v0):
     norms = ops.column_norms(X)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
         raise ValueError("v0 has a zero or non-finite column; pass nonzero finite starting vectors")
-    return X
+    return ops.scale_columns(X, 1.0 / norms)
+
+
+def _inside(A, X, basis):
+    """The smallest fraction of a column of ``X`` that lies in ``span(basis)``: ``min_j ||P x_j||``.
+
+    A copy of a repeated eigenvalue hides from single-vector Lanczos in the complement of its
+    Krylov space; columns spanning that eigenspace cannot all lie in the space: the one
+    farthest from it keeps at least ``sqrt(1 - 1/m)`` outside for multiplicity ``m``, so at
+    most ``sqrt(1/2)`` inside.
+    """
+    outside, _ = A.ops.orthogonalize(X, basis)
+    return float(np.sqrt(max(0.0, 1.0 - float(np.max(A.ops.column_norms(outside))) ** 2)))
 
 
 def _default_basis(n, k, b):

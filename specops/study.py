@@ -44,7 +44,7 @@ from specops.report import atomic_savefig, atomic_write, check_writable, library
 
 FORMAT = "specops-study/1"
 DATASETS = ("digits", "cifar10", "cifar100")
-#: The embedded default: digits, reduced depths, epochs and checkpoints (about 10 minutes on 2 cores).
+#: The embedded default: digits, reduced depths, epochs and checkpoints (about 6 minutes on 2 idle cores).
 EMBEDDED = dict(depths=(8, 14), epochs=10, lrs=(0.1, 0.02), checkpoints=3, width=8, batch_size=64,
                 hessian_samples=256, train_samples=None)
 #: The paper's protocol: ResNet-20/32/38/56, 180 epochs, checkpoints every 10 epochs.
@@ -146,6 +146,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(empirical), mc-fisher; with ggn the trace of H - G too (default hessian)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--split", choices=("runs", "data"), default="runs",
+                   help="how ranks share the curvature: runs (each rank takes whole runs; default) or data "
+                        "(every rank takes part in every run, the Hessian samples split over the ranks: "
+                        "for many --hessian-samples and few runs); training is always spread by runs")
     p.add_argument("--comm", choices=("auto", "torch", "mpi", "none"), default="auto",
                    help="how processes share the runs: torch (under torchrun), mpi (mpiexec), none; "
                         "auto: whichever launched the process")
@@ -372,23 +376,30 @@ def train_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple, fol
 
 # --- phase 2: curvature ---------------------------------------------------------------------
 def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple, folder: str,
-                  progress: bool) -> dict:
-    """The tracker log over the checkpoints of the kept run, and the landscape at the last one."""
+                  progress: bool, comm: Any = None) -> dict:
+    """The tracker log over the checkpoints of the kept run, and the landscape at the last one.
+
+    With ``comm``, every rank of it calls this together: each takes its share of the Hessian
+    samples (:func:`specops.distributed.shard_range`), the operators sum over the ranks, and
+    rank 0 writes the files.
+    """
     import torch
     from torch import nn
 
     import specops
     from specops.backends import torch as st
+    from specops.distributed import shard_range
 
     model = make_model(cfg, variant, depth, data[4], data[5])
     m = min(cfg.hessian_samples, len(data[0]))
-    X, y = torch.from_numpy(data[0][:m]), torch.from_numpy(data[1][:m])
+    mine = shard_range(m, comm)
+    X, y = torch.from_numpy(data[0][mine.start : mine.stop]), torch.from_numpy(data[1][mine.start : mine.stop])
     chunk = 256
-    batches = [(X[i : i + chunk], y[i : i + chunk]) for i in range(0, m, chunk)]
+    batches = [(X[i : i + chunk], y[i : i + chunk]) for i in range(0, len(mine), chunk)]
     loss_fn = nn.CrossEntropyLoss()
 
     def make_operator() -> Any:
-        return st.hessian(model, loss_fn, batches[0] if len(batches) == 1 else batches)
+        return st.hessian(model, loss_fn, batches[0] if len(batches) == 1 else batches, comm=comm)
 
     tracker = specops.Tracker(
         make_operator, path=os.path.join(folder, "curvature.jsonl"), k=cfg.k, seed=cfg.seed,
@@ -396,7 +407,7 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
         block_options={"trace": dict(num_matvecs=cfg.stage_trace_matvecs)},
         eigsh_options=dict(tol=cfg.eig_tol), trace_options=dict(num_matvecs=cfg.trace_matvecs),
         density_options=dict(num_probes=cfg.esd_probes, num_steps=cfg.esd_steps), progress=progress,
-        curvatures=cfg.curvatures)
+        curvatures=cfg.curvatures, comm=comm)
     lr_folder = os.path.join(folder, _lr_name(lr))
     for epoch in cfg.checkpoints:
         if tracker.done(epoch):
@@ -418,14 +429,19 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
         land = specops.landscape(H, [V[:, 0], V[:, 1]], span=cfg.landscape_span, steps=cfg.landscape_steps,
                                  kind="eigen")
         ls = land.to_dict()
-        atomic_write(path, json.dumps(ls))
+        if comm is None or comm.rank == 0:
+            atomic_write(path, json.dumps(ls))
     return dict(records=tracker.records, landscape=ls)
 
 
 # --- the study ------------------------------------------------------------------------------
 def run(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, progress: bool = True,
-        log: Callable[[str], Any] = print) -> dict:
+        log: Callable[[str], Any] = print, split: str = "runs") -> dict:
     """Run (or continue) a study into ``out``; returns ``study.json``'s contents (on every rank).
+
+    Training spreads the runs over the ranks; so does the curvature with ``split="runs"``,
+    while ``split="data"`` has all ranks compute every run's curvature together, each on its
+    share of the Hessian samples (the same numbers up to rounding). Ranks share ``out``.
 
     Raises:
         UsageError: ``out`` holds a study with other settings, or one and ``resume`` is False.
@@ -478,17 +494,19 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, progre
     curv_tasks = [(v, d) for d in cfg.depths for v in cfg.variants]
     bar = progress_bar(progress, len(curv_tasks), "curvature", unit="runs", comm=comm)
     mine = {}
+    together = split == "data" and comm.size > 1
     for i, (v, d) in enumerate(curv_tasks):
-        if i % comm.size == comm.rank:
+        if together or i % comm.size == comm.rank:
             mine[(v, d)] = curvature_run(cfg, v, d, best[(v, d)], data, os.path.join(runs_dir, run_name(v, d)),
-                                         progress=False)
+                                         progress=False, comm=comm if together else None)
         bar.to(i + 1)
     bar.close()
     curvature = {}
-    for part in comm.allgather(mine):
+    for part in [mine] if together else comm.allgather(mine):
         curvature.update(part)
     study = _study_json(cfg, trained, best, curvature, comm.size)
     study["seconds"] = dict(train=t_train, total=time.perf_counter() - t0)
+    study["split"] = "data" if together else "runs"
     if comm.rank == 0:
         atomic_write(os.path.join(out, "study.json"), json.dumps(study, indent=1))
         images = write_figures(study, out)
@@ -770,7 +788,7 @@ def run_command(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // comm.size))
-        run(cfg, args.out, resume=args.resume, comm=comm, progress=not args.no_progress)
+        run(cfg, args.out, resume=args.resume, comm=comm, progress=not args.no_progress, split=args.split)
     except UsageError as e:
         if comm.rank == 0:
             print(f"specops study: error: {e}", file=sys.stderr)

@@ -228,17 +228,24 @@ def test_cifar_pickles_are_read(tmp_path):
 
 
 @pytest.mark.mpi
-def test_study_over_mpi_ranks_matches_one_process(tiny_study, tmp_path):
+@pytest.mark.parametrize("split", ["runs", "data"])
+def test_study_over_mpi_ranks_matches_one_process(tiny_study, tmp_path, split):
+    """Runs spread over 2 ranks, or every run's Hessian samples split over them: one process's numbers."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
     from mpi_launch import launch
 
     out, data = tiny_study
     mpi_out = str(tmp_path / "mpi")
-    run = launch(["-m", "specops.study", *TINY, "--out", mpi_out], ranks=2, timeout=300)
+    run = launch(["-m", "specops.study", *TINY, "--out", mpi_out, "--split", split], ranks=2, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     mpi = json.load(open(os.path.join(mpi_out, "study.json")))
-    assert mpi["ranks"] == 2
+    assert mpi["ranks"] == 2 and mpi["split"] == split
     for name, r in data["runs"].items():
         assert mpi["runs"][name]["sweep"] == r["sweep"]
         for c, c2 in zip(r["checkpoints"], mpi["runs"][name]["checkpoints"]):
             assert c2["trace"]["estimate"] == pytest.approx(c["trace"]["estimate"], rel=1e-5)
+            np.testing.assert_allclose(c2["eigenvalues"], c["eigenvalues"], rtol=1e-4)
+            for stage, b in c["blocks"].items():
+                assert c2["blocks"][stage]["trace"]["estimate"] == pytest.approx(b["trace"]["estimate"], rel=1e-5)
+        np.testing.assert_allclose(mpi["runs"][name]["landscape"]["losses"]["__ndarray__"],
+                                   r["landscape"]["losses"]["__ndarray__"], rtol=1e-3)
