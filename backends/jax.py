@@ -507,7 +507,7 @@ def model_loss(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any] | None 
         >>> loss = sj.model_loss(apply, lambda logits, labels: jnp.mean((logits - labels) ** 2))
         >>> H = sj.hessian(loss, {"w": jnp.array(1.0)}, {"input_ids": jnp.array([1.0, 2.0]),
         ...                                                "labels": jnp.array([0.0, 0.0])})
-        >>> float(H @ jnp.array([1.0]))
+        >>> float((H @ jnp.array([1.0]))[0])
         5.0
     """
     if not callable(apply_fn) or not (loss_fn is None or callable(loss_fn)):
