@@ -46,13 +46,19 @@ def _device_of(x: Any) -> Any:
 
 
 @jax.jit
-def _orthogonalize_twice(W: Any, Q: Any, columns: Any) -> tuple[Any, Any, Any]:
+def _project_prefix(W: Any, Q: Any, columns: Any) -> tuple[Any, Any]:
     # columns is traced: one program per buffer shape; columns past it are masked out
     mask = (jnp.arange(Q.shape[1]) < columns).astype(W.dtype)[:, None]
-    C1 = jnp.matmul(Q.T, W, precision=_HIGHEST) * mask
-    W = W - jnp.matmul(Q, C1, precision=_HIGHEST)
-    C2 = jnp.matmul(Q.T, W, precision=_HIGHEST) * mask
-    return W - jnp.matmul(Q, C2, precision=_HIGHEST), C1, C2
+    C = jnp.matmul(Q.T, W, precision=_HIGHEST) * mask
+    return W - jnp.matmul(Q, C, precision=_HIGHEST), C
+
+
+@partial(jax.jit, static_argnums=3)
+def _project_window(W: Any, Q: Any, start: Any, width: int) -> tuple[Any, Any]:
+    # start is traced: one program per window width, not one per position
+    Qs = jax.lax.dynamic_slice_in_dim(Q, start, width, axis=1)
+    C = jnp.matmul(Qs.T, W, precision=_HIGHEST)
+    return W - jnp.matmul(Qs, C, precision=_HIGHEST), C
 
 
 @jax.jit
@@ -61,12 +67,17 @@ def _all_finite(X: Any) -> Any:
 
 
 @jax.jit
-def _orthogonalize_probes(W: Any, X: Any, steps: Any) -> tuple[Any, Any, Any]:
+def _project_probes_prefix(W: Any, X: Any, steps: Any) -> tuple[Any, Any]:
     mask = (jnp.arange(X.shape[0]) < steps).astype(W.dtype)[:, None]
-    c1 = jnp.einsum("jnp,np->jp", X, W, precision=_HIGHEST) * mask
-    W = W - jnp.einsum("jnp,jp->np", X, c1, precision=_HIGHEST)
-    c2 = jnp.einsum("jnp,np->jp", X, W, precision=_HIGHEST) * mask
-    return W - jnp.einsum("jnp,jp->np", X, c2, precision=_HIGHEST), c1, c2
+    c = jnp.einsum("jnp,np->jp", X, W, precision=_HIGHEST) * mask
+    return W - jnp.einsum("jnp,jp->np", X, c, precision=_HIGHEST), c
+
+
+@partial(jax.jit, static_argnums=3)
+def _project_probes_window(W: Any, X: Any, start: Any, width: int) -> tuple[Any, Any]:
+    B = jax.lax.dynamic_slice_in_dim(X, start, width, axis=0)
+    c = jnp.einsum("jnp,np->jp", B, W, precision=_HIGHEST)
+    return W - jnp.einsum("jnp,jp->np", B, c, precision=_HIGHEST), c
 
 
 class JaxOps(VectorOps):
@@ -123,18 +134,19 @@ class JaxOps(VectorOps):
     def all_finite(self, X: Any) -> bool:
         return bool(_all_finite(X))  # one compiled program: one dispatch, not two
 
-    def orthogonalize(self, W: Any, Q: Any, columns: int | None = None) -> tuple[Any, np.ndarray]:
-        """As :meth:`VectorOps.orthogonalize`, as one compiled program.
+    def project(self, W: Any, Q: Any, start: int, stop: int) -> tuple[Any, np.ndarray]:
+        """As :meth:`VectorOps.project`, as one compiled program per buffer shape.
 
         JAX compiles every new shape, and a growing basis has a new shape at every
-        step: the whole buffer ``Q`` keeps one shape and the columns past ``columns``
-        are masked out (they may hold stale vectors after a restart).
+        step: a pass from column 0 runs over the whole buffer ``Q`` with the columns
+        past ``stop`` masked out (they may hold stale vectors after a restart), and a
+        pass over a window slices it at a traced position.
         """
-        if Q is None or Q.shape[1] == 0 or columns == 0:
-            return W, np.zeros((0, W.shape[1]))
-        columns = Q.shape[1] if columns is None else int(columns)
-        W, C1, C2 = _orthogonalize_twice(W, Q, columns)
-        return W, (self.to_numpy(C1) + self.to_numpy(C2))[:columns]
+        if start == 0:
+            W, C = _project_prefix(W, Q, int(stop))
+        else:
+            W, C = _project_window(W, Q, int(start), int(stop - start))
+        return W, self.to_numpy(C)[: stop - start]
 
     def combine_prefix(self, X: Any, C: np.ndarray) -> Any:
         """As :meth:`VectorOps.combine_prefix`, with ``C`` padded by zero rows.
@@ -146,13 +158,20 @@ class JaxOps(VectorOps):
         pad[: C.shape[0]] = C
         return self.combine(X, pad)
 
-    def orthogonalize_probes(self, W: Any, X: Any, steps: int) -> tuple[Any, np.ndarray]:
-        """As :meth:`VectorOps.orthogonalize_probes`, over the whole fixed-shape stack.
+    def project_probes(self, W: Any, X: Any, start: int, stop: int) -> tuple[Any, np.ndarray]:
+        """As :meth:`VectorOps.project_probes`, as :meth:`project` does for a basis.
 
-        The slices past ``steps`` are masked out.
+        A pass from slice 0 runs over the whole fixed-shape stack with the slices past
+        ``stop`` masked out; a window is sliced at a traced position.
         """
-        W, c1, c2 = _orthogonalize_probes(W, X, int(steps))
-        return W, (self.to_numpy(c1) + self.to_numpy(c2))[:steps]
+        if start == 0:
+            W, c = _project_probes_prefix(W, X, int(stop))
+        else:
+            W, c = _project_probes_window(W, X, int(start), int(stop - start))
+        return W, self.to_numpy(c)[: stop - start]
+
+    def to_host(self, X: Any) -> np.ndarray:
+        return np.asarray(X)
 
     def write_block(self, buffer: Any, start: int, X: Any, axis: int = 1) -> Any:
         return _write_block(buffer, start, X, axis)

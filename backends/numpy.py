@@ -15,13 +15,14 @@ import numpy.typing as npt
 from specops.layout import ParamLayout
 from specops.model import ModelAdapter, ModelOperator
 from specops.operator import LinearOperator
-from specops.ops import VectorOps
+from specops.ops import VectorOps, sum_over_rows
 
 
 class NumpyOps(VectorOps):
     """Vector operations on NumPy arrays (host memory)."""
 
     name = "numpy"
+    in_place = True
 
     def __init__(self, dtype: npt.DTypeLike = np.float64) -> None:
         super().__init__(dtype, "cpu")
@@ -43,13 +44,13 @@ class NumpyOps(VectorOps):
         return np.concatenate(arrays, axis=axis)
 
     def inner(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        return X.T @ Y
+        return sum_over_rows(lambda x, y: (x.T @ y).astype(np.float64), X, Y).astype(self.dtype)
 
     def combine(self, X: np.ndarray, C: npt.ArrayLike) -> np.ndarray:
         return X @ np.asarray(C, dtype=self.dtype)
 
     def column_norms(self, X: np.ndarray) -> np.ndarray:
-        return np.linalg.norm(X, axis=0).astype(np.float64)
+        return np.sqrt(sum_over_rows(lambda x: np.square(x, dtype=np.float64).sum(axis=0), X))
 
     def qr(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.linalg.qr(X, mode="reduced")
@@ -62,8 +63,15 @@ class NumpyOps(VectorOps):
         buffer[index] = X
         return buffer
 
+    def buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        # uninitialized, column-major: the algorithms read only what they wrote
+        return np.empty(shape, dtype=self.dtype, order="F")
+
     def all_finite(self, X: np.ndarray) -> bool:
         return bool(np.isfinite(X).all())
+
+    def to_host(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, dtype=self.dtype)
 
 
 class NumpyAdapter(ModelAdapter):

@@ -8,7 +8,7 @@ Hessian-vector product per engine as a ratio to it, plus the cost per column of 
 per-round ratios over ``--repeats`` rounds (so a changing machine load cancels out).
 ``auto`` is the cached graph here (one batch that fits in memory).
 
-Run: ``python benchmarks/torch_models.py --threads 2 --repeats 3`` (a few minutes; prints a
+Run: ``python benchmarks/torch_models.py --threads 1 --repeats 3`` (a few minutes; prints a
 Markdown table). ``--models resnet18`` for one.
 """
 
@@ -125,7 +125,8 @@ def timed(fn):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "gpt2"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1 on a shared machine: 2 threads on 2 loaded cores made a gradient 7x slower")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--size", type=int, default=112, help="image side (224 for ImageNet)")

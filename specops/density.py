@@ -22,8 +22,9 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.special import erf
 
 from specops import _checks
-from specops.lanczos import probe_lanczos
+from specops.lanczos import basis_store, probe_lanczos
 from specops.operator import OperatorLike
+from specops.ops import VectorOps
 from specops.progress import bar as progress_bar
 from specops.random import check_kind, check_seed
 from specops.results import Result
@@ -136,7 +137,7 @@ class SpectralDensity(Result):
 def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64, seed: int = 0,
                      kind: str = "rademacher", progress: bool | str = False, *,
                      probes_at_once: int | None = None, reorth_window: int | None = None,
-                     memory_budget: int | None = None) -> SpectralDensity:
+                     memory_budget: int | None = None, basis_memory: str | VectorOps = "device") -> SpectralDensity:
     """Estimate the eigenvalue spectral density of a symmetric operator by SLQ.
 
     The Lanczos bases take ``probes_at_once * window * n`` numbers (``window = num_steps``
@@ -161,7 +162,11 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
             Lanczos vectors (``>= 2``) instead of all of them; default: full
             reorthogonalization when one probe's basis fits in the budget.
         memory_budget: bytes allowed for the bases; default half the free memory of the
-            vectors' device (:meth:`~specops.ops.VectorOps.free_memory`).
+            memory that keeps them (:meth:`~specops.ops.VectorOps.free_memory`).
+        basis_memory: where the bases are kept: ``"device"`` with the operator's vectors,
+            ``"host"`` in host memory (their orthogonalization then runs on the host, and
+            one block of probes per step crosses to the device and back), or any
+            :class:`~specops.ops.VectorOps`. The result equals the default's to rounding.
 
     Returns:
         :class:`SpectralDensity` (``num_probes * num_steps`` products); its ``settings``
@@ -193,7 +198,8 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
     p = num_probes
-    group, window, budget = _plan(ops, n, p, steps, probes_at_once, reorth_window, memory_budget, A.decide)
+    store = basis_store(ops, basis_memory)
+    group, window, budget = _plan(store, n, p, steps, probes_at_once, reorth_window, memory_budget, A.decide)
     bar = progress_bar(progress, num_probes * steps, "spectral_density", comm=A)
     A = bar.track(A)
     mul = _checks.Products(A)
@@ -203,7 +209,7 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         Z = ops.random(n, cols, seed, kind=kind, stream="slq")
         V = ops.scale_columns(Z, 1.0 / ops.column_norms(Z))
         del Z
-        alpha[cols], beta[cols], length[cols] = probe_lanczos(A, mul, V, steps, window)
+        alpha[cols], beta[cols], length[cols] = probe_lanczos(A, mul, V, steps, window, store=store)
         del V
     nodes, weights = np.zeros((p, steps)), np.zeros((p, steps))
     for i in range(p):
@@ -215,6 +221,8 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
                     probes_at_once=group, reorth_window=window,
                     basis_bytes=basis_bytes(n, group, steps if window is None else window, ops.dtype),
                     memory_budget=budget)
+    if store != ops:
+        settings["basis_memory"] = f"{store.name}:{store.device}"
     out = SpectralDensity(nodes=nodes, weights=weights, num_matvecs=mul.count, settings=settings)
     bar.close(range=[nodes.min(), nodes.max()], trace=out.trace()[0])
     return out

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from specops import _checks
-from specops.lanczos import NORM_FLOOR, ROUNDING, order as _order, thick_restart, verified, wanted as _wanted
+from specops.lanczos import NORM_FLOOR, ROUNDING, basis_store, order as _order, thick_restart, verified
+from specops.lanczos import wanted as _wanted
 from specops.lanczos import thresholds as _thresholds
 from specops.operator import OperatorLike
-from specops.ops import Array
+from specops.ops import Array, VectorOps
 from specops.progress import bar as progress_bar
 from specops.random import check_seed
 from specops.results import Result
@@ -69,7 +70,8 @@ class EigResult(Result):
 
 def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
           max_matvecs: int | None = None, seed: int = 0, block_size: int | None = None,
-          max_basis: int | None = None, v0: Array | None = None, progress: bool | str = False) -> EigResult:
+          max_basis: int | None = None, v0: Array | None = None, progress: bool | str = False,
+          basis_memory: str | VectorOps = "device") -> EigResult:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
     Args:
@@ -110,6 +112,11 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
         progress: draw a progress bar (tqdm) of the products against ``max_matvecs``, with
             the current Ritz values and their largest residual; a string labels it.
             Silent on MPI ranks other than 0 (:mod:`specops.progress`).
+        basis_memory: where the Lanczos basis (``max_basis`` vectors, most of the memory)
+            is kept: ``"device"`` with the operator's vectors, ``"host"`` in host memory
+            (its orthogonalization then runs on the host's cores, and one block per step
+            crosses to the device and back), or any :class:`~specops.ops.VectorOps`.
+            The results equal the default's to rounding.
 
     The returned pairs are verified: one product of the ``k`` returned vectors (counted in
     ``num_matvecs``) gives their Rayleigh quotients and true residuals
@@ -171,8 +178,11 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
     max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
     bar = progress_bar(progress, max_matvecs, "eigsh", comm=A)
     A = bar.track(A)
+    store = basis_store(A.ops, basis_memory)
     settings = dict(k=k, which=which, method=method, tol=tol, max_matvecs=max_matvecs, seed=seed,
                     n=n, dtype=A.dtype.name, backend=A.backend)
+    if store != A.ops:
+        settings["basis_memory"] = f"{store.name}:{store.device}"
     if method == "power":
         if which == "BE":
             raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
@@ -188,14 +198,14 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
         if max_matvecs < b + k:
             raise ValueError(f"max_matvecs={max_matvecs} is too small: Lanczos needs at least block_size + k = "
                              f"{b + k} products (k of them verify the result)")
-        *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, v0=start)
+        *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, v0=start, store=store)
         if warm is not None:
             inside = _inside(A, warm, basis)
             checked = checked and not A.decide(bool(inside >= WARM_INSIDE))
             settings["warm_start"] = dict(columns=int(warm.shape[1]), inside=inside, checked=bool(checked))
         if checked and out[3].all():
             missed, used, complete = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4],
-                                                       seed, max_basis)
+                                                       seed, max_basis, store)
             del basis  # the block rerun below needs its own basis; free this one first
             settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed),
                                                   complete=bool(complete))
@@ -210,7 +220,7 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
                     settings["method"] = "dense"
                     out = list(_dense(A, k, which, tol))
                 else:
-                    *out, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k)
+                    *out, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k, store=store)
                 out[4] += spent
     bar.close(eigenvalues=out[0], residual=float(np.max(out[2])))
     return EigResult(*out, settings=settings)  # type: ignore[misc]  # out: the five other fields
@@ -236,7 +246,7 @@ def _inside(A, X, basis):
     farthest from it keeps at least ``sqrt(1 - 1/m)`` outside for multiplicity ``m``, so at
     most ``sqrt(1/2)`` inside.
     """
-    outside, _ = A.ops.orthogonalize(X, basis)
+    outside, _ = basis.orthogonalize(X)
     return float(np.sqrt(max(0.0, 1.0 - float(np.max(A.ops.column_norms(outside))) ** 2)))
 
 
@@ -262,11 +272,11 @@ class _Complement:
         return self.A.decide(value)
 
     def matmat(self, V):
-        P, _ = self.ops.orthogonalize(V, self.Q)
-        return self.ops.orthogonalize(self.A.matmat(P), self.Q)[0] * self.sign + (V - P) * self.low
+        P, _ = self.Q.orthogonalize(V)
+        return self.Q.orthogonalize(self.A.matmat(P))[0] * self.sign + (V - P) * self.low
 
 
-def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
+def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis, store=None):
     """Whether a wanted eigenvalue hides in the complement of single-vector Lanczos' basis.
 
     An eigenvector of a repeated eigenvalue that is orthogonal to the start vector's
@@ -300,7 +310,7 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis):
         check_tol = max(tol, CHECK_TOL)
         low = edge - max(abs(edge), NORM_FLOOR * scale)
         mu, _, r, ok, count, _ = _lanczos(_Complement(A, basis, sign, low), 1, "LA", check_tol, budget - used,
-                                          seed, 1, max_basis, stream="complement-check", stop=stop)
+                                          seed, 1, max_basis, stream="complement-check", stop=stop, store=store)
         used += count
         near = mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge
         if A.decide(bool(mu[0] >= edge or (ok[0] and near))):  # reached the wanted range, or settled at its edge
@@ -325,7 +335,8 @@ def _dense(A, k, which, tol):
     return theta[want], ops.from_numpy(vecs), resid, ok, mul.count
 
 
-def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None, v0=None):
+def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None, v0=None,
+             store=None):
     """Thick-restart block Lanczos from ``v0`` (padded with seeded random columns to ``b``).
 
     Returns ``(values, vectors, residuals, converged, products, basis)``.
@@ -344,7 +355,7 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos"
     if start.shape[1] < b:
         start = ops.concat([start, draw(b - start.shape[1])], axis=1)
     vals, vecs, resid, ok, basis = thick_restart(A, mul, k, which, tol, max_matvecs, start, max_basis, draw,
-                                                 stop=stop, verify=stop is None)
+                                                 stop=stop, verify=stop is None, store=store)
     return vals, vecs, resid, ok, mul.count, basis
 
 

@@ -3,8 +3,10 @@
 :func:`~specops.eigsh` runs it as thick-restart block Lanczos, and
 :func:`~specops.spectral_density` as many independent probes side by side.
 
-Both keep their bases orthogonal by full reorthogonalization (classical Gram-Schmidt,
-twice) and share one breakdown rule: a new direction is dropped only when its norm is at
+Both keep their bases orthogonal by full reorthogonalization (the recurrence's last
+vectors first, then classical Gram-Schmidt over the whole basis, that pass repeated only
+under the DGKS criterion: :meth:`~specops.ops.VectorOps.orthogonalize`) and share one
+breakdown rule: a new direction is dropped only when its norm is at
 the rounding level of the products (``ROUNDING * eps * ||A||``), so no coupling larger than
 rounding is ever discarded. Backend tricks (fixed shapes for XLA, buffers written in place)
 live behind the vector operations (:meth:`~specops.ops.VectorOps.orthogonalize` with
@@ -72,10 +74,73 @@ def breakdown(norms: npt.ArrayLike, anorm: float, eps: float) -> np.ndarray:
     return np.asarray(norms) <= ROUNDING * eps * max(anorm, np.finfo(np.float64).tiny)
 
 
+def basis_store(ops: VectorOps, memory: str | VectorOps) -> VectorOps:
+    """The vector operations that keep a Lanczos basis: ``"device"`` (``ops``), ``"host"`` or given.
+
+    Raises:
+        ValueError: ``memory`` is neither, or vector operations of another dtype.
+    """
+    if isinstance(memory, VectorOps):
+        if memory.dtype != ops.dtype:
+            raise ValueError(f"basis_memory keeps {memory.dtype.name} vectors but the operator's are "
+                             f"{ops.dtype.name}; pass vector operations of the operator's dtype")
+        return memory
+    if memory == "device":
+        return ops
+    if memory == "host":
+        return ops.host()
+    raise ValueError(f"unknown basis_memory {memory!r}; choose 'device', 'host' or a specops VectorOps")
+
+
+class Basis:
+    """A Lanczos basis buffer kept by the vector operations ``store``; blocks come and go as arrays of ``ops``.
+
+    ``store`` is ``ops`` itself by default (the basis lives with the operator's vectors),
+    or other vector operations, e.g. ``ops.host()``: then the basis stays in host memory,
+    its orthogonalizations and rotations run there, and only the blocks written, the
+    blocks orthogonalized and the combinations asked for cross to ``ops``' device.
+
+    Attributes:
+        X: the buffer, an array of ``store``: (n, size) columns, or a (slots, n, p)
+            stack of one basis per probe.
+        columns: how far it is filled (set by its user).
+    """
+
+    def __init__(self, ops: VectorOps, store: VectorOps | None, shape: tuple[int, ...]) -> None:
+        self.ops, self.store = ops, ops if store is None else store
+        self.X = self.store.buffer(shape)
+        self.columns = 0
+
+    def write(self, start: int, V: Array, axis: int = 1) -> None:
+        """Write the block ``V`` (of ``ops``) at ``start`` along ``axis``."""
+        self.X = self.store.write_block(self.X, start, self.store.move(V, self.ops), axis=axis)
+
+    def orthogonalize(self, W: Array, columns: int | None = None, recent: int = 0) -> tuple[Array, np.ndarray]:
+        """:meth:`~specops.ops.VectorOps.orthogonalize` of ``W`` against the first ``columns`` columns."""
+        columns = self.columns if columns is None else columns
+        W, C = self.store.orthogonalize(self.store.move(W, self.ops), self.X, columns, recent)
+        return self.ops.move(W, self.store), C
+
+    def orthogonalize_probes(self, W: Array, steps: int, recent: tuple[int, ...] = ()) -> tuple[Array, np.ndarray]:
+        """:meth:`~specops.ops.VectorOps.orthogonalize_probes` of ``W`` against the first ``steps`` slices."""
+        W, C = self.store.orthogonalize_probes(self.store.move(W, self.ops), self.X, steps, recent)
+        return self.ops.move(W, self.store), C
+
+    def combine(self, C: np.ndarray) -> Array:
+        """``X[:, :c] @ C`` (``c = C.shape[0]``) as an array of ``ops``."""
+        return self.ops.move(self.store.combine_prefix(self.X, C), self.store)
+
+    def rotate(self, C: np.ndarray) -> None:
+        """Replace the first ``C.shape[1]`` columns by ``X[:, :C.shape[0]] @ C`` (a thick restart)."""
+        self.X = self.store.rotate_prefix(self.X, C)
+        self.columns = C.shape[1]
+
+
 def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: float, budget: int, start: Array,
                   max_basis: int, draw: Callable[[int], Array],
                   stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
-                  verify: bool = True) -> tuple[np.ndarray, Array, np.ndarray, np.ndarray, Array]:
+                  verify: bool = True, store: VectorOps | None = None
+                  ) -> tuple[np.ndarray, Array, np.ndarray, np.ndarray, Basis]:
     """Thick-restart block Lanczos (Wu & Simon 2000) from the block ``start``.
 
     Args:
@@ -90,24 +155,33 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         draw: ``draw(m)`` gives ``m`` fresh random columns (to replace dead directions).
         stop: ``stop(theta, resid)`` of the wanted pairs may end the run early (unverified).
         verify: check the returned pairs with one product of the vectors (``k`` products).
+        store: the vector operations that keep the basis (default ``A.ops``; see :class:`Basis`).
+
+    Each step orthogonalizes the new block against the last two blocks first (the
+    recurrence), then against the whole basis, that pass repeated only when it removed
+    more than rounding (:meth:`~specops.ops.VectorOps.orthogonalize`); after a restart
+    the kept Ritz vectors count as recent (the new block is coupled to all of them).
 
     Returns:
         ``(values, vectors, residuals, converged, basis)``; ``basis`` is the final Lanczos
-        basis (native (n, m)).
+        basis (a :class:`Basis` filled to ``basis.columns``).
     """
     ops, n = A.ops, A.shape[0]
     eps = float(np.finfo(ops.dtype).eps)
     reserve = k if verify else 0
-    pending, _ = ops.qr(start)
-    buffer = ops.zeros((n, max_basis))  # the basis lives in columns 0..m-1
+    pending, _ = ops.orthonormalize(start)
+    basis = Basis(ops, store, (n, max_basis))  # the basis lives in columns 0..m-1
     T = np.zeros((0, 0))
     anorm = 0.0
+    restarted = True  # the next block is coupled to every column so far
     while True:
         b = pending.shape[1]
         W = mul(pending)
         m = T.shape[0]
-        buffer = ops.write_block(buffer, m, pending)
-        W, C = ops.orthogonalize(W, buffer, m + b)
+        basis.write(m, pending)
+        basis.columns = m + b
+        W, C = basis.orthogonalize(W, recent=m + b if restarted else 2 * b)
+        restarted = False
         grown = np.zeros((m + b, m + b))
         grown[:m, :m] = T
         grown[:m, m:] = C[:m]
@@ -123,30 +197,32 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         ok = A.decide(resid[want] <= thresholds(theta[want], tol, anorm, eps))
         spent = mul.count + b + reserve > budget
         if stop is not None and A.decide(bool(stop(theta[want], resid[want]))):
-            return theta[want], ops.combine_prefix(buffer, S[:, want]), resid[want], ok, buffer[:, : m + b]
+            return theta[want], basis.combine(S[:, want]), resid[want], ok, basis
         if ok.all() or spent:
-            V = ops.combine_prefix(buffer, S[:, want])
+            V = basis.combine(S[:, want])
             if not verify:
-                return theta[want], V, resid[want], ok, buffer[:, : m + b]
+                return theta[want], V, resid[want], ok, basis
             vals, V, AV, true = _rayleigh_ritz(ops, mul, V, which)
             anorm = max(anorm, float(np.abs(vals).max()))
             good = A.decide(true <= thresholds(vals, tol, anorm, eps))
             if good.all() or mul.count + 2 * k > budget or max_basis < 3 * k:
-                return vals, V, true, good, buffer[:, : m + b]
+                return vals, V, true, good, basis
             # Lanczos' residual estimate missed a coupling: restart from the verified
             # vectors, with their true residual block as the next block
-            buffer = ops.write_block(buffer, 0, V)
+            basis.write(0, V)
+            basis.columns = k
             T = np.diag(vals)
-            Qn, R = ops.orthonormalize(ops.orthogonalize(AV - ops.scale_columns(V, vals), buffer, k)[0])
-            Qn, R = _repair(A, Qn, R, buffer, k, draw, anorm, eps)
-            pending = Qn
+            Qn, R = ops.orthonormalize(basis.orthogonalize(AV - ops.scale_columns(V, vals))[0])
+            Qn, R = _repair(A, Qn, R, basis, draw, anorm, eps)
+            pending, restarted = Qn, True
             continue
-        Qn, R = _repair(A, Qn, R, buffer, m + b, draw, anorm, eps)
+        Qn, R = _repair(A, Qn, R, basis, draw, anorm, eps)
         if T.shape[0] + b > max_basis:  # thick restart with the most wanted Ritz vectors
             keep = min(max_basis - 2 * b, max(k, (max_basis - b) // 2))
             kept = order(theta, which)[:keep]
-            buffer = ops.write_block(buffer, 0, ops.combine_prefix(buffer, S[:, kept]))
+            basis.rotate(S[:, kept])
             T = np.diag(theta[kept])
+            restarted = True
         pending = Qn
 
 
@@ -171,7 +247,7 @@ def verified(ops: VectorOps, mul: Products, V: Array, which: str) -> tuple[np.nd
     return vals, V, true
 
 
-def _repair(A, Qn, R, buffer, columns, draw, anorm, eps):
+def _repair(A, Qn, R, basis, draw, anorm, eps):
     """Replace directions of the new block that carry no information by fresh random ones.
 
     Such directions mean an invariant subspace was found; the fresh ones are orthogonal to
@@ -187,7 +263,7 @@ def _repair(A, Qn, R, buffer, columns, draw, anorm, eps):
     R[dead] = 0.0
     alive = [Qn[:, j : j + 1] for j in np.flatnonzero(~dead)]
     fresh = draw(int(dead.sum()))
-    fresh, _ = ops.orthogonalize(fresh, buffer, columns)
+    fresh, _ = basis.orthogonalize(fresh)
     if alive:
         fresh, _ = ops.orthogonalize(fresh, ops.concat(alive, axis=1))
     fresh, _ = ops.qr(fresh)
@@ -201,13 +277,16 @@ def _repair(A, Qn, R, buffer, columns, draw, anorm, eps):
     return ops.concat(cols, axis=1), R
 
 
-def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int,
-                  window: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window: int | None = None,
+                  store: VectorOps | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``steps`` Lanczos steps for every column of the unit block ``V`` independently.
 
-    One ``matmat`` of all probes per step. Each probe's basis is fully reorthogonalized,
-    or, with ``window``, only against its last ``window`` vectors (a ring buffer of
-    ``window x n x p`` instead of ``steps x n x p``).
+    One ``matmat`` of all probes per step. Each step removes the three-term recurrence's
+    terms (``v_j`` and ``v_{j-1}``), then reorthogonalizes each probe against its whole
+    basis (a pass that removes only rounding, repeated only when it removed more:
+    :meth:`~specops.ops.VectorOps.orthogonalize_probes`), or, with ``window``, against its
+    last ``window`` vectors only (a ring buffer of ``window x n x p`` instead of
+    ``steps x n x p``).
 
     Args:
         A: the operator.
@@ -216,6 +295,7 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int,
         steps: Lanczos steps per probe.
         window: vectors kept per probe for reorthogonalization (``>= 2``); ``None``
             keeps all ``steps`` (full reorthogonalization).
+        store: the vector operations that keep the bases (default ``A.ops``; see :class:`Basis`).
 
     Returns:
         ``(alpha, beta, length)``: per probe the tridiagonal's diagonal (p, steps),
@@ -225,14 +305,16 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int,
     ops = A.ops
     n, p = V.shape
     slots = steps if window is None else min(window, steps)
-    X = ops.write_block(ops.zeros((slots, n, p)), 0, V[None], axis=0)  # X[j % slots]: step j of every probe
+    basis = Basis(ops, store, (slots, n, p))  # slice j % slots: step j of every probe
+    basis.write(0, V[None], axis=0)
     alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
     length = np.full(p, steps)
     live = np.ones(p, dtype=bool)
     anorm = 0.0
     eps = float(np.finfo(ops.dtype).eps)
     for j in range(steps):
-        W, c = ops.orthogonalize_probes(mul(V), X, min(j + 1, slots))
+        recent = (j % slots, (j - 1) % slots) if j else (0,)  # v_j and v_{j-1}: the recurrence
+        W, c = basis.orthogonalize_probes(mul(V), min(j + 1, slots), recent)
         alpha[live, j] = c[j % slots, live]
         if j == steps - 1:
             break
@@ -245,5 +327,5 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int,
             break
         beta[live, j] = b[live]
         V = ops.scale_columns(W, np.where(live, 1.0 / np.where(live, b, 1.0), 0.0))
-        X = ops.write_block(X, (j + 1) % slots, V[None], axis=0)
+        basis.write((j + 1) % slots, V[None], axis=0)
     return alpha, beta, length

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -28,6 +28,13 @@ from specops import random as _random
 
 Array: TypeAlias = Any
 """A backend's native array: ``numpy.ndarray``, ``torch.Tensor``, ``jax.Array`` or ``tf.Tensor``."""
+
+#: A Gram-Schmidt pass that cuts a vector's norm below ``REPEAT`` times its norm before is
+#: repeated (the Daniel-Gragg-Kaufman-Stewart criterion, 1976; ARPACK uses 0.717).
+REPEAT = 2 ** -0.5
+#: Rows per block of an in-place rotation (:meth:`VectorOps.rotate_prefix`) and of the
+#: blocked reductions of :func:`sum_over_rows`.
+ROWS = 1 << 15
 
 
 class VectorOps(abc.ABC):
@@ -39,9 +46,12 @@ class VectorOps(abc.ABC):
         name: backend name (``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"``).
         dtype: the NumPy dtype matching the arrays' dtype (float32 or float64).
         device: a human-readable device string (``"cpu"``, ``"cuda:0"``, ...).
+        in_place: whether :meth:`write_block` writes into the buffer (and into views of
+            it, as basic slices are), as NumPy and torch do.
     """
 
     name: str = "abstract"
+    in_place: bool = False
 
     def __init__(self, dtype: npt.DTypeLike, device: str = "cpu") -> None:
         dtype = np.dtype(dtype)
@@ -177,31 +187,80 @@ class VectorOps(abc.ABC):
         """Euclidean norm of a native vector, as a host float."""
         return float(self.column_norms(self.as_columns(x))[0])
 
-    def orthogonalize(self, W: Array, Q: Array | None, columns: int | None = None) -> tuple[Array, np.ndarray]:
+    def buffer(self, shape: tuple[int, ...]) -> Array:
+        """Zeros for a basis buffer: ``(n, m)`` columns, or a ``(slots, n, p)`` stack of blocks.
+
+        Backends lay a 2-D buffer out so that each column is contiguous (a block of
+        columns is then read at the speed of memory, however few of them are in use),
+        and those written :attr:`in_place` may leave it uninitialized: the algorithms
+        read only the slices they wrote. This default is :meth:`zeros`.
+        """
+        return self.zeros(shape)
+
+    def subtract_from(self, W: Array, Y: Array) -> Array:
+        """``W - Y`` for a temporary ``Y`` that may be overwritten (it is, :attr:`in_place`).
+
+        So a Gram-Schmidt pass holds two blocks, not three.
+        """
+        if not self.in_place:
+            return W - Y
+        Y *= -1.0
+        Y += W
+        return Y
+
+    def subtract_combine(self, W: Array, X: Array, C: Array | np.ndarray) -> Array:
+        """``W - X @ C`` (backends fuse it into one matrix product where they can)."""
+        return self.subtract_from(W, self.combine(X, C))
+
+    def project(self, W: Array, Q: Array, start: int, stop: int) -> tuple[Array, np.ndarray]:
+        """One Gram-Schmidt pass: ``W - Q_s Q_s^T W`` with ``Q_s`` the columns ``start..stop-1`` of ``Q``.
+
+        Returns:
+            ``(W', C)`` with the host coefficients ``C = Q_s^T W`` (stop - start, b).
+        """
+        Qs = Q[:, start:stop]
+        C = self.inner(Qs, W)
+        return self.subtract_combine(W, Qs, C), self.to_numpy(C)
+
+    def orthogonalize(self, W: Array, Q: Array | None, columns: int | None = None,
+                      recent: int = 0) -> tuple[Array, np.ndarray]:
         """Remove the span of the orthonormal columns of ``Q`` from ``W``.
 
-        Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005),
-        which keeps the result orthogonal to working precision.
+        Classical Gram-Schmidt with the Daniel-Gragg-Kaufman-Stewart criterion: a pass
+        over all columns, repeated only for a block whose norm it cut by more than
+        ``REPEAT`` in some column ("twice is enough": Giraud, Langou & Rozlozník 2005).
+        The result is orthogonal to ``Q`` to working precision either way: the rounding
+        of a pass is relative to the norm it started from, which the criterion bounds
+        by ``1 / REPEAT`` times the norm it leaves. With ``recent``, the last ``recent``
+        columns (a Lanczos recurrence's large coefficients, which would trip the
+        criterion every step) are removed first, so that the pass over all columns
+        usually removes only rounding and is not repeated.
 
         Args:
             W: native (n, b) block.
             Q: native (n, a) orthonormal columns.
             columns: use only the first ``columns`` columns of ``Q`` (a basis buffer
                 filled that far; the rest may hold anything). Default: all of them.
+            recent: remove the columns ``columns - recent .. columns - 1`` first.
 
         Returns:
             ``(W', C)``: the orthogonalized block and the host coefficients ``Q^T W``
             (columns, b) that were removed.
         """
-        if Q is not None and columns is not None:
-            Q = Q[:, :columns]
-        if Q is None or Q.shape[1] == 0:
-            return W, np.zeros((0, W.shape[1]))
-        C1 = self.inner(Q, W)
-        W = W - self.combine(Q, C1)
-        C2 = self.inner(Q, W)
-        W = W - self.combine(Q, C2)
-        return W, self.to_numpy(C1) + self.to_numpy(C2)
+        columns = (0 if Q is None else Q.shape[1]) if columns is None else int(columns)
+        C = np.zeros((columns, W.shape[1]))
+        if Q is None or columns == 0:
+            return W, C
+        start = columns - recent
+        if 0 < recent < columns:
+            W, C[start:] = self.project(W, Q, start, columns)
+        before = self.column_norms(W)
+        W, C1 = self.project(W, Q, 0, columns)
+        C += C1
+        if np.any(self.column_norms(W) < REPEAT * before):
+            W, C1 = self.project(W, Q, 0, columns)
+            C += C1
+        return W, C
 
     def combine_prefix(self, X: Array, C: np.ndarray) -> Array:
         """``X[:, :c] @ C`` for a basis buffer ``X`` (n, a) filled to ``c = C.shape[0] <= a`` columns.
@@ -210,26 +269,84 @@ class VectorOps(abc.ABC):
         """
         return self.combine(X[:, : C.shape[0]], C)
 
-    def orthogonalize_probes(self, W: Array, X: Array, steps: int) -> tuple[Array, np.ndarray]:
+    def rotate_prefix(self, X: Array, C: np.ndarray) -> Array:
+        """``X`` with its first ``C.shape[1]`` columns replaced by ``X[:, :C.shape[0]] @ C``.
+
+        A thick restart's rotation of the basis onto its Ritz vectors: on backends
+        whose arrays are written :attr:`in_place`, a block of ``ROWS`` rows at a
+        time, so no second copy of the kept vectors is made; on the others a new array.
+        """
+        if not self.in_place:
+            return self.write_block(X, 0, self.combine_prefix(X, C))
+        for r in range(0, X.shape[0], ROWS):
+            rows = X[r : r + ROWS]  # a view: writing it writes X
+            self.write_block(rows, 0, self.combine_prefix(rows, C))
+        return X
+
+    def project_probes(self, W: Array, X: Array, start: int, stop: int) -> tuple[Array, np.ndarray]:
+        """One batched Gram-Schmidt pass per probe ``p`` against ``X[start:stop, :, p]``.
+
+        Returns:
+            ``(W', C)`` with host coefficients ``C`` (stop - start, p).
+        """
+        B = X[start:stop]
+        c = self.einsum("jnp,np->jp", B, W)
+        return self.subtract_from(W, self.einsum("jnp,jp->np", B, c)), self.to_numpy(c)
+
+    def orthogonalize_probes(self, W: Array, X: Array, steps: int,
+                             recent: Sequence[int] = ()) -> tuple[Array, np.ndarray]:
         """Per probe ``p``, remove from ``W[:, p]`` the span of the vectors ``X[:steps, :, p]``.
 
-        ``X`` is a stack of independent orthonormal Lanczos bases, one per probe; the
-        projection is applied twice, as in :meth:`orthogonalize`.
+        ``X`` is a stack of independent orthonormal Lanczos bases, one per probe. As in
+        :meth:`orthogonalize`, the ``recent`` slices (a recurrence's large coefficients)
+        are removed first, then a pass over all ``steps``, repeated if it cut some probe's
+        norm by more than ``REPEAT``.
 
         Args:
             W: native (n, p) block, one column per probe.
             X: native (steps or more, n, p) stack of bases.
             steps: use the first ``steps`` vectors of each basis.
+            recent: indices (< ``steps``) of slices to remove first.
 
         Returns:
             ``(W', C)`` with host coefficients ``C`` (steps, p).
         """
-        B = X[:steps]
-        c1 = self.einsum("jnp,np->jp", B, W)
-        W = W - self.einsum("jnp,jp->np", B, c1)
-        c2 = self.einsum("jnp,np->jp", B, W)
-        W = W - self.einsum("jnp,jp->np", B, c2)
-        return W, self.to_numpy(c1) + self.to_numpy(c2)
+        C = np.zeros((steps, W.shape[1]))
+        if len(recent) < steps:
+            for i in recent:
+                W, c = self.project_probes(W, X, i, i + 1)
+                C[i] += c[0]
+        before = self.column_norms(W)
+        W, c = self.project_probes(W, X, 0, steps)
+        C += c
+        if np.any(self.column_norms(W) < REPEAT * before):
+            W, c = self.project_probes(W, X, 0, steps)
+            C += c
+        return W, C
+
+    def to_host(self, X: Array) -> np.ndarray:
+        """``X`` as a host NumPy array of this dtype (no copy where the backend shares memory)."""
+        return np.asarray(self.to_numpy(X), dtype=self.dtype)
+
+    def move(self, X: Array, source: VectorOps) -> Array:
+        """``X``, an array of the vector operations ``source``, as an array of these.
+
+        The identity when ``source`` is these operations; otherwise a copy into this
+        backend's memory (e.g. a block between a GPU and host memory).
+        """
+        if source == self:
+            return X
+        return self.asarray(X if self.is_native(X) else source.to_host(X))
+
+    def host(self) -> VectorOps:
+        """Vector operations of this dtype in host memory (for a basis kept off the device).
+
+        NumPy by default; backends whose host arrays are their own (torch CPU tensors)
+        return those.
+        """
+        from specops.backends.numpy import NumpyOps
+
+        return NumpyOps(self.dtype)
 
     def free_memory(self) -> int:
         """Bytes free for new arrays on this device (an estimate, for choosing buffer sizes).
@@ -257,6 +374,22 @@ class VectorOps(abc.ABC):
         E = np.zeros((n, stop - start), dtype=self.dtype)
         E[np.arange(start, stop), np.arange(stop - start)] = 1.0
         return self.from_numpy(E)
+
+
+def sum_over_rows(fn: Callable[..., Any], *arrays: Array, rows: int = ROWS) -> Any:
+    """``sum_b fn(*blocks_b)`` over blocks of ``rows`` rows of the ``arrays`` (n, ...).
+
+    For reductions over the n entries (inner products, norms) in backends whose BLAS
+    adds them one by one in the arrays' precision: in float32 at n = 10^7 that loses
+    1-2 % on a sum of squares (torch's MKL ``X.T @ X``, ``vector_norm``), enough to break
+    a basis' orthonormality. Blocks keep each float32 sum short and ``fn`` returns its
+    partial sums in float64.
+    """
+    total = None
+    for r in range(0, arrays[0].shape[0], rows):
+        part = fn(*(a[r : r + rows] for a in arrays))
+        total = part if total is None else total + part
+    return total
 
 
 def host_free_memory() -> int:
