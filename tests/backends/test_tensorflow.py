@@ -90,14 +90,56 @@ def test_blocks_named_by_variable_path(problem):
     assert np.array_equal(H.params_vector().numpy(), flat)
 
 
-def test_traced_once_not_per_product(problem):
-    H = problem["H"]
-    v = tf.ones(H.shape[0], dtype=tf.float64)
-    H @ v
+def test_one_trace_per_function_for_every_batch_size_and_column_count(problem):
+    """Batches of 10, 10 and 3 samples, single vectors and blocks of 2, 3, 5 and n columns:
+    one trace for single vectors, one for blocks, one loss and one gradient function."""
+    H = stf.hessian(problem["model"], cross_entropy(), problem["batches"])
+    rng = np.random.default_rng(9)
+    for k in (1, 2, 3, 5):
+        H @ tf.constant(rng.normal(size=(H.shape[0], k)))
+        H @ tf.constant(rng.normal(size=H.shape[0]))
+    dense(H)
+    H.gradient()
+    H.loss_at(tf.constant(0.01 * rng.normal(size=H.shape[0])))
+    adapter = H.adapter
+    assert adapter.num_traces == 2
+    counts = {name: getattr(adapter, name).experimental_get_tracing_count() for name in ("_hvp", "_hvp1", "_grad", "_loss")}
+    assert counts == {"_hvp": 1, "_hvp1": 1, "_grad": 1, "_loss": 1}
+
+
+@pytest.mark.parametrize("engine", ["double_backward", "forward_over_reverse"])
+def test_engines_match_dense_hessian(problem, engine):
+    H = stf.hessian(problem["model"], cross_entropy(), problem["batches"], engine=engine, chunk_size=2)
+    assert H.engine == engine
+    truth = problem["H_mean"]
+    V = np.random.default_rng(10).normal(size=(H.shape[0], 5))  # three chunks of forward_over_reverse
+    assert rel(H @ tf.constant(V), truth @ V) < RTOL
+    assert rel(H @ tf.constant(V[:, 1]), truth @ V[:, 1]) < RTOL
+    assert H.adapter.num_traces == 2
+
+
+def test_static_batch_size_is_traced_per_shape(problem):
+    """A loss that needs a static batch size cannot be traced with an unknown one: traced per shape."""
+    model = problem["model"]
+
+    def loss_fn(model, batch):
+        x, y = batch
+        per_sample = cross_entropy(None)(y, model(tf.reshape(x, (x.shape[0], 5))))
+        return tf.reduce_sum(per_sample) / x.shape[0]
+
+    H = stf.hessian(model, loss_fn, problem["batches"])
+    assert rel(dense(H), problem["H_mean"]) < RTOL
     traced = H.adapter.num_traces
-    for _ in range(4):
-        H @ v
+    v = np.random.default_rng(11).normal(size=H.shape[0])
+    assert rel(H @ tf.constant(v), problem["H_mean"] @ v) < RTOL
+    dense(H)
     assert H.adapter.num_traces == traced
+    assert H.adapter._hvp.experimental_get_tracing_count() == 2  # the 10- and the 3-sample batch
+
+
+def test_unknown_engine(problem):
+    with pytest.raises(ValueError, match="engine must be one of"):
+        stf.hessian(problem["model"], cross_entropy(), problem["batches"], engine="jvp")
 
 
 def test_subsets_are_dense_blocks(problem):
