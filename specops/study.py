@@ -501,7 +501,7 @@ def run(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, progre
                                          progress=False, comm=comm if together else None)
         bar.to(i + 1)
     bar.close()
-    curvature = {}
+    curvature: dict[tuple, dict] = {}
     for part in [mine] if together else comm.allgather(mine):
         curvature.update(part)
     study = _study_json(cfg, trained, best, curvature, comm.size)
