@@ -823,7 +823,7 @@ class TorchAdapter(ModelAdapter):
         # block of the Lanczos basis). The result is column-major too: stacking the columns as rows
         # writes each one contiguously (a 3.7 M-parameter GPT-2, 4 columns: the transposing copy
         # and the interleaved stack took 129 ms of a 579 ms block).
-        rows = V.T if V.T.is_contiguous() else V.T.contiguous()
+        rows = V.T if V.T.is_contiguous() else [c.contiguous() for c in V.unbind(1)]  # 3x V.T.contiguous()
         cols = []
         for j in range(k):
             (h,) = torch.autograd.grad(g, theta, grad_outputs=rows[j], retain_graph=keep or j < k - 1,
