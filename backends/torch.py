@@ -741,7 +741,7 @@ class TorchAdapter(ModelAdapter):
         # One torch.split, not a slice per parameter: the backward of a slice writes a zero-filled
         # copy of the whole vector, so with slices a gradient costs one pass over n per parameter
         # tensor (a 23 M-parameter GPT-2: 12.9 s against 0.87 s); split's backward is one concatenation.
-        pieces = theta.split(self.layout.sizes)
+        pieces = theta if isinstance(theta, tuple) else theta.split(self.layout.sizes)
         state.update({"model." + n: t.view(self.layout.shapes[n]).to(self.param_dtype)
                       for n, t in zip(self.layout.names, pieces)})
         # Copies of the buffers: batch norm in training mode updates them in place.
@@ -804,15 +804,21 @@ class TorchAdapter(ModelAdapter):
         return torch.zeros_like(theta) if g is None else g
 
     def _graph(self, batch):
-        """A leaf copy of theta and the gradient at it, with its graph (create_graph=True)."""
+        """A leaf copy of theta split into its parameters, and the gradient with its graph.
+
+        The gradient is taken with ``create_graph=True``. Products differentiate the gradient with respect to the pieces, not the flat leaf: the
+        backward of the split would concatenate each column into a new vector, which
+        :meth:`_double_backward` instead writes into the block it returns.
+        """
         theta = self._theta.detach().requires_grad_(True)
+        pieces = theta.split(self.layout.sizes)
         with _twice_differentiable(self._cheap_double_backward and self.ops.torch_device.type == "cpu"):
-            loss = self._loss(theta, batch)
+            loss = self._loss(pieces, batch)
         (g,) = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
-        return theta, g
+        return pieces, g
 
     @staticmethod
-    def _double_backward(theta: torch.Tensor, g: torch.Tensor | None, V: torch.Tensor,
+    def _double_backward(pieces: tuple[torch.Tensor, ...], g: torch.Tensor | None, V: torch.Tensor,
                          keep: bool) -> torch.Tensor:
         k = V.shape[1]
         if g is None or not g.requires_grad:  # the loss is at most linear in theta
@@ -820,18 +826,17 @@ class TorchAdapter(ModelAdapter):
         # Contiguous columns: a column of V (stride k) fed to the backward reaches every layer as
         # strided gradients (a 29 M-parameter GPT-2: 14 s a column of a 4-column block, 0.5 s
         # for a vector); the rows of V.T are contiguous, without a copy when V is column-major (a
-        # block of the Lanczos basis). The result is column-major too: stacking the columns as rows
-        # writes each one contiguously (a 3.7 M-parameter GPT-2, 4 columns: the transposing copy
-        # and the interleaved stack took 129 ms of a 579 ms block).
+        # block of the Lanczos basis). The result is column-major too, each column written once
+        # into it: PyTorch's CPU allocator maps every large new tensor afresh, and the page faults
+        # of a new vector per column plus a stacking copy made a 4-column block of ResNet-50
+        # (4 x 32^2) cost 1.6x a single product per column.
         rows = V.T if V.T.is_contiguous() else [c.contiguous() for c in V.unbind(1)]  # 3x V.T.contiguous()
-        cols = []
+        out = torch.empty((k, V.shape[0]), dtype=V.dtype, device=V.device)
         for j in range(k):
-            (h,) = torch.autograd.grad(g, theta, grad_outputs=rows[j], retain_graph=keep or j < k - 1,
-                                       allow_unused=True)
-            cols.append(torch.zeros_like(rows[j]) if h is None else h)
-        # one column as it is: stacking it would copy a fresh n-vector (on ResNet-50 at 4 x 32^2,
-        # a tenth of a product, mostly page faults of the new memory)
-        return cols[0][:, None] if k == 1 else torch.stack(cols, dim=0).T
+            hs = torch.autograd.grad(g, pieces, grad_outputs=rows[j], retain_graph=keep or j < k - 1,
+                                     allow_unused=True)
+            torch.cat([torch.zeros_like(p) if h is None else h for h, p in zip(hs, pieces)], out=out[j])
+        return out.T
 
     @staticmethod
     def _fingerprint(batch: Any) -> tuple[tuple[tuple[int, ...], float], ...]:
@@ -852,8 +857,8 @@ class TorchAdapter(ModelAdapter):
                 return t
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                theta, g = self._graph(self._prepare(batch))
-            entry = self._cache[index] = (theta, g, fingerprint, sum(seen.values()))
+                pieces, g = self._graph(self._prepare(batch))
+            entry = self._cache[index] = (pieces, g, fingerprint, sum(seen.values()))
             self._cache_bytes += entry[3]
         elif entry[2] != fingerprint:
             raise NonDeterministicError(
@@ -879,24 +884,24 @@ class TorchAdapter(ModelAdapter):
             # (ResNet-20 on an H100: 1.7x a gradient per column against 3.6x)
             return self._forward_over_reverse(self._prepare(batch), V)
         if self.engine == "cached_graph":
-            theta, g, _, _ = self._cached_graph(index, batch)
+            pieces, g, _, _ = self._cached_graph(index, batch)
             if self._requested == "auto" and self._cache_bytes > self.memory_budget:
                 self._cache.clear()
                 self._cache_bytes = 0
                 self.engine = "double_backward"
             else:
-                return self._double_backward(theta, g, V, keep=True)
+                return self._double_backward(pieces, g, V, keep=True)
         batch = self._prepare(batch)
         if self.engine == "double_backward":
-            theta, g = self._graph(batch)
-            return self._double_backward(theta, g, V, keep=False)
+            pieces, g = self._graph(batch)
+            return self._double_backward(pieces, g, V, keep=False)
         if self.engine == "finite_difference":
             return self._finite_difference(batch, V, self.richardson)[0]
         return self._forward_over_reverse(batch, V)
 
     def _reverse_over_reverse(self, batch, V):
-        theta, g = self._graph(batch)
-        return self._double_backward(theta, g, V, keep=False)
+        pieces, g = self._graph(batch)
+        return self._double_backward(pieces, g, V, keep=False)
 
     def _finite_difference(self, batch, V, richardson=False, step_factor=1.0):
         """Central differences of gradients along each column; with Richardson, an error estimate.
