@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -32,6 +33,22 @@ MIN_PROBES_FOR_RTOL = 10
 #: ``"auto"`` keeps XTrace when the leave-one-out sketch leaves less than this share of
 #: ``||A Omega||_F^2``: below it XTrace's variance bound beats Hutchinson's with the same budget.
 AUTO_XTRACE_BELOW = 0.5
+
+#: Length-n vectors a sketch holds per probe (XTrace: ``Omega``, ``Y``, ``Q``, ``A Q`` and a
+#: temporary; Hutch++: ``Q``, ``A Q`` and a temporary), on top of two chunks of probes. The
+#: constants of the memory model (docs/scale.md, ``benchmarks/memory_model.py``).
+SKETCH_VECTORS = {"xtrace": 5, "hutch++": 3}
+
+
+def sketch_capacity(ops: VectorOps, n: int, chunk: int, method: str) -> int:
+    """The most probes a ``method`` sketch of length-``n`` vectors keeps in half the free memory."""
+    vectors = ops.free_memory() // 2 // (n * np.dtype(ops.dtype).itemsize)
+    return max(0, int((vectors - 2 * chunk) // SKETCH_VECTORS[method]))
+
+
+def _too_large(method: str, probes: int, capacity: int, n: int) -> str:
+    return (f"a {method} sketch of {probes} probes of n = {n} does not fit in half the free memory "
+            f"(room for {capacity} probes)")
 #: Groups of probes in XTrace's jackknife standard error (leave-one-out up to this many
 #: probes); fewer past ``JACKKNIFE_LARGE`` probes, where each group costs O(m^3) host flops.
 JACKKNIFE_GROUPS, JACKKNIFE_LARGE = 20, 400
@@ -186,6 +203,10 @@ def _hutchpp(A, mul, m, seed, kind, chunk, rtol):
         raise ValueError(f"hutch++ needs num_matvecs >= 3 (sketch, its product, probes), got {m}")
     ops, n = A.ops, A.shape[0]
     s = m // 3
+    capacity = sketch_capacity(ops, n, chunk, "hutch++")
+    if s > capacity:
+        raise ValueError(f"{_too_large('hutch++', s, capacity, n)}: pass num_matvecs <= {3 * capacity} "
+                         "or method='hutchinson' (no sketch)")
     Q, _ = ops.qr(mul(ops.random(n, range(s), seed, kind=kind, stream="hutch++-sketch")))
     low_rank = float(np.sum(ops.column_dots(Q, mul(Q))))
 
@@ -214,6 +235,18 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
 
     sketch = _Sketch(ops, A.decide)
     s = min(n, m // 2 if rtol is None else min(m // 2, 2 * max(MIN_PROBES_FOR_RTOL, chunk)))
+    capacity = sketch_capacity(ops, n, chunk, "xtrace")
+    if s > capacity:
+        if settings["method"] != "auto" or capacity < 2:
+            what = _too_large("xtrace", s, capacity, n)
+            if settings["method"] != "auto":
+                raise ValueError(f"{what}: pass num_matvecs <= {2 * capacity} (or an rtol, which grows the "
+                                 "sketch only as needed and stops growing it where memory ends) or "
+                                 "method='hutchinson' (no sketch)")
+            warnings.warn(f"trace: {what}; using Hutchinson's estimator", RuntimeWarning, stacklevel=3)
+            settings.update(estimator="hutchinson", sketch_capacity=capacity)
+            return _mean_stderr(_hutchinson_samples(A, mul, m, seed, kind, "trace", chunk, rtol))
+        s = capacity
     while True:
         Omega = ops.random(n, range(sketch.size, s), seed, kind=kind, stream="trace")
         Y = products(Omega)
@@ -249,9 +282,21 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
         met = s >= MIN_PROBES_FOR_RTOL and A.decide(_reached(est, err, rtol))
         if sketch.exact or rtol is None or left < 1 or met:
             return est, err
+        if s >= capacity:  # memory ends: the sketch's range exactly, Hutchinson on the rest
+            warnings.warn(f"trace: the xtrace sketch stops growing at {s} probes, where half the free memory "
+                          "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "
+                          "its range (Hutch++'s form)", RuntimeWarning, stacklevel=3)
+            settings.update(estimator="xtrace, then hutch++", sketch_capacity=capacity)
+            low = float(np.trace(sketch.H))
+            rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol, offset=low,
+                                       project=lambda Z: ops.orthogonalize(Z, sketch.Q)[0])
+            if len(rest) < 2:
+                return est, err
+            r_est, r_err = _mean_stderr(rest)
+            return low + r_est, r_err
         # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
         aim = 1.1 * s * err / max(rtol * abs(est), np.finfo(np.float64).tiny)
-        s = min(n, 2 * s, s + left, max(s + chunk, math.ceil(min(aim, 2.0 * n))))
+        s = min(n, 2 * s, s + left, capacity, max(s + chunk, math.ceil(min(aim, 2.0 * n))))
 
 
 class _Sketch:

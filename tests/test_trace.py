@@ -135,3 +135,41 @@ def test_float32_sketch_at_working_precision_still_reports_an_honest_error():
     r = so.trace(A32, method="xtrace", num_matvecs=300, rtol=1e-6, seed=0)
     assert r.stderr > 0 and r.num_matvecs > 100
     assert abs(r.estimate - lam.sum()) <= 5 * r.stderr + 1e-6 * lam.sum()
+
+
+def _room_for(monkeypatch, n, vectors):
+    """Make every backend report free memory for ``vectors`` float64 vectors of length n (twice: half is used)."""
+    from specops.ops import VectorOps
+
+    monkeypatch.setattr(VectorOps, "free_memory", lambda self: 2 * vectors * n * 8)
+
+
+def test_a_sketch_too_large_for_memory(monkeypatch, decaying):
+    """XTrace's and Hutch++'s sketches are sized to half the free memory: auto stops growing the
+    sketch there and estimates the rest by Hutchinson (still unbiased, honest stderr); an explicit
+    sketch that cannot fit is an error naming the budget that fits; no room at all: Hutchinson."""
+    from specops.trace import SKETCH_VECTORS
+
+    A, truth = decaying
+    n = A.shape[0]
+    _room_for(monkeypatch, n, SKETCH_VECTORS["xtrace"] * 12 + 2 * 10)  # 12 probes, chunk 10
+    estimates, stderrs = [], []
+    for seed in range(60):
+        with pytest.warns(RuntimeWarning, match="stops growing at 12 probes"):
+            r = so.trace(A, num_matvecs=70, rtol=1e-6, seed=seed)
+        assert r.settings["estimator"] == "xtrace, then hutch++" and r.settings["sketch_capacity"] == 12
+        assert r.num_matvecs <= 70
+        estimates.append(r.estimate)
+        stderrs.append(r.stderr)
+    z = (np.mean(estimates) - truth) / (np.std(estimates) / np.sqrt(len(estimates)))
+    assert abs(z) < 4  # unbiased
+    assert 0.6 < np.median(stderrs) / np.std(estimates) < 1.6  # honest
+    with pytest.raises(ValueError, match=r"num_matvecs <= 24 .*method='hutchinson'"):
+        so.trace(A, method="xtrace", num_matvecs=70)
+    with pytest.raises(ValueError, match=r"hutch\+\+ sketch of 23 probes.*num_matvecs <= "):
+        so.trace(A, method="hutch++", num_matvecs=70)
+    _room_for(monkeypatch, n, 2 * 10)  # two chunks, no room for a sketch
+    with pytest.warns(RuntimeWarning, match="using Hutchinson's estimator"):
+        r = so.trace(A, num_matvecs=40, seed=0)
+    assert r.settings["estimator"] == "hutchinson"
+    assert abs(r.estimate - truth) < 5 * r.stderr
