@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -407,6 +408,7 @@ class TFAdapter(ModelAdapter):
                          self._vars[0].device if self._vars else "CPU:0")
         self.layout = ParamLayout(list(named), [tuple(v.shape) for v in self._vars])
         self.num_traces = 0  # traces of the product functions (their Python bodies run only then)
+        self.cross_check_error: float | None = None  # of finite_difference_check, when it ran
         self._traced: set[tuple[str, str]] = set()  # (function, batch spec) traced
         self._static: set[str] = set()  # functions traced per batch shape
         self._loss = tf.function(self._scalar_loss, reduce_retracing=True)
@@ -616,6 +618,55 @@ class TFAdapter(ModelAdapter):
             for var, value in zip(self._vars, saved):
                 var.assign(value)
 
+    def finite_difference_check(self, batch: Any, seed: int = 0) -> float:
+        """Compare one product with central differences of the gradient; warn when they disagree.
+
+        The two share no second-derivative code: TensorFlow's engines both use its gradient
+        registry, so a wrong second derivative of some operation (``tf.nn.moments`` before
+        specops replaced it) makes them agree with each other and not with the Hessian. Along
+        a seeded unit vector ``u``: ``D(h) = (g(θ + h u) - g(θ - h u)) / 2h`` with
+        ``h = eps^(1/3) max(1, rms(θ))``, and ``D(2h)``, whose difference bounds ``D(h)``'s
+        error. Warns when the product is off ``D(h)`` by more than ten times that bound and
+        more than rounding (1e-7 relative in float64, 2e-3 in float32): decisive only on
+        smooth models (at ReLU kinks ``D(h)`` and ``D(2h)`` disagree and nothing is said).
+
+        Returns:
+            The relative difference of the product from ``D(h)`` (``cross_check_error``).
+        """
+        n = self.layout.num_params
+        u = np.random.default_rng(seed).standard_normal(n)
+        u = self.ops.asarray(u / np.linalg.norm(u))
+        exact = self.ops.to_numpy(self.hvp_vector(0, batch, u))
+        theta = self.ops.to_numpy(self.params_vector())
+        eps = float(np.finfo(self.ops.dtype).eps)
+        h = eps ** (1 / 3) * max(1.0, float(np.sqrt(np.mean(theta ** 2))))
+        saved = [tf.identity(v) for v in self._vars]
+
+        def gradient_at(t):
+            try:
+                for var, value, d in zip(self._vars, saved, self._unflatten(t * u)):
+                    var.assign(value + d)
+                return self.ops.to_numpy(self.gradient(batch))
+            finally:
+                for var, value in zip(self._vars, saved):
+                    var.assign(value)
+
+        d1 = (gradient_at(h) - gradient_at(-h)) / (2 * h)
+        d2 = (gradient_at(2 * h) - gradient_at(-2 * h)) / (4 * h)
+        scale = max(float(np.linalg.norm(d1)), float(np.finfo(np.float64).tiny))
+        diff, bound = float(np.linalg.norm(exact - d1)), float(np.linalg.norm(d1 - d2))
+        self.cross_check_error = diff / scale
+        rounding = 1e-7 if self.ops.dtype == np.float64 else 2e-3
+        if diff > 10 * bound and diff > rounding * scale:
+            warnings.warn(
+                f"the Hessian-vector product ({self.engine}) differs from central differences of the "
+                f"gradient by {diff / scale:.2g} (relative), more than ten times their own error bound "
+                f"({bound / scale:.2g}): TensorFlow's second derivative of some operation in this model is "
+                "likely wrong. Products, eigenvalues and traces would be off by about as much; check the "
+                "model's layers for a tf.stop_gradient inside (cross_check=False skips this check)",
+                RuntimeWarning, stacklevel=4)
+        return self.cross_check_error
+
     def gradient(self, batch: Any) -> Any:
         self._fix_randomness()
         return self._call("_grad", self._prepare(batch))
@@ -656,7 +707,8 @@ class TFAdapter(ModelAdapter):
 
 def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str = "mean",
             comm: Any = None, check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
-            random_layers: str = "error", engine: str = "auto", variables: Any = None) -> ModelOperator:
+            random_layers: str = "error", engine: str = "auto", variables: Any = None,
+            cross_check: bool = True) -> ModelOperator:
     """The Hessian of a TensorFlow model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -689,6 +741,9 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
             columns in a loop) or ``"forward_over_reverse"`` (columns vectorized: faster
             per column on small models, minutes to trace on large ones).
         variables: the former name of ``wrt`` (deprecated).
+        cross_check: compare one product on the first batch with central differences of the
+            gradient (four gradients; :meth:`TFAdapter.finite_difference_check`) and warn if
+            they disagree beyond their accuracy.
 
     Returns:
         A :class:`specops.ModelOperator`: ``H @ v`` takes and returns ``tf.Tensor`` s;
@@ -704,11 +759,14 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
     wrt = renamed("hessian", "wrt", wrt, "variables", variables)
     adapter = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
                         random_layers=random_layers, engine=engine)
-    for batch in ModelOperator._batches_of(data):
-        adapter.check_random_forward(batch)
+    first = None
+    for first in ModelOperator._batches_of(data):
+        adapter.check_random_forward(first)
         break
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm,
-                         check_deterministic=check_deterministic)
+    H = ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+    if cross_check and first is not None:
+        adapter.finite_difference_check(first)
+    return H
 
 
 # --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------

@@ -1,6 +1,7 @@
 """The TensorFlow backend against dense Hessians from nested GradientTapes on the full batch."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -307,6 +308,26 @@ def test_normalization_layers_match_finite_differences(norm, engine):
                     random_layers="fixed" if training else "error")
     V = rng.normal(size=(H.shape[0], 3))
     assert rel(H @ V, truth @ V) < 1e-7
+    assert H.adapter.cross_check_error < 1e-7  # the construction's own check against central differences
     if norm != "batch_training":  # what TensorFlow's own tape gives: the defect exposed
         wrong, _, _ = dense_hessian(lambda: loss_fn(net, (X, Y)), net.trainable_variables)
         assert rel(wrong @ V, truth @ V) > 1e-3
+
+
+def test_a_wrong_second_derivative_is_reported_at_construction(monkeypatch):
+    """Without specops' replacement of tf.nn.moments, TensorFlow's products of a LayerNormalization
+    model are wrong; the construction's central-difference check says so (and is silent with it)."""
+    import contextlib
+
+    rng = np.random.default_rng(2)
+    model = keras.Sequential([keras.Input((5,), dtype=F64), keras.layers.Dense(4, dtype=F64),
+                              keras.layers.LayerNormalization(dtype=F64), keras.layers.Dense(3, dtype=F64)])
+    data = [(rng.normal(size=(6, 5)), rng.integers(0, 3, size=6))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert stf.hessian(model, cross_entropy(), data).adapter.cross_check_error < 1e-7
+    monkeypatch.setattr(stf, "_twice_differentiable", contextlib.nullcontext)
+    with pytest.warns(RuntimeWarning, match="differs from central differences of the gradient"):
+        H = stf.hessian(model, cross_entropy(), data)
+    assert H.adapter.cross_check_error > 1e-3
+    assert stf.hessian(model, cross_entropy(), data, cross_check=False).adapter.cross_check_error is None
