@@ -19,6 +19,7 @@ from specops.diagonal import DiagonalResult, diagonal
 from specops.density import SpectralDensity, spectral_density
 from specops.landscape import Landscape, landscape
 from specops.tracker import Tracker, TrackerLog
+from specops.solve import IndefiniteError, Preconditioner, SolveResult, solve
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,8 @@ __all__ = [
     "NonFiniteError",
     "aslinearoperator",
     "check_symmetric",
+    "IndefiniteError",
+    "Preconditioner",
+    "SolveResult",
+    "solve",
 ]
