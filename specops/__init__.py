@@ -20,6 +20,7 @@ from specops.density import SpectralDensity, spectral_density
 from specops.landscape import Landscape, landscape
 from specops.tracker import Tracker, TrackerLog
 from specops.solve import IndefiniteError, Preconditioner, SolveResult, solve
+from specops.matrix_functions import FunmResult, TraceFunctionResult, funm, logdet, trace_function
 
 __version__ = "0.1.0"
 
@@ -46,4 +47,9 @@ __all__ = [
     "Preconditioner",
     "SolveResult",
     "solve",
+    "FunmResult",
+    "TraceFunctionResult",
+    "funm",
+    "logdet",
+    "trace_function",
 ]

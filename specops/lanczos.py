@@ -278,7 +278,9 @@ def _repair(A, Qn, R, basis, draw, anorm, eps):
 
 
 def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window: int | None = None,
-                  store: VectorOps | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  store: VectorOps | None = None,
+                  stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
+                  keep: list[Basis] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``steps`` Lanczos steps for every column of the unit block ``V`` independently.
 
     One ``matmat`` of all probes per step. Each step removes the three-term recurrence's
@@ -296,6 +298,11 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window
         window: vectors kept per probe for reorthogonalization (``>= 2``); ``None``
             keeps all ``steps`` (full reorthogonalization).
         store: the vector operations that keep the bases (default ``A.ops``; see :class:`Basis`).
+        stop: ``stop(alpha, beta)`` of the steps so far (``beta``'s last column: the couplings
+            to the next vectors) may end the run early (``funm``'s stopping rule); the arrays
+            returned are then that many steps long.
+        keep: a list the bases are appended to (a :class:`Basis` of ``(slots, n, p)``), for
+            callers that combine the Lanczos vectors (``funm``).
 
     Returns:
         ``(alpha, beta, length)``: per probe the tridiagonal's diagonal (p, steps),
@@ -307,6 +314,8 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window
     slots = steps if window is None else min(window, steps)
     basis = Basis(ops, store, (slots, n, p))  # slice j % slots: step j of every probe
     basis.write(0, V[None], axis=0)
+    if keep is not None:
+        keep.append(basis)
     alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
     length = np.full(p, steps)
     live = np.ones(p, dtype=bool)
@@ -326,6 +335,8 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window
         if not live.any():
             break
         beta[live, j] = b[live]
+        if stop is not None and A.decide(bool(stop(alpha[:, : j + 1], beta[:, : j + 1]))):
+            return alpha[:, : j + 1], beta[:, : j + 1], np.minimum(length, j + 1)
         V = ops.scale_columns(W, np.where(live, 1.0 / np.where(live, b, 1.0), 0.0))
         basis.write((j + 1) % slots, V[None], axis=0)
     return alpha, beta, length

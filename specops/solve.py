@@ -387,7 +387,7 @@ def solve(A: OperatorLike, b: Any, *, shift: float = 0.0, method: str = "auto", 
     if not np.isfinite(shift):
         raise ValueError(f"shift must be a finite number, got {shift!r}")
     ops, n = A.ops, A.shape[0]
-    B, vector = _rhs(A, b, "b")
+    B, vector = as_block(A, b, "b")
     k = B.shape[1]
     if max_matvecs is None:
         max_matvecs = k * min(10 * n, DEFAULT_STEPS)
@@ -400,7 +400,7 @@ def solve(A: OperatorLike, b: Any, *, shift: float = 0.0, method: str = "auto", 
     if x0 is None:
         X, R = ops.zeros(B.shape), B
     else:
-        X = _rhs(A, x0, "x0")[0]
+        X = as_block(A, x0, "x0")[0]
         if X.shape != B.shape:
             raise ValueError(f"x0 must have b's shape {tuple(B.shape)}, got {tuple(X.shape)}")
         R = s.residual(X)
@@ -440,8 +440,8 @@ def solve(A: OperatorLike, b: Any, *, shift: float = 0.0, method: str = "auto", 
                        num_matvecs=s.mul.count, settings=settings)
 
 
-def _rhs(A: LinearOperator, b: Any, name: str) -> tuple[Array, bool]:
-    """``b`` as a native (n, k) block of ``A``'s vectors, and whether it was one vector."""
+def as_block(A: LinearOperator, b: Any, name: str) -> tuple[Array, bool]:
+    """``b`` (checked: shape, finite) as a native (n, k) block of ``A``'s vectors, and whether it was one vector."""
     ops, n = A.ops, A.shape[0]
     shape = tuple(getattr(b, "shape", np.shape(b)))
     if len(shape) not in (1, 2) or shape[0] != n:
