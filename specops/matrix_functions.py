@@ -48,7 +48,7 @@ class TraceFunctionResult(Result):
     """An estimate of ``tr f(A + shift I)`` (or ``log det``) by stochastic Lanczos quadrature.
 
     Attributes:
-        estimate: the estimate.
+        estimate: the estimate (for a sequence of shifts, an array: one per shift, likewise below).
         stderr: its standard error over the probes (0 when every probe's quadrature is exact
             and the probes have no variance).
         quadrature_error: the quadrature's part of the error (the average over probes of the
@@ -63,9 +63,9 @@ class TraceFunctionResult(Result):
     average at ``m``, ``m - d`` and ``m - 2d`` steps (``d = m // 4``) as a geometric tail, times 2.
     """
 
-    estimate: float
-    stderr: float
-    quadrature_error: float
+    estimate: Any
+    stderr: Any
+    quadrature_error: Any
     num_matvecs: int
     settings: dict
 
@@ -162,7 +162,7 @@ def _radau(alpha: np.ndarray, beta: np.ndarray, node: float) -> tuple[np.ndarray
     return theta, U[0] ** 2
 
 
-def trace_function(A: OperatorLike, f: Function, *, shift: float = 0.0, num_probes: int = 20, num_steps: int = 30,
+def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike = 0.0, num_probes: int = 20, num_steps: int = 30,
                    rtol: float | None = None, seed: int = 0, kind: str = "rademacher",
                    spectrum: tuple[float, float] | None = None, chunk: int = 10,
                    positive: bool = False, what: str = "trace_function") -> TraceFunctionResult:
@@ -172,7 +172,9 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float = 0.0, num_prob
         A: a symmetric :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
         f: a NumPy function applied elementwise to Ritz values (``np.log``, ``np.exp``,
             ``lambda x: x ** -0.5``, ...).
-        shift: ``sigma``: the function of ``A + sigma I`` is taken.
+        shift: ``sigma``: the function of ``A + sigma I`` is taken. A sequence of shifts is
+            served by one Lanczos run (the Krylov spaces of ``A + sigma I`` are those of ``A``);
+            the result's numbers are then arrays, one entry per shift.
         num_probes: the most probes (each costs ``num_steps`` products).
         num_steps: Lanczos steps per probe (quadrature nodes; capped at n).
         rtol: stop once ``stderr <= rtol * |estimate|`` (checked after each group of ``chunk``
@@ -211,76 +213,84 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float = 0.0, num_prob
     rtol = _checks.positive_float("rtol", rtol, allow_none=True)
     chunk = _checks.positive_int("chunk", chunk)
     seed, kind = check_seed(seed), check_kind(kind)
-    shift = _finite("shift", shift)
+    shifts = np.atleast_1d(np.asarray(shift, dtype=np.float64))
+    if shifts.ndim != 1 or shifts.size == 0 or not np.all(np.isfinite(shifts)):
+        raise ValueError(f"shift must be a finite number or a 1-D sequence of them, got {shift!r}")
     bounds = None
     if spectrum is not None:
         lo, hi = (_finite("spectrum", float(x)) for x in spectrum)
         if not lo <= hi:
             raise ValueError(f"spectrum must be an interval (lo, hi) with lo <= hi, got {spectrum!r}")
-        bounds = (lo + shift, hi + shift)
-        if positive and bounds[0] <= 0:
-            raise ValueError(f"{what}: the spectrum's lower end plus the shift is {bounds[0]:g} <= 0; A + shift I "
-                             f"must be positive definite: pass a shift larger than {-lo:g}")
+        bounds = (lo, hi)
+        if positive and lo + shifts.min() <= 0:
+            raise ValueError(f"{what}: the spectrum's lower end plus the shift is {lo + shifts.min():g} <= 0; "
+                             f"A + shift I must be positive definite: pass a shift larger than {-lo:g}")
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
-    op = A.shift(shift) if shift != 0 else A
-    mul = _checks.Products(op)
-    samples: list[float] = []
-    earlier: list[tuple[float, float]] = []  # per probe: the Gauss rules of _spans(steps)
-    quad: list[float] = []
-    lower: list[float] = []
-    upper: list[float] = []
+    mul = _checks.Products(A)  # the Krylov space of A + s I is that of A: one run serves every shift
+    samples, earlier, quad, lower, upper = [], [], [], [], []  # per probe, one entry per shift
+
+    def rules(nodes: np.ndarray, weights: np.ndarray, scale: float) -> np.ndarray:
+        return np.array([scale * float(weights @ _values(f, nodes + s, s, what, positive)) for s in shifts])
+
     for first in range(0, num_probes, chunk):
         cols = range(first, min(first + chunk, num_probes))
         Z = ops.random(n, cols, seed, kind=kind, stream="slq")
         norms = ops.column_norms(Z)
-        alpha, beta, length = probe_lanczos(op, mul, ops.scale_columns(Z, 1.0 / norms), steps)
+        alpha, beta, length = probe_lanczos(A, mul, ops.scale_columns(Z, 1.0 / norms), steps)
         del Z
         for i in range(len(cols)):
-            m = int(length[i])
+            m, scale = int(length[i]), float(norms[i] ** 2)
 
-            def rule(j: int) -> float:
+            def gauss(j: int) -> np.ndarray:
                 theta, U = _gauss(alpha[i, :j], beta[i, :j])
-                return norms[i] ** 2 * float(U[0] ** 2 @ _values(f, theta, shift, what, positive))
+                return rules(theta, U[0] ** 2, scale)
 
-            g = rule(m)
+            g = gauss(m)
             samples.append(g)
             if m < steps:  # the Krylov space was exhausted: the quadrature is exact
-                earlier.append((g, g))
-                quad.append(0.0)
+                earlier.append(np.array([g, g]))
+                quad.append(np.zeros_like(g))
                 lower.append(g)
                 upper.append(g)
                 continue
-            earlier.append(tuple(rule(j) for j in _spans(m)))  # type: ignore[arg-type]
+            earlier.append(np.array([gauss(j) for j in _spans(m)]))
             if bounds is not None:
-                ends = [norms[i] ** 2 * float(w @ _values(f, t, shift, what, positive))
-                        for t, w in (_radau(alpha[i, :m], beta[i, :m], b) for b in bounds)]
-                lower.append(min(ends))
-                upper.append(max(ends))
-                quad.append(max(g - lower[-1], upper[-1] - g, 0.0))
+                ends = np.array([[scale * float(w @ _values(f, t + s, s, what, positive))
+                                  for t, w in (_radau(alpha[i, :m], beta[i, :m], b) for b in bounds)]
+                                 for s in shifts])  # (shifts, 2)
+                lower.append(ends.min(axis=1))
+                upper.append(ends.max(axis=1))
+                quad.append(np.maximum(np.maximum(g - lower[-1], upper[-1] - g), 0.0))
         est, err = _mean_stderr(samples)
-        show(op, estimate=est, stderr=err)
-        if rtol is not None and len(samples) >= MIN_PROBES_FOR_RTOL and op.decide(bool(err <= rtol * abs(est))):
+        show(A, estimate=float(est[0]), stderr=float(err[0]))
+        if rtol is not None and len(samples) >= MIN_PROBES_FOR_RTOL and \
+                A.decide(bool(np.all(err <= rtol * np.abs(est)))):
             break
     est, err = _mean_stderr(samples)
-    settings: dict[str, Any] = dict(function=_name(f), shift=shift, num_probes=len(samples),
+    one = np.ndim(shift) == 0
+
+    def out(x: np.ndarray) -> Any:
+        return float(x[0]) if one else x
+
+    settings: dict[str, Any] = dict(function=_name(f), shift=out(shifts), num_probes=len(samples),
                                     max_probes=num_probes, num_steps=steps, rtol=rtol, seed=seed, kind=kind,
                                     spectrum=None if spectrum is None else [float(x) for x in spectrum],
                                     quadrature="bound" if bounds is not None else "estimate",
                                     n=n, backend=A.backend, dtype=ops.dtype.name)
     if bounds is not None:
-        settings["bounds"] = [float(np.mean(lower)), float(np.mean(upper))]
-        quadrature = float(np.mean(quad))
+        settings["bounds"] = [out(np.mean(lower, axis=0)), out(np.mean(upper, axis=0))]
+        quadrature = np.mean(quad, axis=0)
     elif steps < 3:
-        quadrature = float("inf")
+        quadrature = np.full(len(shifts), np.inf)
     else:
         g1, g2 = np.mean(earlier, axis=0)
-        quadrature = float(_tail(est - g1, g1 - g2))
-    return TraceFunctionResult(estimate=est, stderr=err, quadrature_error=quadrature,
+        quadrature = _tail(est - g1, g1 - g2)
+    return TraceFunctionResult(estimate=out(est), stderr=out(err), quadrature_error=out(quadrature),
                                num_matvecs=mul.count, settings=settings)
 
 
-def logdet(A: OperatorLike, *, shift: float = 0.0, num_probes: int = 20, num_steps: int = 30,
+def logdet(A: OperatorLike, *, shift: float | npt.ArrayLike = 0.0, num_probes: int = 20, num_steps: int = 30,
            rtol: float | None = None, seed: int = 0, kind: str = "rademacher",
            spectrum: tuple[float, float] | None = None, chunk: int = 10) -> TraceFunctionResult:
     """Estimate ``log det (A + shift I)`` of a positive definite operator (``tr log``, by SLQ).
@@ -315,9 +325,11 @@ def _finite(name: str, x: Any) -> float:
     return x
 
 
-def _mean_stderr(samples: list[float]) -> tuple[float, float]:
+def _mean_stderr(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error over probes (axis 0)."""
     s = np.asarray(samples)
-    return float(s.mean()), (float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1 else float("inf"))
+    err = s.std(axis=0, ddof=1) / np.sqrt(len(s)) if len(s) > 1 else np.full(s.shape[1:], np.inf)
+    return s.mean(axis=0), err
 
 
 def _coefficients(f: Function, alpha: np.ndarray, beta: np.ndarray, length: np.ndarray, shift: float,

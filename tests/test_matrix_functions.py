@@ -182,3 +182,17 @@ def test_results_round_trip_through_json():
     assert back.estimate == r.estimate and back.settings == r.settings
     f = so.funm(M, np.exp, np.ones(M.shape[0]))
     assert so.FunmResult.from_json(f.to_json()).y is None
+
+
+def test_a_sequence_of_shifts_is_served_by_one_run():
+    M, lam = spd("small")
+    shifts = np.array([0.1, 1.0, 10.0])
+    many = so.logdet(M, shift=shifts, num_probes=10, num_steps=20, spectrum=(lam.min(), lam.max()))
+    assert many.num_matvecs == 200 and many.estimate.shape == (3,)
+    for j, s in enumerate(shifts):
+        one = so.logdet(M, shift=s, num_probes=10, num_steps=20, spectrum=(lam.min(), lam.max()))
+        assert one.estimate == pytest.approx(many.estimate[j], rel=1e-10)
+        assert one.stderr == pytest.approx(many.stderr[j], rel=1e-8)
+        assert abs(one.estimate - np.sum(np.log(lam + s))) <= 4 * one.stderr + one.quadrature_error
+    with pytest.raises(ValueError, match="shift larger than"):
+        so.logdet(M, shift=[1.0, -lam.min() - 0.1], num_steps=40)
