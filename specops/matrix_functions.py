@@ -37,6 +37,8 @@ from specops.trace import MIN_PROBES_FOR_RTOL
 #: ``max(1, m // SPAN)`` steps as a geometric tail, times ``SAFETY`` (docs/linalg.md: on the
 #: conformance operators the true error stayed below it).
 SPAN, SAFETY = 4, 2.0
+#: Ritz values within RITZ_ROUNDING * eps * ||T|| outside a given spectrum are rounding.
+RITZ_ROUNDING = 100.0
 #: funm's default number of steps: ``min(n, DEFAULT_STEPS)``.
 DEFAULT_STEPS = 100
 
@@ -145,15 +147,20 @@ def _gauss(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return eigh_tridiagonal(alpha, beta[: len(alpha) - 1])
 
 
-def _radau(alpha: np.ndarray, beta: np.ndarray, node: float) -> tuple[np.ndarray, np.ndarray]:
+def _radau(alpha: np.ndarray, beta: np.ndarray, node: float, margin: float) -> tuple[np.ndarray, np.ndarray]:
     """The Gauss-Radau rule with ``len(alpha) - 1`` free nodes and one fixed at ``node``.
 
     Golub's construction: the last diagonal entry ``node + delta_{m-1}`` with
-    ``(T_{m-1} - node I) delta = beta_{m-1}^2 e_{m-1}``. Returns nodes and weights.
+    ``(T_{m-1} - node I) delta = beta_{m-1}^2 e_{m-1}``. A Ritz value of ``T_{m-1}`` within
+    ``margin`` (rounding) of ``node``, or past it, moves the node out by ``margin``, so the
+    system stays definite and the rule stays a bound. Returns nodes and weights.
     """
     m = len(alpha)
     if m == 1:
         return np.array([node]), np.array([1.0])
+    ritz = alpha[:1] if m == 2 else eigh_tridiagonal(alpha[: m - 1], beta[: m - 2], eigvals_only=True)
+    lower = node <= ritz.min()
+    node = min(node, ritz.min() - margin) if lower else max(node, ritz.max() + margin)
     T = np.diag(alpha[: m - 1]) + np.diag(beta[: m - 2], 1) + np.diag(beta[: m - 2], -1)
     rhs = np.zeros(m - 1)
     rhs[-1] = beta[m - 2] ** 2
@@ -248,6 +255,13 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
 
             g = gauss(m)
             samples.append(g)
+            if bounds is not None:
+                ritz = _gauss(alpha[i, :m], beta[i, :m])[0]
+                margin = RITZ_ROUNDING * float(np.finfo(ops.dtype).eps) * float(np.abs(ritz).max())
+                if ritz.min() < bounds[0] - margin or ritz.max() > bounds[1] + margin:
+                    raise ValueError(f"{what}: spectrum = {spectrum!r} does not hold the eigenvalues of A: the "
+                                     f"Lanczos run met Ritz values in [{ritz.min():.6g}, {ritz.max():.6g}]; "
+                                     "widen it (or leave it out: the quadrature error is then estimated)")
             if m < steps:  # the Krylov space was exhausted: the quadrature is exact
                 earlier.append(np.array([g, g]))
                 quad.append(np.zeros_like(g))
@@ -257,7 +271,7 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
             earlier.append(np.array([gauss(j) for j in _spans(m)]))
             if bounds is not None:
                 ends = np.array([[scale * float(w @ _values(f, t + s, s, what, positive))
-                                  for t, w in (_radau(alpha[i, :m], beta[i, :m], b) for b in bounds)]
+                                  for t, w in (_radau(alpha[i, :m], beta[i, :m], b, margin) for b in bounds)]
                                  for s in shifts])  # (shifts, 2)
                 lower.append(ends.min(axis=1))
                 upper.append(ends.max(axis=1))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 
 
 def run(name, **kwargs):
@@ -30,3 +31,12 @@ def test_laplace_evidence_example_matches_slogdet_and_chooses_the_same_prior():
     assert out["best"] == out["best_dense"]
     assert out["max_error_in_stderrs"] < 4  # the dense evidence within the reported uncertainty
     assert out["products"] < out["P"] / 2  # far fewer products than forming the GGN
+
+
+def test_linalg_page_runs():
+    """docs/linalg.md's python blocks, in order, as one script: they assert against dense truth."""
+    from test_docs import page_script, run_script
+
+    script, _ = page_script(ROOT / "docs" / "linalg.md")
+    assert script.count("assert") >= 4
+    run_script("linalg.md", script)

@@ -196,3 +196,14 @@ def test_a_sequence_of_shifts_is_served_by_one_run():
         assert abs(one.estimate - np.sum(np.log(lam + s))) <= 4 * one.stderr + one.quadrature_error
     with pytest.raises(ValueError, match="shift larger than"):
         so.logdet(M, shift=[1.0, -lam.min() - 0.1], num_steps=40)
+
+
+def test_spectrum_touching_the_eigenvalues_and_a_wrong_spectrum():
+    lam = np.logspace(0, 3, 300)  # Ritz values converge onto the interval's ends
+    M, _ = symmetric_with_spectrum(lam, 10)
+    r = so.logdet(M, num_probes=10, num_steps=40, spectrum=(1.0, 1e3))
+    lower, upper = r.settings["bounds"]
+    assert lower <= r.estimate <= upper + 1e-9 * abs(upper)
+    assert abs(r.estimate - np.sum(np.log(lam))) < 4 * r.stderr + r.quadrature_error
+    with pytest.raises(ValueError, match="does not hold the eigenvalues"):
+        so.logdet(M, num_probes=2, num_steps=40, spectrum=(2.0, 1e3))
