@@ -209,3 +209,22 @@ def test_result_round_trips_through_json():
     assert back.x is None and back.settings == r.settings
     np.testing.assert_array_equal(back.residual_norm, r.residual_norm)
     assert "SolveResult" in repr(r)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preconditioners_every_backend(backend, dtype):
+    M, lam = case("small")
+    b = np.random.default_rng(7).standard_normal(M.shape[0])
+    A = native(M, backend, dtype)
+    top = so.eigsh(A, k=4, which="LM", tol=1e-6 if dtype == "float32" else 1e-10)
+    d = np.abs(np.diag(M)) + 1.0
+    shift, tol = 6.0, TOL[dtype]
+    preconditioners = (so.Preconditioner.from_eigenpairs(top, level=1.0), so.Preconditioner(d),
+                       so.Preconditioner(d, top.eigenvectors, np.ones(4)))
+    for p in preconditioners:
+        r = so.solve(A, native(b, backend, dtype), shift=shift, tol=tol, preconditioner=p, method="minres")
+        assert r.converged, p.describe()
+        x = assert_honest(M, b, shift, r, tol, dtype)
+        truth = np.linalg.solve(M + shift * np.eye(len(b)), b)
+        assert np.linalg.norm(x - truth) <= 100 * tol * np.linalg.norm(truth)
