@@ -39,6 +39,9 @@ from specops.trace import MIN_PROBES_FOR_RTOL
 SPAN, SAFETY = 4, 2.0
 #: Ritz values within RITZ_ROUNDING * eps * ||T|| outside a given spectrum are rounding.
 RITZ_ROUNDING = 100.0
+#: The quadrature error includes the rules' change when the Ritz values move by
+#: NODE_ROUNDING * eps * ||T|| (the Lanczos coefficients' rounding in the operator's precision).
+NODE_ROUNDING = 10.0
 #: funm's default number of steps: ``min(n, DEFAULT_STEPS)``.
 DEFAULT_STEPS = 100
 
@@ -55,7 +58,9 @@ class TraceFunctionResult(Result):
             and the probes have no variance).
         quadrature_error: the quadrature's part of the error (the average over probes of the
             distance from the Gauss rule to the farther Gauss-Radau bound) when
-            ``settings["quadrature"]`` is ``"bound"``; else an estimate (below).
+            ``settings["quadrature"]`` is ``"bound"``; else an estimate (below); both plus the
+            working precision's part (the rules' change when the Ritz values move by
+            ``10 eps ||T||``, which matters in float32).
         num_matvecs: operator-vector products used.
         settings: function, shift, num_probes (used) and asked for, num_steps, rtol, seed,
             probe distribution, spectrum, quadrature (``"bound"`` / ``"estimate"``) and
@@ -235,7 +240,7 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
     mul = _checks.Products(A)  # the Krylov space of A + s I is that of A: one run serves every shift
-    samples, earlier, quad, lower, upper = [], [], [], [], []  # per probe, one entry per shift
+    samples, earlier, quad, lower, upper, rounding = [], [], [], [], [], []  # per probe, one entry per shift
 
     def rules(nodes: np.ndarray, weights: np.ndarray, scale: float) -> np.ndarray:
         return np.array([scale * float(weights @ _values(f, nodes + s, s, what, positive)) for s in shifts])
@@ -253,10 +258,13 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
                 theta, U = _gauss(alpha[i, :j], beta[i, :j])
                 return rules(theta, U[0] ** 2, scale)
 
-            g = gauss(m)
+            ritz, U = _gauss(alpha[i, :m], beta[i, :m])
+            g = rules(ritz, U[0] ** 2, scale)
             samples.append(g)
+            # the working precision's part: the rules' change when the nodes move by rounding
+            nudge = NODE_ROUNDING * float(np.finfo(ops.dtype).eps) * float(np.abs(ritz).max())
+            rounding.append(np.abs(rules(ritz + nudge, U[0] ** 2, scale) - g))
             if bounds is not None:
-                ritz = _gauss(alpha[i, :m], beta[i, :m])[0]
                 margin = RITZ_ROUNDING * float(np.finfo(ops.dtype).eps) * float(np.abs(ritz).max())
                 if ritz.min() < bounds[0] - margin or ritz.max() > bounds[1] + margin:
                     raise ValueError(f"{what}: spectrum = {spectrum!r} does not hold the eigenvalues of A: the "
@@ -300,6 +308,7 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
     else:
         g1, g2 = np.mean(earlier, axis=0)
         quadrature = _tail(est - g1, g1 - g2)
+    quadrature = quadrature + np.mean(rounding, axis=0)
     return TraceFunctionResult(estimate=out(est), stderr=out(err), quadrature_error=out(quadrature),
                                num_matvecs=mul.count, settings=settings)
 
