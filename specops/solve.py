@@ -6,7 +6,8 @@
   SciPy's ``minres`` (the ``M^-1``-norm of the residual is minimized).
 - ``"auto"``: MINRES when the operator says it is indefinite
   (``positive_semidefinite = False``), else CG, which switches to MINRES from its last
-  iterate as soon as it meets a direction of non-positive curvature ``p^T (A + sigma I) p <= 0``.
+  iterate as soon as it meets a direction of non-positive curvature ``p^T (A + sigma I) p <= 0``
+  (or curvature at the rounding level of the largest met: a singular operator).
 
 A block ``b`` (n, k) is solved column by column, side by side: every step is one
 ``matmat`` of the k columns (one pass over the data for a model), each column with its own
@@ -41,6 +42,8 @@ DEFAULT_STEPS = 1000
 #: MINRES checks for a singular shifted operator every this many steps in which some column's
 #: residual fell by less than ``STALL`` (relative).
 CHECK_EVERY, STALL = 10, 0.01
+#: CG counts curvature ``p^T A p / p^T p <= FLAT * eps * (the largest met)`` as non-positive.
+FLAT = 10.0
 #: A Ritz pair with ``|theta| + residual <= SINGULAR * eps * ||T||`` makes the operator singular.
 SINGULAR = 1000.0
 
@@ -63,7 +66,7 @@ class SolveResult(Result):
         settings: method asked for and ``method_used`` (``"cg"``, ``"minres"`` or
             ``"cg, then minres"``), ``tol``, ``shift``, ``max_matvecs``, ``preconditioner``,
             ``iterations``, ``restarts``, ``negative_curvature`` (the smallest Rayleigh quotient
-            ``p^T (A + shift I) p / p^T p`` CG met, when non-positive), and ``singular``
+            ``p^T (A + shift I) p / p^T p`` CG met, when non-positive or at the rounding level), and ``singular``
             (True when MINRES found ``A + shift I`` singular to working precision and ``b`` outside
             its range), ``condition_estimate`` (a lower bound from the Krylov space).
     """
@@ -215,6 +218,7 @@ class _State:
         self.iterations = self.restarts = 0
         self.negative: float | None = None
         self.cond = 1.0
+        self.top = 0.0
         self.singular = False
 
     def room(self, products: int = 1) -> bool:
@@ -240,16 +244,20 @@ def _cg(s: _State, X: Array, R: Array, stop_on_negative: bool) -> tuple[Array, b
         Q = s.mul(P)
         pq, pp = ops.column_dots(P, Q), ops.column_dots(P, P)
         quotient = _safe(pq, pp, active)
-        s.cond = max(s.cond, float(quotient.max() / max(quotient[active].min(), np.finfo(float).tiny)))
-        bad = s.A.decide(active & (pq <= 0))
+        s.top = max(s.top, float(quotient.max()))
+        s.cond = max(s.cond, s.top / max(float(quotient[active].min()), np.finfo(float).tiny))
+        # curvature at the rounding level of the largest met counts too: A + shift I is then
+        # singular to working precision (a GGN without damping), which MINRES detects and reports
+        flat = FLAT * float(np.finfo(ops.dtype).eps) * s.top
+        bad = s.A.decide(active & (quotient <= flat))
         if bad.any():
             s.negative = float(quotient[bad].min())
             if stop_on_negative:
                 return X, True
             raise IndefiniteError(
-                f"CG met a direction of non-positive curvature p^T (A + shift I) p / p^T p = {s.negative:.3g}: "
-                f"the operator is not positive definite. Use method='minres' (or 'auto'), or a shift larger "
-                f"by at least {-s.negative:.3g}")
+                f"CG met a direction of non-positive curvature (or at the rounding level) p^T (A + shift I) p / "
+                f"p^T p = {s.negative:.3g}: the operator is not positive definite. Use method='minres' (or 'auto'), "
+                f"or a shift larger by at least {max(-s.negative, flat):.3g}")
         a = _safe(rz, pq, active)
         X = X + ops.scale_columns(P, a)
         R = R - ops.scale_columns(Q, a)

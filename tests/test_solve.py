@@ -228,3 +228,16 @@ def test_preconditioners_every_backend(backend, dtype):
         x = assert_honest(M, b, shift, r, tol, dtype)
         truth = np.linalg.solve(M + shift * np.eye(len(b)), b)
         assert np.linalg.norm(x - truth) <= 100 * tol * np.linalg.norm(truth)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rank_deficient_operator_without_damping_is_reported_singular(dtype):
+    lam = np.concatenate([np.zeros(20), np.linspace(1, 3, 80)])  # a GGN without damping
+    M, _ = symmetric_with_spectrum(lam, 12)
+    b = np.random.default_rng(8).standard_normal(100)
+    with pytest.warns(RuntimeWarning, match="singular"):
+        r = so.solve(M.astype(dtype), b.astype(dtype))
+    assert not r.converged and r.settings["singular"] and r.settings["method_used"] == "cg, then minres"
+    assert r.num_matvecs < 200
+    damped = so.solve(M.astype(dtype), b.astype(dtype), shift=0.1, tol=TOL[dtype])
+    assert damped.converged and damped.settings["method_used"] == "cg"
