@@ -21,15 +21,15 @@ import specops as so
 from specops.backends import torch as st
 
 
-def main(verbose: bool = True) -> dict:
+def main(verbose: bool = True, dtype: torch.dtype = torch.float64) -> dict:
     """Train a small regression network, compute influences by CG/MINRES and check them densely."""
     torch.manual_seed(0)
     n_train, n_test, d = 96, 3, 4
-    X = torch.randn(n_train + n_test, d, dtype=torch.float64)
-    y = torch.tanh(X @ torch.randn(d, 1, dtype=torch.float64)) + 0.1 * torch.randn(n_train + n_test, 1,
-                                                                                    dtype=torch.float64)
+    X = torch.randn(n_train + n_test, d, dtype=dtype)
+    y = torch.tanh(X @ torch.randn(d, 1, dtype=dtype)) + 0.1 * torch.randn(n_train + n_test, 1,
+                                                                                    dtype=dtype)
     X, y, X_test, y_test = X[:n_train], y[:n_train], X[n_train:], y[n_train:]
-    model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     loss_fn = nn.MSELoss()
     for _ in range(300):
@@ -46,9 +46,9 @@ def main(verbose: bool = True) -> dict:
     H = st.hessian(model, loss_fn, (X, y))
     damping = 1e-2
     G_test = torch.stack([flat_grad(X_test[j:j + 1], y_test[j:j + 1]) for j in range(n_test)], dim=1)  # (P, 3)
-    s_test = so.solve(H, G_test, shift=damping, tol=1e-8)
+    s_test = so.solve(H, G_test, shift=damping, tol=1e-8 if dtype == torch.float64 else 1e-4)
     G_train = torch.stack([flat_grad(X[i:i + 1], y[i:i + 1]) for i in range(n_train)])  # (N, P)
-    influence = -(G_train @ s_test.x).detach().numpy()  # (N, 3): up-weighting point i, test loss j
+    influence = -(G_train @ s_test.x).detach().double().numpy()  # (N, 3): up-weighting point i, test loss j
     if verbose:
         print(f"{H.shape[0]} parameters; s_test by {s_test.settings['method_used']}: {s_test.num_matvecs} "
               f"products for {n_test} test points, relative residuals "
@@ -70,10 +70,10 @@ def main(verbose: bool = True) -> dict:
             offset += p.numel()
         return loss_fn(torch.func.functional_call(model, pieces, (X,)), y)
 
-    H_dense = torch.func.hessian(loss_of)(theta).numpy()
+    H_dense = torch.func.hessian(loss_of)(theta).double().numpy()
     lam = np.linalg.eigvalsh(H_dense)
-    dense = -G_train.detach().numpy() @ np.linalg.solve(H_dense + damping * np.eye(len(theta)),
-                                                        G_test.detach().numpy())
+    dense = -G_train.detach().double().numpy() @ np.linalg.solve(H_dense + damping * np.eye(len(theta)),
+                                                                 G_test.detach().double().numpy())
     error = float(np.abs(influence - dense).max() / np.abs(dense).max())
     if verbose:
         print(f"Hessian eigenvalues in [{lam.min():.3g}, {lam.max():.3g}]; the largest influence differs from the "

@@ -19,9 +19,12 @@ def run(name, **kwargs):
     return runpy.run_path(str(EXAMPLES / name))["main"](verbose=False, **kwargs)
 
 
-def test_influence_example_matches_the_dense_inverse():
-    out = run("influence.py")
-    assert out["converged"] and out["error"] < 1e-6
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_influence_example_matches_the_dense_inverse(dtype):
+    torch = pytest.importorskip("torch")
+    out = run("influence.py", dtype=getattr(torch, dtype))
+    # float32: tol 1e-4 on a system of condition number ~900 (damping 1e-2)
+    assert out["converged"] and out["error"] < (1e-6 if dtype == "float64" else 5e-3)
     assert out["num_matvecs"] < 3 * out["n"]  # fewer products than forming the Hessian for 3 test points
 
 
