@@ -97,7 +97,7 @@ class Preconditioner:
     by the Woodbury identity: one ``(n, r)`` inner product and one combination per step.
 
     Args:
-        diagonal: ``d``, a non-negative number or a host (n,) array.
+        diagonal: ``d``, a number or an (n,) array (host, or of the operator's backend).
         vectors: ``U``, native (n, r) (or None).
         values: ``s``, host (r,) (with ``vectors``).
 
@@ -152,7 +152,8 @@ class Preconditioner:
         Raises:
             ValueError: shapes that do not match ``n``, or ``M + shift I`` not positive definite.
         """
-        d = np.asarray(self.diagonal, dtype=np.float64) + shift
+        diagonal = ops.to_numpy(self.diagonal) if ops.is_native(self.diagonal) else self.diagonal
+        d = np.asarray(diagonal, dtype=np.float64) + shift
         if d.ndim not in (0, 1) or (d.ndim == 1 and d.shape != (n,)):
             raise ValueError(f"the preconditioner's diagonal must be a number or of shape ({n},), got {d.shape}")
         if not np.all(np.isfinite(d)) or d.min() <= 0:
@@ -194,6 +195,8 @@ def as_preconditioner(p: Any) -> Preconditioner | None:
         return Preconditioner(np.asarray(p.estimate, dtype=np.float64))
     if np.isscalar(p) or isinstance(p, np.ndarray):
         return Preconditioner(np.asarray(p, dtype=np.float64))
+    if len(getattr(p, "shape", ())) == 1:  # a framework's array: the diagonal, read on binding
+        return Preconditioner(p)
     raise TypeError(f"cannot use a {type(p).__name__} as a preconditioner; pass a specops.Preconditioner, "
                     "a DiagonalResult (so.diagonal), an EigResult (so.eigsh: deflation) or a host array")
 
@@ -368,7 +371,7 @@ def solve(A: OperatorLike, b: Any, *, shift: float = 0.0, method: str = "auto", 
             ``converged`` False.
         x0: starting guess of ``b``'s shape (default 0; a non-zero guess costs one product).
         preconditioner: a :class:`Preconditioner` approximating ``A`` (the shift is added),
-            a :class:`~specops.DiagonalResult` or host array (the diagonal), or an
+            a :class:`~specops.DiagonalResult` or an (n,) array (the diagonal), or an
             :class:`~specops.EigResult` (deflation of its eigenpairs); ``M + shift I`` must be
             positive definite.
 

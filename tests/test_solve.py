@@ -220,11 +220,11 @@ def test_preconditioners_every_backend(backend, dtype):
     top = so.eigsh(A, k=4, which="LM", tol=1e-6 if dtype == "float32" else 1e-10)
     d = np.abs(np.diag(M)) + 1.0
     shift, tol = 6.0, TOL[dtype]
-    preconditioners = (so.Preconditioner.from_eigenpairs(top, level=1.0), so.Preconditioner(d),
+    preconditioners = (so.Preconditioner.from_eigenpairs(top, level=1.0), native(d, backend, dtype),
                        so.Preconditioner(d, top.eigenvectors, np.ones(4)))
     for p in preconditioners:
         r = so.solve(A, native(b, backend, dtype), shift=shift, tol=tol, preconditioner=p, method="minres")
-        assert r.converged, p.describe()
+        assert r.converged
         x = assert_honest(M, b, shift, r, tol, dtype)
         truth = np.linalg.solve(M + shift * np.eye(len(b)), b)
         assert np.linalg.norm(x - truth) <= 100 * tol * np.linalg.norm(truth)
