@@ -14,7 +14,7 @@ import specops as so
 from spectra import symmetric_with_spectrum
 from test_conformance import case, native, to_numpy
 
-BACKENDS = ["numpy", "torch", "jax", "tensorflow"]
+BACKENDS = ["numpy", "torch", "jax", "tensorflow", "torch-cuda"]  # torch-cuda: skipped without a GPU
 TOL = {"float32": 1e-4, "float64": 1e-9}
 
 
