@@ -25,6 +25,7 @@ import numpy.typing as npt
 from scipy.linalg import eigh_tridiagonal
 
 from specops import _checks
+from specops.density import _plan
 from specops.lanczos import Basis, probe_lanczos
 from specops.operator import OperatorLike
 from specops.progress import show
@@ -176,7 +177,8 @@ def _radau(alpha: np.ndarray, beta: np.ndarray, node: float, margin: float) -> t
 
 def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike = 0.0, num_probes: int = 10,
                    num_steps: int = 50, rtol: float | None = None, seed: int = 0, kind: str = "rademacher",
-                   spectrum: tuple[float, float] | None = None, chunk: int = 10,
+                   spectrum: tuple[float, float] | None = None, chunk: int | None = 10,
+                   memory_budget: int | None = None,
                    positive: bool = False) -> TraceFunctionResult:
     """Estimate ``tr f(A + shift I)`` by stochastic Lanczos quadrature.
 
@@ -198,7 +200,12 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
             derivatives of ``f`` of odd order keep one sign on ``[lo + shift, hi + shift]``
             (``log``, ``exp``, ``x ** p``, ``1 / x`` on a positive interval); ``f`` must be
             defined on it. Without it, the quadrature error is estimated.
-        chunk: probes run side by side (one ``matmat`` of ``chunk`` columns per step).
+        chunk: the most probes run side by side (one ``matmat`` of their columns per step),
+            each keeping its ``num_steps`` Lanczos vectors; fewer when their bases would not
+            fit in ``memory_budget``; ``None``: as many as fit. When one probe's basis does
+            not fit, it is reorthogonalized against its last vectors only, with a warning
+            (as in :func:`~specops.spectral_density`).
+        memory_budget: bytes allowed for the bases (default: half the free memory).
         positive: refuse non-positive Ritz values (``f`` defined for positive arguments only).
 
     Returns:
@@ -223,7 +230,6 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
     num_probes = _checks.positive_int("num_probes", num_probes)
     num_steps = _checks.positive_int("num_steps", num_steps)
     rtol = _checks.positive_float("rtol", rtol, allow_none=True)
-    chunk = _checks.positive_int("chunk", chunk)
     seed, kind = check_seed(seed), check_kind(kind)
     shifts = np.atleast_1d(np.asarray(shift, dtype=np.float64))
     if shifts.ndim != 1 or shifts.size == 0 or not np.all(np.isfinite(shifts)):
@@ -239,6 +245,8 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
                              f"A + shift I must be positive definite: pass a shift larger than {-lo:g}")
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
+    group, window, _ = _plan(ops, n, num_probes, steps, None, None, memory_budget, A.decide)
+    chunk = group if chunk is None else min(group, _checks.positive_int("chunk", chunk))
     mul = _checks.Products(A)  # the Krylov space of A + s I is that of A: one run serves every shift
     samples, earlier, quad, lower, upper, rounding = [], [], [], [], [], []  # per probe, one entry per shift
 
@@ -249,7 +257,7 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
         cols = range(first, min(first + chunk, num_probes))
         Z = ops.random(n, cols, seed, kind=kind, stream="slq")
         norms = ops.column_norms(Z)
-        alpha, beta, length = probe_lanczos(A, mul, ops.scale_columns(Z, 1.0 / norms), steps)
+        alpha, beta, length = probe_lanczos(A, mul, ops.scale_columns(Z, 1.0 / norms), steps, window)
         del Z
         for i in range(len(cols)):
             m, scale = int(length[i]), float(norms[i] ** 2)
@@ -299,6 +307,7 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
                                     max_probes=num_probes, num_steps=steps, rtol=rtol, seed=seed, kind=kind,
                                     spectrum=None if spectrum is None else [float(x) for x in spectrum],
                                     quadrature="bound" if bounds is not None else "estimate",
+                                    probes_at_once=chunk, reorth_window=window,
                                     n=n, backend=A.backend, dtype=ops.dtype.name)
     if bounds is not None:
         settings["bounds"] = [out(np.mean(lower, axis=0)), out(np.mean(upper, axis=0))]
@@ -315,7 +324,8 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
 
 def logdet(A: OperatorLike, *, shift: float | npt.ArrayLike = 0.0, num_probes: int = 10, num_steps: int = 50,
            rtol: float | None = None, seed: int = 0, kind: str = "rademacher",
-           spectrum: tuple[float, float] | None = None, chunk: int = 10) -> TraceFunctionResult:
+           spectrum: tuple[float, float] | None = None, chunk: int | None = 10,
+           memory_budget: int | None = None) -> TraceFunctionResult:
     """Estimate ``log det (A + shift I)`` of a positive definite operator (``tr log``, by SLQ).
 
     Arguments as for :func:`trace_function` with ``f = log``. With ``spectrum`` (an interval
@@ -338,7 +348,8 @@ def logdet(A: OperatorLike, *, shift: float | npt.ArrayLike = 0.0, num_probes: i
         1459, estimated 1466 +- 5, quadrature error <= 2e-09
     """
     return trace_function(A, np.log, shift=shift, num_probes=num_probes, num_steps=num_steps, rtol=rtol, seed=seed,
-                          kind=kind, spectrum=spectrum, chunk=chunk, positive=True)
+                          kind=kind, spectrum=spectrum, chunk=chunk, memory_budget=memory_budget,
+                          positive=True)
 
 
 def _finite(name: str, x: Any) -> float:

@@ -207,3 +207,12 @@ def test_spectrum_touching_the_eigenvalues_and_a_wrong_spectrum():
     assert abs(r.estimate - np.sum(np.log(lam))) < 4 * r.stderr + r.quadrature_error
     with pytest.raises(ValueError, match="does not hold the eigenvalues"):
         so.logdet(M, num_probes=2, num_steps=40, spectrum=(2.0, 1e3))
+
+
+def test_memory_budget_limits_the_probes_side_by_side():
+    M, lam = spd("small")
+    n = M.shape[0]
+    full = so.logdet(M, num_probes=10, num_steps=20)
+    small = so.logdet(M, num_probes=10, num_steps=20, memory_budget=3 * 20 * n * 8)
+    assert small.settings["probes_at_once"] == 3 and small.settings["reorth_window"] is None
+    assert small.estimate == pytest.approx(full.estimate, rel=1e-10) and small.num_matvecs == full.num_matvecs
