@@ -1,7 +1,7 @@
 """The ``specops`` command line.
 
 ``specops analyze`` turns a model into a complete curvature report (docs/cli.md);
-``specops study`` runs the PyHessian paper's experiment (:mod:`specops.study`,
+``specops study`` runs the PyHessian paper's experiment (:mod:`specops.cli.study`,
 docs/study.md). The package shows the flow of a run:
 
 - :mod:`specops.cli.common`: the usage error, number arguments, user callables, MPI
