@@ -4,4 +4,5 @@ import sys
 
 from specops.cli.study import main
 
-sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
