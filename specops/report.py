@@ -111,6 +111,7 @@ class ReportState:
     def __init__(self, folder: str, write: bool = True) -> None:
         self.folder = folder
         self.write = write
+        self.saved = False  # whether this process has written results.json
         self.data: dict = {"format": self.FORMAT, "settings": {}, "model": {}, "versions": {}, "stages": {}}
 
     @property
@@ -133,6 +134,7 @@ class ReportState:
         """Write ``results.json`` atomically (on the writing rank only)."""
         if self.write:
             atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
+            self.saved = True
 
     def done(self, stage: str, settings: dict) -> bool:
         """Whether ``stage`` finished earlier with these ``settings``."""

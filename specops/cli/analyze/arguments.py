@@ -127,6 +127,20 @@ def check_args(args: argparse.Namespace) -> None:
     curvature.check(args)
 
 
+def check_size(args: argparse.Namespace, n: int) -> None:
+    """Checks that need the number of parameters ``n``, made as soon as the operator exists.
+
+    Args:
+        args: the parsed arguments.
+        n: the operator's size (parameters analysed).
+
+    Raises:
+        UsageError: ``--top-k`` larger than ``n``.
+    """
+    if args.top_k > n:
+        raise UsageError(f"--top-k {args.top_k}: the model has only {n} parameters; pass --top-k {n} or less")
+
+
 def settings(args: argparse.Namespace) -> dict:
     """The settings recorded in results.json: every option but those about the output.
 
