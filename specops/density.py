@@ -33,6 +33,8 @@ from specops.results import Result
 SIGMA_FRACTION = 0.005
 #: Default number of grid points.
 GRID_POINTS = 1001
+#: The log-scale plot's axis spans this fraction of the density's peak to the peak.
+LOG_PLOT_RANGE = 1e-8
 #: A query is unresolved when the quadrature's bracket of the cdf there is wider than this
 #: many resolution cells of ``1 / num_steps`` (the mass one node carries on a smooth
 #: spectrum): the nodes next to it stand for a cluster of eigenvalues.
@@ -251,7 +253,13 @@ class SpectralDensity(Result):
 
     def plot(self, ax: Any = None, sigma: float | None = None, grid: npt.ArrayLike | None = None,
              log: bool = True) -> Any:
-        """Plot the density (log scale by default); returns the matplotlib axes."""
+        """Plot the density (log scale by default); returns the matplotlib axes.
+
+        The title states the Gaussian kernel's width ``sigma`` and the normalisation (the
+        density integrates to 1 over the eigenvalue axis); on a log scale the axis starts at
+        :data:`LOG_PLOT_RANGE` times the peak (the Gaussian tails below it are cut by the
+        axis, not drawn as a floor).
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -259,14 +267,19 @@ class SpectralDensity(Result):
         sigma = self.default_sigma() if sigma is None else sigma
         grid = self.default_grid(sigma) if grid is None else np.asarray(grid, dtype=np.float64)
         density = self.evaluate(grid, sigma)
+        note = f"Gaussian kernel sigma = {sigma:.3g}; the density integrates to 1"
         if log:
-            floor = max(density.max() * 1e-12, np.finfo(float).tiny)
-            ax.semilogy(grid, np.maximum(density, floor))
+            peak = float(density.max())
+            ax.semilogy(grid, np.maximum(density, np.finfo(float).tiny))
+            if peak > 0:
+                ax.set_ylim(peak * LOG_PLOT_RANGE, peak * 3)
+                note += f"; axis from {LOG_PLOT_RANGE:.0e} x peak"
         else:
             ax.plot(grid, density)
         ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        ax.set_title(f"spectral density (SLQ, {self.nodes.shape[0]} probes x {self.nodes.shape[1]} steps)")
+        ax.set_ylabel("density (per unit eigenvalue)")
+        ax.set_title(f"spectral density (SLQ, {self.nodes.shape[0]} probes x {self.nodes.shape[1]} steps)\n{note}",
+                     fontsize=9)
         return ax
 
 

@@ -200,6 +200,9 @@ def analyze(args: argparse.Namespace, attempt: Attempt | None = None) -> int:
     write_summary(ctx)
     printer()
     printer(rp.summary_table(state.data))
+    notes = rp.reading(state.data)
+    if notes:
+        printer("\n" + "\n".join(f"- {n}" for n in notes))
     printer(f"\nreport: {os.path.join(args.out, 'report.html')} and summary.md "
             f"({time.perf_counter() - t_start:.1f} s)")
     return 0
