@@ -240,3 +240,18 @@ def test_cdf_stderr_is_the_spread_of_exact_probe_quadratic_forms():
     assert abs(estimate - np.mean(lam <= x)) <= 4 * stderr
     one = so.spectral_density(A, num_probes=1, num_steps=10, seed=3)
     assert np.isinf(one.fraction_below(x).stderr)
+
+
+def test_plot_states_its_width_normalisation_and_axis_range():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = so.spectral_density(np.diag(np.arange(1.0, 101.0)), num_probes=2, num_steps=10, seed=0)
+    ax = d.plot(sigma=0.25)
+    peak = d.evaluate(d.default_grid(0.25), 0.25).max()
+    assert "sigma = 0.25" in ax.get_title() and "integrates to 1" in ax.get_title()
+    assert ax.get_ylim()[0] == pytest.approx(peak * so.density.LOG_PLOT_RANGE)
+    plt.close(ax.figure)

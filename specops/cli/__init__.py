@@ -45,14 +45,14 @@ def _command(name: str) -> ModuleType:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: X)`` to an option's help, unless the help already says its default.
+    """Adds ``(default: X)`` to an option's help, unless the help already says ``default: ...``.
 
     Options without a value to show (``None``, flags) get nothing.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+        if ("default:" in text or action.default in (None, False, argparse.SUPPRESS)
                 or action.option_strings == [] or action.nargs == 0):
             return text
         return text + " (default: %(default)s)"
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.add_argument("--debug", action="store_true",
-                       help="on an error, print the full traceback after the message")
+                       help="on an error, print the traceback of its cause before the message")
     return parser
 
 
