@@ -495,3 +495,23 @@ def test_settings_and_stages_that_did_not_run(default_run):
     assert "curvature" not in r["settings"]["stages"].split(",")
     for row in __import__("specops").report.summary_rows(r):
         assert row[5] != "", row
+
+
+def test_a_run_failing_after_finished_stages_keeps_them_for_resume(tmp_path, capsys, monkeypatch):
+    from specops.cli.analyze import trace as trace_stage
+    from specops.operator import NonFiniteError
+
+    def fail(ctx):
+        raise NonFiniteError("a product returned NaN (planted)")
+
+    monkeypatch.setattr(trace_stage, "run", fail)
+    out = str(tmp_path / "kept")
+    code, io = run([*USER, "--stages", "eigen,trace", "--top-k", "1", "--no-progress", "--out", out], capsys)
+    assert code == 2 and "Traceback" not in io.err
+    assert "a product returned NaN (planted)" in io.err and "rerun with --resume" in io.err
+    assert set(results(out)["stages"]) == {"eigen"}
+    monkeypatch.undo()
+    code, io = run([*USER, "--stages", "eigen,trace", "--top-k", "1", "--no-progress", "--out", out, "--resume"],
+                   capsys)
+    assert code == 0 and "eigen: finished earlier, skipped" in io.out
+    assert set(results(out)["stages"]) == {"eigen", "trace"}
