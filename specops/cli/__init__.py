@@ -70,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
                            formatter_class=HelpFormatter)
         module.add_arguments(p)
-        p.add_argument("--debug", action="store_true",
-                       help="on an error, print the traceback of its cause before the message")
     return parser
 
 

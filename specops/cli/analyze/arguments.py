@@ -107,6 +107,8 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
     g.add_argument("--stages", default=",".join(rp.STAGES[1:]),
                    help="comma-separated stages to run (others are skipped)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    g.add_argument("--debug", action="store_true",
+                   help="on an error, print the traceback of its cause before the message")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -160,5 +162,5 @@ def settings(args: argparse.Namespace) -> dict:
     Returns:
         Option name -> value.
     """
-    keys = [k for k in vars(args) if k not in ("command", "resume", "overwrite", "no_progress", "out")]
+    keys = [k for k in vars(args) if k not in ("command", "resume", "overwrite", "no_progress", "out", "debug")]
     return {k: getattr(args, k) for k in keys}
