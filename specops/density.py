@@ -336,6 +336,9 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         >>> esd = so.spectral_density(np.diag(np.arange(1.0, 101.0)), num_probes=20, num_steps=30)
         >>> print(f"{float(esd.cdf(30.5)):.2f}")
         0.30
+        >>> f = esd.fraction_below(30.5)   # with its stderr and the quadrature's bracket
+        >>> print(f"{f.lower:.2f} <= 0.30 <= {f.upper:.2f}, resolved: {f.resolved}")
+        0.26 <= 0.30 <= 0.35, resolved: True
         >>> estimate, stderr = esd.trace()
         >>> print(f"{estimate:.6f}")
         5050.000000
