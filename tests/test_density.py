@@ -184,13 +184,28 @@ def cluster_at_zero(n=600, seed=0):
     return symmetric_with_spectrum(lam, seed=1)
 
 
+def as_backend(A, dtype, backend):
+    """``A`` as a dense matrix of ``backend`` in ``dtype``, wrapped as an operator."""
+    A = A.astype(dtype)
+    if backend == "torch":
+        A = pytest.importorskip("torch").from_numpy(A)
+    elif backend == "jax":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)   # as the other JAX tests: float64 arrays stay float64
+        A = jax.numpy.asarray(A)
+    op = so.aslinearoperator(A)
+    assert op.dtype == dtype and op.backend == backend, (op.dtype, op.backend)
+    return op
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cdf_at_a_cluster_is_flagged_and_bracketed(dtype):
+def test_cdf_at_a_cluster_is_flagged_and_bracketed(dtype, backend):
     """cdf(0) beside a cluster at zero: a 0.84 against the dense 0.44, warned, the truth in the bracket."""
     A, lam = cluster_at_zero()
     truth = np.mean(lam <= 0)
     assert truth == pytest.approx(0.44)
-    d = so.spectral_density(so.aslinearoperator(A.astype(dtype)), num_probes=8, num_steps=20, seed=0)
+    d = so.spectral_density(as_backend(A, dtype, backend), num_probes=8, num_steps=20, seed=0)
     with pytest.warns(so.UnresolvedQueryWarning, match=r"x = 0 .*anywhere in \[0\.000, 0\.8"):
         estimate, stderr = d.cdf(0.0, return_stderr=True)
     # the bias is the quadrature's: the probes' standard error alone does not cover it
@@ -201,7 +216,7 @@ def test_cdf_at_a_cluster_is_flagged_and_bracketed(dtype):
     assert f.count() == pytest.approx((600 * f.estimate, 600 * f.stderr))
     assert "unresolved" in str(f)
     # more steps narrow the bracket around the truth
-    d = so.spectral_density(so.aslinearoperator(A.astype(dtype)), num_probes=8, num_steps=80, seed=0)
+    d = so.spectral_density(as_backend(A, dtype, backend), num_probes=8, num_steps=80, seed=0)
     g = d.negative_fraction()
     assert g.upper - g.lower < f.upper - f.lower
     assert g.lower - 3 * g.stderr <= truth <= g.upper + 3 * g.stderr
