@@ -300,7 +300,7 @@ def estimate_row(label: str, result: dict, target: dict | None, matvecs: Any, se
     uncertainty, converged = f"stderr {_fmt(result['stderr'], 2)}", "-"
     if target and target.get("target_rtol") is not None:
         reached, goal = float(target["reached_rtol"]), float(target["target_rtol"])
-        uncertainty += f" ({_pct(reached)} of |value|; target {_pct(goal)})"
+        uncertainty += f" ({_pct(reached)} relative; target {_pct(goal)})"
         converged = "yes" if target["met"] else "NO"
     return (label, _fmt(result["estimate"], 6), uncertainty, converged, matvecs, _seconds(seconds))
 
@@ -501,7 +501,7 @@ def summary_markdown(data: dict, images: list[str]) -> str:
     rows = summary_rows(data)
     out.append("| " + " | ".join(HEADER) + " |")
     out.append("|" + "---|" * len(HEADER))
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     out.append("")
     notes = reading(data)
     if notes:

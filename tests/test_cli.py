@@ -413,7 +413,7 @@ def test_trace_short_of_its_target_is_flagged_everywhere(tmp_path, capsys):
     from specops import report
 
     row = next(r for r in report.summary_rows(results(out)) if r[0] == "trace")
-    flag = f"{100 * reached:.3g} % of |value|; target 0.01 %"
+    flag = f"{100 * reached:.3g} % relative; target 0.01 %"
     assert row[3] == "NO" and flag in row[2]
     assert "short of --trace-rtol 0.0001" in io.out and flag in io.out
     for name in ("summary.md", "report.html"):
