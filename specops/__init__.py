@@ -19,6 +19,7 @@ from specops.diagonal import DiagonalResult, diagonal
 from specops.density import SpectralDensity, spectral_density
 from specops.landscape import Landscape, landscape
 from specops.tracker import Tracker, TrackerLog
+from specops.preconditioner import Preconditioner, preconditioned, stability_threshold
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,9 @@ __all__ = [
     "TraceResult",
     "Tracker",
     "TrackerLog",
+    "Preconditioner",
+    "preconditioned",
+    "stability_threshold",
     "diagonal",
     "eigsh",
     "landscape",
