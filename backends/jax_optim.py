@@ -143,7 +143,7 @@ def preconditioner(opt_state: Any, H: ModelOperator, *, eps: float | None = None
     if family == "sgd":
         return Preconditioner(ops.asarray(np.ones(layout.num_params)), ops, layout=layout, optimizer="optax sgd",
                               settings=settings)
-    count = getattr(state, "count", None)
+    count = state.count if "count" in getattr(state, "_fields", ()) else None  # a NamedTuple's .count is a method
     if count is not None and int(np.asarray(count)) == 0:
         raise ValueError("the optax state has not stepped (count = 0): read the preconditioner after an update")
     f64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in _named_leaves(tree).items()}  # noqa: E731
