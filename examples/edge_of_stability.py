@@ -8,7 +8,8 @@ near (2 + 2 beta1) / ((1 - beta1) lr) = 38 / lr, while the raw sharpness does no
 such line (Cohen et al. 2022).
 
 Every step is one ``Tracker.update``: the top eigenvalue of H (and of P^-1/2 H P^-1/2 for
-Adam) by warm-started Lanczos to a relative residual of 1e-3, the threshold, the loss and
+Adam) by Lanczos to a relative residual of 1e-3, warm-started from the eigenvector of two
+steps before (at the edge of stability the top eigenvector alternates from step to step), the threshold, the loss and
 the gradient's alignment with the top eigenvector. Logs go to ``--out`` (JSON lines, one
 per run), figures and a summary JSON beside them.
 
@@ -56,7 +57,7 @@ def square_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def run(optimizer: str, lr: float, steps: int, path: str, *, seed: int = 0, tol: float = 1e-3,
-        num_samples: int = 1000, warm_start: bool = True, cold_check: bool = False) -> dict:
+        num_samples: int = 1000, warm_lag: int = 2, compare: bool = False) -> dict:
     """Train with full-batch ``optimizer`` (``"gd"`` or ``"adam"``) and track every step.
 
     Args:
@@ -67,11 +68,12 @@ def run(optimizer: str, lr: float, steps: int, path: str, *, seed: int = 0, tol:
         seed: the network's and the tracker's seed.
         tol: Lanczos' relative residual.
         num_samples: training samples.
-        warm_start: the tracker's warm start.
-        cold_check: also run a cold-started eigsh at every step, to count its products.
+        warm_lag: the tracker's warm start from the eigenvector of ``warm_lag`` steps ago.
+        compare: also run, at every step, eigsh warm-started from the previous step's eigenvector
+            and a cold eigsh, to count their products and compare their eigenvalues.
 
     Returns:
-        A summary: products per step (warm; cold when asked), seconds, the last loss.
+        A summary: products per step (the tracker's; the comparisons' when asked), seconds, the last loss.
     """
     X, Y = digits(num_samples)
     model = network(seed)
@@ -81,17 +83,21 @@ def run(optimizer: str, lr: float, steps: int, path: str, *, seed: int = 0, tol:
         os.remove(path)
     extra = {} if optimizer == "gd" else {"preconditioner": lambda H: st.preconditioner(opt, H)}
     tracker = so.Tracker(lambda: st.hessian(model, square_loss, (X, Y)), path, metrics="eigenvalues", k=1,
-                         seed=seed, eigsh_options={"tol": tol}, warm_start=warm_start,
+                         seed=seed, eigsh_options={"tol": tol}, warm_lag=warm_lag,
                          threshold=lambda: st.stability_threshold(opt), dynamics=True, **extra)
-    cold, t0 = [], time.perf_counter()
+    cold, lag1, previous, t0 = [], [], None, time.perf_counter()
     for step in range(steps):
         opt.zero_grad()
         square_loss(model(X), Y).backward()
         opt.step()
         record = tracker.update(step)
-        if cold_check:
-            res = so.eigsh(st.hessian(model, square_loss, (X, Y)), k=1, tol=tol, seed=seed)
+        if compare:
+            H = st.hessian(model, square_loss, (X, Y))
+            res = so.eigsh(H, k=1, tol=tol, seed=seed)
             cold.append((res.num_matvecs, abs(res.eigenvalues[0] - record["eigenvalues"][0]) / res.eigenvalues[0]))
+            res = so.eigsh(H, k=1, tol=tol, seed=seed, v0=previous)
+            previous = res.eigenvectors
+            lag1.append(res.num_matvecs)
         if not np.isfinite(record["loss"]) or record["loss"] > 1e6:
             break
     warm = [r["products"]["eigenvalues"] for r in tracker.records]
@@ -99,6 +105,7 @@ def run(optimizer: str, lr: float, steps: int, path: str, *, seed: int = 0, tol:
             "products_per_step": float(np.mean(warm)), "products_first_step": warm[0],
             "products_after_first": float(np.mean(warm[1:])) if len(warm) > 1 else None,
             "cold_products_per_step": float(np.mean([c[0] for c in cold])) if cold else None,
+            "previous_step_start_products_per_step": float(np.mean(lag1)) if lag1 else None,
             "cold_max_relative_difference": float(max(c[1] for c in cold)) if cold else None,
             "all_converged": all(all(r["converged"]) for r in tracker.records),
             "seconds": time.perf_counter() - t0, "final_loss": tracker.records[-1]["loss"]}
@@ -170,7 +177,8 @@ def main() -> None:
     parser.add_argument("--adam-steps", type=int, default=None, help="default: --steps")
     parser.add_argument("--out", default="eos_runs")
     parser.add_argument("--quick", action="store_true", help="one GD and one Adam run")
-    parser.add_argument("--cold-check", action="store_true", help="count a cold start's products at each step")
+    parser.add_argument("--compare", action="store_true",
+                        help="count the products of a cold start and of a previous-step start at each step")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
@@ -178,7 +186,7 @@ def main() -> None:
     summaries = []
     for name, rates, steps in (("gd", gd, args.steps), ("adam", adam, args.adam_steps or args.steps)):
         for lr in rates:
-            s = run(name, lr, steps, os.path.join(args.out, f"{name}_lr{lr}.jsonl"), cold_check=args.cold_check)
+            s = run(name, lr, steps, os.path.join(args.out, f"{name}_lr{lr}.jsonl"), compare=args.compare)
             print(json.dumps(s))
             summaries.append(s)
     figure(summaries, os.path.join(args.out, "edge_of_stability.png"))

@@ -123,6 +123,10 @@ class Tracker:
             curvature's operator (e.g. ``lambda H: st.preconditioner(optimizer, H)``), or a fixed
             diagonal: records the top ``k`` eigenvalues of ``P^{-1/2} H P^{-1/2}`` (those of
             ``P^{-1} H``) under ``record["preconditioned"]``, warm-started like ``H``'s.
+        warm_lag: warm-start from the eigenvectors of ``warm_lag`` updates ago (once that many
+            are in memory; until then the last ones). 2 suits every-step tracking of gradient
+            descent at the edge of stability, where the top eigenvector alternates between two
+            states from step to step (docs/dynamics.md has the measured products).
         threshold: the stability threshold to record with each step, a number or a callable
             (e.g. ``lambda: st.stability_threshold(optimizer)``, the current learning rate's).
         dynamics: record the loss (``loss_at()``), the gradient's norm and its alignment
@@ -143,7 +147,8 @@ class Tracker:
                  resume: bool = False, eigsh_options: dict | None = None, trace_options: dict | None = None,
                  density_options: dict | None = None, progress: bool = False, comm: Any = None,
                  curvatures: str | Iterable[str] = ("hessian",), preconditioner: Any = None,
-                 threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None) -> None:
+                 threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None,
+                 warm_lag: int = 1) -> None:
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
@@ -170,6 +175,10 @@ class Tracker:
             raise ValueError("eigsh_options must not hold 'k' or 'v0': pass k= to the Tracker; v0 is the warm start")
         self.curvatures = _check_curvatures(curvatures)
         self.preconditioner, self.threshold = preconditioner, threshold
+        if isinstance(warm_lag, bool) or not isinstance(warm_lag, (int, np.integer)) or warm_lag < 1:
+            raise ValueError(f"warm_lag must be a positive integer, got {warm_lag!r}")
+        self.warm_lag = int(warm_lag)
+        self._history: dict = {}  # name -> the last warm_lag eigenvector blocks, oldest first
         self.dynamics = (preconditioner is not None or threshold is not None) if dynamics is None else bool(dynamics)
         if (self.dynamics or preconditioner is not None) and "eigenvalues" not in self.metrics:
             raise ValueError("preconditioner= and dynamics= need the 'eigenvalues' metric (the gradient's alignment "
@@ -371,8 +380,13 @@ class Tracker:
         return V
 
     def _start(self, A: Any, name: str) -> Any:
-        """The previous eigenvectors of ``name`` as a start block for ``A``, or None (cold)."""
-        return self.eigenvectors(A, name) if self.warm_start else None
+        """The eigenvectors of ``name`` from ``warm_lag`` updates ago as a start block for ``A``, or None (cold)."""
+        if not self.warm_start:
+            return None
+        past = self._history.get(name, [])
+        if len(past) >= self.warm_lag and tuple(past[0].shape) == (A.shape[0], self.k):
+            return past[0]
+        return self.eigenvectors(A, name)
 
     def _metric(self, A: Any, name: str, metric: str, out: dict) -> tuple[int, bool]:
         """Compute one metric of ``A`` into ``out``; returns ``(products, warm)``."""
@@ -385,6 +399,7 @@ class Tracker:
             v0 = self._start(A, name)
             res = eigsh(A, k=self.k, seed=self.seed, v0=v0, **opts)
             self.vectors[name] = res.eigenvectors
+            self._history[name] = [*self._history.get(name, []), res.eigenvectors][-self.warm_lag:]
             out.update(eigenvalues=res.eigenvalues, residuals=res.residuals, converged=res.converged)
             return res.num_matvecs, v0 is not None
         if metric == "trace":

@@ -97,3 +97,34 @@ def test_bad_arguments():
     rec = so.Tracker(lambda: np.diag([3.0, 2.0, 1.0]), metrics="eigenvalues", k=1, threshold=2.5,
                      preconditioner=np.array([2.0, 1.0, 1.0]), dynamics=False).update(0)
     assert rec["threshold"] == 2.5 and rec["preconditioned"]["eigenvalues"][0] == pytest.approx(2.0)
+
+
+def test_warm_lag_starts_from_two_updates_ago():
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.normal(size=(60, 60)))[0]
+    w = np.linspace(0, 1, 60)
+    w[-1], w[-2] = 3.0, 2.9
+    A = (Q * w) @ Q.T
+    c, s = np.cos(0.7), np.sin(0.7)  # the top eigenvectors turn by 40 degrees and back, step after step,
+    R = Q.copy()                     # as GD's at the edge of stability alternate
+    R[:, -1], R[:, -2] = c * Q[:, -1] + s * Q[:, -2], -s * Q[:, -1] + c * Q[:, -2]
+    B = (R * w) @ R.T
+    used = {}
+    for lag in (1, 2):
+        noise = np.random.default_rng(1)   # the same small change of every step for both lags: no start is exact
+
+        def make(M, noise=noise):
+            E = noise.normal(size=(60, 60)) * 1e-6
+            return M + E + E.T
+
+        ops = iter([make(M) for M in (A, B, A, B, A, B)])
+        tracker = so.Tracker(lambda: next(ops), metrics="eigenvalues", k=1, seed=0, warm_lag=lag,
+                             eigsh_options={"tol": 1e-3})
+        records = [tracker.update(i) for i in range(6)]
+        for r in records:
+            assert r["eigenvalues"][0] == pytest.approx(3.0, rel=1e-3) and r["converged"][0]
+        used[lag] = [r["num_matvecs"] for r in records]
+    # from two updates ago the start is the exact eigenvector: Lanczos stops at once
+    assert max(used[2][2:]) <= 3 < min(used[1][1:])
+    with pytest.raises(ValueError, match="warm_lag must be a positive integer"):
+        so.Tracker(lambda: A, warm_lag=0)
