@@ -115,8 +115,9 @@ def analyze(path: str, optimizer: str, lr: float, tail: int = 200) -> dict:
     """The numbers docs/dynamics.md quotes, read from a run's log.
 
     ``sharpness`` is lambda_1(H) for GD and lambda_1(P^-1 H) for Adam, ``threshold`` the
-    run's (2/lr, 38/lr). Returns the first and largest sharpness, the first step where it is
-    within 5 % of the threshold, its median / threshold (and the 10-90 % range) over the
+    run's (2/lr, 38/lr). Returns the first and largest sharpness, its lowest value in the first
+    100 steps (Adam's starts far above its threshold, v being tiny after one step) and the first
+    step after that where it is within 5 % of the threshold, its median / threshold (and the 10-90 % range) over the
     last ``tail`` steps, the raw lambda_1(H) at the start and end, the loss at the start and end,
     the fraction of steps after the first crossing where the loss went up, and the median
     gradient alignment with the top eigenvector before and after the crossing.
@@ -124,14 +125,16 @@ def analyze(path: str, optimizer: str, lr: float, tail: int = 200) -> dict:
     data = so.TrackerLog.read(path).sharpness()
     sharp = data["sharpness"] if optimizer == "gd" else data["preconditioned"]
     thr = data["threshold"]
-    near = np.nonzero(sharp >= 0.95 * thr)[0]
-    first = int(near[0]) if near.size else None
+    low = int(np.nanargmin(sharp[:100]))
+    near = np.nonzero(sharp[low:] >= 0.95 * thr[low:])[0]
+    first = low + int(near[0]) if near.size else None
     ratio = sharp[-tail:] / thr[-tail:]
     loss, align = data["loss"], data["alignment"]
     after = slice(first, None) if first is not None else slice(len(loss), None)
     return {
         "optimizer": optimizer, "lr": lr, "threshold": float(thr[-1]), "sharpness_first": float(sharp[0]),
-        "sharpness_max": float(np.nanmax(sharp)), "step_within_5pct": first,
+        "sharpness_max": float(np.nanmax(sharp)),
+        "sharpness_low": [low, float(sharp[low])], "step_within_5pct": first,
         "tail_median_over_threshold": float(np.median(ratio)),
         "tail_p10_p90_over_threshold": [float(np.percentile(ratio, 10)), float(np.percentile(ratio, 90))],
         "raw_sharpness_first_last": [float(data["sharpness"][0]), float(data["sharpness"][-1])],
