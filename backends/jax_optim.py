@@ -133,7 +133,8 @@ def preconditioner(opt_state: Any, H: ModelOperator, *, eps: float | None = None
         ValueError: a missing hyperparameter, a state that has not stepped, a parameter the state
             does not hold or holds with another shape.
     """
-    if not isinstance(H, ModelOperator) or not hasattr(H.adapter, "params"):
+    adapter = getattr(H, "adapter", None)
+    if not isinstance(H, ModelOperator) or not hasattr(getattr(adapter, "base", adapter), "params"):
         raise TypeError("pass the operator from specops.backends.jax.hessian, whose parameter order P follows")
     family, state, _ = _family(opt_state)
     given = {"eps": eps, "b2": b2, "eps_root": eps_root, "decay": decay, "eps_in_sqrt": eps_in_sqrt}

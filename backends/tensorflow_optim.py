@@ -59,7 +59,9 @@ def preconditioner(optimizer: Any, H: ModelOperator) -> Preconditioner:
         ValueError: the optimizer has not updated, or does not hold one of ``H``'s variables.
     """
     kind = _kind(optimizer)
-    if not isinstance(H, ModelOperator) or not hasattr(H.adapter, "_vars"):
+    adapter: Any = getattr(H, "adapter", None)
+    adapter = getattr(adapter, "base", adapter)  # a GGN / Fisher wraps the Hessian's adapter
+    if not isinstance(H, ModelOperator) or not hasattr(adapter, "_vars"):
         raise TypeError("pass the operator from specops.backends.tensorflow.hessian, whose variable order P follows")
     layout, ops = H.layout, H.ops
     t = int(_value(optimizer.iterations))
@@ -67,7 +69,7 @@ def preconditioner(optimizer: Any, H: ModelOperator) -> Preconditioner:
         raise ValueError(f"the {kind} optimizer has not updated yet (iterations = {t}): read the preconditioner "
                          "after optimizer.apply_gradients / model.fit")
     index = {}
-    for name, var in zip(layout.names, H.adapter._vars):
+    for name, var in zip(layout.names, adapter._vars):
         try:
             index[name] = optimizer._get_variable_index(var)
         except KeyError:

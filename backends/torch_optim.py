@@ -45,7 +45,8 @@ def _model_params(H: Any, wrt: Any) -> tuple[Any, Any, list[str], dict]:
     from specops.layout import ParamLayout
 
     if isinstance(H, ModelOperator):
-        model = getattr(H.adapter, "model", None)
+        adapter = getattr(H.adapter, "base", H.adapter)  # a GGN / Fisher wraps the Hessian's adapter
+        model = getattr(adapter, "model", None)
         if not isinstance(model, torch.nn.Module):
             raise TypeError("H is not a PyTorch model's operator; build it with specops.backends.torch.hessian")
         if wrt is not None:

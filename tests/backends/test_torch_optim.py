@@ -232,3 +232,15 @@ def test_threshold_separates_stable_from_divergent_on_a_quadratic(make_opt):
     above = _growth(make_opt, 1.03 * thr)
     assert below < 1e-2, below
     assert above > 1e2, above
+
+
+def test_ggn_takes_the_same_preconditioner():
+    model, data = _model(torch.float64), _data(torch.float64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, data)
+    G = st.ggn(model, LOSS, data)
+    P = st.preconditioner(opt, G)
+    d = _hand_diagonal(opt, "Adam", G.layout.names, model)
+    np.testing.assert_allclose(P.ops.to_numpy(P.diagonal), d, rtol=1e-12)
+    np.testing.assert_allclose(so.preconditioned(G, P).to_dense(), G.to_dense() / np.sqrt(np.outer(d, d)),
+                               rtol=1e-10, atol=1e-14)
