@@ -260,7 +260,9 @@ class Tracker:
             per block), ``curvatures`` (the same per curvature after the first),
             ``residual`` (``{trace}`` of ``H - G``), ``curvature`` (the first curvature's
             name, when not the Hessian), ``num_matvecs`` (all products of this update),
-            ``products`` (per metric), ``warm_start``, ``info``, ``seconds``. A step recorded before (resume)
+            ``products`` (per metric), ``warm_start``, ``info``, ``seconds``; with ``preconditioner=``,
+            ``threshold=`` or ``dynamics=`` also ``preconditioned`` (``{eigenvalues, residuals,
+            converged}``), ``threshold``, ``loss``, ``gradient_norm``, ``alignment``. A step recorded before (resume)
             is returned as stored, without computing.
         """
         for r in self.records:
