@@ -1558,8 +1558,8 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
         algorithm takes like a Hessian.
 
     Raises:
-        ValueError: a loss that is not a function of the outputs alone (``loss_form="model"``).
-        As :func:`hessian` otherwise.
+        ValueError: a loss that is not a function of the outputs alone (``loss_form="model"``),
+            and every error that :func:`hessian` raises for the same arguments.
     """
     return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt,
                                reduction=reduction,

@@ -47,9 +47,9 @@ print(f"trace: {tr.estimate:.4f} +- {tr.stderr:.4f} ({tr.num_matvecs} products)"
 density = specops.spectral_density(H, num_probes=4, num_steps=40, seed=0)
 grid = density.default_grid()
 values = density.evaluate(grid)
-negative = float(density.cdf(0.0))
+negative = density.negative_fraction()  # an estimate: ± its stderr over probes, [its quadrature bracket]
 print(f"spectral density: support [{density.nodes.min():.4g}, {density.nodes.max():.4g}], "
-      f"peak at {grid[np.argmax(values)]:.3g}, fraction of eigenvalues < 0: {negative:.3f}")
+      f"peak at {grid[np.argmax(values)]:.3g}, fraction of eigenvalues <= 0: {negative}")
 
 # --- one layer's block, and the loss along the top eigenvector -------------------------------
 first = H.restrict("0.*")

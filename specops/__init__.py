@@ -16,7 +16,7 @@ from specops.model import ModelOperator, NonDeterministicError
 from specops.eigsh import EigResult, eigsh
 from specops.trace import TraceResult, trace
 from specops.diagonal import DiagonalResult, diagonal
-from specops.density import SpectralDensity, spectral_density
+from specops.density import SpectralDensity, SpectralFraction, UnresolvedQueryWarning, spectral_density
 from specops.landscape import Landscape, landscape
 from specops.tracker import Tracker, TrackerLog
 from specops.preconditioner import Preconditioner, preconditioned, stability_threshold
@@ -45,4 +45,6 @@ __all__ = [
     "NonFiniteError",
     "aslinearoperator",
     "check_symmetric",
+    "SpectralFraction",
+    "UnresolvedQueryWarning",
 ]

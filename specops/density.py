@@ -33,6 +33,62 @@ from specops.results import Result
 SIGMA_FRACTION = 0.005
 #: Default number of grid points.
 GRID_POINTS = 1001
+#: The log-scale plot's axis spans this fraction of the density's peak to the peak.
+LOG_PLOT_RANGE = 1e-8
+#: A query is unresolved when the quadrature's bracket of the cdf there is wider than this
+#: many resolution cells of ``1 / num_steps`` (the mass one node carries on a smooth
+#: spectrum): the nodes next to it stand for a cluster of eigenvalues.
+UNRESOLVED_WIDTH = 4.0
+
+
+class UnresolvedQueryWarning(UserWarning):
+    """A query of a spectral density falls where its quadrature cannot resolve the spectrum."""
+
+
+def _stderr(per_probe: np.ndarray) -> np.ndarray:
+    """Standard error of the mean over the last axis (probes); ``inf`` for one probe."""
+    p = per_probe.shape[-1]
+    if p < 2:
+        return np.full(per_probe.shape[:-1], np.inf)
+    return np.std(per_probe, axis=-1, ddof=1) / np.sqrt(p)
+
+
+@dataclasses.dataclass
+class SpectralFraction:
+    """The fraction of eigenvalues ``<= x`` read off a spectral density, with its uncertainty.
+
+    Attributes:
+        x: the query point.
+        estimate: the quadrature's fraction (mean over probes).
+        stderr: its standard error over probes.
+        lower: lower end of the quadrature's resolution bracket (see
+            :meth:`SpectralDensity.fraction_below`).
+        upper: upper end of that bracket.
+        n: the operator's size.
+        resolution_width: the bracket width above which the query is unresolved.
+    """
+
+    x: float
+    estimate: float
+    stderr: float
+    lower: float
+    upper: float
+    n: int
+    resolution_width: float
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the bracket is no wider than the steps' resolution (no cluster at ``x``)."""
+        return self.upper - self.lower <= self.resolution_width
+
+    def count(self) -> tuple[float, float]:
+        """The number of eigenvalues ``<= x`` and its standard error (``n`` times the fraction's)."""
+        return self.n * self.estimate, self.n * self.stderr
+
+    def __str__(self) -> str:
+        text = f"{self.estimate:.3f} ± {self.stderr:.3f} (bracket [{self.lower:.3f}, {self.upper:.3f}]"
+        return text + (")" if self.resolved else ", unresolved: a cluster of eigenvalues at x)")
+
 
 
 @dataclasses.dataclass
@@ -86,24 +142,106 @@ class SpectralDensity(Result):
         kernel = np.exp(-0.5 * z**2) / (sigma * np.sqrt(2 * np.pi))
         return (kernel @ self.weights.ravel() / self.nodes.shape[0]).reshape(grid.shape)
 
-    def cdf(self, x: npt.ArrayLike, sigma: float = 0.0) -> np.ndarray:
-        """The estimated fraction of eigenvalues ``<= x``.
+    def cdf(self, x: npt.ArrayLike, sigma: float = 0.0, *, return_stderr: bool = False) -> Any:
+        """The estimated fraction of eigenvalues ``<= x`` (and its standard error over probes).
+
+        Each probe's quadrature has only ``num_steps`` nodes: next to a cluster of
+        eigenvalues (the bulk at zero of a Hessian) the step function jumps by the mass of a
+        whole cluster at once, a bias that more probes do not reduce. Where that happens at
+        a point of ``x`` (the bracket of :meth:`fraction_below` wider than :data:`UNRESOLVED_WIDTH`
+        resolution cells) a :class:`UnresolvedQueryWarning` says so; :meth:`fraction_below`
+        gives the bracket itself.
 
         Args:
             x: the points, any shape.
             sigma: ``0`` for the step function of the quadrature nodes; a positive width
                 for the cumulative distribution of the Gaussian-smoothed density.
+            return_stderr: also return the standard error over probes (the spread of the
+                probes' own quadratures divided by ``sqrt(num_probes)``; ``inf`` for one probe).
 
         Returns:
-            The fractions, an array of ``x``'s shape.
+            The fractions, an array of ``x``'s shape; with ``return_stderr``, the pair
+            ``(fractions, stderrs)``.
         """
         x = np.asarray(x, dtype=np.float64)
-        nodes, weights = self.nodes.ravel(), self.weights.ravel() / self.nodes.shape[0]
+        if sigma != 0:
+            per_probe = self._cdf_per_probe(x, sigma)
+            estimate = per_probe.mean(axis=-1)
+        else:
+            per_probe, lower, upper = self._steps(x)
+            estimate, lower, upper = per_probe.mean(axis=-1), lower.mean(axis=-1), upper.mean(axis=-1)
+            wide = (upper - lower) > UNRESOLVED_WIDTH / self.nodes.shape[1]
+            if np.any(wide):
+                first = x[wide].ravel()[0]
+                lo, hi = lower[wide].ravel()[0], upper[wide].ravel()[0]
+                warnings.warn(
+                    f"SpectralDensity.cdf: at x = {first:.4g} the quadrature cannot resolve the "
+                    f"eigenvalues near x: the probes' nodes there carry so much mass that the "
+                    f"fraction below x lies anywhere in [{lo:.3f}, {hi:.3f}] (the estimate is "
+                    f"{float(np.asarray(estimate)[wide].ravel()[0]):.3f}). More num_steps narrow it; "
+                    "SpectralDensity.fraction_below(x) gives the bracket and the standard error",
+                    UnresolvedQueryWarning, stacklevel=2)
+        if not return_stderr:
+            return estimate
+        return estimate, _stderr(per_probe)
+
+    def fraction_below(self, x: float) -> SpectralFraction:
+        """The fraction of eigenvalues ``<= x`` with its standard error and resolution bracket.
+
+        The bracket comes from the Chebyshev-Markov-Stieltjes inequalities of Gauss
+        quadrature (Karlin & Shapley 1953; Golub & Meurant 2010, sec. 6.3): for each
+        probe's measure ``v^T 1(A <= x) v`` the true value lies between the quadrature's
+        step function less the weight of the nearest node at or below ``x`` and plus the
+        weight of the nearest node above ``x``. Averaged over probes it bounds, in exact
+        arithmetic, the value that infinitely many Lanczos steps on the same probes would
+        give; the standard error covers the probes' own randomness.
+
+        Args:
+            x: the point.
+
+        Returns:
+            A :class:`SpectralFraction`; ``.count()`` gives the number of eigenvalues.
+        """
+        x = float(x)
+        per_probe, lower, upper = self._steps(np.asarray(x))
+        return SpectralFraction(x=x, estimate=float(per_probe.mean()), stderr=float(_stderr(per_probe)),
+                                lower=float(lower.mean()), upper=float(upper.mean()), n=int(self.settings["n"]),
+                                resolution_width=UNRESOLVED_WIDTH / self.nodes.shape[1])
+
+    def negative_fraction(self) -> SpectralFraction:
+        """:meth:`fraction_below` at 0: the fraction of eigenvalues ``<= 0``, with its uncertainty.
+
+        A quadrature cannot tell an eigenvalue at 0 from one at ``-1e-9``: the bracket says
+        how much mass sits at the boundary.
+        """
+        return self.fraction_below(0.0)
+
+    def _cdf_per_probe(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        """The cdf of each probe's quadrature at ``x``: shape ``x.shape + (num_probes,)``."""
         if sigma == 0:
-            order = np.argsort(nodes, kind="stable")
-            cum = np.concatenate([[0.0], np.cumsum(weights[order])])
-            return cum[np.searchsorted(nodes[order], x, side="right")]
-        return 0.5 * (1 + erf((x[..., None] - nodes) / (sigma * np.sqrt(2)))) @ weights
+            return self._steps(x)[0]
+        return np.stack([0.5 * (1 + erf((x[..., None] - nodes) / (sigma * np.sqrt(2)))) @ weights
+                         for nodes, weights in zip(self.nodes, self.weights)], axis=-1)
+
+    def _steps(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each probe's step cdf at ``x`` and its Chebyshev-Markov-Stieltjes bounds (:meth:`fraction_below`).
+
+        Returns three arrays of shape ``x.shape + (num_probes,)``: the quadrature's cdf, it
+        less the weight of the nearest node at or below ``x``, it plus the weight of the
+        nearest node above.
+        """
+        cdf, lower, upper = [], [], []
+        for nodes, weights in zip(self.nodes, self.weights):
+            live = weights > 0  # rows of exhausted probes are padded with weight-0 nodes
+            order = np.argsort(nodes[live], kind="stable")
+            nodes_sorted, w = nodes[live][order], weights[live][order]
+            cum = np.concatenate([[0.0], np.cumsum(w)])
+            k = np.searchsorted(nodes_sorted, x, side="right")  # nodes <= x
+            w_padded = np.concatenate([[0.0], w, [0.0]])
+            cdf.append(cum[k])
+            lower.append(np.maximum(cum[k] - w_padded[k], 0.0))
+            upper.append(np.minimum(cum[k] + w_padded[k + 1], 1.0))
+        return np.stack(cdf, axis=-1), np.stack(lower, axis=-1), np.stack(upper, axis=-1)
 
     def trace(self) -> tuple[float, float]:
         """The trace estimate ``n * mean_probes sum_j w_j theta_j`` and its standard error."""
@@ -115,7 +253,13 @@ class SpectralDensity(Result):
 
     def plot(self, ax: Any = None, sigma: float | None = None, grid: npt.ArrayLike | None = None,
              log: bool = True) -> Any:
-        """Plot the density (log scale by default); returns the matplotlib axes."""
+        """Plot the density (log scale by default); returns the matplotlib axes.
+
+        The title states the Gaussian kernel's width ``sigma`` and the normalisation (the
+        density integrates to 1 over the eigenvalue axis); on a log scale the axis starts at
+        :data:`LOG_PLOT_RANGE` times the peak (the Gaussian tails below it are cut by the
+        axis, not drawn as a floor).
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -123,14 +267,19 @@ class SpectralDensity(Result):
         sigma = self.default_sigma() if sigma is None else sigma
         grid = self.default_grid(sigma) if grid is None else np.asarray(grid, dtype=np.float64)
         density = self.evaluate(grid, sigma)
+        note = f"Gaussian kernel sigma = {sigma:.3g}; the density integrates to 1"
         if log:
-            floor = max(density.max() * 1e-12, np.finfo(float).tiny)
-            ax.semilogy(grid, np.maximum(density, floor))
+            peak = float(density.max())
+            ax.semilogy(grid, np.maximum(density, np.finfo(float).tiny))
+            if peak > 0:
+                ax.set_ylim(peak * LOG_PLOT_RANGE, peak * 3)
+                note += f"; axis from {LOG_PLOT_RANGE:.0e} x peak"
         else:
             ax.plot(grid, density)
         ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        ax.set_title(f"spectral density (SLQ, {self.nodes.shape[0]} probes x {self.nodes.shape[1]} steps)")
+        ax.set_ylabel("density (per unit eigenvalue)")
+        ax.set_title(f"spectral density (SLQ, {self.nodes.shape[0]} probes x {self.nodes.shape[1]} steps)\n{note}",
+                     fontsize=9)
         return ax
 
 
@@ -187,6 +336,9 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         >>> esd = so.spectral_density(np.diag(np.arange(1.0, 101.0)), num_probes=20, num_steps=30)
         >>> print(f"{float(esd.cdf(30.5)):.2f}")
         0.30
+        >>> f = esd.fraction_below(30.5)   # with its stderr and the quadrature's bracket
+        >>> print(f"{f.lower:.2f} <= 0.30 <= {f.upper:.2f}, resolved: {f.resolved}")
+        0.26 <= 0.30 <= 0.35, resolved: True
         >>> estimate, stderr = esd.trace()
         >>> print(f"{estimate:.6f}")
         5050.000000

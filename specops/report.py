@@ -28,10 +28,19 @@ STAGES = ("train", "eigen", "trace", "esd", "curvature", "blocks", "landscape")
 
 
 # --- files ----------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
-    Readers see the old file or the new one, never a partial one.
+    Readers see the old file or the new one, never a partial one. The file gets the
+    permissions of any new file (``0o666`` less the umask), not the temporary file's 0600:
+    ``report.html`` is meant to be read by others.
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -40,6 +49,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -92,6 +102,22 @@ def library_versions() -> dict:
     return out
 
 
+def rtol_target(result: dict, rtol: float | None) -> dict:
+    """Whether a stochastic estimate reached its relative-standard-error target.
+
+    Args:
+        result: the estimate as a dict with ``estimate`` and ``stderr`` (a trace's ``to_dict()``).
+        rtol: the target ``stderr / |estimate|`` (``--trace-rtol``); None: no target.
+
+    Returns:
+        ``{"target_rtol", "reached_rtol", "met"}``; ``reached_rtol`` is ``inf`` for a zero
+        estimate with a nonzero stderr, and ``met`` is True without a target.
+    """
+    est, err = abs(float(result["estimate"])), float(result["stderr"])
+    reached = err / est if est > 0 else (0.0 if err == 0 else math.inf)
+    return dict(target_rtol=rtol, reached_rtol=reached, met=rtol is None or reached <= rtol)
+
+
 # --- state ----------------------------------------------------------------------------------
 class ReportState:
     """The contents of ``results.json`` and the rules for resuming.
@@ -111,6 +137,7 @@ class ReportState:
     def __init__(self, folder: str, write: bool = True) -> None:
         self.folder = folder
         self.write = write
+        self.saved = False  # whether this process has written results.json
         self.data: dict = {"format": self.FORMAT, "settings": {}, "model": {}, "versions": {}, "stages": {}}
 
     @property
@@ -133,6 +160,7 @@ class ReportState:
         """Write ``results.json`` atomically (on the writing rank only)."""
         if self.write:
             atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
+            self.saved = True
 
     def done(self, stage: str, settings: dict) -> bool:
         """Whether ``stage`` finished earlier with these ``settings``."""
@@ -143,11 +171,16 @@ class ReportState:
         """A finished stage's result, with its arrays as NumPy arrays."""
         return _from_jsonable(self.data["stages"][stage]["result"])
 
-    def finish(self, stage: str, settings: dict, result: Any, num_matvecs: int, seconds: float) -> None:
-        """Record a finished stage and write ``results.json`` at once."""
+    def finish(self, stage: str, settings: dict, result: Any, num_matvecs: int, seconds: float,
+               **extra: Any) -> None:
+        """Record a finished stage and write ``results.json`` at once.
+
+        ``extra`` entries (e.g. ``target``: :func:`rtol_target` of an estimate) are stored
+        beside the result.
+        """
         self.data["stages"][stage] = _to_jsonable(dict(
             settings=settings, result=result, num_matvecs=int(num_matvecs), seconds=float(seconds),
-            finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra))
         self.save()
 
     def stage(self, name: str) -> dict | None:
@@ -172,21 +205,31 @@ def plot_esd(density: Any, top_eigenvalues: list, path: str, title: str = "") ->
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     density.plot(ax=ax, log=True)
+    if title:
+        ax.set_title(f"{title}\n{ax.get_title()}", fontsize=9)
     for i, lam in enumerate(top_eigenvalues):
         ax.axvline(lam, color="C3", lw=0.8, ls="--", label="top eigenvalues (Lanczos)" if i == 0 else None)
     if len(top_eigenvalues):
         ax.legend(loc="upper right", fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
     atomic_savefig(fig, path)
     plt.close(fig)
 
 
-def plot_landscape(ls: Any, path: str, title: str = "") -> None:
-    """``landscape.png``: the loss along a line or on a plane (contours)."""
+def plot_landscape(ls: Any, path: str, title: str = "", eigenvalues: Any = None) -> None:
+    """``landscape.png``: the loss along a line or on a plane (contours).
+
+    With ``eigenvalues`` (directions that are the top eigenvectors), each axis names the
+    eigenvector and its eigenvalue.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     ls.plot(ax=ax)
+    if eigenvalues is not None:
+        labels = [f"step along eigenvector {i + 1} (eigenvalue {_fmt(lam, 4)})"
+                  for i, lam in enumerate(list(eigenvalues)[: ls.ndim])]
+        ax.set_xlabel(labels[0])
+        if ls.ndim == 2:
+            ax.set_ylabel(labels[1])
     if title:
         ax.set_title(title, fontsize=9)
     atomic_savefig(fig, path)
@@ -204,12 +247,15 @@ def plot_blocks(blocks: dict, path: str, title: str = "") -> None:
     tops = [blocks[b]["eigen"]["eigenvalues"][0] for b in names]
     fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.2 * len(names) + 3), 3.8))
     axes[0].bar(x, traces, yerr=errors, capsize=3, color="C0")
-    axes[0].set_title("trace of the block Hessian")
+    axes[0].set_title("trace of the block Hessian (± stderr)")
+    axes[0].set_ylabel("trace")
     axes[1].bar(x, tops, color="C1")
     axes[1].set_title("top eigenvalue of the block Hessian")
+    axes[1].set_ylabel("eigenvalue")
     for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_xlabel("block (--blocks)")
         ax.axhline(0, color="0.5", lw=0.6)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -228,46 +274,100 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+#: The matvecs and seconds cells of a row whose numbers came out of the row above's computation.
+SAME_RUN = "(same run)"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g} %" if math.isfinite(x) else "inf"
+
+
+def estimate_row(label: str, result: dict, target: dict | None, matvecs: Any, seconds: Any) -> tuple:
+    """The row of a stochastic estimate: its value, stderr, and whether it reached its target.
+
+    Args:
+        label: the quantity.
+        result: ``{"estimate", "stderr", ...}`` (a trace's ``to_dict()``).
+        target: :func:`rtol_target` of the estimate, or None (no target recorded).
+        matvecs: the products cell.
+        seconds: the seconds (a number) or the cell's text.
+
+    Returns:
+        ``(quantity, value, uncertainty, converged, matvecs, seconds)``: ``converged`` is
+        ``"NO"`` when the budget ran out before the target, and the uncertainty then names
+        the target and the relative stderr reached.
+    """
+    uncertainty, converged = f"stderr {_fmt(result['stderr'], 2)}", "-"
+    if target and target.get("target_rtol") is not None:
+        reached, goal = float(target["reached_rtol"]), float(target["target_rtol"])
+        uncertainty += f" ({_pct(reached)} relative; target {_pct(goal)})"
+        converged = "yes" if target["met"] else "NO"
+    return (label, _fmt(result["estimate"], 6), uncertainty, converged, matvecs, _seconds(seconds))
+
+
+def _seconds(x: Any) -> str:
+    return x if isinstance(x, str) else _fmt(x, 3)
+
+
 def summary_rows(data: dict) -> list[tuple]:
-    """``(quantity, value, uncertainty, converged, matvecs, seconds)`` rows from results.json data."""
+    """``(quantity, value, uncertainty, converged, matvecs, seconds)`` rows from results.json data.
+
+    One function per stage adds its rows (:data:`ROW_MAKERS`); a stochastic estimate's row
+    comes from :func:`estimate_row`.
+    """
+    return [row for make in ROW_MAKERS for row in make(data)]
+
+
+def _eigen_rows(data: dict) -> list[tuple]:
+    st = data["stages"].get("eigen")
+    if not st:
+        return []
+    r = _from_jsonable(st["result"])
+    return [(f"eigenvalue {i + 1}", _fmt(lam, 6), f"residual {_fmt(res, 2)}", "yes" if ok else "NO",
+             st["num_matvecs"] if i == 0 else SAME_RUN, _fmt(st["seconds"], 3) if i == 0 else SAME_RUN)
+            for i, (lam, res, ok) in enumerate(zip(r["eigenvalues"], r["residuals"], r["converged"]))]
+
+
+def _trace_rows(data: dict) -> list[tuple]:
+    st = data["stages"].get("trace")
+    if not st:
+        return []
+    return [estimate_row("trace", st["result"], st.get("target"), st["num_matvecs"], st["seconds"])]
+
+
+def _esd_rows(data: dict) -> list[tuple]:
+    st = data["stages"].get("esd")
+    if not st:
+        return []
+    nodes = np.asarray(_from_jsonable(st["result"])["nodes"])
+    return [("ESD support", f"[{_fmt(nodes.min())}, {_fmt(nodes.max())}]",
+             f"{nodes.shape[0]} probes x {nodes.shape[1]} steps", "-", st["num_matvecs"], _fmt(st["seconds"], 3))]
+
+
+def _block_rows(data: dict) -> list[tuple]:
+    st = data["stages"].get("blocks")
+    if not st:
+        return []
     rows = []
-    stages = data["stages"]
-    if "eigen" in stages:
-        st = stages["eigen"]
-        r = _from_jsonable(st["result"])
-        for i, (lam, res, ok) in enumerate(zip(r["eigenvalues"], r["residuals"], r["converged"])):
-            rows.append((f"eigenvalue {i + 1}", _fmt(lam, 6), f"residual {_fmt(res, 2)}", "yes" if ok else "NO",
-                         st["num_matvecs"] if i == 0 else "", _fmt(st["seconds"], 3) if i == 0 else ""))
-    if "trace" in stages:
-        st = stages["trace"]
-        r = st["result"]
-        rows.append(("trace", _fmt(r["estimate"], 6), f"stderr {_fmt(r['stderr'], 2)}", "-",
-                     st["num_matvecs"], _fmt(st["seconds"], 3)))
-    if "esd" in stages:
-        st = stages["esd"]
-        r = _from_jsonable(st["result"])
-        nodes = np.asarray(r["nodes"])
-        rows.append(("ESD support", f"[{_fmt(nodes.min())}, {_fmt(nodes.max())}]",
-                     f"{nodes.shape[0]} probes x {nodes.shape[1]} steps", "-", st["num_matvecs"],
-                     _fmt(st["seconds"], 3)))
-    rows += _curvature_rows(data)
-    if "blocks" in stages:
-        st = stages["blocks"]
-        for name, b in st["result"].items():
-            e, t = _from_jsonable(b["eigen"]), b["trace"]
-            rows.append((f"[{name}] eigenvalue 1", _fmt(e["eigenvalues"][0], 6),
-                         f"residual {_fmt(e['residuals'][0], 2)}", "yes" if e["converged"][0] else "NO",
-                         e["num_matvecs"], ""))
-            rows.append((f"[{name}] trace", _fmt(t["estimate"], 6), f"stderr {_fmt(t['stderr'], 2)}", "-",
-                         t["num_matvecs"], _fmt(b["seconds"], 3)))
-    if "landscape" in stages:
-        st = stages["landscape"]
-        r = _from_jsonable(st["result"])
-        losses = np.asarray(r["losses"])
-        rows.append((f"landscape ({r['settings']['ndim']}-D, {r['settings']['kind']})",
-                     f"loss {_fmt(r['center_loss'])} at 0", f"range [{_fmt(losses.min())}, {_fmt(losses.max())}]",
-                     "-", f"{r['num_evaluations']} losses", _fmt(st["seconds"], 3)))
+    for name, b in st["result"].items():
+        e, t = _from_jsonable(b["eigen"]), b["trace"]
+        rows.append((f"[{name}] eigenvalue 1", _fmt(e["eigenvalues"][0], 6),
+                     f"residual {_fmt(e['residuals'][0], 2)}", "yes" if e["converged"][0] else "NO",
+                     e["num_matvecs"], _fmt(b.get("eigen_seconds"), 3)))
+        rows.append(estimate_row(f"[{name}] trace", t, b.get("trace_target"), t["num_matvecs"],
+                                 b.get("trace_seconds", "-")))
     return rows
+
+
+def _landscape_rows(data: dict) -> list[tuple]:
+    st = data["stages"].get("landscape")
+    if not st:
+        return []
+    r = _from_jsonable(st["result"])
+    losses = np.asarray(r["losses"])
+    return [(f"landscape ({r['settings']['ndim']}-D, {r['settings']['kind']})",
+             f"loss {_fmt(r['center_loss'])} at 0", f"range [{_fmt(losses.min())}, {_fmt(losses.max())}]",
+             "-", f"{r['num_evaluations']} losses", _fmt(st["seconds"], 3))]
 
 
 def _curvature_rows(data: dict) -> list[tuple]:
@@ -282,13 +382,85 @@ def _curvature_rows(data: dict) -> list[tuple]:
     for n, r in st["result"]["operators"].items():
         e = _from_jsonable(r["eigen"])
         lams = ", ".join(_fmt(x, 5) for x in e["eigenvalues"])
+        cost = ("(eigen, esd stages)",) * 2 if r.get("from_stages") else (
+            r.get("num_matvecs", "-"), _fmt(r.get("seconds"), 3))
         rows.append((f"[{n}] top eigenvalues", lams, f"max residual {_fmt(max(e['residuals']), 2)}",
-                     "yes" if all(e["converged"]) else "NO", "", ""))
+                     "yes" if all(e["converged"]) else "NO", *cost))
     t = st["result"].get("residual_trace")
     if t:
-        rows.append(("trace(H - G)", _fmt(t["estimate"], 6), f"stderr {_fmt(t['stderr'], 2)}", "-", "", ""))
-    rows[-1] = rows[-1][:4] + (st["num_matvecs"], _fmt(st["seconds"], 3))
+        rows.append(estimate_row("trace(H - G)", t, st["result"].get("residual_trace_target"), t["num_matvecs"],
+                                 st["result"].get("residual_trace_seconds", "-")))
     return rows
+
+
+#: The row makers of :func:`summary_rows`, in the order of the table.
+ROW_MAKERS = [_eigen_rows, _trace_rows, _esd_rows, _curvature_rows, _block_rows, _landscape_rows]
+
+
+def reading(data: dict) -> list[str]:
+    """A short reading of the report's own numbers, one sentence each.
+
+    The fraction of the spectrum at or below zero with its standard error and the
+    quadrature's bracket (:meth:`specops.SpectralDensity.negative_fraction`), the most
+    negative eigenvalue as far as the spectral density's Ritz values show it, the top
+    eigenvalue against the stability threshold ``2 (1 + momentum) / learning rate`` when
+    the learning rate is known, and the estimates that stopped short of their targets.
+
+    Args:
+        data: the contents of ``results.json``.
+
+    Returns:
+        The sentences (none for a run without the stages they need).
+    """
+    from specops.density import SpectralDensity
+
+    stages, out = data["stages"], []
+    top = None
+    if "eigen" in stages:
+        top = float(_from_jsonable(stages["eigen"]["result"])["eigenvalues"][0])
+    if "esd" in stages:
+        d = SpectralDensity.from_dict(stages["esd"]["result"])
+        f = d.negative_fraction()
+        text = (f"Negative curvature: {_pct(f.estimate)} ± {_pct(f.stderr)} of the eigenvalues are at or below 0 "
+                f"(SLQ, {d.nodes.shape[0]} probes; standard error over probes); the quadrature's "
+                f"{d.nodes.shape[1]} steps bracket the fraction in [{_pct(f.lower)}, {_pct(f.upper)}]")
+        text += "." if f.resolved else (": a cluster of eigenvalues at zero that the steps do not resolve; more "
+                                        "--esd-steps narrow it.")
+        out.append(text)
+        low = float(d.nodes[d.weights > 0].min())
+        if low < 0:
+            rel = f" ({_pct(-low / top)} of the top eigenvalue)" if top and top > 0 else ""
+            out.append(f"Most negative eigenvalue: at most {_fmt(low, 4)}{rel}: the smallest Ritz value of the "
+                       "spectral density's probes (Ritz values lie inside the spectrum, so the most negative "
+                       "eigenvalue is at or below it).")
+        else:
+            out.append(f"No Ritz value of the spectral density is negative (the smallest is {_fmt(low, 4)}): no "
+                       "sign of negative curvature at this resolution.")
+    lr, momentum, where = _learning_rate(data)
+    if top is not None and lr:
+        threshold = 2 * (1 + momentum) / lr
+        side = "below" if top < threshold else "above"
+        out.append(f"Stability: the top eigenvalue {_fmt(top, 4)} is {side} 2 (1 + momentum) / learning rate = "
+                   f"{_fmt(threshold, 4)} (learning rate {_fmt(lr)}, momentum {_fmt(momentum)}, {where}), the "
+                   f"threshold of (full-batch) gradient descent with momentum; ratio {_fmt(top / threshold, 3)}.")
+    short = [f"{row[0]} ({row[2].split('(', 1)[1].rstrip(')')}, {row[4]} products)"
+             for row in summary_rows(data) if row[3] == "NO" and "target" in row[2]]
+    if short:
+        out.append("Stopped at the product budget before the stderr target: " + "; ".join(short)
+                   + ". Raise --trace-matvecs (--block-trace-matvecs for blocks) for tighter estimates.")
+    return out
+
+
+def _learning_rate(data: dict) -> tuple[float | None, float, str]:
+    """The learning rate and momentum the model was trained with, and where they come from."""
+    s = data.get("settings", {})
+    if s.get("learning_rate"):
+        return float(s["learning_rate"]), float(s.get("momentum") or 0.0), "--learning-rate"
+    train = data["stages"].get("train")
+    if train and train["result"].get("lr"):
+        r = train["result"]
+        return float(r["lr"]), float(r.get("momentum") or 0.0), "the initial rate of the default training"
+    return None, 0.0, ""
 
 
 HEADER = ("quantity", "value", "uncertainty", "converged", "matvecs", "seconds")
@@ -329,8 +501,11 @@ def summary_markdown(data: dict, images: list[str]) -> str:
     rows = summary_rows(data)
     out.append("| " + " | ".join(HEADER) + " |")
     out.append("|" + "---|" * len(HEADER))
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     out.append("")
+    notes = reading(data)
+    if notes:
+        out += ["## Reading", ""] + [f"- {n}" for n in notes] + [""]
     captions = {"esd.png": "Eigenvalue spectral density (SLQ, log scale) with the top eigenvalues",
                 "landscape.png": "Loss landscape",
                 "curvature.png": "Spectral densities of the Hessian, the Gauss-Newton matrix and the Fishers", "blocks.png": "Per-block trace and top eigenvalue"}
@@ -380,6 +555,17 @@ def _compact(value: Any) -> str:
         value, (dict, list)) else str(value)
 
 
+#: How the settings table shows an option left at None.
+_UNSET = {"model": "the default: ResNet-8 trained on digits", "data": "the default: digits",
+          "checkpoint": "none", "batch_size": "one batch", "threads": "the default"}
+
+
+def _setting(key: str, value: Any) -> str:
+    if value is None:
+        return _UNSET.get(key, "not set")
+    return _compact(value)
+
+
 def summary_html(data: dict, images: dict) -> str:
     """``report.html``: one self-contained page (no external files, scripts or fonts).
 
@@ -412,6 +598,9 @@ def summary_html(data: dict, images: dict) -> str:
                     f"accuracy {_fmt(r['train_accuracy'], 3)}, held-out accuracy "
                     f"{_fmt(r.get('test_accuracy'), 3)}.</p>")
     body += ["<h2>Summary</h2>", _table(HEADER, summary_rows(data), numeric=(1, 4, 5))]
+    notes = reading(data)
+    if notes:
+        body += ["<h2>Reading</h2>", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"]
     for name, png in images.items():
         uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         caption = CAPTIONS.get(name, name)
@@ -425,7 +614,7 @@ def summary_html(data: dict, images: dict) -> str:
     blocks = m.get("blocks") or {}
     if blocks:
         body += ["<h2>Parameters</h2>", _table(("block", "parameters"), list(blocks.items()), numeric=(1,))]
-    body += ["<h2>Settings</h2>", _table(("setting", "value"), [(k, _compact(v)) for k, v in s.items()]),
+    body += ["<h2>Settings</h2>", _table(("setting", "value"), [(k, _setting(k, v)) for k, v in s.items()]),
              "<h2>Versions</h2>", _table(("library", "version"), list(data.get("versions", {}).items())),
              f"<p class=\"meta\">Every number with its settings and seeds: <code>{RESULTS}</code> in this "
              "folder.</p>"]

@@ -205,6 +205,7 @@ def test_bad_arguments_fail_before_any_computation(tmp_path, capsys, extra, mess
     assert message in io.err, io.err
     assert not os.path.exists(os.path.join(out, "results.json"))
     assert not os.path.exists(os.path.join(out, "model.pt"))        # no training happened
+    assert not os.path.exists(out)                                  # nor an empty folder left behind
     assert time.perf_counter() - t0 < 20
 
 
@@ -336,3 +337,181 @@ def test_progress_bars_on_stderr_unless_no_progress(tmp_path, capsys):
     assert "block 0: top: 100%" in io.err and "block 2: trace: 100%" in io.err
     code, io = run([*user, "--no-progress", "--out", str(tmp_path / "quiet")], capsys)
     assert code == 0 and io.err == ""
+
+
+# --- user errors: exit status 2, the message alone, nothing left that blocks a rerun ---------------
+class TupleModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 10).double()
+
+    def forward(self, x):
+        return self.layer(x), x
+
+
+def tuple_model():
+    return TupleModel()
+
+
+def bare_tensor_data():
+    return torch.from_numpy(tiny_data()[0][0])
+
+
+def nan_data():
+    (X, y), rest = tiny_data()[0], tiny_data()[1:]
+    X = X.copy()
+    X[3, 5] = np.nan
+    return [(X, y), *rest]
+
+
+def one_argument_loss(outputs):
+    return outputs.sum()
+
+
+USER = ["--model", "test_cli:tiny_model", "--data", "test_cli:tiny_data"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "test_cli:tuple_model", "--data", "test_cli:tiny_data"], "the model's outputs (a tuple)"),
+    (["--model", "test_cli:tiny_model", "--data", "test_cli:bare_tensor_data"], "must be a pair (inputs, targets)"),
+    ([*USER, "--loss", "test_cli:one_argument_loss"], "takes 1 positional argument but 2 were given"),
+    ([*USER, "--top-k", "461"], "--top-k 461: the model has only 460 parameters"),
+    (["--model", "test_cli:tiny_model", "--data", "test_cli:nan_data"], "loss is not finite for batch 0"),
+])
+def test_user_errors_end_with_status_2_and_the_message_alone(tmp_path, capsys, args, message):
+    out = str(tmp_path / "bad")
+    code, io = run([*args, "--no-progress", "--out", out], capsys)
+    assert code == 2, io.err
+    assert message in io.err and "Traceback" not in io.err, io.err
+    errors = [line for line in io.err.splitlines() if line.startswith("specops analyze: error:")]
+    assert len(errors) == 1, io.err
+    assert not os.path.exists(out), os.listdir(out)        # nothing that blocks the rerun
+    code, io = run([*args, "--no-progress", "--out", out, "--debug"], capsys)
+    assert code == 2 and "Traceback" in io.err and message in io.err
+
+
+def test_a_failed_run_does_not_block_its_rerun(tmp_path, capsys):
+    out = tmp_path / "rerun"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    code, io = run([*USER, "--top-k", "1000", "--stages", "eigen", "--no-progress", "--out", str(out)], capsys)
+    assert code == 2 and "--top-k 1000" in io.err
+    assert sorted(os.listdir(out)) == ["notes.txt"]             # the folder it did not create is kept
+    code, io = run([*USER, "--top-k", "1", "--stages", "eigen", "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, io.err
+
+
+def test_trace_short_of_its_target_is_flagged_everywhere(tmp_path, capsys):
+    out = str(tmp_path / "short")
+    code, io = run([*USER, "--stages", "trace", "--trace-matvecs", "12", "--trace-rtol", "1e-4", "--out", out,
+                    "--no-progress"], capsys)
+    assert code == 0
+    st_ = results(out)["stages"]["trace"]
+    reached = st_["result"]["stderr"] / abs(st_["result"]["estimate"])          # recomputed here
+    assert st_["target"] == {"target_rtol": 1e-4, "reached_rtol": pytest.approx(reached), "met": False}
+    assert reached > 1e-4
+    from specops import report
+
+    row = next(r for r in report.summary_rows(results(out)) if r[0] == "trace")
+    flag = f"{100 * reached:.3g} % relative; target 0.01 %"
+    assert row[3] == "NO" and flag in row[2]
+    assert "short of --trace-rtol 0.0001" in io.out and flag in io.out
+    for name in ("summary.md", "report.html"):
+        with open(os.path.join(out, name)) as fh:
+            text = fh.read()
+        assert flag in text and "Stopped at the product budget" in text, name
+    # a target that is reached says so
+    out = str(tmp_path / "met")
+    assert run([*USER, "--stages", "trace", "--trace-matvecs", "12", "--trace-rtol", "0.9", "--out", out,
+                "--no-progress"], capsys)[0] == 0
+    st_ = results(out)["stages"]["trace"]
+    assert st_["target"]["met"] is True
+    assert next(r for r in report.summary_rows(results(out)) if r[0] == "trace")[3] == "yes"
+
+
+def test_reading_of_the_numbers_against_dense_eigenvalues(tmp_path, capsys):
+    out = str(tmp_path / "reading")
+    code, io = run([*USER, "--stages", "eigen,esd", "--top-k", "1", "--esd-probes", "4", "--esd-steps", "30",
+                    "--learning-rate", "0.5", "--momentum", "0.5", "--out", out, "--no-progress"], capsys)
+    assert code == 0
+    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in tiny_data()]
+    lam = np.linalg.eigvalsh(st.hessian(tiny_model(), torch.nn.CrossEntropyLoss(), data).to_dense())
+    from specops import report
+
+    r = results(out)
+    notes = report.reading(r)
+    negative, lowest, stability = notes[:3]
+    # the fraction and its bracket, from the nodes and weights directly; the dense truth inside the bracket
+    nodes, weights = arr(r["stages"]["esd"]["result"]["nodes"]), arr(r["stages"]["esd"]["result"]["weights"])
+    per_probe = np.sum(weights * (nodes <= 0), axis=1)
+    assert f"{100 * per_probe.mean():.3g} % ± {100 * per_probe.std(ddof=1) / 2:.3g} %" in negative
+    f = so.SpectralDensity.from_dict(r["stages"]["esd"]["result"]).negative_fraction()
+    truth = np.mean(lam <= 0)
+    assert f.lower - 3 * f.stderr <= truth <= f.upper + 3 * f.stderr
+    # the smallest Ritz value bounds the most negative eigenvalue from above
+    assert lam.min() < 0 and lam.min() <= nodes[weights > 0].min() + 1e-8
+    assert f"at most {nodes[weights > 0].min():.4g}" in lowest
+    top = lam.max()
+    assert "2 (1 + momentum) / learning rate = 6 " in stability and f"{top:.4g}" in stability
+    assert ("below" if top < 6 else "above") in stability
+    assert negative in io.out
+
+
+def test_report_files_follow_the_umask(tmp_path):
+    from specops import report
+
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(mask)
+        try:
+            path = tmp_path / f"f{mask:o}.html"
+            report.atomic_write(str(path), "x")
+        finally:
+            os.umask(old)
+        assert (os.stat(path).st_mode & 0o777) == mode, (oct(mask), oct(os.stat(path).st_mode))
+
+
+def test_version_and_help():
+    p = subprocess.run([sys.executable, "-m", "specops", "--version"], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT, check=False)
+    assert p.returncode == 0 and p.stdout.strip() == f"specops {so.__version__}"
+    analyze = cli.build_parser()._subparsers._group_actions[0].choices["analyze"]
+    flat = " ".join(analyze.format_help().split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "(default: 0.02)" in flat and "(default: 512)" in flat
+    formatter = cli.HelpFormatter("specops")
+    for action in analyze._actions:            # each option states its default once at most
+        assert formatter._get_help_string(action).count("default:") <= 1, action.option_strings
+    backend = flat.split("--backend {torch,jax,tensorflow}")[2]
+    assert backend.lstrip().startswith("the framework of --model")
+    assert "--debug" in flat
+
+
+def test_settings_and_stages_that_did_not_run(default_run):
+    with open(os.path.join(default_run, "report.html")) as fh:
+        text = fh.read()
+    assert "<td>model</td><td>the default: ResNet-8 trained on digits</td>" in text
+    assert ">None<" not in text
+    r = results(default_run)
+    assert "curvature" not in r["settings"]["stages"].split(",")
+    for row in __import__("specops").report.summary_rows(r):
+        assert row[5] != "", row
+
+
+def test_a_run_failing_after_finished_stages_keeps_them_for_resume(tmp_path, capsys, monkeypatch):
+    from specops.cli.analyze import trace as trace_stage
+    from specops.operator import NonFiniteError
+
+    def fail(ctx):
+        raise NonFiniteError("a product returned NaN (planted)")
+
+    monkeypatch.setattr(trace_stage, "run", fail)
+    out = str(tmp_path / "kept")
+    code, io = run([*USER, "--stages", "eigen,trace", "--top-k", "1", "--no-progress", "--out", out], capsys)
+    assert code == 2 and "Traceback" not in io.err
+    assert "a product returned NaN (planted)" in io.err and "rerun with --resume" in io.err
+    assert set(results(out)["stages"]) == {"eigen"}
+    monkeypatch.undo()
+    code, io = run([*USER, "--stages", "eigen,trace", "--top-k", "1", "--no-progress", "--out", out, "--resume"],
+                   capsys)
+    assert code == 0 and "eigen: finished earlier, skipped" in io.out
+    assert set(results(out)["stages"]) == {"eigen", "trace"}

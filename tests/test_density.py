@@ -1,5 +1,7 @@
 """Stochastic Lanczos quadrature against exact spectra."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,10 @@ def wasserstein_to_exact(d, lam):
     lo, hi = lam.min() - 1, lam.max() + 1
     xs = np.linspace(lo, hi, 20001)
     exact = np.searchsorted(np.sort(lam), xs, side="right") / lam.size
-    return np.trapezoid(np.abs(d.cdf(xs) - exact), xs), np.abs(d.cdf(xs) - exact).max()
+    with warnings.catch_warnings():  # a grid through the bulk meets unresolved points
+        warnings.simplefilter("ignore", so.UnresolvedQueryWarning)
+        cdf = d.cdf(xs)
+    return np.trapezoid(np.abs(cdf - exact), xs), np.abs(cdf - exact).max()
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "normal"])
@@ -169,3 +174,99 @@ def test_memory_budget_chooses_groups_then_a_window():
 def test_bad_memory_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         so.spectral_density(np.eye(4), num_probes=2, num_steps=3, **kwargs)
+
+
+def cluster_at_zero(n=600, seed=0):
+    """A Hessian-like spectrum: 44 % of the eigenvalues tiny and negative, 40 % tiny and positive."""
+    rng = np.random.default_rng(seed)
+    lam = np.concatenate([-np.abs(rng.normal(0, 1e-3, 264)), np.abs(rng.normal(0, 1e-3, 240)),
+                          rng.uniform(0.05, 2, n - 510), [5, 10, 20, 40, 60, 80]])
+    return symmetric_with_spectrum(lam, seed=1)
+
+
+def as_backend(A, dtype, backend):
+    """``A`` as a dense matrix of ``backend`` in ``dtype``, wrapped as an operator."""
+    A = A.astype(dtype)
+    if backend == "torch":
+        A = pytest.importorskip("torch").from_numpy(A)
+    elif backend == "jax":
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)   # as the other JAX tests: float64 arrays stay float64
+        A = jax.numpy.asarray(A)
+    op = so.aslinearoperator(A)
+    assert op.dtype == dtype and op.backend == backend, (op.dtype, op.backend)
+    return op
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cdf_at_a_cluster_is_flagged_and_bracketed(dtype, backend):
+    """cdf(0) beside a cluster at zero: a 0.84 against the dense 0.44, warned, the truth in the bracket."""
+    A, lam = cluster_at_zero()
+    truth = np.mean(lam <= 0)
+    assert truth == pytest.approx(0.44)
+    d = so.spectral_density(as_backend(A, dtype, backend), num_probes=8, num_steps=20, seed=0)
+    with pytest.warns(so.UnresolvedQueryWarning, match=r"x = 0 .*anywhere in \[0\.000, 0\.8"):
+        estimate, stderr = d.cdf(0.0, return_stderr=True)
+    # the bias is the quadrature's: the probes' standard error alone does not cover it
+    assert abs(estimate - truth) > 10 * stderr
+    f = d.negative_fraction()
+    assert not f.resolved and f.estimate == pytest.approx(float(estimate)) and f.stderr == pytest.approx(stderr)
+    assert f.lower - 3 * f.stderr <= truth <= f.upper + 3 * f.stderr
+    assert f.count() == pytest.approx((600 * f.estimate, 600 * f.stderr))
+    assert "unresolved" in str(f)
+    # more steps narrow the bracket around the truth
+    d = so.spectral_density(as_backend(A, dtype, backend), num_probes=8, num_steps=80, seed=0)
+    g = d.negative_fraction()
+    assert g.upper - g.lower < f.upper - f.lower
+    assert g.lower - 3 * g.stderr <= truth <= g.upper + 3 * g.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fraction_brackets_the_exact_cdf_where_resolved(dtype):
+    rng = np.random.default_rng(4)
+    lam = np.concatenate([rng.normal(0, 0.2, 380), rng.uniform(2, 6, 15), [25.0, 30.0]])
+    A, lam = symmetric_with_spectrum(lam, seed=4)
+    d = so.spectral_density(so.aslinearoperator(A.astype(dtype)), num_probes=30, num_steps=60, seed=0)
+    for x in [-0.3, 0.3, 1.0, 4.0]:
+        f = d.fraction_below(x)
+        truth = np.mean(lam <= x)
+        assert f.resolved, (x, f)
+        assert f.lower - 3 * f.stderr <= truth <= f.upper + 3 * f.stderr, (x, truth, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values, errs = d.cdf(np.array([[-0.3, 0.3], [1.0, 4.0]]), return_stderr=True)
+    assert values.shape == errs.shape == (2, 2)
+    smooth, smooth_err = d.cdf(np.array([0.3, 1.0]), sigma=0.05, return_stderr=True)
+    assert smooth.shape == smooth_err.shape == (2,) and np.all(smooth_err > 0)
+
+
+def test_cdf_stderr_is_the_spread_of_exact_probe_quadratic_forms():
+    """With num_steps = n each probe's quadrature is exact: the stderr is that of Hutchinson's
+    estimate of tr(1(A <= x)) / n, whose variance for Rademacher probes is 2 sum_{i != j} P_ij^2 / n^2."""
+    n, p, x = 40, 400, 0.5
+    A, lam = symmetric_with_spectrum(np.random.default_rng(2).uniform(-1, 2, n), seed=2)
+    d = so.spectral_density(A, num_probes=p, num_steps=n, seed=3)
+    w, Q = np.linalg.eigh(A)
+    P = (Q[:, w <= x]) @ Q[:, w <= x].T
+    variance = 2 * (np.sum(P**2) - np.sum(np.diag(P) ** 2)) / n**2
+    estimate, stderr = d.cdf(x, return_stderr=True)
+    assert stderr == pytest.approx(np.sqrt(variance / p), rel=0.15)
+    assert abs(estimate - np.mean(lam <= x)) <= 4 * stderr
+    one = so.spectral_density(A, num_probes=1, num_steps=10, seed=3)
+    assert np.isinf(one.fraction_below(x).stderr)
+
+
+def test_plot_states_its_width_normalisation_and_axis_range():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = so.spectral_density(np.diag(np.arange(1.0, 101.0)), num_probes=2, num_steps=10, seed=0)
+    ax = d.plot(sigma=0.25)
+    peak = d.evaluate(d.default_grid(0.25), 0.25).max()
+    assert "sigma = 0.25" in ax.get_title() and "integrates to 1" in ax.get_title()
+    assert ax.get_ylim()[0] == pytest.approx(peak * so.density.LOG_PLOT_RANGE)
+    plt.close(ax.figure)

@@ -59,3 +59,49 @@ def test_block_extraction_sees_every_fence(tmp_path):
     text = "a\n```python\nx = 1\n```\n<!-- requires: no_such_package_xyz -->\n```python\ny = 2\n```\n"
     (tmp_path / "page.md").write_text(text)
     assert page_script(tmp_path / "page.md") == ("x = 1\n", ["no_such_package_xyz"])
+
+
+ROOT = PAGES.parents[1]
+
+
+def ci_docs_command() -> str:
+    """The docs-build line of ``.ci/run``, exactly as CI runs it."""
+    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "mkdocs build" in line]
+    assert len(lines) == 1, f".ci/run should build the docs once, found {lines}"
+    return lines[0].strip()
+
+
+def build_docs_copy(tmp_path: Path, plant: str | None = None) -> subprocess.CompletedProcess:
+    """Run CI's docs build in a copy of the sources, with ``plant`` appended to a docstring."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "site", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache", ".pytest_cache",
+        ".hypothesis", "tests"))
+    if plant is not None:
+        path = copy / "specops" / "density.py"
+        text = path.read_text()
+        anchor = '        Returns:\n'
+        assert anchor in text
+        path.write_text(text.replace(anchor, plant + anchor, 1))
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = ci_docs_command().replace(".venv/bin/mkdocs", f"{sys.executable} -m mkdocs")
+    return subprocess.run(["bash", "-c", command], cwd=copy, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="the docs toolchain is not installed")
+def test_ci_docs_build_fails_on_a_docstring_warning(tmp_path):
+    """CI's own docs command passes on the sources and fails once a malformed docstring is planted.
+
+    ``--quiet`` once hid strict mode's warnings, so the build could not fail on one: this
+    runs the very line of ``.ci/run``.
+    """
+    clean = build_docs_copy(tmp_path / "clean")
+    assert clean.returncode == 0, f"the docs build fails on the sources:\n{clean.stderr[-3000:]}"
+    planted = build_docs_copy(tmp_path / "planted",
+                              plant="        Raises:\n            As the other functions do.\n\n")
+    assert planted.returncode != 0, "a malformed Raises section did not fail CI's docs build"
+    assert "Failed to get 'exception: description' pair" in planted.stderr

@@ -91,6 +91,11 @@ def test_report_is_self_contained(run_dir):
     for library, version in data["versions"].items():
         assert library in body and version in body
     assert data["settings"]["model"] in body
+    # the reading of its own numbers, the trace's target, and no unset setting shown as None
+    for sentence in report.reading(data):
+        assert sentence in body, sentence
+    assert "of the eigenvalues are at or below 0" in body and "target 2 %" in body
+    assert "None" not in body
 
 
 def chromium():

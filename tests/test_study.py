@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn
 
 import specops
-from specops import study
+from specops.cli import study
 from specops.zoo.torch_resnet import VARIANTS, BasicBlock, resnet
 from specops.zoo.train import fit, step_lr
 
@@ -236,7 +236,7 @@ def test_study_over_mpi_ranks_matches_one_process(tiny_study, tmp_path, split):
 
     out, data = tiny_study
     mpi_out = str(tmp_path / "mpi")
-    run = launch(["-m", "specops.study", *TINY, "--out", mpi_out, "--split", split], ranks=2, timeout=300)
+    run = launch(["-m", "specops.cli.study", *TINY, "--out", mpi_out, "--split", split], ranks=2, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     mpi = json.load(open(os.path.join(mpi_out, "study.json")))
     assert mpi["ranks"] == 2 and mpi["split"] == split

@@ -1,7 +1,7 @@
 """The ``specops`` command line.
 
 ``specops analyze`` turns a model into a complete curvature report (docs/cli.md);
-``specops study`` runs the PyHessian paper's experiment (:mod:`specops.study`,
+``specops study`` runs the PyHessian paper's experiment (:mod:`specops.cli.study`,
 docs/study.md). The package shows the flow of a run:
 
 - :mod:`specops.cli.common`: the usage error, number arguments, user callables, MPI
@@ -36,7 +36,7 @@ COMMANDS = {
     "study": "specops.cli.study",
 }
 
-__all__ = ["COMMANDS", "MPI_SIZE_VARS", "UsageError", "build_parser", "default_data", "default_model",
+__all__ = ["COMMANDS", "HelpFormatter", "MPI_SIZE_VARS", "UsageError", "build_parser", "default_data", "default_model",
            "detect_comm", "launched_size", "load_callable", "main"]
 
 
@@ -44,16 +44,52 @@ def _command(name: str) -> ModuleType:
     return importlib.import_module(COMMANDS[name])
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help, unless the help already says ``default: ...``.
+
+    Options without a value to show (``None``, flags) get nothing.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default:" in text or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or action.nargs == 0):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``specops`` parser with one subparser per entry of :data:`COMMANDS`."""
+    from specops import __version__
+
     parser = argparse.ArgumentParser(prog="specops", description="Spectra of neural-network loss Hessians.")
+    parser.add_argument("--version", action="version", version=f"specops {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = _command(name)
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
     return parser
+
+
+def report_error(command: str, error: BaseException, debug: bool) -> None:
+    """Print an error of ``specops COMMAND`` on stderr (rank 0 only).
+
+    The message alone; with ``--debug``, first the traceback of what caused it.
+
+    Args:
+        command: the subcommand.
+        error: the error.
+        debug: whether ``--debug`` was given.
+    """
+    if not launched_rank0():
+        return
+    if debug:
+        import traceback
+
+        traceback.print_exception(error.__cause__ or error, file=sys.stderr)
+    print(f"specops {command}: error: {error}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after ``specops`` (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for bad arguments (the message on stderr, rank 0
-        only), 130 when interrupted.
+        The exit status: 0 on success, 2 for bad arguments and every other user error
+        (model, data, loss; the message alone on stderr, rank 0 only, and the traceback with
+        ``--debug``), 130 when interrupted.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -74,8 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _command(args.command).run(args)
     except UsageError as e:
-        if launched_rank0():
-            print(f"specops {args.command}: error: {e}", file=sys.stderr)
+        report_error(args.command, e, getattr(args, "debug", False))
         return 2
 
 

@@ -49,7 +49,8 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
                    help=f"{' or '.join(LOSSES)}, or MODULE:CALLABLE returning the batch mean: loss(outputs, "
                         "targets) for torch and jax, loss(targets, outputs) (Keras order) for tensorflow")
     g.add_argument("--checkpoint", metavar="PATH", help="torch state_dict to load into the model")
-    g.add_argument("--backend", choices=tuple(BACKENDS), default="torch")
+    g.add_argument("--backend", choices=tuple(BACKENDS), default="torch",
+                   help="the framework of --model, --data and --loss (docs/cli.md gives each one's callables)")
     g.add_argument("--device", default="auto", help="torch device (cpu, cuda, cuda:1); auto: cuda if available")
     g.add_argument("--comm", choices=("auto", "torch", "mpi", "none"), default="auto",
                    help="how processes combine their shards: torch (torch.distributed, under torchrun), mpi "
@@ -92,6 +93,11 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
                         "normalized directions (Li et al.), else sqrt(4 / top eigenvalue), where the quadratic "
                         "model rises by 2")
     g.add_argument("--landscape-steps", type=number(int, 2, maximum=201), default=21, help="grid points per axis")
+    g.add_argument("--learning-rate", type=number(float, 0, exclusive=True), default=None,
+                   help="the learning rate the model was trained with: the report compares the top eigenvalue "
+                        "with 2 (1 + momentum) / learning rate (the default model's is known)")
+    g.add_argument("--momentum", type=number(float, 0), default=0.0,
+                   help="the momentum of that training (heavy ball), for the same comparison")
     g.add_argument("--seed", type=number(int, 0), default=0, help="seed of every random choice")
     g = a.add_argument_group("output")
     g.add_argument("--out", default=DEFAULT_OUT, help="output folder")
@@ -101,6 +107,8 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
     g.add_argument("--stages", default=",".join(rp.STAGES[1:]),
                    help="comma-separated stages to run (others are skipped)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    g.add_argument("--debug", action="store_true",
+                   help="on an error, print the traceback of its cause before the message")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -113,18 +121,36 @@ def check_args(args: argparse.Namespace) -> None:
         UsageError: an unknown stage, a 2-D eigenvector landscape with one eigenvector, or
             ``--resume`` with ``--overwrite``.
     """
+    from specops.cli.analyze import curvature
+
+    curvature.check(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in rp.STAGES]
     if unknown:
         raise UsageError(f"--stages: unknown stage {unknown[0]!r}; stages are {', '.join(rp.STAGES[1:])}")
-    args.stages = ",".join(stages)
+    # stages that cannot run with these options are not recorded among the settings as if they ran
+    ran = [s for s in stages if not ((s == "curvature" and not curvature.wanted(args))
+                                     or (s == "landscape" and args.landscape == "none")
+                                     or (s == "blocks" and args.blocks.strip() == "none"))]
+    args.stages = ",".join(ran)
     if args.landscape == "2d" and args.landscape_directions == "eigen" and args.top_k < 2 and "landscape" in stages:
         raise UsageError("--landscape 2d along eigenvectors needs --top-k >= 2 (or --landscape-directions filter)")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one")
-    from specops.cli.analyze import curvature
 
-    curvature.check(args)
+
+def check_size(args: argparse.Namespace, n: int) -> None:
+    """Checks that need the number of parameters ``n``, made as soon as the operator exists.
+
+    Args:
+        args: the parsed arguments.
+        n: the operator's size (parameters analysed).
+
+    Raises:
+        UsageError: ``--top-k`` larger than ``n``.
+    """
+    if args.top_k > n:
+        raise UsageError(f"--top-k {args.top_k}: the model has only {n} parameters; pass --top-k {n} or less")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -136,5 +162,5 @@ def settings(args: argparse.Namespace) -> dict:
     Returns:
         Option name -> value.
     """
-    keys = [k for k in vars(args) if k not in ("command", "resume", "overwrite", "no_progress", "out")]
+    keys = [k for k in vars(args) if k not in ("command", "resume", "overwrite", "no_progress", "out", "debug")]
     return {k: getattr(args, k) for k in keys}

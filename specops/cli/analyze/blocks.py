@@ -80,11 +80,14 @@ def run(ctx: Context) -> None:
             Hb = ctx.H.restrict(patterns)
             e = so.eigsh(Hb, k=1, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
                          progress=ctx.printer.bar(f"block {name}: top"))
+            te = time.perf_counter()
             t = so.trace(Hb, method="auto", num_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),
                          rtol=a.trace_rtol, seed=a.seed, progress=ctx.printer.bar(f"block {name}: trace"))
             products = e.num_matvecs + t.num_matvecs
             done[name] = dict(num_params=int(Hb.shape[0]), eigen=e.to_dict(), trace=t.to_dict(),
-                              num_matvecs=products, seconds=time.perf_counter() - tb)
+                              trace_target=rp.rtol_target(t.to_dict(), a.trace_rtol),
+                              num_matvecs=products, seconds=time.perf_counter() - tb,
+                              eigen_seconds=te - tb, trace_seconds=time.perf_counter() - te)
             total += products
             ctx.state.finish("blocks_partial", settings, done, total, time.perf_counter() - t0)
         seconds = sum(b["seconds"] for b in done.values())

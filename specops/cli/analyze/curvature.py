@@ -108,13 +108,16 @@ def analyse(ctx: Context, name: str, A: LinearOperator) -> dict:
 
     a, stages = ctx.args, ctx.state.data["stages"]
     if name == "hessian" and "eigen" in stages and "esd" in stages:
-        return {"eigen": stages["eigen"]["result"], "esd": stages["esd"]["result"], "num_matvecs": 0}
+        return {"eigen": stages["eigen"]["result"], "esd": stages["esd"]["result"], "num_matvecs": 0,
+                "seconds": 0.0, "from_stages": True}
+    t0 = time.perf_counter()
     eig = so.eigsh(A, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
                    progress=ctx.printer.bar(f"{name}: top eigenvalues"))
     d = so.spectral_density(A, num_probes=a.esd_probes, num_steps=a.esd_steps, seed=a.seed,
                             progress=ctx.printer.bar(f"{name}: spectral density"))
     ctx.printer(f"  {name}: top eigenvalues {np.array2string(eig.eigenvalues, precision=4)}")
-    return {"eigen": eig.to_dict(), "esd": d.to_dict(), "num_matvecs": eig.num_matvecs + d.num_matvecs}
+    return {"eigen": eig.to_dict(), "esd": d.to_dict(), "num_matvecs": eig.num_matvecs + d.num_matvecs,
+            "seconds": time.perf_counter() - t0}
 
 
 def run(ctx: Context) -> None:
@@ -138,14 +141,17 @@ def run(ctx: Context) -> None:
         total = 0
         for n, A in ops.items():
             r = analyse(ctx, n, A)
-            total += r.pop("num_matvecs")
+            total += r["num_matvecs"]
             r["engine"] = A.engine
             result["operators"][n] = r
         if "hessian" in ops and "ggn" in ops:
+            tt = time.perf_counter()
             t = so.trace(ops["hessian"] - ops["ggn"], num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
                          progress=ctx.printer.bar("trace of H - G"))
             ctx.printer(f"  trace(H - G) = {t.estimate:.4g} +- {t.stderr:.2g}")
             result["residual_trace"] = t.to_dict()
+            result["residual_trace_target"] = rp.rtol_target(t.to_dict(), a.trace_rtol)
+            result["residual_trace_seconds"] = time.perf_counter() - tt
             total += t.num_matvecs
         ctx.state.finish(NAME, settings, result, total, time.perf_counter() - t0)
     if ctx.state.write:
@@ -159,7 +165,7 @@ def plot(result: dict, path: str) -> None:
         result: the stage's result.
         path: the file to write.
     """
-    from specops.density import SpectralDensity
+    from specops.density import LOG_PLOT_RANGE, SpectralDensity
 
     plt = rp._pyplot()
     dens = {n: SpectralDensity.from_dict(r["esd"]) for n, r in result["operators"].items()}
@@ -168,15 +174,20 @@ def plot(result: dict, path: str) -> None:
     sigma = max((d.default_sigma() for d in dens.values()), default=1e-3)
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 800)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    peak = 0.0
     for i, (n, d) in enumerate(dens.items()):
         y = d.evaluate(grid, sigma)
-        ax.semilogy(grid, np.maximum(y, max(y.max() * 1e-12, np.finfo(float).tiny)), color=f"C{i}", label=n)
+        peak = max(peak, float(y.max()))
+        ax.semilogy(grid, np.maximum(y, np.finfo(float).tiny), color=f"C{i}", label=n)
         for lam in np.asarray(rp._from_jsonable(result["operators"][n]["eigen"])["eigenvalues"], dtype=float):
             ax.axvline(lam, color=f"C{i}", lw=0.7, ls="--")
+    if peak > 0:
+        ax.set_ylim(peak * LOG_PLOT_RANGE, peak * 3)
     ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
+    ax.set_ylabel("density (per unit eigenvalue)")
     ax.legend(fontsize=8)
-    title = "spectral densities (SLQ); dashed: top eigenvalues"
+    title = (f"spectral densities (SLQ); dashed: top eigenvalues\nGaussian kernel sigma = {sigma:.3g}; each "
+             f"density integrates to 1; axis from {LOG_PLOT_RANGE:.0e} x peak")
     if "residual_trace" in result:
         t = result["residual_trace"]
         title += f"\ntrace(H - G) = {t['estimate']:.4g} +- {t['stderr']:.2g}"

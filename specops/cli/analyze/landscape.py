@@ -74,4 +74,5 @@ def run(ctx: Context) -> None:
         ctx.state.finish(NAME, settings, ls.to_dict(), 0, ls.seconds)
     ls = Landscape.from_dict(ctx.state.data["stages"][NAME]["result"])
     if ctx.state.write:
-        rp.plot_landscape(ls, os.path.join(ctx.out, "landscape.png"))
+        eigenvalues = ctx.state.result("eigen")["eigenvalues"] if kind == "eigen" else None
+        rp.plot_landscape(ls, os.path.join(ctx.out, "landscape.png"), eigenvalues=eigenvalues)

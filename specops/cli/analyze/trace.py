@@ -1,9 +1,15 @@
-"""The ``trace`` stage: the trace of the Hessian (method "auto") with its standard error."""
+"""The ``trace`` stage: the trace of the Hessian (method "auto") with its standard error.
+
+The stage records whether the estimate reached ``--trace-rtol`` (:func:`specops.report.rtol_target`);
+the table, ``summary.md`` and ``report.html`` flag it when the product budget ran out first.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
+
+from specops import report as rp
 
 if TYPE_CHECKING:
     from specops.cli.analyze.stage import Context
@@ -26,4 +32,8 @@ def run(ctx: Context) -> None:
     t0 = time.perf_counter()
     r = so.trace(ctx.H, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
                  progress=ctx.printer.bar("trace"))
-    ctx.state.finish(NAME, settings, r.to_dict(), r.num_matvecs, time.perf_counter() - t0)
+    target = rp.rtol_target(r.to_dict(), a.trace_rtol)
+    if not target["met"]:
+        ctx.printer(f"  trace: stopped at its budget of {a.trace_matvecs} products with stderr/|trace| = "
+                    f"{target['reached_rtol']:.2g}, short of --trace-rtol {a.trace_rtol:g} (raise --trace-matvecs)")
+    ctx.state.finish(NAME, settings, r.to_dict(), r.num_matvecs, time.perf_counter() - t0, target=target)
