@@ -197,7 +197,9 @@ def stability_threshold(opt_state: Any, *, learning_rate: float | None = None, b
 
     The optimizer's kind is read from the state, the values it does not hold from the
     keywords (or ``optax.inject_hyperparams``' state): ``(2 + 2 b1) / ((1 - b1) lr)`` for
-    adam/adamw/amsgrad (Cohen et al. 2022); for sgd and rmsprop ``2 / lr``, with momentum (a
+    adam/adamw/amsgrad (Cohen et al. 2022); ``optax.nadam`` holds the same state as adam, so
+    pass ``nesterov=True`` for it: ``(2 + 2 b1) / ((1 + 2 b1)(1 - b1) lr)`` (Nesterov's threshold
+    at the step ``(1 - b1) lr``, 13.6 / lr at b1 = 0.9); for sgd and rmsprop ``2 / lr``, with momentum (a
     ``TraceState``) ``(2 + 2 momentum) / lr``, Nesterov ``(2 + 2 momentum) / ((1 + 2 momentum) lr)``
     (Cohen et al. 2021; :func:`specops.preconditioner.stability_threshold`); adagrad ``2 / lr``.
 
@@ -207,7 +209,7 @@ def stability_threshold(opt_state: Any, *, learning_rate: float | None = None, b
             ``schedule(count)``.
         b1: Adam's ``b1``.
         momentum: sgd's / rmsprop's ``momentum``.
-        nesterov: whether the momentum is Nesterov's.
+        nesterov: whether the momentum is Nesterov's (sgd's ``nesterov=True``; ``optax.nadam``).
 
     Returns:
         The threshold.
@@ -226,6 +228,8 @@ def stability_threshold(opt_state: Any, *, learning_rate: float | None = None, b
     (lr,) = _need(values, ("learning_rate",), family)
     if family in ("adam", "amsgrad"):
         (beta1,) = _need(values, ("b1",), family)
+        if values.get("nesterov"):  # nadam: Nesterov momentum on the gradient scaled by 1 - b1
+            return _threshold(lr * (1 - beta1), momentum=beta1, nesterov=True)
         return _threshold(lr, momentum=beta1, dampening=beta1)
     if trace is None or family == "adagrad":
         return _threshold(lr)

@@ -145,6 +145,8 @@ def test_thresholds_closed_form():
                                   nesterov=False) == pytest.approx(38)
     assert sj.stability_threshold(optax.sgd(0.1, momentum=0.9, nesterov=True).init(p), learning_rate=0.1,
                                   momentum=0.9, nesterov=True) == pytest.approx(3.8 / 0.28)
+    assert sj.stability_threshold(optax.nadam(1e-3).init(p), learning_rate=1e-3, b1=0.9,
+                                  nesterov=True) == pytest.approx(3.8 / (2.8 * 0.1 * 1e-3))
     injected = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2, b1=0.8).init(p)
     assert sj.stability_threshold(injected) == pytest.approx(3.6 / (0.2 * 1e-2))
     with pytest.raises(ValueError, match="momentum=..., nesterov=..."):
@@ -155,7 +157,8 @@ def test_thresholds_closed_form():
     (optax.sgd(0.1), {"learning_rate": 0.1}),
     (optax.sgd(0.1, momentum=0.9, nesterov=True), {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True}),
     (optax.adam(0.1, eps=1e3), {"learning_rate": 0.1, "b1": 0.9}),
-], ids=["sgd", "nesterov", "adam"])
+    (optax.nadam(0.1, eps=1e3), {"learning_rate": 0.1, "b1": 0.9, "nesterov": True}),
+], ids=["sgd", "nesterov", "adam", "nadam"])
 def test_threshold_separates_stable_from_divergent_on_a_quadratic(opt, kw):
     scale = 1e3 if "b1" in kw else 1.0   # P ~ eps: |g| stays far below it
     thr = sj.stability_threshold(opt.init({"x": jnp.zeros(1)}), **kw) * scale
