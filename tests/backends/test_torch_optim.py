@@ -128,6 +128,12 @@ def test_wrt_block_and_layout_checks():
     P = st.preconditioner(opt, H)
     d = P.ops.to_numpy(P.diagonal)
     np.testing.assert_allclose(Pb.ops.to_numpy(Pb.diagonal), d[H.layout.blocks["2.weight"].start:], rtol=0)
+    # from the model and wrt= (no operator needed): the same diagonal and layout
+    Pm = st.preconditioner(opt, model, wrt="2.*")
+    assert Pm.layout == Hb.layout
+    np.testing.assert_allclose(Pm.ops.to_numpy(Pm.diagonal), Pb.ops.to_numpy(Pb.diagonal), rtol=0)
+    with pytest.raises(TypeError, match="wrt= goes to hessian"):
+        st.preconditioner(opt, H, wrt="2.*")
     # a block of the preconditioned operator, by name, equals the preconditioned block
     block = so.preconditioned(H, P).restrict("2.*").to_dense()
     np.testing.assert_allclose(block, so.preconditioned(Hb, Pb).to_dense(), rtol=1e-10, atol=1e-14)
