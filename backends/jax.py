@@ -865,3 +865,6 @@ def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: An
     return _curvature_operator(check_kind(kind), apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction,
                                comm=comm, check_deterministic=check_deterministic, dtype=dtype,
                                chunk_size=chunk_size, num_samples=num_samples, seed=seed)
+
+
+from specops.backends.jax_optim import preconditioner, stability_threshold  # noqa: E402,F401 (optax state, issue 25)

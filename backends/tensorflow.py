@@ -1022,3 +1022,6 @@ def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, kind: str = "e
                                reduction=reduction, comm=comm, check_deterministic=check_deterministic,
                                loss_form=loss_form, chunk_size=chunk_size, random_layers=random_layers,
                                num_samples=num_samples, seed=seed)
+
+
+from specops.backends.tensorflow_optim import preconditioner, stability_threshold  # noqa: E402,F401 (Keras optimizer state, issue 25)

@@ -1615,3 +1615,6 @@ def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical"
                                progress=progress, loss_form=loss_form, chunk_size=chunk_size,
                                batch_size=batch_size, random_layers=random_layers, num_samples=num_samples,
                                seed=seed)
+
+
+from specops.backends.torch_optim import preconditioner, stability_threshold  # noqa: E402,F401 (optimizer state, issue 25)

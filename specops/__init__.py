@@ -21,6 +21,7 @@ from specops.landscape import Landscape, landscape
 from specops.tracker import Tracker, TrackerLog
 from specops.solve import IndefiniteError, Preconditioner, SolveResult, solve
 from specops.matrix_functions import FunmResult, TraceFunctionResult, funm, logdet, trace_function
+from specops.preconditioner import DiagonalPreconditioner, preconditioned, stability_threshold
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,9 @@ __all__ = [
     "TraceResult",
     "Tracker",
     "TrackerLog",
+    "DiagonalPreconditioner",
+    "preconditioned",
+    "stability_threshold",
     "diagonal",
     "eigsh",
     "landscape",

@@ -193,12 +193,15 @@ def as_preconditioner(p: Any) -> Preconditioner | None:
         return Preconditioner.from_eigenpairs(p)
     if hasattr(p, "estimate") and np.ndim(p.estimate) == 1:  # a DiagonalResult
         return Preconditioner(np.asarray(p.estimate, dtype=np.float64))
+    if hasattr(p, "optimizer") and hasattr(p, "diagonal"):  # an optimizer's DiagonalPreconditioner
+        return Preconditioner(p.diagonal)
     if np.isscalar(p) or isinstance(p, np.ndarray):
         return Preconditioner(np.asarray(p, dtype=np.float64))
     if len(getattr(p, "shape", ())) == 1:  # a framework's array: the diagonal, read on binding
         return Preconditioner(p)
     raise TypeError(f"cannot use a {type(p).__name__} as a preconditioner; pass a specops.Preconditioner, "
-                    "a DiagonalResult (so.diagonal), an EigResult (so.eigsh: deflation) or a host array")
+                    "a DiagonalResult (so.diagonal), an EigResult (so.eigsh: deflation), an optimizer's "
+                    "DiagonalPreconditioner (st.preconditioner) or a host array")
 
 
 def _safe(num: np.ndarray, den: np.ndarray, active: np.ndarray) -> np.ndarray:

@@ -20,6 +20,14 @@ first name's metrics are the record's top-level keys (the Hessian's, as without
 start, and with both the Hessian and the GGN the record holds the trace of the residual
 term ``H - G`` (``record["residual"]``).
 
+Curvature as the optimizer sees it: ``preconditioner=`` (e.g. ``lambda H:
+specops.backends.torch.preconditioner(optimizer, H)``) adds the top eigenvalues of
+``P^{-1/2} H P^{-1/2}`` (:func:`specops.preconditioned`, warm-started too) under
+``record["preconditioned"]``; ``threshold=`` the optimizer's stability threshold
+(``record["threshold"]``); ``dynamics=True`` the loss, the gradient's norm and its alignment
+``||Pi_k g|| / ||g||`` with the top-k eigenspace of ``H``. :meth:`TrackerLog.plot_sharpness`
+draws them against the step (docs/dynamics.md).
+
 Every metric uses the same ``seed`` at every step (common random numbers): differences
 between checkpoints are then not blurred by fresh probe noise. A record's numbers equal
 those of independent calls of ``eigsh``/``trace``/``spectral_density`` with that seed
@@ -42,12 +50,14 @@ import numpy as np
 from specops.curvature import CURVATURES
 from specops.density import SpectralDensity, spectral_density
 from specops.eigsh import eigsh
+from specops.preconditioner import preconditioned
 from specops.progress import bar as progress_bar
 from specops.trace import trace
 
 METRICS = ("eigenvalues", "trace", "density")
 FORMAT = "specops-tracker/1"
 RESIDUAL = "residual"
+PRECONDITIONED = "preconditioned"
 
 
 def _check_curvatures(curvatures: str | Iterable[str]) -> tuple:
@@ -109,6 +119,20 @@ class Tracker:
             from it by :func:`specops.curvature.curvature_like`, the Monte-Carlo Fisher with
             ``seed``) or a dict ``{name: operator}`` holding every name (any backend, e.g.
             JAX's ``ggn``).
+        preconditioner: ``preconditioner(H) -> P`` called at each update with the first
+            curvature's operator (e.g. ``lambda H: st.preconditioner(optimizer, H)``), or a fixed
+            diagonal: records the top ``k`` eigenvalues of ``P^{-1/2} H P^{-1/2}`` (those of
+            ``P^{-1} H``) under ``record["preconditioned"]``, warm-started like ``H``'s.
+        warm_lag: warm-start from the eigenvectors of ``warm_lag`` updates ago (once that many
+            are in memory; until then the last ones). 2 suits every-step tracking of gradient
+            descent at the edge of stability, where the top eigenvector alternates between two
+            states from step to step (docs/dynamics.md has the measured products).
+        threshold: the stability threshold to record with each step, a number or a callable
+            (e.g. ``lambda: st.stability_threshold(optimizer)``, the current learning rate's).
+        dynamics: record the loss (``loss_at()``), the gradient's norm and its alignment
+            ``||V_k^T g|| / ||g||`` with the top-k eigenvectors ``V_k`` of ``H`` (a model-backed
+            operator and the ``"eigenvalues"`` metric needed). Default: on when ``preconditioner``
+            or ``threshold`` is given.
 
     Raises:
         ValueError: unknown metrics or curvatures, bad ``k``.
@@ -122,7 +146,9 @@ class Tracker:
                  warm_start: bool = True,
                  resume: bool = False, eigsh_options: dict | None = None, trace_options: dict | None = None,
                  density_options: dict | None = None, progress: bool = False, comm: Any = None,
-                 curvatures: str | Iterable[str] = ("hessian",)) -> None:
+                 curvatures: str | Iterable[str] = ("hessian",), preconditioner: Any = None,
+                 threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None,
+                 warm_lag: int = 1) -> None:
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
@@ -148,6 +174,15 @@ class Tracker:
         if {"k", "v0"} & (set(self.eigsh_options) | set(self.block_options.get("eigenvalues", {}))):
             raise ValueError("eigsh_options must not hold 'k' or 'v0': pass k= to the Tracker; v0 is the warm start")
         self.curvatures = _check_curvatures(curvatures)
+        self.preconditioner, self.threshold = preconditioner, threshold
+        if isinstance(warm_lag, bool) or not isinstance(warm_lag, (int, np.integer)) or warm_lag < 1:
+            raise ValueError(f"warm_lag must be a positive integer, got {warm_lag!r}")
+        self.warm_lag = int(warm_lag)
+        self._history: dict = {}  # name -> the last warm_lag eigenvector blocks, oldest first
+        self.dynamics = (preconditioner is not None or threshold is not None) if dynamics is None else bool(dynamics)
+        if (self.dynamics or preconditioner is not None) and "eigenvalues" not in self.metrics:
+            raise ValueError("preconditioner= and dynamics= need the 'eigenvalues' metric (the gradient's alignment "
+                             "uses H's top-k eigenvectors); add it to metrics")
         self.progress = progress
         self.comm = comm
         self.write = comm is None or comm.rank == 0
@@ -225,7 +260,9 @@ class Tracker:
             per block), ``curvatures`` (the same per curvature after the first),
             ``residual`` (``{trace}`` of ``H - G``), ``curvature`` (the first curvature's
             name, when not the Hessian), ``num_matvecs`` (all products of this update),
-            ``products`` (per metric), ``warm_start``, ``info``, ``seconds``. A step recorded before (resume)
+            ``products`` (per metric), ``warm_start``, ``info``, ``seconds``; with ``preconditioner=``,
+            ``threshold=`` or ``dynamics=`` also ``preconditioned`` (``{eigenvalues, residuals,
+            converged}``), ``threshold``, ``loss``, ``gradient_norm``, ``alignment``. A step recorded before (resume)
             is returned as stored, without computing.
         """
         for r in self.records:
@@ -269,6 +306,7 @@ class Tracker:
                 warm[name[10:] if name.startswith("curvature:") else (name or "operator")] = was_warm
             bar.to(len(products))
         bar.close()
+        self._optimizer_view(A, record, products, warm)
         record["num_matvecs"] = int(sum(products.values()))
         record["products"] = products
         record["warm_start"] = warm
@@ -284,6 +322,27 @@ class Tracker:
                 self._save_vectors(A.ops)
         self.records.append(record)
         return record
+
+    def _optimizer_view(self, A: Any, record: dict, products: dict, warm: dict) -> None:
+        """The preconditioned top eigenvalues, the threshold, the loss and the gradient's alignment."""
+        if self.preconditioner is not None:
+            P = self.preconditioner(A) if callable(self.preconditioner) else self.preconditioner
+            out = record.setdefault(PRECONDITIONED, {})
+            used, warm[PRECONDITIONED] = self._metric(preconditioned(A, P), PRECONDITIONED, "eigenvalues", out)
+            products[f"{PRECONDITIONED}/eigenvalues"] = used
+        if self.threshold is not None:
+            record["threshold"] = float(self.threshold() if callable(self.threshold) else self.threshold)
+        if self.dynamics:
+            if not (hasattr(A, "gradient") and hasattr(A, "loss_at")):
+                raise TypeError("dynamics=True needs a model-backed operator (with loss_at() and gradient()); "
+                                "pass dynamics=False for this one")
+            ops, g = A.ops, A.gradient()
+            norm = ops.norm(g)
+            V = self.vectors[""]
+            proj = ops.to_numpy(ops.inner(V, ops.as_columns(g)))[:, 0]
+            record["loss"] = float(A.loss_at())
+            record["gradient_norm"] = norm
+            record["alignment"] = float(np.linalg.norm(proj) / norm) if norm > 0 else 0.0
 
     def _operators(self) -> dict:
         """``{curvature name: operator}`` at the current weights, from ``make_operator()``."""
@@ -323,8 +382,13 @@ class Tracker:
         return V
 
     def _start(self, A: Any, name: str) -> Any:
-        """The previous eigenvectors of ``name`` as a start block for ``A``, or None (cold)."""
-        return self.eigenvectors(A, name) if self.warm_start else None
+        """The eigenvectors of ``name`` from ``warm_lag`` updates ago as a start block for ``A``, or None (cold)."""
+        if not self.warm_start:
+            return None
+        past = self._history.get(name, [])
+        if len(past) >= self.warm_lag and tuple(past[0].shape) == (A.shape[0], self.k):
+            return past[0]
+        return self.eigenvectors(A, name)
 
     def _metric(self, A: Any, name: str, metric: str, out: dict) -> tuple[int, bool]:
         """Compute one metric of ``A`` into ``out``; returns ``(products, warm)``."""
@@ -337,6 +401,7 @@ class Tracker:
             v0 = self._start(A, name)
             res = eigsh(A, k=self.k, seed=self.seed, v0=v0, **opts)
             self.vectors[name] = res.eigenvectors
+            self._history[name] = [*self._history.get(name, []), res.eigenvectors][-self.warm_lag:]
             out.update(eigenvalues=res.eigenvalues, residuals=res.residuals, converged=res.converged)
             return res.num_matvecs, v0 is not None
         if metric == "trace":
@@ -412,6 +477,29 @@ class TrackerLog:
         res = dict(self._where("residuals", block, curvature))
         steps = np.array([s for s, _ in ev])
         return steps, np.array([np.asarray(v) for _, v in ev]), np.array([np.asarray(res[s]) for s, _ in ev])
+
+    def sharpness(self) -> dict:
+        """The optimizer's view of the log as arrays over the steps.
+
+        Returns:
+            ``{"step", "sharpness" (top eigenvalue of H), "preconditioned" (of P^-1 H), "threshold",
+            "loss", "alignment"}``, NaN where a record lacks one.
+        """
+
+        def column(get: Callable[[dict], Any]) -> np.ndarray:
+            out = []
+            for r in self.records:
+                try:
+                    v = get(r)
+                except (KeyError, IndexError, TypeError):
+                    v = None
+                out.append(np.nan if v is None else float(v))
+            return np.array(out)
+
+        return {"step": self.steps, "sharpness": column(lambda r: r["eigenvalues"][0]),
+                "preconditioned": column(lambda r: r[PRECONDITIONED]["eigenvalues"][0]),
+                "threshold": column(lambda r: r["threshold"]), "loss": column(lambda r: r["loss"]),
+                "alignment": column(lambda r: r["alignment"])}
 
     def traces(self, block: str | None = None, curvature: str | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -544,6 +632,33 @@ class TrackerLog:
 
             atomic_savefig(fig, path)
         return fig
+
+    def plot_sharpness(self, ax: Any = None, path: str | None = None, label: str = "") -> Any:
+        """Sharpness and preconditioned sharpness against the step, with the threshold as a dashed line.
+
+        Log-scale y (raw and preconditioned sharpness differ by orders of magnitude under Adam).
+
+        Returns:
+            The axes.
+        """
+        ax = _axes(ax)
+        s = self.sharpness()
+        prefix = f"{label} " if label else ""
+        line = ax.semilogy(s["step"], s["sharpness"], label=f"{prefix}lambda_1(H)")[0]
+        if np.isfinite(s["preconditioned"]).any():
+            ax.semilogy(s["step"], s["preconditioned"], color=line.get_color(), ls=":",
+                        label=f"{prefix}lambda_1(P^-1 H)")
+        if np.isfinite(s["threshold"]).any():
+            ax.semilogy(s["step"], s["threshold"], color=line.get_color(), ls="--", lw=0.8,
+                        label=f"{prefix}threshold")
+        ax.set_xlabel("step")
+        ax.set_ylabel("sharpness")
+        ax.legend(fontsize=7)
+        if path is not None:
+            from specops.report import atomic_savefig
+
+            atomic_savefig(ax.figure, path)
+        return ax
 
     def plot(self, path: str | None = None) -> Any:
         """Trace, top eigenvalue and density evolution side by side; saved to ``path`` if given.

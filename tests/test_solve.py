@@ -241,3 +241,20 @@ def test_rank_deficient_operator_without_damping_is_reported_singular(dtype):
     assert r.num_matvecs < 200
     damped = so.solve(M.astype(dtype), b.astype(dtype), shift=0.1, tol=TOL[dtype])
     assert damped.converged and damped.settings["method_used"] == "cg"
+
+
+def test_an_optimizers_diagonal_preconditioner_is_accepted():
+    """A DiagonalPreconditioner (as st.preconditioner returns) preconditions CG: the same x, fewer steps."""
+    rng = np.random.default_rng(3)
+    n = 300
+    d = np.logspace(0, 4, n)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = np.diag(d) + 0.1 * (Q[:, :5] * np.arange(1, 6)) @ Q[:, :5].T
+    b = rng.standard_normal(n)
+    op = so.aslinearoperator(A)
+    P = so.DiagonalPreconditioner(np.diag(A).copy(), op.ops, optimizer="Adam")
+    plain = so.solve(A, b, tol=1e-10)
+    pre = so.solve(A, b, tol=1e-10, preconditioner=P)
+    assert pre.converged and plain.converged
+    np.testing.assert_allclose(pre.x, np.linalg.solve(A, b), rtol=1e-7)
+    assert pre.settings["iterations"] < plain.settings["iterations"] / 3
