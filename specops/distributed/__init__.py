@@ -55,7 +55,9 @@ from specops.distributed.torch import (
     TORCH_BACKEND_DEVICES,
     TORCH_TIMEOUT_SECONDS,
     TorchComm,
-    _torch_launch_environment,
+)
+from specops.distributed.torch import (  # private; tests/distributed/test_torch_distributed.py imports it
+    _torch_launch_environment as _torch_launch_environment,
 )
 
 # In the order of the API page (docs/api/distributed.md): the communicators, choosing one, the data, the GPU.
