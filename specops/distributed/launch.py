@@ -29,7 +29,6 @@ LOCAL_RANK_VARIABLES = (
 )
 
 
-
 def launcher() -> str | None:
     """What started this process: ``"torch"``, ``"mpi"`` or ``None``.
 

@@ -148,7 +148,6 @@ class MPIComm(Comm):
                 f"cuda_aware={self.cuda_aware})")
 
 
-
 def mpi_cuda_aware() -> bool:
     """Whether the MPI in use takes CUDA device buffers, as it reports itself.
 

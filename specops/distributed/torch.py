@@ -225,7 +225,6 @@ class TorchComm(Comm):
                 f"backend={self.backend!r}, device={self.device})")
 
 
-
 def _import_group_defaults() -> None:
     """Import, before the default group starts, the torch modules that take it as a default argument.
 
