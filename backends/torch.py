@@ -70,6 +70,7 @@ from torch.overrides import TorchFunctionMode
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
+from specops.distributed import register_device_buffers
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
 from specops.operator import MatrixOperator, check_dense_symmetric
@@ -165,6 +166,23 @@ class TorchOps(VectorOps):
 
     def host(self) -> TorchOps:
         return TorchOps(self.torch_dtype, "cpu")
+
+
+def _is_cuda_tensor(X: Any) -> bool:
+    """Whether ``X`` is a CUDA tensor: MPI can read it, and fill a new one (see below)."""
+    return isinstance(X, torch.Tensor) and X.is_cuda
+
+
+def _mpi_buffers(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CUDA tensor's send buffer and a new receive buffer, for a CUDA-aware MPI's Allreduce."""
+    send = X.contiguous()
+    recv = send.new_empty(send.shape)
+    # MPI knows nothing of CUDA streams: the product must be complete before it reads.
+    torch.cuda.current_stream(send.device).synchronize()
+    return send, recv
+
+
+register_device_buffers(_is_cuda_tensor, _mpi_buffers)  # MPIComm sums CUDA blocks on the device
 
 
 def matrix_operator(x: torch.Tensor, symmetric: bool | None = None) -> MatrixOperator:

@@ -224,3 +224,94 @@ def test_a_shard_that_does_not_fit_the_model_raises_on_every_rank():
         snp.hessian(loss, lambda t, b: t, lambda t, b, V: V, np.zeros(2), (np.zeros((4, 3)), np.zeros(4)),
                     comm=_Peer(1, 0, None))
     assert isinstance(info.value.__cause__, ValueError)
+
+
+class _TwoRankMPI:
+    """The part of an mpi4py communicator ``MPIComm.allreduce`` calls, as if a second rank held
+    the same block: ``Allreduce`` writes twice the send buffer into the receive buffer."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def Allreduce(self, send, recv, op):
+        self.log.append(("Allreduce", type(send).__name__, op))
+        recv[...] = 2 * np.asarray(send)
+
+
+class _DeviceBlock(np.ndarray):
+    """Stands in for a framework's device array (a CUDA tensor) whose backend registered it."""
+
+
+def _two_rank_mpi_comm(log, cuda_aware):
+    from types import SimpleNamespace
+
+    from specops.distributed import MPIComm
+
+    comm = MPIComm.__new__(MPIComm)  # no MPI here: rank 0 of 2 over the fake above
+    comm.rank, comm.size, comm.cuda_aware = 0, 2, cuda_aware
+    comm.comm, comm.MPI = _TwoRankMPI(log), SimpleNamespace(SUM="sum")
+    return comm
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mpi_hands_registered_device_arrays_to_mpi_directly(monkeypatch, dtype):
+    """Arrays of a kind a backend registered go to a CUDA-aware MPI as the buffers the backend
+    prepares (before MPI reads them); every other array is staged through the host."""
+    from specops.backends.numpy import NumpyOps
+    from specops.distributed import mpi, register_device_buffers
+
+    monkeypatch.setattr(mpi, "_DEVICE_BUFFERS", [])
+    log = []
+
+    def buffers(X):
+        log.append(("buffers", X.dtype))
+        return np.ascontiguousarray(X).view(_DeviceBlock), np.empty_like(X)
+
+    def accepts(X):
+        return isinstance(X, _DeviceBlock)
+
+    register_device_buffers(accepts, buffers)
+    register_device_buffers(accepts, buffers)  # twice: registered once
+    assert len(mpi._DEVICE_BUFFERS) == 1
+    ops = NumpyOps(dtype)
+    X = np.asfortranarray(np.arange(6, dtype=dtype).reshape(3, 2)).view(_DeviceBlock)
+    comm = _two_rank_mpi_comm(log, cuda_aware=True)
+    assert comm.transport(X) == "device"
+    got = comm.allreduce(X, ops)
+    np.testing.assert_array_equal(np.asarray(got), 2 * np.arange(6, dtype=dtype).reshape(3, 2))
+    assert got.dtype == dtype
+    assert log == [("buffers", dtype), ("Allreduce", "_DeviceBlock", "sum")]  # prepared, then read
+
+    log.clear()  # a host array: no device buffers, MPI sums a host copy of the operator's dtype
+    x = np.arange(4, dtype=dtype)
+    assert comm.transport(x) == "host"
+    np.testing.assert_array_equal(comm.allreduce(x, ops), 2 * x)
+    assert log == [("Allreduce", "ndarray", "sum")]
+
+    log.clear()  # an MPI that is not CUDA-aware: registered arrays too go through the host
+    comm = _two_rank_mpi_comm(log, cuda_aware=False)
+    assert comm.transport(X) == "host"
+    np.testing.assert_array_equal(np.asarray(comm.allreduce(X, ops)), 2 * np.asarray(X))
+    assert [entry[0] for entry in log] == ["Allreduce"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_backend_registers_cuda_tensors_for_mpi(monkeypatch, dtype):
+    """Importing the torch backend registers its CUDA-tensor buffers; they copy a
+    non-contiguous block, allocate a fresh receive buffer and wait for the device's stream."""
+    torch = pytest.importorskip("torch")
+    tb = pytest.importorskip("specops.backends.torch")
+    from specops.distributed import mpi
+
+    [entry] = [e for e in mpi._DEVICE_BUFFERS if e.accepts is tb._is_cuda_tensor]
+    assert mpi._device_buffers(torch.zeros(3)) is None  # CPU tensors go through the host
+    assert not tb._is_cuda_tensor(np.zeros(3))
+    waited = []
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device: type("Stream", (), {"synchronize": lambda self: waited.append(device)})())
+    X = torch.arange(12, dtype=getattr(torch, dtype)).reshape(3, 4).T  # a transposed, non-contiguous view
+    send, recv = entry.buffers(X)
+    assert send.is_contiguous() and torch.equal(send, X)
+    assert recv.shape == X.shape and recv.dtype == X.dtype and recv.device == X.device
+    assert recv.data_ptr() not in (send.data_ptr(), X.data_ptr())
+    assert waited == [X.device]
