@@ -617,7 +617,11 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
         array([[1., 0.],
                [0., 1.]])
     """
-    adapter = JaxAdapter(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
+    from specops.backends import jax_sharded  # parameters sharded over a mesh: vectors sharded alike
+
+    mesh = jax_sharded.mesh_of(params)
+    make = JaxAdapter if mesh is None else partial(jax_sharded.ShardedJaxAdapter, mesh=mesh)
+    adapter = make(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
 

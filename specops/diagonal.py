@@ -85,15 +85,15 @@ def diagonal(A: OperatorLike, method: str = "hutchinson", num_matvecs: int = 100
     # per-probe values z * Az on the host in float64, merged chunk by chunk (Chan et al.'s
     # update of mean and sum of squared deviations): sum(x^2)/m - mean^2 in float32 cancels
     # to 0 (or garbage) when the diagonal is large beside its spread
-    rows = ops.local_rows(n)  # sharded vectors: this rank's entries of the diagonal
-    m, mean, m2 = 0, np.zeros(rows), np.zeros(rows)
+    # arrays of the host rows of a vector (a rank's entries where vectors are sharded)
+    m, mean, m2 = 0, np.zeros(()), np.zeros(())
     for Z, AZ in probe_chunks(A, mul, num_matvecs, seed, kind, "diagonal", chunk):
         P = ops.to_numpy(Z * AZ)
         k = P.shape[1]
         chunk_mean = P.mean(axis=1)
         delta = chunk_mean - mean
-        m2 += np.sum((P - chunk_mean[:, None]) ** 2, axis=1) + delta**2 * (m * k / (m + k))
-        mean += delta * (k / (m + k))
+        m2 = m2 + np.sum((P - chunk_mean[:, None]) ** 2, axis=1) + delta**2 * (m * k / (m + k))
+        mean = mean + delta * (k / (m + k))
         m += k
-    stderr = np.sqrt(m2 / (m - 1) / m) if m > 1 else np.full(rows, np.inf)
+    stderr = np.sqrt(m2 / (m - 1) / m) if m > 1 else np.full(mean.shape, np.inf)
     return DiagonalResult(mean, stderr, m, settings)
