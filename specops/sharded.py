@@ -1,8 +1,9 @@
-"""Vectors sharded over the ranks of a communicator: each rank holds a block of rows.
+"""Vectors sharded over the ranks of a communicator: each rank holds some rows of every vector.
 
 :class:`ShardedOps` wraps any backend's :class:`~specops.ops.VectorOps`. Every vector
-and every basis of an algorithm is, on each rank, its contiguous block of rows
-``rows = range(lo, hi)`` of the global ``n``; the operator's ``shape`` stays global.
+and every basis of an algorithm is, on each rank, its rows of the global ``n``: one
+contiguous ``range(lo, hi)``, or several (a model sharded by FSDP holds a slice of each
+parameter), concatenated in order; the operator's ``shape`` stays global.
 A reduction over the rows (inner products, Gram blocks, column norms and dots, the
 coefficients of a projection, the finite check) is the backend's local partial
 followed by one all-reduce, so every rank holds the same host values and runs the
@@ -35,55 +36,65 @@ class ShardedOps(VectorOps):
         local: the vector operations of this rank's arrays (any backend).
         comm: the communicator whose ranks hold the shards.
         n: the global length of a vector.
-        rows: this rank's rows; default :func:`specops.distributed.shard_range` (blocks
-            in rank order whose sizes differ by at most one).
+        rows: this rank's rows: a ``range``, or a sequence of ranges whose rows are
+            concatenated in that order; default :func:`specops.distributed.shard_range`
+            (blocks in rank order whose sizes differ by at most one).
 
     Raises:
-        ValueError: the ranks' row blocks do not tile ``0..n`` in rank order.
+        ValueError: the ranks' rows do not cover ``0..n`` exactly once.
     """
 
     sharded = True
 
-    def __init__(self, local: VectorOps, comm: Any, n: int, rows: range | None = None) -> None:
+    def __init__(self, local: VectorOps, comm: Any, n: int, rows: range | Sequence[range] | None = None) -> None:
         if isinstance(local, ShardedOps):
             raise TypeError("local must be one rank's vector operations, not already sharded ones")
         self.local, self.comm, self.n = local, as_comm(comm), int(n)
-        self.rows = shard_range(self.n, self.comm) if rows is None else rows
+        rows = shard_range(self.n, self.comm) if rows is None else rows
+        self.pieces = [rows] if isinstance(rows, range) else list(rows)
+        self.count = sum(len(p) for p in self.pieces)
         super().__init__(local.dtype, local.device)
         self.name, self.in_place = local.name, local.in_place
-        spans = self.comm.allgather((self.rows.start, self.rows.stop))
-        if spans[0][0] != 0 or spans[-1][1] != self.n or any(a[1] != b[0] for a, b in zip(spans, spans[1:])) \
-                or any(a > b for a, b in spans):
-            raise ValueError(f"the ranks' rows {spans} do not tile 0..{self.n} in rank order; pass each rank "
-                             "its contiguous block of rows (specops.distributed.shard_range)")
+        if any(not isinstance(p, range) or p.step != 1 for p in self.pieces):
+            raise ValueError(f"rows must be ranges of step 1 (or a sequence of them), got {rows!r}")
+        everyone = self.comm.allgather([(p.start, p.stop) for p in self.pieces])
+        spans = sorted(span for pieces in everyone for span in pieces if span[0] < span[1])
+        ends = [0] + [b for _, b in spans]
+        if any(a != e for (a, _), e in zip(spans, ends)) or ends[-1] != self.n:
+            raise ValueError(f"the ranks' rows {spans} do not cover 0..{self.n} exactly once; pass each rank "
+                             "its rows (specops.distributed.shard_range for contiguous blocks)")
 
     def __repr__(self) -> str:
-        return f"ShardedOps({self.local!r}, rows={self.rows.start}..{self.rows.stop - 1} of {self.n}, " \
+        return f"ShardedOps({self.local!r}, {self.count} of {self.n} rows in {len(self.pieces)} pieces, " \
                f"ranks={self.comm.size})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ShardedOps) and (self.local, self.n, self.rows) == (other.local, other.n, other.rows)
+        return isinstance(other, ShardedOps) and (self.local, self.n, self.pieces) == (other.local, other.n,
+                                                                                       other.pieces)
 
     def __hash__(self) -> int:
-        return hash((ShardedOps, self.local, self.n, self.rows.start))
+        return hash((ShardedOps, self.local, self.n, self.count))
 
     # --- shapes: a global n becomes this rank's rows ---------------------------------
     def _shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         shape = tuple(int(s) for s in shape)
         axis = 1 if len(shape) == 3 else 0
         if len(shape) > axis and shape[axis] == self.n:
-            shape = shape[:axis] + (len(self.rows),) + shape[axis + 1:]
+            shape = shape[:axis] + (self.count,) + shape[axis + 1:]
         return shape
 
     def _cut(self, a: Any) -> Any:
         ndim = len(a.shape)
         axis = 1 if ndim == 3 else 0
-        if ndim > axis and a.shape[axis] == self.n and len(self.rows) != self.n:
-            return a[(slice(None),) * axis + (slice(self.rows.start, self.rows.stop),)]
+        if ndim > axis and a.shape[axis] == self.n and self.count != self.n:
+            parts = [a[(slice(None),) * axis + (slice(p.start, p.stop),)] for p in self.pieces]
+            if len(parts) == 1:
+                return parts[0]
+            return np.concatenate(parts, axis=axis) if isinstance(a, np.ndarray) else self.local.concat(parts, axis)
         return a
 
     def local_rows(self, n: int) -> int:
-        return len(self.rows) if n == self.n else n
+        return self.count if n == self.n else n
 
     def decide(self, value: Any) -> Any:
         return self.comm.bcast(value, 0)
@@ -168,7 +179,7 @@ class ShardedOps(VectorOps):
         return self.local.move(X, source.local if isinstance(source, ShardedOps) else source)
 
     def host(self) -> VectorOps:
-        return ShardedOps(self.local.host(), self.comm, self.n, self.rows)
+        return ShardedOps(self.local.host(), self.comm, self.n, self.pieces)
 
     def free_memory(self) -> int:
         return self.local.free_memory()
@@ -177,17 +188,20 @@ class ShardedOps(VectorOps):
                stream: str = "") -> Array:
         if n != self.n:
             raise ValueError(f"random vectors of length {n} from sharded operations of length {self.n}")
-        return self.local.from_numpy(_random.probes(n, columns, seed, kind=kind, stream=stream, rows=self.rows))
+        columns = list(columns)
+        parts = [_random.probes(n, columns, seed, kind=kind, stream=stream, rows=p) for p in self.pieces]
+        return self.local.from_numpy(np.concatenate(parts, axis=0) if parts else np.zeros((0, len(columns))))
 
     def identity_columns(self, n: int, start: int, stop: int) -> Array:
-        lo, hi = self.rows.start, self.rows.stop
-        E = np.zeros((hi - lo, stop - start), dtype=self.dtype)
-        j = np.arange(max(start, lo), min(stop, hi))
-        E[j - lo, j - start] = 1.0
+        E, at = np.zeros((self.count, stop - start), dtype=self.dtype), 0
+        for p in self.pieces:
+            j = np.arange(max(start, p.start), min(stop, p.stop))
+            E[at + j - p.start, j - start] = 1.0
+            at += len(p)
         return self.local.from_numpy(E)
 
 
-def shard_ops(local: VectorOps, comm: Any, n: int, rows: range | None = None) -> VectorOps:
+def shard_ops(local: VectorOps, comm: Any, n: int, rows: range | Sequence[range] | None = None) -> VectorOps:
     """``local`` itself on one rank, else :class:`ShardedOps` over ``comm``."""
     comm = as_comm(comm)
     return local if comm.size == 1 and rows is None else ShardedOps(local, comm, n, rows)
@@ -201,7 +215,14 @@ def gather(ops: VectorOps, X: Array) -> np.ndarray:
     """
     if not isinstance(ops, ShardedOps):
         return ops.to_numpy(X)
-    return np.concatenate(ops.comm.allgather(ops.to_numpy(X)), axis=0)
+    local = ops.to_numpy(X)
+    out = np.zeros((ops.n,) + local.shape[1:])
+    for part, pieces in ops.comm.allgather((local, ops.pieces)):
+        at = 0
+        for p in pieces:
+            out[p.start : p.stop] = part[at : at + len(p)]
+            at += len(p)
+    return out
 
 
 __all__ = ["ShardedOps", "gather", "shard_ops"]

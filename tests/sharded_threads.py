@@ -76,7 +76,8 @@ class RowShardedMatrix(LinearOperator):
 
     def __init__(self, A, ops):
         super().__init__(A.shape, ops)
-        self.rows = A[ops.rows.start:ops.rows.stop] if isinstance(ops, ShardedOps) else A
+        self.rows = A[np.concatenate([np.arange(p.start, p.stop) for p in ops.pieces])] \
+            if isinstance(ops, ShardedOps) else A
         self.local = ops.local if isinstance(ops, ShardedOps) else ops
 
     def _matmat(self, V):

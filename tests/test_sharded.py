@@ -169,7 +169,7 @@ def test_tracker_warm_starts_on_shards(tmp_path):
 
 
 def test_bad_rows_and_one_rank():
-    with pytest.raises(ValueError, match="do not tile"):
+    with pytest.raises(ValueError, match="exactly once"):
         run_ranks(2, lambda comm: ShardedOps(NumpyOps(), comm, N, rows=range(0, 30)))
     assert isinstance(shard_ops(NumpyOps(), None, N), NumpyOps)
     with pytest.raises(ValueError, match="length"):
@@ -187,3 +187,29 @@ def test_a_rank_that_raises_ends_every_rank():
 
     with pytest.raises(RuntimeError, match="rank 1 failed"):
         run_ranks(3, fn, timeout=20)
+
+
+def test_rows_in_pieces_like_fsdp():
+    """Each rank holds a slice of every 'parameter': several ranges, interleaved between ranks."""
+    A = _matrix()
+    cuts = [0, 10, 25, 61]  # three "parameters", each split between two ranks
+
+    def pieces(rank):
+        return [range(a + (b - a) // 2 * rank, a + (b - a) // 2 if rank == 0 else b) for a, b in zip(cuts, cuts[1:])]
+
+    def fn(comm):
+        op = RowShardedMatrix(A, ShardedOps(NumpyOps(), comm, N, rows=pieces(comm.rank)))
+        r = so.eigsh(op, k=2, seed=1)
+        return (r.eigenvalues, gather(op.ops, r.eigenvectors), so.trace(op, method="xtrace", num_matvecs=20).estimate,
+                gather(op.ops, op.ops.random(N, [0, 1], 3)))
+
+    single = RowShardedMatrix(A, NumpyOps())
+    ref = so.eigsh(single, k=2, seed=1)
+    ranks = run_ranks(2, fn)
+    for r in ranks:
+        _close(r[0], ref.eigenvalues, 1e-10)
+        _close(r[1] @ r[1].T, ref.eigenvectors @ ref.eigenvectors.T, 1e-6)
+        _close(r[2], so.trace(single, method="xtrace", num_matvecs=20).estimate, 1e-10)
+        assert np.array_equal(r[3], sr.probes(N, [0, 1], 3))
+    with pytest.raises(ValueError, match="exactly once"):
+        run_ranks(2, lambda comm: ShardedOps(NumpyOps(), comm, N, rows=[range(0, 10), range(5, 61)][comm.rank:]))
