@@ -1294,6 +1294,13 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
     """
     wrt = renamed("hessian", "wrt", wrt, "params", params)
     engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
+    from specops.backends import torch_sharded  # FSDP2 / DTensor parameters: sharded vectors
+
+    if torch_sharded.is_sharded(model):
+        return torch_sharded.hessian(model, loss_fn, data, reduction=reduction, comm=comm, loss_form=loss_form,
+                                     check_deterministic=check_deterministic, wrt=wrt, engine=engine,
+                                     memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
+                                     random_layers=random_layers, richardson=richardson, autocast=autocast)
     # renamed(..., default="auto") never returns None here, but is typed Optional
     adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,  # type: ignore[arg-type]
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
