@@ -50,3 +50,7 @@ def test_vectors_stay_sharded(meshes, layout):
     assert r["eigvec_devices"] == 4 and r["eigvec_shards"] == [[151, 3]] and r["product_shards"] == [[151]]
     assert r["padding_zero"] == 0.0 and r["diagonal_rows"] == 603
     assert r["as_params_specs"] == r["given_specs"]
+
+
+def test_docs_example_runs(meshes):
+    assert meshes["docs_example"] == "ran"  # the JAX example of docs/distributed.md, with its asserts

@@ -9,9 +9,9 @@ rank 0 waits inside a sharded product (the job must end).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
+import re
 import sys
 import time
 
@@ -146,14 +146,26 @@ def run_raise(rank):
     print("rank 0 finished a product that rank 1 never joined", flush=True)
 
 
+def run_docs_example():
+    """The torchrun example of docs/distributed.md, as a user runs it (its group is kept for the rest)."""
+    page = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "distributed.md")).read()
+    code = re.search(r"<!-- sharded-example: torch -->\s*```python\n(.*?)```", page, re.S).group(1)
+    destroy = dist.destroy_process_group
+    dist.destroy_process_group = lambda *args, **kw: None
+    try:
+        exec(compile(code, "docs/distributed.md (sharded-example: torch)", "exec"), {"__name__": "__main__"})
+    finally:
+        dist.destroy_process_group = destroy
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     if mode == "all":
-        run_all(rank, out)
+        run_docs_example()  # it starts the process group
+        run_all(dist.get_rank(), out)
     elif mode == "raise":
-        run_raise(rank)
+        dist.init_process_group("gloo")
+        run_raise(dist.get_rank())
     dist.barrier()
     dist.destroy_process_group()
 

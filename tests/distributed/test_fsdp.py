@@ -45,6 +45,10 @@ def test_fsdp2_matches_one_process(ranks, dtype):
         assert ranks[1][f"sharded-{dtype}"][key] == got[key]
 
 
+def test_docs_example_runs(ranks):
+    assert ranks[0]["caught"]  # the launch ran the torchrun example of docs/distributed.md first, asserts and all
+
+
 def test_vectors_are_sharded_like_the_parameters(ranks):
     for r, rank in enumerate(ranks):
         got = rank["sharded-torch.float64"]
