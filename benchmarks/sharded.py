@@ -8,8 +8,9 @@ samples per rank, one thread per rank, and measures on every rank:
 - the peak resident memory an algorithm adds above what the process held before it
   (``VmHWM`` after resetting it, Linux), for ``eigsh(k=5)``, ``trace(method="xtrace",
   num_matvecs=40)`` and ``spectral_density(num_probes=10, num_steps=64)``, with the
-  bytes of its Krylov vectors predicted from n/P (basis of 40 vectors for eigsh, 40 for
-  XTrace's sketch and products, 10 x 65 for SLQ's bases);
+  bytes of its Krylov vectors predicted from n/P by docs/scale.md's memory model (at
+  most 164 vectors for eigsh k=5 with its multiplicity check, 2.5 m + 2c = 120 for
+  XTrace, 710 for SLQ 10 x 64 with all probes at once);
 - the median time of a finite-difference product ``H @ v`` and of one FSDP2
   forward+backward of the same data (side by side, ``--reps`` each), and their ratio;
 - the seconds the algorithms spend in their own collectives (all-reduces of scalars and
@@ -77,9 +78,9 @@ def worker(out: str, width: int, samples: int, reps: int) -> None:
         setattr(comm, name, timed(getattr(comm, name)))
     result = dict(ranks=size, rank=rank, n=n, local_rows=local, memory={})
     for name, fn, vectors in (
-        ("eigsh(k=5)", lambda: so.eigsh(H, k=5, seed=0, tol=1e-3, max_matvecs=120), 40),
-        ("trace(xtrace, 40)", lambda: so.trace(H, method="xtrace", num_matvecs=40, seed=0), 40),
-        ("spectral_density(10x64)", lambda: so.spectral_density(H, num_probes=10, num_steps=64, seed=0), 650),
+        ("eigsh(k=5)", lambda: so.eigsh(H, k=5, seed=0, tol=1e-3, max_matvecs=120), 164),
+        ("trace(xtrace, 40)", lambda: so.trace(H, method="xtrace", num_matvecs=40, seed=0), 120),
+        ("spectral_density(10x64)", lambda: so.spectral_density(H, num_probes=10, num_steps=64, seed=0), 710),
     ):
         import gc
 
