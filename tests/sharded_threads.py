@@ -76,6 +76,7 @@ class RowShardedMatrix(LinearOperator):
 
     def __init__(self, A, ops):
         super().__init__(A.shape, ops)
+        self.A = A
         self.rows = A[np.concatenate([np.arange(p.start, p.stop) for p in ops.pieces])] \
             if isinstance(ops, ShardedOps) else A
         self.local = ops.local if isinstance(ops, ShardedOps) else ops
@@ -83,3 +84,8 @@ class RowShardedMatrix(LinearOperator):
     def _matmat(self, V):
         full = gather(self.ops, V)  # a test operator: each rank needs all of V for its rows
         return self.local.from_numpy(self.rows @ full)
+
+    def loss_at(self, delta=None):
+        """A quadratic "loss" 0.5 x^T A x at x = 1 + delta, for landscapes (the same on every rank)."""
+        x = np.ones(self.shape[0]) + (0.0 if delta is None else gather(self.ops, delta))
+        return 0.5 * float(x @ self.A @ x)

@@ -213,3 +213,17 @@ def test_rows_in_pieces_like_fsdp():
         assert np.array_equal(r[3], sr.probes(N, [0, 1], 3))
     with pytest.raises(ValueError, match="exactly once"):
         run_ranks(2, lambda comm: ShardedOps(NumpyOps(), comm, N, rows=[range(0, 10), range(5, 61)][comm.rank:]))
+
+
+def test_landscape_along_sharded_directions():
+    A = _matrix()
+
+    def fn(op):
+        eig = so.eigsh(op, k=1, seed=0)
+        random = so.landscape(op, "random-2d", span=0.5, steps=3, seed=4)
+        return random.losses, so.landscape(op, eig, span=0.5, steps=3).losses
+
+    one, ranks = _both(fn, A, 3)
+    for r in ranks:
+        _close(r[0], one[0], 1e-10)
+        _close(r[1], one[1], 1e-10)
