@@ -581,6 +581,8 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
         loss_fn: ``loss_fn(params, batch) -> scalar``, pure and traceable by JAX; it
             reduces over the batch as ``reduction`` says.
         params: any pytree of parameters (dict, Flax params, Equinox arrays, Haiku).
+            Leaves placed with ``NamedSharding`` over a mesh of several devices make the
+            vectors sharded over the mesh too (``specops.backends.jax_sharded``).
         data: one batch (a tuple or dict of arrays) or a re-iterable of batches; an
             unequal last batch is compiled for once.
         wrt: ``None`` (every leaf), or pytree-path names / glob patterns

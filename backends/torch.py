@@ -1232,7 +1232,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
         model: an ``nn.Module`` with all parameters on one device and of one dtype
             (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors).
             Its mode is used as is: call ``model.eval()`` yourself for batch norm with running
-            statistics and without dropout.
+            statistics and without dropout. A model sharded with FSDP2's ``fully_shard`` gives
+            vectors sharded like its parameters (``specops.backends.torch_sharded``).
         loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
             to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
             tuple are passed as ``model(**inputs)`` / ``model(*inputs)``); or the general
