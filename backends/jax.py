@@ -581,6 +581,8 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
         loss_fn: ``loss_fn(params, batch) -> scalar``, pure and traceable by JAX; it
             reduces over the batch as ``reduction`` says.
         params: any pytree of parameters (dict, Flax params, Equinox arrays, Haiku).
+            Leaves placed with ``NamedSharding`` over a mesh of several devices make the
+            vectors sharded over the mesh too (``specops.backends.jax_sharded``).
         data: one batch (a tuple or dict of arrays) or a re-iterable of batches; an
             unequal last batch is compiled for once.
         wrt: ``None`` (every leaf), or pytree-path names / glob patterns
@@ -617,7 +619,11 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
         array([[1., 0.],
                [0., 1.]])
     """
-    adapter = JaxAdapter(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
+    from specops.backends import jax_sharded  # parameters sharded over a mesh: vectors sharded alike
+
+    mesh = jax_sharded.mesh_of(params)
+    make = JaxAdapter if mesh is None else partial(jax_sharded.ShardedJaxAdapter, mesh=mesh)
+    adapter = make(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
 

@@ -1250,7 +1250,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
         model: an ``nn.Module`` with all parameters on one device and of one dtype
             (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors).
             Its mode is used as is: call ``model.eval()`` yourself for batch norm with running
-            statistics and without dropout.
+            statistics and without dropout. A model sharded with FSDP2's ``fully_shard`` gives
+            vectors sharded like its parameters (``specops.backends.torch_sharded``).
         loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
             to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
             tuple are passed as ``model(**inputs)`` / ``model(*inputs)``); or the general
@@ -1312,6 +1313,13 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
     """
     wrt = renamed("hessian", "wrt", wrt, "params", params)
     engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
+    from specops.backends import torch_sharded  # FSDP2 / DTensor parameters: sharded vectors
+
+    if torch_sharded.is_sharded(model):
+        return torch_sharded.hessian(model, loss_fn, data, reduction=reduction, comm=comm, loss_form=loss_form,
+                                     check_deterministic=check_deterministic, wrt=wrt, engine=engine,
+                                     memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
+                                     random_layers=random_layers, richardson=richardson, autocast=autocast)
     # renamed(..., default="auto") never returns None here, but is typed Optional
     adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,  # type: ignore[arg-type]
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,

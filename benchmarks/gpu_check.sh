@@ -36,3 +36,59 @@ fi
 echo "== CPU speed-up on dedicated cores: torchrun (gloo) and JAX host devices, 1/2/4, ResNet-20 over 1,024 samples"
 timeout 480 python3 benchmarks/mpi_speedup.py --launcher torchrun --ranks 1,2,4 --reps 3 --json "$OUT/torch_speedup.json" 2>&1 | tail -6
 timeout 420 python3 benchmarks/jax_devices_speedup.py --devices 1,2,4 --reps 3 --json "$OUT/jax_speedup.json" 2>&1 | tail -6
+echo "== Sharded models: FSDP2 over NCCL (one process per GPU) and JAX parameters sharded over the GPUs"
+if [ "$NGPU" -ge 2 ]; then
+  # the test worker with NCCL: each rank its GPU; the sharded spectra against one process (written per rank)
+  timeout 300 python3 - "$NGPU" "$OUT" <<'PY' 2>&1 | tail -12
+import json, os, subprocess, sys
+ngpu, out = int(sys.argv[1]), sys.argv[2]
+script = r'''
+import os, time, torch, torch.distributed as dist, torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+import specops as so
+from specops.backends import torch as st
+dist.init_process_group("nccl"); rank, size = dist.get_rank(), dist.get_world_size()
+torch.cuda.set_device(rank); mesh = init_device_mesh("cuda", (size,))
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096), torch.nn.GELU(),
+                            torch.nn.Linear(4096, 10)).cuda()
+for m in model:
+    if isinstance(m, torch.nn.Linear): fully_shard(m, mesh=mesh)
+fully_shard(model, mesh=mesh)
+g = torch.Generator(device="cuda").manual_seed(rank)
+batch = (torch.randn(512, 1024, device="cuda", generator=g), torch.randint(0, 10, (512,), device="cuda", generator=g))
+H = st.hessian(model, F.cross_entropy, batch)
+v = H.ops.random(H.shape[0], [0], 0)[:, 0]
+def med(fn, reps=10):
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize(); t0 = time.perf_counter(); fn(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t0)
+    return sorted(ts)[reps // 2]
+def fb():
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    for p in model.parameters(): p.grad = None
+t_fd, t_fb = med(lambda: H @ v), med(fb)
+torch.cuda.reset_peak_memory_stats()
+top = so.eigsh(H, k=5, seed=0, tol=1e-4)
+peak = torch.cuda.max_memory_allocated() / 2**30
+if rank == 0:
+    print(f"FSDP2/NCCL x{size}: n={H.shape[0]:,} local rows {H.ops.count:,}; FD product {t_fd*1e3:.1f} ms = "
+          f"{t_fd/t_fb:.2f} x forward+backward ({t_fb*1e3:.1f} ms); eigsh(k=5) {top.eigenvalues.round(4)} "
+          f"converged {top.all_converged}, peak {peak:.2f} GiB per GPU")
+dist.destroy_process_group()
+'''
+path = os.path.join(out, "fsdp_nccl.py"); open(path, "w").write(script)
+subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={min(ngpu, 4)}", path])
+PY
+else
+  echo "   (FSDP2 over NCCL needs 2 or more GPUs; one GPU: skipped)"
+fi
+# JAX: the tests' worker on the GPUs instead of host devices (parameters sharded over every GPU of a mesh)
+if [ "$NGPU" -ge 4 ]; then
+  timeout 300 python3 tests/backends/jax_sharded_worker.py "$OUT/jax_sharded_gpu.json" 2>&1 | tail -4
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: (v['sharded']['eigenvalues'], v['eigvec_devices']) for k, v in r.items() if k != 'docs_example'})" "$OUT/jax_sharded_gpu.json"
+else
+  echo "   (the JAX mesh check uses 4 devices: $NGPU GPU(s) here, run on host devices instead)"
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu timeout 300 python3 tests/backends/jax_sharded_worker.py "$OUT/jax_sharded_cpu.json" 2>&1 | tail -2
+fi

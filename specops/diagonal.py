@@ -81,18 +81,19 @@ def diagonal(A: OperatorLike, method: str = "hutchinson", num_matvecs: int = 100
         parts = [ops.row_sums(E * mul(E)) for E in
                  (ops.identity_columns(n, j, min(n, j + chunk)) for j in range(0, n, chunk))]
         est = ops.to_numpy(sum(parts[1:], parts[0]))
-        return DiagonalResult(est, np.zeros(n), mul.count, settings)
+        return DiagonalResult(est, np.zeros(est.shape[0]), mul.count, settings)
     # per-probe values z * Az on the host in float64, merged chunk by chunk (Chan et al.'s
     # update of mean and sum of squared deviations): sum(x^2)/m - mean^2 in float32 cancels
     # to 0 (or garbage) when the diagonal is large beside its spread
-    m, mean, m2 = 0, np.zeros(n), np.zeros(n)
+    # arrays of the host rows of a vector (a rank's entries where vectors are sharded)
+    m, mean, m2 = 0, np.zeros(()), np.zeros(())
     for Z, AZ in probe_chunks(A, mul, num_matvecs, seed, kind, "diagonal", chunk):
         P = ops.to_numpy(Z * AZ)
         k = P.shape[1]
         chunk_mean = P.mean(axis=1)
         delta = chunk_mean - mean
-        m2 += np.sum((P - chunk_mean[:, None]) ** 2, axis=1) + delta**2 * (m * k / (m + k))
-        mean += delta * (k / (m + k))
+        m2 = m2 + np.sum((P - chunk_mean[:, None]) ** 2, axis=1) + delta**2 * (m * k / (m + k))
+        mean = mean + delta * (k / (m + k))
         m += k
-    stderr = np.sqrt(m2 / (m - 1) / m) if m > 1 else np.full(n, np.inf)
+    stderr = np.sqrt(m2 / (m - 1) / m) if m > 1 else np.full(mean.shape, np.inf)
     return DiagonalResult(mean, stderr, m, settings)

@@ -24,6 +24,7 @@ from specops.operator import OperatorLike
 from specops.ops import Array, VectorOps
 from specops.progress import bar as progress_bar
 from specops.random import check_seed
+from specops.sharded import gather
 from specops.results import Result
 
 WHICH = ("LA", "SA", "LM", "BE")
@@ -230,7 +231,7 @@ def _start_block(A, v0):
     """``v0`` as a native (n, j) block with unit, finite columns."""
     ops, n = A.ops, A.shape[0]
     X = ops.as_columns(ops.asarray(v0))
-    if len(X.shape) != 2 or X.shape[0] != n or X.shape[1] < 1:
+    if len(X.shape) != 2 or X.shape[0] != ops.local_rows(n) or X.shape[1] < 1:
         raise ValueError(f"v0 must have shape ({n},) or ({n}, j), got {tuple(X.shape)}")
     norms = ops.column_norms(X)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
@@ -324,7 +325,7 @@ def _dense(A, k, which, tol):
     """Small operators: the dense matrix from n products, then ``eigh``."""
     mul = _checks.Products(A)
     ops, n = A.ops, A.shape[0]
-    M = ops.to_numpy(mul(ops.identity_columns(n, 0, n)))
+    M = gather(ops, mul(ops.identity_columns(n, 0, n)))  # all rows on every rank if sharded
     M = (M + M.T) / 2
     theta, S = np.linalg.eigh(M)
     want = _wanted(theta, which, k)

@@ -269,7 +269,7 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
     dirs = []
     for i, d in enumerate(directions):
         d = ops.asarray(d)
-        if tuple(d.shape) != (n,):
+        if tuple(d.shape) != (ops.local_rows(n),):
             raise ValueError(f"direction {i + 1} has shape {tuple(d.shape)}; it must be ({n},), like the parameters")
         dirs.append(d)
     alphas = _axis(span, steps)

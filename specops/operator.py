@@ -106,7 +106,7 @@ class LinearOperator:
                 f"cast the input to {ops.dtype.name}"
             )
         x = ops.asarray(x)
-        n = self.shape[0]
+        n = ops.local_rows(self.shape[0])  # a sharded vector: this rank's rows
         if len(x.shape) != ndim or x.shape[0] != n:
             want = f"({n},)" if ndim == 1 else f"({n}, k)"
             raise ValueError(f"expected an array of shape {want}, got {tuple(x.shape)}")
@@ -209,7 +209,7 @@ class LinearOperator:
         for part in (getattr(self, "A", None), getattr(self, "B", None)):
             if isinstance(part, LinearOperator):
                 value = part.decide(value)
-        return value
+        return self.ops.decide(value)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.ops}>"

@@ -175,6 +175,18 @@ class VectorOps(abc.ABC):
         ones = self.from_numpy(np.ones((X.shape[0], 1)))
         return self.to_numpy(self.inner(ones, X * Y))[0]
 
+    def host_column_dots(self, X: Array, Y: Array) -> np.ndarray:
+        """``(X * Y).sum(axis=0)`` summed in float64 on the host (exact where the device sum rounds)."""
+        return np.sum(self.to_numpy(X) * self.to_numpy(Y), axis=0)
+
+    def local_rows(self, n: int) -> int:
+        """The rows this process holds of a vector of ``n`` entries: ``n`` unless sharded."""
+        return n
+
+    def decide(self, value: Any) -> Any:
+        """A host value as every process takes it: itself, or rank 0's where vectors are sharded."""
+        return value
+
     def row_sums(self, X: Array) -> Array:
         """``X.sum(axis=1)`` for native ``X`` (n, k): native (n,)."""
         return self.combine(X, np.ones((X.shape[1], 1)))[:, 0]

@@ -3,6 +3,13 @@
 Column ``j`` of a probe matrix is drawn from its own generator seeded by
 ``(seed, stream, j)``: the result does not depend on how columns are chunked, on the
 backend, on the device or on the number of MPI ranks.
+
+Entries are drawn in blocks of :data:`BLOCK` rows, block ``b >= 1`` of column ``j``
+from its own generator seeded by ``(seed, stream, j, b)``, so that a rank holding
+rows ``lo..hi-1`` of a sharded vector draws only the blocks it overlaps and gets
+exactly those rows of the vector one process draws. Block 0 is the first ``BLOCK``
+draws of the column's generator, so vectors of up to ``BLOCK`` entries are those of
+specops before sharding; longer ones differ from them past entry ``BLOCK``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from typing import Any
 import numpy as np
 
 KINDS = ("rademacher", "normal")
+#: Rows drawn from one generator (see the module's docstring).
+BLOCK = 1 << 20
 
 
 def check_seed(seed: Any) -> int:
@@ -30,14 +39,22 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def generator(seed: int, stream: str = "", index: int = 0) -> np.random.Generator:
-    """A NumPy generator for one (seed, stream, index) triple."""
+def generator(seed: int, stream: str = "", index: int = 0, block: int = 0) -> np.random.Generator:
+    """A NumPy generator for one (seed, stream, index) triple and block of rows (0: the first)."""
     key = zlib.crc32(stream.encode())
-    return np.random.default_rng(np.random.SeedSequence([check_seed(seed), key, int(index)]))
+    entropy = [check_seed(seed), key, int(index)] + ([int(block)] if block else [])
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
-def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", stream: str = "") -> np.ndarray:
-    """Host float64 probe matrix (n, len(columns)).
+def _draw(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+    if kind == "rademacher":
+        return rng.integers(0, 2, size=size, dtype=np.int8) * 2.0 - 1.0
+    return rng.standard_normal(size)
+
+
+def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", stream: str = "",
+           rows: range | None = None) -> np.ndarray:
+    """Host float64 probe matrix (n, len(columns)), or the rows ``rows`` of it.
 
     Args:
         n: length of each probe.
@@ -45,20 +62,26 @@ def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", 
         seed: the user's seed.
         kind: ``"rademacher"`` (entries +-1) or ``"normal"`` (standard Gaussian).
         stream: a name that separates independent uses of one seed.
+        rows: a contiguous ``range(lo, hi)`` of row indices (a rank's shard): only those
+            rows are drawn, equal to the same rows of the full matrix. Default: all ``n``.
 
     Returns:
-        The probes, one column per entry of ``columns``.
+        The probes, one column per entry of ``columns`` (``len(rows)`` rows).
 
     Raises:
-        ValueError: a negative or non-integer seed, or an unknown ``kind``.
+        ValueError: a negative or non-integer seed, an unknown ``kind``, or ``rows``
+            not a step-1 range inside ``0..n``.
     """
     check_kind(kind)
+    rows = range(n) if rows is None else rows
+    if not isinstance(rows, range) or rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
+        raise ValueError(f"rows must be a contiguous range inside 0..{n}, got {rows!r}")
+    lo, hi = rows.start, rows.stop
     columns = list(columns)
-    out = np.empty((n, len(columns)))
+    out = np.empty((hi - lo, len(columns)))
     for c, j in enumerate(columns):
-        rng = generator(seed, stream, j)
-        if kind == "rademacher":
-            out[:, c] = rng.integers(0, 2, size=n, dtype=np.int8) * 2.0 - 1.0
-        else:
-            out[:, c] = rng.standard_normal(n)
+        for b in range(lo // BLOCK, -(-hi // BLOCK)):
+            start = b * BLOCK
+            a, z = max(lo, start), min(hi, start + BLOCK)
+            out[a - lo : z - lo, c] = _draw(generator(seed, stream, j, b), z - start, kind)[a - start :]
     return out

@@ -111,7 +111,7 @@ def _forms(ops: VectorOps, Z: Array, AZ: Array) -> np.ndarray:
     """
     if ops.dtype == np.float64:
         return ops.column_dots(Z, AZ)
-    return np.sum(ops.to_numpy(Z) * ops.to_numpy(AZ), axis=0)
+    return ops.host_column_dots(Z, AZ)
 
 
 def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:

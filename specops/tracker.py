@@ -377,7 +377,7 @@ class Tracker:
         V = self.vectors.get(name)
         if V is None and name in self._host_vectors:
             V = A.ops.asarray(self._host_vectors[name])
-        if V is None or tuple(V.shape) != (A.shape[0], self.k):
+        if V is None or tuple(V.shape) != (A.ops.local_rows(A.shape[0]), self.k):
             return None
         return V
 

@@ -1,0 +1,355 @@
+"""PyTorch models sharded with FSDP2 (``fully_shard`` on a ``DeviceMesh``): sharded vectors.
+
+``specops.backends.torch.hessian(model, loss_fn, data)`` on a model wrapped with
+``torch.distributed.fsdp.fully_shard`` returns an operator whose vectors are sharded like
+the parameters: each rank holds, of every vector, the entries of its own shards of the
+parameters (FSDP2 shards each parameter by rows, ``Shard(0)``), concatenated in the order
+of the parameters. The global index of an entry is its place in the flat vector of the
+unsharded model, so probes are those one process draws (:class:`specops.sharded.ShardedOps`
+with one range of rows per parameter); no rank ever holds an ``n``-vector.
+
+Products are central differences of the gradient that the model's own ``backward()``
+gives: FSDP2 all-gathers the parameters in the forward pass and reduce-scatters the
+gradients in the backward pass, so each rank receives its shard of the gradient of the
+loss over every rank's data. ``torch.autograd.grad`` cannot differentiate through FSDP2's
+parameter handling (the sharded parameters are not in the graph), and ``backward(
+create_graph=True)`` returns gradients without a graph (the reduce-scatter is outside
+autograd): FSDP2 offers no exact second derivative, so finite differences are the engine.
+The step is that of ``engine="finite_difference"`` (``h = eps**(1/3) * max(1, rms(theta))``
+along ``v / ||v||``), whose error is ``O(h^2)`` truncation plus ``O(eps / h)`` rounding of
+the gradients: about ``1e-10`` relative in float64 and ``1e-4`` to ``1e-3`` in float32.
+
+The batches of each rank are weighted by their sample counts over all ranks (each rank's
+loss is scaled so that FSDP2's average over the ranks is the sample-weighted mean); every
+rank must pass the same number of batches (each backward is collective). Parameters are
+stepped in place and restored exactly (from a copy) after each gradient; their ``.grad``
+is kept and restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from specops.distributed import Comm, TorchComm, as_comm
+from specops.layout import ParamLayout
+from specops.model import ModelAdapter, ModelOperator, resolve_loss_form
+from specops.sharded import ShardedOps
+
+
+def _dtensor_type() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2/DTensor parameters, or is wrapped by the older FSDP.
+
+    Those models go to :func:`hessian` here, which explains what it cannot take.
+    """
+    DTensor = _dtensor_type()
+    if DTensor is None:
+        return False
+    if type(model).__name__ == "FullyShardedDataParallel":
+        return True
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
+    """Raise, naming the fix, for what finite differences of FSDP2 gradients cannot take."""
+    if type(model).__name__ == "FullyShardedDataParallel":
+        raise TypeError("the model is wrapped with the older FullyShardedDataParallel (FSDP1), whose flat "
+                        "parameters specops cannot shard vectors by; wrap it with FSDP2 instead: "
+                        "torch.distributed.fsdp.fully_shard(module, mesh=...) on each block and on the root")
+    DTensor = _dtensor_type()
+    plain = [name for name, p in named if not isinstance(p, DTensor)]
+    if plain:
+        raise ValueError(f"the model is partly sharded: {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} "
+                         "are plain tensors while the other parameters are FSDP2 DTensors; call fully_shard on "
+                         "the root module too (fully_shard(model, mesh=mesh)) so every parameter is sharded")
+    meshes = {id(p.device_mesh) for _, p in named}
+    if len(meshes) > 1:
+        raise ValueError("the parameters are sharded over different DeviceMeshes; shard every module on one mesh")
+    for name, p in named:
+        if len(p.placements) != 1 or type(p.placements[0]).__name__ != "Shard" or p.placements[0].dim != 0:
+            raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
+                             "does on a 1-D mesh (Shard(0)); tensor parallel and 2-D (HSDP) meshes are not "
+                             "supported yet")
+        if p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"parameter {name!r} is {p.dtype}; finite differences need float32 or float64 "
+                            "gradients: keep the sharded parameters in float32 (model.float() before fully_shard)")
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        policy = getattr(state(), "_mp_policy", None) if callable(state) else None
+        low = [d for d in (getattr(policy, "param_dtype", None), getattr(policy, "reduce_dtype", None))
+               if d is not None and d not in (torch.float32, torch.float64)]
+        if low:
+            raise ValueError(f"fully_shard's MixedPrecisionPolicy computes in {low[0]}: finite differences of "
+                             "gradients need float32 (a bf16 gradient rounds at 4e-3, far above the difference "
+                             "of two nearby gradients). Build the operator on a model sharded without "
+                             "mp_policy (or with param_dtype=torch.float32, reduce_dtype=torch.float32)")
+
+
+def _pieces(named: list[tuple[str, Any]], layout: ParamLayout) -> list[range]:
+    """This rank's global rows: for each parameter, the flat range of its local rows."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    pieces = []
+    for name, p in named:
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        row = int(np.prod(p.shape[1:])) if p.dim() > 1 else 1
+        start = layout.blocks[name].start + int(offset[0]) * row if p.dim() else layout.blocks[name].start
+        pieces.append(range(start, start + int(np.prod(shape))))
+    return pieces
+
+
+class _ProductsReduced(Comm):
+    """``comm``, except that products are not summed: FSDP2's reduce-scatter has done it."""
+
+    def __init__(self, comm: Comm) -> None:
+        self.inner = comm
+        self.rank, self.size = comm.rank, comm.size
+        self.local_rank, self.local_size = comm.local_rank, comm.local_size
+
+    def allreduce_host(self, x: Any) -> Any:
+        return self.inner.allreduce_host(x)
+
+    def allreduce(self, X: Any, ops: Any) -> Any:
+        return X
+
+    def allgather(self, obj: Any) -> list:
+        return self.inner.allgather(obj)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.inner.bcast(obj, root)
+
+    def barrier(self) -> None:
+        self.inner.barrier()
+
+
+class FSDPAdapter(ModelAdapter):
+    """Finite differences of FSDP2 gradients on this rank's shards (see the module docstring).
+
+    Args:
+        model: a model wrapped with ``fully_shard``.
+        loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``.
+        comm: the communicator of the model's mesh.
+        weights: ``batch size -> weight`` of a batch in the data loss (its samples over all
+            ranks' samples for ``reduction="mean"``, 1 for ``"sum"``).
+        loss_form: see :func:`specops.backends.torch.hessian`.
+    """
+
+    engine = "finite_difference: central differences of FSDP2 gradients (backward + reduce-scatter)"
+
+    def __init__(self, model: nn.Module, loss_fn: Any, comm: Comm, weights: Callable[[int], float],
+                 loss_form: str = "auto") -> None:
+        from specops.backends.torch import TorchOps, _LossModule
+
+        self.model = model
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters: the Hessian would be empty")
+        _check_model(model, named)
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
+        local = self.params[0].to_local()
+        self.ops = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
+                              _pieces(named, self.layout))
+        self.comm, self.weights = comm, weights
+        self._loss = _LossModule(model, loss_fn, resolve_loss_form(loss_fn, loss_form), local.dtype)
+        self._fingerprint = self._layout_now()
+        theta = self.params_vector()
+        self._scale = max(1.0, float(np.sqrt(comm.allreduce_host(float(torch.sum(theta.double() ** 2))) /
+                                             self.layout.num_params)))
+
+    def _layout_now(self) -> list[tuple]:
+        return [(id(p), tuple(p.to_local().shape), str(p.device), str(p.placements), p.dtype)
+                for _, p in self.model.named_parameters() if p.requires_grad]
+
+    def _check_unchanged(self) -> None:
+        if self._layout_now() != self._fingerprint:
+            raise RuntimeError("the model's parameters were moved, re-sharded or replaced after the operator was "
+                               "built (device, dtype, placements or local shapes differ); build the operator "
+                               "again for the model as it is now")
+
+    # --- ModelAdapter -------------------------------------------------------------------
+    def batch_size(self, batch: Any) -> int:
+        t = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
+        return int(t.shape[0])
+
+    def params_vector(self) -> torch.Tensor:
+        return torch.cat([p.to_local().detach().reshape(-1) for p in self.params])
+
+    def _locals(self) -> list[torch.Tensor]:
+        return [p.to_local() for p in self.params]
+
+    def _gradient_at(self, delta: torch.Tensor | None, batch: Any, scale: float) -> torch.Tensor:
+        """This rank's shard of the gradient of ``scale * loss`` over every rank's batch, at theta + delta."""
+        self._check_unchanged()
+        saved = [p.grad for p in self.params]
+        shards = self._locals()
+        theta = [s.detach().clone() for s in shards] if delta is not None else None
+        try:
+            for p in self.params:
+                p.grad = None
+            if delta is not None:
+                with torch.no_grad():
+                    at = 0
+                    for s in shards:
+                        s.add_(delta[at : at + s.numel()].view_as(s))
+                        at += s.numel()
+            loss = self._loss(batch) * scale
+            loss.backward()
+            return torch.cat([p.grad.to_local().reshape(-1) if p.grad is not None
+                              else torch.zeros(s.numel(), dtype=s.dtype, device=s.device)
+                              for p, s in zip(self.params, shards)])
+        finally:
+            if theta is not None:
+                with torch.no_grad():
+                    for s, t in zip(shards, theta):
+                        s.copy_(t)
+            for p, g in zip(self.params, saved):
+                p.grad = g
+
+    def _scale_of(self, batch: Any) -> float:
+        # FSDP2 averages the ranks' gradients: scaled by size * weight, the average is the weighted sum
+        return self.comm.size * self.weights(self.batch_size(batch))
+
+    def loss(self, batch: Any, delta: Any = None) -> float:
+        """The batch's weighted loss (its share of the data loss; the operator's weights are 1)."""
+        self._check_unchanged()
+        shards = self._locals()
+        theta = [s.detach().clone() for s in shards] if delta is not None else None
+        try:
+            with torch.no_grad():
+                if delta is not None:
+                    at = 0
+                    for s in shards:
+                        s.add_(delta[at : at + s.numel()].view_as(s))
+                        at += s.numel()
+                return self.weights(self.batch_size(batch)) * float(self._loss(batch))
+        finally:
+            if theta is not None:
+                with torch.no_grad():
+                    for s, t in zip(shards, theta):
+                        s.copy_(t)
+
+    def gradient(self, batch: Any) -> torch.Tensor:
+        return self._gradient_at(None, batch, self._scale_of(batch))
+
+    def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        scale = self._scale_of(batch)
+        h = float(torch.finfo(V.dtype).eps) ** (1 / 3) * self._scale
+        norms = self.ops.column_norms(V)
+        cols = []
+        for j in range(V.shape[1]):
+            if norms[j] == 0.0:
+                cols.append(torch.zeros_like(V[:, j]))
+                continue
+            u = V[:, j] * (h / norms[j])
+            plus, minus = self._gradient_at(u, batch, scale), self._gradient_at(-u, batch, scale)
+            cols.append((plus - minus) * (norms[j] / (2 * h)))
+        return torch.stack(cols, dim=1)
+
+    def subset(self, names: list[str]) -> ModelAdapter:
+        raise NotImplementedError("restrictions of an FSDP2 operator to some parameters are not supported yet; "
+                                  "use H.restrict(...) on the operator")
+
+    def as_params(self, v: torch.Tensor) -> dict[str, Any]:
+        """``v`` (this rank's rows, (n_local,) or (n_local, k)) as DTensors with the parameters' placements.
+
+        A block's tensors have a leading axis of length k (and placements ``Shard(1)``).
+        """
+        from torch.distributed.tensor import DTensor, Shard
+
+        out, at = {}, 0
+        for name, p in zip(self.names, self.params):
+            local = p.to_local()
+            size = local.numel()
+            if v.dim() == 1:
+                piece = v[at : at + size].view(local.shape)
+                out[name] = DTensor.from_local(piece, p.device_mesh, p.placements, shape=p.shape,
+                                               stride=p.stride())
+            else:
+                piece = v[at : at + size].T.reshape((v.shape[1], *local.shape))
+                out[name] = DTensor.from_local(piece, p.device_mesh, [Shard(1)],
+                                               shape=(v.shape[1], *p.shape))
+            at += size
+        return out
+
+    def unflatten(self, v: torch.Tensor) -> dict:
+        return self.as_params(v)
+
+
+class _ShardedModelOperator(ModelOperator):
+    """A :class:`~specops.model.ModelOperator` whose batches the adapter weights itself."""
+
+    def _weights(self):
+        return [1.0] * len(self.batch_sizes)
+
+
+def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean", comm: Any = None,
+            check_deterministic: bool = True, loss_form: str = "auto", **options: Any) -> ModelOperator:
+    """The Hessian of an FSDP2 model's loss over every rank's data, with sharded vectors.
+
+    Called by :func:`specops.backends.torch.hessian` for a model with DTensor parameters
+    (see the module docstring).
+
+    Args:
+        model: a model wrapped with ``fully_shard`` on a 1-D ``DeviceMesh``.
+        loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``.
+        data: this rank's batches (a batch ``(inputs, targets)`` or a list of them); every
+            rank passes the same number of batches.
+        reduction: ``"mean"`` (weighted by samples over all ranks) or ``"sum"``.
+        comm: ``None`` (the model's mesh) or a communicator over the same ranks.
+        check_deterministic: as in :func:`specops.backends.torch.hessian`.
+        loss_form: see :func:`specops.backends.torch.hessian`.
+        **options: options of the unsharded backend; those that do not apply here raise.
+
+    Returns:
+        A :class:`specops.ModelOperator` whose vectors are this rank's shards.
+
+    Raises:
+        TypeError: a model wrapped with the older ``FullyShardedDataParallel``.
+        ValueError: a partly sharded model, a mixed-precision policy, placements other than
+            FSDP2's, a communicator of other ranks, unequal numbers of batches, options
+            that do not apply.
+    """
+    used = {k for k, v in options.items() if v not in (None, "auto", False, True, "error", "finite_difference")}
+    if used:
+        raise ValueError(f"{', '.join(sorted(used))} do not apply to an FSDP2 model: its products are finite "
+                         "differences of FSDP2's gradients over all its parameters; leave them out")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    _check_model(model, named)
+    mesh = named[0][1].device_mesh
+    group = mesh.get_group()
+    if comm is None:
+        comm = TorchComm(group)
+    comm = as_comm(comm)
+    ranks = torch.distributed.get_process_group_ranks(group)
+    if comm.size != len(ranks) or comm.allgather(torch.distributed.get_rank()) != ranks:
+        raise ValueError(f"comm= holds other ranks ({comm!r}) than the model's DeviceMesh {ranks}; pass comm=None "
+                         "(the mesh's group) or a communicator over the mesh's ranks")
+    batches = [data] if isinstance(data, (tuple, dict)) else list(data)
+    sizes = [int((b[0] if isinstance(b, (tuple, list)) else next(iter(b.values()))).shape[0]) for b in batches]
+    comm.agree(len(batches), "the number of batches",
+               "with FSDP2 every backward is collective: give every rank the same number of batches (their sizes "
+               "may differ)")
+    total = int(comm.allreduce_host(int(sum(sizes))))
+
+    def weight(size: int) -> float:
+        return size / total if reduction == "mean" else 1.0
+
+    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form)
+    return _ShardedModelOperator(adapter, batches if len(batches) > 1 else batches[0], reduction=reduction,
+                                 comm=_ProductsReduced(comm), check_deterministic=check_deterministic)
+
+
+__all__ = ["FSDPAdapter", "hessian", "is_sharded"]

@@ -1,0 +1,93 @@
+"""FSDP2 (``fully_shard`` on a gloo DeviceMesh, 2 processes) against one process with the whole model.
+
+One ``torchrun --nproc_per_node 2 fsdp_worker.py all`` launch serves most tests; a second
+checks that a raising rank ends the job. The truth is the unsharded backend's exact
+products on all the data in one process (same seeds), and its dense Hessian; the sharded
+products are finite differences, so the comparison is within their error bound (about
+1e-10 relative in float64, 1e-4 in float32; the tolerances below leave a factor 10-100).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from mpi_launch import torchrun
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch.distributed.fsdp")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "fsdp_worker.py")
+FAULT_SECONDS = 10.0
+TOLERANCE = {"torch.float64": 1e-9, "torch.float32": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    run = torchrun([WORKER, "all", out], timeout=300)
+    assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stderr[-4000:]}"
+    return [json.loads((out / f"fsdp-rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_fsdp2_matches_one_process(ranks, dtype):
+    one, got = ranks[0][f"one-{dtype}"], ranks[0][f"sharded-{dtype}"]
+    for key in ("eigenvalues", "hutchinson", "xtrace", "nodes", "weights", "product", "loss", "gradient"):
+        a, b = np.asarray(got[key]), np.asarray(one[key])
+        assert np.abs(a - b).max() <= TOLERANCE[dtype] * np.abs(b).max(), key
+    assert got["converged"] == one["converged"]
+    np.testing.assert_allclose(one["eigenvalues"], ranks[0][f"dense-{dtype}"], rtol=TOLERANCE[dtype])
+    for key in ("eigenvalues", "xtrace", "nodes", "weights"):  # every rank holds the same host results
+        assert ranks[1][f"sharded-{dtype}"][key] == got[key]
+
+
+def test_docs_example_runs(ranks):
+    assert ranks[0]["caught"]  # the launch ran the torchrun example of docs/distributed.md first, asserts and all
+
+
+def test_vectors_are_sharded_like_the_parameters(ranks):
+    for r, rank in enumerate(ranks):
+        got = rank["sharded-torch.float64"]
+        assert got["n"] == 93 and got["local_rows"] == (55, 38)[r]  # rows 9 and 3 split 5/4 and 2/1
+        assert got["as_params"] == got["params"]  # DTensors with the parameters' placements and shards
+        assert got["engine"].startswith("finite_difference")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("partly", "partly sharded: 2.weight, 2.bias are plain tensors"),
+    ("bf16", "MixedPrecisionPolicy computes in torch.bfloat16"),
+    ("comm", "comm= holds other ranks"),
+    ("batches", "ranks disagree on the number of batches"),
+    ("option", "wrt do not apply to an FSDP2 model"),
+    ("moved", "moved, re-sharded or replaced after the operator was built"),
+])
+def test_bad_input_is_named_on_every_rank(ranks, case, message):
+    for rank in ranks:
+        assert message in rank["caught"][case]
+
+
+def test_older_fsdp_is_refused_naming_fully_shard():
+    from torch import nn
+
+    from specops.backends import torch as st
+
+    class FullyShardedDataParallel(nn.Module):  # the class FSDP1 wraps a model in (it needs a group to build)
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 1)
+
+    with pytest.raises(TypeError, match="fully_shard"):
+        st.hessian(FullyShardedDataParallel(), torch.nn.functional.mse_loss, (torch.ones(3, 2), torch.ones(3, 1)))
+
+
+def test_exception_on_one_rank_ends_the_job():
+    run = torchrun([WORKER, "raise", os.devnull], timeout=120)
+    assert run.returncode != 0, "the job succeeded although rank 1 raised"
+    seconds = run.seconds_after("rank 1 raises at ")
+    assert seconds < FAULT_SECONDS, f"the job took {seconds:.1f} s to end after the failure"
+    assert "RuntimeError: deliberate failure on rank 1" in run.stderr, run.stderr[-3000:]
+    assert "rank 0 finished" not in run.stdout
