@@ -51,6 +51,7 @@ from specops.curvature import CURVATURES
 from specops.density import SpectralDensity, spectral_density
 from specops.eigsh import eigsh
 from specops.preconditioner import preconditioned
+from specops.operator import aslinearoperator
 from specops.progress import bar as progress_bar
 from specops.trace import trace
 
@@ -375,6 +376,7 @@ class Tracker:
         """
         name = f"curvature:{curvature}" if curvature and curvature != self.curvatures[0] else (block or "")
         V = self.vectors.get(name)
+        A = aslinearoperator(A)
         if V is None and name in self._host_vectors:
             V = A.ops.asarray(self._host_vectors[name])
         if V is None or tuple(V.shape) != (A.ops.local_rows(A.shape[0]), self.k):
@@ -386,7 +388,8 @@ class Tracker:
         if not self.warm_start:
             return None
         past = self._history.get(name, [])
-        if len(past) >= self.warm_lag and tuple(past[0].shape) == (A.shape[0], self.k):
+        A = aslinearoperator(A)
+        if len(past) >= self.warm_lag and tuple(past[0].shape) == (A.ops.local_rows(A.shape[0]), self.k):
             return past[0]
         return self.eigenvectors(A, name)
 
