@@ -70,6 +70,7 @@ from torch.overrides import TorchFunctionMode
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
+from specops.checks import finite_difference_products
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
 from specops.operator import MatrixOperator, check_dense_symmetric
@@ -665,7 +666,7 @@ class TorchAdapter(ModelAdapter):
             "loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
             "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
             "richardson": richardson, "autocast": autocast}
-        self._requested = engine
+        self._requested = self.requested_engine = engine
         self.engine = "cached_graph" if engine == "auto" else engine
         # auto on a GPU: blocks of columns through one vectorized forward-over-reverse pass
         # (cleared by the cross-check if that engine disagrees or fails)
@@ -904,48 +905,19 @@ class TorchAdapter(ModelAdapter):
         return self._double_backward(pieces, g, V, keep=False)
 
     def _finite_difference(self, batch, V, richardson=False, step_factor=1.0):
-        """Central differences of gradients along each column; with Richardson, an error estimate.
+        """Central differences of gradients along each column (:func:`specops.checks.finite_difference_products`).
 
-        Column ``v`` is stepped by ``h v / ||v||`` with ``h = eps**(1/3) * max(1, rms(theta))``:
-        the step that balances the truncation error ``O(h^2)`` against the rounding error
-        ``O(eps / h)`` of the gradients, as Stan's ``finite_diff_hessian_times_vector_auto``
-        steps ``cbrt(eps)`` along the normalized vector (here scaled by the parameters' size).
-        Two gradients per column. ``richardson=True`` takes ``h = eps**(1/5) * max(1,
-        rms(theta))``, combines the steps ``h`` and ``2h`` as ``R = (4 D(h) - D(2h)) / 3``
-        (truncation error ``O(h^4)``) and estimates the error of ``R`` by ``|R - D(h)|`` (four
-        gradients per column).
-
-        ``step_factor`` scales ``h`` (for benchmarks of the rule).
+        ``step_factor`` scales the step (for benchmarks of the rule).
 
         Returns:
-            ``(HV, errors)``: the products (n, k) and, with Richardson, per-column estimates of
-            ``||HV - H V||`` (``None`` without).
+            ``(HV, spreads)``: the products (n, k) and, with Richardson, per-column
+            ``||D(h) - D(2h)||`` (``None`` without).
         """
         theta = self._theta
-        eps = float(torch.finfo(self.compute_dtype).eps)  # the gradients' rounding
-        scale = max(1.0, float(torch.linalg.vector_norm(theta)) / max(theta.numel(), 1) ** 0.5)
-        h = eps ** (1 / 5 if richardson else 1 / 3) * scale * step_factor
-        cols, errors = [], []
-        for j in range(V.shape[1]):
-            v = V[:, j]
-            norm = float(torch.linalg.vector_norm(v))
-            if norm == 0.0:
-                cols.append(torch.zeros_like(v))
-                errors.append(0.0)
-                continue
-            u = v / norm
-
-            def central(step):
-                plus = self._gradient_at(theta + step * u, batch)
-                return (plus - self._gradient_at(theta - step * u, batch)) / (2 * step)
-
-            est = central(h)
-            if richardson:
-                coarse = central(2 * h)
-                est, fine = (4 * est - coarse) / 3, est
-                errors.append(float(torch.linalg.vector_norm(est - fine)) * norm)
-            cols.append(est * norm)
-        return torch.stack(cols, dim=1), (np.asarray(errors) if richardson else None)
+        scale = max(1.0, float(torch.linalg.vector_norm(theta)) / max(theta.numel(), 1) ** 0.5) * step_factor
+        return finite_difference_products(lambda d: self._gradient_at(theta + d, batch), V, self.ops,
+                                          eps=float(torch.finfo(self.compute_dtype).eps), scale=scale,
+                                          richardson=richardson)
 
     def _gradient_at(self, theta, batch):
         theta = theta.detach().requires_grad_(True)
@@ -1057,20 +1029,42 @@ class TorchAdapter(ModelAdapter):
                                  f"engine={self.engine!r}")
             self._use(right)
             warnings.warn(f"{message}; using {self.engine} instead", RuntimeWarning, stacklevel=3)
-            return
-        # one engine works: check it against finite differences, at their accuracy
-        name, product = next(iter(products.items()))
-        reference, errors = self._finite_difference(batch, v, richardson=True)
+        # one engine works (or the two agree): the core's check (specops.checks.check_engine) follows
+
+    # --- primitives of the core's engine check --------------------------------------
+    def check_product(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        batch = self._prepare(batch)
         if self._padding_rows is not None:
-            reference = reference * self._padding_rows
-        scale = max(float(torch.linalg.vector_norm(reference)), float(np.finfo(np.float64).tiny))
-        self.cross_check_error = _rel(product, reference)
-        if self.cross_check_error > max(10 * float(errors[0]) / scale, 1e3 * tol):
-            failed = "; ".join(f"{k} failed: {str(e).splitlines()[0]}" for k, e in failures.items())
-            warnings.warn(f"{name} Hessian-vector products differ from finite differences of gradients by "
-                          f"{self.cross_check_error:.2g} (relative; their error estimate is "
-                          f"{float(errors[0]) / scale:.1g}; steps that cross kinks of ReLU-like layers make "
-                          f"them unreliable); {failed}", RuntimeWarning, stacklevel=3)
+            V = V * self._padding_rows
+        if self.engine == "finite_difference":
+            out = self._finite_difference(batch, V, self.richardson)[0]
+        elif self.engine == "forward_over_reverse":
+            out = self._forward_over_reverse(batch, V)
+        else:
+            out = self._reverse_over_reverse(batch, V)
+        return out if self._padding_rows is None else out * self._padding_rows
+
+    def gradient_at(self, batch: Any, delta: torch.Tensor) -> torch.Tensor:
+        if self._padding_rows is not None:
+            delta = delta * self._padding_rows[:, 0]
+        g = self._gradient_at(self._theta + delta, self._prepare(batch))
+        return g if self._padding_rows is None else g * self._padding_rows[:, 0]
+
+    def use_finite_differences(self) -> None:
+        self.engine = "finite_difference"
+        self._vectorize_columns = False
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
+        shapes: list[tuple[Any, ...]] = []
+        _map_tensors(lambda t: shapes.append((*t.shape, str(t.dtype))), batch)
+        modes = tuple(m.training for m in self.model.modules())
+        frozen = tuple(n for n, p in self.model.named_parameters() if not p.requires_grad)
+        key = (id(self.loss_fn), self.loss_form, tuple(self.layout.names), str(self.param_dtype), str(self.ops.device),
+               self._requested, self.random_layers, self.richardson, str(self.autocast), modes, frozen,
+               tuple(shapes))
+        return self.model, key
 
     def _check_precision(self, batch: Any) -> None:
         """Warn if a forward pass computes in a lower precision than the parameters.
@@ -1085,14 +1079,15 @@ class TorchAdapter(ModelAdapter):
         def leave(module, args, output):
             watch.stack.pop()  # (a forward hook that returns something replaces the output)
 
-        pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: watch.stack.append(m))
-        post = torch.nn.modules.module.register_module_forward_hook(leave)
+        # hooks on the model's own modules, not global ones (which make torch.compile warn)
+        handles = [h for m in self.model.modules() for h in (
+            m.register_forward_pre_hook(lambda m, a: watch.stack.append(m)), m.register_forward_hook(leave))]
         try:
             with torch.no_grad(), watch:
                 self._loss(self._theta, batch)
         finally:
-            pre.remove()
-            post.remove()
+            for h in handles:
+                h.remove()
         if watch.found:
             self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
             where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
@@ -1299,13 +1294,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,
                            autocast=autocast)
-    for batch in ModelOperator._batches_of(data):
-        adapter.check_random_forward(batch)
-        if cross_check:
-            adapter.cross_check(batch)
-        break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
-                         check_deterministic=check_deterministic)
+                         check_deterministic=check_deterministic, cross_check=cross_check)
 
 
 # --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
