@@ -11,6 +11,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import specops
+import specops.checks
 from specops.backends import tensorflow as stf
 
 RTOL = 1e-10
@@ -327,7 +328,11 @@ def test_a_wrong_second_derivative_is_reported_at_construction(monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)
         assert stf.hessian(model, cross_entropy(), data).adapter.cross_check_error < 1e-7
     monkeypatch.setattr(stf, "_twice_differentiable", contextlib.nullcontext)
-    with pytest.warns(RuntimeWarning, match="differs from central differences of the gradient"):
+    specops.checks.VERDICTS.clear()  # the verdict of the build above would carry over to this model
+    with pytest.warns(RuntimeWarning, match="differ from central differences of gradients"):
         H = stf.hessian(model, cross_entropy(), data)
     assert H.adapter.cross_check_error > 1e-3
+    assert H.engine == "finite_difference" and H.engine_check.verdict == "wrong"
+    with pytest.raises(ValueError, match="engine='finite_difference'"):
+        stf.hessian(model, cross_entropy(), data, engine="double_backward")
     assert stf.hessian(model, cross_entropy(), data, cross_check=False).adapter.cross_check_error is None
