@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
-from specops.checks import finite_difference_products, machine_epsilon
+from specops.checks import finite_difference_products, identity, machine_epsilon, owner_of
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, common_batch_size
 from specops.operator import MatrixOperator, check_dense_symmetric
@@ -493,8 +493,9 @@ class JaxAdapter(ModelAdapter):
 
     def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
         shapes = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in tree_util.tree_leaves(batch))
-        key = (tuple(self.layout.names), self.ops.dtype.name, self.requested_engine, self._treedef, shapes)
-        return self.loss_fn, key
+        key = (identity(self.loss_fn), tuple(self.layout.names), self.ops.dtype.name, self.requested_engine,
+               self._treedef, shapes)
+        return owner_of(self.loss_fn), key
 
     def params_vector(self) -> Any:
         return self._flat

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from specops.checks import finite_difference_products, machine_epsilon
+from specops.checks import finite_difference_products, identity, machine_epsilon
 from specops.layout import ParamLayout, select_names
 from specops.model import (
     ModelAdapter, ModelOperator, NonDeterministicError, common_batch_size, renamed, resolve_loss_form,
@@ -647,7 +647,7 @@ class TFAdapter(ModelAdapter):
 
     def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
         shapes = tuple((tuple(x.shape), str(x.dtype)) for x in tf.nest.flatten(batch) if hasattr(x, "shape"))
-        key = (id(self.loss_fn), self.loss_form, tuple(self.layout.names), self.ops.dtype.name,
+        key = (identity(self.loss_fn), self.loss_form, tuple(self.layout.names), self.ops.dtype.name,
                self.requested_engine, self.random_layers, shapes)
         return self.model, key
 

@@ -70,7 +70,7 @@ from torch.overrides import TorchFunctionMode
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
-from specops.checks import finite_difference_products
+from specops.checks import finite_difference_products, identity
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
 from specops.operator import MatrixOperator, check_dense_symmetric
@@ -1061,7 +1061,7 @@ class TorchAdapter(ModelAdapter):
         _map_tensors(lambda t: shapes.append((*t.shape, str(t.dtype))), batch)
         modes = tuple(m.training for m in self.model.modules())
         frozen = tuple(n for n, p in self.model.named_parameters() if not p.requires_grad)
-        key = (id(self.loss_fn), self.loss_form, tuple(self.layout.names), str(self.param_dtype), str(self.ops.device),
+        key = (identity(self.loss_fn), self.loss_form, tuple(self.layout.names), str(self.param_dtype), str(self.ops.device),
                self._requested, self.random_layers, self.richardson, str(self.autocast), modes, frozen,
                tuple(shapes))
         return self.model, key

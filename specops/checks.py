@@ -294,6 +294,17 @@ def machine_epsilon(dtype: Any) -> float:
 _EPS = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
 
 
+def identity(obj: Any) -> Any:
+    """A hashable identity of ``obj`` that is stable across accesses (a bound method's owner and function)."""
+    owner, function = getattr(obj, "__self__", None), getattr(obj, "__func__", None)
+    return id(obj) if owner is None or function is None else (id(owner), id(function))
+
+
+def owner_of(obj: Any) -> Any:
+    """The object to hold a verdict by: a bound method's instance (the method itself is made afresh)."""
+    return getattr(obj, "__self__", None) if getattr(obj, "__func__", None) is not None else obj
+
+
 class VerdictCache:
     """Construction verdicts carried over between rebuilds of an operator for one model.
 

@@ -254,8 +254,8 @@ class ModelOperator(LinearOperator):
 
     The construction checks run in one order on every backend: the loss of every batch
     (non-finite data is reported as such before anything else), the random-forward check,
-    the backend's own engine comparisons, the core's engine check, then two identical
-    products. Rebuilding an operator for the same model and batch shapes within a process
+    the backend's own engine comparisons, two identical products (a random product is
+    reported as such), then the core's engine check. Rebuilding an operator for the same model and batch shapes within a process
     reuses the verdicts (:data:`specops.checks.VERDICTS`; re-verified every 25th build) and
     runs only the loss check.
     """
@@ -482,27 +482,33 @@ class ModelOperator(LinearOperator):
             self.adapter.engine_check = carried
             return
 
-        def run() -> Any:
-            adapter = self.adapter
-            skipped = checks.EngineCheck(adapter.requested_engine, adapter.engine, "skipped", "cross_check=False")
-            if first is None:
-                return skipped
-            adapter.check_random_forward(first)
-            if not cross_check:
-                return skipped
-            adapter.cross_check(first)
+        adapter = self.adapter
+
+        def skipped(reason: str = "cross_check=False") -> Any:
+            return checks.EngineCheck(adapter.requested_engine, adapter.engine, "skipped", reason)
+
+        def first_checks() -> None:
+            if first is not None:
+                adapter.check_random_forward(first)
+                if cross_check:
+                    adapter.cross_check(first)
+
+        def engine_check() -> Any:
+            if first is None or not cross_check:
+                return skipped()
             try:
                 return checks.check_engine(adapter, first)
             except NotImplementedError:  # a backend without the primitives
-                return dataclasses.replace(skipped, reason="the backend has no finite-difference referee")
+                return skipped("the backend has no finite-difference referee")
 
-        check = self._on_every_rank(run, "checking the product engine")
-        if self.comm.size > 1 and self.decide(check.engine) != self.adapter.engine:
-            self.adapter.use_finite_differences()  # rank 0 found the engine wrong: every rank follows
-            check = dataclasses.replace(check, engine=self.adapter.engine)
-        self.adapter.engine_check = check
-        if deterministic:
+        self._on_every_rank(first_checks, "checking the first batch")
+        if deterministic:  # before the engine check: a random product would confuse its referee
             self._check_deterministic()
+        check = self._on_every_rank(engine_check, "checking the product engine")
+        if self.comm.size > 1 and self.decide(check.engine) != adapter.engine:
+            adapter.use_finite_differences()  # rank 0 found the engine wrong: every rank follows
+            check = dataclasses.replace(check, engine=adapter.engine)
+        adapter.engine_check = check
         if found is not None:
             checks.VERDICTS.put(found[0], key, check)
 
