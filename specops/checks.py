@@ -295,9 +295,27 @@ _EPS = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -23, "fl
 
 
 def identity(obj: Any) -> Any:
-    """A hashable identity of ``obj`` that is stable across accesses (a bound method's owner and function)."""
+    """A hashable identity of a loss function that survives re-creating it the same way.
+
+    A bound method is its instance and function; a function (a lambda written inline in a
+    training loop is a new object at every step) is its code and the objects it closes over;
+    an object with plain settings (a loss object such as ``nn.CrossEntropyLoss()``) is its
+    type, its settings of plain types and the identities of its arrays; anything else its ``id``.
+    """
     owner, function = getattr(obj, "__self__", None), getattr(obj, "__func__", None)
-    return id(obj) if owner is None or function is None else (id(owner), id(function))
+    if owner is not None and function is not None:
+        return ("method", id(owner), id(function))
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        cells = tuple(id(c.cell_contents) for c in (getattr(obj, "__closure__", None) or ()))
+        return ("function", id(code), cells, tuple(map(id, getattr(obj, "__defaults__", None) or ())))
+    settings = getattr(obj, "__dict__", None)
+    if settings is None:
+        return ("object", id(obj))
+    plain = tuple(sorted((k, v) for k, v in settings.items() if isinstance(v, (bool, int, float, str, type(None)))))
+    arrays = tuple(sorted((k, id(v)) for k, v in settings.items() if hasattr(v, "shape")))
+    buffers = tuple(id(b) for b in obj.buffers()) if callable(getattr(obj, "buffers", None)) else ()
+    return ("object", type(obj).__qualname__, plain, arrays, buffers)
 
 
 def owner_of(obj: Any) -> Any:
