@@ -238,6 +238,49 @@ def _path_name(path: Any) -> str:
     return ".".join(parts) or "params"
 
 
+def _nnx_kinds(params: Any, count: int) -> list[str] | None:
+    """The Flax NNX variable type of each array leaf of ``params`` (``"Param"``, ``"BatchStat"``, ...).
+
+    None when ``params`` holds no NNX variables (or Flax is not imported).
+    """
+    import sys
+
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return None
+    kinds: list[str] = []
+    for node in tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        kind = type(node).__name__ if isinstance(node, nnx.Variable) else ""
+        kinds.extend([kind] * len(tree_util.tree_leaves(node)) if kind else [kind])
+    if len(kinds) != count or not any(kinds):
+        return None
+    return kinds
+
+
+def _is_linen_variables(params: Any) -> bool:
+    """A Flax linen variables dict: ``{"params": ..., "batch_stats": ...}`` (known collections only)."""
+    from collections.abc import Mapping
+
+    return (isinstance(params, Mapping) and "params" in params and len(params) > 1
+            and set(params) - {"params"} <= _LINEN_STATE)
+
+
+#: Flax linen collections that hold state, not parameters
+_LINEN_STATE = {"batch_stats", "cache", "intermediates", "perturbations", "losses", "spectral_norm"}
+
+
+def _nnx_parameters(chosen: list[str], names: list[str], kinds: list[str], explicit: bool) -> list[str]:
+    """The ``nnx.Param`` leaves of ``chosen``: batch statistics and other state are never differentiated."""
+    kind = dict(zip(names, kinds))
+    others = [f"{n!r} ({kind[n]})" for n in chosen if kind[n] and kind[n] != "Param"]
+    if others and explicit:
+        raise TypeError(
+            f"wrt= selects Flax NNX state that is not a parameter: {', '.join(others[:4])}; only nnx.Param "
+            "leaves are differentiated. Select parameters only, or pass the parameters alone: "
+            "graphdef, params, rest = nnx.split(model, nnx.Param, ...)")
+    return [n for n in chosen if kind[n] in ("Param", "")]
+
+
 def _is_float_array(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
@@ -359,7 +402,14 @@ class JaxAdapter(ModelAdapter):
         leaves = [leaf for _, leaf in paths_leaves]
         if not leaves:
             raise ValueError("params is an empty pytree: there is nothing to differentiate")
+        kinds = _nnx_kinds(params, len(leaves))
+        if kinds is not None:  # a Flax NNX module or state: name leaves by their variable, not ".value"
+            names = [n[: -len(".value")] if k and n.endswith(".value") else n for n, k in zip(names, kinds)]
         chosen = names if wrt is None else select_names(names, wrt)
+        if wrt is None and _is_linen_variables(params):  # batch_stats and other collections: held fixed
+            chosen = [n for n in names if n.startswith("params.")]
+        if kinds is not None:
+            chosen = _nnx_parameters(chosen, names, kinds, explicit=wrt is not None)
         self._selected = [names.index(c) for c in chosen]
         bad = [f"{names[i]!r} ({_describe(leaves[i])})" for i in self._selected if not _is_float_array(leaves[i])]
         if bad:
