@@ -57,6 +57,7 @@ every product, loss and gradient, for every engine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -397,12 +398,96 @@ class _LossModule(nn.Module):
 
 
 def _call(model, inputs):
-    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    """The model applied to a batch's inputs, as its ``forward`` takes them.
+
+    A dict is passed as keywords (``model(**inputs)``, Hugging Face) unless ``forward`` takes
+    one positional argument and not every key as a keyword: then whole (``model(inputs)``,
+    curvlinops' convention). A tuple or list is spread (``model(*inputs)``); anything else is
+    passed as is. A :class:`FunctionalModel` always gets the inputs whole.
+    """
+    if isinstance(model, FunctionalModel):
+        return model(inputs)
     if isinstance(inputs, dict):
-        return model(**inputs)
+        return model(inputs) if _takes_dict_whole(model, inputs) else model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def _takes_dict_whole(model: Any, inputs: dict) -> bool:
+    forward = model.forward if isinstance(model, nn.Module) else model
+    function = getattr(forward, "__func__", None)  # a bound method: its function is cached, not the method
+    return _dict_whole(function or forward, function is not None, tuple(inputs))
+
+
+@functools.lru_cache(maxsize=256)
+def _dict_whole(forward: Callable[..., Any], unbound: bool, inputs: tuple[str, ...]) -> bool:
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if unbound:
+        parameters = parameters[1:]  # self
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return False
+    keywords = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if all(k in keywords for k in inputs):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in parameters if p.default is p.empty and p.kind is not p.VAR_POSITIONAL]
+    return len(positional) >= 1 and len(required) <= 1
+
+
+class FunctionalModel(nn.Module):
+    """A functional model ``f(params, inputs)`` with a dict of parameter tensors, as a module.
+
+    :func:`hessian` wraps ``model=f`` given with ``params={name: tensor}`` in one, as JAX's
+    loss functions take their parameters. The tensors are not changed (the module holds
+    them as parameters sharing their storage; specops never writes to parameters). Every
+    batch's inputs reach ``f`` whole: ``f(params, inputs)``.
+
+    Args:
+        f: ``f(params, inputs) -> outputs``, ``params`` a dict name -> tensor like ``params``.
+        params: the parameters, name -> floating tensor (names without dots).
+
+    Raises:
+        TypeError: ``params`` is not a dict of tensors.
+        ValueError: a name holds a dot.
+    """
+
+    def __init__(self, f: Callable[..., Any], params: Mapping[str, torch.Tensor]):
+        super().__init__()
+        if not isinstance(params, Mapping) or not all(isinstance(t, torch.Tensor) for t in params.values()):
+            raise TypeError("a functional model f(params, inputs) needs params= as a dict name -> tensor, got "
+                            f"{type(params).__name__}")
+        dotted = [k for k in params if "." in k or not k]
+        if dotted:
+            raise ValueError(f"parameter names of a functional model cannot hold dots or be empty: {dotted[:4]}; "
+                             "use a flat dict (e.g. 'layer1_weight')")
+        self.f = f
+        self._names = list(params)
+        for name, t in params.items():
+            self.register_parameter(name, nn.Parameter(t.detach(), requires_grad=t.is_floating_point()))
+
+    def forward(self, inputs: Any) -> Any:
+        """``f(params, inputs)`` with the module's (or the substituted) parameters."""
+        return self.f({n: getattr(self, n) for n in self._names}, inputs)
+
+
+def _eager(model: Any) -> Any:
+    """The module a ``torch.compile`` d model wraps (``model._orig_mod``), else ``model``.
+
+    Compiled graphs have no double backward (aot_autograd), and which engine worked used to
+    depend on what ran before in the process; the eager module computes the same function,
+    so every engine differentiates it, the same way in every process.
+    """
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    optimized = getattr(compiled, "OptimizedModule", None)
+    if optimized is not None and isinstance(model, optimized):
+        return model._orig_mod
+    return model
 
 
 def _split(batch):
@@ -632,6 +717,7 @@ class TorchAdapter(ModelAdapter):
                  progress: bool = False, random_layers: str = "error", richardson: bool = False,
                  autocast: torch.dtype | None = None, _fixed: dict[str, Any] | None = None,
                  _theta: Any = None):
+        model = _eager(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -1213,7 +1299,8 @@ def _listing(names: Any, limit: int = 4) -> str:
 
 
 # --- public entry point -------------------------------------------------------------
-def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
+def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, wrt: Any = None,
+            reduction: str = "mean",
             engine: str | None = None, comm: Any = None, check_deterministic: bool = True,
             progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
@@ -1227,10 +1314,13 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
         model: an ``nn.Module`` with all parameters on one device and of one dtype
             (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors).
             Its mode is used as is: call ``model.eval()`` yourself for batch norm with running
-            statistics and without dropout.
+            statistics and without dropout. A ``torch.compile`` d module is differentiated
+            through the module it wraps (compiled graphs have no double backward); a function
+            ``f(params, inputs)`` with ``params={name: tensor}`` is a functional model.
         loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
-            to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
-            tuple are passed as ``model(**inputs)`` / ``model(*inputs)``); or the general
+            to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a tuple is
+            passed as ``model(*inputs)``, a dict as ``model(**inputs)``, or whole when
+            ``forward`` takes one positional argument and not the keys as keywords); or the general
             ``loss_fn(model, batch)`` for any batch. Must return a scalar.
         data: one batch (a tuple ``(inputs, targets)`` or a dict) or a re-iterable of batches
             (a list, a ``DataLoader`` without shuffling). Tensors are moved to the model's
@@ -1270,7 +1360,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
             float64) model under ``torch.autocast`` with that dtype. A model whose parameters
             are bfloat16 or float16 needs no flag: its products run in its dtype and its
             vectors are float32.
-        params: former name of ``wrt`` (deprecated).
+        params: with a functional ``model`` ``f(params, inputs)``: its parameters, a dict
+            name -> tensor (see :class:`FunctionalModel`). With an ``nn.Module``: the former
+            name of ``wrt`` (deprecated).
         hvp: former name of ``engine`` (deprecated).
 
     Returns:
@@ -1287,6 +1379,11 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
         RuntimeError: no engine can differentiate the model twice (the message offers
             ``engine="finite_difference"``).
     """
+    if not isinstance(model, nn.Module) and callable(model):
+        if params is None:
+            raise TypeError("model is a function, not an nn.Module: a functional model f(params, inputs) needs "
+                            "params={name: tensor} (its parameters)")
+        model, params = FunctionalModel(model, params), None
     wrt = renamed("hessian", "wrt", wrt, "params", params)
     engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
     # renamed(..., default="auto") never returns None here, but is typed Optional
