@@ -1085,6 +1085,7 @@ class TorchAdapter(ModelAdapter):
             a, b = products["reverse_over_reverse"], products["forward_over_reverse"]
             self.cross_check_error = _rel(b, a)
             if self.cross_check_error <= tol:
+                self.engines_agree = self.cross_check_error
                 return
             # the referee: plain central differences at the small step (fewer kinks of ReLU-like
             # layers crossed than Richardson's larger step; 1e-10 in float64 on smooth models)
@@ -1129,6 +1130,24 @@ class TorchAdapter(ModelAdapter):
         else:
             out = self._reverse_over_reverse(batch, V)
         return out if self._padding_rows is None else out * self._padding_rows
+
+    def replays_exactly(self) -> bool:
+        return (self.engine == "cached_graph" and self.ops.torch_device.type == "cpu"
+                and not self._vectorize_columns and bool(self._cache))
+
+    def check_same_batch(self, index: int, batch: Any) -> None:
+        if index in self._cache:
+            self._cached_graph(index, batch)  # raises if the batch changed
+        else:
+            raise NonDeterministicError(f"batch {index} appeared only in a second pass over the data; pass "
+                                        "data that yields the same batches every time")
+
+    def check_batch(self, batch: Any) -> Any:
+        if self._batch_size_fn is not None:
+            return batch
+        n = self.batch_size(batch)
+        m = min(n, _CHECK_SAMPLES)
+        return batch if m == n else _map_tensors(lambda t: t[:m] if t.ndim >= 1 and t.shape[0] == n else t, batch)
 
     def gradient_at(self, batch: Any, delta: torch.Tensor) -> torch.Tensor:
         if self._padding_rows is not None:
@@ -1225,6 +1244,9 @@ class TorchAdapter(ModelAdapter):
         return hints
 
 
+# the engines are checked on this many samples of the first batch: a wrong formula is wrong on any
+# samples, and the checks then cost a fraction of a product (ResNet-20 on 64 images: docs/backends/torch.md)
+_CHECK_SAMPLES = 8
 # engines agree within this (relative), by the lowest precision a forward pass computes in
 _ROUNDING = {torch.bfloat16: 1e-1, torch.float16: 2e-2, torch.float32: 2e-3, torch.float64: 1e-7}
 _NORM_OR_ATTENTION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,

@@ -251,8 +251,11 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0) -> EngineCheck:
     The adapter supplies the primitives (see :class:`specops.model.ModelAdapter`):
     ``check_product(batch, V)`` (the engine in use, on one batch, nothing cached),
     ``gradient_at(batch, delta)``, ``requested_engine``, ``engine``, ``compute_dtype``
-    (None: the vectors' dtype) and ``use_finite_differences()``. Costs one two-column product and four gradients
-    of the batch.
+    (None: the vectors' dtype) and ``use_finite_differences()``; optionally
+    ``engines_agree``: the relative difference of two exact engines that share no
+    second-derivative code, measured by the backend (PyTorch's reverse-over-reverse and
+    forward-over-reverse), which stands in for the referee when the operator is symmetric.
+    Costs one two-column product, and four gradients of the batch for the referee.
 
     Raises:
         specops.NonFiniteError: the products or gradients are not finite.
@@ -271,6 +274,13 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0) -> EngineCheck:
             "with undefined second derivatives (e.g. sqrt at 0)")
     dtype = adapter.compute_dtype or ops.dtype
     policy = EnginePolicy(rounding(dtype))
+    symmetry = symmetry_error(ops, V, HV)
+    agreed = getattr(adapter, "engines_agree", None)
+    if agreed is not None and symmetry <= policy.symmetry_threshold:
+        # two exact engines sharing no second-derivative code agree: no referee needed
+        return EngineCheck(requested, engine, "agree", f"two exact engines agree to {agreed:.2g}",
+                           disagreement=agreed, threshold=policy.rounding, symmetry=symmetry,
+                           symmetry_threshold=policy.symmetry_threshold)
     theta = adapter.params_vector()
     scale = max(1.0, ops.norm(theta) / max(n, 1) ** 0.5)
     eps = machine_epsilon(dtype)
@@ -279,7 +289,7 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0) -> EngineCheck:
     size = max(ops.norm(R[:, 0]), float(np.finfo(np.float64).tiny))
     assert spreads is not None
     check = policy.decide(requested, engine, disagreement=ops.norm(HV[:, 0] - R[:, 0]) / size,
-                          spread=float(spreads[0]) / size, symmetry=symmetry_error(ops, V, HV))
+                          spread=float(spreads[0]) / size, symmetry=symmetry)
     if check.engine == FINITE_DIFFERENCE:
         adapter.use_finite_differences()
     return check

@@ -13,6 +13,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 import specops
+from specops import checks
 from specops.backends import torch as st
 
 
@@ -113,9 +114,14 @@ def test_kinked_models_keep_their_engine(kink, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         H = st.hessian(model, nn.CrossEntropyLoss(), batch)
-    assert H.engine == "cached_graph"
+        assert H.engine == "cached_graph" and H.engine_check.verdict == "agree"  # two exact engines agree
+        # the referee alone (as where forward-over-reverse cannot run), on all 64 samples
+        H.adapter.engines_agree = None
+        check = checks.check_engine(H.adapter, batch)
+    assert check.engine == "cached_graph"
     relu64 = kink is nn.ReLU and dtype == torch.float64  # steps of 1e-3 cross no kink here
-    assert H.engine_check.verdict == ("agree" if relu64 else "inconclusive")
+    assert check.verdict == ("agree" if relu64 else "inconclusive")
+    assert (check.referee_spread < checks.CONSISTENT) == relu64
 
 
 def test_nan_inputs_are_reported_as_nan_data_before_any_engine_comparison():
