@@ -333,6 +333,19 @@ def owner_of(obj: Any) -> Any:
     return getattr(obj, "__self__", None) if getattr(obj, "__func__", None) is not None else obj
 
 
+def engine_settings(A: Any) -> dict:
+    """``{"engine": ..., "engine_check": {...}}`` of a model-backed operator (or of one inside ``A``).
+
+    Results put it in their ``settings``, so the engine used and what its construction check
+    measured travel with every number (and into the report). Empty for other operators.
+    """
+    for part in (A, getattr(A, "A", None), getattr(A, "B", None), getattr(A, "base", None)):
+        check = getattr(part, "engine_check", None)
+        if isinstance(check, EngineCheck):
+            return {"engine": check.engine, "engine_check": check.settings()}
+    return {}
+
+
 class VerdictCache:
     """Construction verdicts carried over between rebuilds of an operator for one model.
 

@@ -165,3 +165,16 @@ def test_a_rebuild_for_the_same_model_and_data_skips_the_products(problem):
     calls.clear()
     H = snp.hessian(model.loss, model.grad, counted, theta, (X[:30], y[:30]))  # other data: checked
     assert sum(calls) == first and not H.engine_check.carried_over
+
+
+def test_results_carry_the_engine_and_its_check(problem):
+    import specops as so
+
+    model, theta, X, y = problem
+    H = snp.hessian(model.loss, model.grad, model.hvp, theta, (X, y))
+    for result in (so.eigsh(H, k=1), so.trace(H, num_matvecs=8), so.spectral_density(H, num_probes=1, num_steps=8)):
+        assert result.settings["engine"] == "numpy-callables"
+        assert result.settings["engine_check"]["verdict"] == "agree"
+        again = type(result).from_json(result.to_json())
+        assert again.settings["engine_check"] == result.settings["engine_check"]
+    assert "engine_check" not in so.eigsh(np.diag([1.0, 2.0, 3.0]), k=1).settings
