@@ -245,7 +245,7 @@ class EnginePolicy:
         return EngineCheck(requested, FINITE_DIFFERENCE, "wrong", "; ".join(why), **common)
 
 
-def check_engine(adapter: Any, batch: Any, *, seed: int = 0) -> EngineCheck:
+def check_engine(adapter: Any, batch: Any, *, seed: int = 0, switch: bool = True) -> EngineCheck:
     """Check the adapter's engine in use on ``batch``; switch or raise as the policy says.
 
     The adapter supplies the primitives (see :class:`specops.model.ModelAdapter`):
@@ -256,6 +256,8 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0) -> EngineCheck:
     second-derivative code, measured by the backend (PyTorch's reverse-over-reverse and
     forward-over-reverse), which stands in for the referee when the operator is symmetric.
     Costs one two-column product, and four gradients of the batch for the referee.
+    ``switch=False`` leaves the adapter's engine alone (the caller applies the decision, as
+    rank 0's on every rank).
 
     Raises:
         specops.NonFiniteError: the products or gradients are not finite.
@@ -290,7 +292,7 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0) -> EngineCheck:
     assert spreads is not None
     check = policy.decide(requested, engine, disagreement=ops.norm(HV[:, 0] - R[:, 0]) / size,
                           spread=float(spreads[0]) / size, symmetry=symmetry)
-    if check.engine == FINITE_DIFFERENCE:
+    if switch and check.engine == FINITE_DIFFERENCE:
         adapter.use_finite_differences()
     return check
 

@@ -522,7 +522,7 @@ class ModelOperator(LinearOperator):
             if sample is None:
                 return skipped()
             try:
-                return checks.check_engine(adapter, sample)
+                return checks.check_engine(adapter, sample, switch=False)
             except NotImplementedError:  # a backend without the primitives
                 return skipped("the backend has no finite-difference referee")
 
@@ -530,9 +530,10 @@ class ModelOperator(LinearOperator):
         if deterministic:  # before the engine check: a random product would confuse its referee
             self._check_deterministic()
         check = self._on_every_rank(engine_check, "checking the product engine")
-        if self.comm.size > 1 and self.decide(check.engine) != adapter.engine:
-            adapter.use_finite_differences()  # rank 0 found the engine wrong: every rank follows
-            check = dataclasses.replace(check, engine=adapter.engine)
+        if self.comm.size > 1:  # rank 0's choice on every rank
+            check = dataclasses.replace(check, engine=self.decide(check.engine))
+        if check.engine == checks.FINITE_DIFFERENCE and adapter.engine != check.engine:
+            adapter.use_finite_differences()
         adapter.engine_check = check
         if found is not None:
             checks.VERDICTS.put(found[0], key, check)
