@@ -500,6 +500,8 @@ class ModelOperator(LinearOperator):
         key = None if found is None else (found[1], self._data_identity(), deterministic, cross_check,
                                           self.comm.size)
         carried = None if found is None else checks.VERDICTS.get(found[0], key)
+        if self.comm.size > 1 and not all(self.comm.allgather(carried is not None)):
+            carried = None  # the checks are collective: every rank runs them, or none
         if carried is not None:
             self.adapter.adopt(carried)
             self.adapter.engine_check = carried
