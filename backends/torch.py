@@ -31,7 +31,10 @@ Hessian-vector product engines (``engine=``):
 
 At construction the engines are cross-checked (:meth:`TorchAdapter.cross_check`):
 reverse-over-reverse against forward-over-reverse on one probe product, finite differences
-deciding a mismatch; ``"auto"`` falls back from an engine found wrong, with a warning.
+deciding a mismatch; ``"auto"`` falls back from an engine found wrong, with a warning. The
+engine in use then goes through the core's check (:mod:`specops.checks`: symmetry, the
+finite-difference referee), which switches ``"auto"`` to ``"finite_difference"`` when no
+exact engine is right (a ``@once_differentiable`` custom function).
 
 Every graph for products is built with ``scaled_dot_product_attention`` on its math kernel
 and twice-differentiable formulas for the few functions PyTorch lacks them for
@@ -1371,11 +1374,14 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
             a forward of the first batch draws random numbers) raises
             :class:`specops.NonDeterministicError`; ``"fixed"``: the Hessian of one fixed
             random sub-network, each batch with the same mask in every product.
-        cross_check: compare reverse-over-reverse and forward-over-reverse products on one
-            probe vector of the first batch at construction (finite differences decide a
-            mismatch); ``"auto"`` falls back with a warning from an engine found wrong, an
-            explicit engine found wrong raises. ``H.adapter.cross_check_error`` is the relative
-            difference measured.
+        cross_check: check the engine on 8 samples of the first batch at construction:
+            reverse-over-reverse against forward-over-reverse on one probe (finite differences
+            decide a mismatch; ``H.adapter.cross_check_error`` is their difference), then the
+            core's check (:func:`specops.checks.check_engine`: symmetry on two probes, and
+            central differences of gradients where the two engines could not both run).
+            ``"auto"`` falls back with a warning from an engine found wrong (to
+            ``"finite_difference"`` when no exact engine is right), an explicit engine found
+            wrong raises naming the one to use. ``H.engine_check`` records what was measured.
         richardson: with ``engine="finite_difference"``, Richardson extrapolation of two steps
             (four gradients per column instead of two, truncation error ``O(h^4)``).
         autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: evaluate a float32 (or
