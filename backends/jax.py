@@ -28,12 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
 
+from specops.checks import finite_difference_products, identity, machine_epsilon, owner_of
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, common_batch_size
 from specops.operator import MatrixOperator, check_dense_symmetric
 from specops.ops import VectorOps
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+#: Hessian-product engines: ``jvp`` of ``grad`` (exact), or central differences of gradients
+ENGINES = ("auto", "forward_over_reverse", "finite_difference")
 
 
 def _x64_enabled() -> bool:
@@ -235,6 +238,49 @@ def _path_name(path: Any) -> str:
     return ".".join(parts) or "params"
 
 
+def _nnx_kinds(params: Any, count: int) -> list[str] | None:
+    """The Flax NNX variable type of each array leaf of ``params`` (``"Param"``, ``"BatchStat"``, ...).
+
+    None when ``params`` holds no NNX variables (or Flax is not imported).
+    """
+    import sys
+
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return None
+    kinds: list[str] = []
+    for node in tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        kind = type(node).__name__ if isinstance(node, nnx.Variable) else ""
+        kinds.extend([kind] * len(tree_util.tree_leaves(node)) if kind else [kind])
+    if len(kinds) != count or not any(kinds):
+        return None
+    return kinds
+
+
+def _is_linen_variables(params: Any) -> bool:
+    """A Flax linen variables dict: ``{"params": ..., "batch_stats": ...}`` (known collections only)."""
+    from collections.abc import Mapping
+
+    return (isinstance(params, Mapping) and "params" in params and len(params) > 1
+            and set(params) - {"params"} <= _LINEN_STATE)
+
+
+#: Flax linen collections that hold state, not parameters
+_LINEN_STATE = {"batch_stats", "cache", "intermediates", "perturbations", "losses", "spectral_norm"}
+
+
+def _nnx_parameters(chosen: list[str], names: list[str], kinds: list[str], explicit: bool) -> list[str]:
+    """The ``nnx.Param`` leaves of ``chosen``: batch statistics and other state are never differentiated."""
+    kind = dict(zip(names, kinds))
+    others = [f"{n!r} ({kind[n]})" for n in chosen if kind[n] and kind[n] != "Param"]
+    if others and explicit:
+        raise TypeError(
+            f"wrt= selects Flax NNX state that is not a parameter: {', '.join(others[:4])}; only nnx.Param "
+            "leaves are differentiated. Select parameters only, or pass the parameters alone: "
+            "graphdef, params, rest = nnx.split(model, nnx.Param, ...)")
+    return [n for n in chosen if kind[n] in ("Param", "")]
+
+
 def _is_float_array(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
@@ -320,7 +366,8 @@ class JaxAdapter(ModelAdapter):
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``, a pure function (traced by JAX).
-        params: the parameter pytree; its floating leaves are differentiated.
+        params: the parameter pytree; its floating leaves are differentiated. A Flax NNX
+            module or state: only its ``nnx.Param`` leaves (see :func:`hessian`).
         wrt: ``None`` (every leaf) or names / glob patterns of pytree paths; the other
             leaves are held fixed and may be of any type.
         dtype: cast every floating leaf to this dtype first (e.g. float64); ``None``
@@ -328,16 +375,19 @@ class JaxAdapter(ModelAdapter):
         chunk_size: columns per compiled ``vmap`` call (memory grows with it).
         devices: ``None`` (the parameters' device), or the devices to split every batch
             over (see :class:`DataMesh`).
+        engine: one of :data:`ENGINES` (see :func:`hessian`).
 
     Raises:
         TypeError: a selected leaf is not a floating array (integer, function, ...),
             or selected leaves mix float dtypes.
     """
 
-    engine = "jax: jit(vmap(jvp(grad(loss))))"
-
     def __init__(self, loss_fn: Callable[..., Any], params: Any, *, wrt: Any = None, dtype: Any = None,
-                 chunk_size: int = 16, devices: Any = None) -> None:
+                 chunk_size: int = 16, devices: Any = None, engine: str = "auto") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        self.requested_engine = engine
+        self.engine = "forward_over_reverse" if engine == "auto" else engine
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {type(loss_fn).__name__}")
         if int(chunk_size) < 1:
@@ -352,7 +402,14 @@ class JaxAdapter(ModelAdapter):
         leaves = [leaf for _, leaf in paths_leaves]
         if not leaves:
             raise ValueError("params is an empty pytree: there is nothing to differentiate")
+        kinds = _nnx_kinds(params, len(leaves))
+        if kinds is not None:  # a Flax NNX module or state: name leaves by their variable, not ".value"
+            names = [n[: -len(".value")] if k and n.endswith(".value") else n for n, k in zip(names, kinds)]
         chosen = names if wrt is None else select_names(names, wrt)
+        if wrt is None and _is_linen_variables(params):  # batch_stats and other collections: held fixed
+            chosen = [n for n in names if n.startswith("params.")]
+        if kinds is not None:
+            chosen = _nnx_parameters(chosen, names, kinds, explicit=wrt is not None)
         self._selected = [names.index(c) for c in chosen]
         bad = [f"{names[i]!r} ({_describe(leaves[i])})" for i in self._selected if not _is_float_array(leaves[i])]
         if bad:
@@ -455,20 +512,47 @@ class JaxAdapter(ModelAdapter):
         return self._call(self._grad, batch)
 
     def hvp(self, index: int, batch: Any, V: Any) -> Any:
+        if self.engine == "finite_difference":
+            return self._finite_difference(batch, V)
         k, c = V.shape[1], self.chunk_size
         if k <= c:
             return self._call(self._hvp, batch, V)
         return jnp.concatenate([self._call(self._hvp, batch, V[:, j : j + c]) for j in range(0, k, c)], axis=1)
 
     def hvp_vector(self, index: int, batch: Any, v: Any) -> Any:
+        if self.engine == "finite_difference":
+            return self._finite_difference(batch, v[:, None])[:, 0]
         return self._call(self._hvp, batch, v)
+
+    # --- primitives of the core's engine check (specops.checks) -----------------------
+    def _finite_difference(self, batch: Any, V: Any) -> Any:
+        n = self.layout.num_params
+        scale = max(1.0, float(jnp.linalg.norm(self._flat)) / max(n, 1) ** 0.5)
+        return finite_difference_products(lambda d: self.gradient_at(batch, d), V, self.ops,
+                                          eps=machine_epsilon(self.ops.dtype), scale=scale)[0]
+
+    def check_product(self, batch: Any, V: Any) -> Any:
+        # column by column: the program of the determinism check's single column, not a new one
+        return jnp.concatenate([self.hvp(0, batch, V[:, j : j + 1]) for j in range(V.shape[1])], axis=1)
+
+    def gradient_at(self, batch: Any, delta: Any) -> Any:
+        return self._call(lambda flat, *rest: self._grad(flat + rest[-1], *rest[:-1]), batch, delta)
+
+    def use_finite_differences(self) -> None:
+        self.engine = "finite_difference"
+
+    def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
+        shapes = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in tree_util.tree_leaves(batch))
+        key = (identity(self.loss_fn), tuple(self.layout.names), self.ops.dtype.name, self.requested_engine,
+               self._treedef, shapes)
+        return owner_of(self.loss_fn), key
 
     def params_vector(self) -> Any:
         return self._flat
 
     def subset(self, names: list[str]) -> JaxAdapter:
         return JaxAdapter(self.loss_fn, self.params, wrt=list(names), chunk_size=self.chunk_size,
-                          devices=None if self.mesh is None else self.mesh.mesh)
+                          devices=None if self.mesh is None else self.mesh.mesh, engine=self.requested_engine)
 
     def determinism_hints(self) -> list[str]:
         return [
@@ -574,7 +658,7 @@ def model_loss(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any] | None 
 
 def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
             comm: Any = None, check_deterministic: bool = True, dtype: Any = None, chunk_size: int = 16,
-            devices: Any = None) -> ModelOperator:
+            devices: Any = None, engine: str = "auto", cross_check: bool = True) -> ModelOperator:
     """The Hessian of ``loss_fn(params, batch)`` over ``data`` with respect to ``params``.
 
     Args:
@@ -599,6 +683,13 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
             the number of devices does not divide run on the parameters' device alone.
             ``None`` (default): the parameters' device. Across hosts, combine it with
             ``comm=`` (see ``docs/distributed.md``).
+        engine: ``"auto"`` (``"forward_over_reverse"``, unless the construction check finds
+            it wrong: then ``"finite_difference"``, with a warning), ``"forward_over_reverse"``
+            (``jit(vmap(jvp(grad(loss))))``) or ``"finite_difference"`` (central differences of
+            gradients: for a ``custom_vjp`` whose backward is not differentiable).
+        cross_check: check the engine on the first batch at construction: symmetry on two
+            probes and central differences of gradients
+            (:func:`specops.checks.check_engine`); ``H.engine_check`` holds what it found.
 
     Returns:
         A :class:`specops.ModelOperator`: ``H @ v`` takes and returns JAX arrays.
@@ -608,6 +699,8 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
             loss that is not a floating scalar.
         ValueError: a loss that is not a scalar; a selection that matches nothing.
         specops.NonFiniteError: a non-finite loss (naming the batch).
+        ValueError: an explicit ``engine`` that the construction check finds wrong (the
+            message names ``engine="finite_difference"``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -623,9 +716,10 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
 
     mesh = jax_sharded.mesh_of(params)
     make = JaxAdapter if mesh is None else partial(jax_sharded.ShardedJaxAdapter, mesh=mesh)
-    adapter = make(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
+    adapter = make(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices,
+                   engine=engine)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
-                         check_deterministic=check_deterministic)
+                         check_deterministic=check_deterministic, cross_check=cross_check)
 
 
 # --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------

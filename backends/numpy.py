@@ -87,6 +87,7 @@ class NumpyAdapter(ModelAdapter):
     """
 
     engine = "numpy-callables"
+    requested_engine = "auto"
 
     def __init__(self, loss_fn: Callable[..., Any], grad_fn: Callable[..., Any], hvp_fn: Callable[..., Any],
                  theta: npt.ArrayLike, layout: ParamLayout, names: list[str] | None = None) -> None:
@@ -127,10 +128,40 @@ class NumpyAdapter(ModelAdapter):
     def subset(self, names: list[str]) -> NumpyAdapter:
         return NumpyAdapter(self.loss_fn, self.grad_fn, self.hvp_fn, self.theta, self.full_layout, names)
 
+    # --- primitives of the core's engine check (specops.checks) -----------------------
+    def check_product(self, batch: Any, V: np.ndarray) -> np.ndarray:
+        return self.hvp(0, batch, V)
+
+    def gradient_at(self, batch: Any, delta: np.ndarray) -> np.ndarray:
+        return np.asarray(self.grad_fn(self._full(delta), batch))[self.index]
+
+    def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
+        from specops.checks import identity, owner_of
+
+        values = batch.values() if isinstance(batch, dict) else batch
+        shapes = tuple(np.shape(x) for x in values)
+        return owner_of(self.hvp_fn), (identity(self.hvp_fn), identity(self.loss_fn), identity(self.grad_fn),
+                                       tuple(self.layout.names), shapes)
+
+    def use_finite_differences(self) -> None:
+        from specops.checks import finite_difference_products, machine_epsilon
+
+        scale = max(1.0, float(np.sqrt(np.mean(self.theta ** 2)))) if self.theta.size else 1.0
+
+        def product(theta: np.ndarray, batch: Any, full: np.ndarray) -> np.ndarray:
+            out = np.zeros_like(full)
+            out[self.index] = finite_difference_products(
+                lambda d: self.gradient_at(batch, d), full[self.index], self.ops,
+                eps=machine_epsilon(self.ops.dtype), scale=scale)[0]
+            return out
+
+        self.hvp_fn, self.engine = product, "finite_difference"
+
 
 def hessian(loss_fn: Callable[..., Any], grad_fn: Callable[..., Any], hvp_fn: Callable[..., Any],
             params: dict[str, npt.ArrayLike] | npt.ArrayLike, data: Any, *, wrt: str | Sequence[str] | None = None,
-            reduction: str = "mean", comm: Any = None, check_deterministic: bool = True) -> ModelOperator:
+            reduction: str = "mean", comm: Any = None, check_deterministic: bool = True,
+            cross_check: bool = True) -> ModelOperator:
     """The loss Hessian of a model written in NumPy, from its own gradient and HVP functions.
 
     Args:
@@ -147,6 +178,9 @@ def hessian(loss_fn: Callable[..., Any], grad_fn: Callable[..., Any], hvp_fn: Ca
         reduction: as for :class:`~specops.model.ModelOperator`.
         comm: as for :class:`~specops.model.ModelOperator`.
         check_deterministic: as for :class:`~specops.model.ModelOperator`.
+        cross_check: check ``hvp_fn`` at construction against central differences of
+            ``grad_fn`` and for symmetry (:func:`specops.checks.check_engine`): a wrong
+            ``hvp_fn`` is replaced by finite differences with a warning.
 
     Returns:
         The Hessian operator, a :class:`~specops.model.ModelOperator` on NumPy vectors.
@@ -160,7 +194,8 @@ def hessian(loss_fn: Callable[..., Any], grad_fn: Callable[..., Any], hvp_fn: Ca
         layout = ParamLayout(["theta"], [theta.shape])
     names = None if wrt is None else layout.select(wrt)
     adapter = NumpyAdapter(loss_fn, grad_fn, hvp_fn, theta, layout, names)
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic,
+                         cross_check=cross_check)
 
 
 def matrix_operator(x: npt.ArrayLike, symmetric: bool | None = None) -> LinearOperator:

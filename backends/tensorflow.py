@@ -14,6 +14,10 @@ Two Hessian-vector product engines (``engine=``):
   columns of a block are vectorized by ``tf.vectorized_map`` (``chunk_size`` at a time).
   Fastest per column on small models; the vectorization is slow to trace on large
   graphs (minutes for a MobileNetV3Small).
+- ``"finite_difference"``: central differences of gradients
+  (:func:`specops.checks.finite_difference_products`), for operations whose second
+  derivatives TensorFlow gets wrong; ``"auto"`` switches to it, with a warning, when the
+  construction check (:func:`specops.checks.check_engine`) finds the engine wrong.
 
 Every product, gradient and loss is a ``tf.function`` traced once per batch structure:
 the first call traces with the leading (batch) dimension and the column count left
@@ -56,13 +60,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from specops.checks import finite_difference_products, identity, machine_epsilon
 from specops.layout import ParamLayout, select_names
 from specops.model import (
     ModelAdapter, ModelOperator, NonDeterministicError, common_batch_size, renamed, resolve_loss_form,
@@ -340,7 +344,7 @@ def _own_loss(outputs: Any) -> Any:
     return loss
 
 
-ENGINES = ("auto", "double_backward", "forward_over_reverse")
+ENGINES = ("auto", "double_backward", "forward_over_reverse", "finite_difference")
 
 
 class TFAdapter(ModelAdapter):
@@ -376,6 +380,7 @@ class TFAdapter(ModelAdapter):
                  chunk_size: int = 16, random_layers: str = "error", engine: str = "auto") -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.requested_engine = engine
         self.engine = "double_backward" if engine == "auto" else engine
         if random_layers not in RANDOM_LAYERS:
             raise ValueError(f"random_layers must be one of {RANDOM_LAYERS}, got {random_layers!r}")
@@ -408,7 +413,6 @@ class TFAdapter(ModelAdapter):
                          self._vars[0].device if self._vars else "CPU:0")
         self.layout = ParamLayout(list(named), [tuple(v.shape) for v in self._vars])
         self.num_traces = 0  # traces of the product functions (their Python bodies run only then)
-        self.cross_check_error: float | None = None  # of finite_difference_check, when it ran
         self._traced: set[tuple[str, str]] = set()  # (function, batch spec) traced
         self._static: set[str] = set()  # functions traced per batch shape
         self._loss = tf.function(self._scalar_loss, reduce_retracing=True)
@@ -618,64 +622,54 @@ class TFAdapter(ModelAdapter):
             for var, value in zip(self._vars, saved):
                 var.assign(value)
 
-    def finite_difference_check(self, batch: Any, seed: int = 0) -> float:
-        """Compare one product with central differences of the gradient; warn when they disagree.
+    # --- primitives of the core's engine check (specops.checks) -----------------------
+    @property
+    def cross_check_error(self) -> float | None:
+        """The construction check's relative difference from finite differences (None: not run)."""
+        check = self.engine_check
+        return None if check is None else check.disagreement
 
-        The two share no second-derivative code: TensorFlow's engines both use its gradient
-        registry, so a wrong second derivative of some operation (``tf.nn.moments`` before
-        specops replaced it) makes them agree with each other and not with the Hessian. Along
-        a seeded unit vector ``u``: ``D(h) = (g(θ + h u) - g(θ - h u)) / 2h`` with
-        ``h = eps^(1/3) max(1, rms(θ))``, and ``D(2h)``, whose difference bounds ``D(h)``'s
-        error. Warns when the product is off ``D(h)`` by more than ten times that bound and
-        more than rounding (1e-7 relative in float64, 2e-3 in float32): decisive only on
-        smooth models (at ReLU kinks ``D(h)`` and ``D(2h)`` disagree and nothing is said).
-
-        Returns:
-            The relative difference of the product from ``D(h)`` (``cross_check_error``).
-        """
-        n = self.layout.num_params
-        u = np.random.default_rng(seed).standard_normal(n)
-        u = self.ops.asarray(u / np.linalg.norm(u))
-        exact = self.ops.to_numpy(self.hvp_vector(0, batch, u))
-        theta = self.ops.to_numpy(self.params_vector())
-        eps = float(np.finfo(self.ops.dtype).eps)
-        h = eps ** (1 / 3) * max(1.0, float(np.sqrt(np.mean(theta ** 2))))
+    def gradient_at(self, batch: Any, delta: Any) -> Any:
         saved = [tf.identity(v) for v in self._vars]
+        try:
+            for var, value, d in zip(self._vars, saved, self._unflatten(delta)):
+                var.assign(value + d)
+            return self.gradient(batch)
+        finally:
+            for var, value in zip(self._vars, saved):
+                var.assign(value)
 
-        def gradient_at(t):
-            try:
-                for var, value, d in zip(self._vars, saved, self._unflatten(t * u)):
-                    var.assign(value + d)
-                return self.ops.to_numpy(self.gradient(batch))
-            finally:
-                for var, value in zip(self._vars, saved):
-                    var.assign(value)
+    def check_product(self, batch: Any, V: Any) -> Any:
+        return self.hvp(0, batch, V)
 
-        d1 = (gradient_at(h) - gradient_at(-h)) / (2 * h)
-        d2 = (gradient_at(2 * h) - gradient_at(-2 * h)) / (4 * h)
-        scale = max(float(np.linalg.norm(d1)), float(np.finfo(np.float64).tiny))
-        diff, bound = float(np.linalg.norm(exact - d1)), float(np.linalg.norm(d1 - d2))
-        self.cross_check_error = diff / scale
-        rounding = 1e-7 if self.ops.dtype == np.float64 else 2e-3
-        if diff > 10 * bound and diff > rounding * scale:
-            warnings.warn(
-                f"the Hessian-vector product ({self.engine}) differs from central differences of the "
-                f"gradient by {diff / scale:.2g} (relative), more than ten times their own error bound "
-                f"({bound / scale:.2g}): TensorFlow's second derivative of some operation in this model is "
-                "likely wrong. Products, eigenvalues and traces would be off by about as much; check the "
-                "model's layers for a tf.stop_gradient inside (cross_check=False skips this check)",
-                RuntimeWarning, stacklevel=4)
-        return self.cross_check_error
+    def use_finite_differences(self) -> None:
+        self.engine = "finite_difference"
+
+    def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
+        shapes = tuple((tuple(x.shape), str(x.dtype)) for x in tf.nest.flatten(batch) if hasattr(x, "shape"))
+        key = (identity(self.loss_fn), self.loss_form, tuple(self.layout.names), self.ops.dtype.name,
+               self.requested_engine, self.random_layers, shapes)
+        return self.model, key
+
+    def _finite_difference(self, batch: Any, V: Any) -> Any:
+        theta = self.ops.to_numpy(self.params_vector())
+        scale = max(1.0, float(np.sqrt(np.mean(theta ** 2))))
+        return finite_difference_products(lambda d: self.gradient_at(batch, d), V, self.ops,
+                                          eps=machine_epsilon(self.ops.dtype), scale=scale)[0]
 
     def gradient(self, batch: Any) -> Any:
         self._fix_randomness()
         return self._call("_grad", self._prepare(batch))
 
     def hvp_vector(self, index: int, batch: Any, v: Any) -> Any:
+        if self.engine == "finite_difference":
+            return self._finite_difference(batch, v[:, None])[:, 0]
         self._fix_randomness()
         return self._call("_hvp1", self._prepare(batch), v)
 
     def hvp(self, index: int, batch: Any, V: Any) -> Any:
+        if self.engine == "finite_difference":
+            return self._finite_difference(batch, V)
         if V.shape[1] == 1:
             return self.hvp_vector(index, batch, V[:, 0])[:, None]
         batch = self._prepare(batch)
@@ -738,12 +732,15 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
             :class:`specops.NonDeterministicError` naming the layers; ``"fixed"``: one
             fixed random mask, the Keras seed generators reset before every call.
         engine: ``"auto"`` (``"double_backward"``: reverse-over-reverse, cheap to trace,
-            columns in a loop) or ``"forward_over_reverse"`` (columns vectorized: faster
-            per column on small models, minutes to trace on large ones).
+            columns in a loop), ``"forward_over_reverse"`` (columns vectorized: faster
+            per column on small models, minutes to trace on large ones) or
+            ``"finite_difference"`` (central differences of gradients).
         variables: the former name of ``wrt`` (deprecated).
-        cross_check: compare one product on the first batch with central differences of the
-            gradient (four gradients; :meth:`TFAdapter.finite_difference_check`) and warn if
-            they disagree beyond their accuracy.
+        cross_check: check the engine on the first batch at construction: symmetry on two
+            probes and central differences of gradients at two steps
+            (:func:`specops.checks.check_engine`). An engine they find wrong is replaced by
+            ``"finite_difference"`` with a warning under ``engine="auto"``, and raises when
+            requested explicitly; ``H.engine_check`` holds what was measured.
 
     Returns:
         A :class:`specops.ModelOperator`: ``H @ v`` takes and returns ``tf.Tensor`` s;
@@ -759,14 +756,8 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
     wrt = renamed("hessian", "wrt", wrt, "variables", variables)
     adapter = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
                         random_layers=random_layers, engine=engine)
-    first = None
-    for first in ModelOperator._batches_of(data):
-        adapter.check_random_forward(first)
-        break
-    H = ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
-    if cross_check and first is not None:
-        adapter.finite_difference_check(first)
-    return H
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic,
+                         cross_check=cross_check)
 
 
 # --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------

@@ -31,7 +31,10 @@ Hessian-vector product engines (``engine=``):
 
 At construction the engines are cross-checked (:meth:`TorchAdapter.cross_check`):
 reverse-over-reverse against forward-over-reverse on one probe product, finite differences
-deciding a mismatch; ``"auto"`` falls back from an engine found wrong, with a warning.
+deciding a mismatch; ``"auto"`` falls back from an engine found wrong, with a warning. The
+engine in use then goes through the core's check (:mod:`specops.checks`: symmetry, the
+finite-difference referee), which switches ``"auto"`` to ``"finite_difference"`` when no
+exact engine is right (a ``@once_differentiable`` custom function).
 
 Every graph for products is built with ``scaled_dot_product_attention`` on its math kernel
 and twice-differentiable formulas for the few functions PyTorch lacks them for
@@ -57,6 +60,7 @@ every product, loss and gradient, for every engine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -70,6 +74,7 @@ from torch.overrides import TorchFunctionMode
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
+from specops.checks import finite_difference_products, identity
 from specops.distributed import register_device_buffers
 from specops.layout import ParamLayout, select_names
 from specops.model import ModelAdapter, ModelOperator, NonDeterministicError, renamed, resolve_loss_form
@@ -414,12 +419,96 @@ class _LossModule(nn.Module):
 
 
 def _call(model, inputs):
-    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    """The model applied to a batch's inputs, as its ``forward`` takes them.
+
+    A dict is passed as keywords (``model(**inputs)``, Hugging Face) unless ``forward`` takes
+    one positional argument and not every key as a keyword: then whole (``model(inputs)``,
+    curvlinops' convention). A tuple or list is spread (``model(*inputs)``); anything else is
+    passed as is. A :class:`FunctionalModel` always gets the inputs whole.
+    """
+    if isinstance(model, FunctionalModel):
+        return model(inputs)
     if isinstance(inputs, dict):
-        return model(**inputs)
+        return model(inputs) if _takes_dict_whole(model, inputs) else model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def _takes_dict_whole(model: Any, inputs: dict) -> bool:
+    forward = model.forward if isinstance(model, nn.Module) else model
+    function = getattr(forward, "__func__", None)  # a bound method: its function is cached, not the method
+    return _dict_whole(function or forward, function is not None, tuple(inputs))
+
+
+@functools.lru_cache(maxsize=256)
+def _dict_whole(forward: Callable[..., Any], unbound: bool, inputs: tuple[str, ...]) -> bool:
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if unbound:
+        parameters = parameters[1:]  # self
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return False
+    keywords = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if all(k in keywords for k in inputs):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in parameters if p.default is p.empty and p.kind is not p.VAR_POSITIONAL]
+    return len(positional) >= 1 and len(required) <= 1
+
+
+class FunctionalModel(nn.Module):
+    """A functional model ``f(params, inputs)`` with a dict of parameter tensors, as a module.
+
+    :func:`hessian` wraps ``model=f`` given with ``params={name: tensor}`` in one, as JAX's
+    loss functions take their parameters. The tensors are not changed (the module holds
+    them as parameters sharing their storage; specops never writes to parameters). Every
+    batch's inputs reach ``f`` whole: ``f(params, inputs)``.
+
+    Args:
+        f: ``f(params, inputs) -> outputs``, ``params`` a dict name -> tensor like ``params``.
+        params: the parameters, name -> floating tensor (names without dots).
+
+    Raises:
+        TypeError: ``params`` is not a dict of tensors.
+        ValueError: a name holds a dot.
+    """
+
+    def __init__(self, f: Callable[..., Any], params: Mapping[str, torch.Tensor]):
+        super().__init__()
+        if not isinstance(params, Mapping) or not all(isinstance(t, torch.Tensor) for t in params.values()):
+            raise TypeError("a functional model f(params, inputs) needs params= as a dict name -> tensor, got "
+                            f"{type(params).__name__}")
+        dotted = [k for k in params if "." in k or not k]
+        if dotted:
+            raise ValueError(f"parameter names of a functional model cannot hold dots or be empty: {dotted[:4]}; "
+                             "use a flat dict (e.g. 'layer1_weight')")
+        self.f = f
+        self._names = list(params)
+        for name, t in params.items():
+            self.register_parameter(name, nn.Parameter(t.detach(), requires_grad=t.is_floating_point()))
+
+    def forward(self, inputs: Any) -> Any:
+        """``f(params, inputs)`` with the module's (or the substituted) parameters."""
+        return self.f({n: getattr(self, n) for n in self._names}, inputs)
+
+
+def _eager(model: Any) -> Any:
+    """The module a ``torch.compile`` d model wraps (``model._orig_mod``), else ``model``.
+
+    Compiled graphs have no double backward (aot_autograd), and which engine worked used to
+    depend on what ran before in the process; the eager module computes the same function,
+    so every engine differentiates it, the same way in every process.
+    """
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    optimized = getattr(compiled, "OptimizedModule", None)
+    if optimized is not None and isinstance(model, optimized):
+        return model._orig_mod
+    return model
 
 
 def _split(batch):
@@ -649,6 +738,7 @@ class TorchAdapter(ModelAdapter):
                  progress: bool = False, random_layers: str = "error", richardson: bool = False,
                  autocast: torch.dtype | None = None, _fixed: dict[str, Any] | None = None,
                  _theta: Any = None):
+        model = _eager(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if engine not in ENGINES:
@@ -683,7 +773,7 @@ class TorchAdapter(ModelAdapter):
             "loss_form": self.loss_form, "memory_budget": memory_budget, "chunk_size": chunk_size,
             "batch_size": batch_size, "progress": progress, "random_layers": random_layers,
             "richardson": richardson, "autocast": autocast}
-        self._requested = engine
+        self._requested = self.requested_engine = engine
         self.engine = "cached_graph" if engine == "auto" else engine
         # auto on a GPU: blocks of columns through one vectorized forward-over-reverse pass
         # (cleared by the cross-check if that engine disagrees or fails)
@@ -922,48 +1012,19 @@ class TorchAdapter(ModelAdapter):
         return self._double_backward(pieces, g, V, keep=False)
 
     def _finite_difference(self, batch, V, richardson=False, step_factor=1.0):
-        """Central differences of gradients along each column; with Richardson, an error estimate.
+        """Central differences of gradients along each column (:func:`specops.checks.finite_difference_products`).
 
-        Column ``v`` is stepped by ``h v / ||v||`` with ``h = eps**(1/3) * max(1, rms(theta))``:
-        the step that balances the truncation error ``O(h^2)`` against the rounding error
-        ``O(eps / h)`` of the gradients, as Stan's ``finite_diff_hessian_times_vector_auto``
-        steps ``cbrt(eps)`` along the normalized vector (here scaled by the parameters' size).
-        Two gradients per column. ``richardson=True`` takes ``h = eps**(1/5) * max(1,
-        rms(theta))``, combines the steps ``h`` and ``2h`` as ``R = (4 D(h) - D(2h)) / 3``
-        (truncation error ``O(h^4)``) and estimates the error of ``R`` by ``|R - D(h)|`` (four
-        gradients per column).
-
-        ``step_factor`` scales ``h`` (for benchmarks of the rule).
+        ``step_factor`` scales the step (for benchmarks of the rule).
 
         Returns:
-            ``(HV, errors)``: the products (n, k) and, with Richardson, per-column estimates of
-            ``||HV - H V||`` (``None`` without).
+            ``(HV, spreads)``: the products (n, k) and, with Richardson, per-column
+            ``||D(h) - D(2h)||`` (``None`` without).
         """
         theta = self._theta
-        eps = float(torch.finfo(self.compute_dtype).eps)  # the gradients' rounding
-        scale = max(1.0, float(torch.linalg.vector_norm(theta)) / max(theta.numel(), 1) ** 0.5)
-        h = eps ** (1 / 5 if richardson else 1 / 3) * scale * step_factor
-        cols, errors = [], []
-        for j in range(V.shape[1]):
-            v = V[:, j]
-            norm = float(torch.linalg.vector_norm(v))
-            if norm == 0.0:
-                cols.append(torch.zeros_like(v))
-                errors.append(0.0)
-                continue
-            u = v / norm
-
-            def central(step):
-                plus = self._gradient_at(theta + step * u, batch)
-                return (plus - self._gradient_at(theta - step * u, batch)) / (2 * step)
-
-            est = central(h)
-            if richardson:
-                coarse = central(2 * h)
-                est, fine = (4 * est - coarse) / 3, est
-                errors.append(float(torch.linalg.vector_norm(est - fine)) * norm)
-            cols.append(est * norm)
-        return torch.stack(cols, dim=1), (np.asarray(errors) if richardson else None)
+        scale = max(1.0, float(torch.linalg.vector_norm(theta)) / max(theta.numel(), 1) ** 0.5) * step_factor
+        return finite_difference_products(lambda d: self._gradient_at(theta + d, batch), V, self.ops,
+                                          eps=float(torch.finfo(self.compute_dtype).eps), scale=scale,
+                                          richardson=richardson)
 
     def _gradient_at(self, theta, batch):
         theta = theta.detach().requires_grad_(True)
@@ -1045,6 +1106,7 @@ class TorchAdapter(ModelAdapter):
             a, b = products["reverse_over_reverse"], products["forward_over_reverse"]
             self.cross_check_error = _rel(b, a)
             if self.cross_check_error <= tol:
+                self.engines_agree = self.cross_check_error
                 return
             # the referee: plain central differences at the small step (fewer kinks of ReLU-like
             # layers crossed than Richardson's larger step; 1e-10 in float64 on smooth models)
@@ -1075,20 +1137,60 @@ class TorchAdapter(ModelAdapter):
                                  f"engine={self.engine!r}")
             self._use(right)
             warnings.warn(f"{message}; using {self.engine} instead", RuntimeWarning, stacklevel=3)
-            return
-        # one engine works: check it against finite differences, at their accuracy
-        name, product = next(iter(products.items()))
-        reference, errors = self._finite_difference(batch, v, richardson=True)
+        # one engine works (or the two agree): the core's check (specops.checks.check_engine) follows
+
+    # --- primitives of the core's engine check --------------------------------------
+    def check_product(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        batch = self._prepare(batch)
         if self._padding_rows is not None:
-            reference = reference * self._padding_rows
-        scale = max(float(torch.linalg.vector_norm(reference)), float(np.finfo(np.float64).tiny))
-        self.cross_check_error = _rel(product, reference)
-        if self.cross_check_error > max(10 * float(errors[0]) / scale, 1e3 * tol):
-            failed = "; ".join(f"{k} failed: {str(e).splitlines()[0]}" for k, e in failures.items())
-            warnings.warn(f"{name} Hessian-vector products differ from finite differences of gradients by "
-                          f"{self.cross_check_error:.2g} (relative; their error estimate is "
-                          f"{float(errors[0]) / scale:.1g}; steps that cross kinks of ReLU-like layers make "
-                          f"them unreliable); {failed}", RuntimeWarning, stacklevel=3)
+            V = V * self._padding_rows
+        if self.engine == "finite_difference":
+            out = self._finite_difference(batch, V, self.richardson)[0]
+        elif self.engine == "forward_over_reverse":
+            out = self._forward_over_reverse(batch, V)
+        else:
+            out = self._reverse_over_reverse(batch, V)
+        return out if self._padding_rows is None else out * self._padding_rows
+
+    def replays_exactly(self) -> bool:
+        return (self.engine == "cached_graph" and self.ops.torch_device.type == "cpu"
+                and not self._vectorize_columns and bool(self._cache))
+
+    def check_same_batch(self, index: int, batch: Any) -> None:
+        if index in self._cache:
+            self._cached_graph(index, batch)  # raises if the batch changed
+        else:
+            raise NonDeterministicError(f"batch {index} appeared only in a second pass over the data; pass "
+                                        "data that yields the same batches every time")
+
+    def check_batch(self, batch: Any) -> Any:
+        if self._batch_size_fn is not None:
+            return batch
+        n = self.batch_size(batch)
+        m = min(n, _CHECK_SAMPLES)
+        return batch if m == n else _map_tensors(lambda t: t[:m] if t.ndim >= 1 and t.shape[0] == n else t, batch)
+
+    def gradient_at(self, batch: Any, delta: torch.Tensor) -> torch.Tensor:
+        if self._padding_rows is not None:
+            delta = delta * self._padding_rows[:, 0]
+        g = self._gradient_at(self._theta + delta, self._prepare(batch))
+        return g if self._padding_rows is None else g * self._padding_rows[:, 0]
+
+    def use_finite_differences(self) -> None:
+        self.engine = "finite_difference"
+        self._vectorize_columns = False
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
+        shapes: list[tuple[Any, ...]] = []
+        _map_tensors(lambda t: shapes.append((*t.shape, str(t.dtype))), batch)
+        modes = tuple(m.training for m in self.model.modules())
+        frozen = tuple(n for n, p in self.model.named_parameters() if not p.requires_grad)
+        key = (identity(self.loss_fn), self.loss_form, tuple(self.layout.names), str(self.param_dtype), str(self.ops.device),
+               self._requested, self.random_layers, self.richardson, str(self.autocast), modes, frozen,
+               tuple(shapes))
+        return self.model, key
 
     def _check_precision(self, batch: Any) -> None:
         """Warn if a forward pass computes in a lower precision than the parameters.
@@ -1103,14 +1205,15 @@ class TorchAdapter(ModelAdapter):
         def leave(module, args, output):
             watch.stack.pop()  # (a forward hook that returns something replaces the output)
 
-        pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: watch.stack.append(m))
-        post = torch.nn.modules.module.register_module_forward_hook(leave)
+        # hooks on the model's own modules, not global ones (which make torch.compile warn)
+        handles = [h for m in self.model.modules() for h in (
+            m.register_forward_pre_hook(lambda m, a: watch.stack.append(m)), m.register_forward_hook(leave))]
         try:
             with torch.no_grad(), watch:
                 self._loss(self._theta, batch)
         finally:
-            pre.remove()
-            post.remove()
+            for h in handles:
+                h.remove()
         if watch.found:
             self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
             where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
@@ -1162,6 +1265,9 @@ class TorchAdapter(ModelAdapter):
         return hints
 
 
+# the engines are checked on this many samples of the first batch: a wrong formula is wrong on any
+# samples, and the checks then cost a fraction of a product (ResNet-20 on 64 images: docs/backends/torch.md)
+_CHECK_SAMPLES = 8
 # engines agree within this (relative), by the lowest precision a forward pass computes in
 _ROUNDING = {torch.bfloat16: 1e-1, torch.float16: 2e-2, torch.float32: 2e-3, torch.float64: 1e-7}
 _NORM_OR_ATTENTION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
@@ -1236,7 +1342,8 @@ def _listing(names: Any, limit: int = 4) -> str:
 
 
 # --- public entry point -------------------------------------------------------------
-def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
+def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, wrt: Any = None,
+            reduction: str = "mean",
             engine: str | None = None, comm: Any = None, check_deterministic: bool = True,
             progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
@@ -1250,11 +1357,15 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
         model: an ``nn.Module`` with all parameters on one device and of one dtype
             (float32, float64, or bfloat16/float16: products in that dtype, float32 vectors).
             Its mode is used as is: call ``model.eval()`` yourself for batch norm with running
-            statistics and without dropout. A model sharded with FSDP2's ``fully_shard`` gives
-            vectors sharded like its parameters (``specops.backends.torch_sharded``).
+            statistics and without dropout. A ``torch.compile`` d module is differentiated
+            through the module it wraps (compiled graphs have no double backward); a function
+            ``f(params, inputs)`` with ``params={name: tensor}`` is a functional model. A model
+            sharded with FSDP2's ``fully_shard`` gives vectors sharded like its parameters
+            (``specops.backends.torch_sharded``).
         loss_fn: either ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), applied
-            to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a dict or
-            tuple are passed as ``model(**inputs)`` / ``model(*inputs)``); or the general
+            to ``model(inputs)`` for each batch ``(inputs, targets)`` (``inputs`` a tuple is
+            passed as ``model(*inputs)``, a dict as ``model(**inputs)``, or whole when
+            ``forward`` takes one positional argument and not the keys as keywords); or the general
             ``loss_fn(model, batch)`` for any batch. Must return a scalar.
         data: one batch (a tuple ``(inputs, targets)`` or a dict) or a re-iterable of batches
             (a list, a ``DataLoader`` without shuffling). Tensors are moved to the model's
@@ -1283,18 +1394,23 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
             a forward of the first batch draws random numbers) raises
             :class:`specops.NonDeterministicError`; ``"fixed"``: the Hessian of one fixed
             random sub-network, each batch with the same mask in every product.
-        cross_check: compare reverse-over-reverse and forward-over-reverse products on one
-            probe vector of the first batch at construction (finite differences decide a
-            mismatch); ``"auto"`` falls back with a warning from an engine found wrong, an
-            explicit engine found wrong raises. ``H.adapter.cross_check_error`` is the relative
-            difference measured.
+        cross_check: check the engine on 8 samples of the first batch at construction:
+            reverse-over-reverse against forward-over-reverse on one probe (finite differences
+            decide a mismatch; ``H.adapter.cross_check_error`` is their difference), then the
+            core's check (:func:`specops.checks.check_engine`: symmetry on two probes, and
+            central differences of gradients where the two engines could not both run).
+            ``"auto"`` falls back with a warning from an engine found wrong (to
+            ``"finite_difference"`` when no exact engine is right), an explicit engine found
+            wrong raises naming the one to use. ``H.engine_check`` records what was measured.
         richardson: with ``engine="finite_difference"``, Richardson extrapolation of two steps
             (four gradients per column instead of two, truncation error ``O(h^4)``).
         autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: evaluate a float32 (or
             float64) model under ``torch.autocast`` with that dtype. A model whose parameters
             are bfloat16 or float16 needs no flag: its products run in its dtype and its
             vectors are float32.
-        params: former name of ``wrt`` (deprecated).
+        params: with a functional ``model`` ``f(params, inputs)``: its parameters, a dict
+            name -> tensor (see :class:`FunctionalModel`). With an ``nn.Module``: the former
+            name of ``wrt`` (deprecated).
         hvp: former name of ``engine`` (deprecated).
 
     Returns:
@@ -1311,6 +1427,11 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
         RuntimeError: no engine can differentiate the model twice (the message offers
             ``engine="finite_difference"``).
     """
+    if not isinstance(model, nn.Module) and callable(model):
+        if params is None:
+            raise TypeError("model is a function, not an nn.Module: a functional model f(params, inputs) needs "
+                            "params={name: tensor} (its parameters)")
+        model, params = FunctionalModel(model, params), None
     wrt = renamed("hessian", "wrt", wrt, "params", params)
     engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
     from specops.backends import torch_sharded  # FSDP2 / DTensor parameters: sharded vectors
@@ -1325,13 +1446,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,
                            autocast=autocast)
-    for batch in ModelOperator._batches_of(data):
-        adapter.check_random_forward(batch)
-        if cross_check:
-            adapter.cross_check(batch)
-        break
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
-                         check_deterministic=check_deterministic)
+                         check_deterministic=check_deterministic, cross_check=cross_check)
 
 
 # --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------

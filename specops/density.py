@@ -21,6 +21,7 @@ import numpy.typing as npt
 from scipy.linalg import eigh_tridiagonal
 from scipy.special import erf
 
+from specops.checks import engine_settings
 from specops import _checks
 from specops.lanczos import basis_store, probe_lanczos
 from specops.operator import OperatorLike
@@ -369,7 +370,7 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         theta, U = eigh_tridiagonal(alpha[i, :m], beta[i, : m - 1])
         nodes[i, :m], weights[i, :m] = theta, U[0] ** 2
         nodes[i, m:] = theta[-1]
-    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, kind=kind, backend=A.backend,
+    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, kind=kind, backend=A.backend, **engine_settings(A),
                     probes_at_once=group, reorth_window=window,
                     basis_bytes=basis_bytes(n, group, steps if window is None else window, ops.dtype),
                     memory_budget=budget)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from specops.checks import engine_settings
 from specops import _checks
 from specops.lanczos import NORM_FLOOR, ROUNDING, basis_store, order as _order, thick_restart, verified
 from specops.lanczos import wanted as _wanted
@@ -181,7 +182,7 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
     A = bar.track(A)
     store = basis_store(A.ops, basis_memory)
     settings = dict(k=k, which=which, method=method, tol=tol, max_matvecs=max_matvecs, seed=seed,
-                    n=n, dtype=A.dtype.name, backend=A.backend)
+                    n=n, dtype=A.dtype.name, backend=A.backend, **engine_settings(A))
     if store != A.ops:
         settings["basis_memory"] = f"{store.name}:{store.device}"
     if method == "power":

@@ -11,6 +11,7 @@ non-finite losses and non-deterministic products.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -114,6 +115,73 @@ class ModelAdapter(abc.ABC):
         """Likely causes of a non-deterministic product, for the error message."""
         return []
 
+    # --- primitives of the construction checks (specops.checks) -------------------
+    #: the engine the user asked for (``"auto"`` or a name)
+    requested_engine: str = "auto"
+    #: the construction check's findings (set by :class:`ModelOperator`), or None
+    engine_check: Any = None
+    #: relative difference of two independent exact engines that agree (set by :meth:`cross_check`)
+    engines_agree: float | None = None
+
+    #: the lowest precision the loss is computed in (bounds the products' accuracy); None: ``ops.dtype``
+    compute_dtype: Any = None
+
+    def check_random_forward(self, batch: Any) -> None:  # noqa: B027 (optional hook)
+        """Raise if a forward pass of ``batch`` draws random numbers (backends that can tell)."""
+
+    def cross_check(self, batch: Any) -> None:  # noqa: B027 (optional hook)
+        """Backend-specific engine comparisons on ``batch``, run before :func:`specops.checks.check_engine`."""
+
+    def replays_exactly(self) -> bool:
+        """Whether a product repeats exactly what the previous one computed (a cached graph on CPU).
+
+        The determinism check then compares batches instead of a second product.
+        """
+        return False
+
+    def check_same_batch(self, index: int, batch: Any) -> None:
+        """Raise :class:`NonDeterministicError` if batch ``index`` is not the one cached.
+
+        Used with :meth:`replays_exactly`: the cached computation was built from it.
+        """
+
+    def check_batch(self, batch: Any) -> Any:
+        """The part of the first batch the engine checks run on (default: all of it).
+
+        A wrong second-derivative formula is wrong on any samples; backends that can cut a
+        batch return a few samples, so that the checks cost a fraction of a product.
+        """
+        return batch
+
+    def check_product(self, batch: Any, V: Array) -> Array:
+        """The engine in use times native ``V`` (n, k) on one batch (from :meth:`check_batch`).
+
+        Backends that support the construction check override it (with :meth:`gradient_at`).
+        """
+        raise NotImplementedError
+
+    def gradient_at(self, batch: Any, delta: Array) -> Array:
+        """Gradient of the batch loss at ``theta + delta``: native (n,)."""
+        raise NotImplementedError
+
+    def use_finite_differences(self) -> None:
+        """Switch the products to central differences of gradients (the check found the engine wrong)."""
+        raise NotImplementedError
+
+    def verdict_key(self, batch: Any) -> tuple[Any, Any] | None:
+        """``(owner, key)``: what a construction verdict depends on, to carry it over to rebuilds.
+
+        ``owner`` is the model object (held weakly), ``key`` a hashable description of
+        everything else (parameter selection, dtype, engine requested, modes, batch shapes).
+        None: never carry over.
+        """
+        return None
+
+    def adopt(self, check: Any) -> None:
+        """Take over the engine chosen by an earlier build's check (``check.engine``)."""
+        if check.engine == "finite_difference" and self.engine != "finite_difference":
+            self.use_finite_differences()
+
 
 def renamed(function: str, new: str, value: T | None, old: str, old_value: T | None,
             default: T | None = None) -> T | None:
@@ -203,10 +271,20 @@ class ModelOperator(LinearOperator):
         comm: ``None`` or a communicator; each rank passes its own shard of the data.
         check_deterministic: evaluate every batch's loss (a non-finite one is named)
             and compare two identical products at construction.
+        cross_check: check the product engine on the first batch (symmetry and the
+            finite-difference referee, :func:`specops.checks.check_engine`); the result is
+            :attr:`engine_check`.
+
+    The construction checks run in one order on every backend: the loss of every batch
+    (non-finite data is reported as such before anything else), the random-forward check,
+    the backend's own engine comparisons, two identical products (a random product is
+    reported as such), then the core's engine check. Rebuilding an operator for the same model and batch shapes within a process
+    reuses the verdicts (:data:`specops.checks.VERDICTS`; re-verified every 25th build) and
+    runs only the loss check.
     """
 
     def __init__(self, adapter: ModelAdapter, data: Any, *, reduction: str = "mean", comm: Any = None,
-                 check_deterministic: bool = True) -> None:
+                 check_deterministic: bool = True, cross_check: bool = False, _checked: bool = False) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         n = adapter.num_params
@@ -230,9 +308,8 @@ class ModelOperator(LinearOperator):
         self.matvec_seconds = 0.0
         self.num_loss_evals = 0
         self.check_deterministic = check_deterministic
-        if check_deterministic:
-            self._check_losses()
-            self._check_deterministic()
+        if not _checked:
+            self._construction_checks(check_deterministic, cross_check)
 
     # --- data ---------------------------------------------------------------------
     def decide(self, value: T) -> T:
@@ -388,13 +465,89 @@ class ModelOperator(LinearOperator):
             isinstance(index, (list, tuple)) and index and all(isinstance(s, str) for s in index)
         ):
             names = self.layout.select(index)
-            return ModelOperator(
-                self.adapter.subset(names), self._data, reduction=self.reduction, comm=self.comm,
-                check_deterministic=False,
-            )
+            sub = self.adapter.subset(names)
+            if self.engine_check is not None:  # the parent's verdict holds for its blocks
+                sub.adopt(self.engine_check)
+                sub.engine_check = self.engine_check
+            return ModelOperator(sub, self._data, reduction=self.reduction, comm=self.comm,
+                                 check_deterministic=False, _checked=True)
         return super().restrict(index)
 
     # --- checks -------------------------------------------------------------------
+    @property
+    def engine_check(self) -> Any:
+        """The construction check of the engine (:class:`specops.checks.EngineCheck`), or None."""
+        return self.adapter.engine_check
+
+    def settings(self) -> dict:
+        """The operator's engine and its construction check, for results' settings."""
+        out: dict[str, Any] = {"engine": self.engine}
+        if self.engine_check is not None:
+            out["engine_check"] = self.engine_check.settings()
+        return out
+
+    def __repr__(self) -> str:
+        check = f" [{self.engine_check}]" if self.engine_check is not None else f" engine={self.engine}"
+        return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.ops}{check}>"
+
+    def _construction_checks(self, deterministic: bool, cross_check: bool) -> None:
+        from specops import checks
+
+        if deterministic or cross_check:
+            self._check_losses()  # first: NaN data is reported as NaN data, before any product
+        first = next(self._iter(), None) if self.batch_sizes else None
+        found = None if first is None else self.adapter.verdict_key(first)
+        key = None if found is None else (found[1], self._data_identity(), deterministic, cross_check,
+                                          self.comm.size)
+        carried = None if found is None else checks.VERDICTS.get(found[0], key)
+        if self.comm.size > 1 and not all(self.comm.allgather(carried is not None)):
+            carried = None  # the checks are collective: every rank runs them, or none
+        if carried is not None:
+            self.adapter.adopt(carried)
+            self.adapter.engine_check = carried
+            return
+
+        adapter = self.adapter
+
+        def skipped(reason: str = "cross_check=False") -> Any:
+            return checks.EngineCheck(adapter.requested_engine, adapter.engine, "skipped", reason)
+
+        sample = None if first is None or not cross_check else adapter.check_batch(first)
+
+        def first_checks() -> None:
+            if first is not None:
+                adapter.check_random_forward(first)
+                if cross_check:
+                    adapter.cross_check(sample)
+
+        def engine_check() -> Any:
+            if sample is None:
+                return skipped()
+            try:
+                return checks.check_engine(adapter, sample, switch=False)
+            except NotImplementedError:  # a backend without the primitives
+                return skipped("the backend has no finite-difference referee")
+
+        self._on_every_rank(first_checks, "checking the first batch")
+        if deterministic:  # before the engine check: a random product would confuse its referee
+            self._check_deterministic()
+        check = self._on_every_rank(engine_check, "checking the product engine")
+        if self.comm.size > 1:  # rank 0's choice on every rank
+            check = dataclasses.replace(check, engine=self.decide(check.engine))
+        if check.engine == checks.FINITE_DIFFERENCE and adapter.engine != check.engine:
+            adapter.use_finite_differences()
+        adapter.engine_check = check
+        if found is not None:
+            checks.VERDICTS.put(found[0], key, check)
+
+    def _data_identity(self) -> tuple[int, ...]:
+        """The objects the data is made of (a loader, or a single batch's arrays), by identity."""
+        data = self._data
+        if isinstance(data, list) and len(data) == 1 and is_single_batch(data[0]):
+            batch = data[0]
+            return tuple(id(x) for x in (batch.values() if isinstance(batch, dict) else batch))
+        return (id(data),)
+
     def _on_every_rank(self, fn: Callable[[], Any], what: str) -> Any:
         """``fn()`` on this rank; if it raises on any rank, raise on every rank.
 
@@ -437,7 +590,15 @@ class ModelOperator(LinearOperator):
     def _check_deterministic(self):
         ops, n = self.ops, self.shape[0]
         v = ops.random(n, [0], 0, kind="normal", stream="determinism")
-        a, b = self.matmat(v), self.matmat(v)
+        a = self.matmat(v)
+        if self.adapter.replays_exactly():
+            # a second product would replay the same cached computation: check only that every
+            # batch is the one it was built from (a shuffling loader raises here)
+            for i, batch in enumerate(self._iter()):
+                self.adapter.check_same_batch(i, batch)
+            b = a
+        else:
+            b = self.matmat(v)
         self.num_matvecs -= 2
         if not (ops.all_finite(a) and ops.all_finite(b)):
             raise NonFiniteError(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from specops.checks import engine_settings
 from specops import _checks
 from specops.operator import LinearOperator, OperatorLike
 from specops.ops import Array, VectorOps
@@ -182,7 +183,7 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
     seed, kind = check_seed(seed), check_kind(kind)
     chunk = _checks.positive_int("chunk", chunk)
     settings = dict(method=method, num_matvecs=num_matvecs, rtol=rtol, seed=seed, kind=kind,
-                    n=A.shape[0], backend=A.backend)
+                    n=A.shape[0], backend=A.backend, **engine_settings(A))
     bar = progress_bar(progress, num_matvecs, "trace", comm=A)
     A = bar.track(A)
     mul = _checks.Products(A)
