@@ -4,7 +4,8 @@
 :meth:`Tracker.update` and records the chosen metrics of the whole operator and of
 parameter blocks: the top eigenvalues (:func:`~specops.eigsh`), the trace
 (:func:`~specops.trace`) and the spectral density (:func:`~specops.spectral_density`).
-Each record is appended to a JSON-lines log in one ``write`` of a whole line and
+Each record is appended to a JSON-lines log (:mod:`specops.io`'s encoding; read back by
+:class:`~specops.TrackerLog`, :mod:`specops.tracker_log`) in one ``write`` of a whole line and
 flushed to disk, so a killed run leaves only finished records (a torn last line from a
 crash during the write is dropped on reading); ``resume=True`` continues such a log.
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from specops.io import atomic_save_npy, atomic_write  # noqa: F401  (rp.atomic_save_npy in the stages)
+from specops.io import atomic_save_npy, atomic_write, dumps  # noqa: F401  (rp.atomic_save_npy in the stages)
 from specops.io import from_jsonable as _from_jsonable
 from specops.io import to_jsonable as _to_jsonable
 from specops.plots import atomic_savefig, pyplot as _pyplot  # noqa: F401  (rp._pyplot in the stages)
@@ -118,7 +118,7 @@ class ReportState:
     def save(self) -> None:
         """Write ``results.json`` atomically (on the writing rank only)."""
         if self.write:
-            atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
+            atomic_write(self.path, dumps(self.data, indent=1))
             self.saved = True
 
     def done(self, stage: str, settings: dict) -> bool:

@@ -191,7 +191,7 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
                                  kind="eigen")
         ls = land.to_dict()
         if comm is None or comm.rank == 0:
-            atomic_write(path, json.dumps(ls))
+            atomic_write(path, dumps(ls))
     return dict(records=tracker.records, landscape=ls)
 
 
@@ -229,7 +229,7 @@ def run_study(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, 
                 error = (f"--resume: the study in {out!r} was started with other settings ({', '.join(diff)}); "
                          "rerun with the same arguments or choose another --out")
         if error is None:
-            atomic_write(settings_path, json.dumps(cfg.to_dict(), indent=1))
+            atomic_write(settings_path, dumps(cfg.to_dict(), indent=1))
     error = comm.bcast(error)
     if error:
         raise UsageError(error)
