@@ -17,32 +17,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-
-def _to_jsonable(x):
-    if isinstance(x, np.ndarray):
-        return {"__ndarray__": x.tolist(), "dtype": x.dtype.name}
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return {"__float__": repr(x)}
-    if isinstance(x, dict):
-        return {str(k): _to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_jsonable(v) for v in x]
-    return x
-
-
-def _from_jsonable(x):
-    if isinstance(x, dict):
-        if "__ndarray__" in x:
-            return np.array(x["__ndarray__"], dtype=x["dtype"])
-        if "__float__" in x:
-            return float(x["__float__"])
-        return {k: _from_jsonable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_jsonable(v) for v in x]
-    return x
-
+from specops.io import from_jsonable as _from_jsonable
+from specops.io import to_jsonable as _to_jsonable
 
 R = TypeVar("R", bound="Result")
 

@@ -4,7 +4,8 @@
 :meth:`Tracker.update` and records the chosen metrics of the whole operator and of
 parameter blocks: the top eigenvalues (:func:`~specops.eigsh`), the trace
 (:func:`~specops.trace`) and the spectral density (:func:`~specops.spectral_density`).
-Each record is appended to a JSON-lines log in one ``write`` of a whole line and
+Each record is appended to a JSON-lines log (:mod:`specops.io`'s encoding; read back by
+:class:`~specops.TrackerLog`, :mod:`specops.tracker_log`) in one ``write`` of a whole line and
 flushed to disk, so a killed run leaves only finished records (a torn last line from a
 crash during the write is dropped on reading); ``resume=True`` continues such a log.
 
@@ -36,9 +37,6 @@ those of independent calls of ``eigsh``/``trace``/``spectral_density`` with that
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import os
 import time
 
@@ -48,17 +46,17 @@ from typing import Any, cast
 import numpy as np
 
 from specops.curvature import CURVATURES
-from specops.density import SpectralDensity, spectral_density
+from specops.density import spectral_density
 from specops.eigsh import eigsh
+from specops.io import atomic_save_npz, dumps
 from specops.preconditioner import preconditioned
 from specops.operator import aslinearoperator
 from specops.progress import bar as progress_bar
 from specops.trace import trace
+from specops.tracker_log import PRECONDITIONED, RESIDUAL, TrackerLog
 
 METRICS = ("eigenvalues", "trace", "density")
 FORMAT = "specops-tracker/1"
-RESIDUAL = "residual"
-PRECONDITIONED = "preconditioned"
 
 
 def _check_curvatures(curvatures: str | Iterable[str]) -> tuple:
@@ -213,7 +211,7 @@ class Tracker:
                 fh.truncate(data.rfind(b"\n") + 1)
 
     def _append(self, record: dict) -> None:
-        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        line = (dumps(record) + "\n").encode()
         fd = os.open(cast(str, self.path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, line)  # one write of the whole line: an O_APPEND write is not interleaved
@@ -231,12 +229,8 @@ class Tracker:
             return {key: data[key] for key in data.files}
 
     def _save_vectors(self, ops: Any) -> None:
-        from specops.report import atomic_write
-
         host = {name: ops.to_numpy(V) for name, V in self.vectors.items()}
-        buf = io.BytesIO()
-        np.savez(buf, **host)
-        atomic_write(cast(str, self.vectors_path), buf.getvalue())  # only called with a path
+        atomic_save_npz(cast(str, self.vectors_path), host)  # only called with a path
 
     # --- updates --------------------------------------------------------------------------
     @property
@@ -422,299 +416,16 @@ class Tracker:
         return TrackerLog.read(path)
 
 
-class TrackerLog:
-    """The records of a tracker log, with arrays over steps and plots.
-
-    Args:
-        records: the records, in the order written.
-    """
-
-    def __init__(self, records: list[dict]):
-        self.records = list(records)
-
-    @classmethod
-    def read(cls, path: str) -> TrackerLog:
-        """Read a JSON-lines log; a torn last line (a crash during its write) is ignored.
-
-        Raises:
-            FileNotFoundError: no such log.
-            ValueError: a line other than the last is not a record.
-        """
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no tracker log at {path}")
-        with open(path, "rb") as fh:
-            lines = fh.read().split(b"\n")
-        records = []
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if i == len(lines) - 1:  # the last line, without its newline: torn by a crash
-                    break
-                raise ValueError(f"{path}, line {i + 1} is not a tracker record ({e})") from e
-        return cls(records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def steps(self) -> np.ndarray:
-        """The recorded steps, in order."""
-        return np.array([r["step"] for r in self.records])
-
-    def _where(self, key: str, block: str | None, curvature: str | None = None) -> list[tuple[Any, Any]]:
-        rows = []
-        for r in self.records:
-            rows.append((r["step"], _source(r, block, curvature).get(key)))
-        return [(s, v) for s, v in rows if v is not None]
-
-    def top_eigenvalues(self, block: str | None = None, curvature: str | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(steps, eigenvalues (steps, k), residuals (steps, k))``.
-
-        Of the first curvature tracked, a ``block`` of it, or a ``curvature`` (a :data:`CURVATURES` name).
-        """
-        ev = self._where("eigenvalues", block, curvature)
-        res = dict(self._where("residuals", block, curvature))
-        steps = np.array([s for s, _ in ev])
-        return steps, np.array([np.asarray(v) for _, v in ev]), np.array([np.asarray(res[s]) for s, _ in ev])
-
-    def sharpness(self) -> dict:
-        """The optimizer's view of the log as arrays over the steps.
-
-        Returns:
-            ``{"step", "sharpness" (top eigenvalue of H), "preconditioned" (of P^-1 H), "threshold",
-            "loss", "alignment"}``, NaN where a record lacks one.
-        """
-
-        def column(get: Callable[[dict], Any]) -> np.ndarray:
-            out = []
-            for r in self.records:
-                try:
-                    v = get(r)
-                except (KeyError, IndexError, TypeError):
-                    v = None
-                out.append(np.nan if v is None else float(v))
-            return np.array(out)
-
-        return {"step": self.steps, "sharpness": column(lambda r: r["eigenvalues"][0]),
-                "preconditioned": column(lambda r: r[PRECONDITIONED]["eigenvalues"][0]),
-                "threshold": column(lambda r: r["threshold"]), "loss": column(lambda r: r["loss"]),
-                "alignment": column(lambda r: r["alignment"])}
-
-    def traces(self, block: str | None = None, curvature: str | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(steps, estimates, stderrs)`` of the trace.
-
-        Of the first curvature, a ``block``, or a ``curvature`` (``"residual"``: the term ``H - G``).
-        """
-        tr = self._where("trace", block, curvature)
-        return (np.array([s for s, _ in tr]), np.array([t["estimate"] for _, t in tr]),
-                np.array([np.inf if t["stderr"] is None else t["stderr"] for _, t in tr]))
-
-    def densities(self, block: str | None = None, curvature: str | None = None) -> list[tuple]:
-        """``[(step, SpectralDensity)]`` of the steps that recorded a density (of a block or a curvature)."""
-        out = []
-        for s, d in self._where("density", block, curvature):
-            nodes, weights = np.asarray(d["nodes"]), np.asarray(d["weights"])
-            settings = dict(n=d.get("n"), num_probes=nodes.shape[0], num_steps=nodes.shape[1])
-            out.append((s, SpectralDensity(nodes=nodes, weights=weights, num_matvecs=nodes.size,
-                                           settings=settings)))
-        return out
-
-    @property
-    def blocks(self) -> list[str]:
-        """The block names found in the records."""
-        names = []
-        for r in self.records:
-            names += [b for b in r.get("blocks", {}) if b not in names]
-        return names
-
-    @property
-    def curvatures(self) -> list[str]:
-        """The curvatures tracked, the first one (top-level keys) first."""
-        names = []
-        for r in self.records:
-            names += [c for c in [r.get("curvature", "hessian"), *r.get("curvatures", {})] if c not in names]
-        return names
-
-    # --- plots ----------------------------------------------------------------------------
-    def plot_trace(self, ax: Any = None, block: str | None = None, label: str | None = None, **kwargs: Any) -> Any:
-        """The trace against the step with error bars of one standard error; returns the axes."""
-        ax = _axes(ax)
-        steps, est, err = self.traces(block)
-        ax.errorbar(steps, est, yerr=err, marker="o", ms=3, capsize=3, label=label, **kwargs)
-        ax.set_xlabel("step")
-        ax.set_ylabel("trace of the Hessian" + (f" ({block})" if block else ""))
-        return ax
-
-    def plot_eigenvalues(self, ax: Any = None, block: str | None = None, label: str | None = None, which: int = 0,
-                         **kwargs: Any) -> Any:
-        """Eigenvalue ``which`` (0: the top) against the step, with its residual as error bar."""
-        ax = _axes(ax)
-        steps, vals, res = self.top_eigenvalues(block)
-        ax.errorbar(steps, vals[:, which], yerr=res[:, which], marker="o", ms=3, capsize=3, label=label, **kwargs)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"eigenvalue {which + 1} of the Hessian" + (f" ({block})" if block else ""))
-        return ax
-
-    def plot_density(self, ax: Any = None, block: str | None = None, sigma: float | None = None,
-                     cmap: str = "viridis") -> Any:
-        """The spectral densities of all steps on one log-scale axes, coloured by step."""
-        import matplotlib.pyplot as plt
-
-        ax = _axes(ax)
-        dens = self.densities(block)
-        if not dens:
-            raise ValueError("no density in this log: track metrics=('density', ...)")
-        lo = min(float(d.nodes.min()) for _, d in dens)
-        hi = max(float(d.nodes.max()) for _, d in dens)
-        sigma = sigma if sigma is not None else max(0.005 * (hi - lo), 1e-12)
-        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 1001)
-        colors = plt.get_cmap(cmap)(np.linspace(0, 1, len(dens)))
-        for (step, d), c in zip(dens, colors):
-            values = d.evaluate(grid, sigma)
-            ax.semilogy(grid, np.maximum(values, values.max() * 1e-10), color=c, label=f"step {step}")
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=7)
-        return ax
-
-    def plot_curvatures(self, path: str | None = None) -> Any:
-        """The curvatures side by side; saved to ``path`` if given.
-
-        Top eigenvalue and trace (with the residual term ``H - G``) against the step, and the
-        last step's densities overlaid.
-
-        Returns:
-            The matplotlib figure.
-
-        Raises:
-            ValueError: the log tracked a single curvature.
-        """
-        import matplotlib.pyplot as plt
-
-        names = self.curvatures
-        if len(names) < 2:
-            raise ValueError(f"this log tracked one curvature ({names}); track curvatures=('hessian', 'ggn')")
-        fig, axes = plt.subplots(1, 3, figsize=(13.8, 3.6))
-        for c in names:
-            steps, vals, res = self.top_eigenvalues(curvature=c)
-            if steps.size:
-                axes[0].errorbar(steps, vals[:, 0], yerr=res[:, 0], marker="o", ms=3, capsize=3, label=c)
-            steps, est, err = self.traces(curvature=c)
-            if steps.size:
-                axes[1].errorbar(steps, est, yerr=err, marker="o", ms=3, capsize=3, label=c)
-        steps, est, err = self.traces(curvature=RESIDUAL)
-        if steps.size:
-            axes[1].errorbar(steps, est, yerr=err, marker="s", ms=3, capsize=3, ls="--", label="H - G")
-        axes[0].set_ylabel("top eigenvalue")
-        axes[1].set_ylabel("trace")
-        for ax in axes[:2]:
-            ax.set_xlabel("step")
-            ax.legend(fontsize=7)
-        last = {c: self.densities(curvature=c)[-1] for c in names if self.densities(curvature=c)}
-        if last:
-            lo = min(float(d.nodes.min()) for _, d in last.values())
-            hi = max(float(d.nodes.max()) for _, d in last.values())
-            sigma = max(0.005 * (hi - lo), 1e-12)
-            grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, 1001)
-            for c, (step, d) in last.items():
-                values = d.evaluate(grid, sigma)
-                axes[2].semilogy(grid, np.maximum(values, values.max() * 1e-10), label=f"{c} (step {step})")
-            axes[2].set_xlabel("eigenvalue")
-            axes[2].set_ylabel("density")
-            axes[2].legend(fontsize=7)
-        else:
-            axes[2].axis("off")
-        fig.tight_layout()
-        if path is not None:
-            from specops.report import atomic_savefig
-
-            atomic_savefig(fig, path)
-        return fig
-
-    def plot_sharpness(self, ax: Any = None, path: str | None = None, label: str = "") -> Any:
-        """Sharpness and preconditioned sharpness against the step, with the threshold as a dashed line.
-
-        Log-scale y (raw and preconditioned sharpness differ by orders of magnitude under Adam).
-
-        Returns:
-            The axes.
-        """
-        ax = _axes(ax)
-        s = self.sharpness()
-        prefix = f"{label} " if label else ""
-        line = ax.semilogy(s["step"], s["sharpness"], label=f"{prefix}lambda_1(H)")[0]
-        if np.isfinite(s["preconditioned"]).any():
-            ax.semilogy(s["step"], s["preconditioned"], color=line.get_color(), ls=":",
-                        label=f"{prefix}lambda_1(P^-1 H)")
-        if np.isfinite(s["threshold"]).any():
-            ax.semilogy(s["step"], s["threshold"], color=line.get_color(), ls="--", lw=0.8,
-                        label=f"{prefix}threshold")
-        ax.set_xlabel("step")
-        ax.set_ylabel("sharpness")
-        ax.legend(fontsize=7)
-        if path is not None:
-            from specops.report import atomic_savefig
-
-            atomic_savefig(ax.figure, path)
-        return ax
-
-    def plot(self, path: str | None = None) -> Any:
-        """Trace, top eigenvalue and density evolution side by side; saved to ``path`` if given.
-
-        Returns:
-            The matplotlib figure.
-        """
-        import matplotlib.pyplot as plt
-
-        panels = [p for p, ok in (("trace", self.traces()[0].size), ("eig", self.top_eigenvalues()[0].size),
-                                  ("density", len(self.densities()))) if ok]
-        fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.6 * max(len(panels), 1), 3.6), squeeze=False)
-        for ax, p in zip(axes[0], panels):
-            {"trace": self.plot_trace, "eig": self.plot_eigenvalues, "density": self.plot_density}[p](ax=ax)  # type: ignore[operator]  # a dict of plotters of different signatures, all taking ax
-        fig.tight_layout()
-        if path is not None:
-            from specops.report import atomic_savefig
-
-            atomic_savefig(fig, path)
-        return fig
-
-
-def _source(record: dict, block: str | None, curvature: str | None) -> dict:
-    """The part of a record holding the metrics of ``block`` or ``curvature`` (or the first operator)."""
-    if block is not None:
-        return record.get("blocks", {}).get(block, {})
-    if curvature is None or curvature == record.get("curvature", "hessian"):
-        return record
-    if curvature == RESIDUAL:
-        return record.get(RESIDUAL, {})
-    return record.get("curvatures", {}).get(curvature, {})
-
-
-def _axes(ax: Any) -> Any:
-    if ax is not None:
-        return ax
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(5.5, 3.8))[1]
-
-
 def _plain(x: Any) -> Any:
-    """Records as plain JSON.
+    """Records as plain Python data: arrays become (nested) lists, NumPy scalars numbers.
 
-    Arrays become (nested) lists, NumPy scalars numbers, and a non-finite float (the stderr
-    of a single probe) ``None``.
+    A non-finite float (the stderr of a single probe) stays a float; the log encodes it as
+    ``{"__float__": "inf"}`` (:func:`specops.io.dumps`).
     """
     if isinstance(x, np.ndarray):
         return _plain(x.tolist())
     if isinstance(x, (np.floating, np.integer, np.bool_)):
         return _plain(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

@@ -410,7 +410,7 @@ def test_trace_short_of_its_target_is_flagged_everywhere(tmp_path, capsys):
     reached = st_["result"]["stderr"] / abs(st_["result"]["estimate"])          # recomputed here
     assert st_["target"] == {"target_rtol": 1e-4, "reached_rtol": pytest.approx(reached), "met": False}
     assert reached > 1e-4
-    from specops import report
+    from specops.cli import report
 
     row = next(r for r in report.summary_rows(results(out)) if r[0] == "trace")
     flag = f"{100 * reached:.3g} % relative; target 0.01 %"
@@ -436,7 +436,7 @@ def test_reading_of_the_numbers_against_dense_eigenvalues(tmp_path, capsys):
     assert code == 0
     data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in tiny_data()]
     lam = np.linalg.eigvalsh(st.hessian(tiny_model(), torch.nn.CrossEntropyLoss(), data).to_dense())
-    from specops import report
+    from specops.cli import report
 
     r = results(out)
     notes = report.reading(r)
@@ -458,7 +458,7 @@ def test_reading_of_the_numbers_against_dense_eigenvalues(tmp_path, capsys):
 
 
 def test_report_files_follow_the_umask(tmp_path):
-    from specops import report
+    from specops import io as report  # the atomic writes of every file specops writes
 
     for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
         old = os.umask(mask)
@@ -493,7 +493,7 @@ def test_settings_and_stages_that_did_not_run(default_run):
     assert ">None<" not in text
     r = results(default_run)
     assert "curvature" not in r["settings"]["stages"].split(",")
-    for row in __import__("specops").report.summary_rows(r):
+    for row in __import__("specops.cli.report").cli.report.summary_rows(r):
         assert row[5] != "", row
 
 

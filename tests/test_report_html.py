@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from specops import cli, report  # noqa: E402
+from specops import cli  # noqa: E402
+from specops.cli import report  # noqa: E402
 
 #: matplotlib's first two colours (the density line, the block bars): present only in the figures.
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)

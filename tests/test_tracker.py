@@ -349,3 +349,37 @@ def test_curvatures_from_a_dict_and_plots(tmp_path):
         specops.Tracker(make, curvatures=("hessian", "fisher")).update(0)
     with pytest.raises(TypeError, match="dict"):
         specops.Tracker(H, curvatures=("hessian", "ggn")).update(0)
+
+
+def _strict(text):
+    """JSON text parsed with ``Infinity``/``NaN`` refused (strict JSON, as other languages read it)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_encodes_an_infinite_stderr_once_and_reads_older_logs(tmp_path, dtype):
+    # one probe: the trace's stderr is infinite; the log writes it as specops.io does, {"__float__": "inf"}
+    A = specops.aslinearoperator(np.diag(np.arange(1.0, 31.0)).astype(dtype))
+    path = tmp_path / "c.jsonl"
+    tracker = specops.Tracker(lambda: A, path, k=1, metrics=("trace",), trace_options=dict(num_matvecs=1), seed=0)
+    rec = tracker.update(0)
+    truth = specops.trace(A, num_matvecs=1, seed=0)            # an independent call with the same seed
+    assert rec["trace"]["estimate"] == float(truth.estimate) and truth.stderr == np.inf
+    assert rec["trace"]["stderr"] == np.inf
+    with open(path) as fh:
+        line = fh.read()
+    assert _strict(line)["trace"]["stderr"] == {"__float__": "inf"}
+    assert _strict(truth.to_json())["stderr"] == {"__float__": "inf"}  # the same encoding as results
+    steps, est, err = TrackerLog.read(path).traces()
+    assert list(steps) == [0] and est[0] == rec["trace"]["estimate"] and err[0] == np.inf
+    assert TrackerLog.read(path).records == [rec]              # bit for bit through the file
+    # a log written before specops.io (a stderr of None meant infinity) reads the same
+    old = tmp_path / "old.jsonl"
+    old_line = line.replace('{"__float__": "inf"}', "null")
+    assert old_line != line and _strict(old_line)["trace"]["stderr"] is None
+    old.write_text(old_line)
+    steps, est2, err2 = specops.Tracker.load(old).traces()
+    assert list(steps) == [0] and est2[0] == est[0] and err2[0] == np.inf

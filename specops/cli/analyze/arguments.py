@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from specops import report as rp
+from specops.cli import report as rp
 from specops.cli.common import UsageError, number
 from specops.cli.sessions import BACKENDS
 

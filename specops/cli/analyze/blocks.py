@@ -10,7 +10,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from specops import report as rp
+from specops.cli import report as rp
 from specops.cli.common import UsageError
 
 if TYPE_CHECKING:

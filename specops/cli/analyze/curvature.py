@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from specops import report as rp
+from specops.cli import report as rp
 from specops.cli.common import UsageError
 from specops.curvature import CURVATURES
 

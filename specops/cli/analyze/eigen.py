@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from specops import report as rp
+from specops.cli import report as rp
 
 if TYPE_CHECKING:
     from specops.cli.analyze.stage import Context

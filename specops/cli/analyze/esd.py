@@ -6,7 +6,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from specops import report as rp
+from specops.cli import report as rp
 
 if TYPE_CHECKING:
     from specops.cli.analyze.stage import Context

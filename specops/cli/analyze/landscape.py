@@ -9,7 +9,7 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from specops import report as rp
+from specops.cli import report as rp
 from specops.cli.analyze import eigen
 from specops.cli.common import UsageError
 

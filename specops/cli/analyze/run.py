@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from specops import report as rp
+from specops.cli import report as rp
 from specops.cli import sessions
 from specops.cli.analyze import blocks, curvature, eigen, esd, landscape, trace
 from specops.cli.analyze.arguments import IDENTITY, check_args, check_size, settings

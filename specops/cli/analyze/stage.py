@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from specops.cli.common import Printer
     from specops.model import ModelOperator
-    from specops.report import ReportState
+    from specops.cli.report import ReportState
 
 
 @dataclasses.dataclass
@@ -19,7 +19,7 @@ class Context:
     Attributes:
         args: the parsed arguments.
         H: the Hessian operator (a :class:`~specops.model.ModelOperator`).
-        state: the :class:`~specops.report.ReportState` (``results.json``).
+        state: the :class:`~specops.cli.report.ReportState` (``results.json``).
         printer: the rank-0 :class:`~specops.cli.common.Printer`.
         blocks: block name -> parameter patterns (``--blocks``, resolved).
         eig: the eigen stage's :class:`~specops.EigResult` when it ran in this process

@@ -1,6 +1,6 @@
 """The ``trace`` stage: the trace of the Hessian (method "auto") with its standard error.
 
-The stage records whether the estimate reached ``--trace-rtol`` (:func:`specops.report.rtol_target`);
+The stage records whether the estimate reached ``--trace-rtol`` (:func:`specops.cli.report.rtol_target`);
 the table, ``summary.md`` and ``report.html`` flag it when the product budget ran out first.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from specops import report as rp
+from specops.cli import report as rp
 
 if TYPE_CHECKING:
     from specops.cli.analyze.stage import Context

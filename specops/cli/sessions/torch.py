@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from specops import report as rp
+from specops.cli import report as rp
 from specops.cli.common import UsageError, call_user, load_callable
 from specops.cli.sessions import Setup, shard_data
 from specops.progress import Bar
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from specops.cli.common import Printer
     from specops.distributed import Comm
-    from specops.report import ReportState
+    from specops.cli.report import ReportState
 
 #: Digits images held out from the default model's training data, for its accuracy.
 DEFAULT_HELD_OUT = 297

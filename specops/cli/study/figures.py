@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 
 from specops.cli.study.arguments import STAGES
-from specops.cli.study.summary import runs_by_depth, series
-from specops.report import atomic_savefig
+from specops.cli.study.summary import bar_error, runs_by_depth, series
+from specops.plots import atomic_savefig
 
 
 def write_figures(study: dict, out: str) -> list[str]:
     """The figures in the paper's layout; returns their file names."""
     from specops.landscape import Landscape
-    from specops.report import _pyplot
+    from specops.plots import pyplot as _pyplot
     from specops.tracker import TrackerLog
 
     plt = _pyplot()
@@ -74,7 +74,7 @@ def write_figures(study: dict, out: str) -> list[str]:
         x = np.arange(len(runs))
         for s, stage in enumerate(STAGES):  # type: ignore[assignment]  # s: the steps above, a stage index here
             vals = [r["checkpoints"][-1]["blocks"][stage]["trace"]["estimate"] for r in runs]
-            errs = [r["checkpoints"][-1]["blocks"][stage]["trace"]["stderr"] or 0.0 for r in runs]
+            errs = [bar_error(r["checkpoints"][-1]["blocks"][stage]["trace"]["stderr"]) for r in runs]
             ax.bar(x + (s - 1) * 0.27, vals, 0.27, yerr=errs, capsize=2, label=stage)
         ax.set_xticks(x)
         ax.set_xticklabels([r["label"] for r in runs], rotation=35, ha="right", fontsize=7)

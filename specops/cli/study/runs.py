@@ -13,11 +13,12 @@ from typing import Any, cast
 import numpy as np
 
 from specops.cli.common import UsageError
+from specops.cli.report import check_writable, library_versions
 from specops.cli.study.arguments import DIGITS_HELD_OUT, FORMAT, STAGES, Config
 from specops.cli.study.figures import write_figures
 from specops.cli.study.summary import summary_markdown
+from specops.io import atomic_write, dumps, loads
 from specops.progress import bar as progress_bar
-from specops.report import atomic_write, check_writable, library_versions
 
 
 # --- data and models ------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def train_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple, fol
     done = os.path.join(folder, "train.json")
     if os.path.exists(done):
         with open(done) as fh:
-            return json.load(fh)
+            return loads(fh.read())
     os.makedirs(folder, exist_ok=True)
     model = make_model(cfg, variant, depth, data[4], data[5])
     state, history = None, {}
@@ -130,7 +131,7 @@ def train_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple, fol
     final = history[str(cfg.epochs)]
     out = dict(variant=variant, depth=depth, lr=lr, test_accuracy=final["test_accuracy"],
                train_accuracy=final["train_accuracy"], final_loss=final.get("loss"), checkpoints=history)
-    atomic_write(done, json.dumps(out, indent=1))
+    atomic_write(done, dumps(out, indent=1))
     return out
 
 
@@ -190,7 +191,7 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
                                  kind="eigen")
         ls = land.to_dict()
         if comm is None or comm.rank == 0:
-            atomic_write(path, json.dumps(ls))
+            atomic_write(path, dumps(ls))
     return dict(records=tracker.records, landscape=ls)
 
 
@@ -228,7 +229,7 @@ def run_study(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, 
                 error = (f"--resume: the study in {out!r} was started with other settings ({', '.join(diff)}); "
                          "rerun with the same arguments or choose another --out")
         if error is None:
-            atomic_write(settings_path, json.dumps(cfg.to_dict(), indent=1))
+            atomic_write(settings_path, dumps(cfg.to_dict(), indent=1))
     error = comm.bcast(error)
     if error:
         raise UsageError(error)
@@ -268,7 +269,7 @@ def run_study(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, 
     study["seconds"] = dict(train=t_train, total=time.perf_counter() - t0)
     study["split"] = "data" if together else "runs"
     if comm.rank == 0:
-        atomic_write(os.path.join(out, "study.json"), json.dumps(study, indent=1))
+        atomic_write(os.path.join(out, "study.json"), dumps(study, indent=1))
         images = write_figures(study, out)
         atomic_write(os.path.join(out, "summary.md"), summary_markdown(study, images))
         log(f"specops study: {len(curv_tasks)} runs in {study['seconds']['total']:.0f} s; "

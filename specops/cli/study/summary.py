@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from specops.cli.study.arguments import STAGES
@@ -15,12 +17,17 @@ def runs_by_depth(study: dict) -> dict[int, list[dict]]:
     return out
 
 
+def bar_error(stderr: float | None) -> float:
+    """A stderr as an error bar: 0 for an infinite one (a single probe; ``None`` in studies before specops.io)."""
+    return 0.0 if stderr is None or not math.isfinite(stderr) else stderr
+
+
 def series(run: dict, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(epochs, values, errors)`` of a run over its checkpoints: the trace (``"trace"``) or the top eigenvalue."""
     steps = np.array([c["step"] for c in run["checkpoints"]])
     if key == "trace":
         return (steps, np.array([c["trace"]["estimate"] for c in run["checkpoints"]]),
-                np.array([c["trace"]["stderr"] or 0.0 for c in run["checkpoints"]]))
+                np.array([bar_error(c["trace"]["stderr"]) for c in run["checkpoints"]]))
     return (steps, np.array([c["eigenvalues"][0] for c in run["checkpoints"]]),
             np.array([c["residuals"][0] for c in run["checkpoints"]]))
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -21,56 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from specops.results import _from_jsonable, _to_jsonable
+from specops.io import atomic_save_npy, atomic_write, dumps  # noqa: F401  (rp.atomic_save_npy in the stages)
+from specops.io import from_jsonable as _from_jsonable
+from specops.io import to_jsonable as _to_jsonable
+from specops.plots import atomic_savefig, pyplot as _pyplot  # noqa: F401  (rp._pyplot in the stages)
 
 RESULTS = "results.json"
 STAGES = ("train", "eigen", "trace", "esd", "curvature", "blocks", "landscape")
 
 
 # --- files ----------------------------------------------------------------------------------
-def _umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    Readers see the old file or the new one, never a partial one. The file gets the
-    permissions of any new file (``0o666`` less the umask), not the temporary file's 0600:
-    ``report.html`` is meant to be read by others.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_savefig(fig: Any, path: str, dpi: int = 120) -> None:
-    """Save a matplotlib figure as PNG atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write(path, buf.getvalue())
-
-
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """Save ``array`` as ``.npy`` atomically."""
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    atomic_write(path, buf.getvalue())
-
-
 def check_writable(folder: str) -> None:
     """Create ``folder`` if needed and prove a file can be written there.
 
@@ -159,7 +118,7 @@ class ReportState:
     def save(self) -> None:
         """Write ``results.json`` atomically (on the writing rank only)."""
         if self.write:
-            atomic_write(self.path, json.dumps(_to_jsonable(self.data), indent=1, allow_nan=False))
+            atomic_write(self.path, dumps(self.data, indent=1))
             self.saved = True
 
     def done(self, stage: str, settings: dict) -> bool:
@@ -190,16 +149,6 @@ class ReportState:
 
 
 # --- plots ----------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg") and "MPLBACKEND" not in os.environ:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_esd(density: Any, top_eigenvalues: list, path: str, title: str = "") -> None:
     """``esd.png``: the spectral density on a log scale with the top eigenvalues marked."""
     plt = _pyplot()
