@@ -267,6 +267,10 @@ class CurvatureAdapter(ModelAdapter):
         engine: a short description of the product.
     """
 
+    #: relative difference of the closed-form output Hessian and autodiff's at construction
+    #: (None: not measured; see :func:`specops.output_space.validate`)
+    output_check_error: float | None = None
+
     def __init__(self, base: ModelAdapter, make_product: Callable[[ModelAdapter], Product], kind: str,
                  engine: str) -> None:
         self.base = base
@@ -315,7 +319,9 @@ class CurvatureAdapter(ModelAdapter):
 
     def subset(self, names: list[str]) -> CurvatureAdapter:
         """The same curvature for the named parameters only (the others held fixed)."""
-        return CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
+        sub = CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
+        sub.output_check_error = self.output_check_error
+        return sub
 
     def determinism_hints(self) -> list[str]:
         """Likely causes of a non-deterministic product, for the error message."""
