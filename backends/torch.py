@@ -1512,19 +1512,26 @@ class _TorchCurvature:
                                randomness="same")(V)
 
 
+def _check_form(base: Any, kind: str) -> None:
+    """Raise for a loss that is not a function of the outputs alone (no Gauss-Newton split)."""
+    from specops.curvature import model_form_error
+
+    if base.loss_form != "outputs":
+        what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
+        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
+
+
 def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_samples: int = 1,
                        seed: int = 0, datum: str = "sample", first_batch: Any = None) -> ModelAdapter:
     """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks.
 
     With ``first_batch``, the closed-form output Hessian is checked against autodiff on it.
     """
-    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error
+    from specops.curvature import CurvatureAdapter, check_num_samples
     from specops.output_space import check_datum
     from specops.random import check_seed
 
-    what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-    if base.loss_form != "outputs":
-        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
+    _check_form(base, kind)
     num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
     curvature = _TorchCurvature(base, kind, reduction, num_samples, seed, datum, _loss_spec(base.loss_fn))
     spec, error = curvature.validate(first_batch) if first_batch is not None else (curvature.spec, None)
@@ -1564,6 +1571,7 @@ def _curvature_operator(kind: str, model: nn.Module, loss_fn: Any, data: Any, *,
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
                         engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
                         progress=progress, random_layers=random_layers)
+    _check_form(base, kind)
     first = _first_batch(data)
     if first is not None:
         base.check_random_forward(first)
