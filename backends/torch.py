@@ -1303,12 +1303,13 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduc
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,
                            autocast=autocast)
+    reduction = _reduction(loss_fn, reduction)
     first = _first_batch(data)
     if first is not None:
         adapter.check_random_forward(first)
         if cross_check:
             adapter.cross_check(first)
-    reduction = _reduction(adapter, loss_fn, reduction, first)
+    _check_reduction(adapter, loss_fn, reduction, first)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
 
@@ -1545,16 +1546,24 @@ def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_sample
     return adapter
 
 
-def _reduction(adapter: TorchAdapter, loss_fn: Any, reduction: str | None, first_batch: Any) -> str:
-    """The loss's reduction (read from the loss, or checked on ``first_batch`` for a plain function)."""
-    from specops.reduction import check_split, resolve
+def _reduction(loss_fn: Any, reduction: str | None) -> str:
+    """The loss's reduction: the one it states, or ``reduction`` (default ``"mean"``) for a plain function."""
+    from specops.reduction import resolve
 
-    stated = _loss_reduction(loss_fn) if loss_fn is not None else None
-    what = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", "loss_fn")
-    resolved = resolve(reduction, stated, what)
-    if stated is None and loss_fn is not None and first_batch is not None and adapter.random_layers != "fixed":
-        check_split(adapter, first_batch, resolved, what, rtol=1e3 * float(torch.finfo(adapter.param_dtype).eps))
-    return resolved
+    return resolve(reduction, _loss_reduction(loss_fn) if loss_fn is not None else None, _loss_name(loss_fn))
+
+
+def _loss_name(loss_fn: Any) -> str:
+    return type(loss_fn).__name__ if _loss_reduction(loss_fn) is not None else getattr(loss_fn, "__name__", "loss_fn")
+
+
+def _check_reduction(adapter: Any, loss_fn: Any, reduction: str, first_batch: Any) -> None:
+    """For a plain function, check on ``first_batch`` that it reduces as ``reduction`` says."""
+    from specops.reduction import check_split
+
+    if _loss_reduction(loss_fn) is None and loss_fn is not None and first_batch is not None \
+            and adapter.random_layers != "fixed":
+        check_split(adapter, first_batch, reduction, _loss_name(loss_fn), rtol=1e3 * float(torch.finfo(adapter.param_dtype).eps))
 
 
 def _first_batch(data: Any) -> Any:
@@ -1572,10 +1581,11 @@ def _curvature_operator(kind: str, model: nn.Module, loss_fn: Any, data: Any, *,
                         engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
                         progress=progress, random_layers=random_layers)
     _check_form(base, kind)
+    reduction = _reduction(loss_fn, reduction)
     first = _first_batch(data)
     if first is not None:
         base.check_random_forward(first)
-    reduction = _reduction(base, loss_fn, reduction, first)
+    _check_reduction(base, loss_fn, reduction, first)
     adapter = _curvature_adapter(base, kind, reduction, num_samples, seed, datum, first)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
