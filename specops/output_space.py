@@ -133,6 +133,17 @@ def _samples(ops: OutputOps, out: Array) -> Any:
     return ops.numel(out) / ops.numel(out[0])
 
 
+def _denominator(spec: LossSpec, ops: OutputOps, out: Array, mask: Array) -> Any:
+    """``W`` of :class:`LossSpec`: what the loss's mean divides by (1 for a sum)."""
+    if spec.reduce == "sum":
+        return 1.0
+    if mask is not None and spec.reduce == "positions":
+        return ops.sum(mask, _axes(mask))  # PyTorch: the mean over the kept terms
+    if spec.reduce == "samples":
+        return _samples(ops, out)
+    return ops.numel(out) if spec.reduce == "entries" else ops.numel(out) / out.shape[spec.axis]
+
+
 def term_weight(spec: LossSpec, ops: OutputOps, out: Array, targets: Array) -> Any:
     """``a`` of :class:`LossSpec` without ``factor``: scalar, or an array broadcastable to ``out``.
 
@@ -146,13 +157,8 @@ def term_weight(spec: LossSpec, ops: OutputOps, out: Array, targets: Array) -> A
         The weight of each loss term in the batch loss (``mask_t / W``).
     """
     mask = None if spec.mask is None else spec.mask(targets, out)
-    if spec.reduce == "sum":
-        return 1.0 if mask is None else mask
-    if mask is not None and spec.reduce == "positions":
-        return mask / ops.sum(mask, _axes(mask))  # PyTorch: the mean over the kept terms
-    count = {"samples": lambda: _samples(ops, out), "entries": lambda: ops.numel(out),
-             "positions": lambda: ops.numel(out) / out.shape[spec.axis]}[spec.reduce]()
-    return (1.0 if mask is None else mask) / count
+    W = _denominator(spec, ops, out, mask)
+    return (1.0 if mask is None else mask) / W
 
 
 def closed_form_ggn(spec: LossSpec, ops: OutputOps, out: Array, targets: Array) -> Callable[[Array], Array]:
@@ -205,10 +211,9 @@ def empirical(ops: OutputOps, out: Array, loss: LossOfOutputs, *, reduction: str
         rest = _axes(out)[1:]
         return lambda Z: scale * r * _sum(ops, r * Z, rest)
     assert spec is not None  # checked at construction
-    w = term_weight(spec, ops, out, targets)
-    # 1/w per term; a masked term has r = 0, so any finite value serves there
-    inv = 1.0 / w if isinstance(w, float) else 1.0 / (w + (w == 0) * 1.0)
-    return lambda Z: inv * r * ops.sum(r * Z, (spec.axis,))
+    # 1/w = W for every kept term; a masked term has r = 0
+    W = _denominator(spec, ops, out, None if spec.mask is None else spec.mask(targets, out))
+    return lambda Z: W * r * ops.sum(r * Z, (spec.axis,))
 
 
 def mc_residuals(spec: LossSpec, ops: OutputOps, out: Array, noise: Array) -> list[Array]:
