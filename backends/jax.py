@@ -620,7 +620,7 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
                [0., 1.]])
     """
     adapter = JaxAdapter(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices)
-    reduction = _check_reduction(adapter, data, reduction, getattr(loss_fn, "__name__", "loss_fn"))
+    reduction = _check_reduction(adapter, data, reduction, loss_fn)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic)
 
@@ -761,14 +761,13 @@ class _JaxCurvature:
         return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
 
 
-def _check_reduction(adapter: JaxAdapter, data: Any, reduction: str | None, what: str) -> str:
+def _check_reduction(adapter: JaxAdapter, data: Any, reduction: str | None, loss_fn: Any) -> str:
     """``reduction`` (default ``"mean"``), checked on the first batch's halves for a scalar loss."""
-    from specops.reduction import check_split, resolve
+    from specops.reduction import check_plain, loss_name, resolve
 
-    resolved = resolve(reduction, None, what)
-    for batch in ModelOperator._batches_of(data):
-        check_split(adapter, batch, resolved, what, rtol=1e3 * float(np.finfo(adapter.ops.dtype).eps))
-        break
+    resolved = resolve(reduction, None, loss_name(loss_fn))
+    first = next(iter(ModelOperator._batches_of(data)), None)
+    check_plain(adapter, loss_fn, None, resolved, first, float(np.finfo(adapter.ops.dtype).eps))
     return resolved
 
 
@@ -778,7 +777,7 @@ def _curvature_operator(kind: str, apply_fn: Callable[..., Any], loss_fn: Callab
                         datum: str = "sample") -> ModelOperator:
     import inspect
 
-    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error
+    from specops.curvature import check_num_samples, model_form_error, validated_adapter
     from specops.output_space import check_datum
     from specops.random import check_seed
 
@@ -803,20 +802,12 @@ def _curvature_operator(kind: str, apply_fn: Callable[..., Any], loss_fn: Callab
         return scalar(apply_fn(p, batch[0]), batch[1])
 
     base = JaxAdapter(loss, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size)
-    reduction = _check_reduction(base, data, reduction, getattr(loss_fn, "__name__", "loss_fn"))
-    curvature = _JaxCurvature(base, apply_fn, loss_fn, kind, reduction, num_samples, seed, datum,
-                              _loss_spec(loss_fn, reduction))
-    spec, error = curvature.spec, None
-    for batch in ModelOperator._batches_of(data):
-        spec, error = curvature.validate(batch)
-        break
-    how = {"ggn": "output Hessian " + ("in closed form" if spec else "by autodiff"),
-           "empirical": f"output gradients per {datum}", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    adapter = CurvatureAdapter(
-        base, lambda b: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed, datum, spec),  # type: ignore[arg-type]  # b is base, a JaxAdapter
-        kind,
-        f"{kind}: jit(vmap(vjp(M jvp))), {how}")
-    adapter.output_check_error = error
+    reduction = _check_reduction(base, data, reduction, loss_fn)
+    first = next(iter(ModelOperator._batches_of(data)), None)
+    adapter = validated_adapter(
+        base, kind, lambda b, spec: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed,  # type: ignore[arg-type]  # b is base, a JaxAdapter
+                                                  datum, spec),
+        _loss_spec(loss_fn, reduction), first, "jit(vmap(vjp(M jvp)))", num_samples=num_samples, datum=datum)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 

@@ -946,41 +946,30 @@ def _check_form(base: Any, kind: str) -> None:
 def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: int = 1,
                        seed: int = 0, datum: str = "sample", first_batch: Any = None) -> ModelAdapter:
     """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
-    from specops.curvature import CurvatureAdapter, check_num_samples
+    from specops.curvature import check_num_samples, validated_adapter
     from specops.output_space import check_datum
     from specops.random import check_seed
 
     _check_form(base, kind)
     num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
-    curvature = _TFCurvature(base, kind, reduction, num_samples, seed, datum, _loss_spec(base.loss_fn))
-    spec, error = curvature.validate(first_batch) if first_batch is not None else (curvature.spec, None)
-    how = {"ggn": "output Hessian " + ("in closed form" if spec else "by autodiff"),
-           "empirical": f"output gradients per {datum}", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    adapter = CurvatureAdapter(base, lambda b: _TFCurvature(b, kind, reduction, num_samples, seed, datum, spec),  # type: ignore[arg-type]  # b is base, a TFAdapter
-                               kind,
-                               f"{kind}: tf.function(vectorized_map(J^T M J)), {how}")
-    adapter.output_check_error = error
-    return adapter
+    return validated_adapter(
+        base, kind, lambda b, spec: _TFCurvature(b, kind, reduction, num_samples, seed, datum, spec),  # type: ignore[arg-type]  # b is base, a TFAdapter
+        _loss_spec(base.loss_fn), first_batch, "tf.function(vectorized_map(J^T M J))",
+        num_samples=num_samples, datum=datum)
 
 
 def _reduction(loss_fn: Any, reduction: str | None) -> str:
     """The loss's reduction: the one it states, or ``reduction`` (default ``"mean"``) for a plain function."""
-    from specops.reduction import resolve
+    from specops.reduction import loss_name, resolve
 
-    return resolve(reduction, _loss_reduction(loss_fn) if loss_fn is not None else None, _loss_name(loss_fn))
-
-
-def _loss_name(loss_fn: Any) -> str:
-    return type(loss_fn).__name__ if _loss_reduction(loss_fn) is not None else getattr(loss_fn, "__name__", "loss_fn")
+    return resolve(reduction, _loss_reduction(loss_fn) if loss_fn is not None else None, loss_name(loss_fn))
 
 
 def _check_reduction(adapter: Any, loss_fn: Any, reduction: str, first_batch: Any) -> None:
     """For a plain function, check on ``first_batch`` that it reduces as ``reduction`` says."""
-    from specops.reduction import check_split
+    from specops.reduction import check_plain
 
-    if _loss_reduction(loss_fn) is None and loss_fn is not None and first_batch is not None \
-            and adapter.random_layers != "fixed":
-        check_split(adapter, first_batch, reduction, _loss_name(loss_fn), rtol=1e3 * float(np.finfo(adapter.ops.dtype).eps))
+    check_plain(adapter, loss_fn, _loss_reduction(loss_fn), reduction, first_batch, float(np.finfo(adapter.ops.dtype).eps))
 
 
 def _first_batch(data: Any) -> Any:

@@ -94,6 +94,39 @@ def model_form_error(what: str, backend_hint: str) -> ValueError:
     )
 
 
+def validated_adapter(base: ModelAdapter, kind: str, make: Callable[[ModelAdapter, Any], Any], spec: Any,
+                      first_batch: Any, engine: str, *, num_samples: int, datum: str) -> CurvatureAdapter:
+    """The curvature adapter of a backend, its closed form checked on the first batch.
+
+    Args:
+        base: the backend's Hessian adapter.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        make: ``make(adapter, spec) -> product``, the backend's per-batch product (with a
+            ``validate(batch) -> (spec, error)`` method) for an adapter and a loss spec.
+        spec: the :class:`~specops.output_space.LossSpec` the backend read, or None.
+        first_batch: the batch to check the closed form on (None: no check).
+        engine: the backend's description of the product.
+        num_samples: Monte-Carlo labels per sample (for the description).
+        datum: of the empirical Fisher (for the description).
+
+    Returns:
+        The :class:`CurvatureAdapter`; ``output_check_error`` is the difference measured.
+
+    Raises:
+        ValueError: a Fisher that needs a likelihood this loss has not (see
+            :func:`specops.output_space.validate`).
+        RuntimeError: the same when the closed form disagrees with autodiff.
+    """
+    error = None
+    if first_batch is not None:
+        spec, error = make(base, spec).validate(first_batch)
+    how = {"ggn": "output Hessian " + ("in closed form" if spec else "by autodiff"),
+           "empirical": f"output gradients per {datum}", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
+    adapter = CurvatureAdapter(base, lambda b: make(b, spec), kind, f"{kind}: {engine}, {how}")
+    adapter.output_check_error = error
+    return adapter
+
+
 def base_adapter(H: Any, adapter_type: type[A]) -> A:
     """The backend's Hessian adapter behind a model operator ``H`` (of any curvature kind).
 

@@ -42,8 +42,8 @@ def resolve(declared: str | None, from_loss: str | None, what: str) -> str:
         return declared or "mean"
     if from_loss not in REDUCTIONS:
         raise ValueError(
-            f"the loss {what} has reduction={from_loss!r}: its value is not the batch's mean or sum. Construct "
-            "it with reduction='mean' or 'sum' (specops reads it from the loss)"
+            f"the loss {what} has reduction={from_loss!r}: its value is not a scalar, the batch's mean or sum. "
+            "Construct it with reduction='mean' or 'sum' (specops reads it from the loss)"
         )
     if declared is not None and declared != from_loss:
         raise ValueError(
@@ -51,6 +51,31 @@ def resolve(declared: str | None, from_loss: str | None, what: str) -> str:
             f"reduction= out (specops reads it from the loss), or construct the loss with the reduction you mean"
         )
     return from_loss
+
+
+def loss_name(loss_fn: Any) -> str:
+    """A loss's name for messages: a function's name, or a loss object's class."""
+    return str(getattr(loss_fn, "__name__", type(loss_fn).__name__))
+
+
+def check_plain(adapter: Any, loss_fn: Any, stated: str | None, reduction: str, first_batch: Any,
+                eps: float) -> None:
+    """:func:`check_split` for a loss that states no reduction; nothing for one that does.
+
+    Args:
+        adapter: the backend's model adapter.
+        loss_fn: the loss (None: the model's own, not checked).
+        stated: the reduction the loss states, or None.
+        reduction: the resolved reduction.
+        first_batch: the first batch (None: no data, nothing to check).
+        eps: the machine epsilon of the parameters' dtype (the tolerance is ``1e3 eps``).
+
+    Raises:
+        ValueError: as :func:`check_split`.
+    """
+    if stated is None and loss_fn is not None and first_batch is not None \
+            and getattr(adapter, "random_layers", None) != "fixed":  # a fixed mask differs per batch
+        check_split(adapter, first_batch, reduction, loss_name(loss_fn), rtol=1e3 * eps)
 
 
 def _length(x: Any) -> int | None:
