@@ -33,18 +33,16 @@ def resolve(declared: str | None, from_loss: str | None, what: str) -> str:
         ``"mean"`` or ``"sum"``.
 
     Raises:
-        ValueError: a reduction that is not ``"mean"`` or ``"sum"``; a loss that returns
-            unreduced values; ``declared`` contradicting the loss's own reduction.
+        ValueError: a reduction that is not ``"mean"`` or ``"sum"``; ``declared``
+            contradicting the loss's own reduction. (A loss that states another reduction,
+            ``"none"``, returns no scalar: the backend's check of the loss's value says so.)
     """
     if declared is not None and declared not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {declared!r}")
     if from_loss is None:
         return declared or "mean"
-    if from_loss not in REDUCTIONS:
-        raise ValueError(
-            f"the loss {what} has reduction={from_loss!r}: its value is not a scalar, the batch's mean or sum. "
-            "Construct it with reduction='mean' or 'sum' (specops reads it from the loss)"
-        )
+    if from_loss not in REDUCTIONS:  # unreduced ("none"): the backend's scalar check says what to change
+        return declared or "mean"
     if declared is not None and declared != from_loss:
         raise ValueError(
             f"reduction={declared!r} contradicts the loss's own reduction {from_loss!r} ({what}): leave "

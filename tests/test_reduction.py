@@ -78,7 +78,7 @@ def test_torch_a_contradicting_or_unreduced_reduction_is_refused():
         st.hessian(model, nn.CrossEntropyLoss(reduction="sum"), batches, reduction="mean")
     with pytest.raises(ValueError, match="contradicts"):
         st.ggn(model, nn.MSELoss(), batches, reduction="sum")
-    with pytest.raises(ValueError, match="reduction='none'"):
+    with pytest.raises(ValueError, match="must return a scalar"):
         st.fisher(model, nn.CrossEntropyLoss(reduction="none"), batches)
     with pytest.raises(ValueError, match="reduction must be one of"):
         st.hessian(model, nn.CrossEntropyLoss(), batches, reduction="avg")
@@ -185,8 +185,9 @@ def test_keras_the_loss_objects_reduction_is_used_and_plain_functions_are_checke
     assert stf.ggn(model, loss, batches, check_deterministic=False).reduction == "sum"
     with pytest.raises(ValueError, match="contradicts"):
         stf.hessian(model, loss, batches, reduction="mean")
-    with pytest.raises(ValueError, match="has reduction='None'"):
-        stf.hessian(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), batches)
+    with pytest.raises(ValueError, match="must return a scalar"):
+        stf.hessian(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None,
+                                                                      dtype="float64"), batches)
 
     def summed(y, o):
         return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, o))
