@@ -1367,7 +1367,7 @@ def _loss_spec(loss_fn):
 
         def mask(targets, out):
             if targets.is_floating_point():  # class probabilities: ignore_index does not apply
-                return torch.ones((), dtype=out.dtype, device=out.device)
+                return None
             return (targets != ignore).unsqueeze(1).to(out.dtype)
 
         return LossSpec("categorical", 1, "positions" if reduction == "mean" else "sum", mask=mask)

@@ -60,14 +60,14 @@ class LossSpec:
         factor: 1 for cross-entropies and ``0.5 (f - y)^2``; 2 for ``(f - y)^2``.
         mask: ``(targets, outputs) -> mask``, 1 on the terms the loss keeps and 0 on the
             ones it leaves out (PyTorch's ``ignore_index``), in the outputs' dtype and
-            broadcastable to them; or None.
+            broadcastable to them, or None for targets without left-out terms; or None.
     """
 
     likelihood: str
     axis: int
     reduce: str
     factor: float = 1.0
-    mask: Callable[[Array, Array], Array] | None = None
+    mask: Callable[[Array, Array], Array | None] | None = None
 
     def __post_init__(self) -> None:
         if self.likelihood not in LIKELIHOODS or self.reduce not in REDUCES:
