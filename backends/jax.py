@@ -656,7 +656,7 @@ def model_loss(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any] | None 
     return loss
 
 
-def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
+def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = None, reduction: str | None = None,
             comm: Any = None, check_deterministic: bool = True, dtype: Any = None, chunk_size: int = 16,
             devices: Any = None, engine: str = "auto", cross_check: bool = True) -> ModelOperator:
     """The Hessian of ``loss_fn(params, batch)`` over ``data`` with respect to ``params``.
@@ -671,7 +671,9 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
             unequal last batch is compiled for once.
         wrt: ``None`` (every leaf), or pytree-path names / glob patterns
             (``"layers.0.*"``) of the leaves to differentiate; the rest are held fixed.
-        reduction: ``"mean"`` (batches weighted by sample count) or ``"sum"``.
+        reduction: ``"mean"`` (batches weighted by sample count; the default) or ``"sum"``.
+            The first batch's loss is compared with its halves' at construction: a loss
+            that behaves as the other reduction raises.
         comm: ``None`` or a communicator; each rank passes its own shard of the data.
         check_deterministic: check every batch's loss is finite and that two identical
             products agree.
@@ -713,43 +715,49 @@ def hessian(loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = N
                [0., 1.]])
     """
     from specops.backends import jax_sharded  # parameters sharded over a mesh: vectors sharded alike
+    from specops.reduction import check_plain, loss_name
+    from specops.reduction import resolve as resolve_reduction
 
     mesh = jax_sharded.mesh_of(params)
     make = JaxAdapter if mesh is None else partial(jax_sharded.ShardedJaxAdapter, mesh=mesh)
     adapter = make(loss_fn, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size, devices=devices,
                    engine=engine)
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm,
-                         check_deterministic=check_deterministic, cross_check=cross_check)
+    resolved = resolve_reduction(reduction, None, loss_name(loss_fn))
+    return ModelOperator(adapter, data, reduction=resolved, comm=comm, check_deterministic=check_deterministic,
+                         cross_check=cross_check, first_batch_check=lambda first: check_plain(
+                             adapter, loss_fn, None, resolved, first, float(np.finfo(adapter.ops.dtype).eps)))
 
 
-# --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
-def _output_loss(loss_fn: Any, reduction: str = "mean") -> Any:
-    """The :class:`~specops.curvature.OutputLoss` of an optax loss specops recognizes, or None.
+# --- curvature: Gauss-Newton and Fisher (see specops.curvature, specops.output_space) ---
+def _loss_spec(loss_fn: Any, reduction: str) -> Any:
+    """The :class:`~specops.output_space.LossSpec` of an optax loss specops reads exactly, or None.
 
-    optax's losses are per sample (``(N,)``) or per entry (``(N, ...)``); :func:`ggn`
-    reduces them: a sum over each sample's entries, then ``reduction`` over samples.
+    optax's losses are per sample or per position (classes on the last axis) or per
+    entry; :func:`ggn` reduces them: a sum over each sample's values, then
+    ``reduction`` over samples (``"mean"``: weight ``1/N`` for every term of a sample).
     """
-    from specops.curvature import OutputLoss
+    from specops.output_space import LossSpec
 
     try:
         import optax
     except ImportError:  # pragma: no cover - optax is optional
         return None
     known = {
-        getattr(optax, "softmax_cross_entropy_with_integer_labels", None): ("categorical", 1.0),
-        getattr(optax, "softmax_cross_entropy", None): ("categorical", 1.0),
-        getattr(optax, "squared_error", None): ("gaussian", 2.0),
-        getattr(optax, "l2_loss", None): ("gaussian", 1.0),
+        "softmax_cross_entropy_with_integer_labels": ("categorical", 1.0),
+        "softmax_cross_entropy": ("categorical", 1.0),
+        "sigmoid_binary_cross_entropy": ("bernoulli", 1.0),
+        "squared_error": ("gaussian", 2.0),
+        "l2_loss": ("gaussian", 1.0),
     }
-    known.pop(None, None)
-    hit = next((v for k, v in known.items() if k is loss_fn), None)
+    hit = next((v for k, v in known.items() if getattr(optax, k, None) is loss_fn), None)
     reduce = "samples" if reduction == "mean" else "sum"
-    return None if hit is None else OutputLoss(hit[0], reduce, factor=hit[1])
+    return None if hit is None else LossSpec(hit[0], -1, reduce, factor=hit[1])
 
 
 _JAX_KNOWN_LOSSES = ("optax.softmax_cross_entropy_with_integer_labels or optax.softmax_cross_entropy "
-                     "(categorical), optax.squared_error or optax.l2_loss (Gaussian), passed as loss_fn "
-                     "itself (per-sample values, reduced by ggn/fisher)")
+                     "(categorical over the last axis), optax.sigmoid_binary_cross_entropy (Bernoulli), "
+                     "optax.squared_error or optax.l2_loss (Gaussian), passed as loss_fn itself (per-sample "
+                     "values, reduced by ggn/fisher)")
 
 
 def _reduced_loss(loss_fn: Callable[..., Any], reduction: str) -> Callable[[Any, Any], Any]:
@@ -768,44 +776,56 @@ def _reduced_loss(loss_fn: Callable[..., Any], reduction: str) -> Callable[[Any,
     return scalar
 
 
-def _per_sample_dot(R: Any, Z: Any) -> Any:
-    return jnp.sum(jnp.reshape(R * Z, (Z.shape[0], -1)), axis=1).reshape((-1,) + (1,) * (Z.ndim - 1))
+def _output_ops() -> Any:
+    """The JAX primitives of :class:`specops.output_space.OutputOps`."""
+    from specops.output_space import OutputOps
+
+    return OutputOps(
+        softmax=lambda x, axis: jax.nn.softmax(x, axis=axis),
+        sigmoid=jax.nn.sigmoid,
+        sum=lambda x, axes: jnp.sum(x, axis=axes, keepdims=True),
+        onehot_max=lambda x, axis: (x == jnp.max(x, axis=axis, keepdims=True)).astype(x.dtype),
+        less=lambda x, y: (x < y).astype(y.dtype),
+        numel=lambda x: x.size,
+        grad=lambda loss, out: jax.grad(loss)(out),
+        hvp=lambda loss, out, Z: jax.jvp(jax.grad(loss), (out,), (Z,))[1],
+        asarray=lambda host, like: jnp.asarray(host, dtype=like.dtype),
+        host=lambda x: np.asarray(x, dtype=np.float64),
+    )
 
 
 class _JaxCurvature:
     """``V -> J^T M J V`` for one batch of a :class:`JaxAdapter`, compiled once per shape."""
 
     def __init__(self, base: JaxAdapter, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], kind: str,
-                 reduction: str, num_samples: int, seed: int) -> None:
-        self.base, self.apply_fn, self.kind, self.reduction = base, apply_fn, kind, reduction
-        self.known = _output_loss(loss_fn, reduction)
+                 reduction: str, num_samples: int, seed: int, datum: str = "sample", spec: Any = None) -> None:
+        self.base, self.apply_fn, self.kind, self.reduction, self.datum = base, apply_fn, kind, reduction, datum
+        self.spec = spec
         self.scalar_loss = _reduced_loss(loss_fn, reduction)
         self.num_samples, self.seed = num_samples, seed
+        self.output_ops = _output_ops()
         self._noise: dict[int, Any] = {}
         self._block = jax.jit(self._product)
 
     def _output_matrix(self, out: Any, targets: Any, noise: Any) -> Callable[[Any], Any]:
-        known, N = self.known, out.shape[0]
-        if self.kind == "empirical":
-            r = jax.grad(self.scalar_loss)(out, targets)
-            scale = float(N) if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
-            return lambda Z: scale * r * _per_sample_dot(r, Z)
-        if known is None:
-            grad = jax.grad(self.scalar_loss)
-            return lambda Z: jax.jvp(lambda o: grad(o, targets), (out,), (Z,))[1]
-        weight = known.weight(N, out.size)
-        if known.likelihood == "categorical":
-            p = jax.nn.softmax(out, axis=-1)
-            if self.kind == "ggn":
-                return lambda Z: weight * (p * Z - p * jnp.sum(p * Z, axis=-1, keepdims=True))
-            labels = jnp.argmax(out[None] + noise, axis=-1)
-            R = p[None] - jax.nn.one_hot(labels, out.shape[-1], dtype=out.dtype)
-        else:
-            if self.kind == "ggn":
-                return lambda Z: weight * Z
-            R = noise
-        S = R.shape[0]
-        return lambda Z: (weight / S) * jnp.sum(R * _per_sample_dot_stack(R, Z), axis=0)
+        from specops.output_space import output_matrix
+
+        return output_matrix(self.kind, self.spec, self.output_ops, out, targets,
+                             lambda o: self.scalar_loss(o, targets), reduction=self.reduction, datum=self.datum,
+                             noise=noise)
+
+    def _outputs(self, inputs: Any) -> Any:
+        return self.apply_fn(self.base._tree(self.base._flat, self.base._fixed), inputs)
+
+    def validate(self, batch: Any) -> tuple[Any, float | None]:
+        """Check the closed form on ``batch`` (see :func:`specops.output_space.validate`)."""
+        from specops.output_space import validate
+
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError("ggn and fisher need batches (inputs, targets)")
+        out, targets = self._outputs(batch[0]), batch[1]
+        return validate(self.kind, self.spec, self.output_ops, out, targets, lambda o: self.scalar_loss(o, targets),
+                        datum=self.datum, eps=float(jnp.finfo(out.dtype).eps), known=_JAX_KNOWN_LOSSES)
 
     def _product(self, flat: Any, fixed: Any, batch: Any, V: Any, noise: Any) -> Any:
         inputs, targets = batch
@@ -822,7 +842,7 @@ class _JaxCurvature:
         return jax.vmap(column, in_axes=1, out_axes=1)(V)
 
     def _draw(self, index: int, batch: Any) -> Any:
-        from specops.curvature import mc_noise
+        from specops.output_space import mc_noise
 
         if self.kind != "mc":
             return None
@@ -831,7 +851,7 @@ class _JaxCurvature:
             out = jax.eval_shape(lambda p: self.apply_fn(self.base._tree(p, self.base._fixed), batch[0]),
                                  self.base._flat)
             noise = self._noise[index] = self.base.ops.asarray(
-                mc_noise(out.shape, self.known, self.num_samples, self.seed, index))
+                mc_noise(out.shape, self.spec, self.num_samples, self.seed, index))
         return noise
 
     def __call__(self, index: int, batch: Any, V: Any) -> Any:
@@ -844,19 +864,24 @@ class _JaxCurvature:
         return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
 
 
-def _per_sample_dot_stack(R: Any, Z: Any) -> Any:
-    """``<R_s,i, Z_i>`` for a stack ``R`` (S, N, ...) against one column ``Z`` (N, ...)."""
-    S, N = R.shape[0], R.shape[1]
-    return jnp.sum(jnp.reshape(R * Z[None], (S, N, -1)), axis=2).reshape((S, N) + (1,) * (Z.ndim - 1))
+def _check_reduction(adapter: JaxAdapter, data: Any, reduction: str | None, loss_fn: Any) -> str:
+    """``reduction`` (default ``"mean"``), checked on the first batch's halves for a scalar loss."""
+    from specops.reduction import check_plain, loss_name, resolve
+
+    resolved = resolve(reduction, None, loss_name(loss_fn))
+    first = next(iter(ModelOperator._batches_of(data)), None)
+    check_plain(adapter, loss_fn, None, resolved, first, float(np.finfo(adapter.ops.dtype).eps))
+    return resolved
 
 
 def _curvature_operator(kind: str, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any,
-                        data: Any, *, wrt: Any, reduction: str, comm: Any, check_deterministic: bool,
-                        dtype: Any, chunk_size: int, num_samples: int = 1, seed: int = 0) -> ModelOperator:
+                        data: Any, *, wrt: Any, reduction: str | None, comm: Any, check_deterministic: bool,
+                        dtype: Any, chunk_size: int, num_samples: int = 1, seed: int = 0,
+                        datum: str = "sample") -> ModelOperator:
     import inspect
 
-    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
-        unknown_likelihood_error
+    from specops.curvature import check_num_samples, model_form_error, validated_adapter
+    from specops.output_space import check_datum
     from specops.random import check_seed
 
     what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
@@ -869,11 +894,10 @@ def _curvature_operator(kind: str, apply_fn: Callable[..., Any], loss_fn: Callab
     if first in ("params", "model", "module", "net", "network"):
         raise model_form_error(what, "pass apply_fn(params, inputs) and loss_fn(outputs, targets), e.g. "
                                      "optax.softmax_cross_entropy_with_integer_labels")
-    known = _output_loss(loss_fn)
-    if kind == "mc" and known is None:
-        raise unknown_likelihood_error(_JAX_KNOWN_LOSSES)
-    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
-    scalar = _reduced_loss(loss_fn, reduction)
+    num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
+    # the reduction of a scalar loss is checked on the first batch below; per-sample values are reduced here
+    reduced = reduction or "mean"
+    scalar = _reduced_loss(loss_fn, reduced)
 
     def loss(p: Any, batch: Any) -> Any:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -881,17 +905,17 @@ def _curvature_operator(kind: str, apply_fn: Callable[..., Any], loss_fn: Callab
         return scalar(apply_fn(p, batch[0]), batch[1])
 
     base = JaxAdapter(loss, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size)
-    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
-           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    adapter = CurvatureAdapter(
-        base, lambda b: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed),  # type: ignore[arg-type]  # b is base, a JaxAdapter
-        kind,
-        f"{kind}: jit(vmap(vjp(M jvp))), {how}")
+    reduction = _check_reduction(base, data, reduction, loss_fn)
+    first = next(iter(ModelOperator._batches_of(data)), None)
+    adapter = validated_adapter(
+        base, kind, lambda b, spec: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed,  # type: ignore[arg-type]  # b is base, a JaxAdapter
+                                                  datum, spec),
+        _loss_spec(loss_fn, reduction), first, "jit(vmap(vjp(M jvp)))", num_samples=num_samples, datum=datum)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 
 def ggn(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = None,
-        reduction: str = "mean", comm: Any = None, check_deterministic: bool = True, dtype: Any = None,
+        reduction: str | None = None, comm: Any = None, check_deterministic: bool = True, dtype: Any = None,
         chunk_size: int = 16) -> ModelOperator:
     """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` over ``data``.
 
@@ -928,9 +952,9 @@ def ggn(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, 
 
 
 def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, data: Any, *,
-           kind: str = "empirical", num_samples: int = 1, seed: int = 0, wrt: Any = None, reduction: str = "mean",
-           comm: Any = None, check_deterministic: bool = True, dtype: Any = None,
-           chunk_size: int = 16) -> ModelOperator:
+           kind: str = "empirical", num_samples: int = 1, seed: int = 0, wrt: Any = None,
+           reduction: str | None = None, comm: Any = None, check_deterministic: bool = True, dtype: Any = None,
+           chunk_size: int = 16, datum: str = "sample") -> ModelOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher over ``data``.
 
     Arguments as for :func:`ggn`; see ``specops.backends.torch.fisher`` for the
@@ -952,6 +976,10 @@ def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: An
         check_deterministic: as for :func:`ggn`.
         dtype: as for :func:`ggn`.
         chunk_size: as for :func:`ggn`.
+        datum: of ``kind="empirical"``: ``"sample"`` (default) or ``"term"`` (each loss term
+            one datum: each position of a cross-entropy's last axis, each row of the last
+            axis of a squared error; needs one of the optax losses specops reads). See
+            ``docs/curvature.md``.
 
     Returns:
         A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
@@ -964,7 +992,7 @@ def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: An
 
     return _curvature_operator(check_kind(kind), apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction,
                                comm=comm, check_deterministic=check_deterministic, dtype=dtype,
-                               chunk_size=chunk_size, num_samples=num_samples, seed=seed)
+                               chunk_size=chunk_size, num_samples=num_samples, seed=seed, datum=datum)
 
 
 from specops.backends.jax_optim import preconditioner, stability_threshold  # noqa: E402,F401 (optax state, issue 25)

@@ -699,7 +699,7 @@ class TFAdapter(ModelAdapter):
         ]
 
 
-def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str = "mean",
+def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str | None = None,
             comm: Any = None, check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
             random_layers: str = "error", engine: str = "auto", variables: Any = None,
             cross_check: bool = True) -> ModelOperator:
@@ -722,6 +722,10 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
             patterns (``"sequential/dense_1/*"``), variables, Keras layers, alone or in
             a list. Needed for plain callables without ``trainable_variables``.
         reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
+            ``None`` (default): a Keras loss's own (``"sum_over_batch_size"`` is a mean); a
+            value that contradicts it raises. For a plain function (default ``"mean"``) the
+            first batch's loss is compared with its halves' at construction: one that
+            behaves as the other reduction raises.
         comm: ``None`` or a communicator; each rank passes its own shard of the data.
         check_deterministic: check every batch's loss is finite and that two identical
             products agree.
@@ -756,14 +760,37 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
     wrt = renamed("hessian", "wrt", wrt, "variables", variables)
     adapter = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
                         random_layers=random_layers, engine=engine)
+    reduction = _reduction(loss_fn, reduction)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic,
-                         cross_check=cross_check)
+                         cross_check=cross_check,
+                         first_batch_check=lambda first: _check_reduction(adapter, loss_fn, reduction, first))
 
 
-# --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
-def _output_loss(loss_fn: Any) -> Any:
-    """The :class:`~specops.curvature.OutputLoss` of a Keras loss specops recognizes, or None."""
-    from specops.curvature import OutputLoss
+# --- curvature: Gauss-Newton and Fisher (see specops.curvature, specops.output_space) ---
+_KERAS_MEAN = ("sum_over_batch_size", "mean")
+
+
+def _loss_reduction(loss_fn: Any) -> str | None:
+    """The reduction a Keras loss states (``"mean"``, ``"sum"``, or its own word for another), or None."""
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - Keras ships with TensorFlow
+        return None
+    if not isinstance(loss_fn, keras.losses.Loss):
+        return None
+    reduction = getattr(loss_fn, "reduction", None)
+    return "mean" if reduction in _KERAS_MEAN else "sum" if reduction == "sum" else str(reduction)
+
+
+def _loss_spec(loss_fn: Any) -> Any:
+    """The :class:`~specops.output_space.LossSpec` of a Keras loss specops reads exactly, or None.
+
+    Keras' losses reduce over the last axis first (classes, or the mean of a squared
+    error's or binary cross-entropy's entries), then ``"sum_over_batch_size"`` divides
+    the sum of those values by their number: over positions for a cross-entropy, over
+    every entry for the others.
+    """
+    from specops.output_space import LossSpec
 
     try:
         import keras
@@ -771,73 +798,86 @@ def _output_loss(loss_fn: Any) -> Any:
         return None
     reduction = getattr(loss_fn, "reduction", None)
     kwargs = getattr(loss_fn, "_fn_kwargs", {}) or {}
+    if reduction not in _KERAS_MEAN + ("sum",) or kwargs.get("label_smoothing"):
+        return None
+    mean = reduction in _KERAS_MEAN
     if isinstance(loss_fn, (keras.losses.SparseCategoricalCrossentropy, keras.losses.CategoricalCrossentropy)):
         if not kwargs.get("from_logits") or kwargs.get("axis", -1) != -1 or kwargs.get("ignore_class") is not None:
             return None
-        if reduction in ("sum_over_batch_size", "mean"):
-            return OutputLoss("categorical", "samples")
-        return OutputLoss("categorical", "sum") if reduction == "sum" else None
-    if isinstance(loss_fn, keras.losses.MeanSquaredError) and reduction in ("sum_over_batch_size", "mean"):
-        return OutputLoss("gaussian", "entries", factor=2.0)
+        return LossSpec("categorical", -1, "positions" if mean else "sum")
+    if isinstance(loss_fn, keras.losses.BinaryCrossentropy):
+        if not kwargs.get("from_logits") or kwargs.get("axis", -1) != -1:
+            return None
+        return LossSpec("bernoulli", -1, "entries" if mean else "sum")
+    if isinstance(loss_fn, keras.losses.MeanSquaredError):
+        # the sum of each row's mean: (1/C) sum over entries
+        return LossSpec("gaussian", -1, "entries", factor=2.0) if mean else None
     return None
 
 
 _TF_KNOWN_LOSSES = ("keras.losses.SparseCategoricalCrossentropy / CategoricalCrossentropy with "
-                    "from_logits=True (categorical), keras.losses.MeanSquaredError with its default "
-                    "reduction (Gaussian)")
+                    "from_logits=True (categorical over the last axis), keras.losses.BinaryCrossentropy with "
+                    "from_logits=True (Bernoulli), keras.losses.MeanSquaredError with a mean reduction "
+                    "(Gaussian); no label_smoothing or ignore_class")
 
 
-def _per_sample_dot(R: Any, Z: Any) -> Any:
-    """``<R_i, Z_i>`` over each sample's entries (leading axes of ``R`` beyond ``Z``'s are kept)."""
-    lead = R.shape.rank - Z.shape.rank
-    flat = tf.reshape(R * Z, tf.concat([tf.shape(R)[: lead + 1], [-1]], axis=0))
-    return tf.reshape(tf.reduce_sum(flat, axis=-1), tf.concat([tf.shape(R)[: lead + 1],
-                                                               [1] * (Z.shape.rank - 1)], axis=0))
+def _output_ops() -> Any:
+    """The TensorFlow primitives of :class:`specops.output_space.OutputOps`."""
+    from specops.output_space import OutputOps
+
+    def grad(loss: Callable[[Any], Any], out: Any) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(out)
+            value = loss(out)
+        return tape.gradient(value, out, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def hvp(loss: Callable[[Any], Any], out: Any, Z: Any) -> Any:
+        with tf.autodiff.ForwardAccumulator(out, Z) as acc:
+            g = grad(loss, out)
+        return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    return OutputOps(
+        softmax=lambda x, axis: tf.nn.softmax(x, axis=axis),
+        sigmoid=tf.sigmoid,
+        sum=lambda x, axes: tf.reduce_sum(x, axis=list(axes), keepdims=True),
+        onehot_max=lambda x, axis: tf.cast(tf.equal(x, tf.reduce_max(x, axis=axis, keepdims=True)), x.dtype),
+        less=lambda x, y: tf.cast(x < y, y.dtype),
+        numel=lambda x: tf.cast(tf.size(x), x.dtype),
+        grad=grad,
+        hvp=hvp,
+        asarray=lambda host, like: tf.constant(host, dtype=like.dtype),
+        host=lambda x: np.asarray(x, dtype=np.float64),
+    )
 
 
 class _TFCurvature:
     """``V -> J^T M J V`` for one batch of a :class:`TFAdapter`, traced once per shape."""
 
-    def __init__(self, base: TFAdapter, kind: str, reduction: str, num_samples: int, seed: int) -> None:
-        self.base, self.kind, self.reduction = base, kind, reduction
+    def __init__(self, base: TFAdapter, kind: str, reduction: str, num_samples: int, seed: int,
+                 datum: str = "sample", spec: Any = None) -> None:
+        self.base, self.kind, self.reduction, self.datum = base, kind, reduction, datum
         self.num_samples, self.seed = num_samples, seed
-        self.known = _output_loss(base.loss_fn)
+        self.spec = spec
+        self.output_ops = _output_ops()
         self._noise: dict[int, Any] = {}
         self._block = tf.function(self._product, reduce_retracing=True)
 
     def _output_matrix(self, out: Any, targets: Any, noise: Any) -> Callable[[Any], Any]:
+        from specops.output_space import output_matrix
+
         # shapes are dynamic: reduce_retracing traces one program for every batch size
-        known, loss_fn = self.known, self.base.loss_fn
-        N = tf.cast(tf.shape(out)[0], out.dtype)
-        if self.kind == "empirical":
-            with tf.GradientTape() as tape:
-                tape.watch(out)
-                value = loss_fn(targets, out)
-            r = tape.gradient(value, out)
-            scale = N if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
-            return lambda Z: scale * r * _per_sample_dot(r, Z)
-        if known is None:
-            def hessian_product(Z):
-                with tf.autodiff.ForwardAccumulator(out, Z) as acc:
-                    with tf.GradientTape() as tape:
-                        tape.watch(out)
-                        value = loss_fn(targets, out)
-                    g = tape.gradient(value, out)
-                return acc.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return hessian_product
-        weight = known.weight(N, tf.cast(tf.size(out), out.dtype))
-        if known.likelihood == "categorical":
-            p = tf.nn.softmax(out, axis=-1)
-            if self.kind == "ggn":
-                return lambda Z: weight * (p * Z - p * tf.reduce_sum(p * Z, axis=-1, keepdims=True))
-            labels = tf.argmax(out[None] + noise, axis=-1)
-            R = p[None] - tf.one_hot(labels, out.shape[-1], dtype=out.dtype)
-        else:
-            if self.kind == "ggn":
-                return lambda Z: weight * Z
-            R = noise
-        S = tf.cast(tf.shape(R)[0], out.dtype)
-        return lambda Z: (weight / S) * tf.reduce_sum(R * _per_sample_dot(R, Z), axis=0)
+        loss_fn = self.base.loss_fn
+        return output_matrix(self.kind, self.spec, self.output_ops, out, targets, lambda o: loss_fn(targets, o),
+                             reduction=self.reduction, datum=self.datum, noise=noise)
+
+    def validate(self, batch: Any) -> tuple[Any, float | None]:
+        """Check the closed form on ``batch`` (see :func:`specops.output_space.validate`)."""
+        from specops.output_space import validate
+
+        inputs, targets = self._pair(batch)
+        out, loss_fn = self.base.model(inputs), self.base.loss_fn
+        return validate(self.kind, self.spec, self.output_ops, out, targets, lambda o: loss_fn(targets, o),
+                        datum=self.datum, eps=float(np.finfo(out.dtype.as_numpy_dtype).eps), known=_TF_KNOWN_LOSSES)
 
     def _product(self, batch: Any, V: Any, noise: Any) -> Any:
         base = self.base
@@ -857,7 +897,7 @@ class _TFCurvature:
         return tf.transpose(tf.vectorized_map(column, tf.transpose(V)))
 
     def _draw(self, index: int, batch: Any) -> Any:
-        from specops.curvature import mc_noise
+        from specops.output_space import mc_noise
 
         if self.kind != "mc":
             return None
@@ -865,15 +905,18 @@ class _TFCurvature:
         if noise is None:
             shape = tuple(self.base.model(batch[0]).shape)
             noise = self._noise[index] = self.base.ops.asarray(
-                mc_noise(shape, self.known, self.num_samples, self.seed, index))
+                mc_noise(shape, self.spec, self.num_samples, self.seed, index))
         return noise
+
+    def _pair(self, batch: Any) -> tuple[Any, Any]:
+        batch = self.base._prepare(batch)
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError("ggn and fisher need batches (inputs, targets)")
+        return tuple(batch)
 
     def __call__(self, index: int, batch: Any, V: Any) -> Any:
         base, c = self.base, self.base.chunk_size
-        batch = base._prepare(batch)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError("ggn and fisher need batches (inputs, targets)")
-        batch = tuple(batch)
+        batch = self._pair(batch)
         noise = self._draw(index, batch)
         blocks = []
         for j in range(0, V.shape[1], c):
@@ -882,42 +925,69 @@ class _TFCurvature:
         return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
 
+def _check_form(base: Any, kind: str) -> None:
+    """Raise for a loss that is not a function of the outputs alone (no Gauss-Newton split)."""
+    from specops.curvature import model_form_error
+
+    if base.loss_fn is None or base.loss_form != "outputs":
+        what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
+        raise model_form_error(what, "loss_fn(targets, outputs), e.g. "
+                                         "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
+
+
 def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: int = 1,
-                       seed: int = 0) -> ModelAdapter:
+                       seed: int = 0, datum: str = "sample", first_batch: Any = None) -> ModelAdapter:
     """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
-    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
-        unknown_likelihood_error
+    from specops.curvature import check_num_samples, validated_adapter
+    from specops.output_space import check_datum
     from specops.random import check_seed
 
-    what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-    if base.loss_fn is None or base.loss_form != "outputs":
-        raise model_form_error(what, "loss_fn(targets, outputs), e.g. "
-                                     "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
-    known = _output_loss(base.loss_fn)
-    if kind == "mc" and known is None:
-        raise unknown_likelihood_error(_TF_KNOWN_LOSSES)
-    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
-    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
-           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    return CurvatureAdapter(base, lambda b: _TFCurvature(b, kind, reduction, num_samples, seed),  # type: ignore[arg-type]  # b is base, a TFAdapter
-                            kind,
-                            f"{kind}: tf.function(vectorized_map(J^T M J)), {how}")
+    _check_form(base, kind)
+    num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
+    return validated_adapter(
+        base, kind, lambda b, spec: _TFCurvature(b, kind, reduction, num_samples, seed, datum, spec),  # type: ignore[arg-type]  # b is base, a TFAdapter
+        _loss_spec(base.loss_fn), first_batch, "tf.function(vectorized_map(J^T M J))",
+        num_samples=num_samples, datum=datum)
 
 
-def _curvature_operator(kind: str, model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any, reduction: str,
-                        comm: Any, check_deterministic: bool, loss_form: str, chunk_size: int, random_layers: str,
-                        num_samples: int = 1, seed: int = 0) -> ModelOperator:
+def _reduction(loss_fn: Any, reduction: str | None) -> str:
+    """The loss's reduction: the one it states, or ``reduction`` (default ``"mean"``) for a plain function."""
+    from specops.reduction import loss_name, resolve
+
+    return resolve(reduction, _loss_reduction(loss_fn) if loss_fn is not None else None, loss_name(loss_fn))
+
+
+def _check_reduction(adapter: Any, loss_fn: Any, reduction: str, first_batch: Any) -> None:
+    """For a plain function, check on ``first_batch`` that it reduces as ``reduction`` says."""
+    from specops.reduction import check_plain
+
+    check_plain(adapter, loss_fn, _loss_reduction(loss_fn), reduction, first_batch, float(np.finfo(adapter.ops.dtype).eps))
+
+
+def _first_batch(data: Any) -> Any:
+    for batch in ModelOperator._batches_of(data):
+        return batch
+    return None
+
+
+def _curvature_operator(kind: str, model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any,
+                        reduction: str | None, comm: Any, check_deterministic: bool, loss_form: str, chunk_size: int,
+                        random_layers: str, num_samples: int = 1, seed: int = 0,
+                        datum: str = "sample") -> ModelOperator:
     base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
                      random_layers=random_layers)
-    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed)
-    for batch in ModelOperator._batches_of(data):
-        base.check_random_forward(batch)
-        break
+    _check_form(base, kind)
+    reduction = _reduction(loss_fn, reduction)
+    first = _first_batch(data)
+    if first is not None:
+        base.check_random_forward(first)
+    _check_reduction(base, loss_fn, reduction, first)
+    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed, datum, first)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 
 def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
-                   check_deterministic: bool = False) -> ModelOperator:
+                   check_deterministic: bool = False, datum: str = "sample") -> ModelOperator:
     """The GGN or a Fisher of the same model, loss, data, variables and reduction as ``H``.
 
     Args:
@@ -926,6 +996,7 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
         num_samples: of ``kind="mc"``, as for :func:`fisher`.
         seed: of ``kind="mc"``, as for :func:`fisher`.
         check_deterministic: run the construction checks again (``H`` passed them).
+        datum: of ``kind="empirical"``, as for :func:`fisher`.
 
     Returns:
         A :class:`specops.ModelOperator` sharing ``H``'s data and communicator.
@@ -936,12 +1007,13 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
     from specops.curvature import KINDS, base_adapter, check_kind
 
     base = base_adapter(H, TFAdapter)
-    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed)
+    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed, datum,
+                                 _first_batch(H._data))
     return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
                          check_deterministic=check_deterministic)
 
 
-def ggn(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str = "mean",
+def ggn(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str | None = None,
         comm: Any = None, check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
         random_layers: str = "error") -> ModelOperator:
     """The generalized Gauss-Newton matrix ``J^T (d^2 L/df^2) J`` of a TensorFlow model's loss.
@@ -976,9 +1048,9 @@ def ggn(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, 
 
 
 def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, kind: str = "empirical", num_samples: int = 1,
-           seed: int = 0, wrt: Any = None, reduction: str = "mean", comm: Any = None,
+           seed: int = 0, wrt: Any = None, reduction: str | None = None, comm: Any = None,
            check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
-           random_layers: str = "error") -> ModelOperator:
+           random_layers: str = "error", datum: str = "sample") -> ModelOperator:
     """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher of a TensorFlow model.
 
     See ``specops.backends.torch.fisher`` for the definitions; the Monte-Carlo labels are
@@ -998,6 +1070,9 @@ def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, kind: str = "e
         loss_form: as for :func:`ggn`.
         chunk_size: as for :func:`ggn`.
         random_layers: as for :func:`ggn`.
+        datum: of ``kind="empirical"``: ``"sample"`` (default) or ``"term"`` (each loss term
+            one datum: each position of a cross-entropy's last axis, each row of the last
+            axis otherwise; needs a Keras loss specops reads). See ``docs/curvature.md``.
 
     Returns:
         A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
@@ -1012,7 +1087,7 @@ def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, kind: str = "e
                                wrt=wrt,
                                reduction=reduction, comm=comm, check_deterministic=check_deterministic,
                                loss_form=loss_form, chunk_size=chunk_size, random_layers=random_layers,
-                               num_samples=num_samples, seed=seed)
+                               num_samples=num_samples, seed=seed, datum=datum)
 
 
 from specops.backends.tensorflow_optim import preconditioner, stability_threshold  # noqa: E402,F401 (Keras optimizer state, issue 25)

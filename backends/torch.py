@@ -1343,7 +1343,7 @@ def _listing(names: Any, limit: int = 4) -> str:
 
 # --- public entry point -------------------------------------------------------------
 def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, wrt: Any = None,
-            reduction: str = "mean",
+            reduction: str | None = None,
             engine: str | None = None, comm: Any = None, check_deterministic: bool = True,
             progress: bool = False, loss_form: str = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
@@ -1374,6 +1374,10 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
             (``"stage2.*"``), modules or parameters, alone or in a list. Frozen parameters are
             always left out.
         reduction: ``"mean"`` if ``loss_fn`` averages over a batch, ``"sum"`` if it sums.
+            ``None`` (default): the loss's own (``nn.*Loss.reduction``, a ``partial``'s
+            keyword, ``"mean"`` for ``F.*`` functions); a value that contradicts it raises.
+            For a plain function (default ``"mean"``) the first batch's loss is compared with
+            its halves' at construction: one that behaves as the other reduction raises.
         engine: ``"auto"``, ``"cached_graph"``, ``"double_backward"``, ``"forward_over_reverse"``
             or ``"finite_difference"`` (see the module docstring); ``H.engine`` names the engine
             in use.
@@ -1446,55 +1450,110 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,
                            autocast=autocast)
+    reduction = _reduction(loss_fn, reduction)
+    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic,
+                         cross_check=cross_check,
+                         first_batch_check=lambda first: _check_reduction(adapter, loss_fn, reduction, first))
     return ModelOperator(adapter, data, reduction=reduction, comm=comm,
                          check_deterministic=check_deterministic, cross_check=cross_check)
 
 
-# --- curvature: Gauss-Newton and Fisher (see specops.curvature) -------------------------
-def _output_loss(loss_fn):
-    """The :class:`~specops.curvature.OutputLoss` of a PyTorch loss specops recognizes, or None."""
+# --- curvature: Gauss-Newton and Fisher (see specops.curvature, specops.output_space) ---
+def _unwrap_loss(loss_fn):
+    """``(function or module, keywords)`` of a loss, through ``functools.partial``; None if positional."""
     import functools
 
-    from specops.curvature import OutputLoss
-
-    kw = {}
-    fn = loss_fn
+    kw, fn = {}, loss_fn
     if isinstance(fn, functools.partial):
         if fn.args:
-            return None
+            return None, {}
         kw, fn = dict(fn.keywords), fn.func
-    if isinstance(fn, nn.CrossEntropyLoss):
-        kw = {"weight": fn.weight, "reduction": fn.reduction, "ignore_index": fn.ignore_index}
-        fn = F.cross_entropy
-    elif isinstance(fn, nn.MSELoss):
-        kw, fn = {"reduction": fn.reduction}, F.mse_loss
-    reduction = kw.get("reduction", "mean")
-    if reduction not in ("mean", "sum"):
-        return None
-    if fn is F.cross_entropy and kw.get("weight") is None:
-        return OutputLoss("categorical", "samples" if reduction == "mean" else "sum",
-                          ignore_index=kw.get("ignore_index", -100))
-    if fn is F.mse_loss:
-        return OutputLoss("gaussian", "entries" if reduction == "mean" else "sum", factor=2.0)
+    return fn, kw
+
+
+def _loss_reduction(loss_fn: Any) -> str | None:
+    """The reduction a PyTorch loss states (``nn.*Loss.reduction``, a ``partial``'s keyword), or None."""
+    fn, kw = _unwrap_loss(loss_fn)
+    if isinstance(fn, nn.modules.loss._Loss):
+        return str(fn.reduction)
+    if fn in (F.cross_entropy, F.mse_loss, F.binary_cross_entropy_with_logits, F.binary_cross_entropy,
+              F.nll_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.kl_div):
+        return str(kw.get("reduction", "mean"))
     return None
 
 
-_TORCH_KNOWN_LOSSES = ("nn.CrossEntropyLoss / F.cross_entropy without class weights (categorical), "
-                       "nn.MSELoss / F.mse_loss (Gaussian), with reduction 'mean' or 'sum'")
+def _loss_spec(loss_fn):
+    """The :class:`~specops.output_space.LossSpec` of a PyTorch loss read exactly, or None.
+
+    ``nn.CrossEntropyLoss`` / ``F.cross_entropy`` (classes on axis 1, any trailing axes,
+    ``ignore_index``; "mean" over the kept positions) without ``weight`` or
+    ``label_smoothing``; ``nn.MSELoss`` / ``F.mse_loss`` and ``nn.BCEWithLogitsLoss`` /
+    ``F.binary_cross_entropy_with_logits`` without weights (any shape, "mean" over every
+    entry). Every other loss gets autodiff.
+    """
+    from specops.output_space import LossSpec
+
+    fn, kw = _unwrap_loss(loss_fn)
+    if isinstance(fn, nn.CrossEntropyLoss):
+        kw = {"weight": fn.weight, "reduction": fn.reduction, "ignore_index": fn.ignore_index,
+              "label_smoothing": fn.label_smoothing}
+        fn = F.cross_entropy
+    elif isinstance(fn, nn.MSELoss):
+        kw, fn = {"reduction": fn.reduction}, F.mse_loss
+    elif isinstance(fn, nn.BCEWithLogitsLoss):
+        kw, fn = {"reduction": fn.reduction, "weight": fn.weight, "pos_weight": fn.pos_weight}, \
+            F.binary_cross_entropy_with_logits
+    reduction = kw.get("reduction", "mean")
+    if reduction not in ("mean", "sum") or any(kw.get(k) is not None for k in ("weight", "pos_weight")):
+        return None
+    if fn is F.cross_entropy and not kw.get("label_smoothing"):
+        ignore = kw.get("ignore_index", -100)
+
+        def mask(targets, out):
+            if targets.is_floating_point():  # class probabilities: ignore_index does not apply
+                return None
+            return (targets != ignore).unsqueeze(1).to(out.dtype)
+
+        return LossSpec("categorical", 1, "positions" if reduction == "mean" else "sum", mask=mask)
+    if fn is F.mse_loss:
+        return LossSpec("gaussian", -1, "entries" if reduction == "mean" else "sum", factor=2.0)
+    if fn is F.binary_cross_entropy_with_logits:
+        return LossSpec("bernoulli", -1, "entries" if reduction == "mean" else "sum")
+    return None
 
 
-def _per_sample_dot(R, Z):
-    """``<R_i, Z_i>`` over each sample's output entries, shaped to broadcast against ``Z``."""
-    return (R * Z).flatten(1).sum(1).view(-1, *(1,) * (Z.ndim - 1))
+_TORCH_KNOWN_LOSSES = ("nn.CrossEntropyLoss / F.cross_entropy without weight or label_smoothing "
+                       "(categorical over axis 1), nn.MSELoss / F.mse_loss (Gaussian), nn.BCEWithLogitsLoss / "
+                       "F.binary_cross_entropy_with_logits without weights (Bernoulli), reduction 'mean' or 'sum'")
+
+
+def _output_ops():
+    """The PyTorch primitives of :class:`specops.output_space.OutputOps`."""
+    from specops.output_space import OutputOps
+
+    return OutputOps(
+        softmax=lambda x, axis: torch.softmax(x, dim=axis),
+        sigmoid=torch.sigmoid,
+        sum=lambda x, axes: x.sum(dim=axes, keepdim=True),
+        onehot_max=lambda x, axis: (x == x.amax(dim=axis, keepdim=True)).to(x.dtype),
+        less=lambda x, y: (x < y).to(y.dtype),
+        numel=lambda x: x.numel(),
+        grad=lambda loss, out: torch.func.grad(loss)(out),
+        hvp=lambda loss, out, Z: torch.func.jvp(torch.func.jacrev(loss), (out,), (Z,))[1],
+        asarray=lambda host, like: torch.as_tensor(host, dtype=like.dtype, device=like.device),
+        host=lambda x: x.detach().cpu().double().numpy(),
+    )
 
 
 class _TorchCurvature:
-    """``V -> J^T M J V`` for one batch of a :class:`TorchAdapter` (see specops.curvature)."""
+    """``V -> J^T M J V`` for one batch of a :class:`TorchAdapter` (``M`` from specops.output_space)."""
 
-    def __init__(self, base: TorchAdapter, kind: str, reduction: str, num_samples: int, seed: int):
-        self.base, self.kind, self.reduction = base, kind, reduction
+    def __init__(self, base: TorchAdapter, kind: str, reduction: str, num_samples: int, seed: int,
+                 datum: str = "sample", spec: Any = None):
+        self.base, self.kind, self.reduction, self.datum = base, kind, reduction, datum
         self.num_samples, self.seed = num_samples, seed
-        self.known = _output_loss(base.loss_fn)
+        self.spec = spec
+        self.output_ops = _output_ops()
         self._noise: dict[Any, Any] = {}
 
     def _outputs(self, theta, inputs, batch):
@@ -1518,56 +1577,47 @@ class _TorchCurvature:
                     torch.cuda.manual_seed(seed)
             return call()
 
+    def _pair(self, batch):
+        prepared = self.base._prepare(batch)
+        if not (isinstance(prepared, (tuple, list)) and len(prepared) == 2):
+            raise TypeError("ggn and fisher need batches (inputs, targets)")
+        return prepared
+
     def _loss_of_outputs(self, targets):
         return lambda out: self.base.loss_fn(out, targets)
 
     def _output_matrix(self, index, out, targets):
-        """The per-sample output-space map ``M`` as a function of one column ``Z``."""
-        known, N = self.known, out.shape[0]
-        if self.kind == "empirical":
-            o = out.detach().requires_grad_(True)
-            (r,) = torch.autograd.grad(self.base.loss_fn(o, targets), o)
-            scale = float(N) if self.reduction == "mean" else 1.0  # 1 / (per-sample weight)
-            return lambda Z: scale * r * _per_sample_dot(r, Z)
-        if known is None:
-            if self.kind == "mc":  # checked at construction; kept for subsets
-                raise RuntimeError("no likelihood for fisher(kind='mc')")
-            hess = torch.func.jacrev(self._loss_of_outputs(targets))
-            return lambda Z: torch.func.jvp(hess, (out,), (Z,))[1]
-        weight = known.weight(N, out.numel())
-        if known.likelihood == "categorical":
-            a = torch.full((N, 1), weight, dtype=out.dtype, device=out.device)
-            if known.ignore_index is not None and not targets.is_floating_point():
-                valid = (targets != known.ignore_index).to(out.dtype)[:, None]
-                a = valid * (weight * N / valid.sum().clamp(min=1) if known.reduce == "samples" else weight)
-            p = torch.softmax(out, dim=-1)
-            if self.kind == "ggn":
-                return lambda Z: a * (p * Z - p * (p * Z).sum(-1, keepdim=True))
-            G = self._draw(index, out)
-            labels = (out[None] + G).argmax(-1)
-            R = p[None] - F.one_hot(labels, out.shape[-1]).to(out.dtype)  # (S, N, C)
-        else:
-            a = weight
-            if self.kind == "ggn":
-                return lambda Z: a * Z
-            R = self._draw(index, out)
-        S = R.shape[0]
-        return lambda Z: (a / S) * sum(R[s] * _per_sample_dot(R[s], Z) for s in range(S))
+        from specops.output_space import output_matrix
+
+        noise = self._draw(index, out) if self.kind == "mc" else None
+        return output_matrix(self.kind, self.spec, self.output_ops, out, targets, self._loss_of_outputs(targets),
+                             reduction=self.reduction, datum=self.datum, noise=noise)
+
+    def validate(self, batch):
+        """Check the closed form on ``batch`` (see :func:`specops.output_space.validate`)."""
+        from specops.output_space import validate
+
+        inputs, targets = self._pair(batch)
+        with torch.no_grad():
+            out = self._outputs(self.base._theta, inputs, (inputs, targets))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"ggn and fisher need a model that returns one tensor, got {type(out).__name__}")
+        checked, error = validate(self.kind, self.spec, self.output_ops, out, targets, self._loss_of_outputs(targets),
+                                  datum=self.datum, eps=float(torch.finfo(out.dtype).eps), known=_TORCH_KNOWN_LOSSES)
+        return checked, error
 
     def _draw(self, index, out):
-        from specops.curvature import mc_noise
+        from specops.output_space import mc_noise
 
         noise = self._noise.get(index)
         if noise is None or tuple(noise.shape[1:]) != tuple(out.shape):
-            host = mc_noise(tuple(out.shape), self.known, self.num_samples, self.seed, index)
-            noise = self._noise[index] = self.base.ops.asarray(host)
+            host = mc_noise(tuple(out.shape), self.spec, self.num_samples, self.seed, index)
+            noise = self._noise[index] = self.base.ops.asarray(host).to(out.dtype)
         return noise
 
     def __call__(self, index, batch, V):
         base = self.base
-        prepared = base._prepare(batch)
-        if not (isinstance(prepared, (tuple, list)) and len(prepared) == 2):
-            raise TypeError("ggn and fisher need batches (inputs, targets)")
+        prepared = self._pair(batch)
         inputs, targets = prepared
 
         def f(t):
@@ -1607,44 +1657,75 @@ class _TorchCurvature:
                                randomness="same")(V)
 
 
+def _check_form(base: Any, kind: str) -> None:
+    """Raise for a loss that is not a function of the outputs alone (no Gauss-Newton split)."""
+    from specops.curvature import model_form_error
+
+    if base.loss_form != "outputs":
+        what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
+        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
+
+
 def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_samples: int = 1,
-                       seed: int = 0) -> ModelAdapter:
-    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
-    from specops.curvature import CurvatureAdapter, check_num_samples, model_form_error, \
-        unknown_likelihood_error
+                       seed: int = 0, datum: str = "sample", first_batch: Any = None) -> ModelAdapter:
+    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks.
+
+    With ``first_batch``, the closed-form output Hessian is checked against autodiff on it.
+    """
+    from specops.curvature import check_num_samples, validated_adapter
+    from specops.output_space import check_datum
     from specops.random import check_seed
 
-    what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-    if base.loss_form != "outputs":
-        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
-    known = _output_loss(base.loss_fn)
-    if kind == "mc" and known is None:
-        raise unknown_likelihood_error(_TORCH_KNOWN_LOSSES)
-    num_samples, seed = check_num_samples(num_samples), check_seed(seed)
-    how = {"ggn": "output Hessian " + ("in closed form" if known else "by autodiff"),
-           "empirical": "per-sample output gradients", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    return CurvatureAdapter(
-        base, lambda b: _TorchCurvature(cast(TorchAdapter, b), kind, reduction, num_samples, seed), kind,
-        f"{kind}: J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func "
-        f"jvp/vjp, {how}")
+    _check_form(base, kind)
+    num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
+    return validated_adapter(
+        base, kind, lambda b, spec: _TorchCurvature(cast(TorchAdapter, b), kind, reduction, num_samples, seed,
+                                                    datum, spec),
+        _loss_spec(base.loss_fn), first_batch,
+        "J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func jvp/vjp",
+        num_samples=num_samples, datum=datum)
+
+
+def _reduction(loss_fn: Any, reduction: str | None) -> str:
+    """The loss's reduction: the one it states, or ``reduction`` (default ``"mean"``) for a plain function."""
+    from specops.reduction import loss_name, resolve
+
+    return resolve(reduction, _loss_reduction(loss_fn) if loss_fn is not None else None, loss_name(loss_fn))
+
+
+def _check_reduction(adapter: Any, loss_fn: Any, reduction: str, first_batch: Any) -> None:
+    """For a plain function, check on ``first_batch`` that it reduces as ``reduction`` says."""
+    from specops.reduction import check_plain
+
+    check_plain(adapter, loss_fn, _loss_reduction(loss_fn), reduction, first_batch, float(torch.finfo(adapter.param_dtype).eps))
+
+
+def _first_batch(data: Any) -> Any:
+    for batch in ModelOperator._batches_of(data):
+        return batch
+    return None
 
 
 def _curvature_operator(kind: str, model: nn.Module, loss_fn: Any, data: Any, *,
-                        wrt: Any, reduction: str, comm: Any, check_deterministic: bool, progress: bool,
+                        wrt: Any, reduction: str | None, comm: Any, check_deterministic: bool, progress: bool,
                         loss_form: str, chunk_size: int | None, batch_size: Callable[[Any], int] | None,
-                        random_layers: str, num_samples: int = 1, seed: int = 0) -> ModelOperator:
+                        random_layers: str, num_samples: int = 1, seed: int = 0,
+                        datum: str = "sample") -> ModelOperator:
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
                         engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
                         progress=progress, random_layers=random_layers)
-    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed)
-    for batch in ModelOperator._batches_of(data):
-        base.check_random_forward(batch)
-        break
+    _check_form(base, kind)
+    reduction = _reduction(loss_fn, reduction)
+    first = _first_batch(data)
+    if first is not None:
+        base.check_random_forward(first)
+    _check_reduction(base, loss_fn, reduction, first)
+    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed, datum, first)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
 
 
 def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
-                   check_deterministic: bool = False) -> ModelOperator:
+                   check_deterministic: bool = False, datum: str = "sample") -> ModelOperator:
     """The GGN or a Fisher of the same model, loss, data, parameters and reduction as ``H``.
 
     Args:
@@ -1652,6 +1733,7 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
         kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
         num_samples: sampled labels per sample of ``kind="mc"``, as for :func:`fisher`.
         seed: the seed of the sampled labels of ``kind="mc"``, as for :func:`fisher`.
+        datum: of ``kind="empirical"``, as for :func:`fisher`.
         check_deterministic: run the construction checks again (``H`` passed them).
 
     Returns:
@@ -1663,12 +1745,13 @@ def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1,
     from specops.curvature import KINDS, base_adapter, check_kind
 
     base = base_adapter(H, TorchAdapter)
-    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed)
+    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed, datum,
+                                 _first_batch(H._data))
     return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
                          check_deterministic=check_deterministic)
 
 
-def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str = "mean",
+def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str | None = None,
         comm: Any = None, check_deterministic: bool = True, progress: bool = False, loss_form: str = "auto",
         chunk_size: int | None = None, batch_size: Callable[[Any], int] | None = None,
         random_layers: str = "error") -> ModelOperator:
@@ -1676,9 +1759,10 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
 
     Products cost one Jacobian-vector product through the model and one vector-Jacobian
     product (k columns vectorized by ``torch.func.vmap``); the loss Hessian with respect
-    to the outputs is in closed form for ``nn.CrossEntropyLoss`` / ``F.cross_entropy``
-    (softmax cross-entropy) and ``nn.MSELoss`` / ``F.mse_loss``, by autodiff otherwise.
-    Positive semi-definite when the loss is convex in the outputs. ``H - G`` (with
+    to the outputs is in closed form for the losses specops reads exactly (softmax
+    cross-entropy over axis 1 with any trailing axes and ``ignore_index``, squared error,
+    binary cross-entropy with logits; checked against autodiff on the first batch) and by
+    autodiff of the loss otherwise. Positive semi-definite when the loss is convex in the outputs. ``H - G`` (with
     ``H = hessian(...)`` on the same arguments) is the residual term.
 
     Args:
@@ -1686,7 +1770,8 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
         loss_fn: ``loss_fn(outputs, targets)``, as for :func:`hessian`.
         data: the batches, as for :func:`hessian`.
         wrt: the parameter selection, as for :func:`hessian`.
-        reduction: ``"mean"`` or ``"sum"`` over the samples, as for :func:`hessian`.
+        reduction: ``"mean"`` or ``"sum"`` over the samples, as for :func:`hessian` (by
+            default the loss's own).
         comm: ``None`` or a communicator, as for :func:`hessian`.
         check_deterministic: as for :func:`hessian`.
         progress: report batches and products on stderr, as for :func:`hessian`.
@@ -1711,10 +1796,11 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
 
 
 def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical", num_samples: int = 1,
-           seed: int = 0, wrt: Any = None, reduction: str = "mean", comm: Any = None,
+           seed: int = 0, wrt: Any = None, reduction: str | None = None, comm: Any = None,
            check_deterministic: bool = True,
            progress: bool = False, loss_form: str = "auto", chunk_size: int | None = None,
-           batch_size: Callable[[Any], int] | None = None, random_layers: str = "error") -> ModelOperator:
+           batch_size: Callable[[Any], int] | None = None, random_layers: str = "error",
+           datum: str = "sample") -> ModelOperator:
     """The Fisher matrix of a model's loss over data: empirical or Monte-Carlo sampled.
 
     ``kind="empirical"``: ``c sum_i g_i g_i^T`` over the per-sample gradients ``g_i`` at the
@@ -1740,6 +1826,11 @@ def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical"
         chunk_size: columns per vectorized pass, as for :func:`ggn`.
         batch_size: ``batch -> int``, as for :func:`ggn`.
         random_layers: ``"error"`` or ``"fixed"``, as for :func:`ggn`.
+        datum: of ``kind="empirical"``: ``"sample"`` (default; each sample one datum, its
+            loss the loss of that sample alone) or ``"term"`` (each loss term one datum:
+            each position of a cross-entropy's class axis 1, each row of the last axis of
+            a squared error or binary cross-entropy; curvlinops' ``EFLinearOperator``).
+            See ``docs/curvature.md``.
 
     Returns:
         A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
@@ -1756,7 +1847,7 @@ def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical"
                                reduction=reduction, comm=comm, check_deterministic=check_deterministic,
                                progress=progress, loss_form=loss_form, chunk_size=chunk_size,
                                batch_size=batch_size, random_layers=random_layers, num_samples=num_samples,
-                               seed=seed)
+                               seed=seed, datum=datum)
 
 
 from specops.backends.torch_optim import preconditioner, stability_threshold  # noqa: E402,F401 (optimizer state, issue 25)

@@ -7,23 +7,14 @@ loss is convex in the outputs; the second is the residual term ``H - G``.
 
 Every operator here is one product skeleton, written once per backend:
 ``J^T M (J V)``: one Jacobian-vector product through the model (k columns batched), an
-output-space matrix ``M`` applied per sample, one vector-Jacobian product. Only ``M``
-differs:
-
-- ``ggn``: ``M = d^2 L / df^2``, in closed form for softmax cross-entropy and squared
-  error, by autodiff of the loss with respect to the outputs otherwise.
-- ``fisher(kind="empirical")``: ``M_i = r_i r_i^T / c`` with ``r_i = dL/df_i`` at the
-  true targets and ``c`` the per-sample weight of the reduction (``1/N_b`` for mean,
-  ``1`` for sum): the same matrix as ``c sum_i g_i g_i^T`` over per-sample gradients
-  ``g_i``, without forming them.
-- ``fisher(kind="mc")``: ``M_i = a_i / S sum_s r_is r_is^T`` with ``r_is`` the gradient of
-  the negative log-likelihood at labels sampled from the model's predictive
-  distribution (``S = num_samples``, drawn once per batch from ``seed``): in
-  expectation the GGN of an exponential-family loss.
-
-The samples are drawn on the host from ``(seed, batch index)`` (Gumbel noise for
-categorical labels, Gaussian noise for regression targets), so the same seed gives the
-same Monte-Carlo Fisher on every backend.
+output-space matrix ``M``, one vector-Jacobian product. Only ``M`` differs; it is
+built once for every framework by :mod:`specops.output_space` from a few
+primitives each backend supplies: ``ggn``: ``M = d^2 L / df^2``, in closed form for
+the losses specops reads exactly (checked against autodiff at construction), by
+autodiff of the loss otherwise; ``fisher(kind="empirical")``: ``(1/w) sum_d r_d r_d^T``
+over the data ``d`` (samples, or loss terms with ``datum="term"``) of the output
+gradients ``r`` at the true targets; ``fisher(kind="mc")``: the same at labels
+sampled from the model's predictive distribution (in expectation the GGN).
 
 :class:`CurvatureAdapter` wraps a backend's Hessian adapter: data handling, weighting,
 parameter selection, blocks, MPI and the checks are the Hessian's, only the product is
@@ -32,13 +23,11 @@ replaced.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-from specops import random as _random
 from specops.layout import ParamLayout
 from specops.model import ModelAdapter, ModelOperator
 from specops.ops import Array
@@ -52,50 +41,6 @@ KINDS = ("ggn", "empirical", "mc")
 #: of :func:`curvature_like` (None: the Hessian itself).
 CURVATURES = {"hessian": None, "ggn": "ggn", "fisher": "empirical", "mc-fisher": "mc"}
 FISHER_KINDS = ("empirical", "mc")
-LIKELIHOODS = ("categorical", "gaussian")
-# how a recognized loss reduces over a batch: over samples, over every output entry, or a sum
-_REDUCES = ("samples", "entries", "sum")
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputLoss:
-    """A loss specops recognizes, whose output Hessian and likelihood are known.
-
-    The batch loss is ``factor * w * sum_i nll_i`` with the negative log-likelihood
-    ``nll_i`` of sample ``i`` (unit variance for the Gaussian) and ``w`` from ``reduce``:
-    ``1/N`` (``"samples"``), ``1/numel(outputs)`` (``"entries"``) or ``1`` (``"sum"``).
-
-    Attributes:
-        likelihood: ``"categorical"`` (softmax over the last axis of (N, C) logits) or
-            ``"gaussian"`` (squared error, any output shape).
-        reduce: one of ``"samples"``, ``"entries"``, ``"sum"``.
-        factor: 1 for cross-entropy and ``0.5 (f - y)^2``, 2 for ``(f - y)^2``.
-        ignore_index: a class index whose samples the loss leaves out (PyTorch), or None.
-    """
-
-    likelihood: str
-    reduce: str
-    factor: float = 1.0
-    ignore_index: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.likelihood not in LIKELIHOODS or self.reduce not in _REDUCES:
-            raise ValueError(f"unknown likelihood/reduction {self.likelihood!r}/{self.reduce!r}")
-
-    def weight(self, num_samples: int, num_entries: int) -> float:
-        """The scalar ``factor * w`` for a batch.
-
-        Args:
-            num_samples: samples in the batch.
-            num_entries: entries of the batch's outputs (all axes).
-
-        Returns:
-            The weight of ``sum_i nll_i`` in the batch loss.
-        """
-        w = {"samples": 1.0 / num_samples, "entries": 1.0 / num_entries, "sum": 1.0}[self.reduce]
-        return self.factor * w
-
-
 def check_kind(kind: str, allowed: Sequence[str] = FISHER_KINDS) -> str:
     """Check a curvature kind.
 
@@ -149,52 +94,37 @@ def model_form_error(what: str, backend_hint: str) -> ValueError:
     )
 
 
-def unknown_likelihood_error(known: str) -> ValueError:
-    """The error for ``fisher(kind="mc")`` with a loss whose likelihood is not known.
+def validated_adapter(base: ModelAdapter, kind: str, make: Callable[[ModelAdapter, Any], Any], spec: Any,
+                      first_batch: Any, engine: str, *, num_samples: int, datum: str) -> CurvatureAdapter:
+    """The curvature adapter of a backend, its closed form checked on the first batch.
 
     Args:
-        known: the losses this backend recognizes, for the message.
+        base: the backend's Hessian adapter.
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        make: ``make(adapter, spec) -> product``, the backend's per-batch product (with a
+            ``validate(batch) -> (spec, error)`` method) for an adapter and a loss spec.
+        spec: the :class:`~specops.output_space.LossSpec` the backend read, or None.
+        first_batch: the batch to check the closed form on (None: no check).
+        engine: the backend's description of the product.
+        num_samples: Monte-Carlo labels per sample (for the description).
+        datum: of the empirical Fisher (for the description).
 
     Returns:
-        The error, to raise.
-    """
-    return ValueError(
-        "fisher(kind='mc') samples labels from the model's predictive distribution, so it needs a loss "
-        f"whose likelihood specops knows: {known}. This loss is not one of them; pass one of those as "
-        "loss_fn, or use fisher(kind='empirical') or ggn(...), which work for any loss of the outputs"
-    )
-
-
-def mc_noise(outputs_shape: Sequence[int], loss: OutputLoss, num_samples: int, seed: int, index: int) -> np.ndarray:
-    """Host noise for the labels of batch ``index``: shape ``(num_samples, *outputs_shape)``.
-
-    Categorical: standard Gumbel noise ``g``, the sampled class being
-    ``argmax(logits + g)`` (the Gumbel-max trick). Gaussian: standard normal noise
-    ``e``, the sampled target being ``f + e``.
-
-    Args:
-        outputs_shape: the shape of the batch's outputs.
-        loss: the recognized loss, which gives the likelihood.
-        num_samples: label samples per input.
-        seed: seed of the Monte-Carlo Fisher.
-        index: the batch's index in the data (each batch has its own noise).
-
-    Returns:
-        The noise, float64.
+        The :class:`CurvatureAdapter`; ``output_check_error`` is the difference measured.
 
     Raises:
-        ValueError: categorical outputs that are not (samples, classes) logits.
+        ValueError: a Fisher that needs a likelihood this loss has not (see
+            :func:`specops.output_space.validate`).
+        RuntimeError: the same when the closed form disagrees with autodiff.
     """
-    rng = _random.generator(seed, "mc-fisher", index)
-    shape = (num_samples, *tuple(int(s) for s in outputs_shape))
-    if loss.likelihood == "categorical":
-        if len(shape) != 3:
-            raise ValueError(
-                f"the categorical likelihood needs logits of shape (samples, classes), got {shape[1:]}; "
-                "reshape the outputs (and targets) in the model"
-            )
-        return rng.gumbel(size=shape)
-    return rng.standard_normal(shape)
+    error = None
+    if first_batch is not None:
+        spec, error = make(base, spec).validate(first_batch)
+    how = {"ggn": "output Hessian " + ("in closed form" if spec else "by autodiff"),
+           "empirical": f"output gradients per {datum}", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
+    adapter = CurvatureAdapter(base, lambda b: make(b, spec), kind, f"{kind}: {engine}, {how}")
+    adapter.output_check_error = error
+    return adapter
 
 
 def base_adapter(H: Any, adapter_type: type[A]) -> A:
@@ -267,6 +197,10 @@ class CurvatureAdapter(ModelAdapter):
         engine: a short description of the product.
     """
 
+    #: relative difference of the closed-form output Hessian and autodiff's at construction
+    #: (None: not measured; see :func:`specops.output_space.validate`)
+    output_check_error: float | None = None
+
     def __init__(self, base: ModelAdapter, make_product: Callable[[ModelAdapter], Product], kind: str,
                  engine: str) -> None:
         self.base = base
@@ -315,7 +249,9 @@ class CurvatureAdapter(ModelAdapter):
 
     def subset(self, names: list[str]) -> CurvatureAdapter:
         """The same curvature for the named parameters only (the others held fixed)."""
-        return CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
+        sub = CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
+        sub.output_check_error = self.output_check_error
+        return sub
 
     def determinism_hints(self) -> list[str]:
         """Likely causes of a non-deterministic product, for the error message."""

@@ -284,7 +284,8 @@ class ModelOperator(LinearOperator):
     """
 
     def __init__(self, adapter: ModelAdapter, data: Any, *, reduction: str = "mean", comm: Any = None,
-                 check_deterministic: bool = True, cross_check: bool = False, _checked: bool = False) -> None:
+                 check_deterministic: bool = True, cross_check: bool = False,
+                 first_batch_check: Callable[[Any], None] | None = None, _checked: bool = False) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         n = adapter.num_params
@@ -308,6 +309,7 @@ class ModelOperator(LinearOperator):
         self.matvec_seconds = 0.0
         self.num_loss_evals = 0
         self.check_deterministic = check_deterministic
+        self._first_batch_check = first_batch_check
         if not _checked:
             self._construction_checks(check_deterministic, cross_check)
 
@@ -517,6 +519,8 @@ class ModelOperator(LinearOperator):
         def first_checks() -> None:
             if first is not None:
                 adapter.check_random_forward(first)
+                if self._first_batch_check is not None:  # the backend's check of the loss (its reduction)
+                    self._first_batch_check(first)
                 if cross_check:
                     adapter.cross_check(sample)
 
