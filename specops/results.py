@@ -134,9 +134,9 @@ def _eig_summary(r: Any) -> list[str]:
     data = getattr(r, "data_stderr", None)
     head = ("", "eigenvalue", "residual", "converged") + ("error (est.)",) * (errors is not None) \
         + ("data stderr",) * (data is not None)
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     for i, (v, e, c) in enumerate(zip(vals, res, ok)):
-        row = (str(i), f"{v:.8g}", f"{e:.2g}", "yes" if c else ("NO (estimated)" if est[i] else "NO"))
+        row: tuple[str, ...] = (str(i), f"{v:.8g}", f"{e:.2g}", "yes" if c else ("NO (estimated)" if est[i] else "NO"))
         if errors is not None:
             row += (f"{float(errors[i]):.2g}",)
         if data is not None:
