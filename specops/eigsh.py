@@ -11,12 +11,15 @@ and exact from the orthogonalization coefficients, so restarts need no special s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 import numpy as np
 
 from specops import _checks
+from specops.data_error import eigenvalue_stderr
+from specops.data_error import model_operator as data_error_model
 from specops.lanczos import NORM_FLOOR, ROUNDING, basis_store, eigenvalue_errors, thick_restart, verified
 from specops.lanczos import wanted as _wanted
 from specops.lanczos import thresholds as _thresholds
@@ -96,6 +99,7 @@ class _Run:
     num_matvecs: int
     estimated: bool = False
     others: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    forms: Any = None  # the last product's (input block, per-batch forms), with data_error
 
 
 @dataclasses.dataclass
@@ -111,7 +115,8 @@ class _Plan:
 def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
           max_matvecs: int | None = None, seed: int = 0, block_size: int | None = None,
           max_basis: int | None = None, v0: Array | None = None, progress: bool | str = False,
-          basis_memory: str | VectorOps = "device", stop_on: str = "residual") -> EigResult:
+          basis_memory: str | VectorOps = "device", stop_on: str = "residual",
+          data_error: bool = False) -> EigResult:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
     Args:
@@ -165,6 +170,12 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
             ``"eigenvalue"``: on the estimated eigenvalue errors ``||r||^2 / gap``, which
             are typically far smaller than the residuals, so accurate eigenvalues take
             fewer products (docs/algorithms.md).
+        data_error: also report each eigenvalue's standard error over data resampling
+            (``data_stderr``), for a model-backed operator whose data is several batches:
+            the delete-a-batch jackknife of the eigenvalues in the span of the returned
+            vectors, from the per-batch forms ``V^T H_b V`` of the verification product
+            (:mod:`specops.data_error`; docs/algorithms.md, "How much data?"). The
+            verification product is then kept within ``max_matvecs`` whatever happens.
 
     The returned pairs are verified: one product of the ``k`` returned vectors (counted in
     ``num_matvecs``) gives their Rayleigh quotients and true residuals
@@ -191,6 +202,7 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
         array([1., 2.])
     """
     A = _checks.symmetric_operator(A, "eigsh")
+    model = data_error_model(A, "eigsh") if data_error else None
     n = A.shape[0]
     k = _checks.positive_int("k", k)
     _checks.choice("which", which, WHICH)
@@ -218,25 +230,38 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
         settings["stop_on"] = stop_on
     if store != A.ops:
         settings["basis_memory"] = f"{store.name}:{store.device}"
-    if method == "power":
-        if which == "BE":
-            raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
-        if max_matvecs < 2 * k:
-            raise ValueError(f"max_matvecs={max_matvecs} is too small for method='power': it needs at least 2 * k "
-                             f"= {2 * k} (k products verify the result)")
-        run = _power(A, k, which, tol, max_matvecs, seed)
-    elif max_basis < k + 2 * b:
-        settings["method"] = "dense"
-        run = _dense(A, k, which, tol)
-    else:
-        settings.update(block_size=b, max_basis=max_basis)
-        least = b * -(-k // b)
-        if max_matvecs < least:
-            raise ValueError(f"max_matvecs={max_matvecs} is too small: Lanczos needs at least {least} products "
-                             f"(block_size={b}) to hold k={k} Ritz vectors")
-        run = _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store, stop_on, settings)
+    with model.recording_batches() if model is not None else contextlib.nullcontext() as forms:
+        if method == "power":
+            if which == "BE":
+                raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
+            if max_matvecs < 2 * k:
+                raise ValueError(f"max_matvecs={max_matvecs} is too small for method='power': it needs at least "
+                                 f"2 * k = {2 * k} (k products verify the result)")
+            run = _power(A, k, which, tol, max_matvecs, seed)
+        elif max_basis < k + 2 * b:
+            settings["method"] = "dense"
+            run = _dense(A, k, which, tol)
+        else:
+            settings.update(block_size=b, max_basis=max_basis)
+            least = b * -(-k // b) + (k if model is not None else 0)
+            if max_matvecs < least:
+                raise ValueError(f"max_matvecs={max_matvecs} is too small: Lanczos needs at least {least} products "
+                                 f"(block_size={b}{', and k for data_error' if model is not None else ''}) to hold "
+                                 f"k={k} Ritz vectors")
+            run = _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store, stop_on, settings,
+                                   forms)
+        if forms is not None and run.forms is None:
+            run = dataclasses.replace(run, forms=forms.last)
     bar.close(eigenvalues=run.values, residual=float(np.max(run.residuals)))
-    return _result(A, run, settings)
+    result = _result(A, run, settings)
+    if forms is not None:
+        settings["data_error"] = dict(batches=int(len(forms.weights)), samples=int(np.sum(forms.sizes)),
+                                      method="delete-a-batch jackknife in span(V)")
+        V, G = run.forms
+        C = A.ops.to_numpy(A.ops.inner(V, run.vectors))  # the returned vectors in the product's block
+        result.data_stderr = eigenvalue_stderr(np.einsum("ia,bij,jc->bac", C, G, C), forms.weights, forms.sizes,
+                                               which)
+    return result
 
 
 def _plan(A, k, which, method, block_size, v0):
@@ -262,11 +287,18 @@ def _plan(A, k, which, method, block_size, v0):
     return _Plan(block=b, start=start, warm=warm, checked=checked)
 
 
-def _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store, stop_on, settings):
-    """Lanczos from the plan, then the warm start's or the multiplicity check, and block Lanczos on a copy."""
+def _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store, stop_on, settings, forms=None):
+    """Lanczos from the plan, then the warm start's or the multiplicity check, and block Lanczos on a copy.
+
+    With ``forms`` (per-batch forms being recorded) the verification product is reserved,
+    and the run keeps its forms (the complement check's products come after it).
+    """
     n = A.shape[0]
+    reserve = forms is not None
     run, basis = _lanczos(A, k, which, tol, max_matvecs, seed, plan.block, max_basis, v0=plan.start, store=store,
-                          stop_on=stop_on)
+                          stop_on=stop_on, reserve=reserve)
+    if forms is not None:
+        run = dataclasses.replace(run, forms=forms.last)
     checked = plan.checked
     if plan.warm is not None:
         inside = _inside(A, plan.warm, basis)
@@ -291,8 +323,10 @@ def _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store
         settings["method"] = "dense"
         rerun = _dense(A, k, which, tol)
     else:
-        rerun, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k, store=store, stop_on=stop_on)
-    return dataclasses.replace(rerun, num_matvecs=rerun.num_matvecs + spent)
+        rerun, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k, store=store, stop_on=stop_on,
+                            reserve=reserve)
+    return dataclasses.replace(rerun, num_matvecs=rerun.num_matvecs + spent,
+                               forms=forms.last if forms is not None else None)
 
 
 def _result(A, run, settings):
@@ -419,7 +453,7 @@ def _dense(A, k, which, tol):
 
 
 def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None, v0=None,
-             store=None, stop_on="residual"):
+             store=None, stop_on="residual", reserve=False):
     """Thick-restart block Lanczos from ``v0`` (padded with seeded random columns to ``b``).
 
     Returns ``(run, basis)``: the pairs as a :class:`_Run` and the final Lanczos basis.
@@ -438,7 +472,7 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos"
     if start.shape[1] < b:
         start = ops.concat([start, draw(b - start.shape[1])], axis=1)
     pairs = thick_restart(A, mul, k, which, tol, max_matvecs, start, max_basis, draw, stop=stop,
-                          verify=stop is None, store=store, stop_on=stop_on)
+                          verify=stop is None, store=store, stop_on=stop_on, reserve=reserve)
     run = _Run(pairs.values, pairs.vectors, pairs.residuals, pairs.converged, mul.count, pairs.estimated,
                pairs.others)
     return run, pairs.basis

@@ -200,7 +200,7 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
                   max_basis: int, draw: Callable[[int], Array],
                   stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
                   verify: bool = True, store: VectorOps | None = None,
-                  stop_on: str = "residual") -> RitzPairs:
+                  stop_on: str = "residual", reserve: bool = False) -> RitzPairs:
     """Thick-restart block Lanczos (Wu & Simon 2000) from the block ``start``.
 
     Args:
@@ -218,6 +218,8 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         store: the vector operations that keep the basis (default ``A.ops``; see :class:`Basis`).
         stop_on: ``"residual"``: a pair converges when its residual meets ``tol``;
             ``"eigenvalue"``: when its estimated eigenvalue error (:func:`eigenvalue_errors`) does.
+        reserve: keep ``k`` products for the verification whatever happens (the caller needs
+            the product of the returned vectors).
 
     Each step orthogonalizes the new block against the last two blocks first (the
     recurrence), then against the whole basis, that pass repeated only when it removed
@@ -266,14 +268,14 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         others = np.delete(theta, want)
         show(A, ritz=theta[want], residual=float(resid[want].max()))
         ok = accurate(theta[want], resid[want], others)
-        spent = mul.count + b > budget
+        spent = mul.count + b + (k if reserve else 0) > budget
         if stop is not None and A.decide(bool(stop(theta[want], resid[want]))):
             return RitzPairs(theta[want], basis.combine(S[:, want]), resid[want], ok, True, others, basis)
         if (ok.all() and (not verify or mul.count + k <= budget)) or spent:
             V = basis.combine(S[:, want])
             if not verify:
                 return RitzPairs(theta[want], V, resid[want], ok, True, others, basis)
-            if not ok.all() or mul.count + k > budget:  # no product left to verify: estimates
+            if (not ok.all() and not reserve) or mul.count + k > budget:  # no product left to verify
                 return RitzPairs(theta[want], V, resid[want], np.zeros_like(ok), True, others, basis)
             vals, V, AV, true = _rayleigh_ritz(ops, mul, V, which)
             anorm = max(anorm, float(np.abs(vals).max()))
