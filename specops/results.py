@@ -158,8 +158,14 @@ def _trace_summary(r: Any) -> list[str]:
     method = s.get("estimator") or s.get("method", "")
     rel = f", {r.stderr / abs(r.estimate):.1%} relative" if r.estimate and np.isfinite(r.stderr) else ""
     budget = f" of {s['num_matvecs']}" if "num_matvecs" in s else ""
-    return [f"TraceResult: {r.estimate:.6g} +- {_g(r.stderr, 2)} (standard error{rel}; {method}, "
-            f"{r.num_matvecs}{budget} products; {_operator(s)})"]
+    lines = [f"TraceResult: {r.estimate:.6g} +- {_g(r.stderr, 2)} (standard error{rel}; {method}, "
+             f"{r.num_matvecs}{budget} products; {_operator(s)})"]
+    data = getattr(r, "data_stderr", None)
+    if data is not None:
+        d = s.get("data_error", {})
+        lines.append(f"  data stderr {_g(data, 2)} over {d.get('batches', '?')} batches of {d.get('samples', '?')} "
+                     f"samples (the probes' part above); both: {_g(np.hypot(data, r.stderr), 2)}")
+    return lines
 
 
 def _diagonal_summary(r: Any) -> list[str]:
