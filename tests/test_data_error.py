@@ -88,3 +88,12 @@ def test_data_error_leaves_the_eigenvalues_and_reserves_the_verification():
     assert b.data_stderr.shape == (2,) and np.all(b.data_stderr > 0)
     small = so.eigsh(H, k=2, tol=1e-12, max_matvecs=8, data_error=True)  # verified within the budget
     assert small.num_matvecs <= 8 and not small.residuals_estimated.any() and np.all(small.data_stderr > 0)
+
+
+def test_tracker_records_both_parts(tmp_path):
+    H = _digits_hessian(6, 10)
+    tracker = so.Tracker(lambda: H, tmp_path / "log.jsonl", metrics=("eigenvalues", "trace"), k=2,
+                         eigsh_options={"data_error": True}, trace_options={"data_error": True, "num_matvecs": 30})
+    record = tracker.update(0)
+    assert len(record["data_stderr"]) == 2 and record["trace"]["data_stderr"] > 0
+    assert record["trace"]["stderr"] > 0
