@@ -107,3 +107,23 @@ def trace_stderr(diagonals: np.ndarray, weights: np.ndarray) -> float:
         within = 0.0
     var_a = max(0.0, between - within / p)
     return float(np.sqrt(var_a * np.sum(np.asarray(weights) ** 2)))
+
+
+def samples_needed(stderr: float, value: float, samples: int, fraction: float) -> int:
+    """Samples that would bring a data standard error under ``fraction * |value|`` (an estimate).
+
+    A data standard error falls like ``1 / sqrt(samples)`` (batches as independent draws), so
+    ``samples * (stderr / (fraction |value|))^2``, at least ``samples`` when already met.
+
+    Args:
+        stderr: the data standard error measured with ``samples`` samples.
+        value: the estimate it belongs to (an eigenvalue, the trace).
+        samples: the samples it was measured on.
+        fraction: the wanted relative data error, e.g. ``0.05``.
+
+    Returns:
+        The number of samples (rounded up).
+    """
+    if fraction <= 0 or value == 0:
+        raise ValueError(f"fraction must be > 0 and the value nonzero, got fraction={fraction}, value={value}")
+    return max(int(samples), int(np.ceil(samples * (stderr / (fraction * abs(value))) ** 2)))

@@ -97,3 +97,13 @@ def test_tracker_records_both_parts(tmp_path):
     record = tracker.update(0)
     assert len(record["data_stderr"]) == 2 and record["trace"]["data_stderr"] > 0
     assert record["trace"]["stderr"] > 0
+
+
+def test_samples_needed_follows_the_square_root_law():
+    from specops.data_error import samples_needed
+
+    # 0.2 stderr on 2.0 with 128 samples: 5 % needs (0.2 / 0.1)^2 = 4 times the samples
+    assert samples_needed(0.2, 2.0, 128, 0.05) == 512
+    assert samples_needed(0.01, 2.0, 128, 0.05) == 128  # already met
+    with pytest.raises(ValueError, match="fraction"):
+        samples_needed(0.2, 2.0, 128, 0.0)
