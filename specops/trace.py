@@ -322,17 +322,7 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
         if sketch.exact and s < n:
             # the sketch holds A's range to working precision; what it may still miss (a tail
             # below the rounding level of R) is estimated by Hutchinson on the rest
-            low = float(np.trace(sketch.H))
-
-            def deflate(Z):
-                return ops.orthogonalize(Z, sketch.Q)[0]
-
-            rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol,
-                                       offset=low, project=deflate)
-            if len(rest) < 2:
-                return low, 0.0
-            est, err = _mean_stderr(rest)
-            return low + est, err
+            return _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, (float(np.trace(sketch.H)), 0.0))
         est, err = sketch.estimate()
         show(A, trace=est, stderr=err)
         left = (m - mul.count) // 2
@@ -344,16 +334,25 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
                           "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "
                           "its range (Hutch++'s form)", RuntimeWarning, stacklevel=3)
             settings.update(estimator="xtrace, then hutch++", sketch_capacity=capacity)
-            low = float(np.trace(sketch.H))
-            rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol, offset=low,
-                                       project=lambda Z: ops.orthogonalize(Z, sketch.Q)[0])
-            if len(rest) < 2:
-                return est, err
-            r_est, r_err = _mean_stderr(rest)
-            return low + r_est, r_err
+            return _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, (est, err))
         # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
         aim = 1.1 * s * err / max(rtol * abs(est), np.finfo(np.float64).tiny)
         s = min(n, 2 * s, s + left, capacity, max(s + chunk, math.ceil(min(aim, 2.0 * n))))
+
+
+def _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, fallback):
+    """Hutch++'s form on a grown sketch: ``tr(Q^T A Q)`` exactly, Hutchinson outside ``span(Q)``.
+
+    The rest of the budget goes to probes of ``(I - QQ^T) A (I - QQ^T)`` (stream
+    ``"trace-rest"``); with fewer than two left, ``fallback`` (estimate, stderr) is returned.
+    """
+    low = float(np.trace(sketch.H))
+    rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol, offset=low,
+                               project=lambda Z: A.ops.orthogonalize(Z, sketch.Q)[0])
+    if len(rest) < 2:
+        return fallback
+    est, err = _mean_stderr(rest)
+    return low + est, err
 
 
 class _Sketch:
