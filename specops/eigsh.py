@@ -179,7 +179,9 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
 
     The returned pairs are verified: one product of the ``k`` returned vectors (counted in
     ``num_matvecs``) gives their Rayleigh quotients and true residuals
-    ``||A v - lambda v||``, and ``converged`` is judged from those (docs/algorithms.md).
+    ``||A v - lambda v||``, and ``converged`` is judged from those (docs/algorithms.md);
+    only when ``max_matvecs`` ends before Lanczos converged are the residuals the
+    recurrence's (``residuals_estimated``, ``converged`` False).
 
     Returns:
         :class:`EigResult`.
