@@ -11,25 +11,29 @@ and exact from the orthogonalization coefficients, so restarts need no special s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 import numpy as np
 
-from specops.checks import engine_settings
 from specops import _checks
-from specops.lanczos import NORM_FLOOR, ROUNDING, basis_store, order as _order, thick_restart, verified
+from specops.checks import engine_settings
+from specops.data_error import eigenvalue_stderr
+from specops.data_error import model_operator as data_error_model
+from specops.lanczos import NORM_FLOOR, ROUNDING, basis_store, eigenvalue_errors, thick_restart, verified
 from specops.lanczos import wanted as _wanted
 from specops.lanczos import thresholds as _thresholds
 from specops.operator import OperatorLike
 from specops.ops import Array, VectorOps
 from specops.progress import bar as progress_bar
 from specops.random import check_seed
-from specops.sharded import gather
 from specops.results import Result
+from specops.sharded import gather
 
 WHICH = ("LA", "SA", "LM", "BE")
 METHODS = ("lanczos", "power")
+STOP_ON = ("residual", "eigenvalue")
 
 #: Operators up to this size grow one Lanczos basis to convergence (at most n products).
 SMALL = 1000
@@ -49,10 +53,22 @@ class EigResult(Result):
         eigenvalues: (k,) float64, ordered by ``which`` (LA: descending, SA: ascending,
             LM: descending magnitude, BE: ascending).
         eigenvectors: (n, k) array of the operator's backend (``None`` after JSON).
-        residuals: (k,) norms ``||A v - lambda v||`` for unit ``v``.
-        converged: (k,) bool, residual within the tolerance.
+        residuals: (k,) norms ``||A v - lambda v||`` for unit ``v``: computed from a product
+            of the returned vectors, or, where ``residuals_estimated``, Lanczos' estimate.
+        converged: (k,) bool, residual (or, with ``stop_on="eigenvalue"``, estimated
+            eigenvalue error) within the tolerance; never True for an estimated residual.
         num_matvecs: operator-vector products used.
         settings: the arguments that produced this result (method, k, which, tol, seed, ...).
+        error_bounds: (k,) a bound on each eigenvalue's error: some eigenvalue of the
+            operator lies within it (the residual, plus the rounding of the products;
+            rigorous where the residual was computed).
+        error_estimates: (k,) the sharper estimate ``||r||^2 / gap`` of each eigenvalue's
+            error, the gap estimated from the other Ritz values (an estimate, not a bound:
+            :func:`specops.lanczos.eigenvalue_errors`), at most ``error_bounds``.
+        residuals_estimated: (k,) bool, residuals from the recurrence (no product was left
+            in ``max_matvecs`` to verify them).
+        data_stderr: (k,) each eigenvalue's standard error over data resampling
+            (``eigsh(..., data_error=True)``), else None.
     """
 
     eigenvalues: np.ndarray
@@ -61,6 +77,10 @@ class EigResult(Result):
     converged: np.ndarray
     num_matvecs: int
     settings: dict
+    error_bounds: np.ndarray | None = None
+    error_estimates: np.ndarray | None = None
+    residuals_estimated: np.ndarray | None = None
+    data_stderr: np.ndarray | None = None
 
     _NOT_SERIALIZED = ("eigenvectors",)
 
@@ -70,10 +90,35 @@ class EigResult(Result):
         return bool(np.all(self.converged))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Pairs from one solver (Lanczos, dense, power), before they become an :class:`EigResult`."""
+
+    values: np.ndarray
+    vectors: Any
+    residuals: np.ndarray
+    converged: np.ndarray
+    num_matvecs: int
+    estimated: bool = False
+    others: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    forms: Any = None  # the last product's (input block, per-batch forms), with data_error
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How Lanczos starts: block size, start block, a warm start's columns, whether to check copies."""
+
+    block: int
+    start: Any
+    warm: Any
+    checked: bool
+
+
 def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
           max_matvecs: int | None = None, seed: int = 0, block_size: int | None = None,
           max_basis: int | None = None, v0: Array | None = None, progress: bool | str = False,
-          basis_memory: str | VectorOps = "device") -> EigResult:
+          basis_memory: str | VectorOps = "device", stop_on: str = "residual",
+          data_error: bool = False) -> EigResult:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
     Args:
@@ -84,10 +129,14 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
         method: ``"lanczos"`` (block Lanczos) or ``"power"`` (deflated power iteration).
         tol: a pair converges when ``||A v - lambda v|| <= tol * max(|lambda|, 1e-3 ||A||)``
             (``||A||`` estimated by the largest Ritz value) or its residual is at the
-            rounding level of the dtype.
+            rounding level of the dtype; with ``stop_on="eigenvalue"``, when its estimated
+            eigenvalue error (``error_estimates``) is.
         max_matvecs: budget of products; when it runs out the best estimates are returned
             with ``converged`` False where the tolerance was not met. Default
-            ``max(1000, 100 k)``.
+            ``max(1000, 100 k)``. Within the budget the Krylov space comes first: the ``k``
+            products that verify the pairs are spent only when Lanczos' estimates have
+            converged with that many left, else the pairs come back with the recurrence's
+            residuals (``residuals_estimated``), not converged.
         seed: seed of the random start block.
         block_size: Lanczos block size: eigenvalues of multiplicity up to the block size
             are resolved with all their copies. Default (None): single-vector Lanczos, then
@@ -119,10 +168,22 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
             (its orthogonalization then runs on the host's cores, and one block per step
             crosses to the device and back), or any :class:`~specops.ops.VectorOps`.
             The results equal the default's to rounding.
+        stop_on: ``"residual"`` (default): converge on the residuals (accurate vectors);
+            ``"eigenvalue"``: on the estimated eigenvalue errors ``||r||^2 / gap``, which
+            are typically far smaller than the residuals, so accurate eigenvalues take
+            fewer products (docs/algorithms.md).
+        data_error: also report each eigenvalue's standard error over data resampling
+            (``data_stderr``), for a model-backed operator whose data is several batches:
+            the delete-a-batch jackknife of the eigenvalues in the span of the returned
+            vectors, from the per-batch forms ``V^T H_b V`` of the verification product
+            (:mod:`specops.data_error`; docs/algorithms.md, "How much data?"). The
+            verification product is then kept within ``max_matvecs`` whatever happens.
 
     The returned pairs are verified: one product of the ``k`` returned vectors (counted in
     ``num_matvecs``) gives their Rayleigh quotients and true residuals
-    ``||A v - lambda v||``, and ``converged`` is judged from those (docs/algorithms.md).
+    ``||A v - lambda v||``, and ``converged`` is judged from those (docs/algorithms.md);
+    only when ``max_matvecs`` ends before Lanczos converged are the residuals the
+    recurrence's (``residuals_estimated``, ``converged`` False).
 
     Returns:
         :class:`EigResult`.
@@ -145,14 +206,70 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
         array([1., 2.])
     """
     A = _checks.symmetric_operator(A, "eigsh")
+    model = data_error_model(A, "eigsh") if data_error else None
     n = A.shape[0]
     k = _checks.positive_int("k", k)
     _checks.choice("which", which, WHICH)
     _checks.choice("method", method, METHODS)
+    _checks.choice("stop_on", stop_on, STOP_ON)
     tol = _checks.positive_float("tol", tol)
     seed = check_seed(seed)
     if k > n:
         raise ValueError(f"k={k} eigenpairs requested from an operator of size {n}; k must be <= n")
+    plan = _plan(A, k, which, method, block_size, v0)
+    b = plan.block
+    max_basis = _default_basis(n, k, b) if max_basis is None else _checks.positive_int("max_basis", max_basis)
+    if max_basis < k + 2 * b:
+        raise ValueError(f"max_basis={max_basis} is too small: it must be >= k + 2 * block_size = {k + 2 * b}")
+    max_basis = min(max_basis, n - b)
+    if max_matvecs is None:
+        max_matvecs = max(1000, 100 * k)
+    max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
+    bar = progress_bar(progress, max_matvecs, "eigsh", comm=A)
+    A = bar.track(A)
+    store = basis_store(A.ops, basis_memory)
+    settings = dict(k=k, which=which, method=method, tol=tol, max_matvecs=max_matvecs, seed=seed,
+                    n=n, dtype=A.dtype.name, backend=A.backend, **engine_settings(A))
+    if stop_on != "residual":
+        settings["stop_on"] = stop_on
+    if store != A.ops:
+        settings["basis_memory"] = f"{store.name}:{store.device}"
+    with model.recording_batches() if model is not None else contextlib.nullcontext() as forms:
+        if method == "power":
+            if which == "BE":
+                raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
+            if max_matvecs < 2 * k:
+                raise ValueError(f"max_matvecs={max_matvecs} is too small for method='power': it needs at least "
+                                 f"2 * k = {2 * k} (k products verify the result)")
+            run = _power(A, k, which, tol, max_matvecs, seed)
+        elif max_basis < k + 2 * b:
+            settings["method"] = "dense"
+            run = _dense(A, k, which, tol)
+        else:
+            settings.update(block_size=b, max_basis=max_basis)
+            least = b * -(-k // b) + (k if model is not None else 0)
+            if max_matvecs < least:
+                raise ValueError(f"max_matvecs={max_matvecs} is too small: Lanczos needs at least {least} products "
+                                 f"(block_size={b}{', and k for data_error' if model is not None else ''}) to hold "
+                                 f"k={k} Ritz vectors")
+            run = _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store, stop_on, settings,
+                                   forms)
+        if forms is not None and run.forms is None:
+            run = dataclasses.replace(run, forms=forms.last)
+    bar.close(eigenvalues=run.values, residual=float(np.max(run.residuals)))
+    result = _result(A, run, settings)
+    if forms is not None:
+        settings["data_error"] = dict(batches=int(len(forms.weights)), samples=int(np.sum(forms.sizes)),
+                                      method="delete-a-batch jackknife in span(V)")
+        V, G = run.forms
+        C = A.ops.to_numpy(A.ops.inner(V, run.vectors))  # the returned vectors in the product's block
+        result.data_stderr = eigenvalue_stderr(np.einsum("ia,bij,jc->bac", C, G, C), forms.weights, forms.sizes,
+                                               which)
+    return result
+
+
+def _plan(A, k, which, method, block_size, v0):
+    """The block size and start of Lanczos, and whether the multiplicity check applies."""
     # LM: the complement's inner end lies in the bulk near 0, slow to settle; a block is cheaper
     start = None if v0 is None else _start_block(A, v0)
     checked = block_size is None and k > 1 and method == "lanczos" and which != "LM"
@@ -171,61 +288,62 @@ def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos
                              "block_size starting vectors or a larger block_size")
     if start is not None and method != "lanczos":
         raise ValueError("v0 starts Lanczos; method='power' draws its own start vectors: use method='lanczos'")
-    max_basis = _default_basis(n, k, b) if max_basis is None else _checks.positive_int("max_basis", max_basis)
-    if max_basis < k + 2 * b:
-        raise ValueError(f"max_basis={max_basis} is too small: it must be >= k + 2 * block_size = {k + 2 * b}")
-    max_basis = min(max_basis, n - b)
-    if max_matvecs is None:
-        max_matvecs = max(1000, 100 * k)
-    max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
-    bar = progress_bar(progress, max_matvecs, "eigsh", comm=A)
-    A = bar.track(A)
-    store = basis_store(A.ops, basis_memory)
-    settings = dict(k=k, which=which, method=method, tol=tol, max_matvecs=max_matvecs, seed=seed,
-                    n=n, dtype=A.dtype.name, backend=A.backend, **engine_settings(A))
-    if store != A.ops:
-        settings["basis_memory"] = f"{store.name}:{store.device}"
-    if method == "power":
-        if which == "BE":
-            raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
-        if max_matvecs < 2 * k:
-            raise ValueError(f"max_matvecs={max_matvecs} is too small for method='power': it needs at least 2 * k "
-                             f"= {2 * k} (k products verify the result)")
-        out = _power(A, k, which, tol, max_matvecs, seed)
-    elif max_basis < k + 2 * b:
+    return _Plan(block=b, start=start, warm=warm, checked=checked)
+
+
+def _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store, stop_on, settings, forms=None):
+    """Lanczos from the plan, then the warm start's or the multiplicity check, and block Lanczos on a copy.
+
+    With ``forms`` (per-batch forms being recorded) the verification product is reserved,
+    and the run keeps its forms (the complement check's products come after it).
+    """
+    n = A.shape[0]
+    reserve = forms is not None
+    run, basis = _lanczos(A, k, which, tol, max_matvecs, seed, plan.block, max_basis, v0=plan.start, store=store,
+                          stop_on=stop_on, reserve=reserve)
+    if forms is not None:
+        run = dataclasses.replace(run, forms=forms.last)
+    checked = plan.checked
+    if plan.warm is not None:
+        inside = _inside(A, plan.warm, basis)
+        checked = checked and not A.decide(bool(inside >= WARM_INSIDE))
+        settings["warm_start"] = dict(columns=int(plan.warm.shape[1]), inside=inside, checked=bool(checked))
+    if not (checked and run.converged.all()):
+        return run
+    missed, used, complete = _complement_check(A, run.values, basis, which, tol, max_matvecs - run.num_matvecs,
+                                               seed, max_basis, store)
+    del basis  # the block rerun below needs its own basis; free this one first
+    settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed), complete=bool(complete))
+    spent = run.num_matvecs + used
+    run = dataclasses.replace(run, num_matvecs=spent)
+    if not missed:
+        return run
+    basis_k = min(_default_basis(n, k, k), n - k)
+    if max_matvecs - spent < (2 * k if basis_k >= 3 * k else n):  # no budget for the copy
+        return dataclasses.replace(run, converged=np.zeros_like(run.converged))
+    # a repeated eigenvalue: block Lanczos finds every copy up to multiplicity k
+    settings.update(block_size=k, max_basis=basis_k)
+    if basis_k < 3 * k:
         settings["method"] = "dense"
-        out = _dense(A, k, which, tol)
+        rerun = _dense(A, k, which, tol)
     else:
-        settings.update(block_size=b, max_basis=max_basis)
-        if max_matvecs < b + k:
-            raise ValueError(f"max_matvecs={max_matvecs} is too small: Lanczos needs at least block_size + k = "
-                             f"{b + k} products (k of them verify the result)")
-        *out, basis = _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, v0=start, store=store)
-        if warm is not None:
-            inside = _inside(A, warm, basis)
-            checked = checked and not A.decide(bool(inside >= WARM_INSIDE))
-            settings["warm_start"] = dict(columns=int(warm.shape[1]), inside=inside, checked=bool(checked))
-        if checked and out[3].all():
-            missed, used, complete = _complement_check(A, out[0], basis, which, tol, max_matvecs - out[4],
-                                                       seed, max_basis, store)
-            del basis  # the block rerun below needs its own basis; free this one first
-            settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed),
-                                                  complete=bool(complete))
-            out[4] += used
-            basis_k = min(_default_basis(n, k, k), n - k)
-            if missed and max_matvecs - out[4] < (2 * k if basis_k >= 3 * k else n):  # no budget for the copy
-                out[3] = np.zeros_like(out[3])
-            elif missed:  # a repeated eigenvalue: block Lanczos finds every copy up to multiplicity k
-                spent = out[4]
-                settings.update(block_size=k, max_basis=basis_k)
-                if basis_k < 3 * k:
-                    settings["method"] = "dense"
-                    out = list(_dense(A, k, which, tol))
-                else:
-                    *out, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k, store=store)
-                out[4] += spent
-    bar.close(eigenvalues=out[0], residual=float(np.max(out[2])))
-    return EigResult(*out, settings=settings)  # type: ignore[misc]  # out: the five other fields
+        rerun, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k, store=store, stop_on=stop_on,
+                            reserve=reserve)
+    return dataclasses.replace(rerun, num_matvecs=rerun.num_matvecs + spent,
+                               forms=forms.last if forms is not None else None)
+
+
+def _result(A, run, settings):
+    """The :class:`EigResult` of a run, with its eigenvalue error bounds and estimates."""
+    eps = float(np.finfo(A.ops.dtype).eps)
+    values = np.asarray(run.values, dtype=np.float64)
+    residuals = np.asarray(run.residuals, dtype=np.float64)
+    anorm = float(np.abs(np.concatenate([values, run.others])).max())
+    return EigResult(eigenvalues=values, eigenvectors=run.vectors, residuals=residuals,
+                     converged=np.asarray(run.converged, dtype=bool), num_matvecs=int(run.num_matvecs),
+                     settings=settings, error_bounds=residuals + ROUNDING * eps * anorm,
+                     error_estimates=eigenvalue_errors(values, residuals, run.others, floor=eps * anorm),
+                     residuals_estimated=np.full(len(values), bool(run.estimated)))
 
 
 def _start_block(A, v0):
@@ -311,9 +429,10 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis, store
 
         check_tol = max(tol, CHECK_TOL)
         low = edge - max(abs(edge), NORM_FLOOR * scale)
-        mu, _, r, ok, count, _ = _lanczos(_Complement(A, basis, sign, low), 1, "LA", check_tol, budget - used,
-                                          seed, 1, max_basis, stream="complement-check", stop=stop, store=store)
-        used += count
+        run, _ = _lanczos(_Complement(A, basis, sign, low), 1, "LA", check_tol, budget - used, seed, 1, max_basis,
+                          stream="complement-check", stop=stop, store=store)
+        mu, r, ok = run.values, run.residuals, run.converged
+        used += run.num_matvecs
         near = mu[0] + max(r[0], check_tol * max(abs(edge), NORM_FLOOR * scale)) >= edge
         if A.decide(bool(mu[0] >= edge or (ok[0] and near))):  # reached the wanted range, or settled at its edge
             missed = True
@@ -334,14 +453,14 @@ def _dense(A, k, which, tol):
     resid = np.linalg.norm(M @ vecs - vecs * theta[want], axis=0)
     anorm = float(np.abs(theta).max())
     ok = resid <= _thresholds(theta[want], tol, anorm, np.finfo(ops.dtype).eps)
-    return theta[want], ops.from_numpy(vecs), resid, ok, mul.count
+    return _Run(theta[want], ops.from_numpy(vecs), resid, ok, mul.count, others=np.delete(theta, want))
 
 
 def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None, v0=None,
-             store=None):
+             store=None, stop_on="residual", reserve=False):
     """Thick-restart block Lanczos from ``v0`` (padded with seeded random columns to ``b``).
 
-    Returns ``(values, vectors, residuals, converged, products, basis)``.
+    Returns ``(run, basis)``: the pairs as a :class:`_Run` and the final Lanczos basis.
     """
     ops, n = A.ops, A.shape[0]
     mul = _checks.Products(A)
@@ -356,9 +475,11 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos"
     start = draw(b) if v0 is None else v0
     if start.shape[1] < b:
         start = ops.concat([start, draw(b - start.shape[1])], axis=1)
-    vals, vecs, resid, ok, basis = thick_restart(A, mul, k, which, tol, max_matvecs, start, max_basis, draw,
-                                                 stop=stop, verify=stop is None, store=store)
-    return vals, vecs, resid, ok, mul.count, basis
+    pairs = thick_restart(A, mul, k, which, tol, max_matvecs, start, max_basis, draw, stop=stop,
+                          verify=stop is None, store=store, stop_on=stop_on, reserve=reserve)
+    run = _Run(pairs.values, pairs.vectors, pairs.residuals, pairs.converged, mul.count, pairs.estimated,
+               pairs.others)
+    return run, pairs.basis
 
 
 def _power(A, k, which, tol, max_matvecs, seed):
@@ -381,7 +502,7 @@ def _power(A, k, which, tol, max_matvecs, seed):
     vals, vecs, resid = verified(ops, mul, vecs, which)  # judged from the true residuals
     anorm = max(float(np.abs(vals).max()), shift / 1.1)
     ok = resid <= _thresholds(vals, tol, anorm, float(np.finfo(ops.dtype).eps))
-    return vals, vecs, resid, ok, mul.count
+    return _Run(vals, vecs, resid, ok, mul.count)
 
 
 def _deflated_power(ops, n, apply, k, tol, budget, seed, stream, used, shift=0.0, decide=lambda x: x):

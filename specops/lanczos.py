@@ -16,12 +16,15 @@ live behind the vector operations (:meth:`~specops.ops.VectorOps.orthogonalize` 
 Honesty: the eigenpairs :func:`thick_restart` returns are verified by one product of the
 returned vectors (Rayleigh-Ritz on their span, residuals ``||A v - theta v||`` from that
 product); when the verification contradicts Lanczos' own estimate (a lost coupling), the
-process restarts from those vectors and their true residual block.
+process restarts from those vectors and their true residual block. Within a budget too
+small to verify, the budget goes to the Krylov space and the pairs come back with the
+recurrence's residuals, marked estimated and never converged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -136,11 +139,68 @@ class Basis:
         self.columns = C.shape[1]
 
 
+class RitzPairs(NamedTuple):
+    """What :func:`thick_restart` returns: the wanted Ritz pairs and how far to trust them.
+
+    Attributes:
+        values: (k,) Ritz values, most wanted first (as :func:`wanted` orders them).
+        vectors: (n, k) unit Ritz vectors, an array of the operator's backend.
+        residuals: (k,) ``||A v - theta v||``: computed from a product of the vectors when
+            ``estimated`` is False, else Lanczos' estimate from the recurrence.
+        converged: (k,) bool; never True for an estimated pair.
+        estimated: whether ``residuals`` are the recurrence's estimates (no product was left
+            to verify them).
+        others: the other Ritz values of the final projected matrix (the gaps of
+            :func:`eigenvalue_errors`).
+        basis: the final Lanczos basis (a :class:`Basis` filled to ``basis.columns``).
+    """
+
+    values: np.ndarray
+    vectors: Array
+    residuals: np.ndarray
+    converged: np.ndarray
+    estimated: bool
+    others: np.ndarray
+    basis: Basis
+
+
+def eigenvalue_errors(values: np.ndarray, residuals: np.ndarray, others: np.ndarray,
+                      floor: float = 0.0) -> np.ndarray:
+    """Estimated eigenvalue errors ``min(||r||, ||r||^2 / gap)`` of unit Ritz pairs.
+
+    For a symmetric operator some eigenvalue lies within ``||r||`` of a Ritz value (the
+    rigorous bound), and within ``||r||^2 / delta`` when ``delta`` is the distance from the
+    Ritz value to the rest of the spectrum (Kato-Temple). ``delta`` is estimated by the gap to
+    the nearest other Ritz value (among ``values`` and ``others``) outside its cluster: Ritz
+    values within ``||r_i|| + ||r_j||`` of each other may approximate one (repeated)
+    eigenvalue, and are not counted as its neighbours. An estimate, not a bound: an
+    unconverged neighbour may lie closer than its Ritz value.
+
+    Args:
+        values: (k,) Ritz values.
+        residuals: (k,) their residual norms.
+        others: further Ritz values of the same projected matrix (may be empty).
+        floor: the result's least value (the rounding of the products).
+
+    Returns:
+        (k,) estimates, at most ``residuals`` and at least ``floor``.
+    """
+    values, residuals = np.asarray(values, dtype=np.float64), np.asarray(residuals, dtype=np.float64)
+    pool = np.concatenate([values, np.asarray(others, dtype=np.float64)])
+    radius = np.concatenate([residuals, np.zeros(pool.size - values.size)])
+    d = np.abs(values[:, None] - pool[None, :])
+    d[d <= residuals[:, None] + radius[None, :]] = np.inf  # itself, and its cluster
+    gap = d.min(axis=1) if pool.size else np.full(values.size, np.inf)
+    finite = np.isfinite(gap)
+    sharp = np.where(finite, residuals ** 2 / np.where(finite, gap, 1.0), residuals)
+    return np.maximum(np.minimum(residuals, sharp), floor)
+
+
 def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: float, budget: int, start: Array,
                   max_basis: int, draw: Callable[[int], Array],
                   stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
-                  verify: bool = True, store: VectorOps | None = None
-                  ) -> tuple[np.ndarray, Array, np.ndarray, np.ndarray, Basis]:
+                  verify: bool = True, store: VectorOps | None = None,
+                  stop_on: str = "residual", reserve: bool = False) -> RitzPairs:
     """Thick-restart block Lanczos (Wu & Simon 2000) from the block ``start``.
 
     Args:
@@ -156,24 +216,36 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         stop: ``stop(theta, resid)`` of the wanted pairs may end the run early (unverified).
         verify: check the returned pairs with one product of the vectors (``k`` products).
         store: the vector operations that keep the basis (default ``A.ops``; see :class:`Basis`).
+        stop_on: ``"residual"``: a pair converges when its residual meets ``tol``;
+            ``"eigenvalue"``: when its estimated eigenvalue error (:func:`eigenvalue_errors`) does.
+        reserve: keep ``k`` products for the verification whatever happens (the caller needs
+            the product of the returned vectors).
 
     Each step orthogonalizes the new block against the last two blocks first (the
     recurrence), then against the whole basis, that pass repeated only when it removed
     more than rounding (:meth:`~specops.ops.VectorOps.orthogonalize`); after a restart
     the kept Ritz vectors count as recent (the new block is coupled to all of them).
 
+    The budget goes to the Krylov space first: the ``k`` products of the verification are
+    spent only once Lanczos' estimates have converged with that many products left; when
+    the budget ends before, the pairs come back with the recurrence's residuals, marked
+    ``estimated`` and not converged.
+
     Returns:
-        ``(values, vectors, residuals, converged, basis)``; ``basis`` is the final Lanczos
-        basis (a :class:`Basis` filled to ``basis.columns``).
+        :class:`RitzPairs`.
     """
     ops, n = A.ops, A.shape[0]
     eps = float(np.finfo(ops.dtype).eps)
-    reserve = k if verify else 0
     pending, _ = ops.orthonormalize(start)
     basis = Basis(ops, store, (n, max_basis))  # the basis lives in columns 0..m-1
     T = np.zeros((0, 0))
     anorm = 0.0
     restarted = True  # the next block is coupled to every column so far
+
+    def accurate(values, resid, others):
+        errors = resid if stop_on == "residual" else eigenvalue_errors(values, resid, others)
+        return A.decide(errors <= thresholds(values, tol, anorm, eps))
+
     while True:
         b = pending.shape[1]
         W = mul(pending)
@@ -193,20 +265,23 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         anorm = max(anorm, float(np.abs(theta).max()))
         resid = np.linalg.norm(R @ S[-b:, :], axis=0)
         want = wanted(theta, which, k)
+        others = np.delete(theta, want)
         show(A, ritz=theta[want], residual=float(resid[want].max()))
-        ok = A.decide(resid[want] <= thresholds(theta[want], tol, anorm, eps))
-        spent = mul.count + b + reserve > budget
+        ok = accurate(theta[want], resid[want], others)
+        spent = mul.count + b + (k if reserve else 0) > budget
         if stop is not None and A.decide(bool(stop(theta[want], resid[want]))):
-            return theta[want], basis.combine(S[:, want]), resid[want], ok, basis
-        if ok.all() or spent:
+            return RitzPairs(theta[want], basis.combine(S[:, want]), resid[want], ok, True, others, basis)
+        if (ok.all() and (not verify or mul.count + k <= budget)) or spent:
             V = basis.combine(S[:, want])
             if not verify:
-                return theta[want], V, resid[want], ok, basis
+                return RitzPairs(theta[want], V, resid[want], ok, True, others, basis)
+            if (not ok.all() and not reserve) or mul.count + k > budget:  # no product left to verify
+                return RitzPairs(theta[want], V, resid[want], np.zeros_like(ok), True, others, basis)
             vals, V, AV, true = _rayleigh_ritz(ops, mul, V, which)
             anorm = max(anorm, float(np.abs(vals).max()))
-            good = A.decide(true <= thresholds(vals, tol, anorm, eps))
+            good = accurate(vals, true, others)
             if good.all() or mul.count + 2 * k > budget or max_basis < 3 * k:
-                return vals, V, true, good, basis
+                return RitzPairs(vals, V, true, good, False, others, basis)
             # Lanczos' residual estimate missed a coupling: restart from the verified
             # vectors, with their true residual block as the next block
             basis.write(0, V)

@@ -11,6 +11,7 @@ non-finite losses and non-deterministic products.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -258,6 +259,37 @@ def resolve_loss_form(loss_fn: Callable[..., Any], loss_form: str = "auto") -> s
     return "model" if first in _MODEL_ARG_NAMES else "outputs"
 
 
+class BatchForms:
+    """Per-batch quadratic forms recorded by :meth:`ModelOperator.recording_batches`.
+
+    Every rank's batches are gathered in rank order, so every rank holds the numbers of one
+    process holding all the data.
+
+    Attributes:
+        last: the last product's input block ``V`` (n, k) and its forms ``V^T H_b V`` (B, k, k).
+        diagonals: per product, ``(tag, (B, k) forms v_j^T H_b v_j)``; ``tag`` is
+            :attr:`tag` at the time of the product (an algorithm marks its probe products).
+        weights: (B,) the weights ``w_b`` of ``H = sum_b w_b H_b``.
+        sizes: (B,) the batches' sample counts.
+        tag: the label given to the next products.
+    """
+
+    def __init__(self) -> None:
+        self.last: tuple[Any, np.ndarray] | None = None
+        self.diagonals: list[tuple[str, np.ndarray]] = []
+        self.weights = self.sizes = np.zeros(0)
+        self.tag = ""
+
+    def add(self, V: Array, forms: list, operator: ModelOperator) -> None:
+        """Record one product's local ``forms`` (gathered from every rank)."""
+        local = (np.asarray(forms, dtype=np.float64), np.asarray(operator._weights(), dtype=np.float64),
+                 np.asarray(operator.batch_sizes, dtype=np.float64))
+        parts = [p for p in operator.comm.allgather(local) if len(p[1])]
+        G, self.weights, self.sizes = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        self.last = (V, G)
+        self.diagonals.append((self.tag, np.diagonal(G, axis1=1, axis2=2).copy()))
+
+
 class ModelOperator(LinearOperator):
     """The Hessian of a model's loss over a data set, as a symmetric operator.
 
@@ -306,6 +338,7 @@ class ModelOperator(LinearOperator):
         if self.num_samples == 0:
             raise ValueError("the data holds no samples")
         self.num_matvecs = 0
+        self._recorded: BatchForms | None = None
         self.matvec_seconds = 0.0
         self.num_loss_evals = 0
         self.check_deterministic = check_deterministic
@@ -337,12 +370,20 @@ class ModelOperator(LinearOperator):
             return [1.0] * len(self.batch_sizes)
         return [b / self.num_samples for b in self.batch_sizes]
 
-    def _accumulate(self, fn):
-        """``sum_b w_b fn(index, batch)`` over local batches, then over ranks."""
+    def _accumulate(self, fn, V=None):
+        """``sum_b w_b fn(index, batch)`` over local batches, then over ranks.
+
+        While :meth:`recording_batches` is on and ``V`` is given, each batch's ``V^T fn(...)``
+        (its own Hessian's quadratic forms, before weighting) is kept as well.
+        """
         total = None
         count = 0
+        forms = []
         for i, (batch, w) in enumerate(zip(self._iter(), self._weights())):
             term = fn(i, batch)
+            if self._recorded is not None and V is not None:
+                forms.append(self.ops.to_numpy(self.ops.inner(self.ops.as_columns(V), self.ops.as_columns(term))))
+                forms[-1] = np.asarray(forms[-1], dtype=np.float64).reshape(forms[-1].shape[-2:])
             if w != 1.0:  # one batch (or reduction="sum"): no extra operation per product
                 term = term * w
             total = term if total is None else total + term
@@ -352,11 +393,30 @@ class ModelOperator(LinearOperator):
                 f"the data gave {count} batches, but {len(self.batch_sizes)} when the operator was "
                 "built; pass data that yields the same batches every time"
             )
+        if self._recorded is not None and V is not None:
+            self._recorded.add(V, forms, self)
         return total
+
+    @contextlib.contextmanager
+    def recording_batches(self) -> Iterator[BatchForms]:
+        """Within it, every product also keeps each batch's quadratic forms ``V^T H_b V``.
+
+        ``H_b`` is batch ``b``'s own Hessian (of its mean loss, or its summed loss for
+        ``reduction="sum"``), so that ``H = sum_b w_b H_b``. The products already compute
+        every ``H_b V``; the forms cost one small inner product per batch.
+
+        Yields:
+            :class:`BatchForms`, filled as products are made.
+        """
+        self._recorded = BatchForms()
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
 
     # --- products -----------------------------------------------------------------
     def _matmat(self, V: Array) -> Array:
-        return self._product(lambda i, b: self.adapter.hvp(i, b, V), tuple(V.shape))
+        return self._product(lambda i, b: self.adapter.hvp(i, b, V), tuple(V.shape), V)
 
     def matvec(self, v: Array) -> Array:
         """``H v`` for ``v`` of shape (n,).
@@ -365,11 +425,11 @@ class ModelOperator(LinearOperator):
         product).
         """
         v = self._check(v, 1)
-        return self._product(lambda i, b: self.adapter.hvp_vector(i, b, v), tuple(v.shape))
+        return self._product(lambda i, b: self.adapter.hvp_vector(i, b, v), tuple(v.shape), v)
 
-    def _product(self, fn: Callable[[int, Any], Array], shape: tuple) -> Array:
+    def _product(self, fn: Callable[[int, Any], Array], shape: tuple, V: Array | None = None) -> Array:
         t0 = time.perf_counter()
-        out = self._accumulate(fn)
+        out = self._accumulate(fn, V)
         if out is None:  # a rank with an empty shard
             out = self.ops.zeros(shape)
         out = self.comm.allreduce(out, self.ops)

@@ -104,10 +104,25 @@ def _eig_summary(r: Any) -> list[str]:
     lines = [f"EigResult: {len(vals)} eigenpair{'s' * (len(vals) != 1)} ({s.get('which', '?')}, {method}, "
              f"{r.num_matvecs} products; {_operator(s)}), {int(ok.sum())} of {len(ok)} converged"
              + (f" to tol={s['tol']:g}" if "tol" in s else "")]
-    rows = [("", "eigenvalue", "residual", "converged")]
-    rows += [(str(i), f"{v:.8g}", f"{e:.2g}", "yes" if c else "NO") for i, (v, e, c) in enumerate(zip(vals, res, ok))]
-    widths = [max(len(row[j]) for row in rows) for j in range(4)]
+    est = np.atleast_1d(np.asarray(r.residuals_estimated if getattr(r, "residuals_estimated", None) is not None
+                                   else np.zeros(len(vals)), dtype=bool))
+    errors = getattr(r, "error_estimates", None)
+    data = getattr(r, "data_stderr", None)
+    head = ("", "eigenvalue", "residual", "converged") + ("error (est.)",) * (errors is not None) \
+        + ("data stderr",) * (data is not None)
+    rows: list[tuple[str, ...]] = [head]
+    for i, (v, e, c) in enumerate(zip(vals, res, ok)):
+        row: tuple[str, ...] = (str(i), f"{v:.8g}", f"{e:.2g}", "yes" if c else ("NO (estimated)" if est[i] else "NO"))
+        if errors is not None:
+            row += (f"{float(errors[i]):.2g}",)
+        if data is not None:
+            row += (f"{float(data[i]):.2g}",)
+        rows.append(row)
+    widths = [max(len(row[j]) for row in rows) for j in range(len(head))]
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    if est.any():
+        lines.append("  residuals estimated from the Lanczos recurrence: no product was left in the budget to "
+                     "verify them")
     if r.eigenvectors is not None:
         shape = tuple(getattr(r.eigenvectors, "shape", ()))
         lines.append(f"  eigenvectors: {type(r.eigenvectors).__module__.split('.')[0]} array of shape {shape}")
@@ -119,8 +134,14 @@ def _trace_summary(r: Any) -> list[str]:
     method = s.get("estimator") or s.get("method", "")
     rel = f", {r.stderr / abs(r.estimate):.1%} relative" if r.estimate and np.isfinite(r.stderr) else ""
     budget = f" of {s['num_matvecs']}" if "num_matvecs" in s else ""
-    return [f"TraceResult: {r.estimate:.6g} +- {_g(r.stderr, 2)} (standard error{rel}; {method}, "
-            f"{r.num_matvecs}{budget} products; {_operator(s)})"]
+    lines = [f"TraceResult: {r.estimate:.6g} +- {_g(r.stderr, 2)} (standard error{rel}; {method}, "
+             f"{r.num_matvecs}{budget} products; {_operator(s)})"]
+    data = getattr(r, "data_stderr", None)
+    if data is not None:
+        d = s.get("data_error", {})
+        lines.append(f"  data stderr {_g(data, 2)} over {d.get('batches', '?')} batches of {d.get('samples', '?')} "
+                     f"samples (the probes' part above); both: {_g(np.hypot(data, r.stderr), 2)}")
+    return lines
 
 
 def _diagonal_summary(r: Any) -> list[str]:

@@ -12,15 +12,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from specops.checks import engine_settings
 from specops import _checks
+from specops.data_error import model_operator as data_error_model
+from specops.data_error import trace_stderr
 from specops.operator import LinearOperator, OperatorLike
 from specops.ops import Array, VectorOps
 from specops.progress import bar as progress_bar
@@ -61,17 +65,20 @@ class TraceResult(Result):
 
     Attributes:
         estimate: the estimate of ``tr(A)``.
-        stderr: its standard error (0 when the estimate is exact).
+        stderr: its standard error over the probes (0 when the estimate is exact).
         num_matvecs: operator-vector products used.
         settings: method, budget, seed, probe distribution, ``rtol``; for ``"auto"`` also
             ``estimator`` (the one chosen) and ``sketch_residual`` (the share of
             ``||A Omega||_F^2`` a leave-one-out sketch leaves, which decided it).
+        data_stderr: with ``data_error=True``, the standard error over data resampling (the
+            batches' part; ``stderr`` is the probes' part, and the two add in quadrature).
     """
 
     estimate: float
     stderr: float
     num_matvecs: int
     settings: dict
+    data_stderr: float | None = None
 
 
 def probe_chunks(A: LinearOperator, mul: Callable[[Array], Array], num: int, seed: int, kind: str,
@@ -125,11 +132,48 @@ def _reached(est: float, err: float, rtol: float | None, offset: float = 0.0) ->
     return rtol is not None and err <= rtol * abs(offset + est)
 
 
+class _Tagged(_checks.Products):
+    """Counted products that label each product for the per-batch forms of ``data_error``.
+
+    Labels: ``"probe"`` (random probes of ``A``), ``"deflated"`` (probes of
+    ``(I - P) A (I - P)``), ``"basis"`` (an orthonormal basis ``Q`` whose forms sum to
+    ``tr(Q^T A Q)``), ``"sketch"`` (anything else).
+    """
+
+    def __init__(self, A: LinearOperator, forms: Any = None) -> None:
+        super().__init__(A)
+        self.forms = forms
+
+    def __call__(self, V: Array, tag: str = "probe") -> Array:
+        if self.forms is not None:
+            self.forms.tag = tag
+        return super().__call__(V)
+
+
+def _per_batch_probes(forms: Any) -> np.ndarray:
+    """(p, B) per-batch probe forms of ``tr(H_b)``: raw probes, or deflated ones plus ``tr(Q^T H_b Q)``."""
+    def stacked(tag):
+        parts = [d for t, d in forms.diagonals if t == tag]
+        return np.concatenate(parts, axis=1).T if parts else np.zeros((0, len(forms.weights)))
+
+    deflated, basis = stacked("deflated"), stacked("basis")
+    if len(deflated) or (len(basis) and not len(stacked("probe"))):
+        low = basis.sum(axis=0)
+        return deflated + low[None, :] if len(deflated) else low[None, :]
+    return stacked("probe")
+
+
 def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0, project=None, first=()):
     """Quadratic forms ``z^T A z`` (optionally of ``(I-P) A (I-P)``), stopping on ``rtol``.
 
     ``first`` are the forms of probe columns ``0..len(first)-1`` of the stream, already taken.
     """
+    if project is not None:
+        plain = mul
+
+        def mul(Z):
+            return plain(Z, "deflated")
+
     samples = list(first)
     if len(samples) >= MIN_PROBES_FOR_RTOL and A.decide(_reached(*_mean_stderr(np.array(samples)), rtol, offset)):
         return np.array(samples)
@@ -144,7 +188,8 @@ def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0
 
 
 def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
-          kind: str = "rademacher", chunk: int = 10, progress: bool | str = False) -> TraceResult:
+          kind: str = "rademacher", chunk: int = 10, progress: bool | str = False,
+          data_error: bool = False) -> TraceResult:
     """Estimate the trace of a symmetric operator.
 
     Args:
@@ -160,13 +205,17 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
         progress: draw a progress bar (tqdm) of the products against ``num_matvecs``, with
             the running estimate and its standard error; a string labels it. Silent on MPI
             ranks other than 0 (:mod:`specops.progress`).
+        data_error: also report the standard error over data resampling (``data_stderr``)
+            for a model-backed operator whose data is several batches: a two-way analysis of
+            variance of the probes' per-batch forms ``z^T H_b z`` (probes x batches), which
+            the products already compute (:mod:`specops.data_error`; docs/algorithms.md).
 
     Returns:
         :class:`TraceResult` with the estimate and its standard error.
 
     Examples:
         A 300 x 300 matrix with eigenvalues ``0.9^j``, whose trace is 10: 60 products
-        give it to 0.3%, within its (conservative) standard error.
+        give it to 0.3%, within its standard error.
 
         >>> import numpy as np
         >>> import specops as so
@@ -174,9 +223,10 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
         >>> A = (Q * 0.9 ** np.arange(300)) @ Q.T
         >>> tr = so.trace(A, num_matvecs=60, seed=0)
         >>> print(f"{np.trace(A):.2f}, estimated {tr.estimate:.2f} +- {tr.stderr:.2f} ({tr.settings['estimator']})")
-        10.00, estimated 10.03 +- 0.20 (xtrace)
+        10.00, estimated 10.03 +- 0.09 (xtrace)
     """
     A = _checks.symmetric_operator(A, "trace")
+    model = data_error_model(A, "trace") if data_error else None
     _checks.choice("method", method, METHODS)
     num_matvecs = _checks.positive_int("num_matvecs", num_matvecs)
     rtol = _checks.positive_float("rtol", rtol, allow_none=True)
@@ -186,17 +236,24 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
                     n=A.shape[0], backend=A.backend, **engine_settings(A))
     bar = progress_bar(progress, num_matvecs, "trace", comm=A)
     A = bar.track(A)
-    mul = _checks.Products(A)
-    if method == "auto" and num_matvecs < 4:
-        settings["estimator"] = "hutchinson"  # too few products for a sketch
-    if method == "hutchinson" or settings.get("estimator") == "hutchinson":
-        est, err = _mean_stderr(_hutchinson_samples(A, mul, num_matvecs, seed, kind, "trace", chunk, rtol))
-    elif method == "hutch++":
-        est, err = _hutchpp(A, mul, num_matvecs, seed, kind, chunk, rtol)
-    else:
-        est, err = _xtrace(A, mul, num_matvecs, rtol, seed, kind, chunk, settings)
+    with model.recording_batches() if model is not None else contextlib.nullcontext() as forms:
+        mul = _Tagged(A, forms)
+        if method == "auto" and num_matvecs < 4:
+            settings["estimator"] = "hutchinson"  # too few products for a sketch
+        if method == "hutchinson" or settings.get("estimator") == "hutchinson":
+            est, err = _mean_stderr(_hutchinson_samples(A, mul, num_matvecs, seed, kind, "trace", chunk, rtol))
+        elif method == "hutch++":
+            est, err = _hutchpp(A, mul, num_matvecs, seed, kind, chunk, rtol)
+        else:
+            est, err = _xtrace(A, mul, num_matvecs, rtol, seed, kind, chunk, settings)
     bar.close(trace=est, stderr=err)
-    return TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
+    result = TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
+    if forms is not None:
+        X = _per_batch_probes(forms)
+        settings["data_error"] = dict(batches=int(len(forms.weights)), samples=int(np.sum(forms.sizes)),
+                                      probes=int(X.shape[0]), method="probes x batches analysis of variance")
+        result.data_stderr = trace_stderr(X, forms.weights)
+    return result
 
 
 def _hutchpp(A, mul, m, seed, kind, chunk, rtol):
@@ -208,8 +265,8 @@ def _hutchpp(A, mul, m, seed, kind, chunk, rtol):
     if s > capacity:
         raise ValueError(f"{_too_large('hutch++', s, capacity, n)}: pass num_matvecs <= {3 * capacity} "
                          "or method='hutchinson' (no sketch)")
-    Q, _ = ops.qr(mul(ops.random(n, range(s), seed, kind=kind, stream="hutch++-sketch")))
-    low_rank = float(np.sum(ops.column_dots(Q, mul(Q))))
+    Q, _ = ops.qr(mul(ops.random(n, range(s), seed, kind=kind, stream="hutch++-sketch"), "sketch"))
+    low_rank = float(np.sum(ops.column_dots(Q, mul(Q, "basis"))))
 
     def deflate(Z):
         return Z - ops.combine(Q, ops.inner(Q, Z))
@@ -231,8 +288,8 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
         raise ValueError(f"xtrace needs num_matvecs >= 4 (two probes), got {m}")
     ops, n = A.ops, A.shape[0]
 
-    def products(X):
-        return ops.concat([mul(X[:, j:j + chunk]) for j in range(0, X.shape[1], chunk)], axis=1)
+    def products(X, tag="probe"):
+        return ops.concat([mul(X[:, j:j + chunk], tag) for j in range(0, X.shape[1], chunk)], axis=1)
 
     sketch = _Sketch(ops, A.decide)
     s = min(n, m // 2 if rtol is None else min(m // 2, 2 * max(MIN_PROBES_FOR_RTOL, chunk)))
@@ -262,21 +319,11 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
                 return _mean_stderr(samples)
         else:
             sketch.add(Omega, Y)
-        sketch.complete(products)
+        sketch.complete(lambda Q2: products(Q2, "basis"))
         if sketch.exact and s < n:
             # the sketch holds A's range to working precision; what it may still miss (a tail
             # below the rounding level of R) is estimated by Hutchinson on the rest
-            low = float(np.trace(sketch.H))
-
-            def deflate(Z):
-                return ops.orthogonalize(Z, sketch.Q)[0]
-
-            rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol,
-                                       offset=low, project=deflate)
-            if len(rest) < 2:
-                return low, 0.0
-            est, err = _mean_stderr(rest)
-            return low + est, err
+            return _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, (float(np.trace(sketch.H)), 0.0))
         est, err = sketch.estimate()
         show(A, trace=est, stderr=err)
         left = (m - mul.count) // 2
@@ -288,16 +335,25 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
                           "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "
                           "its range (Hutch++'s form)", RuntimeWarning, stacklevel=3)
             settings.update(estimator="xtrace, then hutch++", sketch_capacity=capacity)
-            low = float(np.trace(sketch.H))
-            rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol, offset=low,
-                                       project=lambda Z: ops.orthogonalize(Z, sketch.Q)[0])
-            if len(rest) < 2:
-                return est, err
-            r_est, r_err = _mean_stderr(rest)
-            return low + r_est, r_err
+            return _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, (est, err))
         # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
         aim = 1.1 * s * err / max(rtol * abs(est), np.finfo(np.float64).tiny)
         s = min(n, 2 * s, s + left, capacity, max(s + chunk, math.ceil(min(aim, 2.0 * n))))
+
+
+def _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, fallback):
+    """Hutch++'s form on a grown sketch: ``tr(Q^T A Q)`` exactly, Hutchinson outside ``span(Q)``.
+
+    The rest of the budget goes to probes of ``(I - QQ^T) A (I - QQ^T)`` (stream
+    ``"trace-rest"``); with fewer than two left, ``fallback`` (estimate, stderr) is returned.
+    """
+    low = float(np.trace(sketch.H))
+    rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol, offset=low,
+                               project=lambda Z: A.ops.orthogonalize(Z, sketch.Q)[0])
+    if len(rest) < 2:
+        return fallback
+    est, err = _mean_stderr(rest)
+    return low + est, err
 
 
 class _Sketch:
@@ -371,8 +427,9 @@ class _Sketch:
         1.3 on a decaying spectrum, where an honest stderr gives 0.67. The stderr is the
         delete-a-group jackknife of the whole estimator instead (``g = min(m, 20)`` groups
         of probes, 10 past 400 probes; XTrace rerun on the host without each group), which
-        Efron-Stein makes conservative: medians 0.4-0.8 on the same matrices
-        (docs/algorithms.md).
+        Efron-Stein makes conservative, divided by what it overstates at the rate the
+        estimator's variance falls, measured on the sketch (:func:`_calibrated_stderr`):
+        RMS error / stderr 0.6-1.2 on twelve spectra (docs/algorithms.md).
         """
         H, R, W = self.H, self.R, self.W
         if self.exact:
@@ -381,14 +438,54 @@ class _Sketch:
         mean = float(np.mean(_leave_one_out(H, R, W)))
         if m < 3:
             return mean, float("inf")
-        groups = np.array_split(np.arange(m), min(m, JACKKNIFE_GROUPS if m <= JACKKNIFE_LARGE else 10))
-        partial: list[float] = []
-        for group in groups:
-            keep = np.setdiff1d(np.arange(m), group)
-            V, Rk = np.linalg.qr(R[:, keep])  # the basis of the kept probes' products, in Q's coordinates
-            partial.append(float(np.mean(_leave_one_out(V.T @ H @ V, Rk, V.T @ W[:, keep]))))
-        t, g = np.array(partial), len(groups)
-        return mean, float(np.sqrt((g - 1) / g * np.sum((t - t.mean()) ** 2)))
+        return mean, _calibrated_stderr(H, R, W)
+
+
+def _subsketch(H: np.ndarray, R: np.ndarray, W: np.ndarray, keep: np.ndarray) -> float:
+    """XTrace on the probes ``keep`` only, from the whole sketch's host matrices (no products).
+
+    ``Omega`` restricted to ``keep`` spans a subspace of ``Q``: its basis in ``Q``'s coordinates
+    comes from ``R[:, keep]``, and ``H``, ``R`` and ``W`` restricted to it are XTrace's state.
+    """
+    V, Rk = np.linalg.qr(R[:, keep])
+    return float(np.mean(_leave_one_out(V.T @ H @ V, Rk, V.T @ W[:, keep])))
+
+
+def _jackknife(H: np.ndarray, R: np.ndarray, W: np.ndarray, probes: np.ndarray, groups: int) -> float:
+    """The delete-a-group jackknife variance of XTrace on ``probes`` (``groups`` groups)."""
+    parts = np.array_split(probes, min(len(probes), groups))
+    t = np.array([_subsketch(H, R, W, np.setdiff1d(probes, group)) for group in parts])
+    g = len(parts)
+    return float((g - 1) / g * np.sum((t - t.mean()) ** 2))
+
+
+def _calibrated_stderr(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> float:
+    """XTrace's standard error: the jackknife, divided by what it overstates at the estimator's rate.
+
+    The delete-a-group jackknife (``g`` groups) measures how the estimate moves when ``1/g``
+    of the probes go. For an estimator whose variance falls like ``c / m^p`` that is
+    ``F(p) = (g - 1)((g / (g - 1))^p - 1)`` times the variance: right for a mean (``p = 1``),
+    too large for XTrace, whose variance falls faster on decaying spectra (``p`` 2 and more).
+    ``p`` is measured on the sketch itself: the jackknife of each half of the probes against
+    that of all of them is ``2^p``; ``p`` is clipped to ``[1, P_MAX]``, so the result is
+    at most the plain jackknife's and at least ``1/sqrt(F(P_MAX))`` of it.
+    """
+    m = R.shape[1]
+    g = min(m, JACKKNIFE_GROUPS if m <= JACKKNIFE_LARGE else 10)
+    probes = np.arange(m)
+    full = _jackknife(H, R, W, probes, g)
+    if m < 2 * MIN_HALF:
+        return float(np.sqrt(full))
+    half = float(np.mean([_jackknife(H, R, W, part, g) for part in np.array_split(probes, 2)]))
+    p = float(np.clip(np.log2(max(half, 1e-300) / max(full, 1e-300)), 1.0, P_MAX))
+    return float(np.sqrt(full / ((g - 1) * ((g / (g - 1)) ** p - 1))))
+
+
+#: The largest variance decay rate ``p`` the XTrace calibration trusts (measured up to 15 on
+#: a 0.9^i spectrum at 100 probes).
+P_MAX = 16.0
+#: Probes per half below which the rate is not measured (the plain jackknife is reported).
+MIN_HALF = 10
 
 
 def _leave_one_out(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> np.ndarray:

@@ -400,11 +400,15 @@ class Tracker:
             self.vectors[name] = res.eigenvectors
             self._history[name] = [*self._history.get(name, []), res.eigenvectors][-self.warm_lag:]
             out.update(eigenvalues=res.eigenvalues, residuals=res.residuals, converged=res.converged)
+            if res.data_stderr is not None:  # eigsh_options={"data_error": True}
+                out["data_stderr"] = res.data_stderr
             return res.num_matvecs, v0 is not None
         if metric == "trace":
             res = trace(A, seed=self.seed, **opts)
             out["trace"] = {"estimate": res.estimate, "stderr": res.stderr,
                             "estimator": res.settings.get("estimator", res.settings["method"])}
+            if res.data_stderr is not None:  # trace_options={"data_error": True}
+                out["trace"]["data_stderr"] = res.data_stderr
             return res.num_matvecs, False
         res = spectral_density(A, seed=self.seed, **opts)
         out["density"] = {"nodes": res.nodes, "weights": res.weights, "n": res.settings["n"]}

@@ -68,7 +68,8 @@ def test_thick_restart_basis_orthogonal_and_pairs_match_dense(backend, dtype, ki
     eps = np.finfo(dtype).eps
     k = 4
     # a small basis: many thick restarts (and, for the low-rank matrix, breakdowns)
-    vals, vecs, resid, ok, count, basis = eigsh_module._lanczos(A, k, "LA", 1e-8, 3000, 0, b, 12 + 2 * b)
+    run, basis = eigsh_module._lanczos(A, k, "LA", 1e-8, 3000, 0, b, 12 + 2 * b)
+    vals, vecs, resid, ok = run.values, run.vectors, run.residuals, run.converged
     Q = A.ops.to_numpy(basis.X)[:, : basis.columns]
     assert basis.columns >= k + b
     assert _loss(Q) < 50 * eps
@@ -134,7 +135,8 @@ def test_dgks_repeats_the_full_pass_rarely():
             return super().project(W, Q, start, stop)
 
     A.ops = Counting(np.float64)
-    vals, vecs, resid, ok, count, _ = eigsh_module._lanczos(A, 3, "LA", 1e-10, 3000, 0, 1, 20)
+    run, _ = eigsh_module._lanczos(A, 3, "LA", 1e-10, 3000, 0, 1, 20)
+    vals, ok, count = run.values, run.converged, run.num_matvecs
     assert ok.all() and np.allclose(vals, lam[::-1][:3], rtol=1e-10)
     steps = count - 3  # the products less the verification's
     # once per step (plus the restarts' and repairs' few); classical Gram-Schmidt twice made 2 per step

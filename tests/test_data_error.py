@@ -1,0 +1,109 @@
+"""Data standard errors (eigsh/trace ``data_error=True``) against brute force over data subsets."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import specops as so
+from specops.data_error import eigenvalue_stderr, trace_stderr
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+
+def test_eigenvalue_jackknife_of_one_vector_is_the_delta_method():
+    # k = 1: the Rayleigh quotients v^T H_b v of equal batches; the jackknife of their mean
+    # is their standard error of the mean (closed form)
+    q = np.random.default_rng(0).normal(3.0, 0.5, 8)
+    se = eigenvalue_stderr(q[:, None, None], np.full(8, 1 / 8), np.full(8, 16.0), "LA")
+    np.testing.assert_allclose(se, np.std(q, ddof=1) / np.sqrt(8), rtol=1e-12)
+
+
+def test_trace_analysis_of_variance_separates_batches_from_probes():
+    # X[j, b] = a_b + c_j + e_jb with var(a) = 1 and much larger probe noise: the batch
+    # variance comes out unbiased (mean over repeats), the probes' noise removed
+    rng = np.random.default_rng(1)
+    p, B, sd_a = 20, 8, 1.0
+    est = []
+    for _ in range(2000):
+        X = sd_a * rng.standard_normal(B)[None, :] + 5 * rng.standard_normal((p, 1)) + 3 * rng.standard_normal((p, B))
+        est.append(trace_stderr(X, np.full(B, 1 / B)) ** 2)
+    truth = sd_a ** 2 / B  # var(mean of the batch effects)
+    assert abs(np.mean(est) / truth - 1) < 0.1, np.mean(est) / truth
+
+
+@pytest.fixture(scope="module")
+def digits_study():
+    data_error = pytest.importorskip("data_error")
+    pytest.importorskip("sklearn")
+    return data_error.study(subsets=12, samples=128, batches=8, hidden=4, k=1, trace_products=40, timing=False,
+                            steps=50)
+
+
+def test_reported_data_stderr_matches_the_spread_over_subsets(digits_study):
+    """The brute force: exact top eigenvalues and traces on 12 random subsets of 128 digits; the
+    RMS of the stderrs each single run reports is within a factor 2 of their spread."""
+    out = digits_study
+    for ratio in out["top_ratio"] + [out["trace_ratio"]]:
+        assert 0.5 <= ratio <= 2.0, out
+
+
+def _digits_hessian(batches, per_batch):
+    torch = pytest.importorskip("torch")
+    from specops.backends import torch as st
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    X, y = torch.randn(batches * per_batch, 4, dtype=torch.float64), torch.randint(0, 2, (batches * per_batch,))
+    data = [(X[i:i + per_batch], y[i:i + per_batch]) for i in range(0, len(X), per_batch)]
+    return st.hessian(model, torch.nn.CrossEntropyLoss(), data[0] if batches == 1 else data)
+
+
+def test_bad_input_says_what_is_needed():
+    with pytest.raises(ValueError, match="model-backed"):
+        so.eigsh(np.eye(4), data_error=True)
+    with pytest.raises(ValueError, match="model-backed"):
+        so.trace(np.eye(4), data_error=True)
+    with pytest.raises(ValueError, match="one sample"):
+        so.eigsh(_digits_hessian(1, 1), data_error=True)
+    with pytest.raises(ValueError, match="split it into several batches"):
+        so.trace(_digits_hessian(1, 16), data_error=True)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_every_trace_method_reports_both_parts(method):
+    H = _digits_hessian(6, 10)
+    r = so.trace(H, method=method, num_matvecs=30, data_error=True)
+    assert r.data_stderr > 0 and r.settings["data_error"]["batches"] == 6
+    assert so.TraceResult.from_json(r.to_json()).data_stderr == r.data_stderr
+    assert "data stderr" in repr(r)
+
+
+def test_data_error_leaves_the_eigenvalues_and_reserves_the_verification():
+    H = _digits_hessian(6, 10)
+    a = so.eigsh(H, k=2, tol=1e-10)
+    b = so.eigsh(H, k=2, tol=1e-10, data_error=True)
+    np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-10)
+    assert b.data_stderr.shape == (2,) and np.all(b.data_stderr > 0)
+    small = so.eigsh(H, k=2, tol=1e-12, max_matvecs=8, data_error=True)  # verified within the budget
+    assert small.num_matvecs <= 8 and not small.residuals_estimated.any() and np.all(small.data_stderr > 0)
+
+
+def test_tracker_records_both_parts(tmp_path):
+    H = _digits_hessian(6, 10)
+    tracker = so.Tracker(lambda: H, tmp_path / "log.jsonl", metrics=("eigenvalues", "trace"), k=2,
+                         eigsh_options={"data_error": True}, trace_options={"data_error": True, "num_matvecs": 30})
+    record = tracker.update(0)
+    assert len(record["data_stderr"]) == 2 and record["trace"]["data_stderr"] > 0
+    assert record["trace"]["stderr"] > 0
+
+
+def test_samples_needed_follows_the_square_root_law():
+    from specops.data_error import samples_needed
+
+    # 0.2 stderr on 2.0 with 128 samples: 5 % needs (0.2 / 0.1)^2 = 4 times the samples
+    assert samples_needed(0.2, 2.0, 128, 0.05) == 512
+    assert samples_needed(0.01, 2.0, 128, 0.05) == 128  # already met
+    with pytest.raises(ValueError, match="fraction"):
+        samples_needed(0.2, 2.0, 128, 0.0)
