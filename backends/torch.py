@@ -1441,8 +1441,8 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
     from specops.backends import torch_sharded  # FSDP2 / DTensor parameters: sharded vectors
 
     if torch_sharded.is_sharded(model):
-        return torch_sharded.hessian(model, loss_fn, data, reduction=reduction, comm=comm, loss_form=loss_form,
-                                     check_deterministic=check_deterministic, wrt=wrt, engine=engine,
+        return torch_sharded.hessian(model, loss_fn, data, reduction=_reduction(loss_fn, reduction), comm=comm,
+                                     loss_form=loss_form, check_deterministic=check_deterministic, wrt=wrt, engine=engine,
                                      memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                                      random_layers=random_layers, richardson=richardson, autocast=autocast)
     # renamed(..., default="auto") never returns None here, but is typed Optional
