@@ -14,8 +14,8 @@ Run: ``python benchmarks/data_error.py`` (about 5 minutes on one core; ``--subse
 ``--curve``: the worked example of docs/algorithms.md, "How much data?": data error against the
 number of samples (``--curve-samples``, each in ``--batches`` batches, ``--subsets`` subsets each),
 true spread against reported stderr, and the samples that ``samples_needed`` predicts from single
-runs on the smallest size but one; the plot goes to ``--plot``
-(``python benchmarks/data_error.py --curve --subsets 30 --plot docs/img/data_error_samples.png``,
+runs on 128 samples; the plot goes to ``--plot``
+(``python benchmarks/data_error.py --curve --subsets 40 --plot docs/img/data_error_samples.png``,
 about 1.5 minutes of CPU; ``--replot`` redraws from ``--out``'s JSON).
 """
 
