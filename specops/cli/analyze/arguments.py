@@ -16,9 +16,9 @@ DESCRIPTION = ("Top eigenvalues, trace, spectral density, per-block curvature an
 DEFAULT_OUT = "specops-report"
 LOSSES = ("cross_entropy", "mse")
 LANDSCAPES = ("none", "1d", "2d")
-#: Settings that identify the model and data; a resumed run must share them.
 #: ``--data-error`` without a value: the fraction of the estimate the report's sample count aims at.
 DATA_ERROR_FRACTION = 0.05
+#: Settings that identify the model and data; a resumed run must share them.
 IDENTITY = ("model", "data", "loss", "checkpoint", "backend", "dtype", "samples", "batch_size", "epochs", "seed")
 
 
@@ -101,8 +101,8 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=number(float, 0), default=0.0,
                    help="the momentum of that training (heavy ball), for the same comparison")
     g.add_argument("--seed", type=number(int, 0), default=0, help="seed of every random choice")
-    g.add_argument("--data-error", type=number(float, 0, exclusive=True, maximum=1), nargs="?", const=DATA_ERROR_FRACTION,
-                   default=None, metavar="FRACTION",
+    g.add_argument("--data-error", type=number(float, 0, exclusive=True, maximum=1), nargs="?",
+                   const=DATA_ERROR_FRACTION, default=None, metavar="FRACTION",
                    help="also the eigenvalues' and the trace's standard errors over data resampling (the data "
                         "as several batches), and the samples that would bring them under FRACTION of the "
                         f"estimate (default {DATA_ERROR_FRACTION:g}; an estimate, assuming 1/sqrt(samples))")
@@ -161,7 +161,10 @@ def check_size(args: argparse.Namespace, n: int) -> None:
 
 
 def check_data_error(args: argparse.Namespace, batches: int, samples: int) -> None:
-    """``--data-error`` needs the data as two batches or more; checked once the operator exists.
+    """``--data-error`` needs the data as two batches or more.
+
+    Checked before training for the default data (its batches follow from ``--samples`` and
+    ``--batch-size``), and once the operator exists for ``--data``.
 
     Args:
         args: the parsed arguments.
