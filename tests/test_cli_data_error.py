@@ -139,3 +139,33 @@ def test_bad_fraction(tmp_path, capsys, value):
     with pytest.raises(SystemExit):
         cli.main(["analyze", "--data-error", value, "--out", str(tmp_path / "n")])
     assert "--data-error" in capsys.readouterr().err
+
+
+@pytest.mark.mpi
+def test_two_mpi_ranks_give_one_process_data_errors(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found")
+    pytest.importorskip("mpi4py")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    outs = {}
+    for ranks in (1, 2):
+        outs[ranks] = str(tmp_path / f"ranks{ranks}")
+        p = subprocess.run([mpiexec, "-n", str(ranks), sys.executable, "-m", "specops", "analyze", *MODEL, *BUDGETS,
+                            "--data-error", "--out", outs[ranks]], capture_output=True, text=True, timeout=180,
+                           check=False, env=env)
+        assert p.returncode == 0, p.stderr
+    one, two = results(outs[1])["stages"], results(outs[2])["stages"]
+    assert results(outs[2])["model"]["ranks"] == 2
+    np.testing.assert_allclose(arr(two["eigen"]["result"]["data_stderr"]), arr(one["eigen"]["result"]["data_stderr"]),
+                               rtol=1e-10)
+    assert two["trace"]["result"]["data_stderr"] == pytest.approx(one["trace"]["result"]["data_stderr"], rel=1e-10)
+    for stage in ("eigen", "trace"):
+        assert two[stage]["data_target"]["samples_needed"] == one[stage]["data_target"]["samples_needed"]
+        np.testing.assert_allclose(two[stage]["data_target"]["relative"], one[stage]["data_target"]["relative"],
+                                   rtol=1e-10)
