@@ -10,6 +10,13 @@ cost: the same calls without ``data_error``, side by side, medians of the per-su
 ratios.
 
 Run: ``python benchmarks/data_error.py`` (about 5 minutes on one core; ``--subsets 40`` about 1).
+
+``--curve``: the worked example of docs/algorithms.md, "How much data?": data error against the
+number of samples (``--curve-samples``, each in ``--batches`` batches, ``--subsets`` subsets each),
+true spread against reported stderr, and the samples that ``samples_needed`` predicts from single
+runs on 128 samples; the plot goes to ``--plot``
+(``python benchmarks/data_error.py --curve --subsets 40 --plot docs/img/data_error_samples.png``,
+about 1.5 minutes of CPU; ``--replot`` redraws from ``--out``'s JSON).
 """
 
 from __future__ import annotations
@@ -103,7 +110,89 @@ def study(subsets=200, samples=128, batches=8, hidden=12, k=3, seed=0, trace_pro
         "trace_reported_rms": rms_trace, "trace_ratio": rms_trace / spread_trace,
         "trace_probe_stderr_rms": float(np.sqrt(np.mean(np.square(probe_se)))),
         "time_ratio_median": float(np.median(t_ratio)),
+        "top_reported": se_top[:, 0].tolist(), "trace_reported": [float(x) for x in se_trace],
     }
+
+
+#: The digits training images the subsets are drawn from (without replacement).
+POPULATION = 1797
+
+
+def curve(sizes=(32, 64, 128, 256, 512), subsets=30, batches=8, hidden=12, fraction=0.05, base=128, k=3):
+    """Data error against the number of samples, and ``samples_needed`` from single runs at ``base``.
+
+    The top eigenvalue comes from ``eigsh(k=k)`` (3: the default ``--top-k`` of ``specops analyze``).
+
+    The subsets are drawn without replacement from the 1797 digits, so their spread is that of
+    a finite population: it is divided by ``sqrt(1 - N / 1797)`` (the finite-population
+    correction) to compare with the reported stderrs, which are those of an unlimited supply.
+    """
+    from specops.data_error import samples_needed
+
+    rows = []
+    for n in sizes:
+        r = study(subsets, n, batches, hidden, k=k, timing=False)
+        fpc = np.sqrt(1 - n / POPULATION)
+        row = dict(samples=n, top_mean=r["top_mean"][0], top_spread=r["top_spread"][0] / fpc,
+                   top_reported_rms=r["top_reported_rms"][0], trace_mean=r["trace_mean"],
+                   trace_spread=r["trace_spread"] / fpc, trace_reported_rms=r["trace_reported_rms"])
+        if n == base:  # the prediction a user gets from one run with `base` samples, over the subsets
+            row["top_needed"] = [samples_needed(s, r["top_mean"][0], n, fraction) for s in r["top_reported"]]
+            row["trace_needed"] = [samples_needed(s, r["trace_mean"], n, fraction) for s in r["trace_reported"]]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("needed")}), flush=True)
+    out = dict(sizes=list(sizes), subsets=subsets, batches=batches, hidden=hidden, fraction=fraction, base=base,
+               k=k, rows=rows)
+    b = next(r for r in rows if r["samples"] == base)
+    for q in ("top", "trace"):
+        needed = np.array(b[f"{q}_needed"])
+        out[f"{q}_needed_median"] = float(np.median(needed))
+        out[f"{q}_needed_quartiles"] = np.percentile(needed, [25, 75]).tolist()
+        # the truth: where the measured relative spread, fitted as c / sqrt(N), reaches the fraction
+        rel = np.array([r[f"{q}_spread"] / abs(r[f"{q}_mean"]) for r in rows])
+        c = np.exp(np.mean(np.log(rel * np.sqrt(sizes))))
+        out[f"{q}_needed_true"] = float((c / fraction) ** 2)
+    return out
+
+
+def plot_curve(out, path):
+    """Left: relative data error of the top eigenvalue and the trace against the number of samples.
+
+    Right: the mean top eigenvalue over the subsets, which falls with the samples (a bias that
+    no standard error of a single sample shows).
+    """
+    from specops.plots import atomic_savefig, pyplot
+
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=(3, 2)))
+    n = np.array(out["sizes"], dtype=float)
+    rows = out["rows"]
+    for q, label, color in (("top", "top eigenvalue", "C0"), ("trace", "trace", "C1")):
+        spread = np.array([r[f"{q}_spread"] / abs(r[f"{q}_mean"]) for r in rows])
+        rep = np.array([r[f"{q}_reported_rms"] / abs(r[f"{q}_mean"]) for r in rows])
+        ax.plot(n, spread, "o", color=color, label=f"{label}: spread over {out['subsets']} subsets (truth)")
+        ax.plot(n, rep, "x--", color=color, label=f"{label}: reported data stderr (RMS)")
+        b = out["sizes"].index(out["base"])
+        ax.plot(n, rep[b] * np.sqrt(n[b] / n), ":", color=color, lw=1)
+    ax.axhline(out["fraction"], color="gray", lw=0.8)
+    ax.text(n[0], out["fraction"] * 1.05, f"{100 * out['fraction']:g} %", color="gray", va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("samples (in %d batches)" % out["batches"])
+    ax.set_ylabel("data error / |estimate|")
+    ax.set_title(f"digits, MLP 64-{out['hidden']}-10: data error vs samples\n(dotted: 1/sqrt(N) from "
+                 f"{out['base']} samples)", fontsize=10)
+    ax.legend(fontsize=7)
+    mean = np.array([r["top_mean"] for r in rows])
+    spread = np.array([r["top_spread"] for r in rows])
+    bx.errorbar(n, mean, yerr=spread, fmt="o-", color="C0", capsize=3)
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("samples")
+    bx.set_ylabel("top eigenvalue (mean ± spread over subsets)")
+    bx.set_title("the top eigenvalue of a small sample is biased up", fontsize=10)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
 
 
 def main():
@@ -113,8 +202,21 @@ def main():
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=12)
     parser.add_argument("--out", help="write the summary as JSON here")
+    parser.add_argument("--curve", action="store_true", help="data error against the number of samples")
+    parser.add_argument("--curve-samples", default="32,64,128,256,512", help="sample counts of --curve")
+    parser.add_argument("--plot", help="--curve: save the plot here")
+    parser.add_argument("--replot", metavar="JSON", help="--curve: plot the summary --out wrote, computing nothing")
     args = parser.parse_args()
-    out = study(args.subsets, args.samples, args.batches, args.hidden)
+    if args.replot:
+        with open(args.replot) as f:
+            plot_curve(json.load(f), args.plot)
+        return
+    if args.curve:
+        out = curve(tuple(int(x) for x in args.curve_samples.split(",")), args.subsets, args.batches, args.hidden)
+        if args.plot:
+            plot_curve(out, args.plot)
+    else:
+        out = study(args.subsets, args.samples, args.batches, args.hidden)
     print(json.dumps(out, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -77,6 +77,30 @@ def rtol_target(result: dict, rtol: float | None) -> dict:
     return dict(target_rtol=rtol, reached_rtol=reached, met=rtol is None or reached <= rtol)
 
 
+def data_target(values: Any, stderrs: Any, samples: int, fraction: float) -> dict:
+    """The samples that would bring each data standard error under ``fraction`` of its value.
+
+    :func:`specops.data_error.samples_needed` for each value (None for a zero value): an
+    estimate that assumes the data error falls as ``1 / sqrt(samples)``.
+
+    Args:
+        values: the estimates (eigenvalues, or the trace as a one-element list).
+        stderrs: their data standard errors.
+        samples: the samples they were measured on.
+        fraction: the wanted relative data error (``--data-error``).
+
+    Returns:
+        ``{"fraction", "samples", "relative", "samples_needed"}``, the last two one per value.
+    """
+    from specops.data_error import samples_needed
+
+    vals = [float(v) for v in np.atleast_1d(np.asarray(values, dtype=np.float64))]
+    errs = [float(e) for e in np.atleast_1d(np.asarray(stderrs, dtype=np.float64))]
+    return dict(fraction=float(fraction), samples=int(samples),
+                relative=[e / abs(v) if v else math.inf for v, e in zip(vals, errs)],
+                samples_needed=[samples_needed(e, v, samples, fraction) if v else None for v, e in zip(vals, errs)])
+
+
 # --- state ----------------------------------------------------------------------------------
 class ReportState:
     """The contents of ``results.json`` and the rules for resuming.
@@ -244,13 +268,17 @@ def estimate_row(label: str, result: dict, target: dict | None, matvecs: Any, se
     Returns:
         ``(quantity, value, uncertainty, converged, matvecs, seconds)``: ``converged`` is
         ``"NO"`` when the budget ran out before the target, and the uncertainty then names
-        the target and the relative stderr reached.
+        the target and the relative stderr reached; with a ``data_stderr`` (``--data-error``)
+        the uncertainty gives the probes' and the data's standard errors.
     """
-    uncertainty, converged = f"stderr {_fmt(result['stderr'], 2)}", "-"
+    data = result.get("data_stderr")
+    uncertainty, converged = f"{'probes ' * (data is not None)}stderr {_fmt(result['stderr'], 2)}", "-"
     if target and target.get("target_rtol") is not None:
         reached, goal = float(target["reached_rtol"]), float(target["target_rtol"])
         uncertainty += f" ({_pct(reached)} relative; target {_pct(goal)})"
         converged = "yes" if target["met"] else "NO"
+    if data is not None:
+        uncertainty += f"; data stderr {_fmt(data, 2)}"
     return (label, _fmt(result["estimate"], 6), uncertainty, converged, matvecs, _seconds(seconds))
 
 
@@ -272,9 +300,12 @@ def _eigen_rows(data: dict) -> list[tuple]:
     if not st:
         return []
     r = _from_jsonable(st["result"])
-    return [(f"eigenvalue {i + 1}", _fmt(lam, 6), f"residual {_fmt(res, 2)}", "yes" if ok else "NO",
+    data = r.get("data_stderr")
+    data = [None] * len(r["eigenvalues"]) if data is None else data
+    return [(f"eigenvalue {i + 1}", _fmt(lam, 6), f"residual {_fmt(res, 2)}" + (
+             "" if d is None else f"; data stderr {_fmt(d, 2)}"), "yes" if ok else "NO",
              st["num_matvecs"] if i == 0 else SAME_RUN, _fmt(st["seconds"], 3) if i == 0 else SAME_RUN)
-            for i, (lam, res, ok) in enumerate(zip(r["eigenvalues"], r["residuals"], r["converged"]))]
+            for i, (lam, res, ok, d) in enumerate(zip(r["eigenvalues"], r["residuals"], r["converged"], data))]
 
 
 def _trace_rows(data: dict) -> list[tuple]:
@@ -392,12 +423,41 @@ def reading(data: dict) -> list[str]:
         out.append(f"Stability: the top eigenvalue {_fmt(top, 4)} is {side} 2 (1 + momentum) / learning rate = "
                    f"{_fmt(threshold, 4)} (learning rate {_fmt(lr)}, momentum {_fmt(momentum)}, {where}), the "
                    f"threshold of (full-batch) gradient descent with momentum; ratio {_fmt(top / threshold, 3)}.")
-    short = [f"{row[0]} ({row[2].split('(', 1)[1].rstrip(')')}, {row[4]} products)"
+    out += _data_reading(data)
+    short = [f"{row[0]} ({row[2].split('(', 1)[1].split(')')[0]}, {row[4]} products)"
              for row in summary_rows(data) if row[3] == "NO" and "target" in row[2]]
     if short:
         out.append("Stopped at the product budget before the stderr target: " + "; ".join(short)
                    + ". Raise --trace-matvecs (--block-trace-matvecs for blocks) for tighter estimates.")
     return out
+
+
+def _data_reading(data: dict) -> list[str]:
+    """The reading of ``--data-error``: each part of the uncertainty, and the samples for a target."""
+    parts, needs, fraction, setup = [], [], 0.0, ""
+    for stage, label in (("eigen", "the top eigenvalue"), ("trace", "the trace")):
+        st = data["stages"].get(stage)
+        if not st or st.get("data_target") is None:
+            continue
+        r, t = _from_jsonable(st["result"]), st["data_target"]
+        fraction, samples = float(t["fraction"]), int(t["samples"])
+        d = (r.get("settings") or {}).get("data_error") or {}
+        setup = f"{samples} samples in {d.get('batches', '?')} batches"
+        value = float(np.atleast_1d(r["eigenvalues"])[0]) if stage == "eigen" else float(r["estimate"])
+        stderr = float(np.atleast_1d(r["data_stderr"])[0])
+        other = (f"residual {_fmt(float(np.atleast_1d(r['residuals'])[0]), 2)}" if stage == "eigen"
+                 else f"the probes' stderr {_fmt(float(r['stderr']), 2)}")
+        parts.append(f"{label} {_fmt(value, 4)} ± {_fmt(stderr, 2)} ({_pct(t['relative'][0])}; {other})")
+        n = t["samples_needed"][0]
+        needs.append(f"{label}: already with these {samples}" if n is not None and n <= samples else
+                     f"{label}: about {n:,}" if n is not None else f"{label}: - (zero estimate)")
+    if not parts:
+        return []
+    return [f"Data error ({setup}; the standard error over another sample of the data of the same size, "
+            f"beside the algorithm's own uncertainty): " + "; ".join(parts) + ".",
+            f"Samples for a data error under {_pct(fraction)} of the estimate: " + "; ".join(needs)
+            + " (an estimate: it assumes the data error falls as 1/sqrt(samples), the batches being "
+            "independent draws of the data)."]
 
 
 def _learning_rate(data: dict) -> tuple[float | None, float, str]:

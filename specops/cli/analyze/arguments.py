@@ -16,6 +16,8 @@ DESCRIPTION = ("Top eigenvalues, trace, spectral density, per-block curvature an
 DEFAULT_OUT = "specops-report"
 LOSSES = ("cross_entropy", "mse")
 LANDSCAPES = ("none", "1d", "2d")
+#: ``--data-error`` without a value: the fraction of the estimate the report's sample count aims at.
+DATA_ERROR_FRACTION = 0.05
 #: Settings that identify the model and data; a resumed run must share them.
 IDENTITY = ("model", "data", "loss", "checkpoint", "backend", "dtype", "samples", "batch_size", "epochs", "seed")
 
@@ -99,6 +101,11 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=number(float, 0), default=0.0,
                    help="the momentum of that training (heavy ball), for the same comparison")
     g.add_argument("--seed", type=number(int, 0), default=0, help="seed of every random choice")
+    g.add_argument("--data-error", type=number(float, 0, exclusive=True, maximum=1), nargs="?",
+                   const=DATA_ERROR_FRACTION, default=None, metavar="FRACTION",
+                   help="also the eigenvalues' and the trace's standard errors over data resampling (the data "
+                        "as several batches), and the samples that would bring them under FRACTION of the "
+                        f"estimate (default {DATA_ERROR_FRACTION:g}; an estimate, assuming 1/sqrt(samples))")
     g = a.add_argument_group("output")
     g.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     g.add_argument("--resume", action="store_true",
@@ -151,6 +158,34 @@ def check_size(args: argparse.Namespace, n: int) -> None:
     """
     if args.top_k > n:
         raise UsageError(f"--top-k {args.top_k}: the model has only {n} parameters; pass --top-k {n} or less")
+
+
+def check_data_error(args: argparse.Namespace, batches: int, samples: int) -> None:
+    """``--data-error`` needs the data as two batches or more.
+
+    Checked before training for the default data (its batches follow from ``--samples`` and
+    ``--batch-size``), and once the operator exists for ``--data``.
+
+    Args:
+        args: the parsed arguments.
+        batches: the data's batches (over every rank).
+        samples: the data's samples.
+
+    Raises:
+        UsageError: ``--data-error`` with the data as one batch, saying how to split it.
+    """
+    from specops.data_error import MIN_BATCHES
+
+    if args.data_error is None or batches >= MIN_BATCHES:
+        return
+    if samples < MIN_BATCHES:
+        fix = "pass more samples (--samples), in batches" if args.data is None else "let --data return more samples"
+    elif args.data is None:
+        fix = f"pass a smaller --batch-size (e.g. --batch-size {max(1, samples // 8)} for 8 batches)"
+    else:
+        fix = "let --data return a list of batches (e.g. 8), or a DataLoader"
+    raise UsageError(f"--data-error measures the spread of the results over the data's batches and needs at least "
+                     f"{MIN_BATCHES}; the data is {batches} batch of {samples} sample(s): {fix}")
 
 
 def settings(args: argparse.Namespace) -> dict:

@@ -26,7 +26,8 @@ def settings(args: argparse.Namespace) -> dict:
     Returns:
         The settings.
     """
-    return dict(k=args.top_k, which="LA", tol=args.eig_tol, max_matvecs=args.eig_matvecs, seed=args.seed)
+    out = dict(k=args.top_k, which="LA", tol=args.eig_tol, max_matvecs=args.eig_matvecs, seed=args.seed)
+    return {**out, "data_error": True} if args.data_error is not None else out
 
 
 def run(ctx: Context) -> None:
@@ -42,10 +43,12 @@ def run(ctx: Context) -> None:
         return
     t0 = time.perf_counter()
     ctx.eig = so.eigsh(ctx.H, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
-                       progress=ctx.printer.bar("top eigenvalues"))
+                       progress=ctx.printer.bar("top eigenvalues"), data_error=a.data_error is not None)
     if ctx.state.write:
         rp.atomic_save_npy(os.path.join(ctx.out, "eigenvectors.npy"), ctx.H.ops.to_numpy(ctx.eig.eigenvectors))
-    ctx.state.finish(NAME, settings(a), ctx.eig.to_dict(), ctx.eig.num_matvecs, time.perf_counter() - t0)
+    extra = {} if a.data_error is None else dict(data_target=rp.data_target(
+        ctx.eig.eigenvalues, ctx.eig.data_stderr, int(ctx.H.num_samples), a.data_error))
+    ctx.state.finish(NAME, settings(a), ctx.eig.to_dict(), ctx.eig.num_matvecs, time.perf_counter() - t0, **extra)
 
 
 def eigenvectors(ctx: Context) -> list:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from specops.cli import report as rp
 from specops.cli import sessions
 from specops.cli.analyze import blocks, curvature, eigen, esd, landscape, trace
-from specops.cli.analyze.arguments import IDENTITY, check_args, check_size, settings
+from specops.cli.analyze.arguments import IDENTITY, check_args, check_data_error, check_size, settings
 from specops.cli.analyze.stage import Context
 from specops.cli.common import Printer, UsageError, detect_comm
 
@@ -159,6 +159,8 @@ def analyze(args: argparse.Namespace, attempt: Attempt | None = None) -> int:
     t_start = time.perf_counter()
     attempt = Attempt(args.out) if attempt is None else attempt
     check_args(args)
+    if args.data is None:   # the default data's batches are known before training
+        check_data_error(args, -(-args.samples // (args.batch_size or args.samples)), args.samples)
     comm = detect_comm(getattr(args, "comm", "auto"))
     printer = Printer(comm.rank, not args.no_progress)
     attempt.created_folder = comm.rank == 0 and not os.path.isdir(args.out)
@@ -174,6 +176,7 @@ def analyze(args: argparse.Namespace, attempt: Attempt | None = None) -> int:
     setup = user_step("building the Hessian of the model, data and loss", session.operator)
     H = setup.H
     check_size(args, int(H.shape[0]))
+    check_data_error(args, int(comm.allreduce_host(len(H.batch_sizes))), int(H.num_samples))
     if block_patterns is None:   # backends whose parameter names are known only from the operator
         block_patterns = blocks.resolve_blocks(args.blocks, session.names)
     loss = user_step("evaluating the loss", H.loss_at)

@@ -1,6 +1,7 @@
 """The ``trace`` stage: the trace of the Hessian (method "auto") with its standard error.
 
-The stage records whether the estimate reached ``--trace-rtol`` (:func:`specops.cli.report.rtol_target`);
+With ``--data-error`` it also reports the standard error over data resampling beside the
+probes' (:func:`specops.cli.report.data_target`). The stage records whether the estimate reached ``--trace-rtol`` (:func:`specops.cli.report.rtol_target`);
 the table, ``summary.md`` and ``report.html`` flag it when the product budget ran out first.
 """
 
@@ -27,13 +28,17 @@ def run(ctx: Context) -> None:
 
     a = ctx.args
     settings = dict(method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
+    if a.data_error is not None:
+        settings["data_error"] = True
     if ctx.skip(NAME, settings):
         return
     t0 = time.perf_counter()
     r = so.trace(ctx.H, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
-                 progress=ctx.printer.bar("trace"))
+                 progress=ctx.printer.bar("trace"), data_error=a.data_error is not None)
     target = rp.rtol_target(r.to_dict(), a.trace_rtol)
     if not target["met"]:
         ctx.printer(f"  trace: stopped at its budget of {a.trace_matvecs} products with stderr/|trace| = "
                     f"{target['reached_rtol']:.2g}, short of --trace-rtol {a.trace_rtol:g} (raise --trace-matvecs)")
-    ctx.state.finish(NAME, settings, r.to_dict(), r.num_matvecs, time.perf_counter() - t0, target=target)
+    extra = {} if a.data_error is None else dict(data_target=rp.data_target(
+        [r.estimate], [r.data_stderr], int(ctx.H.num_samples), a.data_error))
+    ctx.state.finish(NAME, settings, r.to_dict(), r.num_matvecs, time.perf_counter() - t0, target=target, **extra)
