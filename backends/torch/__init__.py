@@ -65,6 +65,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from specops.model import ModelOperator, renamed
+
 from .adapter import TorchAdapter
 from .calls import FunctionalModel
 from .curvature import _check_reduction, _reduction, curvature_like, fisher, ggn
@@ -73,7 +75,6 @@ from .formulas import _OVERRIDES, _hardsigmoid  # noqa: F401 (tests patch and ca
 from .ops import TorchOps, matrix_operator
 from .optim import preconditioner, stability_threshold
 from .random_layers import RANDOM_LAYERS
-from specops.model import ModelOperator, renamed
 
 # the names of the API reference (preconditioner and stability_threshold are documented with .optim)
 __all__ = ["ENGINES", "RANDOM_LAYERS", "FunctionalModel", "TorchAdapter", "TorchOps", "curvature_like", "fisher",

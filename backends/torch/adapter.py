@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from specops.layout import ParamLayout
+from specops.model import NonDeterministicError, resolve_loss_form
+
 from .calls import _eager, _first_tensor, _LossModule, _map_tensors
 from .checks import _EngineChecks
 from .engines import ENGINES, _default_memory_budget
 from .ops import TorchOps
 from .params import _check_uniform, _listing, _padding_rows, _resolve_params
 from .random_layers import RANDOM_LAYERS, _random_layers_fix, _random_modules, _rng_states
-from specops.layout import ParamLayout
-from specops.model import NonDeterministicError, resolve_loss_form
 
 _HALF = (torch.bfloat16, torch.float16)
 

@@ -1,4 +1,4 @@
-"""The engines checked: the construction cross-check, the core's engine-check primitives, the precision watch."""
+"""The engines checked: the cross-check, the core's engine-check primitives, the precision watch."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from specops.checks import identity
+from specops.model import NonDeterministicError
+
 from .calls import _map_tensors
 from .engines import _Engines
 from .params import _listing
-from specops.checks import identity
-from specops.model import NonDeterministicError
 
 
 class _EngineChecks(_Engines):

@@ -1,4 +1,4 @@
-"""Curvature: the Gauss-Newton matrix and the Fishers of PyTorch models (see specops.curvature, specops.output_space)."""
+"""The Gauss-Newton matrix and the Fishers of PyTorch models (see specops.curvature, specops.output_space)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import TorchAdapter
 from specops.model import ModelAdapter, ModelOperator
+
+from .adapter import TorchAdapter
 
 
 def _unwrap_loss(loss_fn):

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specops.checks import finite_difference_products
+from specops.model import ModelAdapter, NonDeterministicError
+
 from .calls import _map_tensors
 from .formulas import _twice_differentiable
 from .ops import TorchOps
-from specops.checks import finite_difference_products
-from specops.model import ModelAdapter, NonDeterministicError
 
 ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse", "finite_difference")
 _REVERSE = ("cached_graph", "double_backward")

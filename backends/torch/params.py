@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import TorchOps
 from specops.layout import select_names
+
+from .ops import TorchOps
 
 
 def _resolve_params(model: nn.Module, params: Any) -> list[str]:
