@@ -130,6 +130,14 @@ class ModelAdapter(abc.ABC):
     def check_random_forward(self, batch: Any) -> None:  # noqa: B027 (optional hook)
         """Raise if a forward pass of ``batch`` draws random numbers (backends that can tell)."""
 
+    def keeping_random_state(self) -> contextlib.AbstractContextManager:
+        """A context in which the framework's global random state is restored on exit.
+
+        The construction checks run in it, so that building an operator leaves the caller's
+        generator as it was even when a forward pass draws random numbers.
+        """
+        return contextlib.nullcontext()
+
     def cross_check(self, batch: Any) -> None:  # noqa: B027 (optional hook)
         """Backend-specific engine comparisons on ``batch``, run before :func:`specops.checks.check_engine`."""
 
@@ -344,7 +352,8 @@ class ModelOperator(LinearOperator):
         self.check_deterministic = check_deterministic
         self._first_batch_check = first_batch_check
         if not _checked:
-            self._construction_checks(check_deterministic, cross_check)
+            with adapter.keeping_random_state():
+                self._construction_checks(check_deterministic, cross_check)
 
     # --- data ---------------------------------------------------------------------
     def decide(self, value: T) -> T:

@@ -183,7 +183,7 @@ def test_torch_a_wrong_class_axis_is_caught_at_construction(monkeypatch):
     batches = [(torch.randn(n, 2, 3, dtype=torch.float64), torch.randint(0, 3, (n, 3))) for n in (3, 4)]
     right = st.ggn(model, nn.CrossEntropyLoss(), batches)
     assert "closed form" in right.engine
-    monkeypatch.setattr(st, "_loss_spec", lambda loss_fn: LossSpec("categorical", -1, "samples"))  # the old bug
+    monkeypatch.setattr(st.curvature, "_loss_spec", lambda loss_fn: LossSpec("categorical", -1, "samples"))  # the old bug
     with pytest.warns(UserWarning, match="specops read the loss wrong; using autodiff"):
         G = st.ggn(model, nn.CrossEntropyLoss(), batches)
     assert "autodiff" in G.engine and G.adapter.output_check_error > 0.5

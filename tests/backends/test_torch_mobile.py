@@ -87,7 +87,7 @@ def test_without_a_double_backward_the_error_offers_finite_differences(monkeypat
     model = mobile(nn.Hardswish, nn.Hardsigmoid)
     batch = (torch.randn(6, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,)))
     loss_fn = nn.CrossEntropyLoss()
-    monkeypatch.setattr(st, "_SECOND_ORDER", {})  # PyTorch's own hardsigmoid
+    monkeypatch.setattr(st.formulas, "_SECOND_ORDER", {})  # PyTorch's own hardsigmoid
     with pytest.raises(RuntimeError, match=r"(?s)hardsigmoid_backward.*engine='finite_difference'"):
         st.hessian(model, loss_fn, batch)
     V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)

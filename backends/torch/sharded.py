@@ -150,7 +150,8 @@ class FSDPAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module, loss_fn: Any, comm: Comm, weights: Callable[[int], float],
                  loss_form: str = "auto") -> None:
-        from specops.backends.torch import TorchOps, _LossModule
+        from .calls import _LossModule
+        from .ops import TorchOps
 
         self.model = model
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]

@@ -41,7 +41,8 @@ def _kind(optimizer: Any) -> str:
 
 def _model_params(H: Any, wrt: Any) -> tuple[Any, Any, list[str], dict]:
     """``(ops, layout, names, name -> tensor)`` of the parameters ``H`` differentiates."""
-    from specops.backends.torch import TorchOps, _resolve_params
+    from .ops import TorchOps
+    from .params import _resolve_params
     from specops.layout import ParamLayout
 
     if isinstance(H, ModelOperator):
