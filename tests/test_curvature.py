@@ -381,6 +381,8 @@ def test_keras_ggn_and_empirical_fisher_match_dense_constructions(model_kind, ta
         H = stf.hessian(model, loss_fn, batches, **kw)
         assert rel(dense(H - G), H_true - G_true) < 1e-10
         assert np.linalg.eigvalsh(G_true)[0] > -1e-12
+        assert (G.positive_semidefinite, EF.positive_semidefinite, H.positive_semidefinite) == (True, True, False)
+        check_solves(G, H, G_true, H_true, np.random.default_rng(4).standard_normal(G.shape[0]), "float64")
 
 
 def test_keras_bad_input_says_what_to_pass():
@@ -484,6 +486,39 @@ def test_analyze_curvature_hessian_ggn_side_by_side(tmp_path, capsys):
     assert "unknown operator 'gauss'" in capsys.readouterr().err
     assert cli.main(["analyze", "--backend", "jax", "--curvature", "ggn", "--out", str(tmp_path / "bad")]) == 2
     assert "specops.backends.jax.ggn" in capsys.readouterr().err
+
+
+def cli_regression_data():
+    X, _ = cli_data()[0]
+    Y = np.random.default_rng(5).standard_normal((X.shape[0], 10))
+    return [(X[:25], Y[:25]), (X[25:], Y[25:])]
+
+
+def test_analyze_fisher_datum_term_scales_the_mse_fisher_by_the_outputs(tmp_path, capsys):
+    """MSE with "mean" over C = 10 outputs: a loss term's weight is 1/(N C), a sample's 1/N."""
+    import json
+
+    from specops import cli
+
+    out = str(tmp_path / "out")
+    base = ["analyze", "--model", "test_curvature:cli_model", "--data", "test_curvature:cli_regression_data",
+            "--loss", "mse", "--stages", "curvature", "--top-k", "2", "--eig-tol", "1e-8", "--eig-matvecs", "300",
+            "--esd-probes", "1", "--esd-steps", "4", "--no-progress"]
+    assert cli.main([*base, "--curvature", "fisher", "--fisher-datum", "term", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as fh:
+        stage = json.load(fh)["stages"]["curvature"]
+    top = stage["result"]["operators"]["fisher"]["eigen"]["eigenvalues"]
+    top = np.asarray(top["__ndarray__"] if isinstance(top, dict) else top, dtype=float)
+    model = cli_model()
+    data = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in cli_regression_data()]
+    EF_sample = torch_truth(model, nn.MSELoss(), data, "mean")[1]  # per-sample gradients, G^T G / N
+    truth = np.sort(np.linalg.eigvalsh(10 * EF_sample))[::-1][:2]
+    assert np.allclose(np.sort(top)[::-1], truth, rtol=1e-6)
+    assert stage["settings"]["fisher_datum"] == "term"
+    capsys.readouterr()
+    assert cli.main([*base, "--curvature", "hessian,ggn", "--fisher-datum", "term", "--out",
+                     str(tmp_path / "bad")]) == 2
+    assert "add fisher to --curvature" in capsys.readouterr().err
 
 
 # --- Definiteness: what solve(method="auto") reads ----------------------------------------
