@@ -18,7 +18,9 @@ two things that share no second-derivative code with it:
 The :class:`EnginePolicy` turns the measurements into one inspectable decision
 (:class:`EngineCheck`): the engine agrees (within ``max(10 x spread, rounding)``), the
 referee cannot tell (inconsistent; the engine is kept, as for ReLU networks), or the
-engine is wrong (decisively off a consistent referee, or not symmetric). A wrong engine
+engine is wrong (decisively off a consistent referee, or not symmetric). A symmetric engine
+off a consistent referee that is itself not symmetric means the gradient is no gradient (a
+differentiated parameter read through ``stop_gradient``): no Hessian exists and it raises. A wrong engine
 requested as ``"auto"`` is replaced by finite differences with a warning; an explicitly
 requested one raises, naming ``engine="finite_difference"``.
 
@@ -261,7 +263,10 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0, switch: bool = True
 
     Raises:
         specops.NonFiniteError: the products or gradients are not finite.
-        ValueError: an explicitly requested engine is wrong.
+        ValueError: an explicitly requested engine is wrong; or a symmetric engine is off a
+            consistent referee that is itself not symmetric (checked then, two more
+            gradients' worth): the gradient is not a gradient field (a differentiated
+            parameter read through ``stop_gradient``), so no Hessian exists.
     """
     ops: VectorOps = adapter.ops
     requested, engine = adapter.requested_engine, adapter.engine
@@ -290,8 +295,21 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0, switch: bool = True
                                             eps=eps, scale=scale, richardson=True)
     size = max(ops.norm(R[:, 0]), float(np.finfo(np.float64).tiny))
     assert spreads is not None
-    check = policy.decide(requested, engine, disagreement=ops.norm(HV[:, 0] - R[:, 0]) / size,
-                          spread=float(spreads[0]) / size, symmetry=symmetry)
+    disagreement, spread = ops.norm(HV[:, 0] - R[:, 0]) / size, float(spreads[0]) / size
+    if (symmetry <= policy.symmetry_threshold and spread <= policy.consistent
+            and disagreement > max(policy.margin * spread, policy.rounding)):
+        # a symmetric engine off a consistent referee: before convicting it, is the referee symmetric?
+        R2, _ = finite_difference_products(lambda d: adapter.gradient_at(batch, d), V[:, 1:2], ops,
+                                           eps=eps, scale=scale, richardson=True)
+        referee = symmetry_error(ops, V, ops.concat([R[:, :1], R2], 1))
+        if referee > max(policy.symmetry_threshold, policy.margin * spread):
+            raise ValueError(
+                f"the loss's gradient is not the gradient of any function: central differences of it are not "
+                f"symmetric (|w.Rv - v.Rw| is {referee:.2g} of the forms' size), so no Hessian exists and no engine "
+                "can give one. The usual cause is a parameter the loss reads through stop_gradient / detach (a "
+                "buffer, a frozen scale) but that is differentiated: leave it out with wrt= (or params= / "
+                "variables=), or make it a non-trainable leaf")
+    check = policy.decide(requested, engine, disagreement=disagreement, spread=spread, symmetry=symmetry)
     if switch and check.engine == FINITE_DIFFERENCE:
         adapter.use_finite_differences()
     return check

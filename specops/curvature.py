@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from specops import output_space
 from specops.layout import ParamLayout
 from specops.model import ModelAdapter, ModelOperator
 from specops.ops import Array
@@ -122,7 +123,8 @@ def validated_adapter(base: ModelAdapter, kind: str, make: Callable[[ModelAdapte
         spec, error = make(base, spec).validate(first_batch)
     how = {"ggn": "output Hessian " + ("in closed form" if spec else "by autodiff"),
            "empirical": f"output gradients per {datum}", "mc": f"{num_samples} sampled label(s) per sample"}[kind]
-    adapter = CurvatureAdapter(base, lambda b: make(b, spec), kind, f"{kind}: {engine}, {how}")
+    adapter = CurvatureAdapter(base, lambda b: make(b, spec), kind, f"{kind}: {engine}, {how}",
+                               positive_semidefinite=output_space.positive_semidefinite(kind, spec))
     adapter.output_check_error = error
     return adapter
 
@@ -195,6 +197,8 @@ class CurvatureAdapter(ModelAdapter):
             base adapter of every subset.
         kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
         engine: a short description of the product.
+        positive_semidefinite: the curvature's definiteness
+            (:func:`specops.output_space.positive_semidefinite`).
     """
 
     #: relative difference of the closed-form output Hessian and autodiff's at construction
@@ -202,9 +206,10 @@ class CurvatureAdapter(ModelAdapter):
     output_check_error: float | None = None
 
     def __init__(self, base: ModelAdapter, make_product: Callable[[ModelAdapter], Product], kind: str,
-                 engine: str) -> None:
+                 engine: str, *, positive_semidefinite: bool | None = None) -> None:
         self.base = base
         self.kind = kind
+        self.positive_semidefinite = positive_semidefinite
         self.ops = base.ops
         self.engine = engine
         self._make_product = make_product
@@ -249,7 +254,8 @@ class CurvatureAdapter(ModelAdapter):
 
     def subset(self, names: list[str]) -> CurvatureAdapter:
         """The same curvature for the named parameters only (the others held fixed)."""
-        sub = CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine)
+        sub = CurvatureAdapter(self.base.subset(names), self._make_product, self.kind, self.engine,
+                               positive_semidefinite=self.positive_semidefinite)
         sub.output_check_error = self.output_check_error
         return sub
 

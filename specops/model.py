@@ -43,11 +43,15 @@ class ModelAdapter(abc.ABC):
         layout: the :class:`~specops.layout.ParamLayout` of the selected parameters
             (names, shapes and offsets in the flat vector).
         engine: a short name of the Hessian-product engine in use.
+        positive_semidefinite: the definiteness of the curvature the adapter's products
+            give (see :attr:`specops.LinearOperator.positive_semidefinite`): False for a
+            Hessian, indefinite in general; a curvature adapter says its own.
     """
 
     ops: VectorOps
     layout: ParamLayout
     engine: str = ""
+    positive_semidefinite: bool | None = False
 
     @property
     def num_params(self) -> int:
@@ -333,6 +337,7 @@ class ModelOperator(LinearOperator):
             raise ValueError("no trainable parameters selected: the Hessian would be empty")
         super().__init__((n, n), adapter.ops)
         self.adapter = adapter
+        self.positive_semidefinite = adapter.positive_semidefinite
         self.reduction = reduction
         self.comm = as_comm(comm)
         self._data = self._batches_of(data)

@@ -37,6 +37,11 @@ class LinearOperator:
         ops: the :class:`~specops.ops.VectorOps` of the operator's vectors.
         symmetric: whether the operator is known to be symmetric. Spectral
             algorithms refuse operators that are not.
+        positive_semidefinite: what is known of the operator's definiteness: True when it
+            is positive semi-definite by construction (a GGN, a Fisher, ``A + c I`` of one
+            with ``c >= 0``), False when it is indefinite in general (a Hessian, ``-G``),
+            None when nothing is known. :func:`~specops.solve` starts with MINRES on False.
+            The algebra keeps what it can prove and says None otherwise.
 
     Examples:
         Every operator has products, algebra and SciPy interop:
@@ -69,6 +74,7 @@ class LinearOperator:
     """
 
     symmetric = True
+    positive_semidefinite: bool | None = None
 
     def __init__(self, shape: tuple[int, ...], ops: VectorOps) -> None:
         shape = tuple(int(s) for s in shape)
@@ -222,6 +228,15 @@ def _same_space(A: LinearOperator, B: LinearOperator) -> None:
         raise ValueError(f"operators live on different backends/dtypes/devices: {A.ops} and {B.ops}")
 
 
+def scaled_definiteness(flag: bool | None, c: float) -> bool | None:
+    """The :attr:`LinearOperator.positive_semidefinite` of ``c A`` from ``A``'s ``flag``."""
+    if c == 0:
+        return True
+    if c > 0 or flag is None:
+        return flag
+    return False  # -PSD is negative semi-definite, -indefinite is indefinite
+
+
 class SumOperator(LinearOperator):
     """``A + B`` for two operators on the same vectors; symmetric when both are."""
 
@@ -230,6 +245,7 @@ class SumOperator(LinearOperator):
         super().__init__(A.shape, A.ops)
         self.A, self.B = A, B
         self.symmetric = A.symmetric and B.symmetric
+        self.positive_semidefinite = True if A.positive_semidefinite and B.positive_semidefinite else None
 
     def _matmat(self, V: Array) -> Array:
         return self.A._matmat(V) + self.B._matmat(V)
@@ -242,6 +258,7 @@ class ScaledOperator(LinearOperator):
         super().__init__(A.shape, A.ops)
         self.A, self.c = A, float(c)
         self.symmetric = A.symmetric
+        self.positive_semidefinite = scaled_definiteness(A.positive_semidefinite, self.c)
 
     def _matmat(self, V: Array) -> Array:
         return self.A._matmat(V) * self.c
@@ -255,6 +272,7 @@ class ProductOperator(LinearOperator):
         super().__init__(A.shape, A.ops)
         self.A, self.B = A, B
         self.symmetric = A is B and A.symmetric
+        self.positive_semidefinite = True if self.symmetric else None  # A A = A^T A
 
     def _matmat(self, V: Array) -> Array:
         return self.A._matmat(self.B._matmat(V))
@@ -262,6 +280,8 @@ class ProductOperator(LinearOperator):
 
 class IdentityOperator(LinearOperator):
     """The n x n identity on a backend's vectors."""
+
+    positive_semidefinite = True
 
     def __init__(self, n: int, ops: VectorOps) -> None:
         super().__init__((n, n), ops)
@@ -310,6 +330,8 @@ class RestrictedOperator(LinearOperator):
         m = sum(s.stop - s.start for s in self.slices)
         super().__init__((m, m), A.ops)
         self.symmetric = A.symmetric
+        # P^T A P of a PSD A is PSD; a block of an indefinite operator may be definite
+        self.positive_semidefinite = True if A.positive_semidefinite else None
 
     def take(self, X: Array) -> Array:
         """The selected rows of ``X`` (n, k), in selection order."""

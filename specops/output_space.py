@@ -357,6 +357,24 @@ def unknown_likelihood_error(known: str, why: str = "This loss is not one of the
     )
 
 
+def positive_semidefinite(kind: str, spec: LossSpec | None) -> bool | None:
+    """Whether ``M`` (and so ``J^T M J``) of a curvature ``kind`` is positive semi-definite by construction.
+
+    Both Fishers are sums of outer products ``r r^T`` with positive weights: always. The
+    GGN is when the loss is convex in the outputs, as every :class:`LossSpec` is
+    (cross-entropies and squared errors); for another loss (autodiff of its output
+    Hessian) nothing is known: None.
+
+    Args:
+        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
+        spec: the loss's :class:`LossSpec` as :func:`validate` left it (None: autodiff).
+
+    Returns:
+        True, or None when unknown.
+    """
+    return True if kind != "ggn" or spec is not None else None
+
+
 def output_matrix(kind: str, spec: LossSpec | None, ops: OutputOps, out: Array, targets: Array,
                   loss: LossOfOutputs, *, reduction: str, datum: str = "sample",
                   noise: Array = None) -> Callable[[Array], Array]:

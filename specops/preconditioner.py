@@ -54,6 +54,8 @@ class DiagonalPreconditioner(LinearOperator):
         settings: the formula and every hyperparameter and step count used.
     """
 
+    positive_semidefinite = True  # a positive diagonal
+
     def __init__(self, diagonal: Array, ops: VectorOps, *, layout: ParamLayout | None = None,
                  optimizer: str = "array", settings: dict | None = None) -> None:
         d = ops.asarray(diagonal)
@@ -125,6 +127,7 @@ class PreconditionedOperator(LinearOperator):
         self.A = H  # decide() asks the operator it is made of
         self.scale = 1 / P.diagonal ** 0.5
         self.symmetric = H.symmetric
+        self.positive_semidefinite = H.positive_semidefinite  # a congruence keeps the inertia (Sylvester)
 
     def _matmat(self, V: Array) -> Array:
         s = self.scale[:, None]

@@ -145,6 +145,7 @@ class Tracked(LinearOperator):
         super().__init__(A.shape, A.ops)
         self.A, self.bar = A, bar
         self.symmetric = A.symmetric
+        self.positive_semidefinite = A.positive_semidefinite
         self.num_matvecs = 0
 
     def _matmat(self, V):

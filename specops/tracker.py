@@ -46,6 +46,7 @@ from typing import Any, cast
 import numpy as np
 
 from specops.curvature import CURVATURES
+from specops.output_space import check_datum
 from specops.density import spectral_density
 from specops.eigsh import eigsh
 from specops.io import atomic_save_npz, dumps
@@ -132,9 +133,13 @@ class Tracker:
             ``||V_k^T g|| / ||g||`` with the top-k eigenvectors ``V_k`` of ``H`` (a model-backed
             operator and the ``"eigenvalues"`` metric needed). Default: on when ``preconditioner``
             or ``threshold`` is given.
+        fisher_datum: ``"sample"`` or ``"term"``: the ``datum`` of the empirical Fisher
+            (``"fisher"`` in ``curvatures``) built from the Hessian
+            (:func:`specops.curvature.curvature_like`); a dict from ``make_operator`` is used as
+            it is.
 
     Raises:
-        ValueError: unknown metrics or curvatures, bad ``k``.
+        ValueError: unknown metrics or curvatures, bad ``k`` or ``fisher_datum``.
         FileExistsError: ``path`` holds records and ``resume`` is False.
     """
 
@@ -147,7 +152,7 @@ class Tracker:
                  density_options: dict | None = None, progress: bool = False, comm: Any = None,
                  curvatures: str | Iterable[str] = ("hessian",), preconditioner: Any = None,
                  threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None,
-                 warm_lag: int = 1) -> None:
+                 warm_lag: int = 1, fisher_datum: str = "sample") -> None:
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
@@ -173,6 +178,7 @@ class Tracker:
         if {"k", "v0"} & (set(self.eigsh_options) | set(self.block_options.get("eigenvalues", {}))):
             raise ValueError("eigsh_options must not hold 'k' or 'v0': pass k= to the Tracker; v0 is the warm start")
         self.curvatures = _check_curvatures(curvatures)
+        self.fisher_datum = check_datum(fisher_datum)
         self.preconditioner, self.threshold = preconditioner, threshold
         if isinstance(warm_lag, bool) or not isinstance(warm_lag, (int, np.integer)) or warm_lag < 1:
             raise ValueError(f"warm_lag must be a positive integer, got {warm_lag!r}")
@@ -356,7 +362,8 @@ class Tracker:
         for c in self.curvatures:
             kind = CURVATURES[c]
             try:
-                ops[c] = made if kind is None else curvature_like(made, kind, seed=self.seed)
+                datum = {"datum": self.fisher_datum} if kind == "empirical" else {}
+                ops[c] = made if kind is None else curvature_like(made, kind, seed=self.seed, **datum)
             except TypeError as e:
                 raise TypeError(f"curvatures={list(self.curvatures)}: {e}; or let make_operator() return a dict "
                                 "{name: operator} of those curvatures") from e

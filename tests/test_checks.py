@@ -178,3 +178,25 @@ def test_results_carry_the_engine_and_its_check(problem):
         again = type(result).from_json(result.to_json())
         assert again.settings["engine_check"] == result.settings["engine_check"]
     assert "engine_check" not in so.eigsh(np.diag([1.0, 2.0, 3.0]), k=1).settings
+
+
+def test_a_gradient_that_is_no_gradient_field_is_refused(problem):
+    """``grad + K theta`` with ``K`` not symmetric is no function's gradient: a symmetric engine is off
+    the referee, and the referee (central differences of that gradient) is itself not symmetric."""
+    model, theta, X, y = problem
+    K = np.tril(np.random.default_rng(4).normal(size=(theta.size, theta.size)), -1) * 0.05
+
+    def leaky(th, batch):  # a parameter read through a stop_gradient does this
+        return model.grad(th, batch) + K @ th
+
+    with pytest.raises(ValueError, match="not the gradient of any function.*wrt="):
+        snp.hessian(model.loss, leaky, model.hvp, theta, (X, y))
+    # the same gradient with a symmetric K is a gradient: a symmetric engine off it is only wrong
+    S = (K + K.T) / 2
+
+    def shifted(th, batch):
+        return model.grad(th, batch) + S @ th
+
+    with pytest.warns(RuntimeWarning, match="wrong"):
+        H = snp.hessian(model.loss, shifted, model.hvp, theta, (X, y))
+    assert H.engine == "finite_difference"

@@ -381,6 +381,8 @@ def test_keras_ggn_and_empirical_fisher_match_dense_constructions(model_kind, ta
         H = stf.hessian(model, loss_fn, batches, **kw)
         assert rel(dense(H - G), H_true - G_true) < 1e-10
         assert np.linalg.eigvalsh(G_true)[0] > -1e-12
+        assert (G.positive_semidefinite, EF.positive_semidefinite, H.positive_semidefinite) == (True, True, False)
+        check_solves(G, H, G_true, H_true, np.random.default_rng(4).standard_normal(G.shape[0]), "float64")
 
 
 def test_keras_bad_input_says_what_to_pass():
@@ -484,3 +486,91 @@ def test_analyze_curvature_hessian_ggn_side_by_side(tmp_path, capsys):
     assert "unknown operator 'gauss'" in capsys.readouterr().err
     assert cli.main(["analyze", "--backend", "jax", "--curvature", "ggn", "--out", str(tmp_path / "bad")]) == 2
     assert "specops.backends.jax.ggn" in capsys.readouterr().err
+
+
+def cli_regression_data():
+    X, _ = cli_data()[0]
+    Y = np.random.default_rng(5).standard_normal((X.shape[0], 10))
+    return [(X[:25], Y[:25]), (X[25:], Y[25:])]
+
+
+def test_analyze_fisher_datum_term_scales_the_mse_fisher_by_the_outputs(tmp_path, capsys):
+    """MSE with "mean" over C = 10 outputs: a loss term's weight is 1/(N C), a sample's 1/N."""
+    import json
+
+    from specops import cli
+
+    out = str(tmp_path / "out")
+    base = ["analyze", "--model", "test_curvature:cli_model", "--data", "test_curvature:cli_regression_data",
+            "--loss", "mse", "--stages", "curvature", "--top-k", "2", "--eig-tol", "1e-8", "--eig-matvecs", "300",
+            "--esd-probes", "1", "--esd-steps", "4", "--no-progress"]
+    assert cli.main([*base, "--curvature", "fisher", "--fisher-datum", "term", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as fh:
+        stage = json.load(fh)["stages"]["curvature"]
+    top = stage["result"]["operators"]["fisher"]["eigen"]["eigenvalues"]
+    top = np.asarray(top["__ndarray__"] if isinstance(top, dict) else top, dtype=float)
+    model = cli_model()
+    data = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in cli_regression_data()]
+    EF_sample = torch_truth(model, nn.MSELoss(), data, "mean")[1]  # per-sample gradients, G^T G / N
+    truth = np.sort(np.linalg.eigvalsh(10 * EF_sample))[::-1][:2]
+    assert np.allclose(np.sort(top)[::-1], truth, rtol=1e-6)
+    assert stage["settings"]["fisher_datum"] == "term"
+    capsys.readouterr()
+    assert cli.main([*base, "--curvature", "hessian,ggn", "--fisher-datum", "term", "--out",
+                     str(tmp_path / "bad")]) == 2
+    assert "add fisher to --curvature" in capsys.readouterr().err
+
+
+# --- Definiteness: what solve(method="auto") reads ----------------------------------------
+def check_solves(G, H, G_true, H_true, b, dtype_name):
+    """A damped GGN is solved by CG, the Hessian by MINRES from the start; both against
+    ``np.linalg.solve`` of the dense truths, within the conditioning's bound."""
+    tol, eps = {"float32": (1e-5, 1.2e-7), "float64": (1e-10, 2.3e-16)}[dtype_name]
+    bn, lam, I = np.asarray(b, dtype=np.float64), 0.5, np.eye(G.shape[0])
+    for A, shift, M, method in ((G, lam, G_true, "cg"), (G.shift(lam), 0.0, G_true, "cg"),
+                                (H, lam, H_true, "minres")):
+        r = specops.solve(A, b, shift=shift, tol=tol)
+        assert r.converged and r.settings["method_used"] == method, r.settings
+        S = M + lam * I
+        cond = np.linalg.cond(S)
+        assert rel(r.x, np.linalg.solve(S, bn)) < 10 * cond * (tol + 100 * eps)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_definiteness_flags_pick_cg_for_a_damped_ggn_and_minres_for_the_hessian(dtype):
+    model, loss_fn = torch_mlp(), nn.CrossEntropyLoss()
+    batches = torch_batches("mlp", "classification")
+    G_true, _, H_true = torch_truth(model, loss_fn, batches, "mean")
+    assert np.linalg.eigvalsh(H_true)[0] < 0  # indefinite: the Hessian flag is not a formality
+    tdtype = getattr(torch, dtype)
+    model = model.to(tdtype)
+    batches = [(x.to(tdtype), y) for x, y in batches]
+    G, H = st.ggn(model, loss_fn, batches), st.hessian(model, loss_fn, batches)
+    assert (G.positive_semidefinite, H.positive_semidefinite) == (True, False)
+    for kind in ("empirical", "mc"):  # sums of outer products, whatever the loss
+        assert st.fisher(model, loss_fn, batches, kind=kind).positive_semidefinite is True
+    assert st.fisher(model, lambda o, y: -loss_fn(o, y), batches).positive_semidefinite is True
+    # autodiff of an arbitrary loss's output Hessian: convexity unknown
+    assert st.ggn(model, lambda o, y: torch.sin(o).sum(), batches, reduction="sum").positive_semidefinite is None
+    # blocks by name keep the flag
+    assert G.restrict("0.*").positive_semidefinite is True and H.restrict("0.*").positive_semidefinite is False
+    b = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(4), dtype=tdtype)
+    check_solves(G, H, G_true, H_true, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_jax_definiteness_flags_pick_cg_for_a_damped_ggn_and_minres_for_the_hessian(dtype):
+    params, apply, batches = jax_problem("mlp", "classification", sizes=(6, 6))
+    loss_fn = JAX_LOSSES["classification"]
+    G_true, _, H_true = jax_truth(params, apply, loss_fn, batches, "mean")
+    jdtype = getattr(jnp, dtype)
+    batches = [(x.astype(jdtype), y) for x, y in batches]
+    kw = {"chunk_size": 64, "check_deterministic": False, "dtype": jdtype}
+    G = sj.ggn(apply, loss_fn, params, batches, **kw)
+    scalar = lambda o, y: loss_fn(o, y).mean()  # noqa: E731
+    H = sj.hessian(lambda p, b: scalar(apply(p, b[0]), b[1]), params, batches, **kw)
+    assert (G.positive_semidefinite, H.positive_semidefinite) == (True, False)
+    assert sj.ggn(apply, scalar, params, batches, **kw).positive_semidefinite is None  # autodiff
+    assert sj.fisher(apply, loss_fn, params, batches, **kw).positive_semidefinite is True
+    b = jnp.asarray(np.random.default_rng(4).standard_normal(G.shape[0]), dtype=jdtype)
+    check_solves(G, H, G_true, H_true, b, dtype)

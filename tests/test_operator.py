@@ -100,3 +100,51 @@ def test_non_symmetric_operator_is_refused_by_algorithms():
     for fn in (so.eigsh, so.trace, so.diagonal, so.spectral_density):
         with pytest.raises(ValueError, match="symmetric"):
             fn(A)
+
+
+class _Flagged(so.LinearOperator):
+    """A dense matrix that states its definiteness, as a model operator does."""
+
+    def __init__(self, M, flag):
+        super().__init__(M.shape, so.aslinearoperator(M).ops)
+        self.M, self.positive_semidefinite = M, flag
+
+    def _matmat(self, V):
+        return self.M @ V
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_algebra_keeps_definiteness_where_it_is_provable(dtype):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 12)).astype(dtype)
+    G = _Flagged(X @ X.T, True)  # PSD
+    H = _Flagged((X + X.T) / 2, False)  # indefinite
+    assert np.linalg.eigvalsh(H.M)[0] < 0 < np.linalg.eigvalsh(H.M)[-1]
+    expected = {  # (operator, flag): each True checked against the dense spectrum below
+        "G + G": (G + G, True), "2 G": (2 * G, True), "0 H": (0 * H, True), "G shift 1": (G.shift(1.0), True),
+        "G + 0.5 I": (G + 0.5 * G.identity(), True), "G block": (G.restrict(slice(2, 7)), True),
+        "H @ H": (H @ H, True), "3 H": (3 * H, False), "-G": (-G, False), "-H": (-H, False),
+        "H shift 1": (H.shift(1.0), None), "G shift -1": (G.shift(-1.0), None), "H - G": (H - G, None),
+        "H + G": (H + G, None), "H block": (H.restrict([0, 1, 2]), None), "G @ H": (G @ H, None),
+        "plain": (so.aslinearoperator(X @ X.T), None),
+    }
+    for name, (A, flag) in expected.items():
+        assert A.positive_semidefinite is flag, name
+        if flag:
+            low = np.linalg.eigvalsh(A.to_dense())[0]
+            assert low >= -1e-4 * np.abs(np.linalg.eigvalsh(G.M)).max(), name
+
+
+def test_solve_auto_follows_the_flags_of_the_algebra():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((30, 30))
+    G, H = _Flagged(X @ X.T, True), _Flagged((X + X.T) / 2, False)
+    b = rng.standard_normal(30)
+    assert np.linalg.eigvalsh(H.M)[0] < -1  # H + I is still indefinite
+    # unknown definiteness (H + I) starts with CG, which switches when it meets negative curvature
+    cases = [(G.shift(0.1), "cg", X @ X.T + 0.1 * np.eye(30)), (-G, "minres", -X @ X.T),
+             (H.shift(1.0), "cg, then minres", (X + X.T) / 2 + np.eye(30))]
+    for A, method, M in cases:
+        r = so.solve(A, b, tol=1e-10)
+        assert r.converged and r.settings["method_used"] == method
+        np.testing.assert_allclose(r.x, np.linalg.solve(M, b), rtol=1e-6 * np.linalg.cond(M))

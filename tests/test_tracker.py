@@ -383,3 +383,24 @@ def test_log_encodes_an_infinite_stderr_once_and_reads_older_logs(tmp_path, dtyp
     old.write_text(old_line)
     steps, est2, err2 = specops.Tracker.load(old).traces()
     assert list(steps) == [0] and est2[0] == est[0] and err2[0] == np.inf
+
+
+def test_fisher_datum_term_reaches_the_empirical_fisher(tmp_path):
+    """MSE with "mean" over C = 3 outputs: a term's weight is 1/(N C), so the per-term Fisher
+    is C times the per-sample one (dense truth: per-sample gradients, ``G^T G / N``)."""
+    from torch import nn
+
+    from specops.backends import torch as st
+
+    model, _, (X, _) = _torch_problem()
+    Y = torch.randn(20, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss_fn = nn.MSELoss()
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss_fn(model(X[i:i + 1]), Y[i:i + 1]), list(model.parameters()))]) for i in range(20)]).numpy()
+    truth = np.linalg.eigvalsh(3 * G.T @ G / 20)[::-1][:2]
+    tracker = specops.Tracker(lambda: st.hessian(model, loss_fn, (X, Y)), tmp_path / "f.jsonl", metrics="eigenvalues",
+                              k=2, curvatures=("hessian", "fisher"), fisher_datum="term")
+    rec = tracker.update(0)
+    np.testing.assert_allclose(rec["curvatures"]["fisher"]["eigenvalues"], truth, rtol=1e-6)
+    with pytest.raises(ValueError, match="datum must be 'sample'"):
+        specops.Tracker(lambda: None, curvatures=("fisher",), fisher_datum="position")

@@ -85,6 +85,10 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
                    help="operators to analyse side by side: hessian, ggn (Gauss-Newton), fisher (empirical), "
                         "mc-fisher (Monte-Carlo), comma-separated, e.g. hessian,ggn: top eigenvalues and "
                         "densities of each, the trace of H - G, curvature.png")
+    g.add_argument("--fisher-datum", choices=("sample", "term"), default="sample",
+                   help="what one datum of the empirical Fisher (--curvature fisher) is: a sample, or a loss term "
+                        "(each position of outputs with extra axes; the per-term scaling of curvlinops' "
+                        "EFLinearOperator); see docs/curvature.md")
     g.add_argument("--esd-probes", type=number(int, 1), default=5, help="SLQ probe vectors")
     g.add_argument("--esd-steps", type=number(int, 2), default=64, help="Lanczos steps per SLQ probe")
     g.add_argument("--landscape", choices=LANDSCAPES, default="2d", help="loss landscape: none, a line or a plane")

@@ -4,7 +4,8 @@
 operator, its top ``--top-k`` eigenvalues and its spectral density (SLQ, the ``--esd-*``
 settings), and, when both the Hessian and the GGN are listed, the trace of the residual
 term ``H - G``; ``curvature.png`` overlays the densities. The Hessian's eigenvalues and
-density are taken from the ``eigen`` and ``esd`` stages when they ran.
+density are taken from the ``eigen`` and ``esd`` stages when they ran. ``--fisher-datum
+term`` makes one loss term (not one sample) a datum of the empirical Fisher.
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ def check(args: argparse.Namespace) -> None:
         args: the parsed arguments.
 
     Raises:
-        UsageError: an unknown name, or the GGN/Fisher with the JAX backend.
+        UsageError: an unknown name, the GGN/Fisher with the JAX backend, or ``--fisher-datum``
+            without the empirical Fisher.
     """
     names = parse(args.curvature)
+    if getattr(args, "fisher_datum", "sample") != "sample" and "fisher" not in names:
+        raise UsageError("--fisher-datum is the empirical Fisher's: add fisher to --curvature (e.g. "
+                         "--curvature hessian,fisher) or leave --fisher-datum out")
     if args.backend == "jax" and any(CURVATURES[n] for n in names):
         raise UsageError("--curvature ggn/fisher/mc-fisher needs --backend torch or tensorflow: the JAX session's "
                          "loss_fn(params, batch) does not separate the model from the loss; in Python, use "
@@ -90,7 +95,10 @@ def operator(ctx: Context, name: str) -> ModelOperator:
     from specops.curvature import curvature_like
 
     kind = CURVATURES[name]
-    return ctx.H if kind is None else curvature_like(ctx.H, kind, seed=ctx.args.seed)
+    if kind is None:
+        return ctx.H
+    datum = {"datum": ctx.args.fisher_datum} if kind == "empirical" else {}
+    return curvature_like(ctx.H, kind, seed=ctx.args.seed, **datum)
 
 
 def analyse(ctx: Context, name: str, A: LinearOperator) -> dict:
@@ -134,6 +142,8 @@ def run(ctx: Context) -> None:
     names = parse(a.curvature)
     settings = dict(curvature=names, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, num_probes=a.esd_probes,
                     num_steps=a.esd_steps, trace_matvecs=a.trace_matvecs, trace_rtol=a.trace_rtol, seed=a.seed)
+    if "fisher" in names:
+        settings["fisher_datum"] = a.fisher_datum
     if not ctx.skip(NAME, settings):
         t0 = time.perf_counter()
         ops = {n: operator(ctx, n) for n in names}
