@@ -300,7 +300,7 @@ def test_torch_backend_registers_cuda_tensors_for_mpi(monkeypatch, dtype):
     """Importing the torch backend registers its CUDA-tensor buffers; they copy a
     non-contiguous block, allocate a fresh receive buffer and wait for the device's stream."""
     torch = pytest.importorskip("torch")
-    tb = pytest.importorskip("specops.backends.torch")
+    tb = pytest.importorskip("specops.backends.torch.ops")  # the vector operations register the buffers
     from specops.distributed import mpi
 
     [entry] = [e for e in mpi._DEVICE_BUFFERS if e.accepts is tb._is_cuda_tensor]
