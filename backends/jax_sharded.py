@@ -131,7 +131,7 @@ class JaxMeshOps(JaxOps):
     def host(self) -> JaxMeshOps:
         return self  # a basis "in host memory" would be a whole vector on one host: keep it sharded
 
-    def random(self, n: int, columns: Iterable[int], seed: int, kind: str = "rademacher",
+    def random(self, n: int, columns: Iterable[int], seed: int, distribution: _random.Distribution = "rademacher",
                stream: str = "") -> Any:
         columns = list(columns)
         shape = (self.padded, len(columns))
@@ -141,7 +141,7 @@ class JaxMeshOps(JaxOps):
             lo, hi, _ = index[0].indices(self.padded)
             out = np.zeros((hi - lo, len(columns)), dtype=dtype)
             if lo < n:
-                out[: min(hi, n) - lo] = _random.probes(n, columns, seed, kind=kind, stream=stream,
+                out[: min(hi, n) - lo] = _random.probes(n, columns, seed, distribution=distribution, stream=stream,
                                                         rows=range(lo, min(hi, n)))[:, index[1]]
             return out
 

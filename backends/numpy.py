@@ -16,9 +16,10 @@ from specops.layout import ParamLayout
 from specops.model import ModelAdapter, ModelOperator
 from specops.operator import LinearOperator
 from specops.ops import VectorOps, sum_over_rows
+from specops.reduction import Reduction
 
 
-class NumpyOps(VectorOps):
+class NumpyOps(VectorOps[np.ndarray]):
     """Vector operations on NumPy arrays (host memory)."""
 
     name = "numpy"
@@ -160,7 +161,7 @@ class NumpyAdapter(ModelAdapter):
 
 def hessian(loss_fn: Callable[..., Any], grad_fn: Callable[..., Any], hvp_fn: Callable[..., Any],
             params: dict[str, npt.ArrayLike] | npt.ArrayLike, data: Any, *, wrt: str | Sequence[str] | None = None,
-            reduction: str = "mean", comm: Any = None, check_deterministic: bool = True,
+            reduction: Reduction = "mean", comm: Any = None, check_deterministic: bool = True,
             cross_check: bool = True) -> ModelOperator:
     """The loss Hessian of a model written in NumPy, from its own gradient and HVP functions.
 

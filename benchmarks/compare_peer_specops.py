@@ -23,7 +23,7 @@ def accuracy(model, X, y):
 
     def so_trace(method):
         def run(m, seed):
-            r = specops.trace(H, method=method, num_matvecs=m, seed=seed)
+            r = specops.trace(H, method=method, max_matvecs=m, seed=seed)
             return r.estimate, r.num_matvecs
         return run
 
@@ -59,7 +59,7 @@ def trace(model, loss_fn, X, y, *, seed, trace_cap, **_):
     from specops.backends import torch as st
 
     H = st.hessian(model, loss_fn, (X, y))
-    r = specops.trace(H, method="hutchinson", num_matvecs=trace_cap, rtol=TRACE_RTOL, seed=seed)
+    r = specops.trace(H, method="hutchinson", max_matvecs=trace_cap, rtol=TRACE_RTOL, seed=seed)
     return {"estimate": r.estimate, "stderr": r.stderr, "matvecs": r.num_matvecs,
                 "reached": r.stderr <= TRACE_RTOL * abs(r.estimate), "how": "trace(hutchinson, rtol=0.01)"}
 
@@ -70,7 +70,7 @@ def trace_auto(model, loss_fn, X, y, *, seed, auto_cap, **_):
     from specops.backends import torch as st
 
     H = st.hessian(model, loss_fn, (X, y))
-    r = specops.trace(H, num_matvecs=auto_cap, rtol=TRACE_RTOL, seed=seed)
+    r = specops.trace(H, max_matvecs=auto_cap, rtol=TRACE_RTOL, seed=seed)
     return {"estimate": r.estimate, "stderr": r.stderr, "matvecs": r.num_matvecs,
                 "reached": r.stderr <= TRACE_RTOL * abs(r.estimate),
                 "how": f"trace(rtol=0.01), its default: {r.settings.get('estimator')}"}

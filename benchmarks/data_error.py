@@ -90,7 +90,7 @@ def study(subsets=200, samples=128, batches=8, hidden=12, k=3, seed=0, trace_pro
         for flag in (False, True) if timing else (True,):
             t0 = time.perf_counter()
             e = so.eigsh(H, k=k, tol=1e-8, seed=s, data_error=flag)
-            tr = so.trace(H, num_matvecs=trace_products, seed=s, data_error=flag)
+            tr = so.trace(H, max_matvecs=trace_products, seed=s, data_error=flag)
             times[flag] = time.perf_counter() - t0
         se_top.append(e.data_stderr)
         se_trace.append(tr.data_stderr)

@@ -155,8 +155,8 @@ BUILDERS = {"torch": torch_adapter, "jax": jax_adapter, "tensorflow": tf_adapter
 
 def measure(H, batch):
     ad, ops = H.adapter, H.ops
-    v = ops.random(H.shape[0], [0], 0, kind="normal")
-    V = ops.random(H.shape[0], range(ARGS.k), 0, kind="normal")
+    v = ops.random(H.shape[0], [0], 0, distribution="normal")
+    V = ops.random(H.shape[0], range(ARGS.k), 0, distribution="normal")
     def done(x):  # one entry to the host: waits for the result without timing a transfer
         return ops.to_numpy(x[:1])
 

@@ -115,7 +115,7 @@ def worker(args):
 
     devices = jax.local_devices(backend=args.platform)[: args.count]
     H = hessian(loss, params, batches, devices=devices if args.count > 1 else None, check_deterministic=False)
-    v = H.ops.random(H.shape[0], [0], seed=0, kind="normal")[:, 0]
+    v = H.ops.random(H.shape[0], [0], seed=0, distribution="normal")[:, 0]
     (H @ v).block_until_ready()  # compile
     times = []
     for _ in range(args.reps):

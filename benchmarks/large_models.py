@@ -335,8 +335,8 @@ def run_model(name, args, out):
                 f"{est:.5g} ± {err / abs(est):.1%}" + ("" if reached else f" — **{rtol:.0%} NOT reached**"))
 
         def sp_trace():
-            r, t, peak = measured(lambda: specops.trace(H, num_matvecs=cap, rtol=rtol, seed=0))
-            tr_row("specops", f"trace(rtol={rtol:g}, num_matvecs={cap}) ({r.settings.get('estimator')})",
+            r, t, peak = measured(lambda: specops.trace(H, max_matvecs=cap, rtol=rtol, seed=0))
+            tr_row("specops", f"trace(rtol={rtol:g}, max_matvecs={cap}) ({r.settings.get('estimator')})",
                    r.estimate, r.stderr, r.num_matvecs, t, peak)
 
         attempt("trace", "specops", "trace", sp_trace)

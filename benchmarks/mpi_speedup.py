@@ -67,7 +67,7 @@ def worker(args):
     X, y = images[mine.start:mine.stop], labels[mine.start:mine.stop]
     batches = [(X[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(X), args.batch_size)]
     H = hessian(model, torch.nn.CrossEntropyLoss(), batches, comm=comm, engine=args.hvp, check_deterministic=False)
-    v = H.ops.random(H.shape[0], [0], seed=0, kind="normal")[:, 0]
+    v = H.ops.random(H.shape[0], [0], seed=0, distribution="normal")[:, 0]
     H @ v  # warm-up: allocator, kernels, cached graphs
     hvp, cpu, allreduce = [], [], []
     for _ in range(args.reps):

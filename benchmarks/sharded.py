@@ -7,7 +7,7 @@ samples per rank, one thread per rank, and measures on every rank:
 
 - the peak resident memory an algorithm adds above what the process held before it
   (``VmHWM`` after resetting it, Linux), for ``eigsh(k=5)``, ``trace(method="xtrace",
-  num_matvecs=40)`` and ``spectral_density(num_probes=10, num_steps=64)``, with the
+  max_matvecs=40)`` and ``spectral_density(num_probes=10, num_steps=64)``, with the
   bytes of its Krylov vectors predicted from n/P by docs/scale.md's memory model (at
   most 164 vectors for eigsh k=5 with its multiplicity check, 2.5 m + 2c = 120 for
   XTrace, 710 for SLQ 10 x 64 with all probes at once);
@@ -79,7 +79,7 @@ def worker(out: str, width: int, samples: int, reps: int) -> None:
     result = dict(ranks=size, rank=rank, n=n, local_rows=local, memory={})
     for name, fn, vectors in (
         ("eigsh(k=5)", lambda: so.eigsh(H, k=5, seed=0, tol=1e-3, max_matvecs=120), 164),
-        ("trace(xtrace, 40)", lambda: so.trace(H, method="xtrace", num_matvecs=40, seed=0), 120),
+        ("trace(xtrace, 40)", lambda: so.trace(H, method="xtrace", max_matvecs=40, seed=0), 120),
         ("spectral_density(10x64)", lambda: so.spectral_density(H, num_probes=10, num_steps=64, seed=0), 710),
     ):
         import gc
@@ -98,7 +98,7 @@ def worker(out: str, width: int, samples: int, reps: int) -> None:
             krylov_mib=vectors * local * 4 / 2**20, seconds=seconds, products=H.num_matvecs - products0,
             product_seconds=H.matvec_seconds - product_seconds0, collective_seconds=spent["seconds"],
             collectives=spent["calls"])
-    v = H.ops.random(n, [0], 1, kind="normal")[:, 0]
+    v = H.ops.random(n, [0], 1, distribution="normal")[:, 0]
     fd, fb = [], []
     for _ in range(reps):
         dist.barrier()

@@ -68,7 +68,7 @@ def main(n=2000, p=10, steps=64):
     A64, lam = hessian_like(n)
     print(f"n={n}, {p} probes x {steps} steps; lambda in [{lam.min():.3g}, {lam.max():.3g}], "
           f"exact fraction below 0.1 lambda_max: {np.mean(lam < 0.1 * lam.max()):.4f}")
-    V = probes(n, range(p), 0, kind="rademacher", stream="slq")
+    V = probes(n, range(p), 0, distribution="rademacher", stream="slq")
     V = V / np.linalg.norm(V, axis=0)
     print(f"{'dtype':8} {'window':>6} {'moments':>9} {'W1':>9} {'trace':>9} {'top':>9} {'ghosts':>6} {'bulk L1':>8}")
     for dtype in (np.float64, np.float32):

@@ -79,7 +79,7 @@ def main():
             HV = (H @ V.to(H.adapter.ops.torch_dtype)).double()
             try:
                 top = specops.eigsh(H, k=1, tol=1e-3, max_matvecs=300)
-                tr = specops.trace(H, method="hutch++", num_matvecs=60)
+                tr = specops.trace(H, method="hutch++", max_matvecs=60)
             except specops.NonFiniteError as e:
                 print(f"| {name} | {label} | {float(torch.linalg.norm(HV - truth['HV']) / torch.linalg.norm(truth['HV'])):.1e}"
                       f" | {type(e).__name__}: {str(e)[:60]}... | | | | |")

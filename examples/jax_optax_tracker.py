@@ -56,7 +56,7 @@ def main():
 
     tracker = specops.Tracker(lambda: sj.hessian(loss_fn, current["params"], hessian_data), args.out, k=2,
                               blocks={"hidden": "hidden.*", "out": "out.*"}, block_metrics=("trace",),
-                              trace_options=dict(num_matvecs=40), density_options=dict(num_probes=2, num_steps=30),
+                              trace_options=dict(max_matvecs=40), density_options=dict(num_probes=2, num_steps=30),
                               resume=True)
     for epoch in range(1, args.epochs + 1):
         for xb, yb in batches(jnp.asarray(X), jnp.asarray(y), 64):

@@ -47,7 +47,7 @@ def main():
 
     top = specops.eigsh(H, k=3, which="LA", tol=1e-8, seed=0)
     print("top eigenvalues:", np.round(top.eigenvalues, 6), "converged:", top.converged.all())
-    tr = specops.trace(H, num_matvecs=60, seed=0)
+    tr = specops.trace(H, max_matvecs=60, seed=0)
     print(f"trace: {tr.estimate:.4f} +- {tr.stderr:.4f}")
     density = specops.spectral_density(H, num_probes=4, num_steps=48, seed=0)
     grid = density.default_grid()

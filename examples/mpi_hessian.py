@@ -37,7 +37,7 @@ loader = torch.utils.data.DataLoader(shard(dataset, comm), batch_size=100)  # th
 t0 = time.perf_counter()
 H = hessian(model, torch.nn.CrossEntropyLoss(), loader, comm=comm)
 top = specops.eigsh(H, k=5, seed=0)
-tr = specops.trace(H, num_matvecs=60, seed=0)
+tr = specops.trace(H, max_matvecs=60, seed=0)
 density = specops.spectral_density(H, num_probes=4, num_steps=40, seed=0)
 seconds = time.perf_counter() - t0
 

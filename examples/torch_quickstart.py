@@ -41,7 +41,7 @@ top = specops.eigsh(H, k=3, tol=1e-6)
 print("top eigenvalues:", np.array2string(top.eigenvalues, precision=5), "converged:", top.converged.all())
 print("eigenvectors are tensors:", type(top.eigenvectors).__name__, tuple(top.eigenvectors.shape))
 
-tr = specops.trace(H, num_matvecs=150, seed=0)
+tr = specops.trace(H, max_matvecs=150, seed=0)
 print(f"trace: {tr.estimate:.4f} +- {tr.stderr:.4f} ({tr.num_matvecs} products)")
 
 density = specops.spectral_density(H, num_probes=4, num_steps=40, seed=0)

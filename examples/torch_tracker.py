@@ -40,7 +40,7 @@ def main():
 
     tracker = specops.Tracker(make_operator, args.out, k=2, seed=0, resume=args.resume,
                               blocks={f"stage{s}": f"stage{s}.*" for s in (1, 2, 3)}, block_metrics=("trace",),
-                              eigsh_options=dict(tol=1e-3), trace_options=dict(num_matvecs=30),
+                              eigsh_options=dict(tol=1e-3), trace_options=dict(max_matvecs=30),
                               density_options=dict(num_probes=2, num_steps=24), progress=True)
     gen = torch.Generator().manual_seed(0)
     for epoch in range(1, args.epochs + 1):

@@ -273,7 +273,7 @@ def check_engine(adapter: Any, batch: Any, *, seed: int = 0, switch: bool = True
     if engine == FINITE_DIFFERENCE:
         return EngineCheck(requested, engine, "skipped", "finite differences need no second derivatives")
     n = adapter.num_params
-    V = ops.random(n, [0, 1], seed, kind="normal", stream="engine_check")
+    V = ops.random(n, [0, 1], seed, distribution="normal", stream="engine_check")
     HV = adapter.check_product(batch, V)
     if not ops.all_finite(HV):
         raise NonFiniteError(

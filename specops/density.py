@@ -27,7 +27,7 @@ from specops.lanczos import basis_store, probe_lanczos
 from specops.operator import OperatorLike
 from specops.ops import VectorOps
 from specops.progress import bar as progress_bar
-from specops.random import check_kind, check_seed
+from specops.random import Distribution, check_distribution, check_seed
 from specops.results import Result
 
 #: Default Gaussian width as a fraction of the spread of the quadrature nodes.
@@ -285,7 +285,7 @@ class SpectralDensity(Result):
 
 
 def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64, seed: int = 0,
-                     kind: str = "rademacher", progress: bool | str = False, *,
+                     distribution: Distribution = "rademacher", progress: bool | str = False, *,
                      probes_at_once: int | None = None, reorth_window: int | None = None,
                      memory_budget: int | None = None, basis_memory: str | VectorOps = "device") -> SpectralDensity:
     """Estimate the eigenvalue spectral density of a symmetric operator by SLQ.
@@ -302,7 +302,7 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         num_probes: independent probe vectors (the estimate's variance falls as 1/num_probes).
         num_steps: Lanczos steps per probe (nodes per probe; capped at n).
         seed: seed of the probes.
-        kind: probe distribution, ``"rademacher"`` or ``"normal"``.
+        distribution: probe distribution, ``"rademacher"`` or ``"normal"``.
         progress: draw a progress bar (tqdm) of the products (all probes advance together,
             one Lanczos step per product block), ending with the estimated spectral range
             and trace; a string labels it. Silent on MPI ranks other than 0.
@@ -347,7 +347,7 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
     A = _checks.symmetric_operator(A, "spectral_density")
     num_probes = _checks.positive_int("num_probes", num_probes)
     num_steps = _checks.positive_int("num_steps", num_steps)
-    seed, kind = check_seed(seed), check_kind(kind)
+    seed, distribution = check_seed(seed), check_distribution(distribution)
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
     p = num_probes
@@ -359,7 +359,7 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
     alpha, beta, length = np.zeros((p, steps)), np.zeros((p, steps)), np.zeros(p, dtype=int)
     for first in range(0, p, group):
         cols = range(first, min(first + group, p))
-        Z = ops.random(n, cols, seed, kind=kind, stream="slq")
+        Z = ops.random(n, cols, seed, distribution=distribution, stream="slq")
         V = ops.scale_columns(Z, 1.0 / ops.column_norms(Z))
         del Z
         alpha[cols], beta[cols], length[cols] = probe_lanczos(A, mul, V, steps, window, store=store)
@@ -370,7 +370,7 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         theta, U = eigh_tridiagonal(alpha[i, :m], beta[i, : m - 1])
         nodes[i, :m], weights[i, :m] = theta, U[0] ** 2
         nodes[i, m:] = theta[-1]
-    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, kind=kind, backend=A.backend, **engine_settings(A),
+    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, distribution=distribution, backend=A.backend, **engine_settings(A),
                     probes_at_once=group, reorth_window=window,
                     basis_bytes=basis_bytes(n, group, steps if window is None else window, ops.dtype),
                     memory_budget=budget)

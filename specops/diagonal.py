@@ -6,17 +6,20 @@ estimate whose variance is the sum of squares of the off-diagonal entries of its
 
 from __future__ import annotations
 
+from typing import Literal, get_args
 import dataclasses
 
 import numpy as np
 
 from specops import _checks
 from specops.operator import OperatorLike
-from specops.random import check_kind, check_seed
+from specops.random import Distribution, check_distribution, check_seed
 from specops.results import Result
 from specops.trace import probe_chunks
 
-METHODS = ("hutchinson", "exact")
+#: The diagonal estimators.
+DiagonalMethod = Literal["hutchinson", "exact"]
+METHODS: tuple[DiagonalMethod, ...] = get_args(DiagonalMethod)
 
 
 @dataclasses.dataclass
@@ -36,18 +39,18 @@ class DiagonalResult(Result):
     settings: dict
 
 
-def diagonal(A: OperatorLike, method: str = "hutchinson", num_matvecs: int = 100, seed: int = 0, kind: str = "rademacher",
-             chunk: int = 10) -> DiagonalResult:
+def diagonal(A: OperatorLike, method: DiagonalMethod = "hutchinson", max_matvecs: int = 100, seed: int = 0, distribution: Distribution = "rademacher",
+             chunk_size: int = 10) -> DiagonalResult:
     """Estimate the diagonal of a symmetric operator.
 
     Args:
         A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
         method: ``"hutchinson"`` (stochastic) or ``"exact"`` (``n`` products with unit
             vectors; for small operators and checks).
-        num_matvecs: number of probes for ``"hutchinson"``.
+        max_matvecs: number of probes for ``"hutchinson"``.
         seed: seed of the probes.
-        kind: probe distribution, ``"rademacher"`` (best: exact for diagonal ``A``) or ``"normal"``.
-        chunk: probes multiplied per ``matmat``.
+        distribution: probe distribution, ``"rademacher"`` (best: exact for diagonal ``A``) or ``"normal"``.
+        chunk_size: probes multiplied per ``matmat``.
 
     Returns:
         :class:`DiagonalResult`.
@@ -65,21 +68,21 @@ def diagonal(A: OperatorLike, method: str = "hutchinson", num_matvecs: int = 100
         >>> B = np.array([[2.0, 1.0, 0.0], [1.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
         >>> so.diagonal(B, method="exact").estimate
         array([2., 2., 2.])
-        >>> d = so.diagonal(B, num_matvecs=1000, seed=0)
+        >>> d = so.diagonal(B, max_matvecs=1000, seed=0)
         >>> bool(np.all(np.abs(d.estimate - 2.0) < 4 * d.stderr))
         True
     """
     A = _checks.symmetric_operator(A, "diagonal")
     _checks.choice("method", method, METHODS)
-    num_matvecs = _checks.positive_int("num_matvecs", num_matvecs)
-    seed, kind = check_seed(seed), check_kind(kind)
-    chunk = _checks.positive_int("chunk", chunk)
+    max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
+    seed, distribution = check_seed(seed), check_distribution(distribution)
+    chunk_size = _checks.positive_int("chunk_size", chunk_size)
     ops, n = A.ops, A.shape[0]
     mul = _checks.Products(A)
-    settings = dict(method=method, num_matvecs=num_matvecs, seed=seed, kind=kind, n=n, backend=A.backend)
+    settings = dict(method=method, max_matvecs=max_matvecs, seed=seed, distribution=distribution, n=n, backend=A.backend)
     if method == "exact":
         parts = [ops.row_sums(E * mul(E)) for E in
-                 (ops.identity_columns(n, j, min(n, j + chunk)) for j in range(0, n, chunk))]
+                 (ops.identity_columns(n, j, min(n, j + chunk_size)) for j in range(0, n, chunk_size))]
         est = ops.to_numpy(sum(parts[1:], parts[0]))
         return DiagonalResult(est, np.zeros(est.shape[0]), mul.count, settings)
     # per-probe values z * Az on the host in float64, merged chunk by chunk (Chan et al.'s
@@ -87,7 +90,7 @@ def diagonal(A: OperatorLike, method: str = "hutchinson", num_matvecs: int = 100
     # to 0 (or garbage) when the diagonal is large beside its spread
     # arrays of the host rows of a vector (a rank's entries where vectors are sharded)
     m, mean, m2 = 0, np.zeros(()), np.zeros(())
-    for Z, AZ in probe_chunks(A, mul, num_matvecs, seed, kind, "diagonal", chunk):
+    for Z, AZ in probe_chunks(A, mul, max_matvecs, seed, distribution, "diagonal", chunk_size):
         P = ops.to_numpy(Z * AZ)
         k = P.shape[1]
         chunk_mean = P.mean(axis=1)

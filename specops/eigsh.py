@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 
@@ -31,9 +31,15 @@ from specops.random import check_seed
 from specops.results import Result
 from specops.sharded import gather
 
-WHICH = ("LA", "SA", "LM", "BE")
-METHODS = ("lanczos", "power")
-STOP_ON = ("residual", "eigenvalue")
+#: Which eigenvalues: largest/smallest algebraic, largest magnitude, both ends.
+Which = Literal["LA", "SA", "LM", "BE"]
+WHICH: tuple[Which, ...] = get_args(Which)
+#: The eigensolvers: Lanczos, or deflated power iteration.
+EigMethod = Literal["lanczos", "power"]
+METHODS: tuple[EigMethod, ...] = get_args(EigMethod)
+#: What ``tol`` bounds: the residual, or the eigenvalue's error.
+StopOn = Literal["residual", "eigenvalue"]
+STOP_ON: tuple[StopOn, ...] = get_args(StopOn)
 
 #: Operators up to this size grow one Lanczos basis to convergence (at most n products).
 SMALL = 1000
@@ -104,6 +110,21 @@ class _Run:
     forms: Any = None  # the last product's (input block, per-batch forms), with data_error
 
 
+class _LanczosRun(NamedTuple):
+    """What :func:`_lanczos` returns: the pairs and the final basis (for the multiplicity check)."""
+
+    run: _Run
+    basis: Any
+
+
+class _CopyCheck(NamedTuple):
+    """What :func:`_complement_check` found: a missed copy, the products it took, whether it finished."""
+
+    missed: bool
+    products: int
+    complete: bool
+
+
 @dataclasses.dataclass
 class _Plan:
     """How Lanczos starts: block size, start block, a warm start's columns, whether to check copies."""
@@ -114,10 +135,10 @@ class _Plan:
     checked: bool
 
 
-def eigsh(A: OperatorLike, k: int = 1, which: str = "LA", method: str = "lanczos", tol: float = 1e-6,
+def eigsh(A: OperatorLike, k: int = 1, which: Which = "LA", method: EigMethod = "lanczos", tol: float = 1e-6,
           max_matvecs: int | None = None, seed: int = 0, block_size: int | None = None,
           max_basis: int | None = None, v0: Array | None = None, progress: bool | str = False,
-          basis_memory: str | VectorOps = "device", stop_on: str = "residual",
+          basis_memory: str | VectorOps = "device", stop_on: StopOn = "residual",
           data_error: bool = False) -> EigResult:
     """Extreme eigenvalues and eigenvectors of a symmetric operator.
 
@@ -310,13 +331,13 @@ def _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store
         settings["warm_start"] = dict(columns=int(plan.warm.shape[1]), inside=inside, checked=bool(checked))
     if not (checked and run.converged.all()):
         return run
-    missed, used, complete = _complement_check(A, run.values, basis, which, tol, max_matvecs - run.num_matvecs,
-                                               seed, max_basis, store)
+    check = _complement_check(A, run.values, basis, which, tol, max_matvecs - run.num_matvecs, seed, max_basis, store)
     del basis  # the block rerun below needs its own basis; free this one first
-    settings["multiplicity_check"] = dict(products=int(used), missed=bool(missed), complete=bool(complete))
-    spent = run.num_matvecs + used
+    settings["multiplicity_check"] = dict(products=int(check.products), missed=bool(check.missed),
+                                          complete=bool(check.complete))
+    spent = run.num_matvecs + check.products
     run = dataclasses.replace(run, num_matvecs=spent)
-    if not missed:
+    if not check.missed:
         return run
     basis_k = min(_default_basis(n, k, k), n - k)
     if max_matvecs - spent < (2 * k if basis_k >= 3 * k else n):  # no budget for the copy
@@ -407,7 +428,7 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis, store
     ``CHECK_TOL``) below that range, within its residual (nothing missed there).
 
     Returns:
-        ``(missed, products, complete)``; ``complete`` is False when the budget ran out first.
+        :class:`_CopyCheck`; ``complete`` is False when the budget ran out first.
     """
     vals = np.asarray(vals, dtype=np.float64)
     hi, lo = (len(vals) + 1) // 2, len(vals) // 2
@@ -438,7 +459,7 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis, store
             missed = True
         elif not ok[0]:
             complete = False
-    return missed, used, complete
+    return _CopyCheck(missed=missed, products=used, complete=complete)
 
 
 def _dense(A, k, which, tol):
@@ -453,14 +474,15 @@ def _dense(A, k, which, tol):
     resid = np.linalg.norm(M @ vecs - vecs * theta[want], axis=0)
     anorm = float(np.abs(theta).max())
     ok = resid <= _thresholds(theta[want], tol, anorm, np.finfo(ops.dtype).eps)
-    return _Run(theta[want], ops.from_numpy(vecs), resid, ok, mul.count, others=np.delete(theta, want))
+    return _Run(values=theta[want], vectors=ops.from_numpy(vecs), residuals=resid, converged=ok,
+                num_matvecs=mul.count, others=np.delete(theta, want))
 
 
 def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None, v0=None,
              store=None, stop_on="residual", reserve=False):
     """Thick-restart block Lanczos from ``v0`` (padded with seeded random columns to ``b``).
 
-    Returns ``(run, basis)``: the pairs as a :class:`_Run` and the final Lanczos basis.
+    Returns :class:`_LanczosRun`: the pairs as a :class:`_Run` and the final Lanczos basis.
     """
     ops, n = A.ops, A.shape[0]
     mul = _checks.Products(A)
@@ -468,7 +490,7 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos"
 
     def draw(m):
         nonlocal drawn
-        X = ops.random(n, range(drawn, drawn + m), seed, kind="normal", stream=stream)
+        X = ops.random(n, range(drawn, drawn + m), seed, distribution="normal", stream=stream)
         drawn += m
         return X
 
@@ -477,9 +499,9 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos"
         start = ops.concat([start, draw(b - start.shape[1])], axis=1)
     pairs = thick_restart(A, mul, k, which, tol, max_matvecs, start, max_basis, draw, stop=stop,
                           verify=stop is None, store=store, stop_on=stop_on, reserve=reserve)
-    run = _Run(pairs.values, pairs.vectors, pairs.residuals, pairs.converged, mul.count, pairs.estimated,
-               pairs.others)
-    return run, pairs.basis
+    run = _Run(values=pairs.values, vectors=pairs.vectors, residuals=pairs.residuals, converged=pairs.converged,
+               num_matvecs=mul.count, estimated=pairs.estimated, others=pairs.others)
+    return _LanczosRun(run=run, basis=pairs.basis)
 
 
 def _power(A, k, which, tol, max_matvecs, seed):
@@ -491,26 +513,28 @@ def _power(A, k, which, tol, max_matvecs, seed):
     if which != "LM":
         # the dominant eigenvalue bounds the spectrum; shifting by it makes LA (SA) dominant
         mu = _deflated_power(ops, n, lambda V: mul(V) * sign, 1, 1e-2, max_matvecs // 2, seed, "power-bound",
-                             lambda: mul.count, decide=A.decide)[0]
+                             lambda: mul.count, decide=A.decide).values
         shift = 1.1 * abs(float(mu[0]))
 
     def apply(V):
         return mul(V) * sign + V * shift
 
     vecs = _deflated_power(ops, n, apply, k, tol, max_matvecs - k, seed, "power", lambda: mul.count,
-                           shift=shift, decide=A.decide)[1]
-    vals, vecs, resid = verified(ops, mul, vecs, which)  # judged from the true residuals
-    anorm = max(float(np.abs(vals).max()), shift / 1.1)
-    ok = resid <= _thresholds(vals, tol, anorm, float(np.finfo(ops.dtype).eps))
-    return _Run(vals, vecs, resid, ok, mul.count)
+                           shift=shift, decide=A.decide).vectors
+    pairs = verified(ops, mul, vecs, which)  # judged from the true residuals
+    anorm = max(float(np.abs(pairs.values).max()), shift / 1.1)
+    ok = pairs.residuals <= _thresholds(pairs.values, tol, anorm, float(np.finfo(ops.dtype).eps))
+    return _Run(values=pairs.values, vectors=pairs.vectors, residuals=pairs.residuals, converged=ok,
+                num_matvecs=mul.count)
 
 
 def _deflated_power(ops, n, apply, k, tol, budget, seed, stream, used, shift=0.0, decide=lambda x: x):
+    """``k`` eigenpairs of ``apply`` one after another, each deflated against the ones found, as a :class:`_Run`."""
     eps = float(np.finfo(ops.dtype).eps)
     found, vals, resid, ok = None, [], [], []
     anorm = 0.0
     for i in range(k):
-        v = ops.random(n, [i], seed, kind="normal", stream=stream)
+        v = ops.random(n, [i], seed, distribution="normal", stream=stream)
         if found is not None:
             v, _ = ops.orthogonalize(v, found)
         v = v / ops.norm(v)
@@ -530,4 +554,5 @@ def _deflated_power(ops, n, apply, k, tol, budget, seed, stream, used, shift=0.0
         vals.append(theta)
         resid.append(r)
         ok.append(conv)
-    return np.array(vals), found, np.array(resid), np.array(ok)
+    return _Run(values=np.array(vals), vectors=found, residuals=np.array(resid), converged=np.array(ok),
+                num_matvecs=used())

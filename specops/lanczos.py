@@ -266,22 +266,27 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         resid = np.linalg.norm(R @ S[-b:, :], axis=0)
         want = wanted(theta, which, k)
         others = np.delete(theta, want)
+
+        def pairs(values, vectors, residuals, converged, *, estimated, others=others):
+            return RitzPairs(values=values, vectors=vectors, residuals=residuals, converged=converged,
+                             estimated=estimated, others=others, basis=basis)
+
         show(A, ritz=theta[want], residual=float(resid[want].max()))
         ok = accurate(theta[want], resid[want], others)
         spent = mul.count + b + (k if reserve else 0) > budget
         if stop is not None and A.decide(bool(stop(theta[want], resid[want]))):
-            return RitzPairs(theta[want], basis.combine(S[:, want]), resid[want], ok, True, others, basis)
+            return pairs(theta[want], basis.combine(S[:, want]), resid[want], ok, estimated=True)
         if (ok.all() and (not verify or mul.count + k <= budget)) or spent:
             V = basis.combine(S[:, want])
             if not verify:
-                return RitzPairs(theta[want], V, resid[want], ok, True, others, basis)
+                return pairs(theta[want], V, resid[want], ok, estimated=True)
             if (not ok.all() and not reserve) or mul.count + k > budget:  # no product left to verify
-                return RitzPairs(theta[want], V, resid[want], np.zeros_like(ok), True, others, basis)
+                return pairs(theta[want], V, resid[want], np.zeros_like(ok), estimated=True)
             vals, V, AV, true = _rayleigh_ritz(ops, mul, V, which)
             anorm = max(anorm, float(np.abs(vals).max()))
             good = accurate(vals, true, others)
             if good.all() or mul.count + 2 * k > budget or max_basis < 3 * k:
-                return RitzPairs(vals, V, true, good, False, others, basis)
+                return pairs(vals, V, true, good, estimated=False)
             # Lanczos' residual estimate missed a coupling: restart from the verified
             # vectors, with their true residual block as the next block
             basis.write(0, V)
@@ -301,6 +306,34 @@ def thick_restart(A: LinearOperator, mul: Products, k: int, which: str, tol: flo
         pending = Qn
 
 
+class Verified(NamedTuple):
+    """Pairs judged from a product of their vectors (:func:`verified`).
+
+    Attributes:
+        values: (k,) Rayleigh-Ritz values in the order of ``which``.
+        vectors: (n, k) unit vectors, an array of the operator's backend.
+        residuals: (k,) true ``||A v - theta v||``, computed from the product.
+    """
+
+    values: np.ndarray
+    vectors: Array
+    residuals: np.ndarray
+
+
+class Tridiagonals(NamedTuple):
+    """The Lanczos recurrences of :func:`probe_lanczos`, one row per probe.
+
+    Attributes:
+        alpha: (p, steps) diagonals.
+        beta: (p, steps) off-diagonals (``beta[:, j]`` couples steps ``j`` and ``j + 1``).
+        length: (p,) steps each probe ran before a breakdown (or ``steps``).
+    """
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    length: np.ndarray
+
+
 def _rayleigh_ritz(ops, mul, V, which):
     """Rayleigh-Ritz on ``span(V)`` from one product.
 
@@ -316,10 +349,10 @@ def _rayleigh_ritz(ops, mul, V, which):
     return vals, V, AV, ops.column_norms(AV - ops.scale_columns(V, vals))
 
 
-def verified(ops: VectorOps, mul: Products, V: Array, which: str) -> tuple[np.ndarray, Array, np.ndarray]:
+def verified(ops: VectorOps, mul: Products, V: Array, which: str) -> Verified:
     """Values, vectors and true residuals of the pairs in ``span(V)`` (one product each)."""
     vals, V, _, true = _rayleigh_ritz(ops, mul, V, which)
-    return vals, V, true
+    return Verified(values=vals, vectors=V, residuals=true)
 
 
 def _repair(A, Qn, R, basis, draw, anorm, eps):
@@ -355,7 +388,7 @@ def _repair(A, Qn, R, basis, draw, anorm, eps):
 def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window: int | None = None,
                   store: VectorOps | None = None,
                   stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
-                  keep: list[Basis] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  keep: list[Basis] | None = None) -> Tridiagonals:
     """``steps`` Lanczos steps for every column of the unit block ``V`` independently.
 
     One ``matmat`` of all probes per step. Each step removes the three-term recurrence's
@@ -380,7 +413,7 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window
             callers that combine the Lanczos vectors (``funm``).
 
     Returns:
-        ``(alpha, beta, length)``: per probe the tridiagonal's diagonal (p, steps),
+        :class:`Tridiagonals` ``(alpha, beta, length)``: per probe the tridiagonal's diagonal (p, steps),
         off-diagonal (p, steps) and the number of steps before its Krylov space was
         exhausted (then its quadrature is exact).
     """
@@ -411,7 +444,7 @@ def probe_lanczos(A: LinearOperator, mul: Products, V: Array, steps: int, window
             break
         beta[live, j] = b[live]
         if stop is not None and A.decide(bool(stop(alpha[:, : j + 1], beta[:, : j + 1]))):
-            return alpha[:, : j + 1], beta[:, : j + 1], np.minimum(length, j + 1)
+            return Tridiagonals(alpha=alpha[:, : j + 1], beta=beta[:, : j + 1], length=np.minimum(length, j + 1))
         V = ops.scale_columns(W, np.where(live, 1.0 / np.where(live, b, 1.0), 0.0))
         basis.write((j + 1) % slots, V[None], axis=0)
-    return alpha, beta, length
+    return Tridiagonals(alpha=alpha, beta=beta, length=length)

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -40,8 +40,12 @@ if TYPE_CHECKING:
     from specops.model import ModelOperator
     from specops.operator import LinearOperator
 
-DIRECTION_KINDS = ("eigen", "random", "filter")
-BIAS_RULES = ("zero", "norm")
+#: The named landscape directions (:func:`make_directions`).
+Directions = Literal["eigen", "random", "filter"]
+DIRECTIONS: tuple[Directions, ...] = get_args(Directions)
+#: Filter normalization of 1-D parameters: zero them, or normalize them as a whole.
+BiasRule = Literal["zero", "norm"]
+BIAS_RULES: tuple[BiasRule, ...] = get_args(BiasRule)
 
 
 @dataclasses.dataclass
@@ -57,7 +61,7 @@ class Landscape(Result):
             a grid point).
         num_evaluations: loss evaluations (passes over the data) used.
         seconds: wall time.
-        settings: span, steps, the directions' kind, norms and seed.
+        settings: span, steps, the directions' name (``"directions"``), norms and seed.
         directions: the direction vectors, backend arrays (``None`` after JSON).
     """
 
@@ -83,11 +87,11 @@ class Landscape(Result):
 
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 4.5))
-        kind = self.settings.get("kind", "")
+        name = self.settings.get("directions", "")
         if self.ndim == 1:
             ax.plot(self.alphas, self.losses, marker=".")
             ax.axvline(0.0, color="0.7", lw=0.8)
-            ax.set_xlabel(f"step along direction 1 ({kind})")
+            ax.set_xlabel(f"step along direction 1 ({name})")
             ax.set_ylabel("loss")
         else:
             A, B = np.meshgrid(self.alphas, self.betas, indexing="ij")
@@ -95,9 +99,9 @@ class Landscape(Result):
             ax.contour(A, B, self.losses, levels=levels, colors="k", linewidths=0.3)
             ax.plot([0], [0], "r+", ms=10)
             ax.figure.colorbar(cs, ax=ax, label="loss")
-            ax.set_xlabel(f"direction 1 ({kind})")
-            ax.set_ylabel(f"direction 2 ({kind})")
-        ax.set_title(f"loss landscape ({self.ndim}-D, {kind} directions)")
+            ax.set_xlabel(f"direction 1 ({name})")
+            ax.set_ylabel(f"direction 2 ({name})")
+        ax.set_title(f"loss landscape ({self.ndim}-D, {name} directions)")
         return ax
 
 
@@ -123,11 +127,11 @@ def random_directions(H: LinearOperator, count: int = 1, seed: int = 0) -> list[
     The same seed gives the same directions on every backend and number of ranks.
     """
     seed = check_seed(seed)
-    D = H.ops.random(H.shape[0], range(count), seed, kind="normal", stream="landscape-random")
+    D = H.ops.random(H.shape[0], range(count), seed, distribution="normal", stream="landscape-random")
     return [D[:, j] for j in range(count)]
 
 
-def filter_normalized_directions(H: ModelOperator, count: int = 1, seed: int = 0, *, bias: str = "zero",
+def filter_normalized_directions(H: ModelOperator, count: int = 1, seed: int = 0, *, bias: BiasRule = "zero",
                                  shapes: dict | None = None) -> list[Array]:
     """Random directions normalized filter by filter (Li et al. 2018).
 
@@ -166,7 +170,7 @@ def filter_normalized_directions(H: ModelOperator, count: int = 1, seed: int = 0
     n = theta.size
     out = []
     for j in range(count):
-        d = _random.probes(n, [j], seed, kind="normal", stream="landscape-filter")[:, 0]
+        d = _random.probes(n, [j], seed, distribution="normal", stream="landscape-filter")[:, 0]
         for name, s in blocks.items():
             shape = tuple(shapes.get(name, (s.stop - s.start,)))
             if math.prod(shape) != s.stop - s.start:
@@ -177,7 +181,7 @@ def filter_normalized_directions(H: ModelOperator, count: int = 1, seed: int = 0
     return out
 
 
-def _normalize_block(d: np.ndarray, w: np.ndarray, shape: tuple, bias: str) -> np.ndarray:
+def _normalize_block(d: np.ndarray, w: np.ndarray, shape: tuple, bias: BiasRule) -> np.ndarray:
     if len(shape) <= 1:
         if bias == "zero":
             return np.zeros_like(d)
@@ -189,15 +193,15 @@ def _normalize_block(d: np.ndarray, w: np.ndarray, shape: tuple, bias: str) -> n
     return (rows_d * (wn / np.where(dn > 0, dn, 1.0))).ravel()
 
 
-def make_directions(H: ModelOperator, kind: str, count: int, *, seed: int = 0, eig: EigResult | None = None,
-                    bias: str = "zero", shapes: dict | None = None) -> list[Array]:
-    """Directions by name: ``"eigen"`` (needs ``eig``), ``"random"`` or ``"filter"``."""
-    _checks.choice("direction kind", kind, DIRECTION_KINDS)
-    if kind == "eigen":
+def make_directions(H: ModelOperator, directions: Directions, count: int, *, seed: int = 0,
+                    eig: EigResult | None = None, bias: BiasRule = "zero", shapes: dict | None = None) -> list[Array]:
+    """Directions by name (one of :data:`DIRECTIONS`): ``"eigen"`` (needs ``eig``), ``"random"`` or ``"filter"``."""
+    _checks.choice("directions", directions, DIRECTIONS)
+    if directions == "eigen":
         if eig is None:
             raise ValueError("eigen directions need the EigResult of eigsh(H, k=count): pass eig=...")
         return eigen_directions(eig, count)
-    if kind == "random":
+    if directions == "random":
         return random_directions(H, count, seed)
     return filter_normalized_directions(H, count, seed, bias=bias, shapes=shapes)
 
@@ -215,8 +219,8 @@ def _axis(span: float | Sequence[float], steps: int) -> np.ndarray:
 
 
 def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, span: float | Sequence[float] = 1.0,
-              steps: int = 21, *, seed: int = 0, kind: str | None = None, eig: EigResult | None = None,
-              bias: str = "zero", shapes: dict | None = None,
+              steps: int = 21, *, seed: int = 0, name: Directions | None = None, eig: EigResult | None = None,
+              bias: BiasRule = "zero", shapes: dict | None = None,
               callback: Callable[[int, int], Any] | None = None, progress: bool | str = False) -> Landscape:
     """The loss along one direction (a line) or two (a square grid) through the parameters.
 
@@ -224,7 +228,7 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
         H: a model-backed operator (from a backend's ``hessian``) with ``loss_at``.
         directions: a list/tuple of 1 or 2 vectors (n,) of the operator's backend
             (or NumPy arrays); an :class:`~specops.EigResult` (its top eigenvector); or a
-            string: the kind (``"eigen"``, ``"random"``, ``"filter"``) and the dimension,
+            string: the directions' name (one of :data:`DIRECTIONS`) and the dimension,
             e.g. ``"filter-2d"``, ``"eigen-2d"`` (``"eigen"`` needs ``eig``).
         span: half-width of the grid (coordinates from ``-span`` to ``span``), or a pair
             ``(low, high)``. Coordinates multiply the direction vectors as they are:
@@ -232,7 +236,8 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
             directions move by ``span`` times each filter's norm.
         steps: grid points per axis (odd numbers put a point at 0).
         seed: seed of random directions.
-        kind: a label for the directions in the settings (inferred for strings).
+        name: the name of vectors passed as ``directions`` (one of :data:`DIRECTIONS`), kept as
+            ``settings["directions"]`` (inferred for strings and results; ``"custom"`` if not given).
         eig: the :class:`~specops.EigResult` for ``"eigen-..."`` strings.
         bias: rule for 1-D parameters of filter-normalized directions, see
             :func:`filter_normalized_directions`.
@@ -254,13 +259,13 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
     steps = _checks.positive_int("steps", steps, minimum=2)
     seed = check_seed(seed)
     if isinstance(directions, str):
-        name, _, dim = directions.partition("-")
+        label, _, dim = directions.partition("-")
         if dim not in ("1d", "2d"):
             raise ValueError(f"direction strings look like 'filter-2d' or 'eigen-1d', got {directions!r}")
-        kind = name
+        name = cast("Directions", _checks.choice("directions", label, DIRECTIONS))
         directions = make_directions(H, name, int(dim[0]), seed=seed, eig=eig, bias=bias, shapes=shapes)
     elif hasattr(directions, "eigenvectors"):
-        kind = kind or "eigen"
+        name = name or "eigen"
         directions = eigen_directions(directions, 1)  # type: ignore[arg-type]  # duck-typed: any result with eigenvectors
     directions = list(directions)
     if len(directions) not in (1, 2):
@@ -294,10 +299,10 @@ def landscape(H: ModelOperator, directions: Sequence[Array] | EigResult | str, s
         losses = np.array([at(dirs[0] * float(a)) for a in alphas])
     else:
         losses = np.array([[at(dirs[0] * float(a) + dirs[1] * float(b)) for b in betas] for a in alphas])
-    settings = dict(kind=kind or "custom", span=span if not isinstance(span, tuple) else list(span),
+    settings = dict(directions=name or "custom", span=span if not isinstance(span, tuple) else list(span),
                     steps=steps, ndim=len(dirs), seed=seed, n=n, backend=H.backend,
                     direction_norms=[ops.norm(d) for d in dirs])
-    if kind == "filter":
+    if name == "filter":
         settings["bias"] = bias
     bar.close(center=float(center), min=float(losses.min()), max=float(losses.max()))
     return Landscape(alphas=alphas, betas=betas, losses=losses, center_loss=float(center),

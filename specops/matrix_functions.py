@@ -29,7 +29,7 @@ from specops.density import _plan
 from specops.lanczos import Basis, probe_lanczos
 from specops.operator import OperatorLike
 from specops.progress import show
-from specops.random import check_kind, check_seed
+from specops.random import Distribution, check_distribution, check_seed
 from specops.results import Result
 from specops.solve import as_block
 from specops.trace import MIN_PROBES_FOR_RTOL
@@ -176,8 +176,8 @@ def _radau(alpha: np.ndarray, beta: np.ndarray, node: float, margin: float) -> t
 
 
 def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike = 0.0, num_probes: int = 10,
-                   num_steps: int = 50, rtol: float | None = None, seed: int = 0, kind: str = "rademacher",
-                   spectrum: tuple[float, float] | None = None, chunk: int | None = 10,
+                   num_steps: int = 50, rtol: float | None = None, seed: int = 0, distribution: Distribution = "rademacher",
+                   spectrum: tuple[float, float] | None = None, chunk_size: int | None = 10,
                    memory_budget: int | None = None,
                    positive: bool = False) -> TraceFunctionResult:
     """Estimate ``tr f(A + shift I)`` by stochastic Lanczos quadrature.
@@ -191,16 +191,16 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
             the result's numbers are then arrays, one entry per shift.
         num_probes: the most probes (each costs ``num_steps`` products).
         num_steps: Lanczos steps per probe (quadrature nodes; capped at n).
-        rtol: stop once ``stderr <= rtol * |estimate|`` (checked after each group of ``chunk``
+        rtol: stop once ``stderr <= rtol * |estimate|`` (checked after each group of ``chunk_size``
             probes, from 10 probes on).
         seed: seed of the probes (the ``"slq"`` stream: :func:`~specops.spectral_density`'s probes).
-        kind: probe distribution, ``"rademacher"`` or ``"normal"``.
+        distribution: probe distribution, ``"rademacher"`` or ``"normal"``.
         spectrum: an interval ``(lo, hi)`` holding the eigenvalues of ``A`` (before the shift).
             With it the quadrature error is bounded by Gauss-Radau rules, valid when the
             derivatives of ``f`` of odd order keep one sign on ``[lo + shift, hi + shift]``
             (``log``, ``exp``, ``x ** p``, ``1 / x`` on a positive interval); ``f`` must be
             defined on it. Without it, the quadrature error is estimated.
-        chunk: the most probes run side by side (one ``matmat`` of their columns per step),
+        chunk_size: the most probes run side by side (one ``matmat`` of their columns per step),
             each keeping its ``num_steps`` Lanczos vectors; fewer when their bases would not
             fit in ``memory_budget``; ``None``: as many as fit. When one probe's basis does
             not fit, it is reorthogonalized against its last vectors only, with a warning
@@ -230,7 +230,7 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
     num_probes = _checks.positive_int("num_probes", num_probes)
     num_steps = _checks.positive_int("num_steps", num_steps)
     rtol = _checks.positive_float("rtol", rtol, allow_none=True)
-    seed, kind = check_seed(seed), check_kind(kind)
+    seed, distribution = check_seed(seed), check_distribution(distribution)
     shifts = np.atleast_1d(np.asarray(shift, dtype=np.float64))
     if shifts.ndim != 1 or shifts.size == 0 or not np.all(np.isfinite(shifts)):
         raise ValueError(f"shift must be a finite number or a 1-D sequence of them, got {shift!r}")
@@ -246,16 +246,16 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
     ops, n = A.ops, A.shape[0]
     steps = min(num_steps, n)
     group, window, _ = _plan(ops, n, num_probes, steps, None, None, memory_budget, A.decide)
-    chunk = group if chunk is None else min(group, _checks.positive_int("chunk", chunk))
+    chunk_size = group if chunk_size is None else min(group, _checks.positive_int("chunk_size", chunk_size))
     mul = _checks.Products(A)  # the Krylov space of A + s I is that of A: one run serves every shift
     samples, earlier, quad, lower, upper, rounding = [], [], [], [], [], []  # per probe, one entry per shift
 
     def rules(nodes: np.ndarray, weights: np.ndarray, scale: float) -> np.ndarray:
         return np.array([scale * float(weights @ _values(f, nodes + s, s, what, positive)) for s in shifts])
 
-    for first in range(0, num_probes, chunk):
-        cols = range(first, min(first + chunk, num_probes))
-        Z = ops.random(n, cols, seed, kind=kind, stream="slq")
+    for first in range(0, num_probes, chunk_size):
+        cols = range(first, min(first + chunk_size, num_probes))
+        Z = ops.random(n, cols, seed, distribution=distribution, stream="slq")
         norms = ops.column_norms(Z)
         alpha, beta, length = probe_lanczos(A, mul, ops.scale_columns(Z, 1.0 / norms), steps, window)
         del Z
@@ -304,10 +304,10 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
         return float(x[0]) if one else x
 
     settings: dict[str, Any] = dict(function=_name(f), shift=out(shifts), num_probes=len(samples),
-                                    max_probes=num_probes, num_steps=steps, rtol=rtol, seed=seed, kind=kind,
+                                    max_probes=num_probes, num_steps=steps, rtol=rtol, seed=seed, distribution=distribution,
                                     spectrum=None if spectrum is None else [float(x) for x in spectrum],
                                     quadrature="bound" if bounds is not None else "estimate",
-                                    probes_at_once=chunk, reorth_window=window,
+                                    probes_at_once=chunk_size, reorth_window=window,
                                     n=n, backend=A.backend, dtype=ops.dtype.name)
     if bounds is not None:
         settings["bounds"] = [out(np.mean(lower, axis=0)), out(np.mean(upper, axis=0))]
@@ -323,8 +323,8 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
 
 
 def logdet(A: OperatorLike, *, shift: float | npt.ArrayLike = 0.0, num_probes: int = 10, num_steps: int = 50,
-           rtol: float | None = None, seed: int = 0, kind: str = "rademacher",
-           spectrum: tuple[float, float] | None = None, chunk: int | None = 10,
+           rtol: float | None = None, seed: int = 0, distribution: Distribution = "rademacher",
+           spectrum: tuple[float, float] | None = None, chunk_size: int | None = 10,
            memory_budget: int | None = None) -> TraceFunctionResult:
     """Estimate ``log det (A + shift I)`` of a positive definite operator (``tr log``, by SLQ).
 
@@ -348,7 +348,7 @@ def logdet(A: OperatorLike, *, shift: float | npt.ArrayLike = 0.0, num_probes: i
         1459, estimated 1466 +- 5, quadrature error <= 2e-09
     """
     return trace_function(A, np.log, shift=shift, num_probes=num_probes, num_steps=num_steps, rtol=rtol, seed=seed,
-                          kind=kind, spectrum=spectrum, chunk=chunk, memory_budget=memory_budget,
+                          distribution=distribution, spectrum=spectrum, chunk_size=chunk_size, memory_budget=memory_budget,
                           positive=True)
 
 

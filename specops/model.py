@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
@@ -23,11 +23,13 @@ from specops.distributed import as_comm
 from specops.layout import ParamLayout, select_names  # noqa: F401 (select_names: re-exported)
 from specops.operator import LinearOperator, NonFiniteError
 from specops.ops import Array, VectorOps
+from specops.reduction import REDUCTIONS
 
 T = TypeVar("T")
 
-REDUCTIONS = ("mean", "sum")
-LOSS_FORMS = ("auto", "outputs", "model")
+#: How a loss function is called: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``.
+LossForm = Literal["auto", "outputs", "model"]
+LOSS_FORMS: tuple[LossForm, ...] = get_args(LossForm)
 _MODEL_ARG_NAMES = ("model", "module", "net", "network")
 
 
@@ -667,7 +669,7 @@ class ModelOperator(LinearOperator):
 
     def _check_deterministic(self):
         ops, n = self.ops, self.shape[0]
-        v = ops.random(n, [0], 0, kind="normal", stream="determinism")
+        v = ops.random(n, [0], 0, distribution="normal", stream="determinism")
         a = self.matmat(v)
         if self.adapter.replays_exactly():
             # a second product would replay the same cached computation: check only that every

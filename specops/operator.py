@@ -193,12 +193,12 @@ class LinearOperator:
             self.shape, matvec=mm, matmat=mm, rmatvec=mm if self.symmetric else None, dtype=np.float64
         )
 
-    def to_dense(self, chunk: int = 64) -> np.ndarray:
-        """The dense float64 matrix (n products): for small operators and tests."""
+    def to_dense(self, chunk_size: int = 64) -> np.ndarray:
+        """The dense float64 matrix (n products, ``chunk_size`` columns per ``matmat``): for small operators and tests."""
         n = self.shape[0]
         cols = [
-            self.ops.to_numpy(self.matmat(self.ops.identity_columns(n, j, min(n, j + chunk))))
-            for j in range(0, n, chunk)
+            self.ops.to_numpy(self.matmat(self.ops.identity_columns(n, j, min(n, j + chunk_size))))
+            for j in range(0, n, chunk_size)
         ]
         return np.concatenate(cols, axis=1)
 
@@ -503,8 +503,8 @@ def check_symmetric(A: OperatorLike, *, num_probes: int = 2, rtol: float = 1e-6,
     """
     A = aslinearoperator(A, symmetric=False)
     ops, n = A.ops, A.shape[0]
-    X = ops.random(n, range(num_probes), seed, kind="normal", stream="symmetry-x")
-    Y = ops.random(n, range(num_probes), seed, kind="normal", stream="symmetry-y")
+    X = ops.random(n, range(num_probes), seed, distribution="normal", stream="symmetry-x")
+    Y = ops.random(n, range(num_probes), seed, distribution="normal", stream="symmetry-y")
     AX, AY = A.matmat(X), A.matmat(Y)
     xAy = np.diag(ops.to_numpy(ops.inner(X, AY)))
     yAx = np.diag(ops.to_numpy(ops.inner(Y, AX)))

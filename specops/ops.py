@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeAlias
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,36 @@ from specops import random as _random
 Array: TypeAlias = Any
 """A backend's native array: ``numpy.ndarray``, ``torch.Tensor``, ``jax.Array`` or ``tf.Tensor``."""
 
+
+class NativeArray(Protocol):
+    """What the core reads of a backend's array (the module docstring's list).
+
+    mypy checks it where a backend names its array type (``VectorOps[torch.Tensor]``).
+    """
+
+    @property
+    def shape(self) -> Any:
+        """The array's shape."""
+
+    @property
+    def T(self) -> Any:  # noqa: N802 (the array libraries' name)
+        """The transpose."""
+
+    @property
+    def reshape(self) -> Callable[..., Any]:
+        """The array's ``reshape`` method."""
+
+    def __getitem__(self, key: Any, /) -> Any: ...
+    def __add__(self, other: Any, /) -> Any: ...
+    def __sub__(self, other: Any, /) -> Any: ...
+    def __mul__(self, other: Any, /) -> Any: ...
+    def __truediv__(self, other: Any, /) -> Any: ...
+
+
+#: The native array type of one backend's :class:`VectorOps` (``VectorOps[torch.Tensor]``); an
+#: unparameterized ``VectorOps`` (the algorithms' view) takes any array.
+Native = TypeVar("Native", bound=NativeArray)
+
 #: A Gram-Schmidt pass that cuts a vector's norm below ``REPEAT`` times its norm before is
 #: repeated (the Daniel-Gragg-Kaufman-Stewart criterion, 1976; ARPACK uses 0.717).
 REPEAT = 2 ** -0.5
@@ -37,7 +67,7 @@ REPEAT = 2 ** -0.5
 ROWS = 1 << 15
 
 
-class VectorOps(abc.ABC):
+class VectorOps(abc.ABC, Generic[Native]):
     """Coarse vector operations on one backend's arrays of one dtype on one device.
 
     Subclasses implement the abstract methods; the rest is derived here once.
@@ -82,41 +112,41 @@ class VectorOps(abc.ABC):
         """Whether ``x`` is an array of this backend."""
 
     @abc.abstractmethod
-    def asarray(self, x: Any) -> Array:
+    def asarray(self, x: Any) -> Native:
         """``x`` (a native array, or anything NumPy accepts) as a native array.
 
         The array has this dtype and is on this device.
         """
 
     @abc.abstractmethod
-    def to_numpy(self, x: Array) -> np.ndarray:
+    def to_numpy(self, x: Native) -> np.ndarray:
         """A host float64 NumPy copy of ``x``."""
 
     @abc.abstractmethod
-    def zeros(self, shape: tuple[int, ...]) -> Array:
+    def zeros(self, shape: tuple[int, ...]) -> Native:
         """Native zeros of ``shape``."""
 
     @abc.abstractmethod
-    def concat(self, arrays: Sequence[Array], axis: int) -> Array:
+    def concat(self, arrays: Sequence[Native], axis: int) -> Native:
         """Concatenation of native arrays along ``axis``."""
 
     @abc.abstractmethod
-    def inner(self, X: Array, Y: Array) -> Array:
+    def inner(self, X: Native, Y: Native) -> Native:
         """``X^T Y`` for native ``X`` (n, a) and ``Y`` (n, b): native (a, b)."""
 
     @abc.abstractmethod
-    def combine(self, X: Array, C: Array | np.ndarray) -> Array:
+    def combine(self, X: Native, C: Native | np.ndarray) -> Native:
         """``X @ C`` for native ``X`` (n, a) and ``C`` (a, b), native or NumPy."""
 
     @abc.abstractmethod
-    def column_norms(self, X: Array) -> np.ndarray:
+    def column_norms(self, X: Native) -> np.ndarray:
         """Euclidean norms of the columns of native ``X`` (n, k) as host float64."""
 
     @abc.abstractmethod
-    def qr(self, X: Array) -> tuple[Array, Array]:
+    def qr(self, X: Native) -> tuple[Native, Native]:
         """Reduced QR of native ``X`` (n, k), k <= n: native ``Q`` (n, k), ``R`` (k, k)."""
 
-    def orthonormalize(self, X: Array) -> tuple[Array, np.ndarray]:
+    def orthonormalize(self, X: Native) -> tuple[Native, np.ndarray]:
         """``Q, R`` with orthonormal ``Q`` (native) and host ``R`` (k, k), ``X = Q R``."""
         if X.shape[1] == 1:
             r = self.norm(X)
@@ -125,11 +155,11 @@ class VectorOps(abc.ABC):
         return Q, self.to_numpy(R)
 
     @abc.abstractmethod
-    def all_finite(self, X: Array) -> bool:
+    def all_finite(self, X: Native) -> bool:
         """Whether every entry of ``X`` is finite (one host synchronisation)."""
 
     # --- derived (backends may override for speed) ----------------------------------
-    def einsum(self, spec: str, *arrays: Array) -> Array:
+    def einsum(self, spec: str, *arrays: Native) -> Native:
         """``einsum`` over native arrays.
 
         This default goes through the host; backends override it with their own
@@ -137,11 +167,11 @@ class VectorOps(abc.ABC):
         """
         return self.asarray(np.einsum(spec, *(self.to_numpy(a) for a in arrays)))
 
-    def from_numpy(self, a: np.ndarray) -> Array:
+    def from_numpy(self, a: np.ndarray) -> Native:
         """A host array as a native array of this dtype on this device."""
         return self.asarray(np.asarray(a, dtype=self.dtype))
 
-    def write_block(self, buffer: Array, start: int, X: Array, axis: int = 1) -> Array:
+    def write_block(self, buffer: Native, start: int, X: Native, axis: int = 1) -> Native:
         """``buffer`` with the slices ``start .. start + k - 1`` along ``axis`` replaced by ``X``.
 
         Here ``k = X.shape[axis]``; the other dimensions match.
@@ -154,28 +184,28 @@ class VectorOps(abc.ABC):
         return self.concat([buffer[head + (slice(0, start),)], X, buffer[head + (slice(start + k, None),)]],
                            axis=axis)
 
-    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+    def reshape(self, x: Native, shape: Sequence[int]) -> Native:
         """``x`` reshaped to ``shape`` (a view where the backend can)."""
         return x.reshape(tuple(shape))
 
-    def transpose(self, X: Array) -> Array:
+    def transpose(self, X: Native) -> Native:
         """The transpose of a native (n, k) block."""
         return X.T
 
-    def as_columns(self, x: Array) -> Array:
+    def as_columns(self, x: Native) -> Native:
         """``x`` of shape (n,) as (n, 1); (n, k) unchanged."""
         return x[:, None] if len(x.shape) == 1 else x
 
-    def scale_columns(self, X: Array, s: npt.ArrayLike) -> Array:
+    def scale_columns(self, X: Native, s: npt.ArrayLike) -> Native:
         """``X * s`` with one host scale per column."""
         return X * self.from_numpy(np.asarray(s, dtype=np.float64)[None, :])
 
-    def column_dots(self, X: Array, Y: Array) -> np.ndarray:
+    def column_dots(self, X: Native, Y: Native) -> np.ndarray:
         """``(X * Y).sum(axis=0)`` for native (n, k) blocks, as host float64 (k,)."""
         ones = self.from_numpy(np.ones((X.shape[0], 1)))
         return self.to_numpy(self.inner(ones, X * Y))[0]
 
-    def host_column_dots(self, X: Array, Y: Array) -> np.ndarray:
+    def host_column_dots(self, X: Native, Y: Native) -> np.ndarray:
         """``(X * Y).sum(axis=0)`` summed in float64 on the host (exact where the device sum rounds)."""
         return np.sum(self.to_numpy(X) * self.to_numpy(Y), axis=0)
 
@@ -187,19 +217,19 @@ class VectorOps(abc.ABC):
         """A host value as every process takes it: itself, or rank 0's where vectors are sharded."""
         return value
 
-    def row_sums(self, X: Array) -> Array:
+    def row_sums(self, X: Native) -> Native:
         """``X.sum(axis=1)`` for native ``X`` (n, k): native (n,)."""
         return self.combine(X, np.ones((X.shape[1], 1)))[:, 0]
 
-    def dot(self, x: Array, y: Array) -> float:
+    def dot(self, x: Native, y: Native) -> float:
         """``x . y`` for native vectors, as a host float."""
         return float(self.to_numpy(self.inner(self.as_columns(x), self.as_columns(y)))[0, 0])
 
-    def norm(self, x: Array) -> float:
+    def norm(self, x: Native) -> float:
         """Euclidean norm of a native vector, as a host float."""
         return float(self.column_norms(self.as_columns(x))[0])
 
-    def buffer(self, shape: tuple[int, ...]) -> Array:
+    def buffer(self, shape: tuple[int, ...]) -> Native:
         """Zeros for a basis buffer: ``(n, m)`` columns, or a ``(slots, n, p)`` stack of blocks.
 
         Backends lay a 2-D buffer out so that each column is contiguous (a block of
@@ -209,7 +239,7 @@ class VectorOps(abc.ABC):
         """
         return self.zeros(shape)
 
-    def subtract_from(self, W: Array, Y: Array) -> Array:
+    def subtract_from(self, W: Native, Y: Native) -> Native:
         """``W - Y`` for a temporary ``Y`` that may be overwritten (it is, :attr:`in_place`).
 
         So a Gram-Schmidt pass holds two blocks, not three.
@@ -220,11 +250,11 @@ class VectorOps(abc.ABC):
         Y += W
         return Y
 
-    def subtract_combine(self, W: Array, X: Array, C: Array | np.ndarray) -> Array:
+    def subtract_combine(self, W: Native, X: Native, C: Native | np.ndarray) -> Native:
         """``W - X @ C`` (backends fuse it into one matrix product where they can)."""
         return self.subtract_from(W, self.combine(X, C))
 
-    def project(self, W: Array, Q: Array, start: int, stop: int) -> tuple[Array, np.ndarray]:
+    def project(self, W: Native, Q: Native, start: int, stop: int) -> tuple[Native, np.ndarray]:
         """One Gram-Schmidt pass: ``W - Q_s Q_s^T W`` with ``Q_s`` the columns ``start..stop-1`` of ``Q``.
 
         Returns:
@@ -234,8 +264,8 @@ class VectorOps(abc.ABC):
         C = self.inner(Qs, W)
         return self.subtract_combine(W, Qs, C), self.to_numpy(C)
 
-    def orthogonalize(self, W: Array, Q: Array | None, columns: int | None = None,
-                      recent: int = 0) -> tuple[Array, np.ndarray]:
+    def orthogonalize(self, W: Native, Q: Native | None, columns: int | None = None,
+                      recent: int = 0) -> tuple[Native, np.ndarray]:
         """Remove the span of the orthonormal columns of ``Q`` from ``W``.
 
         Classical Gram-Schmidt with the Daniel-Gragg-Kaufman-Stewart criterion: a pass
@@ -274,14 +304,14 @@ class VectorOps(abc.ABC):
             C += C1
         return W, C
 
-    def combine_prefix(self, X: Array, C: np.ndarray) -> Array:
+    def combine_prefix(self, X: Native, C: np.ndarray) -> Native:
         """``X[:, :c] @ C`` for a basis buffer ``X`` (n, a) filled to ``c = C.shape[0] <= a`` columns.
 
         The columns past ``c`` may hold anything.
         """
         return self.combine(X[:, : C.shape[0]], C)
 
-    def rotate_prefix(self, X: Array, C: np.ndarray) -> Array:
+    def rotate_prefix(self, X: Native, C: np.ndarray) -> Native:
         """``X`` with its first ``C.shape[1]`` columns replaced by ``X[:, :C.shape[0]] @ C``.
 
         A thick restart's rotation of the basis onto its Ritz vectors: on backends
@@ -295,7 +325,7 @@ class VectorOps(abc.ABC):
             self.write_block(rows, 0, self.combine_prefix(rows, C))
         return X
 
-    def project_probes(self, W: Array, X: Array, start: int, stop: int) -> tuple[Array, np.ndarray]:
+    def project_probes(self, W: Native, X: Native, start: int, stop: int) -> tuple[Native, np.ndarray]:
         """One batched Gram-Schmidt pass per probe ``p`` against ``X[start:stop, :, p]``.
 
         Returns:
@@ -305,8 +335,8 @@ class VectorOps(abc.ABC):
         c = self.einsum("jnp,np->jp", B, W)
         return self.subtract_from(W, self.einsum("jnp,jp->np", B, c)), self.to_numpy(c)
 
-    def orthogonalize_probes(self, W: Array, X: Array, steps: int,
-                             recent: Sequence[int] = ()) -> tuple[Array, np.ndarray]:
+    def orthogonalize_probes(self, W: Native, X: Native, steps: int,
+                             recent: Sequence[int] = ()) -> tuple[Native, np.ndarray]:
         """Per probe ``p``, remove from ``W[:, p]`` the span of the vectors ``X[:steps, :, p]``.
 
         ``X`` is a stack of independent orthonormal Lanczos bases, one per probe. As in
@@ -336,11 +366,11 @@ class VectorOps(abc.ABC):
             C += c
         return W, C
 
-    def to_host(self, X: Array) -> np.ndarray:
+    def to_host(self, X: Native) -> np.ndarray:
         """``X`` as a host NumPy array of this dtype (no copy where the backend shares memory)."""
         return np.asarray(self.to_numpy(X), dtype=self.dtype)
 
-    def move(self, X: Array, source: VectorOps) -> Array:
+    def move(self, X: Native, source: VectorOps) -> Native:
         """``X``, an array of the vector operations ``source``, as an array of these.
 
         The identity when ``source`` is these operations; otherwise a copy into this
@@ -363,25 +393,21 @@ class VectorOps(abc.ABC):
     def free_memory(self) -> int:
         """Bytes free for new arrays on this device (an estimate, for choosing buffer sizes).
 
-        Host memory (``MemAvailable``) by default; CUDA devices of torch report the
-        device's free memory.
+        Host memory (``MemAvailable``) by default; a backend whose arrays live on an
+        accelerator overrides it with the device's free memory.
         """
-        if self.name == "torch" and self.device.startswith("cuda"):
-            import torch
-
-            return int(torch.cuda.mem_get_info(torch.device(self.device))[0])
         return host_free_memory()
 
-    def random(self, n: int, columns: Iterable[int], seed: int, kind: str = "rademacher",
-               stream: str = "") -> Array:
+    def random(self, n: int, columns: Iterable[int], seed: int, distribution: _random.Distribution = "rademacher",
+               stream: str = "") -> Native:
         """Seeded random columns (n, len(columns)), the same on every backend.
 
         Column ``j`` depends only on ``(seed, stream, j)``, so drawing columns in
         chunks gives the same matrix as drawing them at once.
         """
-        return self.from_numpy(_random.probes(n, columns, seed, kind=kind, stream=stream))
+        return self.from_numpy(_random.probes(n, columns, seed, distribution=distribution, stream=stream))
 
-    def identity_columns(self, n: int, start: int, stop: int) -> Array:
+    def identity_columns(self, n: int, start: int, stop: int) -> Native:
         """Columns ``start..stop-1`` of the n x n identity."""
         E = np.zeros((n, stop - start), dtype=self.dtype)
         E[np.arange(start, stop), np.arange(stop - start)] = 1.0

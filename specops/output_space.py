@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import warnings
 
@@ -35,10 +35,14 @@ from specops import random as _random
 Array = Any
 #: the loss of the outputs alone, targets bound: ``out -> scalar``
 LossOfOutputs = Callable[[Array], Array]
-LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+#: The likelihoods whose output Hessians specops writes in closed form.
+Likelihood = Literal["categorical", "bernoulli", "gaussian"]
+LIKELIHOODS: tuple[Likelihood, ...] = get_args(Likelihood)
 #: what a mean divides by: samples, positions (entries / classes), entries; or a sum
 REDUCES = ("samples", "positions", "entries", "sum")
-DATUMS = ("sample", "term")
+#: What one datum of the empirical Fisher is: a sample, or a loss term.
+Datum = Literal["sample", "term"]
+DATUMS: tuple[Datum, ...] = get_args(Datum)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Progress bars for long computations.
 
-``progress=True`` in :func:`~specops.eigsh`, :func:`~specops.trace`,
-:func:`~specops.spectral_density`, :func:`~specops.landscape`, and the bars of
-``specops analyze``.
+``progress=True`` (or a label) in :func:`~specops.eigsh`, :func:`~specops.trace`,
+:func:`~specops.spectral_density`, :func:`~specops.landscape`, a backend's ``hessian``
+(the batches its products evaluate), the tracker, and the bars of ``specops analyze``.
 
 Bars are `tqdm <https://tqdm.github.io>`_'s ``tqdm.auto`` (a widget in Jupyter, a line on
 stderr elsewhere). They count products (or loss evaluations) against the budget and show
@@ -56,14 +56,15 @@ class Bar:
     """A progress bar of a count against a total, or nothing when disabled.
 
     Args:
-        total: the expected count (a budget: a run that converges early ends as a full bar).
+        total: the expected count (a budget: a run that converges early ends as a full bar), or
+            ``None``: an open count (e.g. the batches a model operator evaluates over its life).
         desc: what runs.
         unit: what is counted.
         enabled: draw at all.
         file: the stream (default: stderr).
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "products", enabled: bool = True,
+    def __init__(self, total: int | None, desc: str, unit: str = "products", enabled: bool = True,
                  file: Any = None) -> None:
         self.count = 0
         self._bar: Any = None
@@ -73,7 +74,7 @@ class Bar:
             file = sys.stderr if file is None else file
             live = hasattr(file, "isatty") and file.isatty()
             # on a terminal the bar redraws often; in a log file every few seconds
-            self._bar = tqdm(total=max(int(total), 1), desc=desc, unit=f" {unit}", file=file, dynamic_ncols=True,
+            self._bar = tqdm(total=None if total is None else max(int(total), 1), desc=desc, unit=f" {unit}", file=file, dynamic_ncols=True,
                              mininterval=0.1 if live else 5.0, leave=True)
 
     @property
@@ -98,7 +99,7 @@ class Bar:
             return
         if values:
             self.show(**values)
-        if self._bar.n != self._bar.total:   # converged early, or a budget exceeded (dense path)
+        if self._bar.total is not None and self._bar.n != self._bar.total:   # converged early, or a budget exceeded (dense path)
             self._bar.total = max(self._bar.n, 1)
         self._bar.close()
         self._bar = None
@@ -114,13 +115,13 @@ class Bar:
         self.close()
 
 
-def bar(progress: bool | str | None, total: int, desc: str, unit: str = "products", comm: Any = None) -> Bar:
+def bar(progress: bool | str | None, total: int | None, desc: str, unit: str = "products", comm: Any = None) -> Bar:
     """The bar an algorithm draws for its ``progress`` argument.
 
     Args:
         progress: False/None (no bar), True (a bar labelled ``desc``) or a string (a bar
             with that label).
-        total: the budget.
+        total: the budget (``None``: an open count).
         desc: the default label.
         unit: what is counted.
         comm: the communicator (or an operator with ``comm``): only rank 0 draws.

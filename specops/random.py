@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-KINDS = ("rademacher", "normal")
+#: The probe distributions: entries +-1, or standard Gaussian.
+Distribution = Literal["rademacher", "normal"]
+DISTRIBUTIONS: tuple[Distribution, ...] = get_args(Distribution)
 #: Rows drawn from one generator (see the module's docstring).
 BLOCK = 1 << 20
 
@@ -32,11 +34,11 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def check_kind(kind: str) -> str:
-    """Validate a probe distribution: one of :data:`KINDS`."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown probe distribution {kind!r}; choose one of {', '.join(KINDS)}")
-    return kind
+def check_distribution(distribution: str) -> Distribution:
+    """Validate a probe distribution: one of :data:`DISTRIBUTIONS`."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown probe distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    return distribution
 
 
 def generator(seed: int, stream: str = "", index: int = 0, block: int = 0) -> np.random.Generator:
@@ -46,13 +48,13 @@ def generator(seed: int, stream: str = "", index: int = 0, block: int = 0) -> np
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
-def _draw(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
-    if kind == "rademacher":
+def _draw(rng: np.random.Generator, size: int, distribution: str) -> np.ndarray:
+    if distribution == "rademacher":
         return rng.integers(0, 2, size=size, dtype=np.int8) * 2.0 - 1.0
     return rng.standard_normal(size)
 
 
-def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", stream: str = "",
+def probes(n: int, columns: Iterable[int], seed: int, distribution: Distribution = "rademacher", stream: str = "",
            rows: range | None = None) -> np.ndarray:
     """Host float64 probe matrix (n, len(columns)), or the rows ``rows`` of it.
 
@@ -60,7 +62,7 @@ def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", 
         n: length of each probe.
         columns: the column indices to draw (an iterable of ints or a ``range``).
         seed: the user's seed.
-        kind: ``"rademacher"`` (entries +-1) or ``"normal"`` (standard Gaussian).
+        distribution: ``"rademacher"`` (entries +-1) or ``"normal"`` (standard Gaussian).
         stream: a name that separates independent uses of one seed.
         rows: a contiguous ``range(lo, hi)`` of row indices (a rank's shard): only those
             rows are drawn, equal to the same rows of the full matrix. Default: all ``n``.
@@ -69,10 +71,10 @@ def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", 
         The probes, one column per entry of ``columns`` (``len(rows)`` rows).
 
     Raises:
-        ValueError: a negative or non-integer seed, an unknown ``kind``, or ``rows``
+        ValueError: a negative or non-integer seed, an unknown ``distribution``, or ``rows``
             not a step-1 range inside ``0..n``.
     """
-    check_kind(kind)
+    check_distribution(distribution)
     rows = range(n) if rows is None else rows
     if not isinstance(rows, range) or rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
         raise ValueError(f"rows must be a contiguous range inside 0..{n}, got {rows!r}")
@@ -83,5 +85,5 @@ def probes(n: int, columns: Iterable[int], seed: int, kind: str = "rademacher", 
         for b in range(lo // BLOCK, -(-hi // BLOCK)):
             start = b * BLOCK
             a, z = max(lo, start), min(hi, start + BLOCK)
-            out[a - lo : z - lo, c] = _draw(generator(seed, stream, j, b), z - start, kind)[a - start :]
+            out[a - lo : z - lo, c] = _draw(generator(seed, stream, j, b), z - start, distribution)[a - start :]
     return out

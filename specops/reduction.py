@@ -13,11 +13,13 @@ a message naming ``reduction=``.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-REDUCTIONS = ("mean", "sum")
+#: How a batch loss reduces over samples.
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 
 
 def resolve(declared: str | None, from_loss: str | None, what: str) -> str:

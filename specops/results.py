@@ -175,7 +175,7 @@ def _landscape_summary(ls: Any) -> list[str]:
     s = ls.settings or {}
     losses = np.asarray(ls.losses, dtype=np.float64)
     grid = " x ".join(str(len(a)) for a in ((ls.alphas,) if ls.betas is None else (ls.alphas, ls.betas)))
-    return [f"Landscape: {1 if ls.betas is None else 2}-D along {s.get('kind', '?')} directions, {grid} losses, "
+    return [f"Landscape: {1 if ls.betas is None else 2}-D along {s.get('directions', '?')} directions, {grid} losses, "
             f"span {s.get('span', '?')} ({ls.num_evaluations} evaluations, {_g(ls.seconds, 3)} s)",
             f"  loss at the center {_g(ls.center_loss, 6)}; range [{_g(losses.min(), 6)}, {_g(losses.max(), 6)}]"]
 

@@ -184,12 +184,12 @@ class ShardedOps(VectorOps):
     def free_memory(self) -> int:
         return self.local.free_memory()
 
-    def random(self, n: int, columns: Iterable[int], seed: int, kind: str = "rademacher",
+    def random(self, n: int, columns: Iterable[int], seed: int, distribution: _random.Distribution = "rademacher",
                stream: str = "") -> Array:
         if n != self.n:
             raise ValueError(f"random vectors of length {n} from sharded operations of length {self.n}")
         columns = list(columns)
-        parts = [_random.probes(n, columns, seed, kind=kind, stream=stream, rows=p) for p in self.pieces]
+        parts = [_random.probes(n, columns, seed, distribution=distribution, stream=stream, rows=p) for p in self.pieces]
         return self.local.from_numpy(np.concatenate(parts, axis=0) if parts else np.zeros((0, len(columns))))
 
     def identity_columns(self, n: int, start: int, stop: int) -> Array:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import scipy.linalg
@@ -34,7 +34,9 @@ from specops.ops import Array, VectorOps
 from specops.progress import show
 from specops.results import Result
 
-METHODS = ("auto", "cg", "minres")
+#: The Krylov solvers (``"auto"``: CG for a positive definite operator, else MINRES).
+SolveMethod = Literal["auto", "cg", "minres"]
+METHODS: tuple[SolveMethod, ...] = get_args(SolveMethod)
 #: Restarts from the true residual after the recurrence claimed convergence.
 MAX_RESTARTS = 3
 #: Products per column allowed by default: ``min(10 n, DEFAULT_STEPS)`` (SciPy's is ``10 n``).
@@ -355,7 +357,7 @@ def _singular(alphas: np.ndarray, betas: np.ndarray, columns: np.ndarray, s: _St
     return found
 
 
-def solve(A: OperatorLike, b: Any, *, shift: float = 0.0, method: str = "auto", tol: float = 1e-6,
+def solve(A: OperatorLike, b: Any, *, shift: float = 0.0, method: SolveMethod = "auto", tol: float = 1e-6,
           max_matvecs: int | None = None, x0: Any = None, preconditioner: Any = None) -> SolveResult:
     """Solve ``(A + shift I) x = b`` by CG or MINRES.
 

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -29,10 +29,12 @@ from specops.operator import LinearOperator, OperatorLike
 from specops.ops import Array, VectorOps
 from specops.progress import bar as progress_bar
 from specops.progress import show
-from specops.random import check_kind, check_seed
+from specops.random import Distribution, check_distribution, check_seed
 from specops.results import Result
 
-METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
+#: The trace estimators (``"auto"``: XTrace or Hutchinson, see :func:`trace`).
+TraceMethod = Literal["auto", "hutchinson", "hutch++", "xtrace"]
+METHODS: tuple[TraceMethod, ...] = get_args(TraceMethod)
 #: Probes taken before a relative-standard-error (``rtol``) stop is trusted.
 MIN_PROBES_FOR_RTOL = 10
 #: ``"auto"`` keeps XTrace when the leave-one-out sketch leaves less than this share of
@@ -45,10 +47,10 @@ AUTO_XTRACE_BELOW = 0.5
 SKETCH_VECTORS = {"xtrace": 5, "hutch++": 3}
 
 
-def sketch_capacity(ops: VectorOps, n: int, chunk: int, method: str) -> int:
+def sketch_capacity(ops: VectorOps, n: int, chunk_size: int, method: str) -> int:
     """The most probes a ``method`` sketch of length-``n`` vectors keeps in half the free memory."""
     vectors = ops.free_memory() // 2 // (n * np.dtype(ops.dtype).itemsize)
-    return max(0, int((vectors - 2 * chunk) // SKETCH_VECTORS[method]))
+    return max(0, int((vectors - 2 * chunk_size) // SKETCH_VECTORS[method]))
 
 
 def _too_large(method: str, probes: int, capacity: int, n: int) -> str:
@@ -81,10 +83,10 @@ class TraceResult(Result):
     data_stderr: float | None = None
 
 
-def probe_chunks(A: LinearOperator, mul: Callable[[Array], Array], num: int, seed: int, kind: str,
-                 stream: str, chunk: int, transform: Callable[[Array], Array] | None = None,
+def probe_chunks(A: LinearOperator, mul: Callable[[Array], Array], num: int, seed: int, distribution: Distribution,
+                 stream: str, chunk_size: int, transform: Callable[[Array], Array] | None = None,
                  start: int = 0) -> Iterator[tuple[Array, Array]]:
-    """Yield ``(Z, A Z)`` for probe columns ``start..num-1`` of one seeded stream, ``chunk`` at a time.
+    """Yield ``(Z, A Z)`` for probe columns ``start..num-1`` of one seeded stream, ``chunk_size`` at a time.
 
     This is the shared probe loop of the trace and diagonal estimators.
 
@@ -93,18 +95,18 @@ def probe_chunks(A: LinearOperator, mul: Callable[[Array], Array], num: int, see
         mul: the product ``Z -> A Z`` (usually a counting :class:`specops._checks.Products`).
         num: probe columns in the stream (the last one is ``num - 1``).
         seed: seed of the stream.
-        kind: probe distribution, ``"rademacher"`` or ``"normal"``.
+        distribution: probe distribution, ``"rademacher"`` or ``"normal"``.
         stream: name of the stream, so that estimators draw independent probes.
-        chunk: probe columns per block.
+        chunk_size: probe columns per block.
         transform: applied to each probe block before its product (e.g. a projection).
         start: the first probe column.
 
     Yields:
-        ``(Z, A Z)`` for each block of at most ``chunk`` probe columns.
+        ``(Z, A Z)`` for each block of at most ``chunk_size`` probe columns.
     """
     n = A.shape[0]
-    for j0 in range(start, num, chunk):
-        Z = A.ops.random(n, range(j0, min(num, j0 + chunk)), seed, kind=kind, stream=stream)
+    for j0 in range(start, num, chunk_size):
+        Z = A.ops.random(n, range(j0, min(num, j0 + chunk_size)), seed, distribution=distribution, stream=stream)
         if transform is not None:
             Z = transform(Z)
         yield Z, mul(Z)
@@ -163,7 +165,7 @@ def _per_batch_probes(forms: Any) -> np.ndarray:
     return stacked("probe")
 
 
-def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0, project=None, first=()):
+def _hutchinson_samples(A, mul, num, seed, distribution, stream, chunk_size, rtol, offset=0.0, project=None, first=()):
     """Quadratic forms ``z^T A z`` (optionally of ``(I-P) A (I-P)``), stopping on ``rtol``.
 
     ``first`` are the forms of probe columns ``0..len(first)-1`` of the stream, already taken.
@@ -177,7 +179,7 @@ def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0
     samples = list(first)
     if len(samples) >= MIN_PROBES_FOR_RTOL and A.decide(_reached(*_mean_stderr(np.array(samples)), rtol, offset)):
         return np.array(samples)
-    for Z, AZ in probe_chunks(A, mul, num, seed, kind, stream, chunk, transform=project, start=len(samples)):
+    for Z, AZ in probe_chunks(A, mul, num, seed, distribution, stream, chunk_size, transform=project, start=len(samples)):
         samples.extend(_forms(A.ops, Z, AZ))
         if len(samples) > 1:
             mean, err = _mean_stderr(np.array(samples))
@@ -187,8 +189,8 @@ def _hutchinson_samples(A, mul, num, seed, kind, stream, chunk, rtol, offset=0.0
     return np.array(samples)
 
 
-def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
-          kind: str = "rademacher", chunk: int = 10, progress: bool | str = False,
+def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100, rtol: float | None = None, seed: int = 0,
+          distribution: Distribution = "rademacher", chunk_size: int = 10, progress: bool | str = False,
           data_error: bool = False) -> TraceResult:
     """Estimate the trace of a symmetric operator.
 
@@ -196,13 +198,13 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
         A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
         method: ``"auto"`` (XTrace, or Hutchinson when the spectrum is too flat for a sketch
             to pay), ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
-        num_matvecs: the budget of products.
+        max_matvecs: the budget of products.
         rtol: stop early once ``stderr <= rtol * |estimate|`` (after at least 10 probes).
             XTrace then grows its sketch in rounds, keeping two vectors per probe.
         seed: seed of the probes.
-        kind: probe distribution, ``"rademacher"`` or ``"normal"``.
-        chunk: probes multiplied per ``matmat`` (one pass over the data for a model).
-        progress: draw a progress bar (tqdm) of the products against ``num_matvecs``, with
+        distribution: probe distribution, ``"rademacher"`` or ``"normal"``.
+        chunk_size: probes multiplied per ``matmat`` (one pass over the data for a model).
+        progress: draw a progress bar (tqdm) of the products against ``max_matvecs``, with
             the running estimate and its standard error; a string labels it. Silent on MPI
             ranks other than 0 (:mod:`specops.progress`).
         data_error: also report the standard error over data resampling (``data_stderr``)
@@ -221,31 +223,31 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
         >>> import specops as so
         >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((300, 300)))
         >>> A = (Q * 0.9 ** np.arange(300)) @ Q.T
-        >>> tr = so.trace(A, num_matvecs=60, seed=0)
+        >>> tr = so.trace(A, max_matvecs=60, seed=0)
         >>> print(f"{np.trace(A):.2f}, estimated {tr.estimate:.2f} +- {tr.stderr:.2f} ({tr.settings['estimator']})")
         10.00, estimated 10.03 +- 0.09 (xtrace)
     """
     A = _checks.symmetric_operator(A, "trace")
     model = data_error_model(A, "trace") if data_error else None
     _checks.choice("method", method, METHODS)
-    num_matvecs = _checks.positive_int("num_matvecs", num_matvecs)
+    max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
     rtol = _checks.positive_float("rtol", rtol, allow_none=True)
-    seed, kind = check_seed(seed), check_kind(kind)
-    chunk = _checks.positive_int("chunk", chunk)
-    settings = dict(method=method, num_matvecs=num_matvecs, rtol=rtol, seed=seed, kind=kind,
+    seed, distribution = check_seed(seed), check_distribution(distribution)
+    chunk_size = _checks.positive_int("chunk_size", chunk_size)
+    settings = dict(method=method, max_matvecs=max_matvecs, rtol=rtol, seed=seed, distribution=distribution,
                     n=A.shape[0], backend=A.backend, **engine_settings(A))
-    bar = progress_bar(progress, num_matvecs, "trace", comm=A)
+    bar = progress_bar(progress, max_matvecs, "trace", comm=A)
     A = bar.track(A)
     with model.recording_batches() if model is not None else contextlib.nullcontext() as forms:
         mul = _Tagged(A, forms)
-        if method == "auto" and num_matvecs < 4:
+        if method == "auto" and max_matvecs < 4:
             settings["estimator"] = "hutchinson"  # too few products for a sketch
         if method == "hutchinson" or settings.get("estimator") == "hutchinson":
-            est, err = _mean_stderr(_hutchinson_samples(A, mul, num_matvecs, seed, kind, "trace", chunk, rtol))
+            est, err = _mean_stderr(_hutchinson_samples(A, mul, max_matvecs, seed, distribution, "trace", chunk_size, rtol))
         elif method == "hutch++":
-            est, err = _hutchpp(A, mul, num_matvecs, seed, kind, chunk, rtol)
+            est, err = _hutchpp(A, mul, max_matvecs, seed, distribution, chunk_size, rtol)
         else:
-            est, err = _xtrace(A, mul, num_matvecs, rtol, seed, kind, chunk, settings)
+            est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings)
     bar.close(trace=est, stderr=err)
     result = TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
     if forms is not None:
@@ -256,57 +258,57 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
     return result
 
 
-def _hutchpp(A, mul, m, seed, kind, chunk, rtol):
+def _hutchpp(A, mul, m, seed, distribution, chunk_size, rtol):
     if m < 3:
-        raise ValueError(f"hutch++ needs num_matvecs >= 3 (sketch, its product, probes), got {m}")
+        raise ValueError(f"hutch++ needs max_matvecs >= 3 (sketch, its product, probes), got {m}")
     ops, n = A.ops, A.shape[0]
     s = m // 3
-    capacity = sketch_capacity(ops, n, chunk, "hutch++")
+    capacity = sketch_capacity(ops, n, chunk_size, "hutch++")
     if s > capacity:
-        raise ValueError(f"{_too_large('hutch++', s, capacity, n)}: pass num_matvecs <= {3 * capacity} "
+        raise ValueError(f"{_too_large('hutch++', s, capacity, n)}: pass max_matvecs <= {3 * capacity} "
                          "or method='hutchinson' (no sketch)")
-    Q, _ = ops.qr(mul(ops.random(n, range(s), seed, kind=kind, stream="hutch++-sketch"), "sketch"))
+    Q, _ = ops.qr(mul(ops.random(n, range(s), seed, distribution=distribution, stream="hutch++-sketch"), "sketch"))
     low_rank = float(np.sum(ops.column_dots(Q, mul(Q, "basis"))))
 
     def deflate(Z):
         return Z - ops.combine(Q, ops.inner(Q, Z))
 
-    samples = _hutchinson_samples(A, mul, m - 2 * s, seed, kind, "hutch++-probe", chunk, rtol,
+    samples = _hutchinson_samples(A, mul, m - 2 * s, seed, distribution, "hutch++-probe", chunk_size, rtol,
                                   offset=low_rank, project=deflate)
     est, err = _mean_stderr(samples)
     return low_rank + est, err
 
 
-def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
+def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings):
     """XTrace (``"auto"``: or Hutchinson) with probes ``Omega`` from the ``"trace"`` stream.
 
     Without ``rtol``: ``s = m // 2`` probes, ``s`` products for ``A Omega`` and ``s`` for
-    ``A Q``. With ``rtol``: a first sketch of ``min(m // 2, 2 max(10, chunk))`` probes, then
+    ``A Q``. With ``rtol``: a first sketch of ``min(m // 2, 2 max(10, chunk_size))`` probes, then
     rounds that grow it (at most doubling) until the standard error meets ``rtol``.
     """
     if m < 4:
-        raise ValueError(f"xtrace needs num_matvecs >= 4 (two probes), got {m}")
+        raise ValueError(f"xtrace needs max_matvecs >= 4 (two probes), got {m}")
     ops, n = A.ops, A.shape[0]
 
     def products(X, tag="probe"):
-        return ops.concat([mul(X[:, j:j + chunk], tag) for j in range(0, X.shape[1], chunk)], axis=1)
+        return ops.concat([mul(X[:, j:j + chunk_size], tag) for j in range(0, X.shape[1], chunk_size)], axis=1)
 
     sketch = _Sketch(ops, A.decide)
-    s = min(n, m // 2 if rtol is None else min(m // 2, 2 * max(MIN_PROBES_FOR_RTOL, chunk)))
-    capacity = sketch_capacity(ops, n, chunk, "xtrace")
+    s = min(n, m // 2 if rtol is None else min(m // 2, 2 * max(MIN_PROBES_FOR_RTOL, chunk_size)))
+    capacity = sketch_capacity(ops, n, chunk_size, "xtrace")
     if s > capacity:
         if settings["method"] != "auto" or capacity < 2:
             what = _too_large("xtrace", s, capacity, n)
             if settings["method"] != "auto":
-                raise ValueError(f"{what}: pass num_matvecs <= {2 * capacity} (or an rtol, which grows the "
+                raise ValueError(f"{what}: pass max_matvecs <= {2 * capacity} (or an rtol, which grows the "
                                  "sketch only as needed and stops growing it where memory ends) or "
                                  "method='hutchinson' (no sketch)")
             warnings.warn(f"trace: {what}; using Hutchinson's estimator", RuntimeWarning, stacklevel=3)
             settings.update(estimator="hutchinson", sketch_capacity=capacity)
-            return _mean_stderr(_hutchinson_samples(A, mul, m, seed, kind, "trace", chunk, rtol))
+            return _mean_stderr(_hutchinson_samples(A, mul, m, seed, distribution, "trace", chunk_size, rtol))
         s = capacity
     while True:
-        Omega = ops.random(n, range(sketch.size, s), seed, kind=kind, stream="trace")
+        Omega = ops.random(n, range(sketch.size, s), seed, distribution=distribution, stream="trace")
         Y = products(Omega)
         if settings["method"] == "auto" and sketch.size == 0:
             share = sketch.add(Omega, Y)
@@ -314,7 +316,7 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
             settings.update(estimator="xtrace" if xtrace else "hutchinson",
                             sketch_residual=share)
             if settings["estimator"] == "hutchinson":  # the sketch's probes are Hutchinson's first probes
-                samples = _hutchinson_samples(A, mul, m, seed, kind, "trace", chunk, rtol,
+                samples = _hutchinson_samples(A, mul, m, seed, distribution, "trace", chunk_size, rtol,
                                               first=_forms(ops, Omega, Y))
                 return _mean_stderr(samples)
         else:
@@ -323,7 +325,7 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
         if sketch.exact and s < n:
             # the sketch holds A's range to working precision; what it may still miss (a tail
             # below the rounding level of R) is estimated by Hutchinson on the rest
-            return _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, (float(np.trace(sketch.H)), 0.0))
+            return _sketch_and_rest(A, mul, sketch, m, seed, distribution, chunk_size, rtol, (float(np.trace(sketch.H)), 0.0))
         est, err = sketch.estimate()
         show(A, trace=est, stderr=err)
         left = (m - mul.count) // 2
@@ -335,20 +337,20 @@ def _xtrace(A, mul, m, rtol, seed, kind, chunk, settings):
                           "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "
                           "its range (Hutch++'s form)", RuntimeWarning, stacklevel=3)
             settings.update(estimator="xtrace, then hutch++", sketch_capacity=capacity)
-            return _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, (est, err))
+            return _sketch_and_rest(A, mul, sketch, m, seed, distribution, chunk_size, rtol, (est, err))
         # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
         aim = 1.1 * s * err / max(rtol * abs(est), np.finfo(np.float64).tiny)
-        s = min(n, 2 * s, s + left, capacity, max(s + chunk, math.ceil(min(aim, 2.0 * n))))
+        s = min(n, 2 * s, s + left, capacity, max(s + chunk_size, math.ceil(min(aim, 2.0 * n))))
 
 
-def _sketch_and_rest(A, mul, sketch, m, seed, kind, chunk, rtol, fallback):
+def _sketch_and_rest(A, mul, sketch, m, seed, distribution, chunk_size, rtol, fallback):
     """Hutch++'s form on a grown sketch: ``tr(Q^T A Q)`` exactly, Hutchinson outside ``span(Q)``.
 
     The rest of the budget goes to probes of ``(I - QQ^T) A (I - QQ^T)`` (stream
     ``"trace-rest"``); with fewer than two left, ``fallback`` (estimate, stderr) is returned.
     """
     low = float(np.trace(sketch.H))
-    rest = _hutchinson_samples(A, mul, m - mul.count, seed, kind, "trace-rest", chunk, rtol, offset=low,
+    rest = _hutchinson_samples(A, mul, m - mul.count, seed, distribution, "trace-rest", chunk_size, rtol, offset=low,
                                project=lambda Z: A.ops.orthogonalize(Z, sketch.Q)[0])
     if len(rest) < 2:
         return fallback

@@ -41,12 +41,12 @@ import os
 import time
 
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
-from specops.curvature import CURVATURES
-from specops.output_space import check_datum
+from specops._checks import choice, positive_int
+from specops.output_space import Datum, check_datum
 from specops.density import spectral_density
 from specops.eigsh import eigsh
 from specops.io import atomic_save_npz, dumps
@@ -56,8 +56,38 @@ from specops.progress import bar as progress_bar
 from specops.trace import trace
 from specops.tracker_log import PRECONDITIONED, RESIDUAL, TrackerLog
 
-METRICS = ("eigenvalues", "trace", "density")
+#: The metrics a tracker records.
+Metric = Literal["eigenvalues", "trace", "density"]
+METRICS: tuple[Metric, ...] = get_args(Metric)
+#: The curvatures a tracker, ``specops analyze --curvature`` and ``specops study --curvature``
+#: name -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian itself).
+_CURVATURE_KINDS = {"hessian": None, "ggn": "ggn", "empirical_fisher": "empirical", "mc_fisher": "mc"}
+CURVATURES = tuple(_CURVATURE_KINDS)
 FORMAT = "specops-tracker/1"
+
+
+def curvature_operator(H: Any, curvature: str, *, seed: int = 0, datum: str = "sample") -> Any:
+    """The operator a curvature name (one of :data:`CURVATURES`) stands for, built from the Hessian ``H``.
+
+    Args:
+        H: a PyTorch or TensorFlow model's Hessian operator.
+        curvature: ``"hessian"`` (``H`` itself), ``"ggn"``, ``"empirical_fisher"`` or ``"mc_fisher"``.
+        seed: the Monte-Carlo Fisher's seed.
+        datum: the empirical Fisher's datum, ``"sample"`` or ``"term"``.
+
+    Returns:
+        ``H``, or the curvature of the same model, loss and data (:func:`specops.curvature.curvature_like`).
+
+    Raises:
+        ValueError: an unknown curvature name.
+        TypeError: ``H`` is not a model operator ``curvature_like`` takes.
+    """
+    from specops.curvature import curvature_like
+
+    kind = _CURVATURE_KINDS[choice("curvature", curvature, CURVATURES)]
+    if kind is None:
+        return H
+    return curvature_like(H, kind, seed=seed, **({"datum": datum} if kind == "empirical" else {}))
 
 
 def _check_curvatures(curvatures: str | Iterable[str]) -> tuple:
@@ -101,19 +131,19 @@ class Tracker:
             the operator's ``restrict`` (e.g. ``{"stage1": "stage1.*"}``).
         block_metrics: the metrics of each block (default ``("eigenvalues", "trace")``).
         block_options: ``{metric: keywords}`` that override the options below for blocks
-            (e.g. ``{"trace": {"num_matvecs": 16}}``).
+            (e.g. ``{"trace": {"max_matvecs": 16}}``).
         warm_start: start Lanczos from the previous step's eigenvectors.
         resume: continue an existing log: its records are kept and :meth:`update` returns
             the stored record for a step already there. Without it an existing non-empty
             log is an error (nothing is overwritten).
         eigsh_options: keywords for :func:`~specops.eigsh` (``which``, ``tol``, ``max_matvecs``, ...).
-        trace_options: keywords for :func:`~specops.trace` (``method``, ``num_matvecs``, ``rtol``, ...).
+        trace_options: keywords for :func:`~specops.trace` (``method``, ``max_matvecs``, ``rtol``, ...).
         density_options: keywords for :func:`~specops.spectral_density` (``num_probes``, ``num_steps``).
         progress: a progress bar (``tqdm.auto``, :mod:`specops.progress`) over the metrics of
             each update: True, or a label.
         comm: ``None`` or a communicator whose operators are data-parallel: only rank 0 writes.
         curvatures: the operators tracked, any of :data:`CURVATURES` (``"hessian"``,
-            ``"ggn"``, ``"fisher"`` (empirical), ``"mc-fisher"``), each with ``metrics``;
+            ``"ggn"``, ``"empirical_fisher"``, ``"mc_fisher"``), each with ``metrics``;
             the first one's are the record's top-level keys and its blocks. ``make_operator``
             returns either the model's Hessian (PyTorch or TensorFlow: the others are built
             from it by :func:`specops.curvature.curvature_like`, the Monte-Carlo Fisher with
@@ -134,7 +164,7 @@ class Tracker:
             operator and the ``"eigenvalues"`` metric needed). Default: on when ``preconditioner``
             or ``threshold`` is given.
         fisher_datum: ``"sample"`` or ``"term"``: the ``datum`` of the empirical Fisher
-            (``"fisher"`` in ``curvatures``) built from the Hessian
+            (``"empirical_fisher"`` in ``curvatures``) built from the Hessian
             (:func:`specops.curvature.curvature_like`); a dict from ``make_operator`` is used as
             it is.
 
@@ -152,17 +182,15 @@ class Tracker:
                  density_options: dict | None = None, progress: bool = False, comm: Any = None,
                  curvatures: str | Iterable[str] = ("hessian",), preconditioner: Any = None,
                  threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None,
-                 warm_lag: int = 1, fisher_datum: str = "sample") -> None:
+                 warm_lag: int = 1, fisher_datum: Datum = "sample") -> None:
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
         self.make_operator = make_operator
         self.path = None if path is None else os.fspath(path)
         self.metrics = _check_metrics(metrics, "metrics")
         self.block_metrics = _check_metrics(block_metrics, "block_metrics")
-        self.k, self.seed = int(k), int(seed)
+        self.k, self.seed = positive_int("k", k), int(seed)
         self.blocks = dict(blocks or {})
         self.warm_start = bool(warm_start)
         self.eigsh_options = dict(eigsh_options or {})
@@ -180,9 +208,7 @@ class Tracker:
         self.curvatures = _check_curvatures(curvatures)
         self.fisher_datum = check_datum(fisher_datum)
         self.preconditioner, self.threshold = preconditioner, threshold
-        if isinstance(warm_lag, bool) or not isinstance(warm_lag, (int, np.integer)) or warm_lag < 1:
-            raise ValueError(f"warm_lag must be a positive integer, got {warm_lag!r}")
-        self.warm_lag = int(warm_lag)
+        self.warm_lag = positive_int("warm_lag", warm_lag)
         self._history: dict = {}  # name -> the last warm_lag eigenvector blocks, oldest first
         self.dynamics = (preconditioner is not None or threshold is not None) if dynamics is None else bool(dynamics)
         if (self.dynamics or preconditioner is not None) and "eigenvalues" not in self.metrics:
@@ -356,14 +382,10 @@ class Tracker:
             return {c: made[c] for c in self.curvatures}
         if self.curvatures == ("hessian",):
             return {"hessian": made}
-        from specops.curvature import curvature_like
-
         ops = {}
         for c in self.curvatures:
-            kind = CURVATURES[c]
             try:
-                datum = {"datum": self.fisher_datum} if kind == "empirical" else {}
-                ops[c] = made if kind is None else curvature_like(made, kind, seed=self.seed, **datum)
+                ops[c] = curvature_operator(made, c, seed=self.seed, datum=self.fisher_datum)
             except TypeError as e:
                 raise TypeError(f"curvatures={list(self.curvatures)}: {e}; or let make_operator() return a dict "
                                 "{name: operator} of those curvatures") from e

@@ -52,7 +52,7 @@ def test_symmetry_error_separates_symmetric_from_not():
     rng = np.random.default_rng(2)
     ops = NumpyOps(np.float64)
     A = rng.normal(size=(50, 50))
-    V = ops.random(50, [0, 1], 0, kind="normal", stream="engine_check")
+    V = ops.random(50, [0, 1], 0, distribution="normal", stream="engine_check")
     assert checks.symmetry_error(ops, V, (A + A.T) @ V) < 1e-13
     assert checks.symmetry_error(ops, V, A @ V) > 0.1
 
@@ -172,7 +172,7 @@ def test_results_carry_the_engine_and_its_check(problem):
 
     model, theta, X, y = problem
     H = snp.hessian(model.loss, model.grad, model.hvp, theta, (X, y))
-    for result in (so.eigsh(H, k=1), so.trace(H, num_matvecs=8), so.spectral_density(H, num_probes=1, num_steps=8)):
+    for result in (so.eigsh(H, k=1), so.trace(H, max_matvecs=8), so.spectral_density(H, num_probes=1, num_steps=8)):
         assert result.settings["engine"] == "numpy-callables"
         assert result.settings["engine_check"]["verdict"] == "agree"
         again = type(result).from_json(result.to_json())

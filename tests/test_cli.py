@@ -98,7 +98,7 @@ def test_numbers_match_the_library_on_the_same_operator(default_run):
     tight = so.eigsh(H, k=1, tol=1e-7, max_matvecs=400, seed=5)
     top = arr(r["stages"]["eigen"]["result"]["eigenvalues"])[0]
     assert abs(top - tight.eigenvalues[0]) <= arr(r["stages"]["eigen"]["result"]["residuals"])[0] + 1e-4 * top
-    tr = so.trace(H, method="auto", num_matvecs=24, rtol=0.02, seed=0)
+    tr = so.trace(H, method="auto", max_matvecs=24, rtol=0.02, seed=0)
     assert r["stages"]["trace"]["result"]["estimate"] == pytest.approx(tr.estimate, rel=1e-5)
     d = so.spectral_density(H, num_probes=2, num_steps=8, seed=0)
     np.testing.assert_allclose(arr(r["stages"]["esd"]["result"]["nodes"]), d.nodes, rtol=1e-4, atol=1e-4)

@@ -70,7 +70,7 @@ def test_data_error_matches_the_library_and_a_dense_jackknife(tmp_path, capsys, 
     data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in four_batches()]
     H = st.hessian(model, torch.nn.CrossEntropyLoss(), data)
     e = so.eigsh(H, k=2, tol=1e-3, max_matvecs=120, seed=0, data_error=True)
-    t = so.trace(H, method="auto", num_matvecs=40, rtol=0.02, seed=0, data_error=True)
+    t = so.trace(H, method="auto", max_matvecs=40, rtol=0.02, seed=0, data_error=True)
     np.testing.assert_allclose(arr(eig["result"]["eigenvalues"]), e.eigenvalues, rtol=rtol)
     np.testing.assert_allclose(arr(eig["result"]["data_stderr"]), e.data_stderr, rtol=10 * rtol)
     assert tr["result"]["stderr"] == pytest.approx(t.stderr, rel=10 * rtol)

@@ -145,7 +145,7 @@ def test_trace(backend, dtype, method):
     M = M + 50 * np.eye(len(lam))  # a large mean diagonal: float32 stderr must not round to 0
     A = native(M, backend, dtype)
     truth = float(np.trace(M))
-    out = [so.trace(A, method=method, num_matvecs=30, seed=s) for s in range(8)]
+    out = [so.trace(A, method=method, max_matvecs=30, seed=s) for s in range(8)]
     err = np.array([o.stderr for o in out])
     assert np.all(err > 0) and np.all(np.isfinite(err))
     assert _errors_within_stderr([o.estimate for o in out], err, truth) >= 0.75
@@ -158,7 +158,7 @@ def test_trace(backend, dtype, method):
 def test_diagonal(backend, dtype):
     M, lam = case("small")
     M = M + 50 * np.eye(len(lam))
-    out = so.diagonal(native(M, backend, dtype), num_matvecs=60, seed=0)
+    out = so.diagonal(native(M, backend, dtype), max_matvecs=60, seed=0)
     est, err = to_numpy(out.estimate), np.asarray(out.stderr, dtype=np.float64)
     assert np.all(err > 0)
     z = np.abs(est - np.diag(M)) / err
@@ -229,7 +229,7 @@ def test_trace_stderr_honest_on_a_large_diagonal(backend, dtype, method):
     M = large_diagonal(1000)  # n large enough that float32 rounding of z^T A z exceeds the spread
     A = native(M, backend, dtype)
     truth = float(np.trace(M))
-    out = [so.trace(A, method=method, num_matvecs=30, seed=s) for s in SEEDS]
+    out = [so.trace(A, method=method, max_matvecs=30, seed=s) for s in SEEDS]
     err = np.array([o.stderr for o in out])
     assert np.all(err > 0) and np.all(np.isfinite(err)), err
     z = np.abs(np.array([o.estimate for o in out]) - truth) / err
@@ -247,7 +247,7 @@ def test_diagonal_stderr_honest_on_a_large_diagonal(backend, dtype):
     A = native(M, backend, dtype)
     fractions = []
     for s in range(5):
-        out = so.diagonal(A, num_matvecs=40, seed=s)
+        out = so.diagonal(A, max_matvecs=40, seed=s)
         est, err = to_numpy(out.estimate), np.asarray(out.stderr, dtype=np.float64)
         assert np.all(err > 0), err.min()
         fractions.append(np.mean(np.abs(est - np.diag(M)) <= 4.0 * err))

@@ -32,7 +32,7 @@ def rel(a, b) -> float:
 
 
 def dense(A):
-    return A.to_dense(chunk=A.shape[0])
+    return A.to_dense(chunk_size=A.shape[0])
 
 
 def assemble(J, H_out, per_sample_grads, H, reduction):
@@ -128,9 +128,9 @@ def test_torch_ggn_is_psd_and_the_residual_is_an_operator_for_every_algorithm():
     assert truth[0] > -1e-12  # PSD: cross-entropy is convex in the logits
     assert np.allclose(np.sort(eig.eigenvalues), np.sort(np.r_[truth[:1], truth[-2:]]), atol=1e-8)
     n = G.shape[0]
-    t = specops.trace(R, method="xtrace", num_matvecs=2 * n + 2, seed=0)  # n probes: exact
+    t = specops.trace(R, method="xtrace", max_matvecs=2 * n + 2, seed=0)  # n probes: exact
     assert abs(t.estimate - np.trace(H_true - G_true)) < 1e-8 * max(1.0, abs(np.trace(H_true)))
-    d = specops.diagonal(G, num_matvecs=400, seed=0)
+    d = specops.diagonal(G, max_matvecs=400, seed=0)
     assert rel(d.estimate, np.diag(G_true)) < 0.5  # Hutchinson on a dense 57x57 matrix: rough
     density = specops.spectral_density(G, num_probes=2, num_steps=20, seed=0)
     assert density.nodes.max() <= truth[-1] + 1e-8 and density.nodes.min() >= truth[0] - 1e-8
@@ -504,10 +504,10 @@ def test_analyze_fisher_datum_term_scales_the_mse_fisher_by_the_outputs(tmp_path
     base = ["analyze", "--model", "test_curvature:cli_model", "--data", "test_curvature:cli_regression_data",
             "--loss", "mse", "--stages", "curvature", "--top-k", "2", "--eig-tol", "1e-8", "--eig-matvecs", "300",
             "--esd-probes", "1", "--esd-steps", "4", "--no-progress"]
-    assert cli.main([*base, "--curvature", "fisher", "--fisher-datum", "term", "--out", out]) == 0
+    assert cli.main([*base, "--curvature", "empirical_fisher", "--fisher-datum", "term", "--out", out]) == 0
     with open(os.path.join(out, "results.json")) as fh:
         stage = json.load(fh)["stages"]["curvature"]
-    top = stage["result"]["operators"]["fisher"]["eigen"]["eigenvalues"]
+    top = stage["result"]["operators"]["empirical_fisher"]["eigen"]["eigenvalues"]
     top = np.asarray(top["__ndarray__"] if isinstance(top, dict) else top, dtype=float)
     model = cli_model()
     data = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in cli_regression_data()]

@@ -74,7 +74,7 @@ def test_bad_input_says_what_is_needed():
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
 def test_every_trace_method_reports_both_parts(method):
     H = _digits_hessian(6, 10)
-    r = so.trace(H, method=method, num_matvecs=30, data_error=True)
+    r = so.trace(H, method=method, max_matvecs=30, data_error=True)
     assert r.data_stderr > 0 and r.settings["data_error"]["batches"] == 6
     assert so.TraceResult.from_json(r.to_json()).data_stderr == r.data_stderr
     assert "data stderr" in repr(r)
@@ -93,7 +93,7 @@ def test_data_error_leaves_the_eigenvalues_and_reserves_the_verification():
 def test_tracker_records_both_parts(tmp_path):
     H = _digits_hessian(6, 10)
     tracker = so.Tracker(lambda: H, tmp_path / "log.jsonl", metrics=("eigenvalues", "trace"), k=2,
-                         eigsh_options={"data_error": True}, trace_options={"data_error": True, "num_matvecs": 30})
+                         eigsh_options={"data_error": True}, trace_options={"data_error": True, "max_matvecs": 30})
     record = tracker.update(0)
     assert len(record["data_stderr"]) == 2 and record["trace"]["data_stderr"] > 0
     assert record["trace"]["stderr"] > 0

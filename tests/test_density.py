@@ -19,12 +19,12 @@ def wasserstein_to_exact(d, lam):
     return np.trapezoid(np.abs(cdf - exact), xs), np.abs(cdf - exact).max()
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "normal"])
-def test_cdf_close_to_exact_eigenvalue_cdf(kind):
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_cdf_close_to_exact_eigenvalue_cdf(distribution):
     rng = np.random.default_rng(4)
     lam = np.concatenate([rng.normal(0, 0.2, 380), rng.uniform(2, 6, 15), [25.0, 30.0]])
     A, lam = symmetric_with_spectrum(lam, seed=4)
-    d = so.spectral_density(A, num_probes=30, num_steps=60, seed=0, kind=kind)
+    d = so.spectral_density(A, num_probes=30, num_steps=60, seed=0, distribution=distribution)
     w1, ks = wasserstein_to_exact(d, lam)
     assert w1 <= 0.01 * (lam.max() - lam.min())
     assert ks <= 0.1
@@ -126,7 +126,7 @@ def test_reorthogonalization_window_keeps_moments_and_cdf(window):
     full = so.spectral_density(A, num_probes=5, num_steps=40, seed=2)
     assert d.settings["reorth_window"] == window and full.settings["reorth_window"] is None
     assert d.settings["basis_bytes"] == window * 300 * 5 * 8
-    V = probes(300, range(5), 2, kind="rademacher", stream="slq")
+    V = probes(300, range(5), 2, distribution="rademacher", stream="slq")
     V = V / np.linalg.norm(V, axis=0)
     W = V
     for k in range(1, 9):  # Gauss quadrature moments against the same probes' v^T A^k v
@@ -143,7 +143,7 @@ def test_reorthogonalization_window_keeps_moments_and_cdf(window):
     # 15-node quadrature is exact to degree 29
     A, lam = symmetric_with_spectrum(np.linspace(1.0, 2.0, 300), seed=5)
     d = so.spectral_density(A, num_probes=3, num_steps=15, seed=2, reorth_window=window)
-    V = probes(300, range(3), 2, kind="rademacher", stream="slq")
+    V = probes(300, range(3), 2, distribution="rademacher", stream="slq")
     V = W = V / np.linalg.norm(V, axis=0)
     for k in range(1, 30):
         W = A @ W

@@ -40,7 +40,7 @@ def test_torch_cuda_matches_cpu():
     rg, rc = so.eigsh(Hg, k=3, tol=1e-10), so.eigsh(Hc, k=3, tol=1e-10)
     assert rg.eigenvectors.device.type == "cuda"
     np.testing.assert_allclose(rg.eigenvalues, rc.eigenvalues, rtol=1e-9)
-    tg, tc = so.trace(Hg, num_matvecs=30, seed=3), so.trace(Hc, num_matvecs=30, seed=3)
+    tg, tc = so.trace(Hg, max_matvecs=30, seed=3), so.trace(Hc, max_matvecs=30, seed=3)
     assert tg.estimate == pytest.approx(tc.estimate, rel=1e-9)
     dg, dc = so.spectral_density(Hg, 4, 20, seed=1), so.spectral_density(Hc, 4, 20, seed=1)
     np.testing.assert_allclose(dg.nodes, dc.nodes, rtol=1e-7, atol=1e-9)
@@ -99,5 +99,5 @@ def test_jax_gpu_matches_cpu():
     assert ops["gpu"].device.startswith("gpu") or ops["gpu"].device.startswith("cuda")
     rg, rc = so.eigsh(ops["gpu"], k=3, tol=1e-10), so.eigsh(ops["cpu"], k=3, tol=1e-10)
     np.testing.assert_allclose(rg.eigenvalues, rc.eigenvalues, rtol=1e-8)
-    tg, tc = so.trace(ops["gpu"], num_matvecs=30, seed=3), so.trace(ops["cpu"], num_matvecs=30, seed=3)
+    tg, tc = so.trace(ops["gpu"], max_matvecs=30, seed=3), so.trace(ops["cpu"], max_matvecs=30, seed=3)
     assert tg.estimate == pytest.approx(tc.estimate, rel=1e-8)

@@ -103,7 +103,7 @@ def test_probe_bases_orthogonal_and_quadrature_matches_dense(backend, dtype, win
     spy = Spy.__new__(Spy)
     spy.__dict__.update(store.__dict__)
     steps, p = 40, 3
-    Z = A.ops.random(200, range(p), 0, kind="normal", stream="slq")
+    Z = A.ops.random(200, range(p), 0, distribution="normal", stream="slq")
     V = A.ops.scale_columns(Z, 1.0 / A.ops.column_norms(Z))
     alpha, beta, length = probe_lanczos(A, Products(A), V, steps, window, store=spy)
     X = A.ops.to_numpy(writes[-1])

@@ -67,7 +67,7 @@ def test_line_along_top_eigenvector_is_the_exact_parabola(quadratic):
     np.testing.assert_allclose(ls.alphas, np.linspace(-2, 2, 9))
     np.testing.assert_allclose(ls.losses, expected, rtol=1e-10)
     assert ls.center_loss == pytest.approx(model.loss(theta, full), rel=1e-12)
-    assert ls.settings["kind"] == "eigen" and ls.num_evaluations == 10
+    assert ls.settings["directions"] == "eigen" and ls.num_evaluations == 10
 
 
 def test_plane_of_two_eigenvectors_matches_closed_form(quadratic):
@@ -115,7 +115,7 @@ def test_filter_normalization_matches_a_direct_computation():
     shapes = {"W": (4, 3), "b": (4,), "conv": (2, 2, 3)}
     for bias in ("zero", "norm"):
         d = filter_normalized_directions(H, 2, seed=7, bias=bias, shapes=shapes)[1]
-        raw = _random.probes(theta.size, [1], 7, kind="normal", stream="landscape-filter")[:, 0]
+        raw = _random.probes(theta.size, [1], 7, distribution="normal", stream="landscape-filter")[:, 0]
         expect = np.empty_like(raw)
         for i in range(4):            # rows of W: one filter per output
             r = raw[3 * i : 3 * i + 3]

@@ -78,11 +78,12 @@ def test_torch_parameter_structure():
         offset += p.numel()
     assert torch.equal(H.flatten(pieces), V)
     assert torch.equal(H.flatten(H.unflatten(V[:, 1])), V[:, 1])
-    with pytest.warns(DeprecationWarning):
-        sub = st.hessian(model, torch.nn.CrossEntropyLoss(), (X, y), params="2.*")
+    sub = st.hessian(model, torch.nn.CrossEntropyLoss(), (X, y), wrt="2.*")
     assert list(sub.param_blocks) == ["2.weight", "2.bias"]
-    with pytest.raises(TypeError, match="both engine= and its former name hvp="):
-        st.hessian(model, torch.nn.CrossEntropyLoss(), (X, y), engine="auto", hvp="auto")
+    with pytest.raises(TypeError, match="with an nn.Module, select the parameters differentiated with wrt="):
+        st.hessian(model, torch.nn.CrossEntropyLoss(), (X, y), params="2.*")
+    with pytest.raises(TypeError, match="hvp"):  # the former name of engine=: gone, Python's own error
+        st.hessian(model, torch.nn.CrossEntropyLoss(), (X, y), hvp="auto")  # vocab: keep
 
 
 def test_jax_parameter_structure():

@@ -58,7 +58,7 @@ def test_gauss_radau_bounds_hold_the_probes_exact_average():
     M, lam = spd("ill-conditioned")
     n, p = M.shape[0], 4
     r = so.logdet(M, num_probes=p, num_steps=25, spectrum=(1.0, 1e4))
-    Z = so.aslinearoperator(M).ops.random(n, range(p), 0, kind="rademacher", stream="slq")
+    Z = so.aslinearoperator(M).ops.random(n, range(p), 0, distribution="rademacher", stream="slq")
     exact = np.mean(np.einsum("ip,ip->p", Z, dense_function(M, np.log, "ill-conditioned") @ Z))  # what the quadrature estimates
     lower, upper = r.settings["bounds"]
     assert lower <= exact <= upper and upper - lower > 0
@@ -81,7 +81,7 @@ def test_stderr_is_honest_across_seeds(name):
 def test_unbounded_quadrature_error_is_estimated_honestly():
     M, lam = spd("ill-conditioned")
     n, p = M.shape[0], 4
-    Z = so.aslinearoperator(M).ops.random(n, range(p), 0, kind="rademacher", stream="slq")
+    Z = so.aslinearoperator(M).ops.random(n, range(p), 0, distribution="rademacher", stream="slq")
     exact = np.mean(np.einsum("ip,ip->p", Z, dense_function(M, np.log, "ill-conditioned") @ Z))
     for steps in (20, 40, 80):
         r = so.logdet(M, num_probes=p, num_steps=steps)

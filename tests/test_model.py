@@ -51,7 +51,7 @@ def test_single_batch_and_spectrum_match_dense(problem):
     lam = np.linalg.eigvalsh(dense)
     res = so.eigsh(H, k=3, tol=1e-10)
     np.testing.assert_allclose(res.eigenvalues, lam[::-1][:3], rtol=1e-8)
-    t = so.trace(H, method="hutch++", num_matvecs=60, seed=0)
+    t = so.trace(H, method="hutch++", max_matvecs=60, seed=0)
     assert abs(t.estimate - lam.sum()) <= 5 * t.stderr + 1e-8
 
 

@@ -61,8 +61,8 @@ def test_protocol_matches_numpy(ops):
     # finiteness, seeded probes identical on every backend
     assert ops.all_finite(nX) and not ops.all_finite(ops.from_numpy([1.0, np.inf]))
     assert np.array_equal(ops.to_numpy(ops.random(9, range(2), 7)), specops.random.probes(9, range(2), 7))
-    assert np.array_equal(ops.to_numpy(ops.random(9, [1], 7, kind="normal")),
-                          specops.random.probes(9, [1], 7, kind="normal"))
+    assert np.array_equal(ops.to_numpy(ops.random(9, [1], 7, distribution="normal")),
+                          specops.random.probes(9, [1], 7, distribution="normal"))
 
 
 def test_write_block_along_both_axes(ops):
@@ -82,3 +82,18 @@ def test_only_float32_and_float64():
 
     with pytest.raises(TypeError, match="float32 or float64"):
         NumpyOps(np.int64)
+
+
+def test_free_memory_is_the_host_s_unless_a_backend_overrides_it(monkeypatch):
+    """The core asks no backend name: TorchOps overrides free_memory for CUDA devices."""
+    torch = pytest.importorskip("torch")
+    from specops.backends.torch import TorchOps
+    from specops.backends.numpy import NumpyOps
+
+    monkeypatch.setattr("specops.ops.host_free_memory", lambda: 777)
+    assert NumpyOps(np.float64).free_memory() == 777
+    cpu = TorchOps(torch.float32, "cpu")
+    assert cpu.free_memory() == 777
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (123, 456))
+    cuda = TorchOps(torch.float32, "cuda:0")   # no CUDA needed to build it: nothing is allocated
+    assert cuda.free_memory() == 123

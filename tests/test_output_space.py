@@ -25,7 +25,7 @@ def rel(a, b) -> float:
 
 
 def dense(A):
-    return np.asarray(A.to_dense(chunk=A.shape[0]), dtype=np.float64)
+    return np.asarray(A.to_dense(chunk_size=A.shape[0]), dtype=np.float64)
 
 
 def references(J, H_out, sample_grads, term_grads, sample_weight, term_weight):

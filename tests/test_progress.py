@@ -52,7 +52,7 @@ def test_trace_bar_shows_the_running_estimate_and_its_error(capsys, monkeypatch)
     monkeypatch.setattr(progress.Bar, "show", lambda self, **v: (shown.append(v), show(self, **v)))
     for method in ("hutchinson", "xtrace", "hutch++"):   # xtrace with rtol: it grows its sketch in rounds
         shown.clear()
-        kw = dict(method=method, num_matvecs=60, seed=1, rtol=1e-9 if method == "xtrace" else None)
+        kw = dict(method=method, max_matvecs=60, seed=1, rtol=1e-9 if method == "xtrace" else None)
         quiet = so.trace(M, **kw)
         r = so.trace(M, **kw, progress=f"tr {method}")
         err = capsys.readouterr().err
@@ -85,6 +85,29 @@ def test_density_and_landscape_bars(capsys):
     assert "6/6" in line and "losses" in line and f"max={ls.losses.max():.4g}" in line, line
 
 
+def test_torch_hessian_bar_counts_batches_not_raw_lines(capsys):
+    torch = pytest.importorskip("torch")
+    from specops.backends import torch as st
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    data = [(torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))) for _ in range(3)]
+    loss = torch.nn.CrossEntropyLoss()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
+    quiet = st.hessian(model, loss, data) @ V
+    assert capsys.readouterr().err == ""
+    H = st.hessian(model, loss, data, progress="H of the MLP")
+    capsys.readouterr()  # construction checks evaluate batches too
+    done = H.adapter._bar.count
+    torch.testing.assert_close(H @ V, quiet, rtol=0, atol=0)  # the numbers never change
+    err = capsys.readouterr().err
+    assert "specops: product" not in err  # no raw lines: a specops.progress bar (tqdm)
+    assert H.adapter._bar.count == done + 3, H.adapter._bar.count  # one product block: three batches
+    H.adapter._bar.close()
+    line = last_state(err + capsys.readouterr().err, "H of the MLP")
+    assert f"{done + 3} batches" in line and "batch=3" in line, line
+
+
 def test_silent_on_other_ranks_and_bad_values(capsys, monkeypatch):
     M = matrix(40)
 
@@ -97,13 +120,13 @@ def test_silent_on_other_ranks_and_bad_values(capsys, monkeypatch):
     capsys.readouterr()
     monkeypatch.setenv("PMI_RANK", "1")
     so.eigsh(M, k=1, progress=True)
-    so.trace(M, num_matvecs=20, progress=True)
+    so.trace(M, max_matvecs=20, progress=True)
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("PMI_RANK", "0")
-    so.trace(M, num_matvecs=20, progress=True)
+    so.trace(M, max_matvecs=20, progress=True)
     assert "trace" in capsys.readouterr().err
     with pytest.raises(TypeError, match="progress must be True, False or a label"):
-        so.trace(M, num_matvecs=20, progress=3)
+        so.trace(M, max_matvecs=20, progress=3)
 
 
 @pytest.mark.mpi
@@ -114,7 +137,7 @@ def test_mpiexec_two_ranks_draw_one_bar(tmp_path):
     script = tmp_path / "bars.py"
     script.write_text("import numpy as np, specops as so\n"
                       "M = np.diag(np.arange(1.0, 51.0))\n"
-                      "r = so.trace(M, method='hutchinson', num_matvecs=20, progress=True)\n")
+                      "r = so.trace(M, method='hutchinson', max_matvecs=20, progress=True)\n")
     p = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], capture_output=True, text=True,
                        timeout=120, check=False, env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0, p.stderr

@@ -21,7 +21,7 @@ def rel(a, b) -> float:
 
 
 def dense(A):
-    return np.asarray(A.to_dense(chunk=A.shape[0]))
+    return np.asarray(A.to_dense(chunk_size=A.shape[0]))
 
 
 # --- PyTorch ------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_eig_result_unpacks_like_scipy():
 
 def test_trace_and_diagonal_print_and_unpack_with_their_errors():
     M, lam = matrix()
-    t = so.trace(M, method="hutchinson", num_matvecs=40, seed=3)
+    t = so.trace(M, method="hutchinson", max_matvecs=40, seed=3)
     est, err = t
     assert (est, err) == (t.estimate, t.stderr)
     text = repr(t)
@@ -64,7 +64,7 @@ def test_trace_and_diagonal_print_and_unpack_with_their_errors():
     shown_est, shown_err = numbers(text.split("(")[0].split(":")[1])
     assert shown_est == pytest.approx(t.estimate, rel=1e-5) and shown_err == pytest.approx(t.stderr, rel=0.06)
     assert abs(t.estimate - lam.sum()) < 5 * t.stderr           # the error it prints is honest here
-    d = so.diagonal(M, num_matvecs=30, seed=0)
+    d = so.diagonal(M, max_matvecs=30, seed=0)
     e, s = d
     assert e is d.estimate and s is d.stderr
     assert repr(d).startswith("DiagonalResult: 150 entries (hutchinson, 30 products")

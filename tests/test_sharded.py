@@ -52,7 +52,7 @@ def _close(a, b, tol):
 
 @pytest.mark.parametrize("size", [2, 3, 4])
 def test_random_rows_are_those_of_one_process(size):
-    full = sr.probes(N, [0, 5], 7, kind="normal", stream="x")
+    full = sr.probes(N, [0, 5], 7, distribution="normal", stream="x")
     parts = run_ranks(size, lambda comm: ShardedOps(NumpyOps(), comm, N).random(N, [0, 5], 7, "normal", "x"))
     assert np.array_equal(np.concatenate(parts), full)
 
@@ -60,7 +60,7 @@ def test_random_rows_are_those_of_one_process(size):
 def test_random_stream_of_short_vectors_unchanged(monkeypatch):
     monkeypatch.setattr(sr, "BLOCK", 1 << 20)
     rng = sr.generator(7, "x", 5)
-    assert np.array_equal(sr.probes(N, [5], 7, kind="normal", stream="x")[:, 0], rng.standard_normal(N))
+    assert np.array_equal(sr.probes(N, [5], 7, distribution="normal", stream="x")[:, 0], rng.standard_normal(N))
     with pytest.raises(ValueError, match="contiguous range"):
         sr.probes(N, [0], 7, rows=range(3, N + 1))
 
@@ -117,7 +117,7 @@ def test_trace_matches_one_process(method):
     A = _matrix()
 
     def fn(op):
-        r = so.trace(op, method=method, num_matvecs=30, seed=2)
+        r = so.trace(op, method=method, max_matvecs=30, seed=2)
         return r.estimate, r.stderr, r.num_matvecs
 
     one, ranks = _both(fn, A, 3)
@@ -129,11 +129,11 @@ def test_trace_matches_one_process(method):
 def test_trace_float32_and_diagonal():
     A = _matrix()
     for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-10)):
-        one, ranks = _both(lambda op: so.trace(op, method="hutchinson", num_matvecs=20, seed=2).estimate,
+        one, ranks = _both(lambda op: so.trace(op, method="hutchinson", max_matvecs=20, seed=2).estimate,
                            A, 3, dtype)
         for r in ranks:
             _close(r, one, tol)
-    one, ranks = _both(lambda op: so.diagonal(op, num_matvecs=20, seed=5), A, 4)
+    one, ranks = _both(lambda op: so.diagonal(op, max_matvecs=20, seed=5), A, 4)
     _close(np.concatenate([r.estimate for r in ranks]), one.estimate, 1e-12)
     _close(np.concatenate([r.stderr for r in ranks]), one.stderr, 1e-12)
 
@@ -200,7 +200,7 @@ def test_rows_in_pieces_like_fsdp():
     def fn(comm):
         op = RowShardedMatrix(A, ShardedOps(NumpyOps(), comm, N, rows=pieces(comm.rank)))
         r = so.eigsh(op, k=2, seed=1)
-        return (r.eigenvalues, gather(op.ops, r.eigenvectors), so.trace(op, method="xtrace", num_matvecs=20).estimate,
+        return (r.eigenvalues, gather(op.ops, r.eigenvectors), so.trace(op, method="xtrace", max_matvecs=20).estimate,
                 gather(op.ops, op.ops.random(N, [0, 1], 3)))
 
     single = RowShardedMatrix(A, NumpyOps())
@@ -209,7 +209,7 @@ def test_rows_in_pieces_like_fsdp():
     for r in ranks:
         _close(r[0], ref.eigenvalues, 1e-10)
         _close(r[1] @ r[1].T, ref.eigenvectors @ ref.eigenvectors.T, 1e-6)
-        _close(r[2], so.trace(single, method="xtrace", num_matvecs=20).estimate, 1e-10)
+        _close(r[2], so.trace(single, method="xtrace", max_matvecs=20).estimate, 1e-10)
         assert np.array_equal(r[3], sr.probes(N, [0, 1], 3))
     with pytest.raises(ValueError, match="exactly once"):
         run_ranks(2, lambda comm: ShardedOps(NumpyOps(), comm, N, rows=[range(0, 10), range(5, 61)][comm.rank:]))

@@ -136,7 +136,7 @@ def test_preconditioners_cut_the_steps_and_keep_the_solution():
     # an EigResult or DiagonalResult directly
     assert so.solve(M, b, shift=shift, tol=1e-10, preconditioner=top).converged
     D2 = np.diag(np.diag(S))  # Rademacher probes give a diagonal matrix's diagonal exactly
-    assert so.solve(D2, b, tol=1e-8, preconditioner=so.diagonal(D2, num_matvecs=2)).settings["iterations"] == 1
+    assert so.solve(D2, b, tol=1e-8, preconditioner=so.diagonal(D2, max_matvecs=2)).settings["iterations"] == 1
 
 
 def test_low_rank_plus_diagonal_preconditioner_is_the_woodbury_inverse():

@@ -131,18 +131,18 @@ def test_study_records_equal_independent_calls(tiny_study):
     X, y = digits(seed=0)
     H = st.hessian(model, nn.CrossEntropyLoss(), (torch.from_numpy(X[:64]), torch.from_numpy(y[:64])))
     last = r["checkpoints"][-1]
-    tr = specops.trace(H, num_matvecs=8, seed=0)
+    tr = specops.trace(H, max_matvecs=8, seed=0)
     assert last["trace"]["estimate"] == pytest.approx(tr.estimate, rel=1e-5)
-    stage3 = specops.trace(H.restrict("stage3.*"), num_matvecs=6, seed=0)
+    stage3 = specops.trace(H.restrict("stage3.*"), max_matvecs=6, seed=0)
     assert last["blocks"]["stage3"]["trace"]["estimate"] == pytest.approx(stage3.estimate, rel=1e-5)
     eig = specops.eigsh(H, k=2, tol=1e-3, seed=0)
     np.testing.assert_allclose(last["eigenvalues"], eig.eigenvalues, rtol=2e-3)
     G = st.ggn(model, nn.CrossEntropyLoss(), (torch.from_numpy(X[:64]), torch.from_numpy(y[:64])))
     ggn = last["curvatures"]["ggn"]
     np.testing.assert_allclose(ggn["eigenvalues"], specops.eigsh(G, k=2, tol=1e-3, seed=0).eigenvalues, rtol=2e-3)
-    assert ggn["trace"]["estimate"] == pytest.approx(specops.trace(G, num_matvecs=8, seed=0).estimate, rel=1e-5)
+    assert ggn["trace"]["estimate"] == pytest.approx(specops.trace(G, max_matvecs=8, seed=0).estimate, rel=1e-5)
     assert last["residual"]["trace"]["estimate"] == pytest.approx(
-        specops.trace(H - G, num_matvecs=8, seed=0).estimate, rel=1e-4, abs=1e-6)
+        specops.trace(H - G, max_matvecs=8, seed=0).estimate, rel=1e-4, abs=1e-6)
     assert ckpt["test_accuracy"] == r["test_accuracy"]
 
 
@@ -182,7 +182,7 @@ def test_study_resume(tiny_study, tmp_path):
     (["--checkpoints", "5", "--epochs", "2"], "choose 1..2"),
     (["--lrs", "0.1,-1"], "positive"),
     (["--k", "1"], "top two eigenvectors"),
-    (["--curvature", "hessian,gnn"], "unknown curvature 'gnn'; choose from hessian, ggn, fisher, mc-fisher"),
+    (["--curvature", "hessian,gnn"], "unknown curvature 'gnn'; choose from hessian, ggn, empirical_fisher, mc_fisher"),
     (["--comm", "torch"], "--comm torch: no torch.distributed launch found.*torchrun"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):

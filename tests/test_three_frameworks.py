@@ -144,9 +144,9 @@ def test_top_eigenvalues_agree_and_match_dense(operators):
 
 def test_trace_with_the_same_seed_agrees_and_matches_dense(operators):
     ops, dense = operators
-    reference = specops.trace(specops.aslinearoperator(dense), method="hutch++", num_matvecs=30, seed=7)
+    reference = specops.trace(specops.aslinearoperator(dense), method="hutch++", max_matvecs=30, seed=7)
     for f in FRAMEWORKS:
-        estimate = specops.trace(ops[f], method="hutch++", num_matvecs=30, seed=7).estimate
+        estimate = specops.trace(ops[f], method="hutch++", max_matvecs=30, seed=7).estimate
         assert abs(estimate - reference.estimate) < 1e-8 * abs(reference.estimate), f
     assert abs(reference.estimate - np.trace(dense)) < 5 * reference.stderr + 1e-12
 

@@ -21,16 +21,16 @@ def indefinite():
     return A, lam.sum()
 
 
-def runs(A, method, m, kind="rademacher"):
-    res = [so.trace(A, method=method, num_matvecs=m, seed=s, kind=kind) for s in SEEDS]
+def runs(A, method, m, distribution="rademacher"):
+    res = [so.trace(A, method=method, max_matvecs=m, seed=s, distribution=distribution) for s in SEEDS]
     return np.array([r.estimate for r in res]), np.array([r.stderr for r in res]), res[0]
 
 
 @pytest.mark.parametrize("method", ["auto", "hutchinson", "hutch++", "xtrace"])
-@pytest.mark.parametrize("kind", ["rademacher", "normal"])
-def test_unbiased_with_honest_stderr(indefinite, method, kind):
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_unbiased_with_honest_stderr(indefinite, method, distribution):
     A, truth = indefinite
-    est, err, first = runs(A, method, 24, kind)
+    est, err, first = runs(A, method, 24, distribution)
     assert first.num_matvecs == 24
     spread = est.std(ddof=1)
     assert abs(est.mean() - truth) <= 4 * spread / np.sqrt(len(est))
@@ -51,18 +51,18 @@ def test_exact_when_the_sketch_captures_the_range():
     B = rng.standard_normal((60, 4))
     A = B @ B.T
     for method in ("hutch++", "xtrace", "auto"):
-        r = so.trace(A, method=method, num_matvecs=30)
+        r = so.trace(A, method=method, max_matvecs=30)
         assert r.estimate == pytest.approx(np.trace(A), rel=1e-10)
         assert r.stderr <= 1e-8 * np.trace(A)
 
 
 def test_rtol_stops_early_and_meets_the_target(indefinite):
     A, truth = indefinite
-    r = so.trace(A, method="hutchinson", num_matvecs=5000, rtol=0.05, seed=1)
+    r = so.trace(A, method="hutchinson", max_matvecs=5000, rtol=0.05, seed=1)
     assert 10 <= r.num_matvecs < 5000
     assert r.stderr <= 0.05 * abs(r.estimate)
     assert abs(r.estimate - truth) <= 5 * r.stderr
-    rp = so.trace(A, method="hutch++", num_matvecs=3000, rtol=0.05, seed=1)
+    rp = so.trace(A, method="hutch++", max_matvecs=3000, rtol=0.05, seed=1)
     assert rp.num_matvecs < 3000 and rp.stderr <= 0.05 * abs(rp.estimate)
 
 
@@ -78,14 +78,14 @@ def test_bad_arguments():
     A = np.eye(10)
     with pytest.raises(ValueError, match="auto, hutchinson, hutch\\+\\+, xtrace"):
         so.trace(A, method="girard")
-    with pytest.raises(ValueError, match="num_matvecs >= 4"):
-        so.trace(A, method="xtrace", num_matvecs=3)
-    with pytest.raises(ValueError, match="num_matvecs >= 3"):
-        so.trace(A, method="hutch++", num_matvecs=2)
+    with pytest.raises(ValueError, match="max_matvecs >= 4"):
+        so.trace(A, method="xtrace", max_matvecs=3)
+    with pytest.raises(ValueError, match="max_matvecs >= 3"):
+        so.trace(A, method="hutch++", max_matvecs=2)
     with pytest.raises(ValueError, match="rademacher, normal"):
-        so.trace(A, kind="uniform")
-    with pytest.raises(ValueError, match="num_matvecs"):
-        so.trace(A, num_matvecs=0)
+        so.trace(A, distribution="uniform")
+    with pytest.raises(ValueError, match="max_matvecs"):
+        so.trace(A, max_matvecs=0)
 
 
 @pytest.fixture(scope="module")
@@ -96,26 +96,26 @@ def flat():
 
 def test_auto_chooses_xtrace_or_hutchinson_and_matches_the_better(decaying, flat):
     for (A, truth), chosen in ((decaying, "xtrace"), (flat, "hutchinson")):
-        picks = {so.trace(A, num_matvecs=30, seed=s).settings["estimator"] for s in range(20)}
+        picks = {so.trace(A, max_matvecs=30, seed=s).settings["estimator"] for s in range(20)}
         assert picks == {chosen}
         rms = {m: np.sqrt(np.mean((runs(A, m, 30)[0] - truth) ** 2)) for m in ("auto", "hutchinson", "xtrace")}
         assert rms["auto"] <= 1.05 * min(rms["hutchinson"], rms["xtrace"]), rms
     # on a flat spectrum the sketch's probes are Hutchinson's first probes: nothing is wasted
     A, _ = flat
-    assert so.trace(A, num_matvecs=30, seed=4).estimate == pytest.approx(
-        so.trace(A, method="hutchinson", num_matvecs=30, seed=4).estimate, rel=1e-12)
+    assert so.trace(A, max_matvecs=30, seed=4).estimate == pytest.approx(
+        so.trace(A, method="hutchinson", max_matvecs=30, seed=4).estimate, rel=1e-12)
 
 
 @pytest.mark.parametrize("method", ["xtrace", "auto"])
 def test_xtrace_grown_in_rounds_equals_one_shot_and_meets_rtol(decaying, method):
     A, truth = decaying
-    r = so.trace(A, method=method, num_matvecs=4000, rtol=5e-4, seed=3)
+    r = so.trace(A, method=method, max_matvecs=4000, rtol=5e-4, seed=3)
     assert r.settings.get("estimator", "xtrace") == "xtrace"
     assert 40 < r.num_matvecs < 300 and r.num_matvecs % 2 == 0  # several rounds, stopped before n probes
     assert r.stderr <= 5e-4 * abs(r.estimate)
     assert abs(r.estimate - truth) <= 5 * r.stderr
     # the same probes at once: the incremental QR and H give the same estimate
-    one = so.trace(A, method="xtrace", num_matvecs=r.num_matvecs, seed=3)
+    one = so.trace(A, method="xtrace", max_matvecs=r.num_matvecs, seed=3)
     assert one.estimate == pytest.approx(r.estimate, rel=1e-10)
     assert one.stderr == pytest.approx(r.stderr, rel=1e-6)
 
@@ -123,7 +123,7 @@ def test_xtrace_grown_in_rounds_equals_one_shot_and_meets_rtol(decaying, method)
 def test_more_probes_than_dimensions_is_exact():
     A, lam = symmetric_with_spectrum(np.linspace(-1, 3, 12), seed=0)
     for method in ("auto", "xtrace"):
-        r = so.trace(A, method=method, num_matvecs=40)
+        r = so.trace(A, method=method, max_matvecs=40)
         assert r.estimate == pytest.approx(lam.sum(), rel=1e-10) and r.stderr == 0.0 and r.num_matvecs <= 24
 
 
@@ -132,7 +132,7 @@ def test_float32_sketch_at_working_precision_still_reports_an_honest_error():
     cannot resolve is estimated (Hutchinson on the rest), not declared exact."""
     A, lam = symmetric_with_spectrum(1.0 / np.arange(1, 201) ** 3, seed=5)
     A32 = so.aslinearoperator(A.astype(np.float32))
-    r = so.trace(A32, method="xtrace", num_matvecs=300, rtol=1e-6, seed=0)
+    r = so.trace(A32, method="xtrace", max_matvecs=300, rtol=1e-6, seed=0)
     assert r.stderr > 0 and r.num_matvecs > 100
     assert abs(r.estimate - lam.sum()) <= 5 * r.stderr + 1e-6 * lam.sum()
 
@@ -156,7 +156,7 @@ def test_a_sketch_too_large_for_memory(monkeypatch, decaying):
     estimates, stderrs = [], []
     for seed in range(60):
         with pytest.warns(RuntimeWarning, match="stops growing at 12 probes"):
-            r = so.trace(A, num_matvecs=70, rtol=1e-6, seed=seed)
+            r = so.trace(A, max_matvecs=70, rtol=1e-6, seed=seed)
         assert r.settings["estimator"] == "xtrace, then hutch++" and r.settings["sketch_capacity"] == 12
         assert r.num_matvecs <= 70
         estimates.append(r.estimate)
@@ -164,12 +164,12 @@ def test_a_sketch_too_large_for_memory(monkeypatch, decaying):
     z = (np.mean(estimates) - truth) / (np.std(estimates) / np.sqrt(len(estimates)))
     assert abs(z) < 4  # unbiased
     assert 0.6 < np.median(stderrs) / np.std(estimates) < 1.6  # honest
-    with pytest.raises(ValueError, match=r"num_matvecs <= 24 .*method='hutchinson'"):
-        so.trace(A, method="xtrace", num_matvecs=70)
-    with pytest.raises(ValueError, match=r"hutch\+\+ sketch of 23 probes.*num_matvecs <= "):
-        so.trace(A, method="hutch++", num_matvecs=70)
+    with pytest.raises(ValueError, match=r"max_matvecs <= 24 .*method='hutchinson'"):
+        so.trace(A, method="xtrace", max_matvecs=70)
+    with pytest.raises(ValueError, match=r"hutch\+\+ sketch of 23 probes.*max_matvecs <= "):
+        so.trace(A, method="hutch++", max_matvecs=70)
     _room_for(monkeypatch, n, 2 * 10)  # two chunks, no room for a sketch
     with pytest.warns(RuntimeWarning, match="using Hutchinson's estimator"):
-        r = so.trace(A, num_matvecs=40, seed=0)
+        r = so.trace(A, max_matvecs=40, seed=0)
     assert r.settings["estimator"] == "hutchinson"
     assert abs(r.estimate - truth) < 5 * r.stderr

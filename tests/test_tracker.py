@@ -34,7 +34,7 @@ class Drifting:
         return specops.aslinearoperator(self.dense())
 
 
-OPTS = dict(trace_options=dict(num_matvecs=40), density_options=dict(num_probes=3, num_steps=20))
+OPTS = dict(trace_options=dict(max_matvecs=40), density_options=dict(num_probes=3, num_steps=20))
 
 
 def test_records_equal_independent_calls(tmp_path):
@@ -45,7 +45,7 @@ def test_records_equal_independent_calls(tmp_path):
         rec = tracker.update(t)
         A = op()
         eig = specops.eigsh(A, k=3, seed=7)
-        tr = specops.trace(A, num_matvecs=40, seed=7)
+        tr = specops.trace(A, max_matvecs=40, seed=7)
         esd = specops.spectral_density(A, num_probes=3, num_steps=20, seed=7)
         np.testing.assert_array_equal(rec["eigenvalues"], eig.eigenvalues)
         np.testing.assert_array_equal(rec["residuals"], eig.residuals)
@@ -146,7 +146,7 @@ def test_blocks_against_dense_truth(tmp_path):
     model, loss_fn, batch = _torch_problem()
     tracker = specops.Tracker(lambda: st.hessian(model, loss_fn, batch), tmp_path / "c.jsonl", k=2,
                               blocks={"first": "0.*", "last": "2.*"}, metrics=("eigenvalues", "trace"),
-                              trace_options=dict(num_matvecs=100), progress=True)
+                              trace_options=dict(max_matvecs=100), progress=True)
     rec = tracker.update(0)
     for name, prefix in (("first", "0."), ("last", "2.")):
         names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
@@ -230,7 +230,7 @@ def test_keras_callback(tmp_path):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
     tracker = specops.Tracker(lambda: stf.hessian(model, loss, (X, y)), tmp_path / "c.jsonl", k=2,
-                              metrics=("eigenvalues", "trace"), trace_options=dict(num_matvecs=100))
+                              metrics=("eigenvalues", "trace"), trace_options=dict(max_matvecs=100))
     cb = TrackerCallback(tracker, every=2, at_start=True)
     model.fit(X, y, epochs=4, batch_size=32, verbose=0, shuffle=False, callbacks=[cb])
     assert [r["step"] for r in cb.records] == [0, 2, 4]
@@ -281,7 +281,7 @@ def test_ggn_and_residual_against_dense_truth(tmp_path):
     from specops.backends import torch as st
 
     model, loss_fn, batch = _torch_problem()
-    opts = dict(trace_options=dict(num_matvecs=30), density_options=dict(num_probes=2, num_steps=12))
+    opts = dict(trace_options=dict(max_matvecs=30), density_options=dict(num_probes=2, num_steps=12))
     tracker = specops.Tracker(lambda: st.hessian(model, loss_fn, batch), tmp_path / "c.jsonl", k=3, seed=3,
                               curvatures=("hessian", "ggn"), **opts)
     rec = tracker.update(0)
@@ -290,7 +290,7 @@ def test_ggn_and_residual_against_dense_truth(tmp_path):
     # equal to independent calls on specops' GGN with the same seed
     eig = specops.eigsh(G, k=3, seed=3)
     np.testing.assert_array_equal(g["eigenvalues"], eig.eigenvalues)
-    tr = specops.trace(G, num_matvecs=30, seed=3)
+    tr = specops.trace(G, max_matvecs=30, seed=3)
     assert g["trace"]["estimate"] == tr.estimate and g["trace"]["stderr"] == tr.stderr
     np.testing.assert_array_equal(g["density"]["weights"],
                                   specops.spectral_density(G, num_probes=2, num_steps=12, seed=3).weights)
@@ -304,7 +304,7 @@ def test_ggn_and_residual_against_dense_truth(tmp_path):
     res = rec["residual"]["trace"]
     assert 0 < res["stderr"] and abs(res["estimate"] - np.trace(dense_h - dense_g)) <= 3 * res["stderr"]
     H = st.hessian(model, loss_fn, batch)
-    assert res["estimate"] == specops.trace(H - G, num_matvecs=30, seed=3).estimate   # the same seed
+    assert res["estimate"] == specops.trace(H - G, max_matvecs=30, seed=3).estimate   # the same seed
     assert rec["products"]["residual/trace"] == 30 and "ggn/eigenvalues" in rec["products"]
     # warm start per curvature, and the log reads back by curvature
     model[0].weight.data += 1e-3
@@ -345,8 +345,8 @@ def test_curvatures_from_a_dict_and_plots(tmp_path):
         TrackerLog(log.records[:0]).plot_curvatures()
     with pytest.raises(ValueError, match="unknown curvature"):
         specops.Tracker(make, curvatures=("hessian", "gnn"))
-    with pytest.raises(ValueError, match="without \\['fisher'\\]"):
-        specops.Tracker(make, curvatures=("hessian", "fisher")).update(0)
+    with pytest.raises(ValueError, match="without \\['empirical_fisher'\\]"):
+        specops.Tracker(make, curvatures=("hessian", "empirical_fisher")).update(0)
     with pytest.raises(TypeError, match="dict"):
         specops.Tracker(H, curvatures=("hessian", "ggn")).update(0)
 
@@ -364,9 +364,9 @@ def test_log_encodes_an_infinite_stderr_once_and_reads_older_logs(tmp_path, dtyp
     # one probe: the trace's stderr is infinite; the log writes it as specops.io does, {"__float__": "inf"}
     A = specops.aslinearoperator(np.diag(np.arange(1.0, 31.0)).astype(dtype))
     path = tmp_path / "c.jsonl"
-    tracker = specops.Tracker(lambda: A, path, k=1, metrics=("trace",), trace_options=dict(num_matvecs=1), seed=0)
+    tracker = specops.Tracker(lambda: A, path, k=1, metrics=("trace",), trace_options=dict(max_matvecs=1), seed=0)
     rec = tracker.update(0)
-    truth = specops.trace(A, num_matvecs=1, seed=0)            # an independent call with the same seed
+    truth = specops.trace(A, max_matvecs=1, seed=0)            # an independent call with the same seed
     assert rec["trace"]["estimate"] == float(truth.estimate) and truth.stderr == np.inf
     assert rec["trace"]["stderr"] == np.inf
     with open(path) as fh:
@@ -399,8 +399,8 @@ def test_fisher_datum_term_reaches_the_empirical_fisher(tmp_path):
         loss_fn(model(X[i:i + 1]), Y[i:i + 1]), list(model.parameters()))]) for i in range(20)]).numpy()
     truth = np.linalg.eigvalsh(3 * G.T @ G / 20)[::-1][:2]
     tracker = specops.Tracker(lambda: st.hessian(model, loss_fn, (X, Y)), tmp_path / "f.jsonl", metrics="eigenvalues",
-                              k=2, curvatures=("hessian", "fisher"), fisher_datum="term")
+                              k=2, curvatures=("hessian", "empirical_fisher"), fisher_datum="term")
     rec = tracker.update(0)
-    np.testing.assert_allclose(rec["curvatures"]["fisher"]["eigenvalues"], truth, rtol=1e-6)
+    np.testing.assert_allclose(rec["curvatures"]["empirical_fisher"]["eigenvalues"], truth, rtol=1e-6)
     with pytest.raises(ValueError, match="datum must be 'sample'"):
-        specops.Tracker(lambda: None, curvatures=("fisher",), fisher_datum="position")
+        specops.Tracker(lambda: None, curvatures=("empirical_fisher",), fisher_datum="position")

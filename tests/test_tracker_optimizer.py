@@ -126,5 +126,5 @@ def test_warm_lag_starts_from_two_updates_ago():
         used[lag] = [r["num_matvecs"] for r in records]
     # from two updates ago the start is the exact eigenvector: Lanczos stops at once
     assert max(used[2][2:]) <= 3 < min(used[1][1:])
-    with pytest.raises(ValueError, match="warm_lag must be a positive integer"):
+    with pytest.raises(ValueError, match="warm_lag must be an integer >= 1"):
         so.Tracker(lambda: A, warm_lag=0)

@@ -25,7 +25,8 @@ Hessian-vector product engines (``engine=``):
   ``memory_budget``; if the first pass over the data exceeds it, the cache is dropped
   and the operator continues with ``double_backward``. ``H.engine`` says which is in use.
   On a CUDA device, blocks of several columns (``matmat``) use ``forward_over_reverse``,
-  which vectorizes over the columns (measured 2x faster per column on an H100).
+  which vectorizes over the columns (docs/backends/torch.md, "On a GPU", has the measured
+  cost per column).
 - ``"finite_difference"``: central differences of gradients (``richardson=True``:
   extrapolated), for layers without second derivatives; inexact on ReLU networks.
 
@@ -65,16 +66,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from specops.model import ModelOperator, renamed
+from specops.model import LossForm, ModelOperator
+from specops.reduction import Reduction
 
 from .adapter import TorchAdapter
 from .calls import FunctionalModel
 from .curvature import _check_reduction, _reduction, curvature_like, fisher, ggn
-from .engines import ENGINES
+from .engines import ENGINES, Engine
 from .formulas import _OVERRIDES, _hardsigmoid  # noqa: F401 (tests patch and call them)
 from .ops import TorchOps, matrix_operator
 from .optim import preconditioner, stability_threshold
-from .random_layers import RANDOM_LAYERS
+from .random_layers import RANDOM_LAYERS, RandomLayers
 
 # the names of the API reference (preconditioner and stability_threshold are documented with .optim)
 __all__ = ["ENGINES", "RANDOM_LAYERS", "FunctionalModel", "TorchAdapter", "TorchOps", "curvature_like", "fisher",
@@ -83,14 +85,13 @@ __all__ = ["ENGINES", "RANDOM_LAYERS", "FunctionalModel", "TorchAdapter", "Torch
 
 # --- public entry point -------------------------------------------------------------
 def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, wrt: Any = None,
-            reduction: str | None = None,
-            engine: str | None = None, comm: Any = None, check_deterministic: bool = True,
-            progress: bool = False, loss_form: str = "auto",
+            reduction: Reduction | None = None,
+            engine: Engine | None = None, comm: Any = None, check_deterministic: bool = True,
+            progress: bool | str = False, loss_form: LossForm = "auto",
             memory_budget: int | None = None, chunk_size: int | None = None,
-            batch_size: Callable[[Any], int] | None = None, random_layers: str = "error",
+            batch_size: Callable[[Any], int] | None = None, random_layers: RandomLayers = "error",
             cross_check: bool = True, richardson: bool = False, autocast: torch.dtype | None = None,
-            params: Any = None,
-            hvp: str | None = None) -> ModelOperator:
+            params: Any = None) -> ModelOperator:
     """The Hessian of a model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -125,7 +126,8 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
             own shard of the data.
         check_deterministic: check every batch's loss is finite and that two identical products
             agree (catching dropout or shuffling data).
-        progress: report batches and products on stderr.
+        progress: a :mod:`specops.progress` bar of the batches the products evaluate (the
+            product and the batch in progress beside it): True, or a label.
         loss_form: ``"outputs"`` for ``loss_fn(outputs, targets)``, ``"model"`` for
             ``loss_fn(model, batch)``; ``"auto"`` picks ``"model"`` when the first parameter of
             ``loss_fn`` is named ``model``, ``module``, ``net`` or ``network``.
@@ -152,10 +154,8 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
             float64) model under ``torch.autocast`` with that dtype. A model whose parameters
             are bfloat16 or float16 needs no flag: its products run in its dtype and its
             vectors are float32.
-        params: with a functional ``model`` ``f(params, inputs)``: its parameters, a dict
-            name -> tensor (see :class:`FunctionalModel`). With an ``nn.Module``: the former
-            name of ``wrt`` (deprecated).
-        hvp: former name of ``engine`` (deprecated).
+        params: with a functional ``model`` ``f(params, inputs)`` only: its parameters, a dict
+            name -> tensor (see :class:`FunctionalModel`).
 
     Returns:
         A :class:`specops.model.ModelOperator`: ``H @ v`` for a flat tensor ``v``,
@@ -175,9 +175,11 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
         if params is None:
             raise TypeError("model is a function, not an nn.Module: a functional model f(params, inputs) needs "
                             "params={name: tensor} (its parameters)")
-        model, params = FunctionalModel(model, params), None
-    wrt = renamed("hessian", "wrt", wrt, "params", params)
-    engine = renamed("hessian", "engine", engine, "hvp", hvp, default="auto")
+        model = FunctionalModel(model, params)
+    elif params is not None:
+        raise TypeError("params= is the parameters of a functional model f(params, inputs); with an nn.Module, "
+                        "select the parameters differentiated with wrt=")
+    engine = "auto" if engine is None else engine
     from . import sharded as torch_sharded  # FSDP2 / DTensor parameters: sharded vectors
 
     if torch_sharded.is_sharded(model):
@@ -186,14 +188,11 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
                                      check_deterministic=check_deterministic, wrt=wrt, engine=engine,
                                      memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                                      random_layers=random_layers, richardson=richardson, autocast=autocast)
-    # renamed(..., default="auto") never returns None here, but is typed Optional
-    adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,  # type: ignore[arg-type]
+    adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,
                            autocast=autocast)
-    reduction = _reduction(loss_fn, reduction)
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic,
+    resolved = _reduction(loss_fn, reduction)
+    return ModelOperator(adapter, data, reduction=resolved, comm=comm, check_deterministic=check_deterministic,
                          cross_check=cross_check,
-                         first_batch_check=lambda first: _check_reduction(adapter, loss_fn, reduction, first))
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm,
-                         check_deterministic=check_deterministic, cross_check=cross_check)
+                         first_batch_check=lambda first: _check_reduction(adapter, loss_fn, resolved, first))

@@ -12,6 +12,7 @@ from torch import nn
 
 from specops.layout import ParamLayout
 from specops.model import NonDeterministicError, resolve_loss_form
+from specops.progress import bar as progress_bar
 
 from .calls import _eager, _first_tensor, _LossModule, _map_tensors
 from .checks import _EngineChecks
@@ -39,7 +40,8 @@ class TorchAdapter(_EngineChecks):
         memory_budget: bytes of cached graphs allowed with ``engine="auto"``.
         chunk_size: columns per ``vmap`` pass of ``forward_over_reverse`` (None: all).
         batch_size: optional ``batch -> int``; default the length of the first tensor.
-        progress: write a line per batch and product to stderr.
+        progress: a :mod:`specops.progress` bar of the batches the products evaluate, with the
+            product and batch in progress: True, or a label.
         random_layers: ``"error"`` (raise for random layers in training mode) or ``"fixed"``
             (one fixed random mask per batch), see the module docstring.
 
@@ -52,14 +54,15 @@ class TorchAdapter(_EngineChecks):
 
     # Build graphs on CPU with the cheaper double backward of _OVERRIDES (False: PyTorch's
     # formulas, for benchmarks).
-    # Not on CUDA: on an H100 it saved 20% at batch 128 but cost 30% more at batch 32, where the
-    # products are bound by kernel launches and the Python-level backward adds to them.
+    # Not on CUDA: there it saves at large batches but costs more at small ones, where the products
+    # are bound by kernel launches and the Python-level backward adds to them (docs/backends/torch.md,
+    # "On a GPU").
     _cheap_double_backward = True
 
     def __init__(self, model: nn.Module, loss_fn: Any, *, wrt: Any = None,
                  loss_form: str = "auto", engine: str = "auto", memory_budget: int | None = None,
                  chunk_size: int | None = None, batch_size: Callable[[Any], int] | None = None,
-                 progress: bool = False, random_layers: str = "error", richardson: bool = False,
+                 progress: bool | str = False, random_layers: str = "error", richardson: bool = False,
                  autocast: torch.dtype | None = None, _fixed: dict[str, Any] | None = None,
                  _theta: Any = None):
         model = _eager(model)
@@ -112,7 +115,7 @@ class TorchAdapter(_EngineChecks):
         )
         self.chunk_size = chunk_size
         self._batch_size_fn = batch_size
-        self.progress = progress
+        self._bar = progress_bar(progress, None, "hessian", unit="batches")
 
         names = _resolve_params(model, wrt)
         all_params = dict(model.named_parameters())
@@ -172,7 +175,8 @@ class TorchAdapter(_EngineChecks):
         state = {"model." + n: p.detach() for n, p in self._fixed.items()}
         # One torch.split, not a slice per parameter: the backward of a slice writes a zero-filled
         # copy of the whole vector, so with slices a gradient costs one pass over n per parameter
-        # tensor (a 23 M-parameter GPT-2: 12.9 s against 0.87 s); split's backward is one concatenation.
+        # tensor (docs/backends/torch.md, "Measurements behind the code"); split's backward is one
+        # concatenation.
         pieces = theta if isinstance(theta, tuple) else theta.split(self.layout.sizes)
         state.update({"model." + n: t.view(self.layout.shapes[n]).to(self.param_dtype)
                       for n, t in zip(self.layout.names, pieces)})

@@ -52,7 +52,7 @@ class _EngineChecks(_Engines):
         self._check_precision(batch)
         if self.engine == "finite_difference":
             return
-        v = self.ops.random(self.num_params, [0], 0, kind="normal", stream="cross_check")
+        v = self.ops.random(self.num_params, [0], 0, distribution="normal", stream="cross_check")
         if self._padding_rows is not None:
             v = v * self._padding_rows
         products, failures = {}, {}

@@ -7,19 +7,21 @@ Cached graph, double backward, forward-over-reverse and finite differences, and 
 from __future__ import annotations
 
 import os
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
 from specops.checks import finite_difference_products
 from specops.model import ModelAdapter, NonDeterministicError
+from specops.progress import Bar
 
 from .calls import _map_tensors
 from .formulas import _twice_differentiable
 from .ops import TorchOps
 
-ENGINES = ("auto", "cached_graph", "double_backward", "forward_over_reverse", "finite_difference")
+#: The PyTorch product engines.
+Engine = Literal["auto", "cached_graph", "double_backward", "forward_over_reverse", "finite_difference"]
+ENGINES: tuple[Engine, ...] = get_args(Engine)
 _REVERSE = ("cached_graph", "double_backward")
 
 
@@ -46,7 +48,7 @@ class _Engines(ModelAdapter):
     _requested: str
     _vectorize_columns: bool
     _cheap_double_backward: bool
-    progress: bool
+    _bar: Bar
     memory_budget: int
     richardson: bool
     compute_dtype: torch.dtype
@@ -78,13 +80,12 @@ class _Engines(ModelAdapter):
         if g is None or not g.requires_grad:  # the loss is at most linear in theta
             return torch.zeros_like(V)
         # Contiguous columns: a column of V (stride k) fed to the backward reaches every layer as
-        # strided gradients (a 29 M-parameter GPT-2: 14 s a column of a 4-column block, 0.5 s
-        # for a vector); the rows of V.T are contiguous, without a copy when V is column-major (a
-        # block of the Lanczos basis). The result is column-major too, each column written once
-        # into it: PyTorch's CPU allocator maps every large new tensor afresh, and the page faults
-        # of a new vector per column plus a stacking copy made a 4-column block of ResNet-50
-        # (4 x 32^2) cost 1.6x a single product per column.
-        rows = V.T if V.T.is_contiguous() else [c.contiguous() for c in V.unbind(1)]  # 3x V.T.contiguous()
+        # strided gradients, many times slower; the rows of V.T are contiguous, without a copy when
+        # V is column-major (a block of the Lanczos basis). The result is column-major too, each
+        # column written once into it: PyTorch's CPU allocator maps every large new tensor afresh,
+        # and the page faults of a new vector per column plus a stacking copy cost more than the
+        # product. docs/backends/torch.md ("Measurements behind the code") has the figures.
+        rows = V.T if V.T.is_contiguous() else [c.contiguous() for c in V.unbind(1)]  # cheaper than V.T.contiguous()
         out = torch.empty((k, V.shape[0]), dtype=V.dtype, device=V.device)
         for j in range(k):
             hs = torch.autograd.grad(g, pieces, grad_outputs=rows[j], retain_graph=keep or j < k - 1,
@@ -128,14 +129,14 @@ class _Engines(ModelAdapter):
         return self._hvp(index, batch, V * self._padding_rows) * self._padding_rows
 
     def _hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
-        if self.progress:
-            sys.stderr.write(f"\rspecops: product {self._products + 1}, batch {index + 1}   ")
-            sys.stderr.flush()
         if index == 0:
             self._products += 1
+        if self._bar.enabled:
+            self._bar.to(self._bar.count + 1)
+            self._bar.show(product=self._products, batch=index + 1)
         if self._requested == "auto" and V.shape[1] > 1 and self._vectorize_columns:
             # on a GPU, one vectorized forward-over-reverse pass beats k double backwards
-            # (ResNet-20 on an H100: 1.7x a gradient per column against 3.6x)
+            # (docs/backends/torch.md, "On a GPU")
             return self._forward_over_reverse(self._prepare(batch), V)
         if self.engine == "cached_graph":
             pieces, g, _, _ = self._cached_graph(index, batch)

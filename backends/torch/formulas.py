@@ -15,12 +15,12 @@ from torch.overrides import TorchFunctionMode
 
 
 # --- cheaper double backward ------------------------------------------------------------
-# Profiled on CPU (ResNet-20, eval-mode batch norm, one thread), a product through a cached
-# graph cost 2.8 gradients instead of about two: PyTorch's double backward of a convolution
-# (``_convolution_double_backward``) forms its weight term as a convolution of batch-transposed
-# copies (twice a forward convolution, plus the copies), and that of batch norm
-# (``batchnorm_double_backward``) is a composite of full-size passes even with fixed
-# statistics (7x its backward). The two classes below and the mode after them give both
+# Profiled on CPU (docs/backends/torch.md, "CPU: where a product's time went"), a product
+# through a cached graph cost well over the two gradients it should: PyTorch's double backward
+# of a convolution (``_convolution_double_backward``) forms its weight term as a convolution of
+# batch-transposed copies (twice a forward convolution, plus the copies), and that of batch
+# norm (``batchnorm_double_backward``) is a composite of full-size passes even with fixed
+# statistics (several times its backward). The two classes below and the mode after them give both
 # plain formulas.
 class _ConvBackward(torch.autograd.Function):
     """``(grad_input, grad_weight)`` of a convolution, differentiable once more.

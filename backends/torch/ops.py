@@ -14,7 +14,7 @@ from specops.ops import ROWS, VectorOps, sum_over_rows
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-class TorchOps(VectorOps):
+class TorchOps(VectorOps[torch.Tensor]):
     """Vector operations on torch tensors of one dtype on one device.
 
     Args:
@@ -70,6 +70,12 @@ class TorchOps(VectorOps):
 
     def qr(self, X: torch.Tensor) -> Any:
         return torch.linalg.qr(X, mode="reduced")
+
+    def free_memory(self) -> int:
+        """Bytes free on this CUDA device (``torch.cuda.mem_get_info``), else the host's."""
+        if self.device.startswith("cuda"):
+            return int(torch.cuda.mem_get_info(torch.device(self.device))[0])
+        return super().free_memory()
 
     def all_finite(self, X: torch.Tensor) -> bool:
         # the max-norm propagates NaN and infinity: one pass, no boolean copy of X

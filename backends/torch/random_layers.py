@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
 import torch
 from torch import nn
 
-RANDOM_LAYERS = ("error", "fixed")
+#: What a random forward pass does: raise, or keep one fixed mask.
+RandomLayers = Literal["error", "fixed"]
+RANDOM_LAYERS: tuple[RandomLayers, ...] = get_args(RandomLayers)
 _RANDOM_NAME_PARTS = ("Dropout", "DropPath", "DropBlock", "StochasticDepth")
 
 

@@ -10,6 +10,8 @@ Importing this package imports no framework.
 
 from typing import Any
 
+from specops._checks import positive_int
+
 
 def due(epoch: int, every: int) -> bool:
     """Whether 1-based ``epoch`` is a tracked one (every ``every``-th).
@@ -36,6 +38,4 @@ def check_every(every: Any) -> int:
     Raises:
         ValueError: not a positive integer.
     """
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive number of epochs, got {every!r}")
-    return every
+    return positive_int("every", every)

@@ -345,7 +345,7 @@ def _landscape_rows(data: dict) -> list[tuple]:
         return []
     r = _from_jsonable(st["result"])
     losses = np.asarray(r["losses"])
-    return [(f"landscape ({r['settings']['ndim']}-D, {r['settings']['kind']})",
+    return [(f"landscape ({r['settings']['ndim']}-D, {r['settings']['directions']})",
              f"loss {_fmt(r['center_loss'])} at 0", f"range [{_fmt(losses.min())}, {_fmt(losses.max())}]",
              "-", f"{r['num_evaluations']} losses", _fmt(st["seconds"], 3))]
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from specops._checks import positive_int
+
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
@@ -141,6 +143,5 @@ def batches(X: Any, y: Any, batch_size: int) -> list:
     Raises:
         ValueError: ``batch_size < 1``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = positive_int("batch_size", batch_size)
     return [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size)]

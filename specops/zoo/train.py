@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from specops._checks import positive_int
+
 
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy in the model's current mode, without gradients.
@@ -139,8 +141,7 @@ def fit(model: nn.Module, X: Any, y: Any, *, epochs: int, lr: float, batch_size:
     Raises:
         ValueError: ``epochs < 1``.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    epochs = positive_int("epochs", epochs)
     X, y = torch.as_tensor(np.asarray(X)), torch.as_tensor(np.asarray(y))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     start, running = 0, float("nan")

@@ -33,9 +33,9 @@ def loss(params, batch):
 
 def spectra(H):
     top = so.eigsh(H, k=3, seed=0, tol=1e-8)
-    tr = so.trace(H, method="xtrace", num_matvecs=20, seed=1)
+    tr = so.trace(H, method="xtrace", max_matvecs=20, seed=1)
     d = so.spectral_density(H, num_probes=2, num_steps=12, seed=2)
-    hutch = so.trace(H, method="hutchinson", num_matvecs=4, seed=3)
+    hutch = so.trace(H, method="hutchinson", max_matvecs=4, seed=3)
     return dict(eigenvalues=top.eigenvalues.tolist(), converged=top.converged.tolist(), trace=tr.estimate,
                 hutchinson=hutch.estimate, nodes=d.nodes.tolist(), weights=d.weights.tolist(),
                 matvecs=top.num_matvecs), top
@@ -74,7 +74,7 @@ def sharded_run(params, x, y, layout, ref, dense_one):
     got, top = spectra(H)
     V = top.eigenvectors
     tree = H.as_params(V[:, 0])
-    v = H.ops.random(H.shape[0], [0], 0, kind="normal")
+    v = H.ops.random(H.shape[0], [0], 0, distribution="normal")
     Hv = H @ v[:, 0]
     return dict(
         one=ref, sharded=got, n=H.shape[0], padded=int(V.shape[0]), ops=repr(H.ops),
@@ -86,7 +86,7 @@ def sharded_run(params, x, y, layout, ref, dense_one):
         given_specs={k: str(sharded[k].sharding.spec) for k in sharded},
         product_vs_dense=float(np.max(np.abs(H.ops.to_numpy(Hv) - dense_one @ H.ops.to_numpy(v)[:, 0]))),
         dense_top=np.sort(np.linalg.eigvalsh(dense_one))[::-1][:3].tolist(),
-        diagonal_rows=int(so.diagonal(H, num_matvecs=2, seed=0).estimate.shape[0]),
+        diagonal_rows=int(so.diagonal(H, max_matvecs=2, seed=0).estimate.shape[0]),
     )
 
 

@@ -56,7 +56,7 @@ def problem():
 
 
 def dense(H):
-    return H.to_dense(chunk=H.shape[0])  # one compiled block shape per batch shape
+    return H.to_dense(chunk_size=H.shape[0])  # one compiled block shape per batch shape
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

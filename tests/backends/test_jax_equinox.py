@@ -63,7 +63,7 @@ def batch(dtype, n=8):
 
 
 def dense(A):
-    return A.to_dense(chunk=A.shape[0])
+    return A.to_dense(chunk_size=A.shape[0])
 
 
 def truth(loss, params, data):

@@ -55,7 +55,7 @@ def problem():
 
 
 def dense(H):
-    return H.to_dense(chunk=H.shape[0])
+    return H.to_dense(chunk_size=H.shape[0])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -493,9 +493,9 @@ def test_digits_trace_and_density_agree_with_dense_and_numpy_backend(digits_hess
     D = specops.aslinearoperator(dense)  # the same algorithms on the NumPy backend
     exact = float(np.trace(dense))
     for method in ("hutchinson", "hutch++", "xtrace"):
-        t = specops.trace(H, method=method, num_matvecs=120, seed=1)
+        t = specops.trace(H, method=method, max_matvecs=120, seed=1)
         assert abs(t.estimate - exact) <= 5 * t.stderr + 1e-9 * abs(exact), method
-        same = specops.trace(D, method=method, num_matvecs=120, seed=1)
+        same = specops.trace(D, method=method, max_matvecs=120, seed=1)
         assert t.estimate == pytest.approx(same.estimate, rel=1e-8), method
     sd = specops.spectral_density(H, num_probes=4, num_steps=40, seed=2)
     ref = specops.spectral_density(D, num_probes=4, num_steps=40, seed=2)

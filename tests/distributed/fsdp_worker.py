@@ -57,10 +57,10 @@ def data(dtype):
 def spectra(H):
     top = so.eigsh(H, k=2, seed=0, tol=1e-5)
     d = so.spectral_density(H, num_probes=2, num_steps=10, seed=2)
-    v = H.ops.random(H.shape[0], [0], 5, kind="normal")
+    v = H.ops.random(H.shape[0], [0], 5, distribution="normal")
     return dict(eigenvalues=top.eigenvalues.tolist(), converged=top.converged.tolist(),
-                hutchinson=so.trace(H, method="hutchinson", num_matvecs=6, seed=1).estimate,
-                xtrace=so.trace(H, method="xtrace", num_matvecs=12, seed=1).estimate,
+                hutchinson=so.trace(H, method="hutchinson", max_matvecs=6, seed=1).estimate,
+                xtrace=so.trace(H, method="xtrace", max_matvecs=12, seed=1).estimate,
                 nodes=d.nodes.tolist(), weights=d.weights.tolist(),
                 product=gather(H.ops, H @ v[:, 0]).tolist(), loss=H.loss_at(), gradient=gather(H.ops, H.gradient())
                 .tolist()), top

@@ -142,7 +142,7 @@ PLAN = {
 def spectra(H, k: int = 4, probes: int = 30, steps: int = 20) -> dict:
     """Top eigenvalues, a Hutch++ trace, an SLQ density, the loss and the gradient norm."""
     eig = specops.eigsh(H, k=k, which="LA", tol=1e-10, seed=3)
-    tr = specops.trace(H, method="hutch++", num_matvecs=probes, seed=7)
+    tr = specops.trace(H, method="hutch++", max_matvecs=probes, seed=7)
     dens = specops.spectral_density(H, num_probes=3, num_steps=steps, seed=5)
     grad = H.ops.to_numpy(H.gradient())
     return {

@@ -171,8 +171,8 @@ class _Rank1(FakeComm):
     lambda H: __import__("specops").eigsh(H, k=3, tol=1e-8),
     lambda H: __import__("specops").eigsh(H, k=2, method="power", tol=1e-6, max_matvecs=400),
     lambda H: __import__("specops").spectral_density(H, num_probes=4, num_steps=30),
-    lambda H: __import__("specops").trace(H, num_matvecs=200, rtol=0.05),
-    lambda H: __import__("specops").trace(H, method="hutchinson", num_matvecs=200, rtol=0.05),
+    lambda H: __import__("specops").trace(H, max_matvecs=200, rtol=0.05),
+    lambda H: __import__("specops").trace(H, method="hutchinson", max_matvecs=200, rtol=0.05),
 ], ids=["lanczos", "power", "slq", "trace-auto", "trace-hutchinson"])
 def test_every_branch_follows_rank_0_when_a_rank_computes_differently(run):
     """Each data-dependent branch goes through ``decide`` (rank 0's value, broadcast): a rank

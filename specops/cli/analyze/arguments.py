@@ -82,11 +82,12 @@ def add_arguments(a: argparse.ArgumentParser) -> None:
     g.add_argument("--block-trace-matvecs", type=number(int, 3), default=60,
                    help="product budget of each block's trace")
     g.add_argument("--curvature", default="hessian",
-                   help="operators to analyse side by side: hessian, ggn (Gauss-Newton), fisher (empirical), "
-                        "mc-fisher (Monte-Carlo), comma-separated, e.g. hessian,ggn: top eigenvalues and "
+                   help="operators to analyse side by side: hessian, ggn (Gauss-Newton), empirical_fisher, "
+                        "mc_fisher (Monte-Carlo), comma-separated, e.g. hessian,ggn: top eigenvalues and "
                         "densities of each, the trace of H - G, curvature.png")
     g.add_argument("--fisher-datum", choices=("sample", "term"), default="sample",
-                   help="what one datum of the empirical Fisher (--curvature fisher) is: a sample, or a loss term "
+                   help="what one datum of the empirical Fisher (--curvature empirical_fisher) is: a sample, or a loss "
+                        "term "
                         "(each position of outputs with extra axes; the per-term scaling of curvlinops' "
                         "EFLinearOperator); see docs/curvature.md")
     g.add_argument("--esd-probes", type=number(int, 1), default=5, help="SLQ probe vectors")

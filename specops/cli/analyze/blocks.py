@@ -81,7 +81,7 @@ def run(ctx: Context) -> None:
             e = so.eigsh(Hb, k=1, tol=a.eig_tol, max_matvecs=a.eig_matvecs, seed=a.seed,
                          progress=ctx.printer.bar(f"block {name}: top"))
             te = time.perf_counter()
-            t = so.trace(Hb, method="auto", num_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),
+            t = so.trace(Hb, method="auto", max_matvecs=min(a.block_trace_matvecs, 3 * Hb.shape[0]),
                          rtol=a.trace_rtol, seed=a.seed, progress=ctx.printer.bar(f"block {name}: trace"))
             products = e.num_matvecs + t.num_matvecs
             done[name] = dict(num_params=int(Hb.shape[0]), eigen=e.to_dict(), trace=t.to_dict(),

@@ -19,7 +19,7 @@ import numpy as np
 
 from specops.cli import report as rp
 from specops.cli.common import UsageError
-from specops.curvature import CURVATURES
+from specops.tracker import CURVATURES, curvature_operator
 
 if TYPE_CHECKING:
     from specops.cli.analyze.stage import Context
@@ -60,11 +60,11 @@ def check(args: argparse.Namespace) -> None:
             without the empirical Fisher.
     """
     names = parse(args.curvature)
-    if getattr(args, "fisher_datum", "sample") != "sample" and "fisher" not in names:
-        raise UsageError("--fisher-datum is the empirical Fisher's: add fisher to --curvature (e.g. "
-                         "--curvature hessian,fisher) or leave --fisher-datum out")
-    if args.backend == "jax" and any(CURVATURES[n] for n in names):
-        raise UsageError("--curvature ggn/fisher/mc-fisher needs --backend torch or tensorflow: the JAX session's "
+    if getattr(args, "fisher_datum", "sample") != "sample" and "empirical_fisher" not in names:
+        raise UsageError("--fisher-datum is the empirical Fisher's: add empirical_fisher to --curvature (e.g. "
+                         "--curvature hessian,empirical_fisher) or leave --fisher-datum out")
+    if args.backend == "jax" and any(n != "hessian" for n in names):
+        raise UsageError("--curvature ggn/empirical_fisher/mc_fisher needs --backend torch or tensorflow: the JAX session's "
                          "loss_fn(params, batch) does not separate the model from the loss; in Python, use "
                          "specops.backends.jax.ggn(apply_fn, loss_fn, params, data)")
     args.curvature = ",".join(names)
@@ -79,7 +79,7 @@ def wanted(args: argparse.Namespace) -> bool:
     Returns:
         ``True`` if it names the GGN or a Fisher.
     """
-    return any(CURVATURES[n] for n in parse(args.curvature))
+    return any(n != "hessian" for n in parse(args.curvature))
 
 
 def operator(ctx: Context, name: str) -> ModelOperator:
@@ -92,13 +92,7 @@ def operator(ctx: Context, name: str) -> ModelOperator:
     Returns:
         The Hessian itself, or a curvature operator of the same model.
     """
-    from specops.curvature import curvature_like
-
-    kind = CURVATURES[name]
-    if kind is None:
-        return ctx.H
-    datum = {"datum": ctx.args.fisher_datum} if kind == "empirical" else {}
-    return curvature_like(ctx.H, kind, seed=ctx.args.seed, **datum)
+    return curvature_operator(ctx.H, name, seed=ctx.args.seed, datum=ctx.args.fisher_datum)
 
 
 def analyse(ctx: Context, name: str, A: LinearOperator) -> dict:
@@ -142,7 +136,7 @@ def run(ctx: Context) -> None:
     names = parse(a.curvature)
     settings = dict(curvature=names, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, num_probes=a.esd_probes,
                     num_steps=a.esd_steps, trace_matvecs=a.trace_matvecs, trace_rtol=a.trace_rtol, seed=a.seed)
-    if "fisher" in names:
+    if "empirical_fisher" in names:
         settings["fisher_datum"] = a.fisher_datum
     if not ctx.skip(NAME, settings):
         t0 = time.perf_counter()
@@ -156,7 +150,7 @@ def run(ctx: Context) -> None:
             result["operators"][n] = r
         if "hessian" in ops and "ggn" in ops:
             tt = time.perf_counter()
-            t = so.trace(ops["hessian"] - ops["ggn"], num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
+            t = so.trace(ops["hessian"] - ops["ggn"], max_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
                          progress=ctx.printer.bar("trace of H - G"))
             ctx.printer(f"  trace(H - G) = {t.estimate:.4g} +- {t.stderr:.2g}")
             result["residual_trace"] = t.to_dict()

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 NAME = "landscape"
 
 
-def auto_span(ctx: Context, kind: str) -> float:
+def auto_span(ctx: Context, directions: str) -> float:
     """The span of ``--landscape-span auto``.
 
     1 for filter-normalized directions (or without the eigen stage), else
@@ -27,12 +27,12 @@ def auto_span(ctx: Context, kind: str) -> float:
 
     Args:
         ctx: the run's context.
-        kind: the kind of directions.
+        directions: the directions' name (``--landscape-directions``).
 
     Returns:
         The span.
     """
-    if kind == "filter" or "eigen" not in ctx.state.data["stages"]:
+    if directions == "filter" or "eigen" not in ctx.state.data["stages"]:
         return 1.0
     top = float(ctx.state.result("eigen")["eigenvalues"][0])
     return float(f"{math.sqrt(4.0 / top):.3g}") if top > 0 else 1.0
@@ -54,25 +54,25 @@ def run(ctx: Context) -> None:
     if a.landscape == "none":
         return
     count = 1 if a.landscape == "1d" else 2
-    kind = a.landscape_directions
-    settings = dict(ndim=count, kind=kind, span=a.landscape_span, steps=a.landscape_steps, seed=a.seed, bias="zero")
-    if kind == "eigen":
+    directions = a.landscape_directions
+    settings = dict(ndim=count, directions=directions, span=a.landscape_span, steps=a.landscape_steps, seed=a.seed, bias="zero")
+    if directions == "eigen":
         settings["eigen"] = eigen.settings(a)
     if settings["span"] == "auto":
-        settings["span"] = auto_span(ctx, kind)
+        settings["span"] = auto_span(ctx, directions)
     if not ctx.skip(NAME, settings):
-        if kind == "eigen":
+        if directions == "eigen":
             if not ctx.state.done("eigen", eigen.settings(a)):
                 raise UsageError("the eigen landscape needs the eigen stage: add 'eigen' to --stages")
             dirs = eigen.eigenvectors(ctx)[:count]
         else:
-            dirs = make_directions(ctx.H, kind, count, seed=a.seed)
-            if kind == "random":   # unit directions, so the span is in parameter norm like eigenvectors
+            dirs = make_directions(ctx.H, directions, count, seed=a.seed)
+            if directions == "random":   # unit directions, so the span is in parameter norm like eigenvectors
                 dirs = [d * (1.0 / ctx.H.ops.norm(d)) for d in dirs]
         ls = so.landscape(ctx.H, dirs, span=settings["span"], steps=a.landscape_steps, seed=a.seed,
-                          kind=kind, progress=ctx.printer.bar(f"landscape {a.landscape}"))
+                          name=directions, progress=ctx.printer.bar(f"landscape {a.landscape}"))
         ctx.state.finish(NAME, settings, ls.to_dict(), 0, ls.seconds)
     ls = Landscape.from_dict(ctx.state.data["stages"][NAME]["result"])
     if ctx.state.write:
-        eigenvalues = ctx.state.result("eigen")["eigenvalues"] if kind == "eigen" else None
+        eigenvalues = ctx.state.result("eigen")["eigenvalues"] if directions == "eigen" else None
         rp.plot_landscape(ls, os.path.join(ctx.out, "landscape.png"), eigenvalues=eigenvalues)

@@ -33,7 +33,7 @@ def run(ctx: Context) -> None:
     if ctx.skip(NAME, settings):
         return
     t0 = time.perf_counter()
-    r = so.trace(ctx.H, method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
+    r = so.trace(ctx.H, method="auto", max_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed,
                  progress=ctx.printer.bar("trace"), data_error=a.data_error is not None)
     target = rp.rtol_target(r.to_dict(), a.trace_rtol)
     if not target["met"]:

@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from specops._checks import positive_int
 from specops.cli.common import UsageError
 
 FORMAT = "specops-study/1"
@@ -110,8 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--landscape-steps", type=int, default=11, help="grid points per axis of the landscape")
     p.add_argument("--landscape-span", type=float, default=0.5, help="half-width of the landscape grid")
     p.add_argument("--curvature", default="hessian",
-                   help="comma-separated curvatures tracked at every checkpoint: hessian (always), ggn, fisher "
-                        "(empirical), mc-fisher; with ggn the trace of H - G too (default hessian)")
+                   help="comma-separated curvatures tracked at every checkpoint: hessian (always), ggn, "
+                        "empirical_fisher, mc_fisher; with ggn the trace of H - G too (default hessian)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--split", choices=("runs", "data"), default="runs",
@@ -157,8 +158,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if unknown:
         raise UsageError(f"--variants: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     epochs = base["epochs"] if args.epochs is None else args.epochs
-    if epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {epochs}")
+    epochs = _positive("--epochs", epochs)
     lrs = _list(args.lrs, float, "--lrs") if args.lrs else base["lrs"]
     if any(not lr > 0 for lr in lrs):
         raise UsageError(f"--lrs must be positive, got {args.lrs}")
@@ -167,18 +167,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
                     train_samples=args.train_samples, k=args.k, trace_matvecs=args.trace_matvecs,
                     esd_probes=args.esd_probes, esd_steps=args.esd_steps, landscape_steps=args.landscape_steps)
     for name, value in positive.items():
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None:
+            _positive(f"--{name.replace('_', '-')}", value)
     if args.k < 2:
         raise UsageError(f"--k {args.k}: the landscape needs the top two eigenvectors; use --k 2 or more")
     for name in ("trace_matvecs", "stage_trace_matvecs"):
-        if getattr(args, name) < 4:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 4, got {getattr(args, name)}")
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name), minimum=4)
     if not args.eig_tol > 0 or not args.landscape_span > 0:
         raise UsageError("--eig-tol and --landscape-span must be positive")
     curvatures = parse_curvatures(args.curvature)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        _positive("--threads", args.threads)
     pick = {k: (getattr(args, k) if getattr(args, k) is not None else base[k])
             for k in ("width", "batch_size", "hessian_samples", "train_samples")}
     return Config(data=args.data, data_dir=args.data_dir, depths=depths, variants=variants, epochs=epochs,
@@ -189,13 +188,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   curvatures=curvatures, **pick)
 
 
+def _positive(flag: str, value: Any, minimum: int = 1) -> int:
+    """``value`` of ``flag`` as an int >= ``minimum`` (:func:`specops._checks.positive_int`), else a usage error."""
+    try:
+        return positive_int(flag, value, minimum)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def parse_curvatures(text: str) -> tuple:
     """``--curvature``: the Hessian first (its landscape and figures are the paper's), then the others.
 
     Raises:
         UsageError: an unknown name (naming the known ones).
     """
-    from specops.curvature import CURVATURES
+    from specops.tracker import CURVATURES
 
     names = [c.strip() for c in str(text).split(",") if c.strip()]
     unknown = [c for c in names if c not in CURVATURES]

@@ -118,7 +118,7 @@ def _curvature_figure(study: dict, out: str, plt: Any) -> str:
     from specops.tracker import RESIDUAL, TrackerLog
 
     names = study["settings"]["curvatures"]
-    styles = {"hessian": ("-", "o"), "ggn": ("--", "s"), "fisher": (":", "^"), "mc-fisher": (":", "v"),
+    styles = {"hessian": ("-", "o"), "ggn": ("--", "s"), "empirical_fisher": (":", "^"), "mc_fisher": (":", "v"),
               RESIDUAL: ("-.", "x")}
     by_depth = runs_by_depth(study)
     depths = sorted(by_depth)

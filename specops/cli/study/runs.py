@@ -165,8 +165,8 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
     tracker = specops.Tracker(
         make_operator, path=os.path.join(folder, "curvature.jsonl"), k=cfg.k, seed=cfg.seed,
         blocks={s: f"{s}.*" for s in STAGES}, block_metrics=("trace",), resume=True,
-        block_options={"trace": dict(num_matvecs=cfg.stage_trace_matvecs)},
-        eigsh_options=dict(tol=cfg.eig_tol), trace_options=dict(num_matvecs=cfg.trace_matvecs),
+        block_options={"trace": dict(max_matvecs=cfg.stage_trace_matvecs)},
+        eigsh_options=dict(tol=cfg.eig_tol), trace_options=dict(max_matvecs=cfg.trace_matvecs),
         density_options=dict(num_probes=cfg.esd_probes, num_steps=cfg.esd_steps), progress=progress,
         curvatures=cfg.curvatures, comm=comm)
     lr_folder = os.path.join(folder, _lr_name(lr))
@@ -188,7 +188,7 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
         if V is None:  # pragma: no cover - the tracker keeps them (in <log>.vectors.npz on resume)
             V = specops.eigsh(H, k=cfg.k, tol=cfg.eig_tol, seed=cfg.seed).eigenvectors
         land = specops.landscape(H, [V[:, 0], V[:, 1]], span=cfg.landscape_span, steps=cfg.landscape_steps,
-                                 kind="eigen")
+                                 name="eigen")
         ls = land.to_dict()
         if comm is None or comm.rank == 0:
             atomic_write(path, dumps(ls))
