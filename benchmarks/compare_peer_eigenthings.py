@@ -32,7 +32,7 @@ def accuracy(model, X, y):
 
     def he_trace(m, seed):
         he_counter.count = 0
-        r = he.trace(op, max_matvecs=m, method="hutch++", seed=seed)
+        r = he.trace(op, num_matvecs=m, method="hutch++", seed=seed)
         return r.estimate, he_counter.count
 
     def he_density(p, s, seed):
