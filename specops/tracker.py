@@ -179,7 +179,7 @@ class Tracker:
                  block_options: dict | None = None,
                  warm_start: bool = True,
                  resume: bool = False, eigsh_options: dict | None = None, trace_options: dict | None = None,
-                 density_options: dict | None = None, progress: bool = False, comm: Any = None,
+                 density_options: dict | None = None, progress: bool | str = False, comm: Any = None,
                  curvatures: str | Iterable[str] = ("hessian",), preconditioner: Any = None,
                  threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None,
                  warm_lag: int = 1, fisher_datum: Datum = "sample") -> None:
