@@ -370,7 +370,8 @@ def spectral_density(A: OperatorLike, num_probes: int = 10, num_steps: int = 64,
         theta, U = eigh_tridiagonal(alpha[i, :m], beta[i, : m - 1])
         nodes[i, :m], weights[i, :m] = theta, U[0] ** 2
         nodes[i, m:] = theta[-1]
-    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, distribution=distribution, backend=A.backend, **engine_settings(A),
+    settings = dict(n=n, num_probes=p, num_steps=steps, seed=seed, distribution=distribution, backend=A.backend,
+                    **engine_settings(A),
                     probes_at_once=group, reorth_window=window,
                     basis_bytes=basis_bytes(n, group, steps if window is None else window, ops.dtype),
                     memory_budget=budget)

@@ -39,8 +39,8 @@ class DiagonalResult(Result):
     settings: dict
 
 
-def diagonal(A: OperatorLike, method: DiagonalMethod = "hutchinson", max_matvecs: int = 100, seed: int = 0, distribution: Distribution = "rademacher",
-             chunk_size: int = 10) -> DiagonalResult:
+def diagonal(A: OperatorLike, method: DiagonalMethod = "hutchinson", max_matvecs: int = 100, seed: int = 0,
+             distribution: Distribution = "rademacher", chunk_size: int = 10) -> DiagonalResult:
     """Estimate the diagonal of a symmetric operator.
 
     Args:

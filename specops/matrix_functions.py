@@ -176,7 +176,8 @@ def _radau(alpha: np.ndarray, beta: np.ndarray, node: float, margin: float) -> t
 
 
 def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike = 0.0, num_probes: int = 10,
-                   num_steps: int = 50, rtol: float | None = None, seed: int = 0, distribution: Distribution = "rademacher",
+                   num_steps: int = 50, rtol: float | None = None, seed: int = 0,
+                   distribution: Distribution = "rademacher",
                    spectrum: tuple[float, float] | None = None, chunk_size: int | None = 10,
                    memory_budget: int | None = None,
                    positive: bool = False) -> TraceFunctionResult:
@@ -304,7 +305,8 @@ def trace_function(A: OperatorLike, f: Function, *, shift: float | npt.ArrayLike
         return float(x[0]) if one else x
 
     settings: dict[str, Any] = dict(function=_name(f), shift=out(shifts), num_probes=len(samples),
-                                    max_probes=num_probes, num_steps=steps, rtol=rtol, seed=seed, distribution=distribution,
+                                    max_probes=num_probes, num_steps=steps, rtol=rtol, seed=seed,
+                                    distribution=distribution,
                                     spectrum=None if spectrum is None else [float(x) for x in spectrum],
                                     quadrature="bound" if bounds is not None else "estimate",
                                     probes_at_once=chunk_size, reorth_window=window,
@@ -348,7 +350,8 @@ def logdet(A: OperatorLike, *, shift: float | npt.ArrayLike = 0.0, num_probes: i
         1459, estimated 1466 +- 5, quadrature error <= 2e-09
     """
     return trace_function(A, np.log, shift=shift, num_probes=num_probes, num_steps=num_steps, rtol=rtol, seed=seed,
-                          distribution=distribution, spectrum=spectrum, chunk_size=chunk_size, memory_budget=memory_budget,
+                          distribution=distribution, spectrum=spectrum, chunk_size=chunk_size,
+                          memory_budget=memory_budget,
                           positive=True)
 
 

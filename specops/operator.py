@@ -194,7 +194,7 @@ class LinearOperator:
         )
 
     def to_dense(self, chunk_size: int = 64) -> np.ndarray:
-        """The dense float64 matrix (n products, ``chunk_size`` columns per ``matmat``): for small operators and tests."""
+        """The dense float64 matrix (n products, ``chunk_size`` columns a ``matmat``): for small operators, tests."""
         n = self.shape[0]
         cols = [
             self.ops.to_numpy(self.matmat(self.ops.identity_columns(n, j, min(n, j + chunk_size))))

@@ -74,7 +74,8 @@ class Bar:
             file = sys.stderr if file is None else file
             live = hasattr(file, "isatty") and file.isatty()
             # on a terminal the bar redraws often; in a log file every few seconds
-            self._bar = tqdm(total=None if total is None else max(int(total), 1), desc=desc, unit=f" {unit}", file=file, dynamic_ncols=True,
+            self._bar = tqdm(total=None if total is None else max(int(total), 1), desc=desc, unit=f" {unit}",
+                             file=file, dynamic_ncols=True,
                              mininterval=0.1 if live else 5.0, leave=True)
 
     @property
@@ -99,7 +100,8 @@ class Bar:
             return
         if values:
             self.show(**values)
-        if self._bar.total is not None and self._bar.n != self._bar.total:   # converged early, or a budget exceeded (dense path)
+        # converged early, or a budget exceeded (dense path)
+        if self._bar.total is not None and self._bar.n != self._bar.total:
             self._bar.total = max(self._bar.n, 1)
         self._bar.close()
         self._bar = None

@@ -10,6 +10,7 @@ from specops import random as _random
 from specops.landscape import (
     Landscape,
     filter_normalized_directions,
+    make_directions,
     random_directions,
 )
 
@@ -188,5 +189,9 @@ def test_bad_arguments(quadratic):
         so.landscape(H, "eigen-1d")
     with pytest.raises(ValueError, match="filter-2d"):
         so.landscape(H, "filter")
+    with pytest.raises(ValueError, match="unknown directions 'hessian'; choose one of: eigen, random, filter"):
+        so.landscape(H, "hessian-1d")
+    with pytest.raises(ValueError, match="unknown directions 'kind'"):
+        make_directions(H, "kind", 1)
     with pytest.raises(TypeError, match="loss_at"):
         so.landscape(so.aslinearoperator(np.eye(3)), [np.ones(3)])

@@ -345,6 +345,8 @@ def test_curvatures_from_a_dict_and_plots(tmp_path):
         TrackerLog(log.records[:0]).plot_curvatures()
     with pytest.raises(ValueError, match="unknown curvature"):
         specops.Tracker(make, curvatures=("hessian", "gnn"))
+    with pytest.raises(ValueError, match=r"\['fisher'\]; choose from \['hessian', 'ggn', 'empirical_fisher', 'mc_fisher'\]"):
+        specops.Tracker(make, curvatures=("hessian", "fisher"))  # vocab: keep (the former name, refused)
     with pytest.raises(ValueError, match="without \\['empirical_fisher'\\]"):
         specops.Tracker(make, curvatures=("hessian", "empirical_fisher")).update(0)
     with pytest.raises(TypeError, match="dict"):

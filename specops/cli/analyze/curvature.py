@@ -64,8 +64,8 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError("--fisher-datum is the empirical Fisher's: add empirical_fisher to --curvature (e.g. "
                          "--curvature hessian,empirical_fisher) or leave --fisher-datum out")
     if args.backend == "jax" and any(n != "hessian" for n in names):
-        raise UsageError("--curvature ggn/empirical_fisher/mc_fisher needs --backend torch or tensorflow: the JAX session's "
-                         "loss_fn(params, batch) does not separate the model from the loss; in Python, use "
+        raise UsageError("--curvature ggn/empirical_fisher/mc_fisher needs --backend torch or tensorflow: the JAX "
+                         "session's loss_fn(params, batch) does not separate the model from the loss; in Python, use "
                          "specops.backends.jax.ggn(apply_fn, loss_fn, params, data)")
     args.curvature = ",".join(names)
 

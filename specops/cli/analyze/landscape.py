@@ -55,7 +55,8 @@ def run(ctx: Context) -> None:
         return
     count = 1 if a.landscape == "1d" else 2
     directions = a.landscape_directions
-    settings = dict(ndim=count, directions=directions, span=a.landscape_span, steps=a.landscape_steps, seed=a.seed, bias="zero")
+    settings = dict(ndim=count, directions=directions, span=a.landscape_span, steps=a.landscape_steps, seed=a.seed,
+                    bias="zero")
     if directions == "eigen":
         settings["eigen"] = eigen.settings(a)
     if settings["span"] == "auto":
