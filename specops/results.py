@@ -133,7 +133,7 @@ def _trace_summary(r: Any) -> list[str]:
     s = r.settings or {}
     method = s.get("estimator") or s.get("method", "")
     rel = f", {r.stderr / abs(r.estimate):.1%} relative" if r.estimate and np.isfinite(r.stderr) else ""
-    budget = f" of {s['num_matvecs']}" if "num_matvecs" in s else ""
+    budget = f" of {s['max_matvecs']}" if "max_matvecs" in s else ""
     lines = [f"TraceResult: {r.estimate:.6g} +- {_g(r.stderr, 2)} (standard error{rel}; {method}, "
              f"{r.num_matvecs}{budget} products; {_operator(s)})"]
     data = getattr(r, "data_stderr", None)
