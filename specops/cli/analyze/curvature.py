@@ -134,7 +134,7 @@ def run(ctx: Context) -> None:
     if not wanted(a):
         return
     names = parse(a.curvature)
-    settings = dict(curvature=names, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, num_probes=a.esd_probes,
+    settings = dict(curvatures=names, k=a.top_k, tol=a.eig_tol, max_matvecs=a.eig_matvecs, num_probes=a.esd_probes,
                     num_steps=a.esd_steps, trace_matvecs=a.trace_matvecs, trace_rtol=a.trace_rtol, seed=a.seed)
     if "empirical_fisher" in names:
         settings["fisher_datum"] = a.fisher_datum

@@ -27,7 +27,7 @@ def run(ctx: Context) -> None:
     import specops as so
 
     a = ctx.args
-    settings = dict(method="auto", num_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
+    settings = dict(method="auto", max_matvecs=a.trace_matvecs, rtol=a.trace_rtol, seed=a.seed)
     if a.data_error is not None:
         settings["data_error"] = True
     if ctx.skip(NAME, settings):
