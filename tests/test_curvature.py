@@ -518,7 +518,7 @@ def test_analyze_fisher_datum_term_scales_the_mse_fisher_by_the_outputs(tmp_path
     capsys.readouterr()
     assert cli.main([*base, "--curvature", "hessian,ggn", "--fisher-datum", "term", "--out",
                      str(tmp_path / "bad")]) == 2
-    assert "add fisher to --curvature" in capsys.readouterr().err
+    assert "add empirical_fisher to --curvature" in capsys.readouterr().err
 
 
 # --- Definiteness: what solve(method="auto") reads ----------------------------------------
