@@ -131,8 +131,14 @@ class ModelAdapter(abc.ABC):
     #: the lowest precision the loss is computed in (bounds the products' accuracy); None: ``ops.dtype``
     compute_dtype: Any = None
 
-    def check_random_forward(self, batch: Any) -> None:  # noqa: B027 (optional hook)
-        """Raise if a forward pass of ``batch`` draws random numbers (backends that can tell)."""
+    def check_random_forward(self, batch: Any) -> float | None:
+        """Raise if a forward pass of ``batch`` draws random numbers (backends that can tell).
+
+        Returns:
+            The loss of ``batch`` when the check computed it in its forward pass (the loss
+            check then takes it instead of a second forward), else None.
+        """
+        return None
 
     def keeping_random_state(self) -> contextlib.AbstractContextManager:
         """A context in which the framework's global random state is restored on exit.
@@ -320,8 +326,8 @@ class ModelOperator(LinearOperator):
             :attr:`engine_check`.
 
     The construction checks run in one order on every backend: the loss of every batch
-    (non-finite data is reported as such before anything else), the random-forward check,
-    the backend's own engine comparisons, two identical products (a random product is
+    (non-finite data is reported as such before anything else), the random-forward check
+    (in the loss check's forward pass of the first batch), the backend's own engine comparisons, two identical products (a random product is
     reported as such), then the core's engine check. Rebuilding an operator for the same model and batch shapes within a process
     reuses the verdicts (:data:`specops.checks.VERDICTS`; re-verified every 25th build) and
     runs only the loss check.
@@ -569,8 +575,9 @@ class ModelOperator(LinearOperator):
     def _construction_checks(self, deterministic: bool, cross_check: bool) -> None:
         from specops import checks
 
-        if deterministic or cross_check:
-            self._check_losses()  # first: NaN data is reported as NaN data, before any product
+        checks_first = deterministic or cross_check
+        if checks_first:  # first: NaN data is reported as NaN data, before any product
+            self._check_losses(random_forward=True)
         first = next(self._iter(), None) if self.batch_sizes else None
         found = None if first is None else self.adapter.verdict_key(first)
         key = None if found is None else (found[1], self._data_identity(), deterministic, cross_check,
@@ -592,7 +599,8 @@ class ModelOperator(LinearOperator):
 
         def first_checks() -> None:
             if first is not None:
-                adapter.check_random_forward(first)
+                if not checks_first:  # else checked in the loss check's forward pass
+                    adapter.check_random_forward(first)
                 if self._first_batch_check is not None:  # the backend's check of the loss (its reduction)
                     self._first_batch_check(first)
                 if cross_check:
@@ -649,13 +657,27 @@ class ModelOperator(LinearOperator):
             ) from error
         return value
 
-    def _check_losses(self):
-        def losses():
-            return [float(self.adapter.loss(batch)) for batch in self._iter()]
+    def _check_losses(self, random_forward: bool = False) -> None:
+        """Raise if a batch's loss is not finite; then, with ``random_forward``, if a pass is random.
 
-        bad = [f"batch {i} (loss {value})" for i, value in
-               enumerate(self._on_every_rank(losses, "evaluating the loss of every batch"))
-               if not np.isfinite(value)]
+        The random-forward check (:meth:`ModelAdapter.check_random_forward`) runs in the first
+        batch's forward pass of this check; its error is raised after the non-finite losses.
+        """
+
+        def losses():
+            values, random = [], None
+            for i, batch in enumerate(self._iter()):
+                value = None
+                if i == 0 and random_forward:
+                    try:
+                        value = self.adapter.check_random_forward(batch)
+                    except NonDeterministicError as err:  # raised after the non-finite losses
+                        random = err
+                values.append(float(self.adapter.loss(batch)) if value is None else float(value))
+            return values, random
+
+        values, random = self._on_every_rank(losses, "evaluating the loss of every batch")
+        bad = [f"batch {i} (loss {value})" for i, value in enumerate(values) if not np.isfinite(value)]
         if self.comm.size > 1:  # gathered, so that every rank raises the same error
             bad = [f"{b} on rank {r}" for r, rank_bad in enumerate(self.comm.allgather(bad)) for b in rank_bad]
         if bad:
@@ -664,6 +686,12 @@ class ModelOperator(LinearOperator):
                 f"{' and more' if len(bad) > 5 else ''}; fix the data or the model "
                 "(e.g. a learning rate that diverged, log of zero) before taking its Hessian"
             )
+        if random_forward and (random is not None or self.comm.size > 1):
+            def reraise() -> None:
+                if random is not None:
+                    raise random
+
+            self._on_every_rank(reraise, "checking the first batch")
 
     def _check_deterministic(self):
         ops, n = self.ops, self.shape[0]

@@ -41,7 +41,7 @@ import os
 import time
 
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -124,9 +124,10 @@ class Tracker:
             diagonal: records the top ``k`` eigenvalues of ``P^{-1/2} H P^{-1/2}`` (those of
             ``P^{-1} H``) under ``record["preconditioned"]``, warm-started like ``H``'s.
         warm_lag: warm-start from the eigenvectors of ``warm_lag`` updates ago (once that many
-            are in memory; until then the last ones). 2 suits every-step tracking of gradient
-            descent at the edge of stability, where the top eigenvector alternates between two
-            states from step to step (docs/dynamics.md has the measured products).
+            are in memory; until then the last ones). ``"auto"`` (the default) takes those of
+            two updates ago when the last eigenvectors resemble them more than the ones before
+            (a period-two alternation, as of gradient descent at the edge of stability), else the
+            last ones; it costs no product (docs/dynamics.md has the measured products).
         threshold: the stability threshold to record with each step, a number or a callable
             (e.g. ``lambda: st.stability_threshold(optimizer)``, the current learning rate's).
         dynamics: record the loss (``loss_at()``), the gradient's norm and its alignment
@@ -152,7 +153,7 @@ class Tracker:
                  density_options: dict | None = None, progress: bool = False, comm: Any = None,
                  curvatures: str | Iterable[str] = ("hessian",), preconditioner: Any = None,
                  threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None,
-                 warm_lag: int = 1, fisher_datum: str = "sample") -> None:
+                 warm_lag: int | Literal["auto"] = "auto", fisher_datum: str = "sample") -> None:
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
@@ -180,10 +181,11 @@ class Tracker:
         self.curvatures = _check_curvatures(curvatures)
         self.fisher_datum = check_datum(fisher_datum)
         self.preconditioner, self.threshold = preconditioner, threshold
-        if isinstance(warm_lag, bool) or not isinstance(warm_lag, (int, np.integer)) or warm_lag < 1:
-            raise ValueError(f"warm_lag must be a positive integer, got {warm_lag!r}")
-        self.warm_lag = int(warm_lag)
-        self._history: dict = {}  # name -> the last warm_lag eigenvector blocks, oldest first
+        if warm_lag != "auto" and (isinstance(warm_lag, bool) or not isinstance(warm_lag, (int, np.integer))
+                                   or warm_lag < 1):
+            raise ValueError(f"warm_lag must be a positive integer or 'auto', got {warm_lag!r}")
+        self.warm_lag: int | Literal["auto"] = warm_lag if warm_lag == "auto" else int(warm_lag)
+        self._history: dict = {}  # name -> the last eigenvector blocks (warm_lag of them, 3 for "auto"), oldest first
         self.dynamics = (preconditioner is not None or threshold is not None) if dynamics is None else bool(dynamics)
         if (self.dynamics or preconditioner is not None) and "eigenvalues" not in self.metrics:
             raise ValueError("preconditioner= and dynamics= need the 'eigenvalues' metric (the gradient's alignment "
@@ -390,8 +392,11 @@ class Tracker:
             return None
         past = self._history.get(name, [])
         A = aslinearoperator(A)
-        if len(past) >= self.warm_lag and tuple(past[0].shape) == (A.ops.local_rows(A.shape[0]), self.k):
-            return past[0]
+        shape = (A.ops.local_rows(A.shape[0]), self.k)
+        past = past if all(tuple(V.shape) == shape for V in past) else []
+        lag = self.warm_lag if self.warm_lag != "auto" else _period(A.ops, past)
+        if len(past) >= lag:
+            return past[-lag]
         return self.eigenvectors(A, name)
 
     def _metric(self, A: Any, name: str, metric: str, out: dict) -> tuple[int, bool]:
@@ -405,7 +410,8 @@ class Tracker:
             v0 = self._start(A, name)
             res = eigsh(A, k=self.k, seed=self.seed, v0=v0, **opts)
             self.vectors[name] = res.eigenvectors
-            self._history[name] = [*self._history.get(name, []), res.eigenvectors][-self.warm_lag:]
+            kept = 3 if self.warm_lag == "auto" else self.warm_lag
+            self._history[name] = [*self._history.get(name, []), res.eigenvectors][-kept:]
             out.update(eigenvalues=res.eigenvalues, residuals=res.residuals, converged=res.converged)
             if res.data_stderr is not None:  # eigsh_options={"data_error": True}
                 out["data_stderr"] = res.data_stderr
@@ -442,3 +448,19 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def _period(ops: Any, past: list) -> int:
+    """The warm start's lag for ``warm_lag="auto"``: 2 where the eigenvectors alternate, else 1.
+
+    ``past`` holds the last eigenvector blocks, oldest first. With three of them, the last one is
+    compared with the two before by ``||V_last^T V||_F^2`` (the squared cosines of the principal
+    angles between the spans); a closer match two updates back is a period-two alternation.
+    """
+    if len(past) < 3:
+        return 1
+
+    def similarity(V: Any) -> float:
+        return float(np.sum(np.asarray(ops.to_numpy(ops.inner(V, past[-1])), dtype=np.float64) ** 2))
+
+    return int(ops.decide(2 if similarity(past[-3]) > similarity(past[-2]) else 1))
