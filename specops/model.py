@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from specops._checks import positive_int
 from specops.distributed import as_comm
 from specops.layout import ParamLayout, select_names  # noqa: F401 (select_names: re-exported)
 from specops.operator import LinearOperator, NonFiniteError
@@ -546,14 +547,76 @@ class ModelOperator(LinearOperator):
         if isinstance(index, str) or (
             isinstance(index, (list, tuple)) and index and all(isinstance(s, str) for s in index)
         ):
-            names = self.layout.select(index)
-            sub = self.adapter.subset(names)
-            if self.engine_check is not None:  # the parent's verdict holds for its blocks
-                sub.adopt(self.engine_check)
-                sub.engine_check = self.engine_check
-            return ModelOperator(sub, self._data, reduction=self.reduction, comm=self.comm,
-                                 check_deterministic=False, _checked=True)
+            return self._checked_like(self.adapter.subset(self.layout.select(index)), self._data)
         return super().restrict(index)
+
+    def _checked_like(self, adapter: ModelAdapter, data: Any) -> ModelOperator:
+        """An operator of ``adapter`` over ``data`` that keeps this one's checked engine (no checks rerun)."""
+        if self.engine_check is not None:  # this operator's verdict holds for its blocks and its samples
+            adapter.adopt(self.engine_check)
+            adapter.engine_check = self.engine_check
+        return ModelOperator(adapter, data, reduction=self.reduction, comm=self.comm,
+                             check_deterministic=False, _checked=True)
+
+    def split_batches(self, parts: int) -> ModelOperator:
+        """The same operator over the data with every batch split into ``parts`` sub-batches.
+
+        For data errors from data given as one batch (:mod:`specops.data_error`): the products
+        are the same sums over the samples, in more terms. A batch is cut along the first axis
+        of every array with one row per sample (:func:`specops.reduction.split_batch`), into
+        sizes that differ by at most one; a batch of fewer samples gives one per sample. The
+        cut is checked on the loss: the batch's loss must be the ``reduction`` of its
+        sub-batches' (a loss that is no mean or sum over samples, random layers with
+        ``random_layers="fixed"``, arrays not cut by sample cannot be split).
+
+        Args:
+            parts: sub-batches per batch.
+
+        Returns:
+            A :class:`ModelOperator` with the same model, parameters, reduction, communicator and
+            engine verdict (its checks are not rerun).
+
+        Raises:
+            ValueError: a batch cannot be split, or its loss is not the ``reduction`` of its
+                sub-batches' losses; the message says to pass the data as several batches.
+        """
+        from specops.checks import machine_epsilon
+        from specops.reduction import split_batch
+
+        parts = positive_int("parts", parts)
+        adapter = self.adapter
+        fix = "pass the data as several batches (a list of batches, or a DataLoader)"
+
+        def split() -> list:
+            pieces = []
+            for batch, size in zip(self._iter(), self.batch_sizes):
+                sizes = [len(s) for s in np.array_split(np.arange(size), min(parts, size))]
+                rest, left, cut = batch, size, []
+                for m in sizes[:-1]:
+                    halves = split_batch(rest, left, m)
+                    if halves is None:
+                        raise ValueError(f"a batch of {size} samples holds no array with one row per sample to "
+                                         f"split into sub-batches: {fix}")
+                    cut.append(halves[0])
+                    rest, left = halves[1], left - m
+                cut.append(rest)
+                found = [adapter.batch_size(c) for c in cut]
+                if found != sizes:
+                    raise ValueError(f"splitting a batch of {size} samples into sub-batches of {sizes} samples gave "
+                                     f"{found}: {fix}")
+                whole, losses = float(adapter.loss(batch)), [float(adapter.loss(c)) for c in cut]
+                combined = sum(losses) if self.reduction == "sum" else float(np.dot(sizes, losses)) / size
+                rtol = 1e3 * machine_epsilon(adapter.compute_dtype or np.dtype(self.ops.dtype).name)
+                if not abs(whole - combined) <= rtol * max(abs(whole), abs(combined), np.finfo(np.float64).tiny):
+                    raise ValueError(
+                        f"the loss of a batch ({whole:.8g}) is not the {self.reduction} of its {len(cut)} sub-batches' "
+                        f"losses ({combined:.8g}), so the batch cannot be split into sub-batches (a loss that is not a "
+                        f"{self.reduction} over samples, random layers with a fixed mask per batch): {fix}")
+                pieces.extend(cut)
+            return pieces
+
+        return self._checked_like(adapter.subset(list(self.layout.names)),
+                                  self._on_every_rank(split, "splitting the batches into sub-batches"))
 
     # --- checks -------------------------------------------------------------------
     @property

@@ -227,6 +227,7 @@ def trace(A: OperatorLike, method: str = "auto", num_matvecs: int = 100, rtol: f
     """
     A = _checks.symmetric_operator(A, "trace")
     model = data_error_model(A, "trace") if data_error else None
+    A = A if model is None else model  # data given as one batch: split into sub-batches
     _checks.choice("method", method, METHODS)
     num_matvecs = _checks.positive_int("num_matvecs", num_matvecs)
     rtol = _checks.positive_float("rtol", rtol, allow_none=True)
