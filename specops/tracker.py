@@ -50,6 +50,7 @@ from specops.output_space import check_datum
 from specops.density import spectral_density
 from specops.eigsh import eigsh
 from specops.io import atomic_save_npz, dumps
+from specops.model import ModelOperator
 from specops.preconditioner import preconditioned
 from specops.operator import aslinearoperator
 from specops.progress import bar as progress_bar
@@ -108,6 +109,8 @@ class Tracker:
             log is an error (nothing is overwritten).
         eigsh_options: keywords for :func:`~specops.eigsh` (``which``, ``tol``, ``max_matvecs``, ...).
         trace_options: keywords for :func:`~specops.trace` (``method``, ``num_matvecs``, ``rtol``, ...).
+            ``data_error=True`` here or in ``eigsh_options`` applies to the model-backed operators
+            (the curvatures and their blocks), not to ``H - G`` or the preconditioned operator.
         density_options: keywords for :func:`~specops.spectral_density` (``num_probes``, ``num_steps``).
         progress: a progress bar (``tqdm.auto``, :mod:`specops.progress`) over the metrics of
             each update: True, or a label.
@@ -405,6 +408,8 @@ class Tracker:
                 "density": self.density_options}[metric]
         if name in self.blocks:
             opts = {**opts, **self.block_options.get(metric, {})}
+        if opts.get("data_error") and not isinstance(A, ModelOperator):  # H - G: no per-batch parts
+            opts = {**opts, "data_error": False}
         res: Any
         if metric == "eigenvalues":
             v0 = self._start(A, name)
