@@ -45,7 +45,7 @@ def _timed_checks() -> dict[str, list[float]]:
         setattr(owner, name, timed)
 
     wrap(ModelOperator, "_check_losses", "loss of every batch")
-    wrap(st.TorchAdapter, "check_random_forward", "random forward")
+    wrap(st.TorchAdapter, "check_random_forward", "random forward (within the loss check's pass)")
     wrap(st.TorchAdapter, "cross_check", "two exact engines compared")
     wrap(ModelOperator, "_check_deterministic", "two identical products")
     wrap(checks, "check_engine", "symmetry + finite-difference referee")

@@ -11,6 +11,9 @@ ratios.
 
 Run: ``python benchmarks/data_error.py`` (about 5 minutes on one core; ``--subsets 40`` about 1).
 
+``--cost``: the time of data errors on a CIFAR ResNet-8 (64 random images, float32, one thread),
+the data as 8 batches and as one batch that ``data_error=True`` splits into 8 sub-batches.
+
 ``--curve``: the worked example of docs/algorithms.md, "How much data?": data error against the
 number of samples (``--curve-samples``, each in ``--batches`` batches, ``--subsets`` subsets each),
 true spread against reported stderr, and the samples that ``samples_needed`` predicts from single
@@ -114,6 +117,47 @@ def study(subsets=200, samples=128, batches=8, hidden=12, k=3, seed=0, trace_pro
     }
 
 
+def cost(repeats=3, samples=64, batches=8, depth=8, k=3, trace_products=30, threads=1):
+    """The time of data errors on a CIFAR ResNet: ``eigsh`` + ``trace`` with and without ``data_error``.
+
+    Two layouts of the same ``samples`` random 3x32x32 images (batch norm in eval mode, float32):
+    ``batches`` batches, and one batch, which ``data_error=True`` splits into sub-batches. Each
+    pair runs interleaved ``repeats`` times in one process; the ratios are medians of the
+    per-repeat ratios (with / without).
+    """
+    import torch
+
+    import specops as so
+    from specops.backends import torch as st
+    from specops.zoo.torch_resnet import resnet
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = resnet(depth).eval()
+    X, y = torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,))
+    loss = torch.nn.CrossEntropyLoss()
+    layouts = {f"{batches} batches": list(zip(X.tensor_split(batches), y.tensor_split(batches))), "one batch": (X, y)}
+    out = {"model": f"ResNet-{depth}", "samples": samples, "k": k, "trace_products": trace_products,
+           "threads": threads, "repeats": repeats}
+    for name, data in layouts.items():
+        H = st.hessian(model, loss, data)
+        so.eigsh(H, k=k, tol=1e-3, seed=0)  # warm-up: the cached graph, allocator
+        times: dict[bool, list[float]] = {False: [], True: []}
+        products: dict[bool, int] = {}
+        for _ in range(repeats):
+            for flag in (False, True):
+                t0 = time.perf_counter()
+                e = so.eigsh(H, k=k, tol=1e-3, seed=0, data_error=flag)
+                tr = so.trace(H, max_matvecs=trace_products, seed=0, data_error=flag)
+                times[flag].append(time.perf_counter() - t0)
+                products[flag] = int(e.num_matvecs + tr.num_matvecs)
+        ratios = np.array(times[True]) / np.array(times[False])
+        out[name] = {"seconds_without": float(np.median(times[False])), "seconds_with": float(np.median(times[True])),
+                     "time_ratio_median": float(np.median(ratios)), "time_ratios": ratios.tolist(),
+                     "products_without": products[False], "products_with": products[True]}
+    return out
+
+
 #: The digits training images the subsets are drawn from (without replacement).
 POPULATION = 1797
 
@@ -206,7 +250,13 @@ def main():
     parser.add_argument("--curve-samples", default="32,64,128,256,512", help="sample counts of --curve")
     parser.add_argument("--plot", help="--curve: save the plot here")
     parser.add_argument("--replot", metavar="JSON", help="--curve: plot the summary --out wrote, computing nothing")
+    parser.add_argument("--cost", action="store_true",
+                        help="the time of data errors on a CIFAR ResNet-8, as 8 batches and as one batch split")
+    parser.add_argument("--repeats", type=int, default=3, help="--cost: interleaved repeats")
     args = parser.parse_args()
+    if args.cost:
+        print(json.dumps(cost(args.repeats), indent=1))
+        return
     if args.replot:
         with open(args.replot) as f:
             plot_curve(json.load(f), args.plot)

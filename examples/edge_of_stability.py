@@ -57,7 +57,7 @@ def square_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def run(optimizer: str, lr: float, steps: int, path: str, *, seed: int = 0, tol: float = 1e-3,
-        num_samples: int = 1000, warm_lag: int = 2, compare: bool = False) -> dict:
+        num_samples: int = 1000, warm_lag: int | str = "auto", compare: bool = False) -> dict:
     """Train with full-batch ``optimizer`` (``"gd"`` or ``"adam"``) and track every step.
 
     Args:
@@ -68,7 +68,7 @@ def run(optimizer: str, lr: float, steps: int, path: str, *, seed: int = 0, tol:
         seed: the network's and the tracker's seed.
         tol: Lanczos' relative residual.
         num_samples: training samples.
-        warm_lag: the tracker's warm start from the eigenvector of ``warm_lag`` steps ago.
+        warm_lag: the tracker's warm start (``"auto"``, the tracker's default, or a number of steps back).
         compare: also run, at every step, eigsh warm-started from the previous step's eigenvector
             and a cold eigsh, to count their products and compare their eigenvalues.
 

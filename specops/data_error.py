@@ -24,15 +24,25 @@ import numpy as np
 
 from specops.lanczos import wanted
 
-#: Batches below which a data standard error is refused (a jackknife of fewer is meaningless).
+#: Batches below which a data standard error needs the data split (a jackknife of fewer is meaningless).
 MIN_BATCHES = 2
+#: Sub-batches that data given as fewer than MIN_BATCHES batches is split into.
+SUB_BATCHES = 8
 
 
 def model_operator(A: Any, caller: str) -> Any:
     """The model-backed operator ``A`` with enough batches for a data standard error.
 
+    Data given as fewer than :data:`MIN_BATCHES` batches is split into :data:`SUB_BATCHES`
+    sub-batches (:meth:`specops.model.ModelOperator.split_batches`: the same operator, the
+    same products, in more terms) where the loss allows.
+
+    Returns:
+        ``A``, or the same operator over sub-batches.
+
     Raises:
-        ValueError: ``A`` is not model-backed, or its data is fewer than two batches.
+        ValueError: ``A`` is not model-backed; its data is one sample; or it is one batch that
+            cannot be split (the message says what to pass).
     """
     from specops.model import ModelOperator
 
@@ -41,13 +51,17 @@ def model_operator(A: Any, caller: str) -> Any:
                          f"hessian, ggn or fisher) whose products run over batches of data; got "
                          f"{type(A).__name__}. For any other operator pass data_error=False")
     batches = int(A.comm.allreduce_host(len(A.batch_sizes)))
-    if batches < MIN_BATCHES:
-        samples = A.num_samples
-        split = ("split it into several batches (e.g. 8 batches of a list, or a DataLoader)" if samples > 1
-                 else "one sample cannot tell how the result varies with the data: pass more samples, in batches")
+    if batches >= MIN_BATCHES:
+        return A
+    if A.num_samples < MIN_BATCHES:
+        raise ValueError(f"{caller}(..., data_error=True) measures how the result varies over the data's samples, "
+                         "but the data is one sample, which cannot tell: pass more samples (e.g. 8 batches of them)")
+    try:
+        return A.split_batches(-(-SUB_BATCHES // max(batches, 1)))
+    except (ValueError, RuntimeError) as err:
         raise ValueError(f"{caller}(..., data_error=True) needs the data as at least {MIN_BATCHES} batches to "
-                         f"measure their spread, got {batches} batch of {samples} sample(s): {split}")
-    return A
+                         f"measure their spread; the data is {batches} batch of {A.num_samples} samples, and "
+                         f"splitting it into sub-batches failed: {err}") from err
 
 
 def _jackknife(t: np.ndarray) -> np.ndarray:

@@ -228,6 +228,7 @@ def eigsh(A: OperatorLike, k: int = 1, which: Which = "LA", method: EigMethod = 
     """
     A = _checks.symmetric_operator(A, "eigsh")
     model = data_error_model(A, "eigsh") if data_error else None
+    A = A if model is None else model  # data given as one batch: split into sub-batches
     n = A.shape[0]
     k = _checks.positive_int("k", k)
     _checks.choice("which", which, WHICH)

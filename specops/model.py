@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 
+from specops._checks import positive_int
 from specops.distributed import as_comm
 from specops.layout import ParamLayout, select_names  # noqa: F401 (select_names: re-exported)
 from specops.operator import LinearOperator, NonFiniteError
@@ -133,8 +134,14 @@ class ModelAdapter(abc.ABC):
     #: the lowest precision the loss is computed in (bounds the products' accuracy); None: ``ops.dtype``
     compute_dtype: Any = None
 
-    def check_random_forward(self, batch: Any) -> None:  # noqa: B027 (optional hook)
-        """Raise if a forward pass of ``batch`` draws random numbers (backends that can tell)."""
+    def check_random_forward(self, batch: Any) -> float | None:
+        """Raise if a forward pass of ``batch`` draws random numbers (backends that can tell).
+
+        Returns:
+            The loss of ``batch`` when the check computed it in its forward pass (the loss
+            check then takes it instead of a second forward), else None.
+        """
+        return None
 
     def keeping_random_state(self) -> contextlib.AbstractContextManager:
         """A context in which the framework's global random state is restored on exit.
@@ -322,8 +329,8 @@ class ModelOperator(LinearOperator):
             :attr:`engine_check`.
 
     The construction checks run in one order on every backend: the loss of every batch
-    (non-finite data is reported as such before anything else), the random-forward check,
-    the backend's own engine comparisons, two identical products (a random product is
+    (non-finite data is reported as such before anything else), the random-forward check
+    (in the loss check's forward pass of the first batch), the backend's own engine comparisons, two identical products (a random product is
     reported as such), then the core's engine check. Rebuilding an operator for the same model and batch shapes within a process
     reuses the verdicts (:data:`specops.checks.VERDICTS`; re-verified every 25th build) and
     runs only the loss check.
@@ -542,14 +549,76 @@ class ModelOperator(LinearOperator):
         if isinstance(index, str) or (
             isinstance(index, (list, tuple)) and index and all(isinstance(s, str) for s in index)
         ):
-            names = self.layout.select(index)
-            sub = self.adapter.subset(names)
-            if self.engine_check is not None:  # the parent's verdict holds for its blocks
-                sub.adopt(self.engine_check)
-                sub.engine_check = self.engine_check
-            return ModelOperator(sub, self._data, reduction=self.reduction, comm=self.comm,
-                                 check_deterministic=False, _checked=True)
+            return self._checked_like(self.adapter.subset(self.layout.select(index)), self._data)
         return super().restrict(index)
+
+    def _checked_like(self, adapter: ModelAdapter, data: Any) -> ModelOperator:
+        """An operator of ``adapter`` over ``data`` that keeps this one's checked engine (no checks rerun)."""
+        if self.engine_check is not None:  # this operator's verdict holds for its blocks and its samples
+            adapter.adopt(self.engine_check)
+            adapter.engine_check = self.engine_check
+        return ModelOperator(adapter, data, reduction=self.reduction, comm=self.comm,
+                             check_deterministic=False, _checked=True)
+
+    def split_batches(self, parts: int) -> ModelOperator:
+        """The same operator over the data with every batch split into ``parts`` sub-batches.
+
+        For data errors from data given as one batch (:mod:`specops.data_error`): the products
+        are the same sums over the samples, in more terms. A batch is cut along the first axis
+        of every array with one row per sample (:func:`specops.reduction.split_batch`), into
+        sizes that differ by at most one; a batch of fewer samples gives one per sample. The
+        cut is checked on the loss: the batch's loss must be the ``reduction`` of its
+        sub-batches' (a loss that is no mean or sum over samples, random layers with
+        ``random_layers="fixed"``, arrays not cut by sample cannot be split).
+
+        Args:
+            parts: sub-batches per batch.
+
+        Returns:
+            A :class:`ModelOperator` with the same model, parameters, reduction, communicator and
+            engine verdict (its checks are not rerun).
+
+        Raises:
+            ValueError: a batch cannot be split, or its loss is not the ``reduction`` of its
+                sub-batches' losses; the message says to pass the data as several batches.
+        """
+        from specops.checks import machine_epsilon
+        from specops.reduction import split_batch
+
+        parts = positive_int("parts", parts)
+        adapter = self.adapter
+        fix = "pass the data as several batches (a list of batches, or a DataLoader)"
+
+        def split() -> list:
+            pieces = []
+            for batch, size in zip(self._iter(), self.batch_sizes):
+                sizes = [len(s) for s in np.array_split(np.arange(size), min(parts, size))]
+                rest, left, cut = batch, size, []
+                for m in sizes[:-1]:
+                    halves = split_batch(rest, left, m)
+                    if halves is None:
+                        raise ValueError(f"a batch of {size} samples holds no array with one row per sample to "
+                                         f"split into sub-batches: {fix}")
+                    cut.append(halves[0])
+                    rest, left = halves[1], left - m
+                cut.append(rest)
+                found = [adapter.batch_size(c) for c in cut]
+                if found != sizes:
+                    raise ValueError(f"splitting a batch of {size} samples into sub-batches of {sizes} samples gave "
+                                     f"{found}: {fix}")
+                whole, losses = float(adapter.loss(batch)), [float(adapter.loss(c)) for c in cut]
+                combined = sum(losses) if self.reduction == "sum" else float(np.dot(sizes, losses)) / size
+                rtol = 1e3 * machine_epsilon(adapter.compute_dtype or np.dtype(self.ops.dtype).name)
+                if not abs(whole - combined) <= rtol * max(abs(whole), abs(combined), np.finfo(np.float64).tiny):
+                    raise ValueError(
+                        f"the loss of a batch ({whole:.8g}) is not the {self.reduction} of its {len(cut)} sub-batches' "
+                        f"losses ({combined:.8g}), so the batch cannot be split into sub-batches (a loss that is not a "
+                        f"{self.reduction} over samples, random layers with a fixed mask per batch): {fix}")
+                pieces.extend(cut)
+            return pieces
+
+        return self._checked_like(adapter.subset(list(self.layout.names)),
+                                  self._on_every_rank(split, "splitting the batches into sub-batches"))
 
     # --- checks -------------------------------------------------------------------
     @property
@@ -571,8 +640,9 @@ class ModelOperator(LinearOperator):
     def _construction_checks(self, deterministic: bool, cross_check: bool) -> None:
         from specops import checks
 
-        if deterministic or cross_check:
-            self._check_losses()  # first: NaN data is reported as NaN data, before any product
+        checks_first = deterministic or cross_check
+        if checks_first:  # first: NaN data is reported as NaN data, before any product
+            self._check_losses(random_forward=True)
         first = next(self._iter(), None) if self.batch_sizes else None
         found = None if first is None else self.adapter.verdict_key(first)
         key = None if found is None else (found[1], self._data_identity(), deterministic, cross_check,
@@ -594,7 +664,8 @@ class ModelOperator(LinearOperator):
 
         def first_checks() -> None:
             if first is not None:
-                adapter.check_random_forward(first)
+                if not checks_first:  # else checked in the loss check's forward pass
+                    adapter.check_random_forward(first)
                 if self._first_batch_check is not None:  # the backend's check of the loss (its reduction)
                     self._first_batch_check(first)
                 if cross_check:
@@ -651,13 +722,27 @@ class ModelOperator(LinearOperator):
             ) from error
         return value
 
-    def _check_losses(self):
-        def losses():
-            return [float(self.adapter.loss(batch)) for batch in self._iter()]
+    def _check_losses(self, random_forward: bool = False) -> None:
+        """Raise if a batch's loss is not finite; then, with ``random_forward``, if a pass is random.
 
-        bad = [f"batch {i} (loss {value})" for i, value in
-               enumerate(self._on_every_rank(losses, "evaluating the loss of every batch"))
-               if not np.isfinite(value)]
+        The random-forward check (:meth:`ModelAdapter.check_random_forward`) runs in the first
+        batch's forward pass of this check; its error is raised after the non-finite losses.
+        """
+
+        def losses():
+            values, random = [], None
+            for i, batch in enumerate(self._iter()):
+                value = None
+                if i == 0 and random_forward:
+                    try:
+                        value = self.adapter.check_random_forward(batch)
+                    except NonDeterministicError as err:  # raised after the non-finite losses
+                        random = err
+                values.append(float(self.adapter.loss(batch)) if value is None else float(value))
+            return values, random
+
+        values, random = self._on_every_rank(losses, "evaluating the loss of every batch")
+        bad = [f"batch {i} (loss {value})" for i, value in enumerate(values) if not np.isfinite(value)]
         if self.comm.size > 1:  # gathered, so that every rank raises the same error
             bad = [f"{b} on rank {r}" for r, rank_bad in enumerate(self.comm.allgather(bad)) for b in rank_bad]
         if bad:
@@ -666,6 +751,12 @@ class ModelOperator(LinearOperator):
                 f"{' and more' if len(bad) > 5 else ''}; fix the data or the model "
                 "(e.g. a learning rate that diverged, log of zero) before taking its Hessian"
             )
+        if random_forward and (random is not None or self.comm.size > 1):
+            def reraise() -> None:
+                if random is not None:
+                    raise random
+
+            self._on_every_rank(reraise, "checking the first batch")
 
     def _check_deterministic(self):
         ops, n = self.ops, self.shape[0]

@@ -229,6 +229,7 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
     """
     A = _checks.symmetric_operator(A, "trace")
     model = data_error_model(A, "trace") if data_error else None
+    A = A if model is None else model  # data given as one batch: split into sub-batches
     _checks.choice("method", method, METHODS)
     max_matvecs = _checks.positive_int("max_matvecs", max_matvecs)
     rtol = _checks.positive_float("rtol", rtol, allow_none=True)

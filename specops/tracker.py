@@ -50,6 +50,7 @@ from specops.output_space import Datum, check_datum
 from specops.density import spectral_density
 from specops.eigsh import eigsh
 from specops.io import atomic_save_npz, dumps
+from specops.model import ModelOperator
 from specops.preconditioner import preconditioned
 from specops.operator import aslinearoperator
 from specops.progress import bar as progress_bar
@@ -138,6 +139,8 @@ class Tracker:
             log is an error (nothing is overwritten).
         eigsh_options: keywords for :func:`~specops.eigsh` (``which``, ``tol``, ``max_matvecs``, ...).
         trace_options: keywords for :func:`~specops.trace` (``method``, ``max_matvecs``, ``rtol``, ...).
+            ``data_error=True`` here or in ``eigsh_options`` applies to the model-backed operators
+            (the curvatures and their blocks), not to ``H - G`` or the preconditioned operator.
         density_options: keywords for :func:`~specops.spectral_density` (``num_probes``, ``num_steps``).
         progress: a progress bar (``tqdm.auto``, :mod:`specops.progress`) over the metrics of
             each update: True, or a label.
@@ -154,9 +157,10 @@ class Tracker:
             diagonal: records the top ``k`` eigenvalues of ``P^{-1/2} H P^{-1/2}`` (those of
             ``P^{-1} H``) under ``record["preconditioned"]``, warm-started like ``H``'s.
         warm_lag: warm-start from the eigenvectors of ``warm_lag`` updates ago (once that many
-            are in memory; until then the last ones). 2 suits every-step tracking of gradient
-            descent at the edge of stability, where the top eigenvector alternates between two
-            states from step to step (docs/dynamics.md has the measured products).
+            are in memory; until then the last ones). ``"auto"`` (the default) takes those of
+            two updates ago when the last eigenvectors resemble them more than the ones before
+            (a period-two alternation, as of gradient descent at the edge of stability), else the
+            last ones; it costs no product (docs/dynamics.md has the measured products).
         threshold: the stability threshold to record with each step, a number or a callable
             (e.g. ``lambda: st.stability_threshold(optimizer)``, the current learning rate's).
         dynamics: record the loss (``loss_at()``), the gradient's norm and its alignment
@@ -182,7 +186,7 @@ class Tracker:
                  density_options: dict | None = None, progress: bool | str = False, comm: Any = None,
                  curvatures: str | Iterable[str] = ("hessian",), preconditioner: Any = None,
                  threshold: float | Callable[[], float] | None = None, dynamics: bool | None = None,
-                 warm_lag: int = 1, fisher_datum: Datum = "sample") -> None:
+                 warm_lag: int | Literal["auto"] = "auto", fisher_datum: Datum = "sample") -> None:
         if not callable(make_operator):
             raise TypeError("make_operator must be a callable returning the operator at the current weights, "
                             f"got {type(make_operator).__name__}")
@@ -208,8 +212,9 @@ class Tracker:
         self.curvatures = _check_curvatures(curvatures)
         self.fisher_datum = check_datum(fisher_datum)
         self.preconditioner, self.threshold = preconditioner, threshold
-        self.warm_lag = positive_int("warm_lag", warm_lag)
-        self._history: dict = {}  # name -> the last warm_lag eigenvector blocks, oldest first
+        self.warm_lag: int | Literal["auto"] = warm_lag if warm_lag == "auto" else positive_int(
+            "warm_lag", warm_lag)
+        self._history: dict = {}  # name -> the last eigenvector blocks (warm_lag of them, 3 for "auto"), oldest first
         self.dynamics = (preconditioner is not None or threshold is not None) if dynamics is None else bool(dynamics)
         if (self.dynamics or preconditioner is not None) and "eigenvalues" not in self.metrics:
             raise ValueError("preconditioner= and dynamics= need the 'eigenvalues' metric (the gradient's alignment "
@@ -412,8 +417,11 @@ class Tracker:
             return None
         past = self._history.get(name, [])
         A = aslinearoperator(A)
-        if len(past) >= self.warm_lag and tuple(past[0].shape) == (A.ops.local_rows(A.shape[0]), self.k):
-            return past[0]
+        shape = (A.ops.local_rows(A.shape[0]), self.k)
+        past = past if all(tuple(V.shape) == shape for V in past) else []
+        lag = self.warm_lag if self.warm_lag != "auto" else _period(A.ops, past)
+        if len(past) >= lag:
+            return past[-lag]
         return self.eigenvectors(A, name)
 
     def _metric(self, A: Any, name: str, metric: str, out: dict) -> tuple[int, bool]:
@@ -422,12 +430,15 @@ class Tracker:
                 "density": self.density_options}[metric]
         if name in self.blocks:
             opts = {**opts, **self.block_options.get(metric, {})}
+        if opts.get("data_error") and not isinstance(A, ModelOperator):  # H - G: no per-batch parts
+            opts = {**opts, "data_error": False}
         res: Any
         if metric == "eigenvalues":
             v0 = self._start(A, name)
             res = eigsh(A, k=self.k, seed=self.seed, v0=v0, **opts)
             self.vectors[name] = res.eigenvectors
-            self._history[name] = [*self._history.get(name, []), res.eigenvectors][-self.warm_lag:]
+            kept = 3 if self.warm_lag == "auto" else self.warm_lag
+            self._history[name] = [*self._history.get(name, []), res.eigenvectors][-kept:]
             out.update(eigenvalues=res.eigenvalues, residuals=res.residuals, converged=res.converged)
             if res.data_stderr is not None:  # eigsh_options={"data_error": True}
                 out["data_stderr"] = res.data_stderr
@@ -464,3 +475,19 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
+
+
+def _period(ops: Any, past: list) -> int:
+    """The warm start's lag for ``warm_lag="auto"``: 2 where the eigenvectors alternate, else 1.
+
+    ``past`` holds the last eigenvector blocks, oldest first. With three of them, the last one is
+    compared with the two before by ``||V_last^T V||_F^2`` (the squared cosines of the principal
+    angles between the spans); a closer match two updates back is a period-two alternation.
+    """
+    if len(past) < 3:
+        return 1
+
+    def similarity(V: Any) -> float:
+        return float(np.sum(np.asarray(ops.to_numpy(ops.inner(V, past[-1])), dtype=np.float64) ** 2))
+
+    return int(ops.decide(2 if similarity(past[-3]) > similarity(past[-2]) else 1))

@@ -67,8 +67,52 @@ def test_bad_input_says_what_is_needed():
         so.trace(np.eye(4), data_error=True)
     with pytest.raises(ValueError, match="one sample"):
         so.eigsh(_digits_hessian(1, 1), data_error=True)
-    with pytest.raises(ValueError, match="split it into several batches"):
-        so.trace(_digits_hessian(1, 16), data_error=True)
+    with pytest.raises(ValueError, match="one sample"):
+        so.trace(_digits_hessian(1, 1), data_error=True)
+
+
+def _one_batch_and_its_parts(dtype, loss_fn, samples=20, parts=8, **kwargs):
+    torch = pytest.importorskip("torch")
+    from specops.backends import torch as st
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(dtype)
+    X, y = torch.randn(samples, 4, dtype=dtype), torch.randint(0, 2, (samples,))
+    whole = st.hessian(model, loss_fn, (X, y), **kwargs)
+    parts = st.hessian(model, loss_fn, list(zip(X.tensor_split(parts), y.tensor_split(parts))), **kwargs)
+    return whole, parts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_batch_is_split_into_sub_batches_as_the_data_given_in_batches(dtype, reduction):
+    """Data as one batch of 20 samples gives the numbers of the same data as 8 batches (sizes 3 and 2)."""
+    torch = pytest.importorskip("torch")
+    whole, parts = _one_batch_and_its_parts(getattr(torch, dtype), torch.nn.CrossEntropyLoss(reduction=reduction))
+    rtol = 1e-4 if dtype == "float32" else 1e-10
+    a, b = (so.eigsh(H, k=2, tol=1e-6, data_error=True) for H in (whole, parts))
+    np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=rtol)
+    np.testing.assert_allclose(a.data_stderr, b.data_stderr, rtol=100 * rtol)
+    assert a.settings["data_error"]["batches"] == 8 and a.settings["data_error"]["samples"] == 20
+    assert np.all(a.data_stderr > 0) and len(whole.batch_sizes) == 1  # the caller's operator is left as it was
+    s, t = (so.trace(H, method="hutchinson", max_matvecs=12, data_error=True) for H in (whole, parts))
+    np.testing.assert_allclose([s.estimate, s.stderr, s.data_stderr], [t.estimate, t.stderr, t.data_stderr],
+                               rtol=100 * rtol)
+    assert s.data_stderr > 0
+
+
+def test_a_batch_whose_loss_is_no_mean_over_samples_is_not_split():
+    torch = pytest.importorskip("torch")
+
+    def batch_loss(model, batch):  # the squared mean loss: not the sample-weighted mean of its sub-batches'
+        inputs, targets = batch
+        return torch.nn.functional.cross_entropy(model(inputs), targets) ** 2
+
+    with pytest.warns(UserWarning, match="not separable"):
+        whole, _ = _one_batch_and_its_parts(torch.float64, batch_loss)
+    for call in (lambda: so.eigsh(whole, data_error=True), lambda: so.trace(whole, data_error=True)):
+        with pytest.raises(ValueError, match="cannot be split into sub-batches.*pass the data as several batches"):
+            call()
 
 
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])

@@ -113,6 +113,11 @@ def test_study_end_to_end(tiny_study):
         assert f"{100 * r['test_accuracy']:.1f}" in summary
         res = r["checkpoints"][-1]["residual"]["trace"]
         assert f"{res['estimate']:.4g} +- {res['stderr']:.2g}" in summary
+        last = r["checkpoints"][-1]  # the data's error beside the algorithm's (64 images split into 8 sub-batches)
+        assert len(last["data_stderr"]) == 2 and all(x > 0 for x in last["data_stderr"])
+        assert last["trace"]["data_stderr"] >= 0 and "data_stderr" not in res  # 0: the sub-batches spread less than 8 probes tell; H - G: no parts
+        assert (f"{last['eigenvalues'][0]:.4g} +- {last['data_stderr'][0]:.2g} | {last['trace']['estimate']:.4g} +- "
+                f"{last['trace']['stderr']:.2g} +- {last['trace']['data_stderr']:.2g}") in summary
         assert r["landscape"]["losses"]["__ndarray__"] and len(r["landscape"]["alphas"]["__ndarray__"]) == 3
 
 
@@ -135,8 +140,12 @@ def test_study_records_equal_independent_calls(tiny_study):
     assert last["trace"]["estimate"] == pytest.approx(tr.estimate, rel=1e-5)
     stage3 = specops.trace(H.restrict("stage3.*"), max_matvecs=6, seed=0)
     assert last["blocks"]["stage3"]["trace"]["estimate"] == pytest.approx(stage3.estimate, rel=1e-5)
-    eig = specops.eigsh(H, k=2, tol=1e-3, seed=0)
+    eig = specops.eigsh(H, k=2, tol=1e-3, seed=0, data_error=True)
     np.testing.assert_allclose(last["eigenvalues"], eig.eigenvalues, rtol=2e-3)
+    # the tracker's eigenvectors are warm-started, these cold: the same to the tolerance, and so their spread
+    np.testing.assert_allclose(last["data_stderr"], eig.data_stderr, rtol=0.05)
+    data = specops.trace(H, max_matvecs=8, seed=0, data_error=True)
+    assert last["trace"]["data_stderr"] == pytest.approx(data.data_stderr, rel=1e-4)
     G = st.ggn(model, nn.CrossEntropyLoss(), (torch.from_numpy(X[:64]), torch.from_numpy(y[:64])))
     ggn = last["curvatures"]["ggn"]
     np.testing.assert_allclose(ggn["eigenvalues"], specops.eigsh(G, k=2, tol=1e-3, seed=0).eigenvalues, rtol=2e-3)
@@ -249,3 +258,9 @@ def test_study_over_mpi_ranks_matches_one_process(tiny_study, tmp_path, split):
                 assert c2["blocks"][stage]["trace"]["estimate"] == pytest.approx(b["trace"]["estimate"], rel=1e-5)
         np.testing.assert_allclose(mpi["runs"][name]["landscape"]["losses"]["__ndarray__"],
                                    r["landscape"]["losses"]["__ndarray__"], rtol=1e-3)
+
+
+def test_data_errors_are_on_unless_asked_off():
+    on = study.config_from_args(study.build_parser().parse_args(TINY))
+    off = study.config_from_args(study.build_parser().parse_args([*TINY, "--no-data-error"]))
+    assert on.data_error and not off.data_error and off.to_dict()["data_error"] is False

@@ -128,3 +128,47 @@ def test_warm_lag_starts_from_two_updates_ago():
     assert max(used[2][2:]) <= 3 < min(used[1][1:])
     with pytest.raises(ValueError, match="warm_lag must be an integer >= 1"):
         so.Tracker(lambda: A, warm_lag=0)
+
+
+def _rotating(angles):
+    """Operators whose top two eigenvectors are those of one matrix turned by each angle (tiny noise added)."""
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.normal(size=(60, 60)))[0]
+    w = np.linspace(0, 1, 60)
+    w[-1], w[-2] = 3.0, 2.9
+    noise = np.random.default_rng(1)
+    out = []
+    for a in angles:
+        R = Q.copy()
+        R[:, -1], R[:, -2] = np.cos(a) * Q[:, -1] + np.sin(a) * Q[:, -2], -np.sin(a) * Q[:, -1] + np.cos(a) * Q[:, -2]
+        E = noise.normal(size=(60, 60)) * 1e-6
+        out.append((R * w) @ R.T + E + E.T)
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["alternating", "drifting"])
+def test_warm_lag_auto_starts_from_two_updates_ago_only_where_the_vectors_alternate(pattern, monkeypatch):
+    # alternating: GD at the edge of stability (two states, step after step); drifting: a steady turn
+    angles = [0.7 * (i % 2) for i in range(8)] if pattern == "alternating" else [0.2 * i for i in range(8)]
+    import specops.tracker as tracker_module
+
+    starts, found = [], []
+
+    def spy(A, **kwargs):
+        starts.append(kwargs.get("v0"))
+        res = so.eigsh(A, **kwargs)
+        found.append(res.eigenvectors)
+        return res
+
+    monkeypatch.setattr(tracker_module, "eigsh", spy)
+    ops = iter(_rotating(angles))
+    tracker = so.Tracker(lambda: next(ops), metrics="eigenvalues", k=1, seed=0, eigsh_options={"tol": 1e-3})
+    records = [tracker.update(i) for i in range(len(angles))]
+    assert tracker.warm_lag == "auto" and all(r["converged"][0] for r in records)
+    lag = 2 if pattern == "alternating" else 1
+    assert starts[0] is None and all(starts[t] is found[t - 1] for t in (1, 2))  # fewer than three kept: the last
+    assert all(starts[t] is found[t - lag] for t in range(3, len(angles)))
+    if pattern == "alternating":  # there two updates ago is the exact eigenvector: Lanczos stops at once
+        assert max(r["num_matvecs"] for r in records[3:]) <= 3
+    with pytest.raises(ValueError, match="or 'auto'"):
+        so.Tracker(lambda: np.eye(3), warm_lag="two")

@@ -210,20 +210,23 @@ class TorchAdapter(_EngineChecks):
         device = self.ops.torch_device
         return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
-    def check_random_forward(self, batch: Any) -> None:
+    def check_random_forward(self, batch: Any) -> float | None:
         """Raise if one forward pass of ``batch`` draws random numbers (``random_layers="error"``).
 
         Catches what inspecting the modules cannot: ``torch.rand``, ``F.dropout`` and other
         random functions called in a ``forward``. The caller's generator state is kept.
+
+        Returns:
+            The batch's loss from that forward pass (None with other ``random_layers``).
         """
         if self.random_layers != "error":
-            return
+            return None
         device = self.ops.torch_device
         batch = self._prepare(batch)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             before = _rng_states(device)
             with torch.no_grad():
-                self._loss(self._theta, batch)
+                loss = float(self._loss(self._theta, batch))
             after = _rng_states(device)
         if any(not torch.equal(a, b) for a, b in zip(before, after)):
             raise NonDeterministicError(
@@ -232,6 +235,7 @@ class TorchAdapter(_EngineChecks):
                 "torch.randn_like, ...) makes every product use new random numbers, so the loss has no "
                 "fixed Hessian. " + _random_layers_fix()
             )
+        return loss
 
     def loss(self, batch: Any, delta: torch.Tensor | None = None) -> float:
         theta = self._theta if delta is None else self._theta + delta

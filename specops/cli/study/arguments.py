@@ -48,6 +48,7 @@ class Config:
     landscape_steps: int
     landscape_span: float
     curvatures: tuple = ("hessian",)
+    data_error: bool = True
 
     def to_dict(self) -> dict:
         """The settings as JSON types (tuples as lists)."""
@@ -113,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curvature", default="hessian",
                    help="comma-separated curvatures tracked at every checkpoint: hessian (always), ggn, "
                         "empirical_fisher, mc_fisher; with ggn the trace of H - G too (default hessian)")
+    p.add_argument("--no-data-error", action="store_true",
+                   help="leave out the data standard errors of the top eigenvalues and traces (reported by "
+                        "default, beside the algorithm's: the Hessian samples as 8 batches or more)")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--split", choices=("runs", "data"), default="runs",
@@ -185,7 +189,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   stage_trace_matvecs=args.stage_trace_matvecs,
                   esd_probes=args.esd_probes, esd_steps=args.esd_steps, eig_tol=args.eig_tol,
                   landscape_steps=args.landscape_steps, landscape_span=args.landscape_span,
-                  curvatures=curvatures, **pick)
+                  curvatures=curvatures, data_error=not args.no_data_error, **pick)
 
 
 def _positive(flag: str, value: Any, minimum: int = 1) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from specops.cli.study.arguments import STAGES
-from specops.cli.study.summary import bar_error, runs_by_depth, series
+from specops.cli.study.summary import bar_error, data_errors, runs_by_depth, series
 from specops.plots import atomic_savefig
 
 
@@ -27,10 +27,16 @@ def write_figures(study: dict, out: str) -> list[str]:
                               ("eig", "top_eigenvalue.png", "top eigenvalue of the Hessian")):
         fig, axes = plt.subplots(1, len(depths), figsize=(4.8 * len(depths), 3.8), squeeze=False)
         for ax, d in zip(axes[0], depths):
+            banded = False
             for r in by_depth[d]:
                 s, v, e = series(r, key)
-                ax.errorbar(s, v, yerr=e, marker="o", ms=3, capsize=3, label=r["label"])
-            ax.set_title(f"ResNet-{d}")
+                line = ax.errorbar(s, v, yerr=e, marker="o", ms=3, capsize=3, label=r["label"])
+                data = data_errors(r, key)
+                if data is not None:  # the data's error as a band, the algorithm's as bars
+                    ax.fill_between(s, v - data, v + data, color=line[0].get_color(), alpha=0.2, lw=0)
+                    banded = True
+            ax.set_title(f"ResNet-{d}" + (" (bars: algorithm's error; bands: data's)" if banded else ""),
+                         fontsize=9 if banded else None)
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
             if all(np.all(series(r, key)[1] > 0) for r in by_depth[d]):

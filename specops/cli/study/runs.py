@@ -155,7 +155,7 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
     m = min(cfg.hessian_samples, len(data[0]))
     mine = shard_range(m, comm)
     X, y = torch.from_numpy(data[0][mine.start : mine.stop]), torch.from_numpy(data[1][mine.start : mine.stop])
-    chunk = 256
+    chunk = min(256, -(-m // 8))  # 8 batches or more: the data errors' jackknife (the same on every rank count)
     batches = [(X[i : i + chunk], y[i : i + chunk]) for i in range(0, len(mine), chunk)]
     loss_fn = nn.CrossEntropyLoss()
 
@@ -166,7 +166,8 @@ def curvature_run(cfg: Config, variant: str, depth: int, lr: float, data: tuple,
         make_operator, path=os.path.join(folder, "curvature.jsonl"), k=cfg.k, seed=cfg.seed,
         blocks={s: f"{s}.*" for s in STAGES}, block_metrics=("trace",), resume=True,
         block_options={"trace": dict(max_matvecs=cfg.stage_trace_matvecs)},
-        eigsh_options=dict(tol=cfg.eig_tol), trace_options=dict(max_matvecs=cfg.trace_matvecs),
+        eigsh_options=dict(tol=cfg.eig_tol, data_error=cfg.data_error),
+        trace_options=dict(max_matvecs=cfg.trace_matvecs, data_error=cfg.data_error),
         density_options=dict(num_probes=cfg.esd_probes, num_steps=cfg.esd_steps), progress=progress,
         curvatures=cfg.curvatures, comm=comm)
     lr_folder = os.path.join(folder, _lr_name(lr))
@@ -220,7 +221,8 @@ def run_study(cfg: Config, out: str, *, resume: bool = False, comm: Any = None, 
             error = str(e)
         if error is None and os.path.exists(settings_path):
             with open(settings_path) as fh:
-                old = {"curvatures": ["hessian"], **json.load(fh)}  # studies from before --curvature
+                # studies from before --curvature and the data errors
+                old = {"curvatures": ["hessian"], "data_error": False, **json.load(fh)}
             if not resume:
                 error = (f"--out {out!r} already holds a study; pass --resume to continue it or choose another "
                          "--out")

@@ -32,6 +32,18 @@ def series(run: dict, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.array([c["residuals"][0] for c in run["checkpoints"]]))
 
 
+def data_errors(run: dict, key: str) -> np.ndarray | None:
+    """The data standard errors of a run's trace (``"trace"``) or top eigenvalue over its checkpoints.
+
+    None when the study recorded none (``--no-data-error``, or a study from before them).
+    """
+    if key == "trace":
+        values = [c["trace"].get("data_stderr") for c in run["checkpoints"]]
+    else:
+        values = [c["data_stderr"][0] if "data_stderr" in c else None for c in run["checkpoints"]]
+    return None if any(v is None for v in values) else np.array([bar_error(v) for v in values])
+
+
 def _curvature_rows(study: dict) -> list[str]:
     """The table of every curvature's top eigenvalue and trace at the last checkpoint."""
     from specops.tracker import RESIDUAL, TrackerLog
@@ -78,16 +90,25 @@ def summary_markdown(study: dict, images: list[str]) -> str:
     for d in sorted(by_depth):
         cells = {r["label"]: f"{100 * r['test_accuracy']:.1f}" for r in by_depth[d]}
         lines.append(f"| ResNet-{d} | " + " | ".join(cells.get(v, "-") for v in variants) + " |")
-    lines += ["", "## Curvature at the last checkpoint", "",
-              "| depth | variant | lr | train acc | test acc | top eigenvalue | trace +- stderr | "
-              "stage 1 trace | stage 2 trace | stage 3 trace |", "|---|---|---|---|---|---|---|---|---|---|"]
+    data = s.get("data_error", False)
+    lines += ["", "## Curvature at the last checkpoint", ""]
+    if data:
+        lines += [f"Beside the algorithm's error (the top eigenvalue's residual, the trace's probe stderr), the data's: "
+                  f"the standard error over resampling the {s['hessian_samples']} Hessian images (`data_error=True`; "
+                  "docs/algorithms.md, \"How much data?\"). The two are independent: they add in quadrature.", ""]
+    lines += ["| depth | variant | lr | train acc | test acc | top eigenvalue"
+              + (" +- data stderr" if data else "") + " | trace +- stderr" + (" +- data stderr" if data else "")
+              + " | stage 1 trace | stage 2 trace | stage 3 trace |", "|---|---|---|---|---|---|---|---|---|---|"]
     for d in sorted(by_depth):
         for r in by_depth[d]:
             c = r["checkpoints"][-1]
             st = [c["blocks"][x]["trace"] for x in STAGES]
+            top, tr = _f(c["eigenvalues"][0]), f"{_f(c['trace']['estimate'])} +- {_f(c['trace']['stderr'], 2)}"
+            if data:
+                top += f" +- {_f(c['data_stderr'][0], 2)}"
+                tr += f" +- {_f(c['trace']['data_stderr'], 2)}"
             lines.append(f"| {d} | {r['label']} | {r['best_lr']:g} | {100 * r['train_accuracy']:.1f} | "
-                         f"{100 * r['test_accuracy']:.1f} | {_f(c['eigenvalues'][0])} | "
-                         f"{_f(c['trace']['estimate'])} +- {_f(c['trace']['stderr'], 2)} | "
+                         f"{100 * r['test_accuracy']:.1f} | {top} | {tr} | "
                          + " | ".join(f"{_f(t['estimate'])}" for t in st) + " |")
     lines += _curvature_rows(study)
     lines += ["", "## Learning-rate sweep (held-out accuracy)", "",
