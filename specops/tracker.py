@@ -212,8 +212,9 @@ class Tracker:
         self.curvatures = _check_curvatures(curvatures)
         self.fisher_datum = check_datum(fisher_datum)
         self.preconditioner, self.threshold = preconditioner, threshold
-        self.warm_lag: int | Literal["auto"] = warm_lag if warm_lag == "auto" else positive_int(
-            "warm_lag", warm_lag)
+        if warm_lag != "auto" and (isinstance(warm_lag, (bool, str)) or not warm_lag >= 1):
+            raise ValueError(f"warm_lag must be an integer >= 1 or 'auto', got {warm_lag!r}")
+        self.warm_lag: int | Literal["auto"] = warm_lag if warm_lag == "auto" else positive_int("warm_lag", warm_lag)
         self._history: dict = {}  # name -> the last eigenvector blocks (warm_lag of them, 3 for "auto"), oldest first
         self.dynamics = (preconditioner is not None or threshold is not None) if dynamics is None else bool(dynamics)
         if (self.dynamics or preconditioner is not None) and "eigenvalues" not in self.metrics:
