@@ -451,41 +451,58 @@ def _subsketch(H: np.ndarray, R: np.ndarray, W: np.ndarray, keep: np.ndarray) ->
     return float(np.mean(_leave_one_out(V.T @ H @ V, Rk, V.T @ W[:, keep])))
 
 
-def _jackknife(H: np.ndarray, R: np.ndarray, W: np.ndarray, probes: np.ndarray, groups: int) -> float:
-    """The delete-a-group jackknife variance of XTrace on ``probes`` (``groups`` groups)."""
+def _jackknife(H: np.ndarray, R: np.ndarray, W: np.ndarray, probes: np.ndarray) -> float:
+    """The delete-a-group jackknife variance of XTrace on ``probes`` (``min(len, 20)`` groups, 10 past 400)."""
+    groups = JACKKNIFE_GROUPS if len(probes) <= JACKKNIFE_LARGE else 10
     parts = np.array_split(probes, min(len(probes), groups))
     t = np.array([_subsketch(H, R, W, np.setdiff1d(probes, group)) for group in parts])
     g = len(parts)
     return float((g - 1) / g * np.sum((t - t.mean()) ** 2))
 
 
-def _calibrated_stderr(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> float:
-    """XTrace's standard error: the jackknife, divided by what it overstates at the estimator's rate.
+def _split_variance(H: np.ndarray, R: np.ndarray, W: np.ndarray, rng: np.random.Generator) -> float:
+    """An unbiased estimate of XTrace's variance with half the probes: the spread of its two halves.
 
-    The delete-a-group jackknife (``g`` groups) measures how the estimate moves when ``1/g``
-    of the probes go. For an estimator whose variance falls like ``c / m^p`` that is
-    ``F(p) = (g - 1)((g / (g - 1))^p - 1)`` times the variance: right for a mean (``p = 1``),
-    too large for XTrace, whose variance falls faster on decaying spectra (``p`` 2 and more).
-    ``p`` is measured on the sketch itself: the jackknife of each half of the probes against
-    that of all of them is ``2^p``; ``p`` is clipped to ``[1, P_MAX]``, so the result is
-    at most the plain jackknife's and at least ``1/sqrt(F(P_MAX))`` of it.
+    XTrace on two disjoint halves of the (independent) probes gives two independent
+    estimates ``T_a``, ``T_b``; ``(T_a - T_b)^2 / 2`` is unbiased for the variance with
+    ``m/2`` probes, and it is averaged over ``SPLITS`` random partitions.
     """
     m = R.shape[1]
-    g = min(m, JACKKNIFE_GROUPS if m <= JACKKNIFE_LARGE else 10)
+    v = [np.var([_subsketch(H, R, W, np.sort(half)) for half in np.array_split(rng.permutation(m), 2)], ddof=1)
+         for _ in range(SPLITS)]
+    return float(np.mean(v))
+
+
+def _calibrated_stderr(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> float:
+    """XTrace's standard error: its variance measured on halves of the probes, carried to all of them.
+
+    ``V(m/2)``, the variance with half the probes, is measured without bias from disjoint
+    halves (:func:`_split_variance`). It is carried to ``m`` probes by the rate at which the
+    variance falls from ``m/2`` to ``m``, read from the delete-a-group jackknife of the
+    halves (``J(m/2)``, mean of the two) and of all probes (``J(m)``):
+    ``V(m) = V(m/2) J(m) / J(m/2)``, the ratio clipped to ``[2^-P_MAX, 1]``. The jackknife
+    alone overstates the variance (Efron-Stein: by the interactions between probes, and by
+    the rate), but by similar factors at ``m/2`` and ``m``, which cancel in the ratio.
+    Below ``MIN_SPLIT`` probes, the plain jackknife of all probes.
+    """
+    m = R.shape[1]
     probes = np.arange(m)
-    full = _jackknife(H, R, W, probes, g)
-    if m < 2 * MIN_HALF:
+    full = _jackknife(H, R, W, probes)
+    if m < MIN_SPLIT:
         return float(np.sqrt(full))
-    half = float(np.mean([_jackknife(H, R, W, part, g) for part in np.array_split(probes, 2)]))
-    p = float(np.clip(np.log2(max(half, 1e-300) / max(full, 1e-300)), 1.0, P_MAX))
-    return float(np.sqrt(full / ((g - 1) * ((g / (g - 1)) ** p - 1))))
+    half = float(np.mean([_jackknife(H, R, W, part) for part in np.array_split(probes, 2)]))
+    rate = float(np.clip(full / max(half, 1e-300), 2.0**-P_MAX, 1.0))
+    rng = np.random.default_rng(m)  # the probes are exchangeable: any fixed partitions serve
+    return float(np.sqrt(_split_variance(H, R, W, rng) * rate))
 
 
-#: The largest variance decay rate ``p`` the XTrace calibration trusts (measured up to 15 on
-#: a 0.9^i spectrum at 100 probes).
+#: The fastest fall of XTrace's variance from ``m/2`` to ``m`` probes the calibration trusts,
+#: a factor ``2^P_MAX`` (measured up to ``2^15`` on a 0.9^i spectrum at 100 probes).
 P_MAX = 16.0
-#: Probes per half below which the rate is not measured (the plain jackknife is reported).
-MIN_HALF = 10
+#: Probes below which XTrace's standard error is the plain (conservative) jackknife.
+MIN_SPLIT = 16
+#: Random partitions into halves averaged in :func:`_split_variance`.
+SPLITS = 20
 
 
 def _leave_one_out(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> np.ndarray:
