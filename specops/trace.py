@@ -419,17 +419,13 @@ class _Sketch:
         self.H, self.Q2 = H, None
 
     def estimate(self) -> tuple[float, float]:
-        """XTrace's estimate (the mean of its leave-one-out estimates ``t_i``) and a jackknife standard error.
+        """XTrace's estimate (the mean of its leave-one-out estimates ``t_i``) and its standard error.
 
         The ``t_i`` share most of their basis (each pair of probes enters two of them),
         so the spread of the ``t_i`` divided by ``sqrt(m)`` (the paper's error estimate)
-        understates the error: median ``|err| / stderr`` 1.2-1.7 on a scaled identity and
-        1.3 on a decaying spectrum, where an honest stderr gives 0.67. The stderr is the
-        delete-a-group jackknife of the whole estimator instead (``g = min(m, 20)`` groups
-        of probes, 10 past 400 probes; XTrace rerun on the host without each group), which
-        Efron-Stein makes conservative, divided by what it overstates at the rate the
-        estimator's variance falls, measured on the sketch (:func:`_calibrated_stderr`):
-        RMS error / stderr 0.6-1.2 on twelve spectra (docs/algorithms.md).
+        understates the error, and the delete-a-group jackknife overstates it. The
+        standard error is measured on disjoint halves of the probes instead
+        (:func:`_calibrated_stderr`; calibration table in docs/algorithms.md).
         """
         H, R, W = self.H, self.R, self.W
         if self.exact:
@@ -465,11 +461,12 @@ def _split_variance(H: np.ndarray, R: np.ndarray, W: np.ndarray, rng: np.random.
 
     XTrace on two disjoint halves of the (independent) probes gives two independent
     estimates ``T_a``, ``T_b``; ``(T_a - T_b)^2 / 2`` is unbiased for the variance with
-    ``m/2`` probes, and it is averaged over ``SPLITS`` random partitions.
+    ``m/2`` probes, and it is averaged over ``SPLITS`` random partitions (half as many past
+    ``JACKKNIFE_LARGE`` probes, where each costs ``O(m^3)`` host flops).
     """
     m = R.shape[1]
     v = [np.var([_subsketch(H, R, W, np.sort(half)) for half in np.array_split(rng.permutation(m), 2)], ddof=1)
-         for _ in range(SPLITS)]
+         for _ in range(SPLITS if m <= JACKKNIFE_LARGE else SPLITS // 2)]
     return float(np.mean(v))
 
 
