@@ -481,8 +481,8 @@ def _calibrated_stderr(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> float:
     alone overstates the variance (Efron-Stein: by the interactions between probes, and by
     the rate), but by similar factors at ``m/2`` and ``m``, which cancel in the ratio.
     The paper's ``var(t_i) / m`` is a floor: it leaves out the covariance of the
-    exchangeable ``t_i`` (``Var(mean) = (Var - Cov) / m + Cov``), which is positive here,
-    and it steadies the few runs whose measured rate is too optimistic. Below
+    exchangeable ``t_i`` (``Var(mean) = (Var - Cov) / m + Cov``; a floor in expectation
+    where ``Cov >= 0``), and it steadies the few runs whose measured rate is too optimistic. Below
     ``MIN_SPLIT`` probes, the plain jackknife of all probes.
     """
     m = R.shape[1]
