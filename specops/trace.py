@@ -422,17 +422,13 @@ class _Sketch:
         self.H, self.Q2 = H, None
 
     def estimate(self) -> tuple[float, float]:
-        """XTrace's estimate (the mean of its leave-one-out estimates ``t_i``) and a jackknife standard error.
+        """XTrace's estimate (the mean of its leave-one-out estimates ``t_i``) and its standard error.
 
         The ``t_i`` share most of their basis (each pair of probes enters two of them),
         so the spread of the ``t_i`` divided by ``sqrt(m)`` (the paper's error estimate)
-        understates the error: median ``|err| / stderr`` 1.2-1.7 on a scaled identity and
-        1.3 on a decaying spectrum, where an honest stderr gives 0.67. The stderr is the
-        delete-a-group jackknife of the whole estimator instead (``g = min(m, 20)`` groups
-        of probes, 10 past 400 probes; XTrace rerun on the host without each group), which
-        Efron-Stein makes conservative, divided by what it overstates at the rate the
-        estimator's variance falls, measured on the sketch (:func:`_calibrated_stderr`):
-        RMS error / stderr 0.6-1.2 on twelve spectra (docs/algorithms.md).
+        understates the error, and the delete-a-group jackknife overstates it. The
+        standard error is measured on disjoint halves of the probes instead
+        (:func:`_calibrated_stderr`; calibration table in docs/algorithms.md).
         """
         H, R, W = self.H, self.R, self.W
         if self.exact:
@@ -454,41 +450,63 @@ def _subsketch(H: np.ndarray, R: np.ndarray, W: np.ndarray, keep: np.ndarray) ->
     return float(np.mean(_leave_one_out(V.T @ H @ V, Rk, V.T @ W[:, keep])))
 
 
-def _jackknife(H: np.ndarray, R: np.ndarray, W: np.ndarray, probes: np.ndarray, groups: int) -> float:
-    """The delete-a-group jackknife variance of XTrace on ``probes`` (``groups`` groups)."""
+def _jackknife(H: np.ndarray, R: np.ndarray, W: np.ndarray, probes: np.ndarray) -> float:
+    """The delete-a-group jackknife variance of XTrace on ``probes`` (``min(len, 20)`` groups, 10 past 400)."""
+    groups = JACKKNIFE_GROUPS if len(probes) <= JACKKNIFE_LARGE else 10
     parts = np.array_split(probes, min(len(probes), groups))
     t = np.array([_subsketch(H, R, W, np.setdiff1d(probes, group)) for group in parts])
     g = len(parts)
     return float((g - 1) / g * np.sum((t - t.mean()) ** 2))
 
 
-def _calibrated_stderr(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> float:
-    """XTrace's standard error: the jackknife, divided by what it overstates at the estimator's rate.
+def _split_variance(H: np.ndarray, R: np.ndarray, W: np.ndarray, rng: np.random.Generator) -> float:
+    """An unbiased estimate of XTrace's variance with half the probes: the spread of its two halves.
 
-    The delete-a-group jackknife (``g`` groups) measures how the estimate moves when ``1/g``
-    of the probes go. For an estimator whose variance falls like ``c / m^p`` that is
-    ``F(p) = (g - 1)((g / (g - 1))^p - 1)`` times the variance: right for a mean (``p = 1``),
-    too large for XTrace, whose variance falls faster on decaying spectra (``p`` 2 and more).
-    ``p`` is measured on the sketch itself: the jackknife of each half of the probes against
-    that of all of them is ``2^p``; ``p`` is clipped to ``[1, P_MAX]``, so the result is
-    at most the plain jackknife's and at least ``1/sqrt(F(P_MAX))`` of it.
+    XTrace on two disjoint halves of the (independent) probes gives two independent
+    estimates ``T_a``, ``T_b``; ``(T_a - T_b)^2 / 2`` is unbiased for the variance with
+    ``m/2`` probes, and it is averaged over ``SPLITS`` random partitions (half as many past
+    ``JACKKNIFE_LARGE`` probes, where each costs ``O(m^3)`` host flops).
     """
     m = R.shape[1]
-    g = min(m, JACKKNIFE_GROUPS if m <= JACKKNIFE_LARGE else 10)
+    v = [np.var([_subsketch(H, R, W, np.sort(half)) for half in np.array_split(rng.permutation(m), 2)], ddof=1)
+         for _ in range(SPLITS if m <= JACKKNIFE_LARGE else SPLITS // 2)]
+    return float(np.mean(v))
+
+
+def _calibrated_stderr(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> float:
+    """XTrace's standard error: its variance measured on halves of the probes, carried to all of them.
+
+    ``V(m/2)``, the variance with half the probes, is measured without bias from disjoint
+    halves (:func:`_split_variance`). It is carried to ``m`` probes by the rate at which the
+    variance falls from ``m/2`` to ``m``, read from the delete-a-group jackknife of the
+    halves (``J(m/2)``, mean of the two) and of all probes (``J(m)``):
+    ``V(m) = V(m/2) J(m) / J(m/2)``, the ratio clipped to ``[2^-P_MAX, 1]``. The jackknife
+    alone overstates the variance (Efron-Stein: by the interactions between probes, and by
+    the rate), but by similar factors at ``m/2`` and ``m``, which cancel in the ratio.
+    The paper's ``var(t_i) / m`` is a floor: it leaves out the covariance of the
+    exchangeable ``t_i`` (``Var(mean) = (Var - Cov) / m + Cov``; a floor in expectation
+    where ``Cov >= 0``), and it steadies the few runs whose measured rate is too optimistic. Below
+    ``MIN_SPLIT`` probes, the plain jackknife of all probes.
+    """
+    m = R.shape[1]
     probes = np.arange(m)
-    full = _jackknife(H, R, W, probes, g)
-    if m < 2 * MIN_HALF:
+    full = _jackknife(H, R, W, probes)
+    if m < MIN_SPLIT:
         return float(np.sqrt(full))
-    half = float(np.mean([_jackknife(H, R, W, part, g) for part in np.array_split(probes, 2)]))
-    p = float(np.clip(np.log2(max(half, 1e-300) / max(full, 1e-300)), 1.0, P_MAX))
-    return float(np.sqrt(full / ((g - 1) * ((g / (g - 1)) ** p - 1))))
+    half = float(np.mean([_jackknife(H, R, W, part) for part in np.array_split(probes, 2)]))
+    rate = float(np.clip(full / max(half, 1e-300), 2.0**-P_MAX, 1.0))
+    rng = np.random.default_rng(m)  # the probes are exchangeable: any fixed partitions serve
+    t = _leave_one_out(H, R, W)
+    return float(np.sqrt(max(_split_variance(H, R, W, rng) * rate, np.var(t, ddof=1) / m)))
 
 
-#: The largest variance decay rate ``p`` the XTrace calibration trusts (measured up to 15 on
-#: a 0.9^i spectrum at 100 probes).
+#: The fastest fall of XTrace's variance from ``m/2`` to ``m`` probes the calibration trusts,
+#: a factor ``2^P_MAX`` (measured up to ``2^15`` on a 0.9^i spectrum at 100 probes).
 P_MAX = 16.0
-#: Probes per half below which the rate is not measured (the plain jackknife is reported).
-MIN_HALF = 10
+#: Probes below which XTrace's standard error is the plain (conservative) jackknife.
+MIN_SPLIT = 16
+#: Random partitions into halves averaged in :func:`_split_variance`.
+SPLITS = 20
 
 
 def _leave_one_out(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> np.ndarray:

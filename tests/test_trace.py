@@ -173,3 +173,55 @@ def test_a_sketch_too_large_for_memory(monkeypatch, decaying):
         r = so.trace(A, max_matvecs=40, seed=0)
     assert r.settings["estimator"] == "hutchinson"
     assert abs(r.estimate - truth) < 5 * r.stderr
+
+
+CALIBRATION = {  # small dense operators of the calibration table's kinds (docs/algorithms.md)
+    "i^-2": 1.0 / np.arange(1, 121) ** 2,
+    "1/i": 1.0 / np.arange(1, 121),
+    "uniform [0, 1]": np.random.default_rng(4).uniform(0, 1, 120),
+    "1 + 1e-3 noise": 1 + 1e-3 * np.random.default_rng(5).standard_normal(120),
+}
+
+
+def _rms_z(A, truth, method, m, seeds, dtype=np.float64):
+    z = []
+    for s in seeds:
+        r = so.trace(so.aslinearoperator(A.astype(dtype)), method=method, num_matvecs=m, seed=s)
+        z.append((r.estimate - truth) / r.stderr)
+    return float(np.sqrt(np.mean(np.square(z))))
+
+
+@pytest.mark.parametrize("name", list(CALIBRATION))
+def test_stderrs_are_calibrated(name):
+    """RMS of error / stderr over 100 seeds near 1 for XTrace, Hutch++ and Hutchinson (the issue's
+    band is 0.8-1.2 at 200 seeds; 100 seeds leave the RMS uncertain by about 10%)."""
+    A, lam = symmetric_with_spectrum(CALIBRATION[name], seed=6)
+    for method in ("xtrace", "hutch++", "hutchinson"):
+        rms = _rms_z(A, lam.sum(), method, 48, range(100))
+        assert 0.7 <= rms <= 1.3, (method, rms)
+
+
+def test_xtrace_stderr_calibrated_in_float32():
+    A, lam = symmetric_with_spectrum(CALIBRATION["1/i"], seed=6)
+    assert 0.7 <= _rms_z(A, lam.sum(), "xtrace", 48, range(100), np.float32) <= 1.3
+
+
+@pytest.mark.parametrize("planted", ["jackknife", "paper"])
+def test_a_miscalibrated_xtrace_stderr_is_caught(monkeypatch, planted):
+    """The calibration check fails on the plain jackknife (overstates) and on the paper's
+    ``std(t_i) / sqrt(m)`` (understates)."""
+    import importlib
+
+    trace_module = importlib.import_module("specops.trace")
+
+    def jackknife(H, R, W):
+        return np.sqrt(trace_module._jackknife(H, R, W, np.arange(R.shape[1])))
+
+    def paper(H, R, W):
+        t = trace_module._leave_one_out(H, R, W)
+        return np.std(t, ddof=1) / np.sqrt(len(t))
+
+    monkeypatch.setattr(trace_module, "_calibrated_stderr", {"jackknife": jackknife, "paper": paper}[planted])
+    A, lam = symmetric_with_spectrum(CALIBRATION["1/i"], seed=6)
+    rms = _rms_z(A, lam.sum(), "xtrace", 48, range(100))
+    assert not 0.7 <= rms <= 1.3, rms  # measured: 0.56 (jackknife), 1.62 (paper)
