@@ -186,7 +186,7 @@ CALIBRATION = {  # small dense operators of the calibration table's kinds (docs/
 def _rms_z(A, truth, method, m, seeds, dtype=np.float64):
     z = []
     for s in seeds:
-        r = so.trace(so.aslinearoperator(A.astype(dtype)), method=method, num_matvecs=m, seed=s)
+        r = so.trace(so.aslinearoperator(A.astype(dtype)), method=method, max_matvecs=m, seed=s)
         z.append((r.estimate - truth) / r.stderr)
     return float(np.sqrt(np.mean(np.square(z))))
 
