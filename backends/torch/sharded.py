@@ -22,8 +22,11 @@ the gradients: about ``1e-10`` relative in float64 and ``1e-4`` to ``1e-3`` in f
 The batches of each rank are weighted by their sample counts over all ranks (each rank's
 loss is scaled so that FSDP2's average over the ranks is the sample-weighted mean); every
 rank must pass the same number of batches (each backward is collective). Parameters are
-stepped in place and restored exactly (from a copy) after each gradient; their ``.grad``
-is kept and restored.
+stepped in place and restored exactly (from a copy) after each product; their ``.grad``
+is kept and restored. A product writes ``theta +- h u`` into the shards from a copy kept in
+one buffer of this rank's rows (allocated once), and adds each side's gradient shards
+straight into its output: beyond the two gradients it reads and writes the shards a few
+times and allocates nothing of size ``n/p``.
 """
 
 from __future__ import annotations
@@ -161,11 +164,13 @@ class FSDPAdapter(ModelAdapter):
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
         local = self.params[0].to_local()
-        self.ops = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
+        self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
                               _pieces(named, self.layout))
         self.comm, self.weights = comm, weights
         self._loss = _LossModule(model, loss_fn, resolve_loss_form(loss_fn, loss_form), local.dtype)
         self._fingerprint = self._layout_now()
+        self._theta: torch.Tensor | None = None  # the saved shards during a product (n_local numbers)
+        self._theta_dtype, self._device = local.dtype, local.device
         theta = self.params_vector()
         self._scale = max(1.0, float(np.sqrt(comm.allreduce_host(float(torch.sum(theta.double() ** 2))) /
                                              self.layout.num_params)))
@@ -174,7 +179,18 @@ class FSDPAdapter(ModelAdapter):
         return [(id(p), tuple(p.to_local().shape), str(p.device), str(p.placements), p.dtype)
                 for _, p in self.model.named_parameters() if p.requires_grad]
 
+    def _reshard(self) -> None:
+        """Return every FSDP2 module's parameters to their shards.
+
+        A forward without gradients leaves the root's parameters unsharded (FSDP2 keeps the
+        root gathered after its forward, for the backward that usually follows).
+        """
+        for module in self.model.modules():
+            if hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state"):
+                module.reshard()
+
     def _check_unchanged(self) -> None:
+        self._reshard()
         if self._layout_now() != self._fingerprint:
             raise RuntimeError("the model's parameters were moved, re-sharded or replaced after the operator was "
                                "built (device, dtype, placements or local shapes differ); build the operator "
@@ -191,33 +207,46 @@ class FSDPAdapter(ModelAdapter):
     def _locals(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self.params]
 
-    def _gradient_at(self, delta: torch.Tensor | None, batch: Any, scale: float) -> torch.Tensor:
-        """This rank's shard of the gradient of ``scale * loss`` over every rank's batch, at theta + delta."""
-        self._check_unchanged()
-        saved = [p.grad for p in self.params]
-        shards = self._locals()
-        theta = [s.detach().clone() for s in shards] if delta is not None else None
-        try:
+    def _saved_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The shards copied into a buffer of this rank's rows, kept between products (no new allocation)."""
+        if self._theta is None:
+            self._theta = torch.empty(self._sharded.count, dtype=shards[0].dtype, device=shards[0].device)
+        saved, at = [], 0
+        with torch.no_grad():
+            for s in shards:
+                saved.append(self._theta[at : at + s.numel()].view_as(s))
+                saved[-1].copy_(s)
+                at += s.numel()
+        return saved
+
+    @staticmethod
+    def _write(shards: list[torch.Tensor], theta: list[torch.Tensor], v: torch.Tensor | None, alpha: float) -> None:
+        """Set the shards to ``theta + alpha * v`` (``theta`` where ``v`` is None) in place, in one pass."""
+        with torch.no_grad():
+            at = 0
+            for s, t in zip(shards, theta):
+                if v is None:
+                    s.copy_(t)
+                else:
+                    torch.add(t, v[at : at + s.numel()].view_as(s), alpha=alpha, out=s)
+                at += s.numel()
+
+    def _backward_into(self, out: torch.Tensor, batch: Any, scale: float, alpha: float) -> None:
+        """Add ``alpha`` times this rank's shard of the gradient of ``scale * loss`` to ``out``.
+
+        One forward and one backward through FSDP2 (whose reduce-scatter sums every rank's
+        batch); the gradient shards are read straight into ``out``.
+        """
+        for p in self.params:
+            p.grad = None
+        (self._loss(batch) * scale).backward()
+        at = 0
+        with torch.no_grad():
             for p in self.params:
-                p.grad = None
-            if delta is not None:
-                with torch.no_grad():
-                    at = 0
-                    for s in shards:
-                        s.add_(delta[at : at + s.numel()].view_as(s))
-                        at += s.numel()
-            loss = self._loss(batch) * scale
-            loss.backward()
-            return torch.cat([p.grad.to_local().reshape(-1) if p.grad is not None
-                              else torch.zeros(s.numel(), dtype=s.dtype, device=s.device)
-                              for p, s in zip(self.params, shards)])
-        finally:
-            if theta is not None:
-                with torch.no_grad():
-                    for s, t in zip(shards, theta):
-                        s.copy_(t)
-            for p, g in zip(self.params, saved):
-                p.grad = g
+                size = p.to_local().numel()
+                if p.grad is not None:
+                    out[at : at + size].add_(p.grad.to_local().reshape(-1), alpha=alpha)
+                at += size
 
     def _scale_of(self, batch: Any) -> float:
         # FSDP2 averages the ranks' gradients: scaled by size * weight, the average is the weighted sum
@@ -227,37 +256,56 @@ class FSDPAdapter(ModelAdapter):
         """The batch's weighted loss (its share of the data loss; the operator's weights are 1)."""
         self._check_unchanged()
         shards = self._locals()
-        theta = [s.detach().clone() for s in shards] if delta is not None else None
+        theta = self._saved_shards(shards) if delta is not None else None
         try:
             with torch.no_grad():
-                if delta is not None:
-                    at = 0
-                    for s in shards:
-                        s.add_(delta[at : at + s.numel()].view_as(s))
-                        at += s.numel()
+                if theta is not None:
+                    self._write(shards, theta, delta, 1.0)
                 return self.weights(self.batch_size(batch)) * float(self._loss(batch))
         finally:
             if theta is not None:
-                with torch.no_grad():
-                    for s, t in zip(shards, theta):
-                        s.copy_(t)
+                self._write(shards, theta, None, 0.0)
+            self._reshard()
 
     def gradient(self, batch: Any) -> torch.Tensor:
-        return self._gradient_at(None, batch, self._scale_of(batch))
+        self._check_unchanged()
+        saved = [p.grad for p in self.params]
+        out = torch.zeros(self._sharded.count, dtype=self._theta_dtype, device=self._device)
+        try:
+            self._backward_into(out, batch, self._scale_of(batch), 1.0)
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+        return out
 
     def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        """Central differences ``(g(theta + h u) - g(theta - h u)) / 2h`` along each column's direction ``u``.
+
+        The shards are written in place (``theta +- h u`` in one pass from a saved copy, no
+        perturbed tensor allocated), each side's gradient shards are added straight into
+        the output column, and the shards and their ``.grad`` are restored exactly at the end.
+        """
+        self._check_unchanged()
         scale = self._scale_of(batch)
         h = float(torch.finfo(V.dtype).eps) ** (1 / 3) * self._scale
         norms = self.ops.column_norms(V)
-        cols = []
-        for j in range(V.shape[1]):
-            if norms[j] == 0.0:
-                cols.append(torch.zeros_like(V[:, j]))
-                continue
-            u = V[:, j] * (h / norms[j])
-            plus, minus = self._gradient_at(u, batch, scale), self._gradient_at(-u, batch, scale)
-            cols.append((plus - minus) * (norms[j] / (2 * h)))
-        return torch.stack(cols, dim=1)
+        out = torch.zeros_like(V)
+        shards = self._locals()
+        saved = [p.grad for p in self.params]
+        theta = self._saved_shards(shards)
+        try:
+            for j in range(V.shape[1]):
+                if norms[j] == 0.0:
+                    continue
+                for sign in (1.0, -1.0):
+                    self._write(shards, theta, V[:, j], sign * h / float(norms[j]))
+                    self._backward_into(out[:, j], batch, scale, sign)
+                out[:, j].mul_(float(norms[j]) / (2 * h))
+        finally:
+            self._write(shards, theta, None, 0.0)
+            for p, g in zip(self.params, saved):
+                p.grad = g
+        return out
 
     def subset(self, names: list[str]) -> ModelAdapter:
         raise NotImplementedError("restrictions of an FSDP2 operator to some parameters are not supported yet; "
