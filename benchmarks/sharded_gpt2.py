@@ -9,7 +9,9 @@ Run ``python benchmarks/sharded_gpt2.py`` (CPU, gloo): it launches ``torchrun
 
 - the top eigenvalue by ``eigsh(k=1, block_size=1, tol=--tol, stop_on=--stop-on)`` (default:
   converged when its estimated error is below ``1e-4`` of it), with its verified residual;
-- an SLQ density ``spectral_density(--probes x --steps, probes_at_once=--probes-at-once)``;
+- an SLQ density ``spectral_density(--probes x --steps, probes_at_once=--probes-at-once,
+  reorth_window=--reorth-window)`` (defaults 3 x 20, one probe at a time, a window of 8: the
+  Krylov vectors of 124 M parameters are 0.5 GB each, 124 MB per rank on 4 processes);
 
 and records its peak resident memory (``VmHWM``, Linux) before and during each, the bytes
 of the Krylov vectors it held (``max_basis`` vectors for ``eigsh``, SLQ's ``basis_bytes``)
@@ -127,7 +129,8 @@ def worker(out: str, args: argparse.Namespace) -> None:
                                    error_estimate=float(eig.error_estimates[0]),
                                    converged=bool(eig.converged[0]))
     dens = run("spectral_density", lambda: so.spectral_density(H, num_probes=args.probes, num_steps=args.steps,
-                                                               seed=0, probes_at_once=args.probes_at_once),
+                                                               seed=0, probes_at_once=args.probes_at_once,
+                                                               reorth_window=args.reorth_window),
                lambda r: r.settings["basis_bytes"] // (4 * local) + 1)
     result["runs"]["spectral_density"].update(
         nodes=[[float(x) for x in row] for row in dens.nodes], weights=[[float(x) for x in row] for row in dens.weights],
@@ -160,13 +163,14 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--seqs", type=int, default=2)
+    parser.add_argument("--seqs", type=int, default=1)
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--stop-on", default="eigenvalue", choices=("eigenvalue", "residual"))
-    parser.add_argument("--max-basis", type=int, default=12)
+    parser.add_argument("--max-basis", type=int, default=8)
     parser.add_argument("--max-matvecs", type=int, default=100)
     parser.add_argument("--probes", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--reorth-window", type=int, default=8)
     parser.add_argument("--probes-at-once", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json")
@@ -176,7 +180,8 @@ def main() -> None:
         worker(args.worker, args)
         return
     with tempfile.TemporaryDirectory() as out:
-        forward = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("json", "worker")]
+        forward = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("json", "worker") and v is not None]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                __file__, "--worker", out, *forward]
         env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")

@@ -65,6 +65,22 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def refuse_curvature(model: nn.Module, curvature: str) -> None:
+    """Raise, naming what is supported, for the GGN or a Fisher of an FSDP2 model.
+
+    Their products need a Jacobian-vector product of the outputs and a vector-Jacobian
+    product with the loss's output Hessian; through FSDP2 only ``backward()`` reaches the
+    sharded parameters (no ``torch.func`` transform does), and specops does not yet build
+    them from it.
+    """
+    if is_sharded(model):
+        raise NotImplementedError(f"{curvature} of a model sharded with fully_shard (FSDP2) is not supported: "
+                                  "specops forms only the Hessian of an FSDP2 model (st.hessian, by finite "
+                                  "differences of FSDP2's gradients), since torch.func cannot differentiate "
+                                  "through FSDP2's sharded parameters; compute the GGN or Fisher of an unsharded "
+                                  "copy of the model (with comm= for data parallelism) where it fits one device")
+
+
 def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
     """Raise, naming the fix, for what finite differences of FSDP2 gradients cannot take."""
     if type(model).__name__ == "FullyShardedDataParallel":
@@ -77,14 +93,23 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
         raise ValueError(f"the model is partly sharded: {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} "
                          "are plain tensors while the other parameters are FSDP2 DTensors; call fully_shard on "
                          "the root module too (fully_shard(model, mesh=mesh)) so every parameter is sharded")
+    managed = _fsdp_managed(model)
+    foreign = [name for name, p in named if managed is not None and id(p) not in managed]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''} are DTensors that "
+                         "fully_shard does not manage (tensor parallel, parallelize_module or distribute_tensor): "
+                         "specops' sharded operator takes models sharded with FSDP2's fully_shard on a 1-D mesh "
+                         "only, whose backward reduce-scatters each rank's gradient; shard the model with "
+                         "fully_shard alone to compute its spectrum")
     meshes = {id(p.device_mesh) for _, p in named}
     if len(meshes) > 1:
         raise ValueError("the parameters are sharded over different DeviceMeshes; shard every module on one mesh")
     for name, p in named:
         if len(p.placements) != 1 or type(p.placements[0]).__name__ != "Shard" or p.placements[0].dim != 0:
             raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
-                             "does on a 1-D mesh (Shard(0)); tensor parallel and 2-D (HSDP) meshes are not "
-                             "supported yet")
+                             "does on a 1-D mesh (Shard(0)): a 2-D mesh (HSDP, replicate x shard) is not "
+                             "supported; wrap the model with fully_shard on a 1-D mesh of all ranks "
+                             "(init_device_mesh(device, (world_size,))) to compute its spectrum")
         if p.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"parameter {name!r} is {p.dtype}; finite differences need float32 or float64 "
                             "gradients: keep the sharded parameters in float32 (model.float() before fully_shard)")
@@ -98,6 +123,19 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
                              "gradients need float32 (a bf16 gradient rounds at 4e-3, far above the difference "
                              "of two nearby gradients). Build the operator on a model sharded without "
                              "mp_policy (or with param_dtype=torch.float32, reduce_dtype=torch.float32)")
+
+
+def _fsdp_managed(model: nn.Module) -> set[int] | None:
+    """The ids of the sharded parameters that ``fully_shard`` manages (None where PyTorch hides them)."""
+    ids: set[int] = set()
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(state(), "_fsdp_param_group", None) if callable(state) else None
+        params = getattr(group, "fsdp_params", None) if group is not None else None
+        if group is not None and params is None:
+            return None
+        ids.update(id(fp.sharded_param) for fp in params or [])
+    return ids
 
 
 def _pieces(named: list[tuple[str, Any]], layout: ParamLayout) -> list[range]:
@@ -152,15 +190,18 @@ class FSDPAdapter(ModelAdapter):
     engine = "finite_difference: central differences of FSDP2 gradients (backward + reduce-scatter)"
 
     def __init__(self, model: nn.Module, loss_fn: Any, comm: Comm, weights: Callable[[int], float],
-                 loss_form: str = "auto") -> None:
+                 loss_form: str = "auto", wrt: Any = None) -> None:
         from .calls import _LossModule
         from .ops import TorchOps
+        from .params import _resolve_params
 
-        self.model = model
+        self.model, self.loss_fn, self.loss_form = model, loss_fn, loss_form
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters: the Hessian would be empty")
         _check_model(model, named)
+        chosen = set(_resolve_params(model, wrt))
+        named = [(name, p) for name, p in named if name in chosen]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
         local = self.params[0].to_local()
@@ -308,8 +349,8 @@ class FSDPAdapter(ModelAdapter):
         return out
 
     def subset(self, names: list[str]) -> ModelAdapter:
-        raise NotImplementedError("restrictions of an FSDP2 operator to some parameters are not supported yet; "
-                                  "use H.restrict(...) on the operator")
+        """The adapter of the named parameters: vectors sharded over their rows only."""
+        return FSDPAdapter(self.model, self.loss_fn, self.comm, self.weights, self.loss_form, wrt=list(names))
 
     def as_params(self, v: torch.Tensor) -> dict[str, Any]:
         """``v`` (this rank's rows, (n_local,) or (n_local, k)) as DTensors with the parameters' placements.
@@ -343,6 +384,15 @@ class _ShardedModelOperator(ModelOperator):
     def _weights(self):
         return [1.0] * len(self.batch_sizes)
 
+    def restrict(self, index: Any) -> Any:
+        """As :meth:`ModelOperator.restrict`; parameter names give an FSDP2 operator of those parameters."""
+        if isinstance(index, str) or (isinstance(index, (list, tuple)) and index
+                                      and all(isinstance(s, str) for s in index)):
+            return _ShardedModelOperator(self.adapter.subset(self.layout.select(index)), self._data,
+                                         reduction=self.reduction, comm=self.comm, check_deterministic=False,
+                                         _checked=True)
+        return super().restrict(index)
+
 
 def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean", comm: Any = None,
             check_deterministic: bool = True, loss_form: str = "auto", **options: Any) -> ModelOperator:
@@ -360,7 +410,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
         comm: ``None`` (the model's mesh) or a communicator over the same ranks.
         check_deterministic: as in :func:`specops.backends.torch.hessian`.
         loss_form: see :func:`specops.backends.torch.hessian`.
-        **options: options of the unsharded backend; those that do not apply here raise.
+        **options: options of the unsharded backend: ``wrt`` selects parameters as there (the
+            vectors are sharded over their rows only; a product still costs two gradients of
+            the whole model); those that do not apply here raise.
 
     Returns:
         A :class:`specops.ModelOperator` whose vectors are this rank's shards.
@@ -371,10 +423,11 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
             FSDP2's, a communicator of other ranks, unequal numbers of batches, options
             that do not apply.
     """
+    wrt = options.pop("wrt", None)
     used = {k for k, v in options.items() if v not in (None, "auto", False, True, "error", "finite_difference")}
     if used:
         raise ValueError(f"{', '.join(sorted(used))} do not apply to an FSDP2 model: its products are finite "
-                         "differences of FSDP2's gradients over all its parameters; leave them out")
+                         "differences of FSDP2's gradients; leave them out")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _check_model(model, named)
     mesh = named[0][1].device_mesh
@@ -396,9 +449,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     def weight(size: int) -> float:
         return size / total if reduction == "mean" else 1.0
 
-    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form)
+    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt)
     return _ShardedModelOperator(adapter, batches if len(batches) > 1 else batches[0], reduction=reduction,
                                  comm=_ProductsReduced(comm), check_deterministic=check_deterministic)
 
 
-__all__ = ["FSDPAdapter", "hessian", "is_sharded"]
+__all__ = ["FSDPAdapter", "hessian", "is_sharded", "refuse_curvature"]
