@@ -89,8 +89,14 @@ def worker(out: str, args: argparse.Namespace) -> None:
         logits = model(batch[0]).logits
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[1][:, 1:].reshape(-1))
 
+    def say(what: str) -> None:  # rank 0's phases, for a long run (no collective: progress= bars hang here)
+        if rank == 0:
+            print(f"[{time.strftime('%H:%M:%S')}] {what}, RSS {(peak_rss_kib() or 0) / 1024:.0f} MiB peak",
+                  file=sys.stderr, flush=True)
+
     gc.collect()
     rss_model = reset_peak_rss()
+    say(f"model sharded over {size} ranks; building the operator")
     t0 = time.perf_counter()
     H = st.hessian(model, next_token_loss, batch)
     build_s = time.perf_counter() - t0
@@ -103,6 +109,7 @@ def worker(out: str, args: argparse.Namespace) -> None:
     def run(name, fn, vectors_of):
         gc.collect()
         dist.barrier()
+        say(f"starting {name}")
         before = reset_peak_rss()
         products0, seconds0 = H.num_matvecs, H.matvec_seconds
         spent.update(seconds=0.0, calls=0)
@@ -135,6 +142,7 @@ def worker(out: str, args: argparse.Namespace) -> None:
     result["runs"]["spectral_density"].update(
         nodes=[[float(x) for x in row] for row in dens.nodes], weights=[[float(x) for x in row] for row in dens.weights],
         settings={k: v for k, v in dens.settings.items() if isinstance(v, (int, float, str, type(None)))})
+    say("timing products against forward+backward")
     v = eig.eigenvectors[:, 0]
     fd, fb = [], []
     for _ in range(args.reps):
