@@ -266,6 +266,9 @@ def _curvature_operator(kind: str, model: nn.Module, loss_fn: Any, data: Any, *,
                         loss_form: str, chunk_size: int | None, batch_size: Callable[[Any], int] | None,
                         random_layers: str, num_samples: int = 1, seed: int = 0,
                         datum: str = "sample") -> ModelOperator:
+    from .sharded import refuse_curvature
+
+    refuse_curvature(model, "the GGN" if kind == "ggn" else "the Fisher")
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
                         engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
                         progress=progress, random_layers=random_layers)

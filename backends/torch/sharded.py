@@ -22,8 +22,11 @@ the gradients: about ``1e-10`` relative in float64 and ``1e-4`` to ``1e-3`` in f
 The batches of each rank are weighted by their sample counts over all ranks (each rank's
 loss is scaled so that FSDP2's average over the ranks is the sample-weighted mean); every
 rank must pass the same number of batches (each backward is collective). Parameters are
-stepped in place and restored exactly (from a copy) after each gradient; their ``.grad``
-is kept and restored.
+stepped in place and restored exactly (from a copy) after each product; their ``.grad``
+is kept and restored. A product writes ``theta +- h u`` into the shards from a copy kept in
+one buffer of this rank's rows (allocated once), and adds each side's gradient shards
+straight into its output: beyond the two gradients it reads and writes the shards a few
+times and allocates nothing of size ``n/p``.
 """
 
 from __future__ import annotations
@@ -62,6 +65,22 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def refuse_curvature(model: nn.Module, curvature: str) -> None:
+    """Raise, naming what is supported, for the GGN or a Fisher of an FSDP2 model.
+
+    Their products need a Jacobian-vector product of the outputs and a vector-Jacobian
+    product with the loss's output Hessian; through FSDP2 only ``backward()`` reaches the
+    sharded parameters (no ``torch.func`` transform does), and specops does not yet build
+    them from it.
+    """
+    if is_sharded(model):
+        raise NotImplementedError(f"{curvature} of a model sharded with fully_shard (FSDP2) is not supported: "
+                                  "specops forms only the Hessian of an FSDP2 model (st.hessian, by finite "
+                                  "differences of FSDP2's gradients), since torch.func cannot differentiate "
+                                  "through FSDP2's sharded parameters; compute the GGN or Fisher of an unsharded "
+                                  "copy of the model (with comm= for data parallelism) where it fits one device")
+
+
 def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
     """Raise, naming the fix, for what finite differences of FSDP2 gradients cannot take."""
     if type(model).__name__ == "FullyShardedDataParallel":
@@ -74,14 +93,23 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
         raise ValueError(f"the model is partly sharded: {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} "
                          "are plain tensors while the other parameters are FSDP2 DTensors; call fully_shard on "
                          "the root module too (fully_shard(model, mesh=mesh)) so every parameter is sharded")
+    managed = _fsdp_managed(model)
+    foreign = [name for name, p in named if managed is not None and id(p) not in managed]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''} are DTensors that "
+                         "fully_shard does not manage (tensor parallel, parallelize_module or distribute_tensor): "
+                         "specops' sharded operator takes models sharded with FSDP2's fully_shard on a 1-D mesh "
+                         "only, whose backward reduce-scatters each rank's gradient; shard the model with "
+                         "fully_shard alone to compute its spectrum")
     meshes = {id(p.device_mesh) for _, p in named}
     if len(meshes) > 1:
         raise ValueError("the parameters are sharded over different DeviceMeshes; shard every module on one mesh")
     for name, p in named:
         if len(p.placements) != 1 or type(p.placements[0]).__name__ != "Shard" or p.placements[0].dim != 0:
             raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
-                             "does on a 1-D mesh (Shard(0)); tensor parallel and 2-D (HSDP) meshes are not "
-                             "supported yet")
+                             "does on a 1-D mesh (Shard(0)): a 2-D mesh (HSDP, replicate x shard) is not "
+                             "supported; wrap the model with fully_shard on a 1-D mesh of all ranks "
+                             "(init_device_mesh(device, (world_size,))) to compute its spectrum")
         if p.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"parameter {name!r} is {p.dtype}; finite differences need float32 or float64 "
                             "gradients: keep the sharded parameters in float32 (model.float() before fully_shard)")
@@ -95,6 +123,19 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
                              "gradients need float32 (a bf16 gradient rounds at 4e-3, far above the difference "
                              "of two nearby gradients). Build the operator on a model sharded without "
                              "mp_policy (or with param_dtype=torch.float32, reduce_dtype=torch.float32)")
+
+
+def _fsdp_managed(model: nn.Module) -> set[int] | None:
+    """The ids of the sharded parameters that ``fully_shard`` manages (None where PyTorch hides them)."""
+    ids: set[int] = set()
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(state(), "_fsdp_param_group", None) if callable(state) else None
+        params = getattr(group, "fsdp_params", None) if group is not None else None
+        if group is not None and params is None:
+            return None
+        ids.update(id(fp.sharded_param) for fp in params or [])
+    return ids
 
 
 def _pieces(named: list[tuple[str, Any]], layout: ParamLayout) -> list[range]:
@@ -149,23 +190,28 @@ class FSDPAdapter(ModelAdapter):
     engine = "finite_difference: central differences of FSDP2 gradients (backward + reduce-scatter)"
 
     def __init__(self, model: nn.Module, loss_fn: Any, comm: Comm, weights: Callable[[int], float],
-                 loss_form: str = "auto") -> None:
+                 loss_form: str = "auto", wrt: Any = None) -> None:
         from .calls import _LossModule
         from .ops import TorchOps
+        from .params import _resolve_params
 
-        self.model = model
+        self.model, self.loss_fn, self.loss_form = model, loss_fn, loss_form
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters: the Hessian would be empty")
         _check_model(model, named)
+        chosen = set(_resolve_params(model, wrt))
+        named = [(name, p) for name, p in named if name in chosen]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
         local = self.params[0].to_local()
-        self.ops = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
+        self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
                               _pieces(named, self.layout))
         self.comm, self.weights = comm, weights
         self._loss = _LossModule(model, loss_fn, resolve_loss_form(loss_fn, loss_form), local.dtype)
         self._fingerprint = self._layout_now()
+        self._theta: torch.Tensor | None = None  # the saved shards during a product (n_local numbers)
+        self._theta_dtype, self._device = local.dtype, local.device
         theta = self.params_vector()
         self._scale = max(1.0, float(np.sqrt(comm.allreduce_host(float(torch.sum(theta.double() ** 2))) /
                                              self.layout.num_params)))
@@ -174,7 +220,18 @@ class FSDPAdapter(ModelAdapter):
         return [(id(p), tuple(p.to_local().shape), str(p.device), str(p.placements), p.dtype)
                 for _, p in self.model.named_parameters() if p.requires_grad]
 
+    def _reshard(self) -> None:
+        """Return every FSDP2 module's parameters to their shards.
+
+        A forward without gradients leaves the root's parameters unsharded (FSDP2 keeps the
+        root gathered after its forward, for the backward that usually follows).
+        """
+        for module in self.model.modules():
+            if hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state"):
+                module.reshard()
+
     def _check_unchanged(self) -> None:
+        self._reshard()
         if self._layout_now() != self._fingerprint:
             raise RuntimeError("the model's parameters were moved, re-sharded or replaced after the operator was "
                                "built (device, dtype, placements or local shapes differ); build the operator "
@@ -191,33 +248,46 @@ class FSDPAdapter(ModelAdapter):
     def _locals(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self.params]
 
-    def _gradient_at(self, delta: torch.Tensor | None, batch: Any, scale: float) -> torch.Tensor:
-        """This rank's shard of the gradient of ``scale * loss`` over every rank's batch, at theta + delta."""
-        self._check_unchanged()
-        saved = [p.grad for p in self.params]
-        shards = self._locals()
-        theta = [s.detach().clone() for s in shards] if delta is not None else None
-        try:
+    def _saved_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The shards copied into a buffer of this rank's rows, kept between products (no new allocation)."""
+        if self._theta is None:
+            self._theta = torch.empty(self._sharded.count, dtype=shards[0].dtype, device=shards[0].device)
+        saved, at = [], 0
+        with torch.no_grad():
+            for s in shards:
+                saved.append(self._theta[at : at + s.numel()].view_as(s))
+                saved[-1].copy_(s)
+                at += s.numel()
+        return saved
+
+    @staticmethod
+    def _write(shards: list[torch.Tensor], theta: list[torch.Tensor], v: torch.Tensor | None, alpha: float) -> None:
+        """Set the shards to ``theta + alpha * v`` (``theta`` where ``v`` is None) in place, in one pass."""
+        with torch.no_grad():
+            at = 0
+            for s, t in zip(shards, theta):
+                if v is None:
+                    s.copy_(t)
+                else:
+                    torch.add(t, v[at : at + s.numel()].view_as(s), alpha=alpha, out=s)
+                at += s.numel()
+
+    def _backward_into(self, out: torch.Tensor, batch: Any, scale: float, alpha: float) -> None:
+        """Add ``alpha`` times this rank's shard of the gradient of ``scale * loss`` to ``out``.
+
+        One forward and one backward through FSDP2 (whose reduce-scatter sums every rank's
+        batch); the gradient shards are read straight into ``out``.
+        """
+        for p in self.params:
+            p.grad = None
+        (self._loss(batch) * scale).backward()
+        at = 0
+        with torch.no_grad():
             for p in self.params:
-                p.grad = None
-            if delta is not None:
-                with torch.no_grad():
-                    at = 0
-                    for s in shards:
-                        s.add_(delta[at : at + s.numel()].view_as(s))
-                        at += s.numel()
-            loss = self._loss(batch) * scale
-            loss.backward()
-            return torch.cat([p.grad.to_local().reshape(-1) if p.grad is not None
-                              else torch.zeros(s.numel(), dtype=s.dtype, device=s.device)
-                              for p, s in zip(self.params, shards)])
-        finally:
-            if theta is not None:
-                with torch.no_grad():
-                    for s, t in zip(shards, theta):
-                        s.copy_(t)
-            for p, g in zip(self.params, saved):
-                p.grad = g
+                size = p.to_local().numel()
+                if p.grad is not None:
+                    out[at : at + size].add_(p.grad.to_local().reshape(-1), alpha=alpha)
+                at += size
 
     def _scale_of(self, batch: Any) -> float:
         # FSDP2 averages the ranks' gradients: scaled by size * weight, the average is the weighted sum
@@ -227,41 +297,60 @@ class FSDPAdapter(ModelAdapter):
         """The batch's weighted loss (its share of the data loss; the operator's weights are 1)."""
         self._check_unchanged()
         shards = self._locals()
-        theta = [s.detach().clone() for s in shards] if delta is not None else None
+        theta = self._saved_shards(shards) if delta is not None else None
         try:
             with torch.no_grad():
-                if delta is not None:
-                    at = 0
-                    for s in shards:
-                        s.add_(delta[at : at + s.numel()].view_as(s))
-                        at += s.numel()
+                if theta is not None:
+                    self._write(shards, theta, delta, 1.0)
                 return self.weights(self.batch_size(batch)) * float(self._loss(batch))
         finally:
             if theta is not None:
-                with torch.no_grad():
-                    for s, t in zip(shards, theta):
-                        s.copy_(t)
+                self._write(shards, theta, None, 0.0)
+            self._reshard()
 
     def gradient(self, batch: Any) -> torch.Tensor:
-        return self._gradient_at(None, batch, self._scale_of(batch))
+        self._check_unchanged()
+        saved = [p.grad for p in self.params]
+        out = torch.zeros(self._sharded.count, dtype=self._theta_dtype, device=self._device)
+        try:
+            self._backward_into(out, batch, self._scale_of(batch), 1.0)
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+        return out
 
     def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        """Central differences ``(g(theta + h u) - g(theta - h u)) / 2h`` along each column's direction ``u``.
+
+        The shards are written in place (``theta +- h u`` in one pass from a saved copy, no
+        perturbed tensor allocated), each side's gradient shards are added straight into
+        the output column, and the shards and their ``.grad`` are restored exactly at the end.
+        """
+        self._check_unchanged()
         scale = self._scale_of(batch)
         h = float(torch.finfo(V.dtype).eps) ** (1 / 3) * self._scale
         norms = self.ops.column_norms(V)
-        cols = []
-        for j in range(V.shape[1]):
-            if norms[j] == 0.0:
-                cols.append(torch.zeros_like(V[:, j]))
-                continue
-            u = V[:, j] * (h / norms[j])
-            plus, minus = self._gradient_at(u, batch, scale), self._gradient_at(-u, batch, scale)
-            cols.append((plus - minus) * (norms[j] / (2 * h)))
-        return torch.stack(cols, dim=1)
+        out = torch.zeros_like(V)
+        shards = self._locals()
+        saved = [p.grad for p in self.params]
+        theta = self._saved_shards(shards)
+        try:
+            for j in range(V.shape[1]):
+                if norms[j] == 0.0:
+                    continue
+                for sign in (1.0, -1.0):
+                    self._write(shards, theta, V[:, j], sign * h / float(norms[j]))
+                    self._backward_into(out[:, j], batch, scale, sign)
+                out[:, j].mul_(float(norms[j]) / (2 * h))
+        finally:
+            self._write(shards, theta, None, 0.0)
+            for p, g in zip(self.params, saved):
+                p.grad = g
+        return out
 
     def subset(self, names: list[str]) -> ModelAdapter:
-        raise NotImplementedError("restrictions of an FSDP2 operator to some parameters are not supported yet; "
-                                  "use H.restrict(...) on the operator")
+        """The adapter of the named parameters: vectors sharded over their rows only."""
+        return FSDPAdapter(self.model, self.loss_fn, self.comm, self.weights, self.loss_form, wrt=list(names))
 
     def as_params(self, v: torch.Tensor) -> dict[str, Any]:
         """``v`` (this rank's rows, (n_local,) or (n_local, k)) as DTensors with the parameters' placements.
@@ -295,6 +384,15 @@ class _ShardedModelOperator(ModelOperator):
     def _weights(self):
         return [1.0] * len(self.batch_sizes)
 
+    def restrict(self, index: Any) -> Any:
+        """As :meth:`ModelOperator.restrict`; parameter names give an FSDP2 operator of those parameters."""
+        if isinstance(index, str) or (isinstance(index, (list, tuple)) and index
+                                      and all(isinstance(s, str) for s in index)):
+            return _ShardedModelOperator(self.adapter.subset(self.layout.select(index)), self._data,
+                                         reduction=self.reduction, comm=self.comm, check_deterministic=False,
+                                         _checked=True)
+        return super().restrict(index)
+
 
 def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean", comm: Any = None,
             check_deterministic: bool = True, loss_form: str = "auto", **options: Any) -> ModelOperator:
@@ -312,7 +410,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
         comm: ``None`` (the model's mesh) or a communicator over the same ranks.
         check_deterministic: as in :func:`specops.backends.torch.hessian`.
         loss_form: see :func:`specops.backends.torch.hessian`.
-        **options: options of the unsharded backend; those that do not apply here raise.
+        **options: options of the unsharded backend: ``wrt`` selects parameters as there (the
+            vectors are sharded over their rows only; a product still costs two gradients of
+            the whole model); those that do not apply here raise.
 
     Returns:
         A :class:`specops.ModelOperator` whose vectors are this rank's shards.
@@ -323,10 +423,11 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
             FSDP2's, a communicator of other ranks, unequal numbers of batches, options
             that do not apply.
     """
+    wrt = options.pop("wrt", None)
     used = {k for k, v in options.items() if v not in (None, "auto", False, True, "error", "finite_difference")}
     if used:
         raise ValueError(f"{', '.join(sorted(used))} do not apply to an FSDP2 model: its products are finite "
-                         "differences of FSDP2's gradients over all its parameters; leave them out")
+                         "differences of FSDP2's gradients; leave them out")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _check_model(model, named)
     mesh = named[0][1].device_mesh
@@ -348,9 +449,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     def weight(size: int) -> float:
         return size / total if reduction == "mean" else 1.0
 
-    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form)
+    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt)
     return _ShardedModelOperator(adapter, batches if len(batches) > 1 else batches[0], reduction=reduction,
                                  comm=_ProductsReduced(comm), check_deterministic=check_deterministic)
 
 
-__all__ = ["FSDPAdapter", "hessian", "is_sharded"]
+__all__ = ["FSDPAdapter", "hessian", "is_sharded", "refuse_curvature"]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import specops as so
 from specops.backends import torch as st
@@ -40,9 +41,8 @@ def nn_model():
 
 
 def shard(model, mesh, **kw):
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh, **kw)
-    return fully_shard(model, mesh=mesh, **kw)
+    fully_shard(model[0], mesh=mesh, **kw)  # model[2]'s parameters stay with the root, as a transformer's embeddings
+    return fully_shard(model, mesh=mesh, **kw)  # do: FSDP2 keeps the root gathered after a forward without grad
 
 
 def data(dtype):
@@ -64,6 +64,12 @@ def spectra(H):
                 nodes=d.nodes.tolist(), weights=d.weights.tolist(),
                 product=gather(H.ops, H @ v[:, 0]).tolist(), loss=H.loss_at(), gradient=gather(H.ops, H.gradient())
                 .tolist()), top
+
+
+def block(H):
+    v = H.ops.random(H.shape[0], [0], 5)[:, 0]
+    top = so.eigsh(H, k=1, seed=0, tol=1e-6)
+    return dict(n=int(H.shape[0]), eigenvalue=float(top.eigenvalues[0]), product=gather(H.ops, H @ v).tolist())
 
 
 def run_all(rank, out):
@@ -88,6 +94,10 @@ def run_all(rank, out):
         got["local_rows"], got["n"] = int(top.eigenvectors.shape[0]), int(H.shape[0])
         got["engine"] = H.adapter.engine
         results[f"sharded-{dtype}"] = got
+        results[f"wrt-{dtype}"] = {  # the first layer's block: one process, wrt= and restrict on FSDP2
+            "one": block(st.hessian(ref_model, F.cross_entropy, batches[0] + batches[1], wrt=["0.*"])),
+            "sharded": block(st.hessian(model, F.cross_entropy, batches[rank], wrt=["0.*"])),
+            "restrict": block(H.restrict("0.*"))}
     # bad input, each caught on every rank
     model = shard(make_model(torch.float64), mesh)
     H = st.hessian(model, F.cross_entropy, data(torch.float64)[rank])
@@ -98,7 +108,11 @@ def run_all(rank, out):
                                    F.cross_entropy, data(torch.float32)[rank]),
         "comm": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], comm=Comm()),
         "batches": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank][: rank + 1]),
-        "option": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], wrt=["0.*"]),
+        "option": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], chunk_size=4),
+        "tensor_parallel": lambda: st.hessian(parallelize_module(make_model(torch.float64), mesh, {
+            "0": ColwiseParallel(), "2": RowwiseParallel()}), F.cross_entropy, data(torch.float64)[rank]),
+        "ggn": lambda: st.ggn(model, F.cross_entropy, data(torch.float64)[rank]),
+        "fisher": lambda: st.fisher(model, F.cross_entropy, data(torch.float64)[rank]),
         "moved": lambda: (model.float(), H @ H.ops.random(H.shape[0], [0], 0))[1],
     }
     caught = {}

@@ -45,6 +45,19 @@ def test_fsdp2_matches_one_process(ranks, dtype):
         assert ranks[1][f"sharded-{dtype}"][key] == got[key]
 
 
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_wrt_and_restrict_give_the_block_of_one_process(ranks, dtype):
+    for rank in ranks:
+        got = rank[f"wrt-{dtype}"]
+        one = got["one"]
+        assert one["n"] == 63  # the first layer's 9 x 6 weight and 9 biases
+        for key in ("sharded", "restrict"):
+            assert got[key]["n"] == 63
+            a, b = np.asarray(got[key]["product"]), np.asarray(one["product"])
+            assert np.abs(a - b).max() <= TOLERANCE[dtype] * np.abs(b).max(), key
+            assert abs(got[key]["eigenvalue"] - one["eigenvalue"]) <= TOLERANCE[dtype] * abs(one["eigenvalue"]), key
+
+
 def test_docs_example_runs(ranks):
     assert ranks[0]["caught"]  # the launch ran the torchrun example of docs/distributed.md first, asserts and all
 
@@ -62,7 +75,10 @@ def test_vectors_are_sharded_like_the_parameters(ranks):
     ("bf16", "MixedPrecisionPolicy computes in torch.bfloat16"),
     ("comm", "comm= holds other ranks"),
     ("batches", "ranks disagree on the number of batches"),
-    ("option", "wrt do not apply to an FSDP2 model"),
+    ("option", "chunk_size do not apply to an FSDP2 model"),
+    ("tensor_parallel", "are DTensors that fully_shard does not manage (tensor parallel"),
+    ("ggn", "the GGN of a model sharded with fully_shard (FSDP2) is not supported"),
+    ("fisher", "the Fisher of a model sharded with fully_shard (FSDP2) is not supported"),
     ("moved", "moved, re-sharded or replaced after the operator was built"),
 ])
 def test_bad_input_is_named_on_every_rank(ranks, case, message):
