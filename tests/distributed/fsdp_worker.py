@@ -112,7 +112,7 @@ def run_all(rank, out):
         "tensor_parallel": lambda: st.hessian(parallelize_module(make_model(torch.float64), mesh, {
             "0": ColwiseParallel(), "2": RowwiseParallel()}), F.cross_entropy, data(torch.float64)[rank]),
         "ggn": lambda: st.ggn(model, F.cross_entropy, data(torch.float64)[rank]),
-        "fisher": lambda: st.fisher(model, F.cross_entropy, data(torch.float64)[rank]),
+        "empirical_fisher": lambda: st.fisher(model, F.cross_entropy, data(torch.float64)[rank]),
         "moved": lambda: (model.float(), H @ H.ops.random(H.shape[0], [0], 0))[1],
     }
     caught = {}

@@ -78,7 +78,7 @@ def test_vectors_are_sharded_like_the_parameters(ranks):
     ("option", "chunk_size do not apply to an FSDP2 model"),
     ("tensor_parallel", "are DTensors that fully_shard does not manage (tensor parallel"),
     ("ggn", "the GGN of a model sharded with fully_shard (FSDP2) is not supported"),
-    ("fisher", "the Fisher of a model sharded with fully_shard (FSDP2) is not supported"),
+    ("empirical_fisher", "the Fisher of a model sharded with fully_shard (FSDP2) is not supported"),
     ("moved", "moved, re-sharded or replaced after the operator was built"),
 ])
 def test_bad_input_is_named_on_every_rank(ranks, case, message):
