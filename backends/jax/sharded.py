@@ -1,6 +1,6 @@
 """JAX models whose parameters are sharded over a device mesh (``NamedSharding``).
 
-When the parameters of ``specops.backends.jax.hessian`` are placed with ``NamedSharding``
+When the parameters of :func:`specops.backends.jax.hessian` are placed with ``NamedSharding``
 over a ``jax.sharding.Mesh`` of several devices, the operator's vectors are sharded
 too: a flat vector (or a block of them) is split by rows over every device of the mesh
 (``PartitionSpec(mesh.axis_names)``), so no device ever holds a whole vector. A product
@@ -30,7 +30,9 @@ from jax import tree_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from specops import random as _random
-from specops.backends.jax import JaxAdapter, JaxOps
+
+from .adapter import JaxAdapter
+from .ops import JaxOps
 
 
 def mesh_of(params: Any) -> Mesh | None:
@@ -188,8 +190,6 @@ class ShardedJaxAdapter(JaxAdapter):
         ValueError: ``devices=`` given (the data keep the sharding they are given instead).
     """
 
-    engine = "jax: jit(vmap(jvp(grad(loss)))) over a mesh"
-
     def __init__(self, loss_fn: Callable[..., Any], params: Any, *, mesh: Mesh, **options: Any) -> None:
         if options.get("devices") is not None:
             raise ValueError("devices= splits batches for replicated parameters; the parameters are sharded over "
@@ -216,8 +216,8 @@ class ShardedJaxAdapter(JaxAdapter):
             return run
 
         self._grad = jax.jit(constrained(jax.grad(self._scalar_loss)))
-        self._hvp = jax.jit(constrained(self._hvp_block))
         self._unpadded = n
+        self.engines = self._engines(constrained)
 
     def _tree(self, flat: Any, fixed: Any) -> Any:
         leaves = list(self._static)
