@@ -59,9 +59,9 @@ class JaxAdapter(ModelAdapter):
         selection = select(params, wrt)
         self._treedef, self._selected = selection.treedef, selection.selected
         leaves = selection.leaves
-        self.ops = JaxOps(selection.dtype, _device_of(leaves[self._selected[0]]))
         self.layout = ParamLayout(selection.names, [tuple(leaves[i].shape) for i in self._selected])
-        self._flat = self.flatten([leaves[i] for i in self._selected])
+        self.ops = self._vector_ops(selection.dtype, leaves[self._selected[0]])
+        self._flat = self._flatten_params([leaves[i] for i in self._selected])
         # Array leaves held fixed travel as jit arguments (not baked-in constants); others are static.
         fixed = [i for i in range(len(leaves)) if i not in self._selected]
         self._fixed_index = [i for i in fixed if hasattr(leaves[i], "shape")]
@@ -72,6 +72,14 @@ class JaxAdapter(ModelAdapter):
         self._grad = jax.jit(jax.grad(self._scalar_loss))
         self.mesh = None if devices is None else DataMesh(devices, self.ops.jax_device)
         self.engines = self._engines()
+
+    def _vector_ops(self, dtype: Any, first: Any) -> JaxOps:
+        """The vectors' operations: on the device of the first selected leaf."""
+        return JaxOps(dtype, _device_of(first))
+
+    def _flatten_params(self, pieces: list[Any]) -> Any:
+        """The selected leaves as one flat vector (:meth:`_tree` reverses it)."""
+        return self.flatten(pieces)
 
     def _engines(self, constrain: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
                  ) -> dict[str, ForwardOverReverse | FiniteDifference]:
