@@ -84,8 +84,9 @@ class JaxAdapter(ModelAdapter):
     def _engines(self, constrain: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
                  ) -> dict[str, ForwardOverReverse | FiniteDifference]:
         """The product engines by name, on the current parameters."""
-        return {"forward_over_reverse": ForwardOverReverse(self._scalar_loss, self._call, self.chunk_size, constrain),
-                "finite_difference": FiniteDifference(self.gradient_at, self._flat, self.layout.num_params, self.ops)}
+        exact = ForwardOverReverse(self._scalar_loss, self._call, self.chunk_size, constrain)
+        differences = FiniteDifference(self.gradient_at, self._flat, self.layout.num_params, self.ops)
+        return {exact.name: exact, differences.name: differences}
 
     @property
     def num_traces(self) -> int:

@@ -27,7 +27,7 @@ from specops._checks import choice
 from specops.checks import finite_difference_products, machine_epsilon
 from specops.ops import VectorOps
 
-#: A Hessian-product engine: ``jvp`` of ``grad`` (exact), central differences of gradients, or the policy's pick
+#: A product engine: ``jvp`` of ``grad`` (exact), central differences of gradients, or the policy's pick
 Engine = Literal["auto", "forward_over_reverse", "finite_difference"]
 #: the values of :data:`Engine`
 ENGINES: tuple[Engine, ...] = ("auto", "forward_over_reverse", "finite_difference")
@@ -112,7 +112,8 @@ class ForwardOverReverse:
         k, c = V.shape[1], self.chunk_size
         if k <= c:
             return self.call(self.program, batch, V)
-        return jnp.concatenate([self.call(self.program, batch, V[:, j : j + c]) for j in range(0, k, c)], axis=1)
+        blocks = [self.call(self.program, batch, V[:, j : j + c]) for j in range(0, k, c)]
+        return jnp.concatenate(blocks, axis=1)
 
     def vector(self, batch: Any, v: Any) -> Any:
         """``H v`` for a vector ``v`` (n,) on one batch."""
@@ -131,7 +132,8 @@ class FiniteDifference:
 
     name: Engine = "finite_difference"
 
-    def __init__(self, gradient_at: Callable[[Any, Any], Any], theta: Any, num_params: int, ops: VectorOps) -> None:
+    def __init__(self, gradient_at: Callable[[Any, Any], Any], theta: Any, num_params: int,
+                 ops: VectorOps) -> None:
         self.gradient_at, self.ops = gradient_at, ops
         self.theta, self.num_params = theta, num_params
 
@@ -146,4 +148,5 @@ class FiniteDifference:
         return self.products(batch, v[:, None])[:, 0]
 
 
-__all__ = ["ENGINES", "Engine", "EngineChoice", "FiniteDifference", "ForwardOverReverse", "choose", "fall_back"]
+__all__ = ["ENGINES", "Engine", "EngineChoice", "FiniteDifference", "ForwardOverReverse", "choose",
+           "fall_back"]
