@@ -3,7 +3,7 @@
 The MLP of ``jax_sharded_worker.py`` (n = 603) with its parameters sharded over the 4
 devices of both processes (a 1-D mesh, and a 2-D data x model mesh with the batch split
 over ``data``), against the same model on this process's first device alone. Usage:
-``python jax_processes_worker.py PROCESS_ID PORT OUT.json`` (``XLA_FLAGS`` giving 2 host
+``python jax_sharded_processes_worker.py PROCESS_ID PORT OUT.json`` (``XLA_FLAGS`` giving 2 host
 devices, ``JAX_PLATFORMS=cpu``).
 """
 

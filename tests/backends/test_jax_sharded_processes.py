@@ -1,7 +1,7 @@
 """JAX across processes: parameters sharded over the devices of two processes (``jax.distributed``).
 
 Two processes on localhost, 2 host devices each, CPU collectives through gloo
-(``jax_cpu_collectives_implementation``), run ``jax_processes_worker.py``: the MLP of
+(``jax_cpu_collectives_implementation``), run ``jax_sharded_processes_worker.py``: the MLP of
 ``jax_sharded_worker.py`` (n = 603, not a multiple of 4) sharded over all 4 devices (a
 1-D mesh, and a 2-D data x model mesh), against the same model on one device of one
 process. Truth: the one-device operator with the same seeds, to 1e-10 in float64.
@@ -35,9 +35,9 @@ def processes(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                OMP_NUM_THREADS="1")
     port = str(_free_port())
-    runs = [subprocess.Popen([sys.executable, os.path.join(HERE, "jax_processes_worker.py"), str(i), port,
-                              str(out / f"{i}.json")], env=env, cwd=HERE, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    worker = os.path.join(HERE, "jax_sharded_processes_worker.py")
+    runs = [subprocess.Popen([sys.executable, worker, str(i), port, str(out / f"{i}.json")], env=env, cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         logs = [run.communicate(timeout=600)[0] for run in runs]
     finally:
