@@ -87,6 +87,8 @@ def test_a_plain_model_agrees_and_finite_differences_can_be_asked_for(dtype):
         5e-2 if dtype == jnp.float32 else 1e-6)
     with pytest.raises(ValueError, match="unknown engine 'cached_graph'; choose one of: auto, forward_over_reverse, finite_difference"):
         sj.hessian(loss, params, batch, engine="cached_graph")
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
+        sj.hessian(loss, params, batch, chunk_size=0)
 
 
 def _nnx_net():
