@@ -137,7 +137,7 @@ class JaxMeshOps(JaxOps):
     def host(self) -> JaxMeshOps:
         return self  # a basis "in host memory" would be a whole vector on one host: keep it sharded
 
-    def random(self, n: int, columns: Iterable[int], seed: int, kind: str = "rademacher",
+    def random(self, n: int, columns: Iterable[int], seed: int, distribution: str = "rademacher",
                stream: str = "") -> Any:
         columns = list(columns)
         shape = (self.padded, len(columns))
@@ -147,8 +147,8 @@ class JaxMeshOps(JaxOps):
             lo, hi, _ = index[0].indices(self.padded)
             out = np.zeros((hi - lo, len(columns)), dtype=dtype)
             if lo < n:
-                out[: min(hi, n) - lo] = _random.probes(n, columns, seed, kind=kind, stream=stream,
-                                                        rows=range(lo, min(hi, n)))[:, index[1]]
+                out[: min(hi, n) - lo] = _random.probes(n, columns, seed, distribution=distribution,
+                                                        stream=stream, rows=range(lo, min(hi, n)))[:, index[1]]
             return out
 
         return jax.make_array_from_callback(shape, self.sharding(shape), rows)

@@ -60,7 +60,7 @@ def main(process_id: int, port: str, out: str) -> None:
             num_local_shards=len(V.addressable_shards),
             residuals=top.residuals.tolist(),
             host_rows=int(H.ops.to_numpy(V).shape[0]),
-            diagonal_rows=int(so.diagonal(H, num_matvecs=2, seed=0).estimate.shape[0]),
+            diagonal_rows=int(so.diagonal(H, max_matvecs=2, seed=0).estimate.shape[0]),
         )
     with open(out, "w") as f:
         json.dump(results, f)

@@ -74,7 +74,7 @@ def sharded_run(params, x, y, layout, ref, dense_one):
     got, top = spectra(H)
     V = top.eigenvectors
     tree = H.as_params(V[:, 0])
-    v = H.ops.random(H.shape[0], [0], 0, kind="normal")
+    v = H.ops.random(H.shape[0], [0], 0, distribution="normal")
     Hv = H @ v[:, 0]
     return dict(
         one=ref, sharded=got, n=H.shape[0], padded=int(V.shape[0]), ops=repr(H.ops),

@@ -47,7 +47,7 @@ def main():
     one, batches = build(None)
     many, _ = build("local")
     mesh = many.adapter.mesh
-    V = one.ops.random(one.shape[0], [0, 1, 2], seed=11, kind="normal")
+    V = one.ops.random(one.shape[0], [0, 1, 2], seed=11, distribution="normal")
     a, b = one.ops.to_numpy(one @ V), many.ops.to_numpy(many @ V)
     big = batches[0]
     split = mesh.split(big)
