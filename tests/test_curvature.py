@@ -286,11 +286,13 @@ def test_jax_mc_fisher_averaged_over_seeds_approaches_the_ggn_and_bad_input():
     loss_fn = JAX_LOSSES["classification"]
     G_true = jax_truth(params, apply, loss_fn, batches, "mean")[0]
     # each operator compiles its own program: few seeds with many samples each
-    mean, _ = mc_average(lambda s: sj.fisher(apply, loss_fn, params, batches, kind="mc", num_samples=300, seed=s,
-                                             check_deterministic=False, chunk_size=64), range(2))
+    mean, _ = mc_average(lambda s: sj.fisher(apply, loss_fn, params, batches, estimator="mc", num_samples=300,
+                                             seed=s, check_deterministic=False, chunk_size=64), range(2))
     assert rel(mean, G_true) < 0.05
     with pytest.raises(ValueError, match="optax.softmax_cross_entropy_with_integer_labels"):
-        sj.fisher(apply, lambda o, y: loss_fn(o, y).mean(), params, batches, kind="mc")
+        sj.fisher(apply, lambda o, y: loss_fn(o, y).mean(), params, batches, estimator="mc")
+    with pytest.raises(ValueError, match="unknown estimator 'true'; choose one of: empirical, mc"):
+        sj.fisher(apply, loss_fn, params, batches, estimator="true")
     with pytest.raises(ValueError, match="outputs alone"):
         sj.ggn(apply, lambda params, batch: 0.0, params, batches)
 
@@ -432,7 +434,7 @@ def test_three_frameworks_agree_on_the_same_weights():
             k = dense(stf.ggn(km, kloss, kb, chunk_size=64))
         else:
             t = dense(st.fisher(model, nn.CrossEntropyLoss(), batches, kind=kind, num_samples=3, seed=7))
-            j = dense(sj.fisher(apply, ce, params, jb, kind=kind, num_samples=3, seed=7, chunk_size=64))
+            j = dense(sj.fisher(apply, ce, params, jb, estimator=kind, num_samples=3, seed=7, chunk_size=64))
             k = dense(stf.fisher(km, kloss, kb, kind=kind, num_samples=3, seed=7, chunk_size=64))
         inv_j, inv_k = np.argsort(jax_order), np.argsort(keras_order)
         assert rel(j[np.ix_(inv_j, inv_j)], t) < 1e-10, kind

@@ -199,7 +199,7 @@ def test_jax_and_keras_a_wrong_class_axis_is_caught_at_construction(monkeypatch)
 
     params, apply, batches, loss = jax_problem("ce")
     # a wrong weighting: optax values summed per sample are not averaged over positions
-    monkeypatch.setattr(sj, "_loss_spec", lambda loss_fn, reduction: LossSpec("categorical", -1, "positions"))
+    monkeypatch.setattr(sj.curvature, "_loss_spec", lambda loss_fn, reduction: LossSpec("categorical", -1, "positions"))
     with pytest.warns(UserWarning, match="specops read the loss wrong"):
         G = sj.ggn(apply, loss, params, batches, check_deterministic=False)
     assert "autodiff" in G.engine

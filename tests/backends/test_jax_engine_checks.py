@@ -59,6 +59,9 @@ def test_a_custom_vjp_not_differentiable_again_is_caught(dtype):
         H = sj.hessian(loss, params, batch)
     assert H.engine == "finite_difference" and H.engine_check.verdict == "wrong"
     assert "finite_difference" in repr(H)
+    choice = H.adapter.choice  # the auto policy says what it chose and why
+    assert (choice.requested, choice.engine) == ("auto", "finite_difference")
+    assert "construction check found forward_over_reverse wrong" in choice.reason
     truth_loss, _, _ = _problem(dtype, lambda x: x * x)
     truth = _dense(truth_loss, params, batch)
     got = np.asarray(H.to_dense())
@@ -76,13 +79,16 @@ def test_a_plain_model_agrees_and_finite_differences_can_be_asked_for(dtype):
         warnings.simplefilter("error", RuntimeWarning)
         H = sj.hessian(loss, params, batch)
     assert H.engine == "forward_over_reverse" and H.engine_check.verdict == "agree"
+    assert (H.adapter.choice.engine, H.adapter.choice.reason[:5]) == ("forward_over_reverse", "auto:")
     truth = _dense(loss, params, batch)
     F = sj.hessian(loss, params, batch, engine="finite_difference")
     assert F.engine_check.verdict == "skipped"
     assert np.linalg.norm(np.asarray(F.to_dense()) - truth) / np.linalg.norm(truth) < (
         5e-2 if dtype == jnp.float32 else 1e-6)
-    with pytest.raises(ValueError, match="engine must be one of"):
+    with pytest.raises(ValueError, match="unknown engine 'cached_graph'; choose one of: auto, forward_over_reverse, finite_difference"):
         sj.hessian(loss, params, batch, engine="cached_graph")
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
+        sj.hessian(loss, params, batch, chunk_size=0)
 
 
 def _nnx_net():

@@ -1,4 +1,4 @@
-"""JAX parameters sharded over a mesh of 4 host devices (backends/jax_sharded.py) against one device.
+"""JAX parameters sharded over a mesh of 4 host devices (backends/jax/sharded.py) against one device.
 
 A subprocess sees 4 CPU devices (``XLA_FLAGS`` must be set before JAX starts) and runs
 the same MLP (n = 603, not a multiple of 4) with its parameters on one device and

@@ -51,8 +51,9 @@ def main():
     a, b = one.ops.to_numpy(one @ V), many.ops.to_numpy(many @ V)
     big = batches[0]
     split = mesh.split(big)
-    program = many.adapter._hvp.lower(mesh.replicate(many.adapter._flat), mesh.replicate(many.adapter._fixed),
-                                      split, mesh.replicate(V)).compile().as_text()
+    product = many.adapter.engines["forward_over_reverse"].program
+    program = product.lower(mesh.replicate(many.adapter._flat), mesh.replicate(many.adapter._fixed),
+                            split, mesh.replicate(V)).compile().as_text()
     sizes = {"k": 2, "probes": 6, "steps": 6}  # few block shapes: each compiles twice (1 and 4 devices)
     result = {
         "devices": len(jax.local_devices()), "mesh_size": mesh.size,

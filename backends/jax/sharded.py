@@ -1,6 +1,6 @@
 """JAX models whose parameters are sharded over a device mesh (``NamedSharding``).
 
-When the parameters of ``specops.backends.jax.hessian`` are placed with ``NamedSharding``
+When the parameters of :func:`specops.backends.jax.hessian` are placed with ``NamedSharding``
 over a ``jax.sharding.Mesh`` of several devices, the operator's vectors are sharded
 too: a flat vector (or a block of them) is split by rows over every device of the mesh
 (``PartitionSpec(mesh.axis_names)``), so no device ever holds a whole vector. A product
@@ -27,10 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import tree_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from specops import random as _random
-from specops.backends.jax import JaxAdapter, JaxOps
+
+from .adapter import JaxAdapter
+from .ops import JaxOps
 
 
 def mesh_of(params: Any) -> Mesh | None:
@@ -63,7 +66,8 @@ class JaxMeshOps(JaxOps):
     """
 
     def __init__(self, dtype: Any, mesh: Mesh, n: int) -> None:
-        super().__init__(dtype, mesh.devices.flat[0])
+        here = jax.process_index()  # the first of this process's devices (of every device with one process)
+        super().__init__(dtype, next(d for d in mesh.devices.flat if d.process_index == here))
         self.mesh, self.n = mesh, int(n)
         size = int(mesh.devices.size)
         self.padded = -(-self.n // size) * size
@@ -108,6 +112,8 @@ class JaxMeshOps(JaxOps):
         return jax.device_put(x.astype(self.dtype), target)
 
     def to_numpy(self, x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            x = multihost_utils.process_allgather(x, tiled=True)  # rows on other processes' devices
         out = np.array(x, dtype=np.float64)
         axis = _row_axis(out.shape, self.padded)
         if axis is None or self.padded == self.n:
@@ -188,26 +194,18 @@ class ShardedJaxAdapter(JaxAdapter):
         ValueError: ``devices=`` given (the data keep the sharding they are given instead).
     """
 
-    engine = "jax: jit(vmap(jvp(grad(loss)))) over a mesh"
+    ops: JaxMeshOps
 
     def __init__(self, loss_fn: Callable[..., Any], params: Any, *, mesh: Mesh, **options: Any) -> None:
         if options.get("devices") is not None:
             raise ValueError("devices= splits batches for replicated parameters; the parameters are sharded over "
                              "a mesh: shard the data yourself (jax.device_put(batch, NamedSharding(mesh, "
                              "PartitionSpec('data')))) and leave devices=None")
+        self._mesh = mesh
         super().__init__(loss_fn, params, **options)
         leaves = tree_util.tree_leaves(self.params)
         self._shardings = [getattr(leaves[i], "sharding", None) for i in self._selected]
-        dtype = np.dtype(leaves[self._selected[0]].dtype)  # after the cast of dtype=
-        self.ops: JaxMeshOps = JaxMeshOps(dtype, mesh, self.layout.num_params)
         ops = self.ops
-        n = self.layout.num_params
-
-        def flat_params(pieces: Any) -> Any:
-            return ops._pad(jnp.concatenate([jnp.ravel(p) for p in pieces]))
-
-        self._flat = jax.jit(flat_params, out_shardings=ops.sharding((ops.padded,)))(
-            [leaves[i] for i in self._selected])
 
         def constrained(fn: Callable[..., Any]) -> Callable[..., Any]:
             def run(*args: Any) -> Any:
@@ -216,8 +214,20 @@ class ShardedJaxAdapter(JaxAdapter):
             return run
 
         self._grad = jax.jit(constrained(jax.grad(self._scalar_loss)))
-        self._hvp = jax.jit(constrained(self._hvp_block))
-        self._unpadded = n
+        self._unpadded = self.layout.num_params
+        self.engines = self._engines(constrained)
+
+    def _vector_ops(self, dtype: Any, first: Any) -> JaxMeshOps:
+        return JaxMeshOps(dtype, self._mesh, self.layout.num_params)
+
+    def _flatten_params(self, pieces: list[Any]) -> Any:
+        ops = self.ops
+        assert isinstance(ops, JaxMeshOps)
+
+        def flat_params(pieces: Any) -> Any:
+            return ops._pad(jnp.concatenate([jnp.ravel(p) for p in pieces]))
+
+        return jax.jit(flat_params, out_shardings=ops.sharding((ops.padded,)))(pieces)
 
     def _tree(self, flat: Any, fixed: Any) -> Any:
         leaves = list(self._static)

@@ -98,7 +98,7 @@ def _need(values: dict, names: tuple[str, ...], family: str) -> list[float]:
 
 
 def _named_leaves(tree: Any) -> dict:
-    from specops.backends.jax import _path_name
+    from .params import _path_name
 
     return {_path_name(p): leaf for p, leaf in tree_util.tree_flatten_with_path(tree)[0]}
 
