@@ -988,7 +988,7 @@ def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: An
         ValueError: ``kind="mc"`` with a loss whose likelihood is not known; a bad ``kind``,
             ``num_samples`` or ``seed``.
     """
-    from specops.curvature import check_kind
+    from specops.curvature import check_estimator as check_kind
 
     return _curvature_operator(check_kind(kind), apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction,
                                comm=comm, check_deterministic=check_deterministic, dtype=dtype,

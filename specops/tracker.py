@@ -45,7 +45,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from specops.curvature import CURVATURES
+from specops.curvature import _LEGACY_NAMES as CURVATURES
 from specops.output_space import check_datum
 from specops.density import spectral_density
 from specops.eigsh import eigsh
@@ -362,8 +362,8 @@ class Tracker:
         for c in self.curvatures:
             kind = CURVATURES[c]
             try:
-                datum = {"datum": self.fisher_datum} if kind == "empirical" else {}
-                ops[c] = made if kind is None else curvature_like(made, kind, seed=self.seed, **datum)
+                datum = self.fisher_datum if kind == "empirical_fisher" else "sample"
+                ops[c] = made if kind is None else curvature_like(made, kind, seed=self.seed, datum=datum)
             except TypeError as e:
                 raise TypeError(f"curvatures={list(self.curvatures)}: {e}; or let make_operator() return a dict "
                                 "{name: operator} of those curvatures") from e

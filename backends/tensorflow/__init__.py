@@ -60,10 +60,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from specops.model import ModelOperator, renamed
+from specops.curvature import curvature_like
+from specops.model import ModelOperator
 
 from .adapter import TFAdapter
-from .curvature import _check_reduction, _reduction, curvature_like, fisher, ggn
+from .curvature import PRIMITIVES, fisher, ggn
 from .engines import ENGINES
 from .formulas import _twice_differentiable  # noqa: F401 (tests call it)
 from .ops import TFOps, matrix_operator
@@ -77,8 +78,7 @@ __all__ = ["ENGINES", "RANDOM_LAYERS", "TFAdapter", "TFOps", "curvature_like", "
 
 def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str | None = None,
             comm: Any = None, check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
-            random_layers: str = "error", engine: str = "auto", variables: Any = None,
-            cross_check: bool = True) -> ModelOperator:
+            random_layers: str = "error", engine: str = "auto", cross_check: bool = True) -> ModelOperator:
     """The Hessian of a TensorFlow model's loss over data, as a specops operator on flat tensors.
 
     Args:
@@ -115,7 +115,6 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
             columns in a loop), ``"forward_over_reverse"`` (columns vectorized: faster
             per column on small models, minutes to trace on large ones) or
             ``"finite_difference"`` (central differences of gradients).
-        variables: the former name of ``wrt`` (deprecated).
         cross_check: check the engine on the first batch at construction: symmetry on two
             probes and central differences of gradients at two steps
             (:func:`specops.checks.check_engine`). An engine they find wrong is replaced by
@@ -133,10 +132,9 @@ def hessian(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = No
         specops.NonFiniteError: a non-finite loss (naming the batch).
         specops.NonDeterministicError: a random forward pass (see ``random_layers``).
     """
-    wrt = renamed("hessian", "wrt", wrt, "variables", variables)
     adapter = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
                         random_layers=random_layers, engine=engine)
-    reduction = _reduction(loss_fn, reduction)
+    reduction = PRIMITIVES.reduction(loss_fn, reduction)
     return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic,
                          cross_check=cross_check,
-                         first_batch_check=lambda first: _check_reduction(adapter, loss_fn, reduction, first))
+                         first_batch_check=lambda first: PRIMITIVES.check_reduction(adapter, loss_fn, reduction, first))

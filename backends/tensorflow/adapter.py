@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
@@ -17,6 +17,9 @@ from .engines import ENGINES, Traced, _Engines
 from .ops import TFOps
 from .params import _resolve_variables, _tf_variable
 from .random_layers import RANDOM_LAYERS, _describe, _random_layers
+
+if TYPE_CHECKING:
+    from specops.curvature import CurvaturePrimitives
 
 
 class TFAdapter(_Engines):
@@ -249,6 +252,12 @@ class TFAdapter(_Engines):
         sub._seed_states = self._seed_states
         sub.layout = ParamLayout(list(names), [self.layout.shapes[n] for n in names])
         return sub
+
+    def curvature_primitives(self) -> CurvaturePrimitives:
+        """The TensorFlow primitives of GGN and Fisher operators (:mod:`specops.curvature`)."""
+        from .curvature import PRIMITIVES
+
+        return PRIMITIVES
 
     def determinism_hints(self) -> list[str]:
         return [

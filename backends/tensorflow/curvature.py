@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from specops.model import ModelAdapter, ModelOperator
+from specops.curvature import CurvaturePrimitives, FisherEstimator, curvature_operator, fisher_curvature
+from specops.model import ModelOperator
+from specops.output_space import LossSpec, OutputOps, mc_noise, output_matrix, validate
 
 from .adapter import TFAdapter
 
@@ -28,7 +30,7 @@ def _loss_reduction(loss_fn: Any) -> str | None:
     return "mean" if reduction in _KERAS_MEAN else "sum" if reduction == "sum" else str(reduction)
 
 
-def _loss_spec(loss_fn: Any) -> Any:
+def _loss_spec(loss_fn: Any) -> LossSpec | None:
     """The :class:`~specops.output_space.LossSpec` of a Keras loss specops reads exactly, or None.
 
     Keras' losses reduce over the last axis first (classes, or the mean of a squared
@@ -36,8 +38,6 @@ def _loss_spec(loss_fn: Any) -> Any:
     the sum of those values by their number: over positions for a cross-entropy, over
     every entry for the others.
     """
-    from specops.output_space import LossSpec
-
     try:
         import keras
     except ImportError:  # pragma: no cover - Keras ships with TensorFlow
@@ -67,10 +67,8 @@ _TF_KNOWN_LOSSES = ("keras.losses.SparseCategoricalCrossentropy / CategoricalCro
                     "(Gaussian); no label_smoothing or ignore_class")
 
 
-def _output_ops() -> Any:
+def _output_ops() -> OutputOps:
     """The TensorFlow primitives of :class:`specops.output_space.OutputOps`."""
-    from specops.output_space import OutputOps
-
     def grad(loss: Callable[[Any], Any], out: Any) -> Any:
         with tf.GradientTape() as tape:
             tape.watch(out)
@@ -109,8 +107,6 @@ class _TFCurvature:
         self._block = tf.function(self._product, reduce_retracing=True)
 
     def _output_matrix(self, out: Any, targets: Any, noise: Any) -> Callable[[Any], Any]:
-        from specops.output_space import output_matrix
-
         # shapes are dynamic: reduce_retracing traces one program for every batch size
         loss_fn = self.base.loss_fn
         return output_matrix(self.kind, self.spec, self.output_ops, out, targets, lambda o: loss_fn(targets, o),
@@ -118,8 +114,6 @@ class _TFCurvature:
 
     def validate(self, batch: Any) -> tuple[Any, float | None]:
         """Check the closed form on ``batch`` (see :func:`specops.output_space.validate`)."""
-        from specops.output_space import validate
-
         inputs, targets = self._pair(batch)
         out, loss_fn = self.base.model(inputs), self.base.loss_fn
         return validate(self.kind, self.spec, self.output_ops, out, targets, lambda o: loss_fn(targets, o),
@@ -143,8 +137,6 @@ class _TFCurvature:
         return tf.transpose(tf.vectorized_map(column, tf.transpose(V)))
 
     def _draw(self, index: int, batch: Any) -> Any:
-        from specops.output_space import mc_noise
-
         if self.kind != "mc":
             return None
         noise = self._noise.get(index)
@@ -171,92 +163,27 @@ class _TFCurvature:
         return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
 
-def _check_form(base: Any, kind: str) -> None:
-    """Raise for a loss that is not a function of the outputs alone (no Gauss-Newton split)."""
-    from specops.curvature import model_form_error
+class _Primitives(CurvaturePrimitives):
+    """The TensorFlow side of :func:`specops.curvature.curvature_operator`."""
 
-    if base.loss_fn is None or base.loss_form != "outputs":
-        what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-        raise model_form_error(what, "loss_fn(targets, outputs), e.g. "
-                                         "keras.losses.SparseCategoricalCrossentropy(from_logits=True)")
+    form_hint = "loss_fn(targets, outputs), e.g. keras.losses.SparseCategoricalCrossentropy(from_logits=True)"
+    engine = "tf.function(vectorized_map(J^T M J))"
 
+    def loss_reduction(self, loss_fn: Any) -> str | None:
+        return _loss_reduction(loss_fn)
 
-def _curvature_adapter(base: TFAdapter, kind: str, reduction: str, num_samples: int = 1,
-                       seed: int = 0, datum: str = "sample", first_batch: Any = None) -> ModelAdapter:
-    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks."""
-    from specops.curvature import check_num_samples, validated_adapter
-    from specops.output_space import check_datum
-    from specops.random import check_seed
+    def loss_spec(self, loss_fn: Any) -> LossSpec | None:
+        return _loss_spec(loss_fn)
 
-    _check_form(base, kind)
-    num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
-    return validated_adapter(
-        base, kind, lambda b, spec: _TFCurvature(b, kind, reduction, num_samples, seed, datum, spec),  # type: ignore[arg-type]  # b is base, a TFAdapter
-        _loss_spec(base.loss_fn), first_batch, "tf.function(vectorized_map(J^T M J))",
-        num_samples=num_samples, datum=datum)
+    def product(self, base: Any, kind: str, reduction: str, num_samples: int, seed: int, datum: str,
+                spec: LossSpec | None) -> _TFCurvature:
+        return _TFCurvature(base, kind, reduction, num_samples, seed, datum, spec)
+
+    def reduction_eps(self, adapter: Any) -> float:
+        return float(np.finfo(adapter.ops.dtype).eps)
 
 
-def _reduction(loss_fn: Any, reduction: str | None) -> str:
-    """The loss's reduction: the one it states, or ``reduction`` (default ``"mean"``) for a plain function."""
-    from specops.reduction import loss_name, resolve
-
-    return resolve(reduction, _loss_reduction(loss_fn) if loss_fn is not None else None, loss_name(loss_fn))
-
-
-def _check_reduction(adapter: Any, loss_fn: Any, reduction: str, first_batch: Any) -> None:
-    """For a plain function, check on ``first_batch`` that it reduces as ``reduction`` says."""
-    from specops.reduction import check_plain
-
-    check_plain(adapter, loss_fn, _loss_reduction(loss_fn), reduction, first_batch, float(np.finfo(adapter.ops.dtype).eps))
-
-
-def _first_batch(data: Any) -> Any:
-    for batch in ModelOperator._batches_of(data):
-        return batch
-    return None
-
-
-def _curvature_operator(kind: str, model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any,
-                        reduction: str | None, comm: Any, check_deterministic: bool, loss_form: str, chunk_size: int,
-                        random_layers: str, num_samples: int = 1, seed: int = 0,
-                        datum: str = "sample") -> ModelOperator:
-    base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
-                     random_layers=random_layers)
-    _check_form(base, kind)
-    reduction = _reduction(loss_fn, reduction)
-    first = _first_batch(data)
-    if first is not None:
-        base.check_random_forward(first)
-    _check_reduction(base, loss_fn, reduction, first)
-    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed, datum, first)
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
-
-
-def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
-                   check_deterministic: bool = False, datum: str = "sample") -> ModelOperator:
-    """The GGN or a Fisher of the same model, loss, data, variables and reduction as ``H``.
-
-    Args:
-        H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
-        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
-        num_samples: of ``kind="mc"``, as for :func:`fisher`.
-        seed: of ``kind="mc"``, as for :func:`fisher`.
-        check_deterministic: run the construction checks again (``H`` passed them).
-        datum: of ``kind="empirical"``, as for :func:`fisher`.
-
-    Returns:
-        A :class:`specops.ModelOperator` sharing ``H``'s data and communicator.
-
-    Raises:
-        TypeError: ``H`` is not a TensorFlow model operator. As :func:`fisher` otherwise.
-    """
-    from specops.curvature import KINDS, base_adapter, check_kind
-
-    base = base_adapter(H, TFAdapter)
-    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed, datum,
-                                 _first_batch(H._data))
-    return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
-                         check_deterministic=check_deterministic)
+PRIMITIVES = _Primitives()
 
 
 def ggn(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str | None = None,
@@ -282,29 +209,29 @@ def ggn(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, 
         loss_form: ``"auto"`` or ``"outputs"``; ``"model"`` is refused.
 
     Returns:
-        A :class:`specops.ModelOperator` (``G.adapter.kind == "ggn"``).
+        A :class:`specops.ModelOperator` (``G.adapter.curvature == "ggn"``).
 
     Raises:
         ValueError: a loss that is not a function of the outputs alone. As :func:`hessian` otherwise.
     """
-    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt,
-                               reduction=reduction,
-                               comm=comm, check_deterministic=check_deterministic, loss_form=loss_form,
-                               chunk_size=chunk_size, random_layers=random_layers)
+    base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
+                     random_layers=random_layers)
+    return curvature_operator(base, "ggn", data, reduction=reduction, comm=comm,
+                              check_deterministic=check_deterministic)
 
 
-def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, kind: str = "empirical", num_samples: int = 1,
-           seed: int = 0, wrt: Any = None, reduction: str | None = None, comm: Any = None,
+def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, estimator: FisherEstimator = "empirical",
+           num_samples: int = 1, seed: int = 0, wrt: Any = None, reduction: str | None = None, comm: Any = None,
            check_deterministic: bool = True, loss_form: str = "auto", chunk_size: int = 16,
            random_layers: str = "error", datum: str = "sample") -> ModelOperator:
-    """The empirical (``kind="empirical"``) or Monte-Carlo (``kind="mc"``) Fisher of a TensorFlow model.
+    """The empirical (``estimator="empirical"``) or Monte-Carlo (``"mc"``) Fisher of a TensorFlow model.
 
     See ``specops.backends.torch.fisher`` for the definitions; the Monte-Carlo labels are
     the same noise as on the other backends for the same ``seed``.
 
     Args:
-        kind: ``"empirical"`` or ``"mc"`` (needs a Keras loss whose likelihood is known).
-        num_samples: sampled labels per sample for ``kind="mc"``.
+        estimator: ``"empirical"`` or ``"mc"`` (needs a Keras loss whose likelihood is known).
+        num_samples: sampled labels per sample for ``estimator="mc"``.
         seed: the seed of the sampled labels.
         model: as for :func:`ggn`.
         loss_fn: as for :func:`ggn`.
@@ -316,21 +243,22 @@ def fisher(model: Any, loss_fn: Callable[..., Any], data: Any, *, kind: str = "e
         loss_form: as for :func:`ggn`.
         chunk_size: as for :func:`ggn`.
         random_layers: as for :func:`ggn`.
-        datum: of ``kind="empirical"``: ``"sample"`` (default) or ``"term"`` (each loss term
+        datum: of ``estimator="empirical"``: ``"sample"`` (default) or ``"term"`` (each loss term
             one datum: each position of a cross-entropy's last axis, each row of the last
             axis otherwise; needs a Keras loss specops reads). See ``docs/curvature.md``.
 
     Returns:
-        A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
+        A :class:`specops.ModelOperator` (``F.adapter.curvature`` is ``"empirical_fisher"`` or
+        ``"mc_fisher"``).
 
     Raises:
-        ValueError: ``kind="mc"`` with a loss whose likelihood is not known; a bad ``kind``,
-            ``num_samples`` or ``seed``; a loss that is not a function of the outputs alone.
+        ValueError: ``estimator="mc"`` with a loss whose likelihood is not known; a bad
+            ``estimator``, ``num_samples`` or ``seed``; a loss that is not a function of the
+            outputs alone.
     """
-    from specops.curvature import check_kind
-
-    return _curvature_operator(check_kind(kind), model, loss_fn, data,
-                               wrt=wrt,
-                               reduction=reduction, comm=comm, check_deterministic=check_deterministic,
-                               loss_form=loss_form, chunk_size=chunk_size, random_layers=random_layers,
-                               num_samples=num_samples, seed=seed, datum=datum)
+    curvature = fisher_curvature(estimator)
+    base = TFAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, chunk_size=chunk_size,
+                     random_layers=random_layers)
+    return curvature_operator(base, curvature, data, reduction=reduction, comm=comm,
+                              check_deterministic=check_deterministic, num_samples=num_samples, seed=seed,
+                              datum=datum)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .engines import ENGINES, _default_memory_budget
 from .ops import TorchOps
 from .params import _check_uniform, _listing, _padding_rows, _resolve_params
 from .random_layers import RANDOM_LAYERS, _random_layers_fix, _random_modules, _rng_states
+
+if TYPE_CHECKING:
+    from specops.curvature import CurvaturePrimitives
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -240,6 +243,12 @@ class TorchAdapter(_EngineChecks):
         return torch.zeros_like(theta) if g is None else g
 
     # --- diagnostics --------------------------------------------------------------
+    def curvature_primitives(self) -> CurvaturePrimitives:
+        """The PyTorch primitives of GGN and Fisher operators (:mod:`specops.curvature`)."""
+        from .curvature import PRIMITIVES
+
+        return PRIMITIVES
+
     def determinism_hints(self) -> list[str]:
         dropout = [n for n, m in self.model.named_modules()
                    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]

@@ -19,7 +19,7 @@ import numpy as np
 
 from specops.cli import report as rp
 from specops.cli.common import UsageError
-from specops.curvature import CURVATURES
+from specops.curvature import _LEGACY_NAMES as CURVATURES
 
 if TYPE_CHECKING:
     from specops.cli.analyze.stage import Context
@@ -97,7 +97,7 @@ def operator(ctx: Context, name: str) -> ModelOperator:
     kind = CURVATURES[name]
     if kind is None:
         return ctx.H
-    datum = {"datum": ctx.args.fisher_datum} if kind == "empirical" else {}
+    datum = {"datum": ctx.args.fisher_datum} if kind == "empirical_fisher" else {}
     return curvature_like(ctx.H, kind, seed=ctx.args.seed, **datum)
 
 

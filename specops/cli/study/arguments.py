@@ -195,7 +195,7 @@ def parse_curvatures(text: str) -> tuple:
     Raises:
         UsageError: an unknown name (naming the known ones).
     """
-    from specops.curvature import CURVATURES
+    from specops.curvature import _LEGACY_NAMES as CURVATURES
 
     names = [c.strip() for c in str(text).split(",") if c.strip()]
     unknown = [c for c in names if c not in CURVATURES]
