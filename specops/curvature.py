@@ -26,7 +26,7 @@ which its Hessian adapter returns from ``curvature_primitives()``.
 
 from __future__ import annotations
 
-import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -125,35 +125,31 @@ class CurvatureProduct(Protocol):
         """The closed form checked on ``batch``: ``(spec, error)`` (:func:`specops.output_space.validate`)."""
 
 
-class CurvaturePrimitives(abc.ABC):
+@dataclasses.dataclass(frozen=True)
+class CurvaturePrimitives:
     """What a framework supplies for its GGN and Fisher operators, and to read its losses.
 
     A backend's Hessian adapter returns its instance from ``curvature_primitives()``;
     everything else (the order of the checks, the closed form's check, the adapter that
     replaces the product) is :func:`curvature_operator`'s.
+
+    Attributes:
+        form_hint: how a loss of the outputs is written in this framework, for messages.
+        engine: the product, described (``G.engine``).
+        loss_reduction: ``loss_fn -> "mean" | "sum" | its own word | None``: the reduction a
+            loss object states (None: it states none).
+        loss_spec: ``loss_fn -> LossSpec | None``: the loss read exactly, or None (autodiff).
+        product: ``(base, kind, reduction, num_samples, seed, datum, spec) -> CurvatureProduct``:
+            the per-batch ``J^T M J V`` of an output-space ``kind`` for the Hessian adapter ``base``.
+        reduction_eps: ``adapter -> float``: the machine epsilon of the reduction check.
     """
 
-    #: how a loss of the outputs is written in this framework, for messages
     form_hint: str
-    #: the product, described (``H.engine``)
     engine: str
-
-    @abc.abstractmethod
-    def loss_reduction(self, loss_fn: Any) -> str | None:
-        """The reduction a loss object states (``"mean"``, ``"sum"``, or its own word), or None."""
-
-    @abc.abstractmethod
-    def loss_spec(self, loss_fn: Any) -> output_space.LossSpec | None:
-        """The :class:`~specops.output_space.LossSpec` of a loss read exactly, or None."""
-
-    @abc.abstractmethod
-    def product(self, base: Any, kind: str, reduction: str, num_samples: int, seed: int, datum: str,
-                spec: output_space.LossSpec | None) -> CurvatureProduct:
-        """The per-batch product of ``kind`` (an output-space kind) for the Hessian adapter ``base``."""
-
-    @abc.abstractmethod
-    def reduction_eps(self, adapter: Any) -> float:
-        """The machine epsilon the reduction check of ``adapter``'s loss uses."""
+    loss_reduction: Callable[[Any], str | None]
+    loss_spec: Callable[[Any], output_space.LossSpec | None]
+    product: Callable[..., CurvatureProduct]
+    reduction_eps: Callable[[Any], float]
 
     def reduction(self, loss_fn: Any, reduction: str | None) -> str:
         """The loss's reduction: the one it states, or ``reduction`` (default ``"mean"``).

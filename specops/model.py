@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from specops.batches import batch_size as common_batch_size  # noqa: F401 (JAX imports it from here)
 from specops.distributed import as_comm
 from specops.layout import ParamLayout, select_names  # noqa: F401 (select_names: re-exported)
 from specops.operator import LinearOperator, NonFiniteError
@@ -230,25 +231,6 @@ def renamed(function: str, new: str, value: T | None, old: str, old_value: T | N
 def is_single_batch(data: Any) -> bool:
     """The convention of every backend: a tuple or a dict is one batch."""
     return isinstance(data, (tuple, dict))
-
-
-def common_batch_size(leaves: Iterable[Any]) -> int:
-    """The common leading dimension of a batch's arrays (its number of samples).
-
-    Args:
-        leaves: the arrays of one batch, flattened by the backend's tree utility;
-            scalars and arrays without a shape are ignored.
-
-    Raises:
-        ValueError: the arrays disagree, or the batch holds no array with a leading dimension.
-    """
-    sizes = {int(x.shape[0]) for x in leaves if getattr(x, "shape", None) is not None and len(x.shape) >= 1}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"cannot tell the batch size: the batch's arrays have leading dimensions {sorted(sizes)}; "
-            "every array of a batch must hold one row per sample (or pass batch_size=...)"
-        )
-    return sizes.pop()
 
 
 def resolve_loss_form(loss_fn: Callable[..., Any], loss_form: str = "auto") -> str:

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
+from specops import batches
 from specops.checks import identity
 from specops.layout import ParamLayout
 from specops.model import NonDeterministicError, resolve_loss_form
 
-from .calls import _batch_size, _describe_output, _logits, _own_loss, _split
 from .engines import ENGINES, Traced, _Engines
 from .ops import TFOps
 from .params import _resolve_variables, _tf_variable
@@ -20,6 +20,10 @@ from .random_layers import RANDOM_LAYERS, _describe, _random_layers
 
 if TYPE_CHECKING:
     from specops.curvature import CurvaturePrimitives
+
+
+#: how this backend calls a loss of the outputs (Keras' order; for messages)
+_CALL = "loss_fn(targets, outputs)"
 
 
 class TFAdapter(_Engines):
@@ -110,25 +114,17 @@ class TFAdapter(_Engines):
     # --- traced functions -----------------------------------------------------------
     def _scalar_loss(self, batch: Any) -> Any:
         if self.loss_fn is None:
-            value = _own_loss(self.model(batch))
+            value = batches.own_loss(self.model(batch), _CALL)
         elif self.loss_form == "model":
             value = self.loss_fn(self.model, batch)
         else:
-            inputs, targets = _split(batch)
-            outputs = _logits(self.model(inputs))
+            inputs, targets = batches.split(batch, _CALL)
+            outputs = batches.logits(self.model(inputs), _CALL)
             try:
                 value = self.loss_fn(targets, outputs)
             except TypeError as e:
-                raise TypeError(
-                    f"loss_fn(targets, outputs) failed: {e}. specops called it with the targets and the "
-                    f"model's outputs ({_describe_output(outputs)}), in the Keras order; if it is written as "
-                    "loss_fn(model, batch), name its first parameter `model` or pass loss_form='model'"
-                ) from e
-        if isinstance(value, dict) or hasattr(value, "logits"):
-            raise TypeError(
-                f"the loss function returned the model's outputs ({_describe_output(value)}), not a scalar: "
-                "return outputs['loss'], or a loss of outputs['logits']"
-            )
+                raise batches.loss_call_error(_CALL, outputs, e) from e
+        batches.check_not_outputs(value)
         value = tf.convert_to_tensor(value)
         if value.shape.rank != 0:
             raise ValueError(
@@ -173,7 +169,7 @@ class TFAdapter(_Engines):
             return tf.nest.map_structure(convert, batch)
 
     def batch_size(self, batch: Any) -> int:
-        return _batch_size(batch)
+        return batches.batch_size(tf.nest.flatten(batch))
 
     def _fix_randomness(self) -> None:
         if self.random_layers == "fixed":

@@ -163,27 +163,15 @@ class _TFCurvature:
         return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=1)
 
 
-class _Primitives(CurvaturePrimitives):
-    """The TensorFlow side of :func:`specops.curvature.curvature_operator`."""
-
-    form_hint = "loss_fn(targets, outputs), e.g. keras.losses.SparseCategoricalCrossentropy(from_logits=True)"
-    engine = "tf.function(vectorized_map(J^T M J))"
-
-    def loss_reduction(self, loss_fn: Any) -> str | None:
-        return _loss_reduction(loss_fn)
-
-    def loss_spec(self, loss_fn: Any) -> LossSpec | None:
-        return _loss_spec(loss_fn)
-
-    def product(self, base: Any, kind: str, reduction: str, num_samples: int, seed: int, datum: str,
-                spec: LossSpec | None) -> _TFCurvature:
-        return _TFCurvature(base, kind, reduction, num_samples, seed, datum, spec)
-
-    def reduction_eps(self, adapter: Any) -> float:
-        return float(np.finfo(adapter.ops.dtype).eps)
-
-
-PRIMITIVES = _Primitives()
+PRIMITIVES = CurvaturePrimitives(
+    form_hint="loss_fn(targets, outputs), e.g. keras.losses.SparseCategoricalCrossentropy(from_logits=True)",
+    engine="tf.function(vectorized_map(J^T M J))",
+    # the readers are looked up when called (tests replace them)
+    loss_reduction=lambda loss_fn: _loss_reduction(loss_fn),
+    loss_spec=lambda loss_fn: _loss_spec(loss_fn),
+    product=_TFCurvature,
+    reduction_eps=lambda adapter: float(np.finfo(adapter.ops.dtype).eps),
+)
 
 
 def ggn(model: Any, loss_fn: Callable[..., Any], data: Any, *, wrt: Any = None, reduction: str | None = None,

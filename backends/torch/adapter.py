@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from specops import batches
 from specops.layout import ParamLayout
 from specops.model import NonDeterministicError, resolve_loss_form
 
-from .calls import _eager, _first_tensor, _LossModule, _map_tensors
+from .calls import _eager, _LossModule, _map_tensors, _tensors
 from .checks import _EngineChecks
 from .engines import ENGINES, _default_memory_budget
 from .ops import TorchOps
@@ -153,13 +154,7 @@ class TorchAdapter(_EngineChecks):
     def batch_size(self, batch: Any) -> int:
         if self._batch_size_fn is not None:
             return int(self._batch_size_fn(batch))
-        t = _first_tensor(batch)
-        if t is None or t.ndim == 0:
-            raise ValueError(
-                "cannot tell the number of samples in a batch (no tensor with a batch dimension); "
-                "pass batch_size=lambda batch: ... to hessian"
-            )
-        return int(t.shape[0])
+        return batches.batch_size(_tensors(batch))
 
     def _prepare(self, batch):
         """Tensors to the model's device; floating ones to its dtype."""

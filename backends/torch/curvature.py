@@ -214,27 +214,15 @@ class _TorchCurvature:
                                randomness="same")(V)
 
 
-class _Primitives(CurvaturePrimitives):
-    """The PyTorch side of :func:`specops.curvature.curvature_operator`."""
-
-    form_hint = "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()"
-    engine = "J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func jvp/vjp"
-
-    def loss_reduction(self, loss_fn: Any) -> str | None:
-        return _loss_reduction(loss_fn)
-
-    def loss_spec(self, loss_fn: Any) -> LossSpec | None:
-        return _loss_spec(loss_fn)
-
-    def product(self, base: Any, kind: str, reduction: str, num_samples: int, seed: int, datum: str,
-                spec: LossSpec | None) -> _TorchCurvature:
-        return _TorchCurvature(base, kind, reduction, num_samples, seed, datum, spec)
-
-    def reduction_eps(self, adapter: Any) -> float:
-        return float(torch.finfo(adapter.param_dtype).eps)
-
-
-PRIMITIVES = _Primitives()
+PRIMITIVES = CurvaturePrimitives(
+    form_hint="loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()",
+    engine="J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func jvp/vjp",
+    # the readers are looked up when called (tests replace them)
+    loss_reduction=lambda loss_fn: _loss_reduction(loss_fn),
+    loss_spec=lambda loss_fn: _loss_spec(loss_fn),
+    product=_TorchCurvature,
+    reduction_eps=lambda adapter: float(torch.finfo(adapter.param_dtype).eps),
+)
 
 
 def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str | None = None,
