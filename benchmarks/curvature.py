@@ -70,7 +70,7 @@ def candidates(model, loss_fn, X, y, columns):
     H = st.hessian(model, loss_fn, data)
     G = st.ggn(model, loss_fn, data)
     EF = st.fisher(model, loss_fn, data)
-    MC = st.fisher(model, loss_fn, data, kind="mc", seed=0)
+    MC = st.fisher(model, loss_fn, data, estimator="mc", seed=0)
     out = {
         "gradient (torch.autograd.grad)": lambda: torch.autograd.grad(loss_fn(model(X), y), params),
         f"specops Hessian product ({H.engine})": lambda: H @ v,

@@ -205,59 +205,9 @@ class ModelAdapter(abc.ABC):
             self.use_finite_differences()
 
 
-def renamed(function: str, new: str, value: T | None, old: str, old_value: T | None,
-            default: T | None = None) -> T | None:
-    """The value of argument ``new``, also accepting its former name ``old`` (with a warning).
-
-    Every backend uses one name per concept (``wrt=`` selects the parameters, ``engine=``
-    picks the product engine); earlier names keep working for a while.
-
-    Args:
-        function: the caller's name, for the messages.
-        new: the argument's name.
-        value: the value passed as ``new`` (``None``: not passed).
-        old: the former name.
-        old_value: the value passed as ``old`` (``None``: not passed).
-        default: the value when neither is passed.
-
-    Returns:
-        ``value``, else ``old_value`` (with a ``DeprecationWarning``), else ``default``.
-
-    Raises:
-        TypeError: both names are given.
-    """
-    import warnings
-
-    if old_value is None:
-        return default if value is None else value
-    if value is not None:
-        raise TypeError(f"{function}() got both {new}= and its former name {old}=; pass only {new}=")
-    warnings.warn(f"{function}(): {old}= is now called {new}=", DeprecationWarning, stacklevel=3)
-    return old_value
-
-
 def is_single_batch(data: Any) -> bool:
     """The convention of every backend: a tuple or a dict is one batch."""
     return isinstance(data, (tuple, dict))
-
-
-def common_batch_size(leaves: Iterable[Any]) -> int:
-    """The common leading dimension of a batch's arrays (its number of samples).
-
-    Args:
-        leaves: the arrays of one batch, flattened by the backend's tree utility;
-            scalars and arrays without a shape are ignored.
-
-    Raises:
-        ValueError: the arrays disagree, or the batch holds no array with a leading dimension.
-    """
-    sizes = {int(x.shape[0]) for x in leaves if getattr(x, "shape", None) is not None and len(x.shape) >= 1}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"cannot tell the batch size: the batch's arrays have leading dimensions {sorted(sizes)}; "
-            "every array of a batch must hold one row per sample (or pass batch_size=...)"
-        )
-    return sizes.pop()
 
 
 def resolve_loss_form(loss_fn: Callable[..., Any], loss_form: str = "auto") -> str:

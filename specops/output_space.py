@@ -354,9 +354,9 @@ def unknown_likelihood_error(known: str, why: str = "This loss is not one of the
         The error, to raise.
     """
     return ValueError(
-        "fisher(kind='mc') samples labels from the model's predictive distribution and fisher(datum='term') "
+        "fisher(estimator='mc') samples labels from the model's predictive distribution and fisher(datum='term') "
         f"splits the loss into its terms, so both need a loss specops reads exactly: {known}. {why}; pass "
-        "one of those as loss_fn, or use fisher(kind='empirical') (datum='sample') or ggn(...), which work "
+        "one of those as loss_fn, or use fisher(estimator='empirical') (datum='sample') or ggn(...), which work "
         "for any loss of the outputs"
     )
 
@@ -410,7 +410,7 @@ def output_matrix(kind: str, spec: LossSpec | None, ops: OutputOps, out: Array, 
         return closed_form_ggn(spec, ops, out, targets)
     reason = "no likelihood" if spec is None else check_outputs(spec, out, targets, need_targets=False)
     if reason is not None or spec is None:
-        raise ValueError(f"fisher(kind='mc'): {reason}")
+        raise ValueError(f"fisher(estimator='mc'): {reason}")
     return monte_carlo(spec, ops, out, targets, noise)
 
 
@@ -460,7 +460,7 @@ def validate(kind: str, spec: LossSpec | None, ops: OutputOps, out: Array, targe
                    f"{spec.axis}, reduce {spec.reduce!r}) differs from autodiff's by {error:.2g} (relative) on "
                    "the first batch: specops read the loss wrong")
         if needs:
-            raise RuntimeError(message + "; use fisher(kind='empirical') or ggn(...), which do not need it, and "
+            raise RuntimeError(message + "; use fisher(estimator='empirical') or ggn(...), which do not need it, and "
                                          "report the loss")
         warnings.warn(message + "; using autodiff of the loss instead", stacklevel=3)
         return None, error

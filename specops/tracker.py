@@ -46,6 +46,7 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 
 from specops._checks import choice, positive_int
+from specops.curvature import CURVATURES, Curvature, curvature_like
 from specops.output_space import Datum, check_datum
 from specops.density import spectral_density
 from specops.eigsh import eigsh
@@ -60,15 +61,11 @@ from specops.tracker_log import PRECONDITIONED, RESIDUAL, TrackerLog
 #: The metrics a tracker records.
 Metric = Literal["eigenvalues", "trace", "density"]
 METRICS: tuple[Metric, ...] = get_args(Metric)
-#: The curvatures a tracker, ``specops analyze --curvature`` and ``specops study --curvature``
-#: name -> the ``kind`` of :func:`specops.curvature.curvature_like` (None: the Hessian itself).
-_CURVATURE_KINDS = {"hessian": None, "ggn": "ggn", "empirical_fisher": "empirical", "mc_fisher": "mc"}
-CURVATURES = tuple(_CURVATURE_KINDS)
 FORMAT = "specops-tracker/1"
 
 
 def curvature_operator(H: Any, curvature: str, *, seed: int = 0, datum: str = "sample") -> Any:
-    """The operator a curvature name (one of :data:`CURVATURES`) stands for, built from the Hessian ``H``.
+    """The operator a curvature name (:data:`specops.curvature.CURVATURES`) stands for, built from ``H``.
 
     Args:
         H: a PyTorch or TensorFlow model's Hessian operator.
@@ -83,12 +80,10 @@ def curvature_operator(H: Any, curvature: str, *, seed: int = 0, datum: str = "s
         ValueError: an unknown curvature name.
         TypeError: ``H`` is not a model operator ``curvature_like`` takes.
     """
-    from specops.curvature import curvature_like
-
-    kind = _CURVATURE_KINDS[choice("curvature", curvature, CURVATURES)]
-    if kind is None:
+    name = cast(Curvature, choice("curvature", curvature, CURVATURES))
+    if name == "hessian":
         return H
-    return curvature_like(H, kind, seed=seed, **({"datum": datum} if kind == "empirical" else {}))
+    return curvature_like(H, name, seed=seed, datum=datum if name == "empirical_fisher" else "sample")
 
 
 def _check_curvatures(curvatures: str | Iterable[str]) -> tuple:

@@ -155,7 +155,7 @@ def test_torch_blocks_of_columns_agree_with_single_columns():
     """Blocks go through torch.func.vmap, single columns through one forward-mode pass."""
     model, batches = torch_mlp(), torch_batches("mlp", "classification")
     V = torch.randn(57, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    ops = {kind: st.fisher(model, nn.CrossEntropyLoss(), batches, kind=kind, num_samples=2)
+    ops = {kind: st.fisher(model, nn.CrossEntropyLoss(), batches, estimator=kind, num_samples=2)
            for kind in ("empirical", "mc")}
     ops["ggn"] = st.ggn(model, lambda o, y: F.cross_entropy(o, y), batches)  # autodiff output Hessian
     for kind, A in ops.items():
@@ -171,20 +171,20 @@ def test_torch_mc_fisher_averaged_over_seeds_approaches_the_ggn():
     model, loss_fn = torch_mlp(), nn.CrossEntropyLoss()
     batches = torch_batches("mlp", "classification")
     G_true = torch_truth(model, loss_fn, batches, "mean")[0]
-    mean, stderr = mc_average(lambda s: st.fisher(model, loss_fn, batches, kind="mc", num_samples=40, seed=s,
+    mean, stderr = mc_average(lambda s: st.fisher(model, loss_fn, batches, estimator="mc", num_samples=40, seed=s,
                                                    check_deterministic=False), range(16))
     z = np.abs(mean - G_true) / (stderr + 1e-14 * np.abs(G_true).max())
     assert np.mean(z < 3) > 0.95 and rel(mean, G_true) < 0.05
-    one = dense(st.fisher(model, loss_fn, batches, kind="mc", seed=0, num_samples=1))
+    one = dense(st.fisher(model, loss_fn, batches, estimator="mc", seed=0, num_samples=1))
     assert rel(one, G_true) > 3 * rel(mean, G_true)  # one sample is a much worse estimate
-    assert np.array_equal(one, dense(st.fisher(model, loss_fn, batches, kind="mc", seed=0)))  # seeded
+    assert np.array_equal(one, dense(st.fisher(model, loss_fn, batches, estimator="mc", seed=0)))  # seeded
 
 
 def test_torch_mc_fisher_for_squared_error_approaches_the_ggn():
     model, loss_fn = torch_mlp(), nn.MSELoss()
     batches = torch_batches("mlp", "regression")
     G_true = torch_truth(model, loss_fn, batches, "mean")[0]
-    mean, _ = mc_average(lambda s: st.fisher(model, loss_fn, batches, kind="mc", num_samples=120, seed=s,
+    mean, _ = mc_average(lambda s: st.fisher(model, loss_fn, batches, estimator="mc", num_samples=120, seed=s,
                                              check_deterministic=False), range(8))
     assert rel(mean, G_true) < 0.05
 
@@ -193,13 +193,13 @@ def test_torch_bad_input_says_what_to_pass():
     model = torch_mlp()
     batches = torch_batches("mlp", "classification")
     with pytest.raises(ValueError, match="nn.CrossEntropyLoss"):
-        st.fisher(model, lambda o, y: F.cross_entropy(o, y), batches, kind="mc")
+        st.fisher(model, lambda o, y: F.cross_entropy(o, y), batches, estimator="mc")
     with pytest.raises(ValueError, match=r"loss_fn\(outputs, targets\)"):
         st.ggn(model, lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]), batches)
-    with pytest.raises(ValueError, match="kind must be one of"):
-        st.fisher(model, nn.CrossEntropyLoss(), batches, kind="true")
+    with pytest.raises(ValueError, match="unknown estimator .true.; choose one of: empirical, mc"):
+        st.fisher(model, nn.CrossEntropyLoss(), batches, estimator="true")
     with pytest.raises(ValueError, match="num_samples"):
-        st.fisher(model, nn.CrossEntropyLoss(), batches, kind="mc", num_samples=0)
+        st.fisher(model, nn.CrossEntropyLoss(), batches, estimator="mc", num_samples=0)
 
 
 # --- JAX ----------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def test_keras_bad_input_says_what_to_pass():
     model, batches = keras_problem("mlp", "classification")
     with pytest.raises(ValueError, match="SparseCategoricalCrossentropy"):
         stf.fisher(model, lambda y, o: tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, o)),
-                   batches, kind="mc")
+                   batches, estimator="mc")
     with pytest.raises(ValueError, match="outputs alone"):
         stf.ggn(model, lambda model, batch: tf.reduce_sum(model(batch[0])), batches)
 
@@ -433,9 +433,9 @@ def test_three_frameworks_agree_on_the_same_weights():
             j = dense(sj.ggn(apply, ce, params, jb, chunk_size=64))
             k = dense(stf.ggn(km, kloss, kb, chunk_size=64))
         else:
-            t = dense(st.fisher(model, nn.CrossEntropyLoss(), batches, kind=kind, num_samples=3, seed=7))
+            t = dense(st.fisher(model, nn.CrossEntropyLoss(), batches, estimator=kind, num_samples=3, seed=7))
             j = dense(sj.fisher(apply, ce, params, jb, estimator=kind, num_samples=3, seed=7, chunk_size=64))
-            k = dense(stf.fisher(km, kloss, kb, kind=kind, num_samples=3, seed=7, chunk_size=64))
+            k = dense(stf.fisher(km, kloss, kb, estimator=kind, num_samples=3, seed=7, chunk_size=64))
         inv_j, inv_k = np.argsort(jax_order), np.argsort(keras_order)
         assert rel(j[np.ix_(inv_j, inv_j)], t) < 1e-10, kind
         assert rel(k[np.ix_(inv_k, inv_k)], t) < 1e-10, kind
@@ -550,7 +550,7 @@ def test_torch_definiteness_flags_pick_cg_for_a_damped_ggn_and_minres_for_the_he
     G, H = st.ggn(model, loss_fn, batches), st.hessian(model, loss_fn, batches)
     assert (G.positive_semidefinite, H.positive_semidefinite) == (True, False)
     for kind in ("empirical", "mc"):  # sums of outer products, whatever the loss
-        assert st.fisher(model, loss_fn, batches, kind=kind).positive_semidefinite is True
+        assert st.fisher(model, loss_fn, batches, estimator=kind).positive_semidefinite is True
     assert st.fisher(model, lambda o, y: -loss_fn(o, y), batches).positive_semidefinite is True
     # autodiff of an arbitrary loss's output Hessian: convexity unknown
     assert st.ggn(model, lambda o, y: torch.sin(o).sum(), batches, reduction="sum").positive_semidefinite is None
@@ -576,3 +576,75 @@ def test_jax_definiteness_flags_pick_cg_for_a_damped_ggn_and_minres_for_the_hess
     assert sj.fisher(apply, loss_fn, params, batches, **kw).positive_semidefinite is True
     b = jnp.asarray(np.random.default_rng(4).standard_normal(G.shape[0]), dtype=jdtype)
     check_solves(G, H, G_true, H_true, b, dtype)
+
+
+# --- curvature_like: one core function, the adapter supplies the framework ----------------
+def _keras_mlp(dtype):
+    _, keras = keras_models()
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((5,), dtype=dtype), keras.layers.Dense(6, activation="tanh", dtype=dtype),
+                              keras.layers.Dense(3, dtype=dtype)])
+    rng = np.random.default_rng(5)
+    batches = [(rng.normal(size=(s, 5)).astype(dtype), rng.integers(0, 3, size=s)) for s in (7, 4)]
+    return model, keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype), batches
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_curvature_like_equals_the_operator_built_directly(framework, dtype):
+    """Each curvature from an existing operator (of any curvature) against the backend's own
+    ggn/fisher on the same arguments: the same products, bit for bit; ``"hessian"`` gives the
+    Hessian back, also from a GGN."""
+    from specops.curvature import CURVATURES, curvature_like
+
+    if framework == "torch":
+        be = st
+        model = torch_mlp().to(getattr(torch, dtype))
+        batches = [(x.to(getattr(torch, dtype)), y) for x, y in torch_batches("mlp", "classification")]
+        loss_fn, kw = nn.CrossEntropyLoss(), {}
+    else:
+        be = pytest.importorskip("specops.backends.tensorflow")
+        model, loss_fn, batches = _keras_mlp(dtype)
+        kw = {"chunk_size": 64}
+    H = be.hessian(model, loss_fn, batches, **kw)
+    n = H.shape[0]
+    V = H.ops.asarray(np.random.default_rng(6).standard_normal((n, 3)))
+    direct = {"ggn": be.ggn(model, loss_fn, batches, **kw),
+              "empirical_fisher": be.fisher(model, loss_fn, batches, datum="term", **kw),
+              "mc_fisher": be.fisher(model, loss_fn, batches, estimator="mc", num_samples=2, seed=5, **kw)}
+    # bit for bit in PyTorch; TensorFlow's two traces of one function may round differently
+    tol = 0.0 if framework == "torch" else 1e-6 if dtype == "float32" else 1e-13
+
+    def same(A, B):
+        return rel(H.ops.to_numpy(A), H.ops.to_numpy(B)) <= tol
+
+    G = curvature_like(H, curvature="ggn")
+    assert G.adapter.curvature == "ggn"
+    for curvature in CURVATURES[1:]:
+        made = curvature_like(G, curvature=curvature, num_samples=2, seed=5, datum="term")
+        assert made.adapter.curvature == curvature
+        assert made.positive_semidefinite is True
+        assert same(made @ V, direct[curvature] @ V), curvature
+    assert curvature_like(H, "hessian") is H
+    assert same(curvature_like(G, "hessian") @ V, H @ V)
+    # the Monte-Carlo labels follow the seed
+    other = curvature_like(H, "mc_fisher", num_samples=2, seed=6)
+    assert rel(H.ops.to_numpy(other @ V), H.ops.to_numpy(direct["mc_fisher"] @ V)) > 1e-3
+    with pytest.raises(ValueError, match="unknown curvature 'empirical_fisher'; choose one of: hessian, ggn, empirical_fisher"):
+        curvature_like(H, "empirical_fisher")
+    with pytest.raises(ValueError, match="unknown estimator 'true'; choose one of: empirical, mc"):
+        be.fisher(model, loss_fn, batches, estimator="true", **kw)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        curvature_like(H, "mc_fisher", num_samples=0)
+
+
+def test_curvature_like_refuses_operators_without_a_model_split():
+    from specops.curvature import curvature_like
+
+    params = {"w": jnp.ones(3)}
+    H = sj.hessian(lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2), params,
+                   (jnp.ones((4, 3)), jnp.zeros(4)))
+    with pytest.raises(TypeError, match="for JAX build specops.backends.jax.ggn"):
+        curvature_like(H, "ggn")
+    with pytest.raises(TypeError, match="takes a model operator"):
+        curvature_like(specops.aslinearoperator(np.eye(3)), "ggn")

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from specops.layout import ParamLayout
-from specops.model import renamed
 
 from specops.backends.numpy import NumpyOps
 
@@ -51,14 +50,6 @@ def test_vector_and_block_round_trip():
     np.testing.assert_array_equal(layout.flatten(pieces, ops), V)
     np.testing.assert_array_equal(layout.flatten(list(pieces.values()), ops), V)
     np.testing.assert_array_equal(layout.flatten(layout.unflatten(V[:, 0], ops), ops), V[:, 0])
-
-
-def test_renamed_arguments():
-    with pytest.warns(DeprecationWarning, match="params= is now called wrt="):
-        assert renamed("hessian", "wrt", None, "params", "x") == "x"
-    assert renamed("hessian", "engine", None, "hvp", None, default="auto") == "auto"
-    with pytest.raises(TypeError, match="both wrt= and its former name params="):
-        renamed("hessian", "wrt", "a", "params", "b")
 
 
 def test_torch_parameter_structure():

@@ -189,7 +189,7 @@ def test_torch_a_wrong_class_axis_is_caught_at_construction(monkeypatch):
     assert "autodiff" in G.engine and G.adapter.output_check_error > 0.5
     assert rel(dense(G), dense(right)) < 1e-12  # autodiff is the loss's
     with pytest.raises(RuntimeError, match="specops read the loss wrong"):
-        st.fisher(model, nn.CrossEntropyLoss(), batches, kind="mc")
+        st.fisher(model, nn.CrossEntropyLoss(), batches, estimator="mc")
 
 
 def test_jax_and_keras_a_wrong_class_axis_is_caught_at_construction(monkeypatch):
@@ -204,6 +204,6 @@ def test_jax_and_keras_a_wrong_class_axis_is_caught_at_construction(monkeypatch)
         G = sj.ggn(apply, loss, params, batches, check_deterministic=False)
     assert "autodiff" in G.engine
     _, model, kbatches, kloss, _ = keras_problem("ce")
-    monkeypatch.setattr(stf, "_loss_spec", lambda loss_fn: LossSpec("categorical", 1, "positions"))
+    monkeypatch.setattr(stf.curvature, "_loss_spec", lambda loss_fn: LossSpec("categorical", 1, "positions"))
     with pytest.raises(RuntimeError, match="specops read the loss wrong"):
-        stf.fisher(model, kloss, kbatches, kind="mc", check_deterministic=False)
+        stf.fisher(model, kloss, kbatches, estimator="mc", check_deterministic=False)

@@ -256,11 +256,11 @@ def test_mc_fisher_averages_to_the_ggn(name):
     p = problem(name)
     T = truth(p, "mean")
     loss = p.loss("mean")
-    mean = mc_mean(lambda s: st.fisher(p.model, loss, p.batches, kind="mc", num_samples=200, seed=s,
+    mean = mc_mean(lambda s: st.fisher(p.model, loss, p.batches, estimator="mc", num_samples=200, seed=s,
                                        check_deterministic=False), range(4))
-    one = dense(st.fisher(p.model, loss, p.batches, kind="mc", num_samples=1, seed=0, check_deterministic=False))
+    one = dense(st.fisher(p.model, loss, p.batches, estimator="mc", num_samples=1, seed=0, check_deterministic=False))
     assert rel(mean, T["ggn"]) < 0.05 and rel(one, T["ggn"]) > 3 * rel(mean, T["ggn"])
     if name == "ce_seq":  # the sampled labels ignore the targets: one-hot class probabilities give the same
         onehot = [(x, torch.nn.functional.one_hot(y, 3).movedim(-1, 1).double()) for x, y in p.batches]
-        same = dense(st.fisher(p.model, loss, onehot, kind="mc", num_samples=1, seed=0, check_deterministic=False))
+        same = dense(st.fisher(p.model, loss, onehot, estimator="mc", num_samples=1, seed=0, check_deterministic=False))
         assert rel(same, one) < 1e-12

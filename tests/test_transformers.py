@@ -116,7 +116,7 @@ def test_clear_errors_for_hugging_face_models():
     with pytest.raises(ValueError, match=r"computed in torch.float32 while the parameters are torch.float64"):
         st.hessian(model, None, batch)  # Hugging Face's loss casts the logits to float32
     unlabeled = {k: v for k, v in batch.items() if k != "labels"}
-    with pytest.raises(TypeError, match=r"without one; .*'labels'"):
+    with pytest.raises(TypeError, match=r"without 'loss'; .*'labels'"):
         st.hessian(model.float(), None, unlabeled)
     with pytest.raises(TypeError, match=r"dict batch needs 'labels'"):
         st.hessian(model, causal_lm, unlabeled)

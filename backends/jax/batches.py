@@ -8,12 +8,12 @@ import jax
 import numpy as np
 from jax import tree_util
 
-from specops.model import common_batch_size
+from specops import batches
 
 
 def batch_size(batch: Any) -> int:
     """The common leading dimension of the arrays of a batch pytree."""
-    return common_batch_size(tree_util.tree_leaves(batch))
+    return batches.batch_size(tree_util.tree_leaves(batch))
 
 
 class DataMesh:

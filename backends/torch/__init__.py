@@ -66,12 +66,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from specops.curvature import curvature_like
 from specops.model import LossForm, ModelOperator
 from specops.reduction import Reduction
 
 from .adapter import TorchAdapter
 from .calls import FunctionalModel
-from .curvature import _check_reduction, _reduction, curvature_like, fisher, ggn
+from .curvature import PRIMITIVES, fisher, ggn
 from .engines import ENGINES, Engine
 from .formulas import _OVERRIDES, _hardsigmoid  # noqa: F401 (tests patch and call them)
 from .ops import TorchOps, matrix_operator
@@ -183,7 +184,7 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
     from . import sharded as torch_sharded  # FSDP2 / DTensor parameters: sharded vectors
 
     if torch_sharded.is_sharded(model):
-        return torch_sharded.hessian(model, loss_fn, data, reduction=_reduction(loss_fn, reduction), comm=comm,
+        return torch_sharded.hessian(model, loss_fn, data, reduction=PRIMITIVES.reduction(loss_fn, reduction), comm=comm,
                                      loss_form=loss_form,
                                      check_deterministic=check_deterministic, wrt=wrt, engine=engine,
                                      memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
@@ -192,7 +193,7 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,
                            autocast=autocast)
-    resolved = _reduction(loss_fn, reduction)
+    resolved = PRIMITIVES.reduction(loss_fn, reduction)
     return ModelOperator(adapter, data, reduction=resolved, comm=comm, check_deterministic=check_deterministic,
                          cross_check=cross_check,
-                         first_batch_check=lambda first: _check_reduction(adapter, loss_fn, resolved, first))
+                         first_batch_check=lambda first: PRIMITIVES.check_reduction(adapter, loss_fn, resolved, first))

@@ -5,21 +5,25 @@ from __future__ import annotations
 import contextlib
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from specops import batches
 from specops.layout import ParamLayout
 from specops.model import NonDeterministicError, resolve_loss_form
 from specops.progress import bar as progress_bar
 
-from .calls import _eager, _first_tensor, _LossModule, _map_tensors
+from .calls import _eager, _LossModule, _map_tensors, _tensors
 from .checks import _EngineChecks
 from .engines import ENGINES, _default_memory_budget
 from .ops import TorchOps
 from .params import _check_uniform, _listing, _padding_rows, _resolve_params
 from .random_layers import RANDOM_LAYERS, _random_layers_fix, _random_modules, _rng_states
+
+if TYPE_CHECKING:
+    from specops.curvature import CurvaturePrimitives
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -153,13 +157,7 @@ class TorchAdapter(_EngineChecks):
     def batch_size(self, batch: Any) -> int:
         if self._batch_size_fn is not None:
             return int(self._batch_size_fn(batch))
-        t = _first_tensor(batch)
-        if t is None or t.ndim == 0:
-            raise ValueError(
-                "cannot tell the number of samples in a batch (no tensor with a batch dimension); "
-                "pass batch_size=lambda batch: ... to hessian"
-            )
-        return int(t.shape[0])
+        return batches.batch_size(_tensors(batch))
 
     def _prepare(self, batch):
         """Tensors to the model's device; floating ones to its dtype."""
@@ -248,6 +246,12 @@ class TorchAdapter(_EngineChecks):
         return torch.zeros_like(theta) if g is None else g
 
     # --- diagnostics --------------------------------------------------------------
+    def curvature_primitives(self) -> CurvaturePrimitives:
+        """The PyTorch primitives of GGN and Fisher operators (:mod:`specops.curvature`)."""
+        from .curvature import PRIMITIVES
+
+        return PRIMITIVES
+
     def determinism_hints(self) -> list[str]:
         dropout = [n for n, m in self.model.named_modules()
                    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]

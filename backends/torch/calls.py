@@ -9,6 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from specops import batches
+
+#: how this backend calls a loss of the outputs (for messages)
+_CALL = "loss_fn(outputs, targets)"
+
 
 class _LossModule(nn.Module):
     """``batch -> scalar loss``, with the user's model as the submodule ``model``.
@@ -28,26 +33,18 @@ class _LossModule(nn.Module):
 
     def forward(self, batch):
         if self.loss_fn is None:
-            loss = _own_loss(_call(self.model, batch))
+            loss = batches.own_loss(_call(self.model, batch), _CALL)
         elif self.loss_form == "model":
             loss = self.loss_fn(self.model, batch)
         else:
-            inputs, targets = _split(batch)
-            outputs = _logits(_call(self.model, inputs))
+            inputs, targets = batches.split(batch, _CALL)
+            outputs = batches.logits(_call(self.model, inputs), _CALL)
             try:
                 loss = self.loss_fn(outputs, targets)
             except TypeError as e:
-                raise TypeError(
-                    f"loss_fn(outputs, targets) failed: {e}. specops called it with the model's outputs "
-                    f"({_describe(outputs)}) and the targets; if it is written as loss_fn(model, batch), name "
-                    "its first parameter `model` or pass loss_form='model'"
-                ) from e
+                raise batches.loss_call_error(_CALL, outputs, e) from e
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            if isinstance(loss, dict) or hasattr(loss, "logits"):
-                raise TypeError(
-                    f"the loss function returned the model's outputs ({_describe(loss)}), not a scalar: return "
-                    "outputs.loss, or a loss of outputs.logits"
-                )
+            batches.check_not_outputs(loss)
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
                 f"the loss function must return a scalar tensor, got {shape}; reduce it with "
@@ -157,57 +154,6 @@ def _eager(model: Any) -> Any:
     return model
 
 
-def _split(batch):
-    """``(inputs, targets)`` of a batch for ``loss_fn(outputs, targets)``."""
-    if isinstance(batch, dict):
-        if "labels" not in batch:
-            raise TypeError(
-                f"with loss_fn(outputs, targets), a dict batch needs 'labels' (the targets; the other entries "
-                f"are the model's inputs), got keys {sorted(batch)}; or write loss_fn(model, batch)"
-            )
-        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(
-            "with loss_fn(outputs, targets) every batch must be a pair (inputs, targets) or a dict with "
-            f"'labels', got {type(batch).__name__}; for other batches (triples, ...) write the loss as "
-            "loss_fn(model, batch) and pass loss_form='model'"
-        )
-    return batch
-
-
-def _logits(outputs):
-    """The tensor ``loss_fn(outputs, targets)`` gets: ``outputs.logits`` of a ``ModelOutput`` or dict."""
-    if isinstance(outputs, torch.Tensor) or not (isinstance(outputs, dict) or hasattr(outputs, "logits")):
-        return outputs
-    logits = outputs.get("logits") if isinstance(outputs, dict) else outputs.logits
-    if logits is None:
-        raise TypeError(
-            f"the model returns {_describe(outputs)}; specops applies loss_fn(outputs, targets) to its "
-            "'logits', which it has not: write the loss as loss_fn(model, batch)"
-        )
-    return logits
-
-
-def _own_loss(outputs):
-    """``outputs.loss`` for ``loss_fn=None``."""
-    loss = (outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None))
-    if loss is None:
-        raise TypeError(
-            f"loss_fn=None takes the loss the model returns, but it returned {_describe(outputs)} without one; "
-            "Hugging Face models compute it only when the batch has 'labels' (add them), or pass "
-            "loss_fn(outputs, targets), applied to outputs.logits"
-        )
-    return loss
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"a tensor of shape {tuple(obj.shape)}"
-    if isinstance(obj, dict):
-        return f"a {type(obj).__name__} with fields {', '.join(map(str, obj.keys()))}"
-    return f"a {type(obj).__name__}"
-
-
 def _map_tensors(fn, obj):
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -219,12 +165,11 @@ def _map_tensors(fn, obj):
     return obj
 
 
-def _first_tensor(obj):
+def _tensors(obj):
+    """Every tensor of a batch (nested in dicts, tuples and lists), in order."""
     if isinstance(obj, torch.Tensor):
-        return obj
+        yield obj
+        return
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
     for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
+        yield from _tensors(v)

@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specops.model import ModelAdapter, ModelOperator
+from specops.curvature import CurvaturePrimitives, FisherEstimator, curvature_operator, fisher_curvature
+from specops.model import ModelOperator
+from specops.output_space import LossSpec
 
 from .adapter import TorchAdapter
+from .sharded import refuse_curvature
 
 
 def _unwrap_loss(loss_fn):
@@ -212,101 +215,15 @@ class _TorchCurvature:
                                randomness="same")(V)
 
 
-def _check_form(base: Any, kind: str) -> None:
-    """Raise for a loss that is not a function of the outputs alone (no Gauss-Newton split)."""
-    from specops.curvature import model_form_error
-
-    if base.loss_form != "outputs":
-        what = "ggn(...)" if kind == "ggn" else f"fisher(kind={kind!r})"
-        raise model_form_error(what, "loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()")
-
-
-def _curvature_adapter(base: TorchAdapter, kind: str, reduction: str, num_samples: int = 1,
-                       seed: int = 0, datum: str = "sample", first_batch: Any = None) -> ModelAdapter:
-    """``base`` (a Hessian adapter) with its product replaced by that of ``kind``; the input checks.
-
-    With ``first_batch``, the closed-form output Hessian is checked against autodiff on it.
-    """
-    from specops.curvature import check_num_samples, validated_adapter
-    from specops.output_space import check_datum
-    from specops.random import check_seed
-
-    _check_form(base, kind)
-    num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
-    return validated_adapter(
-        base, kind, lambda b, spec: _TorchCurvature(cast(TorchAdapter, b), kind, reduction, num_samples, seed,
-                                                    datum, spec),
-        _loss_spec(base.loss_fn), first_batch,
-        "J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func jvp/vjp",
-        num_samples=num_samples, datum=datum)
-
-
-def _reduction(loss_fn: Any, reduction: str | None) -> str:
-    """The loss's reduction: the one it states, or ``reduction`` (default ``"mean"``) for a plain function."""
-    from specops.reduction import loss_name, resolve
-
-    return resolve(reduction, _loss_reduction(loss_fn) if loss_fn is not None else None, loss_name(loss_fn))
-
-
-def _check_reduction(adapter: Any, loss_fn: Any, reduction: str, first_batch: Any) -> None:
-    """For a plain function, check on ``first_batch`` that it reduces as ``reduction`` says."""
-    from specops.reduction import check_plain
-
-    check_plain(adapter, loss_fn, _loss_reduction(loss_fn), reduction, first_batch, float(torch.finfo(adapter.param_dtype).eps))
-
-
-def _first_batch(data: Any) -> Any:
-    for batch in ModelOperator._batches_of(data):
-        return batch
-    return None
-
-
-def _curvature_operator(kind: str, model: nn.Module, loss_fn: Any, data: Any, *,
-                        wrt: Any, reduction: str | None, comm: Any, check_deterministic: bool, progress: bool,
-                        loss_form: str, chunk_size: int | None, batch_size: Callable[[Any], int] | None,
-                        random_layers: str, num_samples: int = 1, seed: int = 0,
-                        datum: str = "sample") -> ModelOperator:
-    from .sharded import refuse_curvature
-
-    refuse_curvature(model, "the GGN" if kind == "ggn" else "the Fisher")
-    base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form,
-                        engine="double_backward", chunk_size=chunk_size, batch_size=batch_size,
-                        progress=progress, random_layers=random_layers)
-    _check_form(base, kind)
-    reduction = _reduction(loss_fn, reduction)
-    first = _first_batch(data)
-    if first is not None:
-        base.check_random_forward(first)
-    _check_reduction(base, loss_fn, reduction, first)
-    adapter = _curvature_adapter(base, kind, reduction, num_samples, seed, datum, first)
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
-
-
-def curvature_like(H: ModelOperator, kind: str = "ggn", *, num_samples: int = 1, seed: int = 0,
-                   check_deterministic: bool = False, datum: str = "sample") -> ModelOperator:
-    """The GGN or a Fisher of the same model, loss, data, parameters and reduction as ``H``.
-
-    Args:
-        H: an operator from :func:`hessian`, :func:`ggn` or :func:`fisher`.
-        kind: ``"ggn"``, ``"empirical"`` or ``"mc"``.
-        num_samples: sampled labels per sample of ``kind="mc"``, as for :func:`fisher`.
-        seed: the seed of the sampled labels of ``kind="mc"``, as for :func:`fisher`.
-        datum: of ``kind="empirical"``, as for :func:`fisher`.
-        check_deterministic: run the construction checks again (``H`` passed them).
-
-    Returns:
-        A :class:`specops.ModelOperator` sharing ``H``'s data and communicator.
-
-    Raises:
-        TypeError: ``H`` is not a PyTorch model operator. As :func:`fisher` otherwise.
-    """
-    from specops.curvature import KINDS, base_adapter, check_kind
-
-    base = base_adapter(H, TorchAdapter)
-    adapter = _curvature_adapter(base, check_kind(kind, KINDS), H.reduction, num_samples, seed, datum,
-                                 _first_batch(H._data))
-    return ModelOperator(adapter, H._data, reduction=H.reduction, comm=H.comm,
-                         check_deterministic=check_deterministic)
+PRIMITIVES = CurvaturePrimitives(
+    form_hint="loss_fn(outputs, targets), e.g. nn.CrossEntropyLoss()",
+    engine="J^T M J v, one column by forward-mode JVP and backward, blocks by vmap of torch.func jvp/vjp",
+    # the readers are looked up when called (tests replace them)
+    loss_reduction=lambda loss_fn: _loss_reduction(loss_fn),
+    loss_spec=lambda loss_fn: _loss_spec(loss_fn),
+    product=_TorchCurvature,
+    reduction_eps=lambda adapter: float(torch.finfo(adapter.param_dtype).eps),
+)
 
 
 def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction: str | None = None,
@@ -339,21 +256,21 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
         random_layers: ``"error"`` or ``"fixed"``, as for :func:`hessian`.
 
     Returns:
-        A :class:`specops.ModelOperator` (``G.adapter.kind == "ggn"``) that every
+        A :class:`specops.ModelOperator` (``G.adapter.curvature == "ggn"``) that every
         algorithm takes like a Hessian.
 
     Raises:
         ValueError: a loss that is not a function of the outputs alone (``loss_form="model"``),
             and every error that :func:`hessian` raises for the same arguments.
     """
-    return _curvature_operator("ggn", model, loss_fn, data, wrt=wrt,
-                               reduction=reduction,
-                               comm=comm, check_deterministic=check_deterministic, progress=progress,
-                               loss_form=loss_form, chunk_size=chunk_size, batch_size=batch_size,
-                               random_layers=random_layers)
+    refuse_curvature(model, "the GGN")
+    base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine="double_backward",
+                        chunk_size=chunk_size, batch_size=batch_size, progress=progress, random_layers=random_layers)
+    return curvature_operator(base, "ggn", data, reduction=reduction, comm=comm,
+                              check_deterministic=check_deterministic)
 
 
-def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical", num_samples: int = 1,
+def fisher(model: nn.Module, loss_fn: Any, data: Any, *, estimator: FisherEstimator = "empirical", num_samples: int = 1,
            seed: int = 0, wrt: Any = None, reduction: str | None = None, comm: Any = None,
            check_deterministic: bool = True,
            progress: bool = False, loss_form: str = "auto", chunk_size: int | None = None,
@@ -361,16 +278,16 @@ def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical"
            datum: str = "sample") -> ModelOperator:
     """The Fisher matrix of a model's loss over data: empirical or Monte-Carlo sampled.
 
-    ``kind="empirical"``: ``c sum_i g_i g_i^T`` over the per-sample gradients ``g_i`` at the
+    ``estimator="empirical"``: ``c sum_i g_i g_i^T`` over the per-sample gradients ``g_i`` at the
     true targets (``c = 1/N`` with ``reduction="mean"``, 1 with ``"sum"``), as the products
     ``J^T (r_i r_i^T / c) J`` with the per-sample output gradients ``r_i``, so they cost
-    about a GGN product. ``kind="mc"``: targets sampled ``num_samples`` times per sample
+    about a GGN product. ``estimator="mc"``: targets sampled ``num_samples`` times per sample
     from the model's predictive distribution (categorical for cross-entropy, Gaussian for
     squared error), drawn once per batch from ``seed``; equal to the GGN in expectation.
 
     Args:
-        kind: ``"empirical"`` or ``"mc"``.
-        num_samples: sampled labels per sample for ``kind="mc"``.
+        estimator: ``"empirical"`` or ``"mc"``.
+        num_samples: sampled labels per sample for ``estimator="mc"``.
         seed: the seed of the sampled labels (the same on every backend).
         model: the ``nn.Module``, as for :func:`ggn`.
         loss_fn: ``loss_fn(outputs, targets)``, as for :func:`ggn`.
@@ -384,25 +301,25 @@ def fisher(model: nn.Module, loss_fn: Any, data: Any, *, kind: str = "empirical"
         chunk_size: columns per vectorized pass, as for :func:`ggn`.
         batch_size: ``batch -> int``, as for :func:`ggn`.
         random_layers: ``"error"`` or ``"fixed"``, as for :func:`ggn`.
-        datum: of ``kind="empirical"``: ``"sample"`` (default; each sample one datum, its
+        datum: of ``estimator="empirical"``: ``"sample"`` (default; each sample one datum, its
             loss the loss of that sample alone) or ``"term"`` (each loss term one datum:
             each position of a cross-entropy's class axis 1, each row of the last axis of
             a squared error or binary cross-entropy; curvlinops' ``EFLinearOperator``).
             See ``docs/curvature.md``.
 
     Returns:
-        A :class:`specops.ModelOperator` (``F.adapter.kind`` is ``kind``).
+        A :class:`specops.ModelOperator` (``F.adapter.curvature`` is ``"empirical_fisher"`` or
+        ``"mc_fisher"``).
 
     Raises:
-        ValueError: ``kind="mc"`` with a loss whose likelihood is not known (the message
+        ValueError: ``estimator="mc"`` with a loss whose likelihood is not known (the message
             names the losses that are); a loss that is not a function of the outputs alone;
-            a bad ``kind``, ``num_samples`` or ``seed``.
+            a bad ``estimator``, ``num_samples`` or ``seed``.
     """
-    from specops.curvature import check_kind
-
-    return _curvature_operator(check_kind(kind), model, loss_fn, data,
-                               wrt=wrt,
-                               reduction=reduction, comm=comm, check_deterministic=check_deterministic,
-                               progress=progress, loss_form=loss_form, chunk_size=chunk_size,
-                               batch_size=batch_size, random_layers=random_layers, num_samples=num_samples,
-                               seed=seed, datum=datum)
+    curvature = fisher_curvature(estimator)
+    refuse_curvature(model, "the Fisher")
+    base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine="double_backward",
+                        chunk_size=chunk_size, batch_size=batch_size, progress=progress, random_layers=random_layers)
+    return curvature_operator(base, curvature, data, reduction=reduction, comm=comm,
+                              check_deterministic=check_deterministic, num_samples=num_samples, seed=seed,
+                              datum=datum)

@@ -327,7 +327,7 @@ def test_a_wrong_second_derivative_is_reported_at_construction(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert stf.hessian(model, cross_entropy(), data).adapter.cross_check_error < 1e-7
-    monkeypatch.setattr(stf, "_twice_differentiable", contextlib.nullcontext)
+    monkeypatch.setattr(stf.formulas, "_twice_differentiable", contextlib.nullcontext)
     specops.checks.VERDICTS.clear()  # the verdict of the build above would carry over to this model
     with pytest.warns(RuntimeWarning, match="differ from central differences of gradients"):
         H = stf.hessian(model, cross_entropy(), data)
