@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -195,6 +195,12 @@ class TorchAdapter(_EngineChecks):
 
     def _fixed_mask_loss(self, theta, batch):
         """The loss with torch's generator seeded from the batch: one random mask per batch."""
+        with self.seeded_by(batch):
+            return torch.func.functional_call(self._module, self._state(theta), (batch,))
+
+    @contextlib.contextmanager
+    def seeded_by(self, batch: Any) -> Iterator[None]:
+        """Seed torch's generators, within, from ``batch`` (``random_layers="fixed"``), restored after."""
         device = self.ops.torch_device
         seed = hash(self._fingerprint(batch)) % (1 << 62)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -202,7 +208,7 @@ class TorchAdapter(_EngineChecks):
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     torch.cuda.manual_seed(seed)
-            return torch.func.functional_call(self._module, self._state(theta), (batch,))
+            yield
 
     def keeping_random_state(self) -> contextlib.AbstractContextManager:
         device = self.ops.torch_device

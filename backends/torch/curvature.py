@@ -126,13 +126,7 @@ class _TorchCurvature:
 
         if base.random_layers != "fixed":
             return call()
-        device = base.ops.torch_device
-        seed = hash(base._fingerprint(batch)) % (1 << 62)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.default_generator.manual_seed(seed)
-            if device.type == "cuda":
-                with torch.cuda.device(device):
-                    torch.cuda.manual_seed(seed)
+        with base.seeded_by(batch):
             return call()
 
     def _pair(self, batch):
