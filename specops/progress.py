@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from specops.operator import LinearOperator
+
+T = TypeVar("T")
 
 #: Environment variables by which MPI launchers give a process its rank.
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
@@ -156,6 +158,14 @@ class Tracked(LinearOperator):
         self.num_matvecs += int(V.shape[1])
         self.bar.to(self.num_matvecs)
         return out
+
+    def decide(self, value: T) -> T:
+        """``A``'s decision, with exactly ``A``'s collectives.
+
+        Only rank 0 draws a bar, so this wrapper must not add a broadcast of its own: the
+        other ranks would never join it.
+        """
+        return self.A.decide(value)
 
 
 def show(A: Any, **values: Any) -> None:

@@ -229,3 +229,22 @@ def test_landscape_along_sharded_directions():
         # an eigenvector's sign is free (TSQR and Householder QR may pick the other): the line may run backwards
         flip = one[1] if abs(r[1][0] - one[1][0]) < abs(r[1][0] - one[1][-1]) else one[1][::-1]
         _close(r[1], flip, 1e-10)
+
+
+def test_a_bar_on_rank_0_only_takes_the_same_collectives():
+    # Only rank 0 draws a progress bar (it wraps the operator); every decision must still be
+    # one broadcast on every rank, else the other ranks wait forever (a sharded FSDP2 run hung).
+    A = _matrix()
+
+    def fn(op, progress):
+        e = so.eigsh(op, k=2, seed=1, progress=progress)
+        t = so.trace(op, method="xtrace", max_matvecs=30, seed=2, progress=progress)
+        d = so.spectral_density(op, num_probes=2, num_steps=12, seed=3, progress=progress)
+        return e.eigenvalues, t.estimate, d.nodes
+
+    one = fn(RowShardedMatrix(A, NumpyOps(np.float64)), False)
+    ranks = run_ranks(3, lambda comm: fn(RowShardedMatrix(A, ShardedOps(NumpyOps(np.float64), comm, N)),
+                                         comm.rank == 0), timeout=60.0)
+    for r in ranks:
+        for got, want in zip(r, one):
+            _close(got, want, 1e-10)
