@@ -26,6 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+# how a loss of the whole batch is written in the PyTorch and TensorFlow backends, for messages
+_GENERAL = "loss_fn(model, batch)"
+_GENERAL_FORM = "loss_fn(model, batch) and pass loss_form='model'"
+
 
 def describe(obj: Any) -> str:
     """A model output or batch in a few words, for messages (a dict's keys, an array's shape)."""
@@ -36,13 +40,15 @@ def describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def split(batch: Any, call: str) -> tuple[Any, Any]:
+def split(batch: Any, call: str, general: str | None = None) -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch for a loss of the outputs.
 
     Args:
         batch: a pair ``(inputs, targets)``, or a dict with ``"labels"`` (the targets; the
             other entries, as one dict, are the inputs).
         call: how the backend calls the loss, for messages (``"loss_fn(outputs, targets)"``).
+        general: how a loss of the whole batch is written in this backend, for messages
+            (None: ``loss_fn(model, batch)`` with ``loss_form='model'``).
 
     Returns:
         ``(inputs, targets)``.
@@ -54,24 +60,26 @@ def split(batch: Any, call: str) -> tuple[Any, Any]:
         if "labels" not in batch:
             raise TypeError(
                 f"with {call}, a dict batch needs 'labels' (the targets; the other entries are the model's "
-                f"inputs), got keys {sorted(batch)}; or write loss_fn(model, batch)"
+                f"inputs), got keys {sorted(batch)}; or write {general or _GENERAL}"
             )
         return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(
             f"with {call} every batch must be a pair (inputs, targets) or a dict with 'labels', got "
-            f"{type(batch).__name__}; for other batches (triples, ...) write the loss as loss_fn(model, batch) "
-            "and pass loss_form='model'"
+            f"{type(batch).__name__}; for other batches (triples, ...) write the loss as "
+            f"{general or _GENERAL_FORM}"
         )
     return batch[0], batch[1]
 
 
-def logits(outputs: Any, call: str) -> Any:
+def logits(outputs: Any, call: str, general: str | None = None) -> Any:
     """What a loss of the outputs gets: the outputs, or the ``"logits"`` of a dict or ``ModelOutput``.
 
     Args:
         outputs: the model's outputs.
         call: how the backend calls the loss, for messages.
+        general: how a loss of the whole batch is written in this backend, for messages
+            (None: ``loss_fn(model, batch)``).
 
     Returns:
         ``outputs["logits"]`` (or ``outputs.logits``) of a dict output, else ``outputs``.
@@ -85,7 +93,7 @@ def logits(outputs: Any, call: str) -> Any:
     if found is None:
         raise TypeError(
             f"the model returns {describe(outputs)}; specops applies {call} to its 'logits', which it has not: "
-            "write the loss as loss_fn(model, batch)"
+            f"write the loss as {general or _GENERAL}"
         )
     return found
 

@@ -228,13 +228,14 @@ def primitives_of(adapter: Any) -> CurvaturePrimitives:
         Its ``curvature_primitives()``.
 
     Raises:
-        TypeError: an adapter without them (JAX, NumPy, a sharded model).
+        TypeError: an adapter without them (JAX's ``hessian``, NumPy, a sharded model).
     """
     primitives = getattr(adapter, "curvature_primitives", None)
     if primitives is None:
         raise TypeError(
-            f"curvature_like takes PyTorch or TensorFlow model operators, got one of {type(adapter).__name__}; "
-            "for JAX build specops.backends.jax.ggn(apply_fn, loss_fn, params, data) / fisher(...) directly"
+            f"curvature_like takes PyTorch or TensorFlow model operators, or JAX's ggn/fisher operators, got one of "
+            f"{type(adapter).__name__}; for JAX build specops.backends.jax.ggn(apply_fn, loss_fn, params, data) / "
+            "fisher(...) directly"
         )
     return primitives()
 
@@ -319,11 +320,11 @@ def curvature_like(H: ModelOperator, curvature: Curvature = "ggn", *, num_sample
                    check_deterministic: bool = False, datum: str = "sample") -> ModelOperator:
     """A curvature of the same model, loss, data, parameters and reduction as ``H``.
 
-    ``H`` is a PyTorch or TensorFlow model operator (of any curvature); its adapter
-    supplies the framework's products. JAX's ``hessian`` takes one ``loss_fn(params,
-    batch)``, which does not separate the model from the loss: build the JAX operators
-    with ``specops.backends.jax.ggn`` / ``fisher`` from ``apply_fn`` and
-    ``loss_fn(outputs, targets)``.
+    ``H`` is a PyTorch or TensorFlow model operator (of any curvature), or a JAX
+    ``ggn``/``fisher`` operator; its adapter supplies the framework's products. JAX's
+    ``hessian`` takes one ``loss_fn(params, batch)``, which does not separate the model
+    from the loss: build the JAX operators with ``specops.backends.jax.ggn`` / ``fisher``
+    from ``apply_fn`` and ``loss_fn(outputs, targets)``.
 
     Args:
         H: a model operator from a backend's ``hessian``, ``ggn`` or ``fisher``.
@@ -339,7 +340,7 @@ def curvature_like(H: ModelOperator, curvature: Curvature = "ggn", *, num_sample
         communicator.
 
     Raises:
-        TypeError: an operator of another backend (JAX, NumPy) or not model-backed.
+        TypeError: an operator of another backend (JAX's ``hessian``, NumPy) or not model-backed.
         ValueError: an unknown ``curvature``; as the backend's ``fisher`` otherwise.
     """
     _checks.choice("curvature", curvature, CURVATURES)

@@ -25,6 +25,14 @@ def test_pairs_and_dicts_with_labels_split_into_inputs_and_targets():
     with pytest.raises(TypeError, match=r"with loss_fn\(outputs, targets\) every batch must be a pair.*got tuple.*"
                                         r"loss_form='model'"):
         batches.split((x, y, y), CALL)
+    # a backend names its own general form (JAX: loss_fn(params, batch))
+    general = "loss_fn(params, batch) and pass it to hessian directly"
+    with pytest.raises(TypeError, match=r"or write loss_fn\(params, batch\) and pass it to hessian directly$"):
+        batches.split({"x": x}, CALL, general)
+    with pytest.raises(TypeError, match=r"write the loss as loss_fn\(params, batch\) and pass it to hessian directly$"):
+        batches.split((x, y, y), CALL, general)
+    with pytest.raises(TypeError, match=r"write the loss as loss_fn\(params, batch\) and pass it to hessian directly$"):
+        batches.logits({"hidden": x}, CALL, general)
 
 
 def test_dict_outputs_give_their_logits_and_the_model_its_own_loss():

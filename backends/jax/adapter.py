@@ -54,6 +54,7 @@ class JaxAdapter(ModelAdapter):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be a function loss_fn(params, batch), got {type(loss_fn).__name__}")
         self.loss_fn, self.wrt, self.chunk_size = loss_fn, wrt, positive_int("chunk_size", chunk_size)
+        self._params_loss = loss_fn  # what is differentiated (a subclass may name another loss_fn)
         self._cast = dtype
         self.params = params = cast(params, dtype)
         selection = select(params, wrt)
@@ -120,7 +121,7 @@ class JaxAdapter(ModelAdapter):
         return tree_util.tree_unflatten(self._treedef, leaves)
 
     def _scalar_loss(self, flat: Any, fixed: Any, batch: Any) -> Any:
-        value = self.loss_fn(self._tree(flat, fixed), batch)
+        value = self._params_loss(self._tree(flat, fixed), batch)
         shape = jnp.shape(value)
         if shape != ():
             raise ValueError(

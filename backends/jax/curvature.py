@@ -8,24 +8,22 @@ product ``jit(vmap(vjp(M jvp)))``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specops._checks import choice
+from specops.curvature import CurvaturePrimitives, FisherEstimator, curvature_operator, fisher_curvature
 from specops.model import ModelOperator
 
 from .adapter import JaxAdapter
 
-#: Which Fisher: the empirical one (gradients at the data's targets) or the Monte-Carlo one (sampled targets)
-FisherEstimator = Literal["empirical", "mc"]
-_ESTIMATORS: tuple[FisherEstimator, ...] = ("empirical", "mc")
 
-
-def _loss_spec(loss_fn: Any, reduction: str) -> Any:
+def _loss_spec(loss_fn: Any, reduction: str = "mean") -> Any:
     """The :class:`~specops.output_space.LossSpec` of an optax loss specops reads exactly, or None.
 
     optax's losses are per sample or per position (classes on the last axis) or per
@@ -93,11 +91,11 @@ def _output_ops() -> Any:
 class _JaxCurvature:
     """``V -> J^T M J V`` for one batch of a :class:`JaxAdapter`, compiled once per shape."""
 
-    def __init__(self, base: JaxAdapter, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], kind: str,
-                 reduction: str, num_samples: int, seed: int, datum: str = "sample", spec: Any = None) -> None:
-        self.base, self.apply_fn, self.kind, self.reduction, self.datum = base, apply_fn, kind, reduction, datum
+    def __init__(self, base: OutputsAdapter, kind: str, reduction: str, num_samples: int, seed: int,
+                 datum: str = "sample", spec: Any = None) -> None:
+        self.base, self.apply_fn, self.kind, self.reduction, self.datum = base, base.apply_fn, kind, reduction, datum
         self.spec = spec
-        self.scalar_loss = _reduced_loss(loss_fn, reduction)
+        self.scalar_loss = _reduced_loss(base.loss_fn, reduction)
         self.num_samples, self.seed = num_samples, seed
         self.output_ops = _output_ops()
         self._noise: dict[int, Any] = {}
@@ -160,54 +158,83 @@ class _JaxCurvature:
         return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
 
 
-def _check_reduction(adapter: JaxAdapter, data: Any, reduction: str | None, loss_fn: Any) -> str:
-    """``reduction`` (default ``"mean"``), checked on the first batch's halves for a scalar loss."""
-    from specops.reduction import check_plain, loss_name, resolve
-
-    resolved = resolve(reduction, None, loss_name(loss_fn))
-    first = next(iter(ModelOperator._batches_of(data)), None)
-    check_plain(adapter, loss_fn, None, resolved, first, float(np.finfo(adapter.ops.dtype).eps))
-    return resolved
-
-
-def _curvature_operator(kind: str, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any,
-                        data: Any, *, wrt: Any, reduction: str | None, comm: Any, check_deterministic: bool,
-                        dtype: Any, chunk_size: int, num_samples: int = 1, seed: int = 0,
-                        datum: str = "sample") -> ModelOperator:
-    import inspect
-
-    from specops.curvature import check_num_samples, model_form_error, validated_adapter
-    from specops.output_space import check_datum
-    from specops.random import check_seed
-
-    what = "ggn(...)" if kind == "ggn" else f"fisher(estimator={kind!r})"
-    if not (callable(apply_fn) and callable(loss_fn)):
-        raise TypeError(f"{what} takes apply_fn(params, inputs) -> outputs and loss_fn(outputs, targets)")
+def _loss_form(loss_fn: Any) -> str:
+    """``"model"`` for a loss whose first parameter names the parameters or the model, else ``"outputs"``."""
     try:
         first = next(iter(inspect.signature(loss_fn).parameters), None)
     except (TypeError, ValueError):
         first = None
-    if first in ("params", "model", "module", "net", "network"):
-        raise model_form_error(what, "pass apply_fn(params, inputs) and loss_fn(outputs, targets), e.g. "
-                                     "optax.softmax_cross_entropy_with_integer_labels")
-    num_samples, seed, datum = check_num_samples(num_samples), check_seed(seed), check_datum(datum)
-    # the reduction of a scalar loss is checked on the first batch below; per-sample values are reduced here
-    reduced = reduction or "mean"
-    scalar = _reduced_loss(loss_fn, reduced)
+    return "model" if first in ("params", "model", "module", "net", "network") else "outputs"
 
-    def loss(p: Any, batch: Any) -> Any:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"{what} needs batches (inputs, targets), got {type(batch).__name__}")
-        return scalar(apply_fn(p, batch[0]), batch[1])
 
-    base = JaxAdapter(loss, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size)
-    reduction = _check_reduction(base, data, reduction, loss_fn)
-    first = next(iter(ModelOperator._batches_of(data)), None)
-    adapter = validated_adapter(
-        base, kind, lambda b, spec: _JaxCurvature(b, apply_fn, loss_fn, kind, reduction, num_samples, seed,  # type: ignore[arg-type]  # b is base, a JaxAdapter
-                                                  datum, spec),
-        _loss_spec(loss_fn, reduction), first, "jit(vmap(vjp(M jvp)))", num_samples=num_samples, datum=datum)
-    return ModelOperator(adapter, data, reduction=reduction, comm=comm, check_deterministic=check_deterministic)
+class OutputsAdapter(JaxAdapter):
+    """The Hessian adapter of ``loss_fn(apply_fn(params, inputs), targets)``, reduced over samples.
+
+    The base of :func:`ggn` and :func:`fisher` (and of :func:`specops.curvature.curvature_like`
+    on their operators): its ``loss_fn`` is the loss of the outputs, its ``apply_fn`` the
+    model, and its products those of the Hessian of their composition.
+
+    Args:
+        apply_fn: ``apply_fn(params, inputs) -> outputs``, pure and traceable.
+        loss_fn: ``loss_fn(outputs, targets)``: a scalar, or per-sample / per-entry values.
+        reduction: ``"mean"`` or ``"sum"``: how per-sample values are reduced over samples.
+        params: as for :class:`JaxAdapter`.
+        wrt: as for :class:`JaxAdapter`.
+        dtype: as for :class:`JaxAdapter`.
+        chunk_size: as for :class:`JaxAdapter`.
+
+    Raises:
+        TypeError: ``apply_fn`` or ``loss_fn`` not callable.
+    """
+
+    def __init__(self, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], reduction: str, params: Any, *,
+                 wrt: Any = None, dtype: Any = None, chunk_size: int = 16) -> None:
+        if not (callable(apply_fn) and callable(loss_fn)):
+            raise TypeError("ggn and fisher take apply_fn(params, inputs) -> outputs and loss_fn(outputs, targets)")
+        scalar = _reduced_loss(loss_fn, reduction)
+
+        def loss(p: Any, batch: Any) -> Any:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(f"ggn and fisher need batches (inputs, targets), got {type(batch).__name__}")
+            return scalar(apply_fn(p, batch[0]), batch[1])
+
+        super().__init__(loss, params, wrt=wrt, dtype=dtype, chunk_size=chunk_size)
+        # what the core reads (specops.curvature): the loss of the outputs and its form
+        self.apply_fn, self.loss_fn, self.reduction = apply_fn, loss_fn, reduction
+        self.loss_form = _loss_form(loss_fn)
+
+    def subset(self, names: list[str]) -> OutputsAdapter:
+        return OutputsAdapter(self.apply_fn, self.loss_fn, self.reduction, self.params, wrt=list(names),
+                              chunk_size=self.chunk_size)
+
+    def curvature_primitives(self) -> CurvaturePrimitives:
+        """JAX's :class:`~specops.curvature.CurvaturePrimitives`, optax's losses read for this reduction.
+
+        optax's per-sample values are reduced by the adapter (:func:`_reduced_loss`), so
+        their spec depends on ``reduction`` as well as on the loss.
+        """
+        return dataclasses.replace(PRIMITIVES, loss_spec=lambda loss_fn: _loss_spec(loss_fn, self.reduction))
+
+
+PRIMITIVES = CurvaturePrimitives(
+    form_hint="pass apply_fn(params, inputs) and loss_fn(outputs, targets), e.g. "
+              "optax.softmax_cross_entropy_with_integer_labels",
+    engine="jit(vmap(vjp(M jvp)))",
+    loss_reduction=lambda loss_fn: None,  # optax's losses are plain functions: reduction= decides
+    loss_spec=lambda loss_fn: _loss_spec(loss_fn),  # reduction="mean"; an adapter reads its own
+    product=_JaxCurvature,
+    reduction_eps=lambda adapter: float(np.finfo(adapter.ops.dtype).eps),
+)
+
+
+def _curvature(curvature: Any, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, data: Any,
+               *, wrt: Any, reduction: str | None, comm: Any, check_deterministic: bool, dtype: Any,
+               chunk_size: int, **options: Any) -> ModelOperator:
+    """The core's construction (:func:`specops.curvature.curvature_operator`) on an :class:`OutputsAdapter`."""
+    base = OutputsAdapter(apply_fn, loss_fn, PRIMITIVES.reduction(loss_fn, reduction), params, wrt=wrt,
+                          dtype=dtype, chunk_size=chunk_size)
+    return curvature_operator(base, curvature, data, reduction=reduction, comm=comm,
+                              check_deterministic=check_deterministic, **options)
 
 
 def ggn(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, data: Any, *, wrt: Any = None,
@@ -243,8 +270,8 @@ def ggn(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, 
         ValueError: a ``loss_fn(params, batch)`` (the loss must be a function of the
             outputs alone). As :func:`hessian` otherwise.
     """
-    return _curvature_operator("ggn", apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction, comm=comm,
-                               check_deterministic=check_deterministic, dtype=dtype, chunk_size=chunk_size)
+    return _curvature("ggn", apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction, comm=comm,
+                      check_deterministic=check_deterministic, dtype=dtype, chunk_size=chunk_size)
 
 
 def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, data: Any, *,
@@ -284,6 +311,6 @@ def fisher(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], params: An
         ValueError: ``estimator="mc"`` with a loss whose likelihood is not known; a bad
             ``estimator``, ``num_samples`` or ``seed``.
     """
-    return _curvature_operator(choice("estimator", estimator, _ESTIMATORS), apply_fn, loss_fn, params, data,
-                               wrt=wrt, reduction=reduction, comm=comm, check_deterministic=check_deterministic,
-                               dtype=dtype, chunk_size=chunk_size, num_samples=num_samples, seed=seed, datum=datum)
+    return _curvature(fisher_curvature(estimator), apply_fn, loss_fn, params, data, wrt=wrt, reduction=reduction,
+                      comm=comm, check_deterministic=check_deterministic, dtype=dtype, chunk_size=chunk_size,
+                      num_samples=num_samples, seed=seed, datum=datum)

@@ -1,7 +1,7 @@
 """``model_loss``: a ``loss(params, batch)`` from a model's ``apply_fn`` and a loss of its outputs.
 
-The batch conventions of the PyTorch backend's transformer support, for JAX: dict
-batches with ``"labels"``, outputs with ``logits``, or the model's own ``loss``.
+The batch conventions of every backend (:mod:`specops.batches`), for JAX: dict batches
+with ``"labels"``, outputs with ``logits``, or the model's own ``loss``.
 """
 
 from __future__ import annotations
@@ -9,13 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-
-def _describe_output(obj: Any) -> str:
-    if isinstance(obj, dict):
-        return f"a {type(obj).__name__} with keys {', '.join(map(str, obj))}"
-    if hasattr(obj, "shape"):
-        return f"an array of shape {tuple(obj.shape)}"
-    return f"a {type(obj).__name__}"
+from specops import batches
 
 
 def _apply(apply_fn: Callable[..., Any], params: Any, inputs: Any) -> Any:
@@ -63,41 +57,14 @@ def model_loss(apply_fn: Callable[..., Any], loss_fn: Callable[..., Any] | None 
     if not callable(apply_fn) or not (loss_fn is None or callable(loss_fn)):
         raise TypeError("model_loss takes apply_fn(params, ...) -> outputs and loss_fn(outputs, targets) or None")
 
+    call, general = "loss_fn(outputs, targets)", "loss_fn(params, batch) and pass it to hessian directly"
+
     def loss(params: Any, batch: Any) -> Any:
         if loss_fn is None:
-            outputs = _apply(apply_fn, params, batch)
-            value = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
-            if value is None:
-                raise TypeError(
-                    f"loss_fn=None takes the loss the model returns given the whole batch (labels included), "
-                    f"but it returned {_describe_output(outputs)} without 'loss'; pass loss_fn(outputs, "
-                    "targets), applied to the outputs' 'logits'"
-                )
-            return value
-        if isinstance(batch, dict):
-            if "labels" not in batch:
-                raise TypeError(
-                    f"a dict batch needs 'labels' (the targets; the other entries are the model's inputs, "
-                    f"passed as keywords), got keys {sorted(batch)}; or write loss_fn(params, batch) and pass "
-                    "it to hessian directly"
-                )
-            inputs, targets = {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            inputs, targets = batch
-        else:
-            raise TypeError(f"model_loss needs batches (inputs, targets) or dicts with 'labels', got "
-                            f"{type(batch).__name__}")
-        outputs = _apply(apply_fn, params, inputs)
-        if isinstance(outputs, dict) or hasattr(outputs, "logits"):
-            logits = outputs.get("logits") if isinstance(outputs, dict) else outputs.logits
-            if logits is None:
-                raise TypeError(f"the model returns {_describe_output(outputs)}; model_loss applies loss_fn to its "
-                                "'logits', which it has not: write loss_fn(params, batch) yourself")
-            outputs = logits
-        value = loss_fn(outputs, targets)
-        if isinstance(value, dict) or hasattr(value, "logits"):
-            raise TypeError(f"the loss function returned the model's outputs ({_describe_output(value)}), "
-                            "not a scalar: return outputs['loss'], or a loss of outputs['logits']")
+            return batches.own_loss(_apply(apply_fn, params, batch), call)
+        inputs, targets = batches.split(batch, call, general)
+        value = loss_fn(batches.logits(_apply(apply_fn, params, inputs), call, general), targets)
+        batches.check_not_outputs(value)
         return value
 
     return loss

@@ -88,11 +88,11 @@ def test_the_models_own_loss(problem):
 def test_errors_name_the_fix(problem):
     apply, params, data = problem["apply"], problem["params"], problem["data"]
     unlabeled = [{k: v for k, v in b.items() if k != "labels"} for b in data]
-    with pytest.raises(TypeError, match="dict batch needs 'labels'"):
+    with pytest.raises(TypeError, match=r"dict batch needs 'labels'.*or write loss_fn\(params, batch\)"):
         sj.hessian(sj.model_loss(apply, lm_loss), params, unlabeled)
     with pytest.raises(TypeError, match="without 'loss'"):
         sj.hessian(sj.model_loss(apply), params, unlabeled)
-    with pytest.raises(TypeError, match="'logits', which it has not"):
+    with pytest.raises(TypeError, match=r"'logits', which it has not: write the loss as loss_fn\(params, batch\)"):
         sj.hessian(sj.model_loss(lambda p, **kw: {"scores": apply(p, **kw)["logits"]}, lm_loss), params, data)
     with pytest.raises(TypeError, match="returned the model's outputs"):
         sj.hessian(sj.model_loss(lambda p, **kw: {"logits": apply(p, **kw)}, lambda out, y: out), params, data)
