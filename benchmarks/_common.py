@@ -7,6 +7,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import time
 
 import numpy as np
 
@@ -149,3 +150,22 @@ def wasserstein1(nodes, weights, eigenvalues) -> float:
     F = cum[np.searchsorted(nodes[order], xs, side="right")]
     G = np.searchsorted(lam, xs, side="right") / len(lam)
     return float(np.sum(np.abs(F[:-1] - G[:-1]) * np.diff(xs)))
+
+
+def timed_collectives(comm) -> dict:
+    """Wrap ``comm``'s collectives to add their seconds and calls to the returned dict."""
+    spent = {"seconds": 0.0, "calls": 0}
+
+    def timed(fn):
+        def run(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent["seconds"] += time.perf_counter() - t0
+                spent["calls"] += 1
+        return run
+
+    for name in ("allreduce", "allreduce_host", "allgather", "bcast"):
+        setattr(comm, name, timed(getattr(comm, name)))
+    return spent

@@ -39,7 +39,7 @@ def worker(out: str, width: int, samples: int, reps: int) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from _common import peak_rss_kib, reset_peak_rss
+    from _common import peak_rss_kib, reset_peak_rss, timed_collectives
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -62,20 +62,7 @@ def worker(out: str, width: int, samples: int, reps: int) -> None:
     H = st.hessian(model, F.cross_entropy, batch)
     n, local = H.shape[0], H.ops.count
     comm = H.ops.comm
-    spent = {"seconds": 0.0, "calls": 0}
-
-    def timed(fn):
-        def run(*args, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                spent["seconds"] += time.perf_counter() - t0
-                spent["calls"] += 1
-        return run
-
-    for name in ("allreduce", "allreduce_host", "allgather", "bcast"):
-        setattr(comm, name, timed(getattr(comm, name)))
+    spent = timed_collectives(comm)
     result = dict(ranks=size, rank=rank, n=n, local_rows=local, memory={})
     for name, fn, vectors in (
         ("eigsh(k=5)", lambda: so.eigsh(H, k=5, seed=0, tol=1e-3, max_matvecs=120), 164),

@@ -38,30 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def _timed_collectives(comm) -> dict:
-    """Wrap ``comm``'s collectives to add their seconds and calls to the returned dict."""
-    spent = {"seconds": 0.0, "calls": 0}
-
-    def timed(fn):
-        def run(*args, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                spent["seconds"] += time.perf_counter() - t0
-                spent["calls"] += 1
-        return run
-
-    for name in ("allreduce", "allreduce_host", "allgather", "bcast"):
-        setattr(comm, name, timed(getattr(comm, name)))
-    return spent
-
-
 def worker(out: str, args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from _common import peak_rss_kib, reset_peak_rss
+    from _common import peak_rss_kib, reset_peak_rss, timed_collectives
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -101,7 +82,7 @@ def worker(out: str, args: argparse.Namespace) -> None:
     H = st.hessian(model, next_token_loss, batch)
     build_s = time.perf_counter() - t0
     n, local = H.shape[0], H.ops.count
-    spent = _timed_collectives(H.ops.comm)
+    spent = timed_collectives(H.ops.comm)
     result = dict(ranks=size, rank=rank, n=n, local_rows=local, build_s=build_s,
                   rss_model_mib=None if rss_model is None else rss_model / 1024,
                   peak_build_mib=None if peak_rss_kib() is None else peak_rss_kib() / 1024, runs={})
