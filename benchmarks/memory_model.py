@@ -43,10 +43,10 @@ CASES = [
     ("SLQ 10 x 64, window 8", "spectral_density", dict(num_probes=10, num_steps=64, reorth_window=8)),
     ("SLQ 10 x 64, 1 at once, window 8", "spectral_density",
      dict(num_probes=10, num_steps=64, probes_at_once=1, reorth_window=8)),
-    ("trace hutchinson 100, chunk 10", "trace", dict(method="hutchinson", num_matvecs=100)),
-    ("trace hutch++ 100", "trace", dict(method="hutch++", num_matvecs=100)),
-    ("trace xtrace 100", "trace", dict(method="xtrace", num_matvecs=100)),
-    ("diagonal 100, chunk 10", "diagonal", dict(num_matvecs=100)),
+    ("trace hutchinson 100, chunk 10", "trace", dict(method="hutchinson", max_matvecs=100)),
+    ("trace hutch++ 100", "trace", dict(method="hutch++", max_matvecs=100)),
+    ("trace xtrace 100", "trace", dict(method="xtrace", max_matvecs=100)),
+    ("diagonal 100, chunk 10", "diagonal", dict(max_matvecs=100)),
 ]
 
 
@@ -82,10 +82,10 @@ def model_vectors(fn: str, kw: dict) -> float:
         w = kw.get("reorth_window", s)
         return g * (w + 7)
     if fn == "trace":
-        m, c = kw["num_matvecs"], kw.get("chunk", 10)
+        m, c = kw["max_matvecs"], kw.get("chunk_size", 10)
         return {"hutchinson": 4 * c + 2, "hutch++": m + 2 * c, "xtrace": 2.5 * m + 2 * c}[kw["method"]]
     if fn == "diagonal":
-        return 5 * kw.get("chunk", 10) + 10
+        return 5 * kw.get("chunk_size", 10) + 10
     raise ValueError(fn)
 
 

@@ -29,9 +29,9 @@ def A():
     ("eigsh", dict(k=1)),
     ("eigsh", dict(k=4, block_size=2)),
     ("eigsh", dict(k=3)),
-    ("trace", dict(method="hutchinson", num_matvecs=40)),
-    ("trace", dict(method="xtrace", num_matvecs=40)),
-    ("diagonal", dict(num_matvecs=40)),
+    ("trace", dict(method="hutchinson", max_matvecs=40)),
+    ("trace", dict(method="xtrace", max_matvecs=40)),
+    ("diagonal", dict(max_matvecs=40)),
 ])
 def test_peak_within_the_model(A, fn, kw):
     measured = memory_model.peak_vectors(A, fn, kw)
