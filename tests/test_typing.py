@@ -50,6 +50,8 @@ def public_callables(module):
             for attr, member in vars(obj).items():
                 if attr.startswith("_") and attr != "__init__":
                     continue
+                if attr == "__init__" and getattr(obj, "_is_protocol", False):
+                    continue  # typing.Protocol's generated __init__ (a protocol is never constructed)
                 if isinstance(member, property):
                     member = member.fget
                 elif isinstance(member, (staticmethod, classmethod)):
