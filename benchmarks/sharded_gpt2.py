@@ -11,7 +11,8 @@ Run ``python benchmarks/sharded_gpt2.py`` (CPU, gloo): it launches ``torchrun
   converged when its estimated error is below ``1e-4`` of it), with its verified residual;
 - an SLQ density ``spectral_density(--probes x --steps, probes_at_once=--probes-at-once,
   reorth_window=--reorth-window)`` (defaults 3 x 20, one probe at a time, a window of 8: the
-  Krylov vectors of 124 M parameters are 0.5 GB each, 124 MB per rank on 4 processes);
+  Krylov vectors of 124 M parameters are 0.5 GB each, 124 MB per rank on 4 processes;
+  ``--probes 0`` skips it);
 
 and records its peak resident memory (``VmHWM``, Linux) before and during each, the bytes
 of the Krylov vectors it held (``max_basis`` vectors for ``eigsh``, SLQ's ``basis_bytes``)
@@ -116,13 +117,16 @@ def worker(out: str, args: argparse.Namespace) -> None:
     result["runs"]["eigsh"].update(eigenvalue=float(eig.eigenvalues[0]), residual=float(eig.residuals[0]),
                                    error_estimate=float(eig.error_estimates[0]),
                                    converged=bool(eig.converged[0]))
-    dens = run("spectral_density", lambda: so.spectral_density(H, num_probes=args.probes, num_steps=args.steps,
-                                                               seed=0, probes_at_once=args.probes_at_once,
-                                                               reorth_window=args.reorth_window),
-               lambda r: r.settings["basis_bytes"] // (4 * local) + 1)
-    result["runs"]["spectral_density"].update(
-        nodes=[[float(x) for x in row] for row in dens.nodes], weights=[[float(x) for x in row] for row in dens.weights],
-        settings={k: v for k, v in dens.settings.items() if isinstance(v, (int, float, str, type(None)))})
+    say("eigsh: top eigenvalue {eigenvalue:.6g}, error estimate {error_estimate:.3g}, residual {residual:.3g}, "
+        "converged {converged}, {products} products".format(**result["runs"]["eigsh"]))
+    if args.probes:  # --probes 0: the eigenvalue alone
+        dens = run("spectral_density", lambda: so.spectral_density(H, num_probes=args.probes, num_steps=args.steps,
+                                                                   seed=0, probes_at_once=args.probes_at_once,
+                                                                   reorth_window=args.reorth_window),
+                   lambda r: r.settings["basis_bytes"] // (4 * local) + 1)
+        result["runs"]["spectral_density"].update(
+            nodes=[[float(x) for x in row] for row in dens.nodes], weights=[[float(x) for x in row] for row in dens.weights],
+            settings={k: v for k, v in dens.settings.items() if isinstance(v, (int, float, str, type(None)))})
     say("timing products against forward+backward")
     v = eig.eigenvectors[:, 0]
     fd, fb = [], []
