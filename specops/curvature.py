@@ -283,7 +283,8 @@ def curvature_adapter(base: ModelAdapter, curvature: Curvature, reduction: str, 
 
 def curvature_operator(base: ModelAdapter, curvature: Curvature, data: Any, *, reduction: str | None, comm: Any,
                        check_deterministic: bool, num_samples: int = 1, seed: int = 0,
-                       datum: str = "sample") -> ModelOperator:
+                       datum: str = "sample", operator: Callable[..., ModelOperator] = ModelOperator
+                       ) -> ModelOperator:
     """The GGN or a Fisher of a backend's Hessian adapter over ``data``: the checks in their order.
 
     The loss's form, its reduction (read from the loss, or checked on the first batch for
@@ -300,6 +301,8 @@ def curvature_operator(base: ModelAdapter, curvature: Curvature, data: Any, *, r
         num_samples: Monte-Carlo labels per sample of ``"mc_fisher"``.
         seed: the seed of those labels.
         datum: of ``"empirical_fisher"``.
+        operator: the operator class (a backend's subclass of :class:`~specops.ModelOperator`,
+            as the Hessian of a sharded model has).
 
     Returns:
         The :class:`~specops.ModelOperator`.
@@ -313,7 +316,7 @@ def curvature_operator(base: ModelAdapter, curvature: Curvature, data: Any, *, r
     primitives.check_reduction(base, loss_fn, resolved, first)
     adapter = curvature_adapter(base, curvature, resolved, num_samples=num_samples, seed=seed, datum=datum,
                                 first=first)
-    return ModelOperator(adapter, data, reduction=resolved, comm=comm, check_deterministic=check_deterministic)
+    return operator(adapter, data, reduction=resolved, comm=comm, check_deterministic=check_deterministic)
 
 
 def curvature_like(H: ModelOperator, curvature: Curvature = "ggn", *, num_samples: int = 1, seed: int = 0,
@@ -349,11 +352,12 @@ def curvature_like(H: ModelOperator, curvature: Curvature = "ggn", *, num_sample
     if base is None:
         raise TypeError(f"curvature_like takes a model operator, got a {type(H).__name__}")
     if curvature == "hessian":
-        return H if base is adapter else ModelOperator(base, H._data, reduction=H.reduction, comm=H.comm,
-                                                       check_deterministic=check_deterministic)
+        return H if base is adapter else type(H)(base, H._data, reduction=H.reduction, comm=H.comm,
+                                                 check_deterministic=check_deterministic)
     made = curvature_adapter(base, curvature, H.reduction, num_samples=num_samples, seed=seed, datum=datum,
                              first=first_batch(H._data))
-    return ModelOperator(made, H._data, reduction=H.reduction, comm=H.comm, check_deterministic=check_deterministic)
+    # type(H): a backend's subclass (a sharded model's weights its batches itself)
+    return type(H)(made, H._data, reduction=H.reduction, comm=H.comm, check_deterministic=check_deterministic)
 
 
 class CurvatureAdapter(ModelAdapter):

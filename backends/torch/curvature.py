@@ -14,7 +14,7 @@ from specops.model import ModelOperator
 from specops.output_space import LossSpec
 
 from .adapter import TorchAdapter
-from .sharded import refuse_curvature
+from .sharded import is_sharded
 
 
 def _unwrap_loss(loss_fn):
@@ -164,8 +164,11 @@ class _TorchCurvature:
         noise = self._noise.get(index)
         if noise is None or tuple(noise.shape[1:]) != tuple(out.shape):
             host = mc_noise(tuple(out.shape), self.spec, self.num_samples, self.seed, index)
-            noise = self._noise[index] = self.base.ops.asarray(host).to(out.dtype)
+            noise = self._noise[index] = self._native_noise(host, out)
         return noise
+
+    def _native_noise(self, host, out):
+        return self.base.ops.asarray(host).to(out.dtype)
 
     def __call__(self, index, batch, V):
         base = self.base
@@ -235,7 +238,10 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
     ``H = hessian(...)`` on the same arguments) is the residual term.
 
     Args:
-        model: the ``nn.Module``, as for :func:`hessian`; it must return one tensor.
+        model: the ``nn.Module``, as for :func:`hessian`; it must return one tensor. A model
+            sharded with FSDP2's ``fully_shard`` gives vectors sharded like its parameters,
+            products through its own forward and backward
+            (:mod:`specops.backends.torch.sharded_curvature`).
         loss_fn: ``loss_fn(outputs, targets)``, as for :func:`hessian`.
         data: the batches, as for :func:`hessian`.
         wrt: the parameter selection, as for :func:`hessian`.
@@ -257,7 +263,12 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
         ValueError: a loss that is not a function of the outputs alone (``loss_form="model"``),
             and every error that :func:`hessian` raises for the same arguments.
     """
-    refuse_curvature(model, "the GGN")
+    if is_sharded(model):  # FSDP2: sharded vectors, products through the model's forward and backward
+        from .sharded_curvature import curvature
+
+        return curvature(model, loss_fn, data, "ggn", reduction=PRIMITIVES.reduction(loss_fn, reduction), comm=comm,
+                         check_deterministic=check_deterministic, loss_form=loss_form, wrt=wrt,
+                         chunk_size=chunk_size, batch_size=batch_size, random_layers=random_layers)
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine="double_backward",
                         chunk_size=chunk_size, batch_size=batch_size, progress=progress, random_layers=random_layers)
     return curvature_operator(base, "ggn", data, reduction=reduction, comm=comm,
@@ -311,7 +322,13 @@ def fisher(model: nn.Module, loss_fn: Any, data: Any, *, estimator: FisherEstima
             a bad ``estimator``, ``num_samples`` or ``seed``.
     """
     curvature = fisher_curvature(estimator)
-    refuse_curvature(model, "the Fisher")
+    if is_sharded(model):
+        from .sharded_curvature import curvature as sharded
+
+        return sharded(model, loss_fn, data, curvature, reduction=PRIMITIVES.reduction(loss_fn, reduction), comm=comm,
+                       check_deterministic=check_deterministic, loss_form=loss_form, num_samples=num_samples,
+                       seed=seed, datum=datum, wrt=wrt, chunk_size=chunk_size, batch_size=batch_size,
+                       random_layers=random_layers)
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine="double_backward",
                         chunk_size=chunk_size, batch_size=batch_size, progress=progress, random_layers=random_layers)
     return curvature_operator(base, curvature, data, reduction=reduction, comm=comm,

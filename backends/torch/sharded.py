@@ -31,7 +31,8 @@ times and allocates nothing of size ``n/p``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -63,22 +64,6 @@ def is_sharded(model: nn.Module) -> bool:
     if type(model).__name__ == "FullyShardedDataParallel":
         return True
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def refuse_curvature(model: nn.Module, curvature: str) -> None:
-    """Raise, naming what is supported, for the GGN or a Fisher of an FSDP2 model.
-
-    Their products need a Jacobian-vector product of the outputs and a vector-Jacobian
-    product with the loss's output Hessian; through FSDP2 only ``backward()`` reaches the
-    sharded parameters (no ``torch.func`` transform does), and specops does not yet build
-    them from it.
-    """
-    if is_sharded(model):
-        raise NotImplementedError(f"{curvature} of a model sharded with fully_shard (FSDP2) is not supported: "
-                                  "specops forms only the Hessian of an FSDP2 model (st.hessian, by finite "
-                                  "differences of FSDP2's gradients), since torch.func cannot differentiate "
-                                  "through FSDP2's sharded parameters; compute the GGN or Fisher of an unsharded "
-                                  "copy of the model (with comm= for data parallelism) where it fits one device")
 
 
 def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
@@ -195,7 +180,7 @@ class FSDPAdapter(ModelAdapter):
         from .ops import TorchOps
         from .params import _resolve_params
 
-        self.model, self.loss_fn, self.loss_form = model, loss_fn, loss_form
+        self.model, self.loss_fn, self.loss_form = model, loss_fn, resolve_loss_form(loss_fn, loss_form)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters: the Hessian would be empty")
@@ -208,7 +193,7 @@ class FSDPAdapter(ModelAdapter):
         self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
                               _pieces(named, self.layout))
         self.comm, self.weights = comm, weights
-        self._loss = _LossModule(model, loss_fn, resolve_loss_form(loss_fn, loss_form), local.dtype)
+        self._loss = _LossModule(model, loss_fn, self.loss_form, local.dtype)
         self._fingerprint = self._layout_now()
         self._theta: torch.Tensor | None = None  # the saved shards during a product (n_local numbers)
         self._theta_dtype, self._device = local.dtype, local.device
@@ -272,15 +257,43 @@ class FSDPAdapter(ModelAdapter):
                     torch.add(t, v[at : at + s.numel()].view_as(s), alpha=alpha, out=s)
                 at += s.numel()
 
-    def _backward_into(self, out: torch.Tensor, batch: Any, scale: float, alpha: float) -> None:
-        """Add ``alpha`` times this rank's shard of the gradient of ``scale * loss`` to ``out``.
+    @contextlib.contextmanager
+    def _stepping(self) -> Iterator[Callable[[torch.Tensor, float], None]]:
+        """Within it, ``step(v, alpha)`` sets the shards to ``theta + alpha * v`` in place, in one pass.
+
+        ``theta`` is the shards on entry, copied into one buffer of this rank's rows
+        (allocated once); on exit the shards are ``theta`` again, exactly.
+        """
+        shards = self._locals()
+        theta = self._saved_shards(shards)
+        try:
+            yield lambda v, alpha: self._write(shards, theta, v, alpha)
+        finally:
+            self._write(shards, theta, None, 0.0)
+
+    def step_size(self, dtype: torch.dtype) -> float:
+        """The central-difference step ``h = eps**(1/3) * max(1, rms(theta))`` along a unit direction."""
+        return float(torch.finfo(dtype).eps) ** (1 / 3) * self._scale
+
+    @contextlib.contextmanager
+    def _grads_kept(self) -> Iterator[None]:
+        """Within it, backward passes may write the parameters' ``.grad``: restored on exit."""
+        saved = [p.grad for p in self.params]
+        try:
+            yield
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+
+    def _backward_into(self, out: torch.Tensor, objective: Callable[[], torch.Tensor], alpha: float) -> None:
+        """Add ``alpha`` times this rank's shard of the gradient of the scalar ``objective()`` to ``out``.
 
         One forward and one backward through FSDP2 (whose reduce-scatter sums every rank's
         batch); the gradient shards are read straight into ``out``.
         """
         for p in self.params:
             p.grad = None
-        (self._loss(batch) * scale).backward()
+        objective().backward()
         at = 0
         with torch.no_grad():
             for p in self.params:
@@ -296,27 +309,20 @@ class FSDPAdapter(ModelAdapter):
     def loss(self, batch: Any, delta: Any = None) -> float:
         """The batch's weighted loss (its share of the data loss; the operator's weights are 1)."""
         self._check_unchanged()
-        shards = self._locals()
-        theta = self._saved_shards(shards) if delta is not None else None
         try:
-            with torch.no_grad():
-                if theta is not None:
-                    self._write(shards, theta, delta, 1.0)
+            with torch.no_grad(), self._stepping() if delta is not None else contextlib.nullcontext() as step:
+                if step is not None:
+                    step(delta, 1.0)
                 return self.weights(self.batch_size(batch)) * float(self._loss(batch))
         finally:
-            if theta is not None:
-                self._write(shards, theta, None, 0.0)
             self._reshard()
 
     def gradient(self, batch: Any) -> torch.Tensor:
         self._check_unchanged()
-        saved = [p.grad for p in self.params]
         out = torch.zeros(self._sharded.count, dtype=self._theta_dtype, device=self._device)
-        try:
-            self._backward_into(out, batch, self._scale_of(batch), 1.0)
-        finally:
-            for p, g in zip(self.params, saved):
-                p.grad = g
+        scale = self._scale_of(batch)
+        with self._grads_kept():
+            self._backward_into(out, lambda: self._loss(batch) * scale, 1.0)
         return out
 
     def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
@@ -328,25 +334,24 @@ class FSDPAdapter(ModelAdapter):
         """
         self._check_unchanged()
         scale = self._scale_of(batch)
-        h = float(torch.finfo(V.dtype).eps) ** (1 / 3) * self._scale
+        h = self.step_size(V.dtype)
         norms = self.ops.column_norms(V)
         out = torch.zeros_like(V)
-        shards = self._locals()
-        saved = [p.grad for p in self.params]
-        theta = self._saved_shards(shards)
-        try:
+        with self._grads_kept(), self._stepping() as step:
             for j in range(V.shape[1]):
                 if norms[j] == 0.0:
                     continue
                 for sign in (1.0, -1.0):
-                    self._write(shards, theta, V[:, j], sign * h / float(norms[j]))
-                    self._backward_into(out[:, j], batch, scale, sign)
+                    step(V[:, j], sign * h / float(norms[j]))
+                    self._backward_into(out[:, j], lambda: self._loss(batch) * scale, sign)
                 out[:, j].mul_(float(norms[j]) / (2 * h))
-        finally:
-            self._write(shards, theta, None, 0.0)
-            for p, g in zip(self.params, saved):
-                p.grad = g
         return out
+
+    def curvature_primitives(self) -> Any:
+        """The GGN and Fisher products of this model (:mod:`specops.backends.torch.sharded_curvature`)."""
+        from .sharded_curvature import PRIMITIVES
+
+        return PRIMITIVES
 
     def subset(self, names: list[str]) -> ModelAdapter:
         """The adapter of the named parameters: vectors sharded over their rows only."""
@@ -369,8 +374,9 @@ class FSDPAdapter(ModelAdapter):
                                                stride=p.stride())
             else:
                 piece = v[at : at + size].T.reshape((v.shape[1], *local.shape))
-                out[name] = DTensor.from_local(piece, p.device_mesh, [Shard(1)],
-                                               shape=(v.shape[1], *p.shape))
+                shape = (v.shape[1], *p.shape)  # PyTorch takes a global shape only with its stride
+                out[name] = DTensor.from_local(piece, p.device_mesh, [Shard(1)], shape=shape,
+                                               stride=torch.empty(shape, device="meta").stride())
             at += size
         return out
 
@@ -454,4 +460,4 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
                                  comm=_ProductsReduced(comm), check_deterministic=check_deterministic)
 
 
-__all__ = ["FSDPAdapter", "hessian", "is_sharded", "refuse_curvature"]
+__all__ = ["FSDPAdapter", "hessian", "is_sharded"]

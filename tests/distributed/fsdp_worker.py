@@ -3,8 +3,10 @@
 Usage: ``fsdp_worker.py MODE OUT_DIR``. ``all``: each rank holds its own, unequal data;
 the sharded operator's spectra are compared (in the test) with one process holding the
 whole model and all the data (the unsharded backend, exact products), in float64 and
-float32; then the bad inputs, each caught and printed. ``raise``: rank 1 raises while
-rank 0 waits inside a sharded product (the job must end).
+float32, for the Hessian and for the GGN and Fishers (``curvatures``); then the bad inputs,
+each caught and printed. ``raise``: rank 1 raises while rank 0 waits inside a sharded
+product (the job must end). ``cost``: times a GGN product against the Hessian's and one
+FSDP2 forward+backward (prints JSON; not a test).
 """
 
 from __future__ import annotations
@@ -54,6 +56,99 @@ def data(dtype):
     return batches
 
 
+def ce3d_model(dtype):
+    torch.manual_seed(0)  # logits (N, 3 classes, 2 positions): cross-entropy over axis 1 with a trailing axis
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 6),
+                               torch.nn.Unflatten(1, (3, 2))).to(dtype)
+
+
+# loss name -> (model, loss, targets of the class indices y)
+LOSSES = {"ce": (make_model, F.cross_entropy, lambda y, dtype: y),
+          "mse": (make_model, F.mse_loss, lambda y, dtype: F.one_hot(y, 3).to(dtype)),
+          "ce3d": (ce3d_model, F.cross_entropy, lambda y, dtype: torch.stack([y, (y + 1) % 3], 1))}
+CURVATURES = (("ggn", "ce"), ("empirical", "ce"), ("mc", "ce"), ("ggn", "mse"), ("mc", "mse"), ("ggn", "ce3d"))
+CURVATURES_FLOAT32 = CURVATURES[:3]  # the FSDP2 path is the same for every loss; float64 checks them all
+
+
+def curvature_of(kind, model, loss, batches, **kw):
+    if kind == "ggn":
+        return st.ggn(model, loss, batches, **kw)
+    return st.fisher(model, loss, batches, estimator=kind, seed=3, **kw)
+
+
+def curvature_numbers(G):
+    top = so.eigsh(G, k=1, seed=0, tol=1e-6)
+    v = G.ops.random(G.shape[0], [0], 5, distribution="normal")[:, 0]
+    return dict(product=gather(G.ops, G @ v).tolist(), eigenvalue=float(top.eigenvalues[0]),
+                converged=bool(top.converged[0]),
+                trace=so.trace(G, method="hutchinson", max_matvecs=4, seed=1).estimate)
+
+
+def one_process_curvature(kind, model, loss, per_rank):
+    """The unsharded backend on all the data; the MC Fisher as data parallelism draws it (per rank's batches)."""
+    if kind != "mc":
+        return curvature_of(kind, model, loss, per_rank[0] + per_rank[1])
+    sizes = [sum(int(b[0].shape[0]) for b in batches) for batches in per_rank]
+    parts = [curvature_of(kind, model, loss, batches) * (size / sum(sizes)) for batches, size in zip(per_rank, sizes)]
+    return parts[0] + parts[1]
+
+
+def dense_ggn(model, batches):
+    """J^T M J of the mean cross-entropy over every batch, from the unsharded model's Jacobian."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    inputs = torch.cat([b[0] for b in batches])
+
+    def outputs(theta):
+        pieces = torch.split(theta, [int(np.prod(s)) for s in shapes])
+        return torch.func.functional_call(model, {n: t.view(s) for n, t, s in zip(names, pieces, shapes)},
+                                          (inputs,))
+
+    J = torch.autograd.functional.jacobian(outputs, flat)  # (N, C, n)
+    p = torch.softmax(outputs(flat), dim=1)
+    M = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / inputs.shape[0]
+    return torch.einsum("icn,icd,idm->nm", J, M, J)
+
+
+def curvatures(rank, mesh, dtype):
+    """Each curvature of the FSDP2 model against one process (rank 0 computes the truths)."""
+    results = {}
+    for kind, loss_name in CURVATURES if dtype == torch.float64 else CURVATURES_FLOAT32:
+        make, loss, targets = LOSSES[loss_name]
+        per_rank = [[(x, targets(y, dtype)) for x, y in batches] for batches in data(dtype)]
+        G = curvature_of(kind, shard(make(dtype), mesh), loss, per_rank[rank])
+        got = curvature_numbers(G)
+        got["engine"] = G.adapter.engine
+        one = curvature_numbers(one_process_curvature(kind, make(dtype), loss, per_rank)) if rank == 0 else None
+        results[f"{kind}-{loss_name}"] = {"sharded": got, "one": one}
+        if (kind, loss_name) == ("ggn", "ce"):
+            tree = G.as_params(G.ops.random(G.shape[0], [0], 5)[:, 0])
+            results["as_params"] = {k: [type(t).__name__, str(t.placements), list(t.shape), list(t.to_local().shape)]
+                                    for k, t in tree.items()}
+            block = G.as_params(G.ops.random(G.shape[0], [0, 1], 5))  # a block of 2 columns: a leading axis
+            results["as_params_block"] = {k: [str(t.placements), list(t.shape), list(t.to_local().shape)]
+                                          for k, t in block.items()}
+            model = G.adapter.base.model
+            results["params"] = {k: [type(p).__name__, str(p.placements), list(p.shape), list(p.to_local().shape)]
+                                 for k, p in model.named_parameters()}
+            if rank == 0:
+                dense = dense_ggn(make(dtype), per_rank[0] + per_rank[1]).double().numpy()
+                dense = (dense + dense.T) / 2
+                v = so.aslinearoperator(dense).ops.random(dense.shape[0], [0], 5, distribution="normal")[:, 0]
+                results["dense"] = dict(product=(dense @ v).tolist(),
+                                        eigenvalue=float(np.linalg.eigvalsh(dense)[-1]))
+            H = st.hessian(model, loss, per_rank[rank], check_deterministic=False)
+            block = {"restrict": G.restrict("0.*"),
+                     "wrt": curvature_of(kind, model, loss, per_rank[rank], wrt=["0.*"], check_deterministic=False),
+                     "like": st.curvature_like(H, "ggn").restrict("0.*")}
+            one = curvature_of(kind, make(dtype), loss, per_rank[0] + per_rank[1], wrt=["0.*"])
+            v = one.ops.random(one.shape[0], [0], 5)[:, 0]
+            results["blocks"] = {k: gather(B.ops, B @ B.ops.asarray(v.numpy())).tolist() for k, B in block.items()}
+            results["blocks"]["one"] = (one @ v).tolist()
+    return results
+
+
 def spectra(H):
     top = so.eigsh(H, k=2, seed=0, tol=1e-5)
     d = so.spectral_density(H, num_probes=2, num_steps=10, seed=2)
@@ -98,9 +193,11 @@ def run_all(rank, out):
             "one": block(st.hessian(ref_model, F.cross_entropy, batches[0] + batches[1], wrt=["0.*"])),
             "sharded": block(st.hessian(model, F.cross_entropy, batches[rank], wrt=["0.*"])),
             "restrict": block(H.restrict("0.*"))}
+        results[f"curvatures-{dtype}"] = curvatures(rank, mesh, dtype)
     # bad input, each caught on every rank
     model = shard(make_model(torch.float64), mesh)
     H = st.hessian(model, F.cross_entropy, data(torch.float64)[rank])
+    G = st.ggn(shard(make_model(torch.float64), mesh), F.cross_entropy, data(torch.float64)[rank])
     cases = {
         "partly": lambda: st.hessian(fully_shard_only_first(mesh), F.cross_entropy, data(torch.float64)[rank]),
         "bf16": lambda: st.hessian(shard(make_model(torch.float32), mesh,
@@ -111,8 +208,16 @@ def run_all(rank, out):
         "option": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], chunk_size=4),
         "tensor_parallel": lambda: st.hessian(parallelize_module(make_model(torch.float64), mesh, {
             "0": ColwiseParallel(), "2": RowwiseParallel()}), F.cross_entropy, data(torch.float64)[rank]),
-        "ggn": lambda: st.ggn(model, F.cross_entropy, data(torch.float64)[rank]),
-        "empirical_fisher": lambda: st.fisher(model, F.cross_entropy, data(torch.float64)[rank]),
+        "ggn_model_form": lambda: st.ggn(model, lambda module, batch: F.cross_entropy(module(batch[0]), batch[1]),
+                                         data(torch.float64)[rank]),
+        "ggn_reduction": lambda: st.ggn(model, lambda out, y: F.cross_entropy(out, y, reduction="sum"),
+                                        data(torch.float64)[rank]),
+        "mc_likelihood": lambda: st.fisher(model, F.l1_loss, data(torch.float64)[rank], estimator="mc"),
+        "ggn_option": lambda: st.ggn(model, F.cross_entropy, data(torch.float64)[rank], random_layers="fixed"),
+        "ggn_bf16": lambda: st.ggn(shard(make_model(torch.float32), mesh,
+                                         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)),
+                                   F.cross_entropy, data(torch.float32)[rank]),
+        "ggn_moved": lambda: (G.adapter.base.model.float(), G @ G.ops.random(G.shape[0], [0], 0))[1],
         "moved": lambda: (model.float(), H @ H.ops.random(H.shape[0], [0], 0))[1],
     }
     caught = {}
@@ -160,6 +265,41 @@ def run_raise(rank):
     print("rank 0 finished a product that rank 1 never joined", flush=True)
 
 
+def run_cost(rank, repeats=9):
+    """Seconds of one GGN product against the Hessian's and one FSDP2 forward+backward (medians, interleaved)."""
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 512), torch.nn.Tanh(),
+                                torch.nn.Linear(512, 10))
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(512, 256, generator=g), torch.randint(0, 10, (512,), generator=g)
+    H = st.hessian(model, F.cross_entropy, (x, y), check_deterministic=False)
+    G = st.ggn(model, F.cross_entropy, (x, y), check_deterministic=False)
+    v = H.ops.random(H.shape[0], [0], 0)[:, 0]
+
+    def forward_backward():
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+
+    timings = {"forward_backward": forward_backward, "hessian_product": lambda: H @ v, "ggn_product": lambda: G @ v}
+    seconds = {k: [] for k in timings}
+    for _ in range(repeats):
+        for key, fn in timings.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            seconds[key].append(time.perf_counter() - t0)
+    median = {k: float(np.median(t)) for k, t in seconds.items()}
+    if rank == 0:
+        print(json.dumps({"n": int(H.shape[0]), "median_seconds": median,
+                          "ggn/forward_backward": median["ggn_product"] / median["forward_backward"],
+                          "hessian/forward_backward": median["hessian_product"] / median["forward_backward"],
+                          "ggn/hessian": median["ggn_product"] / median["hessian_product"]}), flush=True)
+
+
 def run_docs_example():
     """The torchrun example of docs/distributed.md, as a user runs it (its group is kept for the rest)."""
     page = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "distributed.md")).read()
@@ -177,6 +317,9 @@ def main():
     if mode == "all":
         run_docs_example()  # it starts the process group
         run_all(dist.get_rank(), out)
+    elif mode == "cost":  # not a test: the measurement of docs/distributed.md
+        dist.init_process_group("gloo")
+        run_cost(dist.get_rank())
     elif mode == "raise":
         dist.init_process_group("gloo")
         run_raise(dist.get_rank())
