@@ -176,7 +176,8 @@ class ShardedOps(VectorOps):
         return Q, self.local.from_numpy(R2)
 
     def all_finite(self, X: Array) -> bool:
-        return int(self.comm.allreduce_host(int(not self.local.all_finite(X)))) == 0
+        finite = self.count == 0 or self.local.all_finite(X)  # a rank may hold no rows (FSDP2's chunks)
+        return int(self.comm.allreduce_host(int(not finite))) == 0
 
     # --- derived, with the reductions made global --------------------------------------
     def einsum(self, spec: str, *arrays: Array) -> Array:

@@ -98,18 +98,20 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
     if foreign:
         raise ValueError(f"{', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''} are DTensors that "
                          "fully_shard does not manage (tensor parallel, parallelize_module or distribute_tensor): "
-                         "specops' sharded operator takes models sharded with FSDP2's fully_shard on a 1-D mesh "
-                         "only, whose backward reduce-scatters each rank's gradient; shard the model with "
-                         "fully_shard alone to compute its spectrum")
-    meshes = {id(p.device_mesh) for _, p in named}
-    if len(meshes) > 1:
+                         "specops' sharded operator takes models sharded with FSDP2's fully_shard only, on a 1-D "
+                         "mesh or a 2-D (replicate, shard) mesh (HSDP), whose backward gives each rank its shard "
+                         "of the full-data gradient; shard the model with fully_shard alone to compute its "
+                         "spectrum")
+    if any(p.device_mesh != named[0][1].device_mesh for _, p in named):  # equal meshes may be distinct objects
         raise ValueError("the parameters are sharded over different DeviceMeshes; shard every module on one mesh")
     for name, p in named:
-        if len(p.placements) != 1 or type(p.placements[0]).__name__ != "Shard" or p.placements[0].dim != 0:
+        kinds = [(type(q).__name__, getattr(q, "dim", None)) for q in p.placements]
+        if kinds.count(("Shard", 0)) != 1 or any(k != ("Shard", 0) and k[0] != "Replicate" for k in kinds):
             raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
-                             "does on a 1-D mesh (Shard(0)): a 2-D mesh (HSDP, replicate x shard) is not "
-                             "supported; wrap the model with fully_shard on a 1-D mesh of all ranks "
-                             "(init_device_mesh(device, (world_size,))) to compute its spectrum")
+                             "does: Shard(0) on one mesh dimension, Replicate() on any other (fully_shard on a "
+                             "1-D mesh or a 2-D (replicate, shard) mesh (HSDP)); tensor parallel "
+                             "placements (parallelize_module, Shard(1), FSDP x TP meshes) are not supported: shard "
+                             "the model with fully_shard alone to compute its spectrum")
         if p.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"parameter {name!r} is {p.dtype}; finite differences need float32 or float64 "
                             "gradients: keep the sharded parameters in float32 (model.float() before fully_shard)")
@@ -136,6 +138,21 @@ def _fsdp_managed(model: nn.Module) -> set[int] | None:
             return None
         ids.update(id(fp.sharded_param) for fp in params or [])
     return ids
+
+
+def _is_copy(p: Any) -> bool:
+    """Whether this rank holds a copy of another rank's shard (not the first replica on a Replicate dimension)."""
+    coordinate = p.device_mesh.get_coordinate()
+    return any(type(q).__name__ == "Replicate" and coordinate[d] != 0 for d, q in enumerate(p.placements))
+
+
+def _mesh_group(mesh: Any) -> Any:
+    """The process group of all the mesh's ranks (the world's where the mesh holds every rank)."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == torch.distributed.get_world_size():
+        return torch.distributed.group.WORLD
+    return mesh._flatten().get_group()  # a sub-mesh of the world: its ranks as one group
 
 
 def _pieces(named: list[tuple[str, Any]], layout: ParamLayout) -> list[range]:
@@ -206,15 +223,14 @@ class FSDPAdapter(ModelAdapter):
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
         local = self.params[0].to_local()
         self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
-                              _pieces(named, self.layout))
+                                              _pieces(named, self.layout), owner=not _is_copy(self.params[0]))
         self.comm, self.weights = comm, weights
         self._loss = _LossModule(model, loss_fn, resolve_loss_form(loss_fn, loss_form), local.dtype)
         self._fingerprint = self._layout_now()
         self._theta: torch.Tensor | None = None  # the saved shards during a product (n_local numbers)
         self._theta_dtype, self._device = local.dtype, local.device
-        theta = self.params_vector()
-        self._scale = max(1.0, float(np.sqrt(comm.allreduce_host(float(torch.sum(theta.double() ** 2))) /
-                                             self.layout.num_params)))
+        rms = self.ops.column_norms(self.params_vector()[:, None])[0] / np.sqrt(self.layout.num_params)
+        self._scale = max(1.0, float(rms))
 
     def _layout_now(self) -> list[tuple]:
         return [(id(p), tuple(p.to_local().shape), str(p.device), str(p.placements), p.dtype)
@@ -431,12 +447,12 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _check_model(model, named)
     mesh = named[0][1].device_mesh
-    group = mesh.get_group()
+    group = _mesh_group(mesh)
     if comm is None:
         comm = TorchComm(group)
     comm = as_comm(comm)
     ranks = torch.distributed.get_process_group_ranks(group)
-    if comm.size != len(ranks) or comm.allgather(torch.distributed.get_rank()) != ranks:
+    if comm.size != len(ranks) or sorted(comm.allgather(torch.distributed.get_rank())) != sorted(ranks):
         raise ValueError(f"comm= holds other ranks ({comm!r}) than the model's DeviceMesh {ranks}; pass comm=None "
                          "(the mesh's group) or a communicator over the mesh's ranks")
     batches = [data] if isinstance(data, (tuple, dict)) else list(data)
