@@ -6,7 +6,10 @@ the parameters: each rank holds, of every vector, the entries of its own shards 
 parameters (FSDP2 shards each parameter by rows, ``Shard(0)``), concatenated in the order
 of the parameters. The global index of an entry is its place in the flat vector of the
 unsharded model, so probes are those one process draws (:class:`specops.sharded.ShardedOps`
-with one range of rows per parameter); no rank ever holds an ``n``-vector.
+with one range of rows per parameter); no rank ever holds an ``n``-vector. On a 2-D
+``(replicate, shard)`` mesh (HSDP, placements ``(Replicate(), Shard(0))``) the replicas hold
+copies of the shard group's rows: all but the first replica are not owners of their rows
+(``ShardedOps(owner=False)``), so every reduction counts each row once, over all ranks.
 
 Products are central differences of the gradient that the model's own ``backward()``
 gives: FSDP2 all-gathers the parameters in the forward pass and reduce-scatters the
@@ -418,7 +421,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     (see the module docstring).
 
     Args:
-        model: a model wrapped with ``fully_shard`` on a 1-D ``DeviceMesh``.
+        model: a model wrapped with ``fully_shard`` on a 1-D ``DeviceMesh`` or a 2-D
+            ``(replicate, shard)`` one (HSDP).
         loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``.
         data: this rank's batches (a batch ``(inputs, targets)`` or a list of them); every
             rank passes the same number of batches.
