@@ -27,9 +27,10 @@ loss is scaled so that FSDP2's average over the ranks is the sample-weighted mea
 rank must pass the same number of batches (each backward is collective). Parameters are
 stepped in place and restored exactly (from a copy) after each product; their ``.grad``
 is kept and restored. A product writes ``theta +- h u`` into the shards from a copy kept in
-one buffer of this rank's rows (allocated once), and adds each side's gradient shards
-straight into its output: beyond the two gradients it reads and writes the shards a few
-times and allocates nothing of size ``n/p``.
+one buffer of this rank's rows (allocated once); the loss is scaled by ``||v|| / 2h``, so
+the output column is one subtraction of the two sides' gradient shards (FSDP2's own
+tensors: the first side's is kept through the second backward, one gradient of ``n/p``
+more at the peak). On one process the vectors' reductions skip the collectives.
 """
 
 from __future__ import annotations
@@ -225,10 +226,12 @@ class FSDPAdapter(ModelAdapter):
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
         local = self.params[0].to_local()
-        self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
+        vectors = comm if comm.size > 1 else Comm()  # one process: its reductions need no collective
+        self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), vectors, self.layout.num_params,
                                               _pieces(named, self.layout), owner=not _is_copy(self.params[0]))
         self.comm, self.weights = comm, weights
         self._loss = _LossModule(model, loss_fn, resolve_loss_form(loss_fn, loss_form), local.dtype)
+        self._fsdp_modules = [m for m in model.modules() if hasattr(m, "reshard") and hasattr(m, "_get_fsdp_state")]
         self._fingerprint = self._layout_now()
         self._theta: torch.Tensor | None = None  # the saved shards during a product (n_local numbers)
         self._theta_dtype, self._device = local.dtype, local.device
@@ -236,8 +239,8 @@ class FSDPAdapter(ModelAdapter):
         self._scale = max(1.0, float(rms))
 
     def _layout_now(self) -> list[tuple]:
-        return [(id(p), tuple(p.to_local().shape), str(p.device), str(p.placements), p.dtype)
-                for _, p in self.model.named_parameters() if p.requires_grad]
+        return [(id(p), p.to_local().shape, p.device, p.placements, p.dtype)
+                for p in self.model.parameters() if p.requires_grad]
 
     def _reshard(self) -> None:
         """Return every FSDP2 module's parameters to their shards.
@@ -245,9 +248,8 @@ class FSDPAdapter(ModelAdapter):
         A forward without gradients leaves the root's parameters unsharded (FSDP2 keeps the
         root gathered after its forward, for the backward that usually follows).
         """
-        for module in self.model.modules():
-            if hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state"):
-                module.reshard()
+        for module in self._fsdp_modules:
+            module.reshard()
 
     def _check_unchanged(self) -> None:
         self._reshard()
@@ -291,22 +293,16 @@ class FSDPAdapter(ModelAdapter):
                     torch.add(t, v[at : at + s.numel()].view_as(s), alpha=alpha, out=s)
                 at += s.numel()
 
-    def _backward_into(self, out: torch.Tensor, batch: Any, scale: float, alpha: float) -> None:
-        """Add ``alpha`` times this rank's shard of the gradient of ``scale * loss`` to ``out``.
+    def _gradient_shards(self, batch: Any, scale: float) -> list[torch.Tensor | None]:
+        """This rank's shard of the gradient of ``scale * loss``, per parameter (None where unused).
 
         One forward and one backward through FSDP2 (whose reduce-scatter sums every rank's
-        batch); the gradient shards are read straight into ``out``.
+        batch); the shards are FSDP2's own gradient tensors, not copied.
         """
         for p in self.params:
             p.grad = None
         (self._loss(batch) * scale).backward()
-        at = 0
-        with torch.no_grad():
-            for p in self.params:
-                size = p.to_local().numel()
-                if p.grad is not None:
-                    out[at : at + size].add_(p.grad.to_local().reshape(-1), alpha=alpha)
-                at += size
+        return [None if p.grad is None else p.grad.to_local() for p in self.params]
 
     def _scale_of(self, batch: Any) -> float:
         # FSDP2 averages the ranks' gradients: scaled by size * weight, the average is the weighted sum
@@ -330,37 +326,49 @@ class FSDPAdapter(ModelAdapter):
     def gradient(self, batch: Any) -> torch.Tensor:
         self._check_unchanged()
         saved = [p.grad for p in self.params]
-        out = torch.zeros(self._sharded.count, dtype=self._theta_dtype, device=self._device)
         try:
-            self._backward_into(out, batch, self._scale_of(batch), 1.0)
+            grads = self._gradient_shards(batch, self._scale_of(batch))
+            return torch.cat([torch.zeros(p.to_local().numel(), dtype=self._theta_dtype, device=self._device)
+                              if g is None else g.reshape(-1) for p, g in zip(self.params, grads)])
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g
-        return out
 
     def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
         """Central differences ``(g(theta + h u) - g(theta - h u)) / 2h`` along each column's direction ``u``.
 
         The shards are written in place (``theta +- h u`` in one pass from a saved copy, no
-        perturbed tensor allocated), each side's gradient shards are added straight into
-        the output column, and the shards and their ``.grad`` are restored exactly at the end.
+        perturbed tensor allocated); the factor ``||v|| / 2h`` scales the loss, so the output
+        column is one subtraction of the two sides' gradient shards (FSDP2's own tensors, the
+        first kept through the second backward); the shards and their ``.grad`` are restored
+        exactly at the end.
         """
         self._check_unchanged()
         scale = self._scale_of(batch)
         h = float(torch.finfo(V.dtype).eps) ** (1 / 3) * self._scale
         norms = self.ops.column_norms(V)
-        out = torch.zeros_like(V)
+        out = torch.empty_like(V)
         shards = self._locals()
         saved = [p.grad for p in self.params]
         theta = self._saved_shards(shards)
         try:
             for j in range(V.shape[1]):
                 if norms[j] == 0.0:
+                    out[:, j] = 0.0
                     continue
+                sides = []
                 for sign in (1.0, -1.0):
                     self._write(shards, theta, V[:, j], sign * h / float(norms[j]))
-                    self._backward_into(out[:, j], batch, scale, sign)
-                out[:, j].mul_(float(norms[j]) / (2 * h))
+                    sides.append(self._gradient_shards(batch, scale * float(norms[j]) / (2 * h)))
+                at = 0
+                with torch.no_grad():
+                    for p, plus, minus in zip(self.params, *sides):
+                        size = p.to_local().numel()
+                        if plus is None or minus is None:
+                            out[at : at + size, j] = 0.0
+                        else:
+                            torch.sub(plus.reshape(-1), minus.reshape(-1), out=out[at : at + size, j])
+                        at += size
         finally:
             self._write(shards, theta, None, 0.0)
             for p, g in zip(self.params, saved):
