@@ -36,10 +36,10 @@ fi
 echo "== CPU speed-up on dedicated cores: torchrun (gloo) and JAX host devices, 1/2/4, ResNet-20 over 1,024 samples"
 timeout 480 python3 benchmarks/mpi_speedup.py --launcher torchrun --ranks 1,2,4 --reps 3 --json "$OUT/torch_speedup.json" 2>&1 | tail -6
 timeout 420 python3 benchmarks/jax_devices_speedup.py --devices 1,2,4 --reps 3 --json "$OUT/jax_speedup.json" 2>&1 | tail -6
-echo "== Sharded models: FSDP2 over NCCL (one process per GPU) and JAX parameters sharded over the GPUs"
+echo "== Sharded models: FSDP2 over NCCL (one process per GPU, a 1-D and an HSDP mesh) and JAX parameters sharded over the GPUs"
 if [ "$NGPU" -ge 2 ]; then
   # the test worker with NCCL: each rank its GPU; the sharded spectra against one process (written per rank)
-  timeout 300 python3 - "$NGPU" "$OUT" <<'PY' 2>&1 | tail -12
+  timeout 400 python3 - "$NGPU" "$OUT" <<'PY' 2>&1 | tail -14
 import json, os, subprocess, sys
 ngpu, out = int(sys.argv[1]), sys.argv[2]
 script = r'''
@@ -48,8 +48,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 import specops as so
 from specops.backends import torch as st
+import json, sys
+kind = sys.argv[1]  # "1d": a mesh of every GPU; "hsdp": (2, size/2) (replicate, shard), the same data per rank
 dist.init_process_group("nccl"); rank, size = dist.get_rank(), dist.get_world_size()
-torch.cuda.set_device(rank); mesh = init_device_mesh("cuda", (size,))
+torch.cuda.set_device(rank)
+mesh = init_device_mesh("cuda", (size,)) if kind == "1d" else \
+    init_device_mesh("cuda", (2, size // 2), mesh_dim_names=("replicate", "shard"))
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096), torch.nn.GELU(),
                             torch.nn.Linear(4096, 10)).cuda()
@@ -72,14 +76,23 @@ t_fd, t_fb = med(lambda: H @ v), med(fb)
 torch.cuda.reset_peak_memory_stats()
 top = so.eigsh(H, k=5, seed=0, tol=1e-4)
 peak = torch.cuda.max_memory_allocated() / 2**30
+same = all(x == top.eigenvalues.tolist() for x in H.ops.comm.allgather(top.eigenvalues.tolist()))
 if rank == 0:
-    print(f"FSDP2/NCCL x{size}: n={H.shape[0]:,} local rows {H.ops.count:,}; FD product {t_fd*1e3:.1f} ms = "
-          f"{t_fd/t_fb:.2f} x forward+backward ({t_fb*1e3:.1f} ms); eigsh(k=5) {top.eigenvalues.round(4)} "
-          f"converged {top.all_converged}, peak {peak:.2f} GiB per GPU")
+    print(f"FSDP2/NCCL {kind} x{size} {tuple(mesh.shape)}: n={H.shape[0]:,} local rows {H.ops.count:,}; FD product "
+          f"{t_fd*1e3:.1f} ms = {t_fd/t_fb:.2f} x forward+backward ({t_fb*1e3:.1f} ms); eigsh(k=5) "
+          f"{top.eigenvalues.round(4)} converged {top.all_converged}, the same on every rank {same}, "
+          f"peak {peak:.2f} GiB per GPU")
+    json.dump(top.eigenvalues.tolist(), open(os.path.join(os.path.dirname(__file__), f"fsdp_nccl_{kind}.json"), "w"))
 dist.destroy_process_group()
 '''
 path = os.path.join(out, "fsdp_nccl.py"); open(path, "w").write(script)
-subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={min(ngpu, 4)}", path])
+nproc = 4 if ngpu >= 4 else 2
+for kind in ("1d", "hsdp"):  # HSDP: (2, 2) on 4 GPUs, (2, 1) (replicas only) on 2
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", path,
+                    kind])
+one, two = (json.load(open(os.path.join(out, f"fsdp_nccl_{k}.json"))) for k in ("1d", "hsdp"))
+print("HSDP against the 1-D mesh (float32 finite differences, expect < 1e-3):",
+      max(abs(a - b) for a, b in zip(one, two)) / max(abs(a) for a in one))
 PY
 else
   echo "   (FSDP2 over NCCL needs 2 or more GPUs; one GPU: skipped)"

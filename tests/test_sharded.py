@@ -248,3 +248,59 @@ def test_a_bar_on_rank_0_only_takes_the_same_collectives():
     for r in ranks:
         for got, want in zip(r, one):
             _close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_copies_of_rows_count_once_like_hsdp(dtype, tol):
+    """A (2, 2) mesh: ranks 2 and 3 hold copies (owner=False) of ranks 0 and 1's rows, as HSDP's replicas."""
+    A = _matrix(dtype=dtype)
+    cuts = [0, 10, 25, 61]
+    halves = [[range(a, (a + b) // 2) for a, b in zip(cuts, cuts[1:])],
+              [range((a + b) // 2, b) for a, b in zip(cuts, cuts[1:])]]
+
+    def fn(op):
+        top = so.eigsh(op, k=3, block_size=2, seed=1)  # a block: the TSQR of the owners' R factors
+        d = so.spectral_density(op, num_probes=2, num_steps=12, seed=2)
+        return (top.eigenvalues, top.residuals, gather(op.ops, top.eigenvectors),
+                so.trace(op, method="xtrace", max_matvecs=20, seed=3).estimate,
+                so.trace(op, method="hutch++", max_matvecs=21, seed=3).estimate, d.nodes, d.weights)
+
+    one = fn(RowShardedMatrix(A, NumpyOps(dtype)))
+    ranks = run_ranks(4, lambda comm: fn(RowShardedMatrix(A, ShardedOps(NumpyOps(dtype), comm, N,
+                                                                        rows=halves[comm.rank % 2],
+                                                                        owner=comm.rank < 2))))
+    for r in ranks:
+        for key in (0, 1, 3, 4, 5, 6):
+            _close(r[key], one[key], tol)
+        _close(r[2] @ r[2].T, one[2] @ one[2].T, 100 * tol)
+        for key in (0, 1, 3, 4, 5, 6):  # every rank, copy or owner, the same host results
+            assert np.array_equal(r[key], ranks[0][key])
+
+
+def test_copies_must_copy_an_owners_rows():
+    with pytest.raises(ValueError, match="exactly once"):  # both halves copies: rows 30..61 owned by none
+        run_ranks(2, lambda comm: ShardedOps(NumpyOps(), comm, N, rows=[range(0, 30), range(30, 61)][comm.rank],
+                                             owner=comm.rank == 0))
+    with pytest.raises(ValueError, match="no owner holds"):
+        run_ranks(3, lambda comm: ShardedOps(NumpyOps(), comm, N, rows=[range(0, 30), range(30, 61),
+                                                                        range(0, 31)][comm.rank],
+                                             owner=comm.rank < 2))
+
+
+def test_a_rank_with_no_rows_on_torch_vectors():
+    """FSDP2 cuts 9 rows 3/3/3/0 over 4 ranks: a rank may hold none; torch's reductions of no rows give zeros."""
+    torch = pytest.importorskip("torch")
+    from specops.backends.torch.ops import TorchOps
+
+    A = _matrix()
+    rows = [range(0, 30), range(30, 61), range(61, 61)]
+
+    def fn(op):
+        return (so.eigsh(op, k=2, seed=1).eigenvalues, so.trace(op, method="xtrace", max_matvecs=20, seed=3).estimate)
+
+    one = fn(RowShardedMatrix(A, NumpyOps()))
+    ranks = run_ranks(3, lambda comm: fn(RowShardedMatrix(A, ShardedOps(TorchOps(torch.float64, "cpu"), comm, N,
+                                                                        rows=rows[comm.rank]))))
+    for r in ranks:
+        _close(r[0], one[0], 1e-10)
+        _close(r[1], one[1], 1e-10)

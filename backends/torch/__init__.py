@@ -188,7 +188,8 @@ def hessian(model: nn.Module | Callable[..., Any], loss_fn: Any, data: Any, *, w
                                      loss_form=loss_form,
                                      check_deterministic=check_deterministic, wrt=wrt, engine=engine,
                                      memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
-                                     random_layers=random_layers, richardson=richardson, autocast=autocast)
+                                     random_layers=random_layers, richardson=richardson, autocast=autocast,
+                                     progress=progress)
     adapter = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine=engine,
                            memory_budget=memory_budget, chunk_size=chunk_size, batch_size=batch_size,
                            progress=progress, random_layers=random_layers, richardson=richardson,

@@ -268,7 +268,7 @@ def ggn(model: nn.Module, loss_fn: Any, data: Any, *, wrt: Any = None, reduction
 
         return curvature(model, loss_fn, data, "ggn", reduction=PRIMITIVES.reduction(loss_fn, reduction), comm=comm,
                          check_deterministic=check_deterministic, loss_form=loss_form, wrt=wrt,
-                         chunk_size=chunk_size, batch_size=batch_size, random_layers=random_layers)
+                         chunk_size=chunk_size, batch_size=batch_size, random_layers=random_layers, progress=progress)
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine="double_backward",
                         chunk_size=chunk_size, batch_size=batch_size, progress=progress, random_layers=random_layers)
     return curvature_operator(base, "ggn", data, reduction=reduction, comm=comm,
@@ -328,7 +328,7 @@ def fisher(model: nn.Module, loss_fn: Any, data: Any, *, estimator: FisherEstima
         return sharded(model, loss_fn, data, curvature, reduction=PRIMITIVES.reduction(loss_fn, reduction), comm=comm,
                        check_deterministic=check_deterministic, loss_form=loss_form, num_samples=num_samples,
                        seed=seed, datum=datum, wrt=wrt, chunk_size=chunk_size, batch_size=batch_size,
-                       random_layers=random_layers)
+                       random_layers=random_layers, progress=progress)
     base = TorchAdapter(model, loss_fn, wrt=wrt, loss_form=loss_form, engine="double_backward",
                         chunk_size=chunk_size, batch_size=batch_size, progress=progress, random_layers=random_layers)
     return curvature_operator(base, curvature, data, reduction=reduction, comm=comm,

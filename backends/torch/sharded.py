@@ -6,7 +6,10 @@ the parameters: each rank holds, of every vector, the entries of its own shards 
 parameters (FSDP2 shards each parameter by rows, ``Shard(0)``), concatenated in the order
 of the parameters. The global index of an entry is its place in the flat vector of the
 unsharded model, so probes are those one process draws (:class:`specops.sharded.ShardedOps`
-with one range of rows per parameter); no rank ever holds an ``n``-vector.
+with one range of rows per parameter); no rank ever holds an ``n``-vector. On a 2-D
+``(replicate, shard)`` mesh (HSDP, placements ``(Replicate(), Shard(0))``) the replicas hold
+copies of the shard group's rows: all but the first replica are not owners of their rows
+(``ShardedOps(owner=False)``), so every reduction counts each row once, over all ranks.
 
 Products are central differences of the gradient that the model's own ``backward()``
 gives: FSDP2 all-gathers the parameters in the forward pass and reduce-scatters the
@@ -24,9 +27,10 @@ loss is scaled so that FSDP2's average over the ranks is the sample-weighted mea
 rank must pass the same number of batches (each backward is collective). Parameters are
 stepped in place and restored exactly (from a copy) after each product; their ``.grad``
 is kept and restored. A product writes ``theta +- h u`` into the shards from a copy kept in
-one buffer of this rank's rows (allocated once), and adds each side's gradient shards
-straight into its output: beyond the two gradients it reads and writes the shards a few
-times and allocates nothing of size ``n/p``.
+one buffer of this rank's rows (allocated once); the loss is scaled by ``||v|| / 2h``, so
+each side's gradient shards are added straight into the output column: beyond the two
+gradients a product reads and writes the shards a few times and allocates nothing of size
+``n/p``. On one process the vectors' reductions skip the collectives.
 """
 
 from __future__ import annotations
@@ -83,18 +87,20 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
     if foreign:
         raise ValueError(f"{', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''} are DTensors that "
                          "fully_shard does not manage (tensor parallel, parallelize_module or distribute_tensor): "
-                         "specops' sharded operator takes models sharded with FSDP2's fully_shard on a 1-D mesh "
-                         "only, whose backward reduce-scatters each rank's gradient; shard the model with "
-                         "fully_shard alone to compute its spectrum")
-    meshes = {id(p.device_mesh) for _, p in named}
-    if len(meshes) > 1:
+                         "specops' sharded operator takes models sharded with FSDP2's fully_shard only, on a 1-D "
+                         "mesh or a 2-D (replicate, shard) mesh (HSDP), whose backward gives each rank its shard "
+                         "of the full-data gradient; shard the model with fully_shard alone to compute its "
+                         "spectrum")
+    if any(p.device_mesh != named[0][1].device_mesh for _, p in named):  # equal meshes may be distinct objects
         raise ValueError("the parameters are sharded over different DeviceMeshes; shard every module on one mesh")
     for name, p in named:
-        if len(p.placements) != 1 or type(p.placements[0]).__name__ != "Shard" or p.placements[0].dim != 0:
+        kinds = [(type(q).__name__, getattr(q, "dim", None)) for q in p.placements]
+        if kinds.count(("Shard", 0)) != 1 or any(k != ("Shard", 0) and k[0] != "Replicate" for k in kinds):
             raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
-                             "does on a 1-D mesh (Shard(0)): a 2-D mesh (HSDP, replicate x shard) is not "
-                             "supported; wrap the model with fully_shard on a 1-D mesh of all ranks "
-                             "(init_device_mesh(device, (world_size,))) to compute its spectrum")
+                             "does: Shard(0) on one mesh dimension, Replicate() on any other (fully_shard on a "
+                             "1-D mesh or a 2-D (replicate, shard) mesh (HSDP)); tensor parallel "
+                             "placements (parallelize_module, Shard(1), FSDP x TP meshes) are not supported: shard "
+                             "the model with fully_shard alone to compute its spectrum")
         if p.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"parameter {name!r} is {p.dtype}; finite differences need float32 or float64 "
                             "gradients: keep the sharded parameters in float32 (model.float() before fully_shard)")
@@ -121,6 +127,21 @@ def _fsdp_managed(model: nn.Module) -> set[int] | None:
             return None
         ids.update(id(fp.sharded_param) for fp in params or [])
     return ids
+
+
+def _is_copy(p: Any) -> bool:
+    """Whether this rank holds a copy of another rank's shard (not the first replica on a Replicate dimension)."""
+    coordinate = p.device_mesh.get_coordinate()
+    return any(type(q).__name__ == "Replicate" and coordinate[d] != 0 for d, q in enumerate(p.placements))
+
+
+def _mesh_group(mesh: Any) -> Any:
+    """The process group of all the mesh's ranks (the world's where the mesh holds every rank)."""
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == torch.distributed.get_world_size():
+        return torch.distributed.group.WORLD
+    return mesh._flatten().get_group()  # a sub-mesh of the world: its ranks as one group
 
 
 def _pieces(named: list[tuple[str, Any]], layout: ParamLayout) -> list[range]:
@@ -190,20 +211,21 @@ class FSDPAdapter(ModelAdapter):
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
         local = self.params[0].to_local()
-        self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), comm, self.layout.num_params,
-                              _pieces(named, self.layout))
+        vectors = comm if comm.size > 1 else Comm()  # one process: its reductions need no collective
+        self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), vectors, self.layout.num_params,
+                                              _pieces(named, self.layout), owner=not _is_copy(self.params[0]))
         self.comm, self.weights = comm, weights
         self._loss = _LossModule(model, loss_fn, self.loss_form, local.dtype)
+        self._fsdp_modules = [m for m in model.modules() if hasattr(m, "reshard") and hasattr(m, "_get_fsdp_state")]
         self._fingerprint = self._layout_now()
         self._theta: torch.Tensor | None = None  # the saved shards during a product (n_local numbers)
         self._theta_dtype, self._device = local.dtype, local.device
-        theta = self.params_vector()
-        self._scale = max(1.0, float(np.sqrt(comm.allreduce_host(float(torch.sum(theta.double() ** 2))) /
-                                             self.layout.num_params)))
+        rms = self.ops.column_norms(self.params_vector()[:, None])[0] / np.sqrt(self.layout.num_params)
+        self._scale = max(1.0, float(rms))
 
     def _layout_now(self) -> list[tuple]:
-        return [(id(p), tuple(p.to_local().shape), str(p.device), str(p.placements), p.dtype)
-                for _, p in self.model.named_parameters() if p.requires_grad]
+        return [(id(p), p.to_local().shape, p.device, p.placements, p.dtype)
+                for p in self.model.parameters() if p.requires_grad]
 
     def _reshard(self) -> None:
         """Return every FSDP2 module's parameters to their shards.
@@ -211,9 +233,8 @@ class FSDPAdapter(ModelAdapter):
         A forward without gradients leaves the root's parameters unsharded (FSDP2 keeps the
         root gathered after its forward, for the backward that usually follows).
         """
-        for module in self.model.modules():
-            if hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state"):
-                module.reshard()
+        for module in self._fsdp_modules:
+            module.reshard()
 
     def _check_unchanged(self) -> None:
         self._reshard()
@@ -329,8 +350,9 @@ class FSDPAdapter(ModelAdapter):
         """Central differences ``(g(theta + h u) - g(theta - h u)) / 2h`` along each column's direction ``u``.
 
         The shards are written in place (``theta +- h u`` in one pass from a saved copy, no
-        perturbed tensor allocated), each side's gradient shards are added straight into
-        the output column, and the shards and their ``.grad`` are restored exactly at the end.
+        perturbed tensor allocated); the factor ``||v|| / 2h`` scales the loss, so each side's
+        gradient shards are added into the output column as they come (no rescaling pass); the
+        shards and their ``.grad`` are restored exactly at the end.
         """
         self._check_unchanged()
         scale = self._scale_of(batch)
@@ -343,8 +365,8 @@ class FSDPAdapter(ModelAdapter):
                     continue
                 for sign in (1.0, -1.0):
                     step(V[:, j], sign * h / float(norms[j]))
-                    self._backward_into(out[:, j], lambda: self._loss(batch) * scale, sign)
-                out[:, j].mul_(float(norms[j]) / (2 * h))
+                    weight = scale * float(norms[j]) / (2 * h)  # the 1/2h factor rides in the loss
+                    self._backward_into(out[:, j], lambda: self._loss(batch) * weight, sign)
         return out
 
     def curvature_primitives(self) -> Any:
@@ -408,7 +430,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     (see the module docstring).
 
     Args:
-        model: a model wrapped with ``fully_shard`` on a 1-D ``DeviceMesh``.
+        model: a model wrapped with ``fully_shard`` on a 1-D ``DeviceMesh`` or a 2-D
+            ``(replicate, shard)`` one (HSDP).
         loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``.
         data: this rank's batches (a batch ``(inputs, targets)`` or a list of them); every
             rank passes the same number of batches.
@@ -430,6 +453,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
             that do not apply.
     """
     wrt = options.pop("wrt", None)
+    if options.pop("progress", False):
+        raise ValueError("progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model: "
+                         "pass progress= to the algorithm instead, e.g. so.eigsh(H, k=5, progress=True)")
     used = {k for k, v in options.items() if v not in (None, "auto", False, True, "error", "finite_difference")}
     if used:
         raise ValueError(f"{', '.join(sorted(used))} do not apply to an FSDP2 model: its products are finite "
@@ -437,12 +463,12 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _check_model(model, named)
     mesh = named[0][1].device_mesh
-    group = mesh.get_group()
+    group = _mesh_group(mesh)
     if comm is None:
         comm = TorchComm(group)
     comm = as_comm(comm)
     ranks = torch.distributed.get_process_group_ranks(group)
-    if comm.size != len(ranks) or comm.allgather(torch.distributed.get_rank()) != ranks:
+    if comm.size != len(ranks) or sorted(comm.allgather(torch.distributed.get_rank())) != sorted(ranks):
         raise ValueError(f"comm= holds other ranks ({comm!r}) than the model's DeviceMesh {ranks}; pass comm=None "
                          "(the mesh's group) or a communicator over the mesh's ranks")
     batches = [data] if isinstance(data, (tuple, dict)) else list(data)

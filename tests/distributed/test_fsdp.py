@@ -119,6 +119,8 @@ def test_vectors_are_sharded_like_the_parameters(ranks):
     ("comm", "comm= holds other ranks"),
     ("batches", "ranks disagree on the number of batches"),
     ("option", "chunk_size do not apply to an FSDP2 model"),
+    ("progress", "progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model"),
+    ("ggn_progress", "progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model"),
     ("tensor_parallel", "are DTensors that fully_shard does not manage (tensor parallel"),
     ("ggn_model_form", "ggn(...) needs a loss of the model's outputs alone"),
     ("ggn_reduction", "sums over a batch's samples"),

@@ -1,0 +1,83 @@
+"""Run under ``torchrun --nproc_per_node 4``: FSDP2 on 2-D meshes (HSDP) against one process with all the data.
+
+Usage: ``fsdp_mesh_worker.py OUT_DIR``. Each rank holds its own, unequal data; the model is
+wrapped with ``fully_shard`` on a ``(replicate, shard)`` mesh of shapes (2, 2), (1, 4) and
+(4, 1), and the sharded operator's spectra are compared (in the test) with one process
+holding the whole model and all the data (the unsharded backend, exact products). Then the
+tensor-parallel models, each caught and printed: ``parallelize_module`` on a 1-D mesh, and
+fully_shard over a tensor-parallel 2-D (dp, tp) mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fsdp_worker import make_model, shard, spectra
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from specops.backends import torch as st
+
+SIZES = ((11, 9), (7, 8), (12, 5), (6, 10))  # each rank's two batches: 37 + 15 + 17 + 16 samples
+MESHES = {"2x2": (2, 2), "1x4": (1, 4), "4x1": (4, 1)}
+DTYPES = {"2x2": (torch.float64, torch.float32), "1x4": (torch.float64,), "4x1": (torch.float64,)}
+
+
+def data(dtype):
+    g = torch.Generator().manual_seed(1)
+    return [[(torch.randn(s, 6, generator=g, dtype=dtype), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
+            for sizes in SIZES]
+
+
+def caught(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def main():
+    out = sys.argv[1]
+    dist.init_process_group("gloo")  # before init_device_mesh: the mesh's subgroups come from this group
+    rank = dist.get_rank()
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        if rank == 0:  # the truth: one process, the whole model, every rank's data
+            batches = data(dtype)
+            results[f"one-{dtype}"], _ = spectra(st.hessian(make_model(dtype), F.cross_entropy, sum(batches, [])))
+    for name, shape in MESHES.items():
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        for dtype in DTYPES[name]:
+            model = shard(make_model(dtype), mesh)
+            H = st.hessian(model, F.cross_entropy, data(dtype)[rank])
+            got, top = spectra(H)
+            got["placements"] = sorted({str(p.placements) for p in model.parameters()})
+            got["local_rows"], got["owner"] = int(top.eigenvectors.shape[0]), H.ops.owner
+            results[f"{name}-{dtype}"] = got
+    tp = init_device_mesh("cpu", (4,))
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    results["caught"] = {"tensor_parallel": caught(lambda: st.hessian(
+        parallelize_module(make_model(torch.float64), tp, plan), F.cross_entropy, data(torch.float64)[rank]))}
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+    def fsdp_tp():
+        model = parallelize_module(make_model(torch.float64), mesh["tp"], plan)
+        fully_shard(model, mesh=mesh["dp"])
+        return st.hessian(model, F.cross_entropy, data(torch.float64)[rank])
+
+    results["caught"]["fsdp_tp"] = caught(fsdp_tp)
+    with open(os.path.join(out, f"mesh-rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
