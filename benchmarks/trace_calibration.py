@@ -5,7 +5,8 @@
    spectra (``Q diag(lambda) Q^T``, one random ``Q``) and on the Hessian of the comparison
    benchmark's digits MLP (3,010 parameters, float64, its exact trace from the dense Hessian).
 2. ``--resnet SEED...``: ``trace(rtol=0.01)`` (the default estimator) on the ResNet-20 of
-   ``compare.py`` (16 digits images, float32, eval mode): products, estimate, stderr.
+   ``compare.py`` (16 digits images, float32, eval mode): products, estimate, stderr;
+   ``--reference M``: its reference trace, Hutch++ with ``M`` products (seed 1000).
 
 Run: ``python benchmarks/trace_calibration.py --seeds 200`` (table; about 1 h on a loaded
 2-core machine for 200 seeds), ``python benchmarks/trace_calibration.py --resnet 0 1 2 3 4``.
@@ -57,7 +58,7 @@ def rms_z(A, truth, method, m, seeds):
 
 
 def mlp_hessian():
-    """The comparison benchmark's digits MLP Hessian (float64) and its exact trace."""
+    """The comparison benchmark's digits MLP Hessian (float64, dense) and its exact trace."""
     import torch
     from compare_problems import mlp_problem
     from torch import nn
@@ -66,8 +67,9 @@ def mlp_hessian():
 
     torch.set_num_threads(1)
     model, X, y, _ = mlp_problem()
-    H = st.hessian(model, nn.CrossEntropyLoss(), (X, y))
-    return H, float(np.trace(H.to_dense()))
+    D = np.asarray(st.hessian(model, nn.CrossEntropyLoss(), (X, y)).to_dense(), dtype=np.float64)
+    D = (D + D.T) / 2  # the dense Hessian as the operator: the same products, at a matrix's cost
+    return D, float(np.trace(D))
 
 
 def table(args):
@@ -90,16 +92,32 @@ def table(args):
         print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
 
-def resnet(args):
+def resnet_hessian():
+    """The comparison benchmark's ResNet-20 Hessian (16 digits images, float32, eval mode)."""
     import torch
-    from compare_problems import TRACE_RTOL, resnet_problem
+    from compare_problems import resnet_problem
     from torch import nn
 
     from specops.backends import torch as st
 
     torch.set_num_threads(1)
     model, X, y = resnet_problem(16)
-    H = st.hessian(model, nn.CrossEntropyLoss(), (X, y))
+    return st.hessian(model, nn.CrossEntropyLoss(), (X, y))
+
+
+def reference(args):
+    """A reference trace of the ResNet-20 Hessian: Hutch++ with a large budget (seed 1000)."""
+    H = resnet_hessian()
+    t0 = time.perf_counter()
+    r = specops.trace(H, method="hutch++", max_matvecs=args.reference, seed=1000)
+    print(f"ResNet-20 reference: hutch++, {r.num_matvecs} products, seed 1000: {r.estimate:.2f} +- {r.stderr:.2f} "
+          f"({r.stderr / abs(r.estimate):.2%}), {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def resnet(args):
+    from compare_problems import TRACE_RTOL
+
+    H = resnet_hessian()
     print(f"ResNet-20, 16 images, float32: trace(rtol={TRACE_RTOL}, max_matvecs=2000)\n")
     print("| seed | products | estimator | estimate | stderr | seconds |")
     print("|---:|---:|---|---:|---:|---:|")
@@ -117,8 +135,11 @@ def main():
     ap.add_argument("--first", type=int, default=0, help="rows first..last-1 of the table only (to run it in parts)")
     ap.add_argument("--last", type=int, default=None)
     ap.add_argument("--resnet", type=int, nargs="*", help="seeds of trace(rtol=0.01) on the ResNet-20")
+    ap.add_argument("--reference", type=int, help="products of a Hutch++ reference trace of the ResNet-20")
     args = ap.parse_args()
-    if args.resnet is not None:
+    if args.reference:
+        reference(args)
+    elif args.resnet is not None:
         resnet(args)
     else:
         table(args)

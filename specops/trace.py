@@ -424,11 +424,11 @@ class _Sketch:
     def estimate(self) -> tuple[float, float]:
         """XTrace's estimate (the mean of its leave-one-out estimates ``t_i``) and its standard error.
 
-        The ``t_i`` share most of their basis (each pair of probes enters two of them),
-        so the spread of the ``t_i`` divided by ``sqrt(m)`` (the paper's error estimate)
-        understates the error, and the delete-a-group jackknife overstates it. The
-        standard error is measured on disjoint halves of the probes instead
-        (:func:`_calibrated_stderr`; calibration table in docs/algorithms.md).
+        The ``t_i`` share most of their basis (each pair of probes enters two of them), so
+        the spread of the ``t_i`` divided by ``sqrt(m)`` (the paper's error estimate)
+        understates the error; specops corrects it by its shortfall measured on disjoint
+        halves of the probes (:func:`_calibrated_stderr`; calibration table in
+        docs/algorithms.md).
         """
         H, R, W = self.H, self.R, self.W
         if self.exact:
@@ -440,14 +440,19 @@ class _Sketch:
         return mean, _calibrated_stderr(H, R, W)
 
 
-def _subsketch(H: np.ndarray, R: np.ndarray, W: np.ndarray, keep: np.ndarray) -> float:
-    """XTrace on the probes ``keep`` only, from the whole sketch's host matrices (no products).
+def _restrict(H: np.ndarray, R: np.ndarray, W: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, ...]:
+    """XTrace's host matrices for the probes ``keep`` only, from the whole sketch's (no products).
 
     ``Omega`` restricted to ``keep`` spans a subspace of ``Q``: its basis in ``Q``'s coordinates
     comes from ``R[:, keep]``, and ``H``, ``R`` and ``W`` restricted to it are XTrace's state.
     """
     V, Rk = np.linalg.qr(R[:, keep])
-    return float(np.mean(_leave_one_out(V.T @ H @ V, Rk, V.T @ W[:, keep])))
+    return V.T @ H @ V, Rk, V.T @ W[:, keep]
+
+
+def _subsketch(H: np.ndarray, R: np.ndarray, W: np.ndarray, keep: np.ndarray) -> float:
+    """XTrace's estimate with the probes ``keep`` only."""
+    return float(np.mean(_leave_one_out(*_restrict(H, R, W, keep))))
 
 
 def _jackknife(H: np.ndarray, R: np.ndarray, W: np.ndarray, probes: np.ndarray) -> float:
@@ -459,54 +464,56 @@ def _jackknife(H: np.ndarray, R: np.ndarray, W: np.ndarray, probes: np.ndarray) 
     return float((g - 1) / g * np.sum((t - t.mean()) ** 2))
 
 
-def _split_variance(H: np.ndarray, R: np.ndarray, W: np.ndarray, rng: np.random.Generator) -> float:
-    """An unbiased estimate of XTrace's variance with half the probes: the spread of its two halves.
+def _halves(H: np.ndarray, R: np.ndarray, W: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """XTrace's variance with half the probes, measured, and the paper's estimate of it.
 
     XTrace on two disjoint halves of the (independent) probes gives two independent
-    estimates ``T_a``, ``T_b``; ``(T_a - T_b)^2 / 2`` is unbiased for the variance with
-    ``m/2`` probes, and it is averaged over ``SPLITS`` random partitions (half as many past
+    estimates ``T_a``, ``T_b``: ``(T_a - T_b)^2 / 2`` is unbiased for the variance with half
+    the probes, and ``var(t_i) / (m/2)`` within each half is the paper's estimate of the
+    same. Both are averaged over ``SPLITS`` random partitions (half as many past
     ``JACKKNIFE_LARGE`` probes, where each costs ``O(m^3)`` host flops).
     """
-    m = R.shape[1]
-    v = [np.var([_subsketch(H, R, W, np.sort(half)) for half in np.array_split(rng.permutation(m), 2)], ddof=1)
-         for _ in range(SPLITS if m <= JACKKNIFE_LARGE else SPLITS // 2)]
-    return float(np.mean(v))
+    m, measured, paper = R.shape[1], [], []
+    for _ in range(SPLITS if m <= JACKKNIFE_LARGE else SPLITS // 2):
+        t = [_leave_one_out(*_restrict(H, R, W, np.sort(half))) for half in np.array_split(rng.permutation(m), 2)]
+        measured.append(np.var([ti.mean() for ti in t], ddof=1))
+        paper.append(np.mean([np.var(ti, ddof=1) / len(ti) for ti in t]))
+    return float(np.mean(measured)), float(np.mean(paper))
 
 
 def _calibrated_stderr(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> float:
-    """XTrace's standard error: its variance measured on halves of the probes, carried to all of them.
+    """XTrace's standard error: the paper's ``std(t_i) / sqrt(m)``, corrected by its shortfall measured on halves.
 
-    ``V(m/2)``, the variance with half the probes, is measured without bias from disjoint
-    halves (:func:`_split_variance`). It is carried to ``m`` probes by the rate at which the
-    variance falls from ``m/2`` to ``m``, read from the delete-a-group jackknife of the
-    halves (``J(m/2)``, mean of the two) and of all probes (``J(m)``):
-    ``V(m) = V(m/2) J(m) / J(m/2)``, the ratio clipped to ``[2^-P_MAX, 1]``. The jackknife
-    alone overstates the variance (Efron-Stein: by the interactions between probes, and by
-    the rate), but by similar factors at ``m/2`` and ``m``, which cancel in the ratio.
-    The paper's ``var(t_i) / m`` is a floor: it leaves out the covariance of the
-    exchangeable ``t_i`` (``Var(mean) = (Var - Cov) / m + Cov``; a floor in expectation
-    where ``Cov >= 0``), and it steadies the few runs whose measured rate is too optimistic. Below
-    ``MIN_SPLIT`` probes, the plain jackknife of all probes.
+    The leave-one-out estimates ``t_i`` are exchangeable with some correlation ``rho``, so
+    ``Var(mean t_i) = var(t_i) / m * F`` with ``F = 1 + (m - 1) rho``; the paper's estimate
+    takes ``F = 1`` and understates. On halves of the probes ``F`` is measured: their
+    variance without bias from disjoint halves, divided by the paper's estimate within the
+    halves (:func:`_halves`), ``F_half = V / P``. From ``m/2`` to ``m`` probes the excess
+    ``F - 1`` grows by a factor between 1 (a constant ``F``) and 2 (a constant ``rho``),
+    depending on the spectrum; the estimate takes the geometric middle,
+    ``F = 1 + GROWTH (F_half - 1)`` with ``GROWTH = sqrt(2)``, and ``F >= 1`` (the paper's
+    estimate is a floor). Calibration table in docs/algorithms.md. Below ``MIN_SPLIT``
+    probes (or when the halves' ``t_i`` do not vary), the plain delete-a-group jackknife,
+    which overstates.
     """
     m = R.shape[1]
     probes = np.arange(m)
-    full = _jackknife(H, R, W, probes)
     if m < MIN_SPLIT:
-        return float(np.sqrt(full))
-    half = float(np.mean([_jackknife(H, R, W, part) for part in np.array_split(probes, 2)]))
-    rate = float(np.clip(full / max(half, 1e-300), 2.0**-P_MAX, 1.0))
-    rng = np.random.default_rng(m)  # the probes are exchangeable: any fixed partitions serve
-    t = _leave_one_out(H, R, W)
-    return float(np.sqrt(max(_split_variance(H, R, W, rng) * rate, np.var(t, ddof=1) / m)))
+        return float(np.sqrt(_jackknife(H, R, W, probes)))
+    measured, paper = _halves(H, R, W, np.random.default_rng(m))  # the probes are exchangeable: any fixed partitions serve
+    if not paper > 0:
+        return float(np.sqrt(_jackknife(H, R, W, probes)))
+    excess = max(0.0, measured / paper - 1.0)
+    return float(np.sqrt(np.var(_leave_one_out(H, R, W), ddof=1) / m * (1.0 + GROWTH * excess)))
 
 
-#: The fastest fall of XTrace's variance from ``m/2`` to ``m`` probes the calibration trusts,
-#: a factor ``2^P_MAX`` (measured up to ``2^15`` on a 0.9^i spectrum at 100 probes).
-P_MAX = 16.0
+#: The factor by which the excess ``F - 1`` of XTrace's variance over the paper's estimate
+#: grows from ``m/2`` to ``m`` probes (:func:`_calibrated_stderr`).
+GROWTH = math.sqrt(2.0)
 #: Probes below which XTrace's standard error is the plain (conservative) jackknife.
 MIN_SPLIT = 16
-#: Random partitions into halves averaged in :func:`_split_variance`.
-SPLITS = 20
+#: Random partitions into halves averaged in :func:`_halves`.
+SPLITS = 100
 
 
 def _leave_one_out(H: np.ndarray, R: np.ndarray, W: np.ndarray) -> np.ndarray:
