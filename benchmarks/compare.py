@@ -86,7 +86,7 @@ def accuracy_runners(model, X, y, peers):
     """``{name: {"eig"|"trace"|"density": fn}}`` of specops and every peer found (see the
     ``accuracy`` function of each runner module)."""
     runners = {}
-    for lib in ("specops", *(p for p in _common.PEERS if p in peers)):
+    for lib in (*(["specops"] if "specops" in peers else []), *(p for p in _common.PEERS if p in peers)):
         runners.update(runner(lib).accuracy(model, X, y))
     return runners
 
@@ -125,6 +125,7 @@ def run_accuracy(cfg, peers, log):
                 continue
             t1 = time.perf_counter()
             for m in cfg["budgets"]:
+                t2 = time.perf_counter()
                 errs, used = [], []
                 for seed in seeds if task != "eig" else [0]:
                     if task == "density":
@@ -146,6 +147,7 @@ def run_accuracy(cfg, peers, log):
                         used.append(out[1])
                 if errs:  # eigenvalues: one deterministic run; trace and density: RMS over the seeds
                     rows.append((task, name, m, int(np.median(used)), float(np.sqrt(np.mean(np.square(errs))))))
+                    log(f"    {task} {name} m={m}: error {rows[-1][-1]:.2g} ({time.perf_counter() - t2:.1f} s)")
                 elif task == "eig":
                     break  # the ladder ran once
             log(f"  {task:7s} {name:28s} {time.perf_counter() - t1:6.1f} s")
@@ -236,12 +238,16 @@ def main():
     parser.add_argument("--trace-cap", type=int)
     parser.add_argument("--auto-cap", type=int, help="budget of specops' default trace estimator")
     parser.add_argument("--slq", type=int, nargs=2, metavar=("PROBES", "STEPS"))
+    parser.add_argument("--seeds", type=int, help="seeds of workload (a)")
+    parser.add_argument("--budgets", type=int, nargs="+", help="product budgets of workload (a)")
+    parser.add_argument("--libs", nargs="+", help="workload (a) for these libraries only (import names, "
+                        "e.g. specops pyhessian): a piece of the table")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
     cfg = dict(PRESETS["quick" if args.quick else "full" if args.full else "default"])
-    for key in ("images", "rounds", "top_k", "eig_cap", "trace_cap", "auto_cap", "slq"):
+    for key in ("images", "rounds", "top_k", "eig_cap", "trace_cap", "auto_cap", "slq", "seeds", "budgets"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(args.slq) if key == "slq" else getattr(args, key)
     cfg["threads"] = args.threads
@@ -257,6 +263,8 @@ def main():
     shimmed = _common.shim_torch_eig()
     peers = _common.found_peers()
     missing = [_common.PEERS[m] for m in _common.PEERS if m not in peers]
+    if args.libs:  # a piece of workload (a): only these libraries
+        peers = {m: v for m, v in peers.items() if m in args.libs}
     import specops
 
     versions = dict(specops=specops.__version__, torch=torch.__version__, numpy=np.__version__,
@@ -279,7 +287,8 @@ def main():
     summary = {}
     if not args.skip_accuracy:
         log(f"\n(a) accuracy against the dense Hessian (budgets {cfg['budgets']}, {cfg['seeds']} seeds)")
-        acc = run_accuracy(cfg, peers, log)
+        acc = run_accuracy(cfg, {**peers, **({"specops": specops.__version__}
+                                             if not args.libs or "specops" in args.libs else {})}, log)
         table_a, goals_a = compare_report.report_accuracy(acc)
         compare_report.plot_accuracy(acc, os.path.join(args.out, "benchmark_accuracy.png"))
         summary["accuracy_goal"] = {t: all(v) for t, v in goals_a.items()}

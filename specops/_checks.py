@@ -51,13 +51,21 @@ def positive_float(name: str, value: Any, allow_none: bool = False) -> float | N
 
 
 class Products:
-    """``A @ V`` that counts products and refuses non-finite results."""
+    """``A @ V`` that counts products and refuses non-finite results.
 
-    def __init__(self, A: LinearOperator) -> None:
+    With ``forms`` (the :class:`~specops.model.BatchForms` of a model operator recording
+    per-batch forms for ``data_error``), each product is labelled with its ``tag`` (``tag``
+    of the call, else the default given here), which says whether its forms are wanted.
+    """
+
+    def __init__(self, A: LinearOperator, forms: Any = None, tag: str = "") -> None:
         self.A = A
         self.count = 0
+        self.forms, self.tag = forms, tag
 
-    def __call__(self, V: Array) -> Array:
+    def __call__(self, V: Array, tag: str | None = None) -> Array:
+        if self.forms is not None:
+            self.forms.tag = self.tag if tag is None else tag
         Y = self.A.matmat(V)
         first = self.count + 1
         self.count += int(V.shape[1])

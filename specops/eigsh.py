@@ -21,7 +21,7 @@ from specops import _checks
 from specops.checks import engine_settings
 from specops.data_error import eigenvalue_stderr
 from specops.data_error import model_operator as data_error_model
-from specops.lanczos import NORM_FLOOR, ROUNDING, basis_store, eigenvalue_errors, thick_restart, verified
+from specops.lanczos import NORM_FLOOR, ROUNDING, VERIFY, basis_store, eigenvalue_errors, thick_restart, verified
 from specops.lanczos import wanted as _wanted
 from specops.lanczos import thresholds as _thresholds
 from specops.operator import OperatorLike
@@ -256,17 +256,18 @@ def eigsh(A: OperatorLike, k: int = 1, which: Which = "LA", method: EigMethod = 
         settings["stop_on"] = stop_on
     if store != A.ops:
         settings["basis_memory"] = f"{store.name}:{store.device}"
-    with model.recording_batches() if model is not None else contextlib.nullcontext() as forms:
+    # only the verification product's forms are used: Lanczos' own products need none
+    with model.recording_batches({VERIFY}) if model is not None else contextlib.nullcontext() as forms:
         if method == "power":
             if which == "BE":
                 raise ValueError("method='power' supports which='LA', 'SA' or 'LM'; use method='lanczos' for 'BE'")
             if max_matvecs < 2 * k:
                 raise ValueError(f"max_matvecs={max_matvecs} is too small for method='power': it needs at least "
                                  f"2 * k = {2 * k} (k products verify the result)")
-            run = _power(A, k, which, tol, max_matvecs, seed)
+            run = _power(A, k, which, tol, max_matvecs, seed, forms)
         elif max_basis < k + 2 * b:
             settings["method"] = "dense"
-            run = _dense(A, k, which, tol)
+            run = _dense(A, k, which, tol, forms)
         else:
             settings.update(block_size=b, max_basis=max_basis)
             least = b * -(-k // b) + (k if model is not None else 0)
@@ -322,7 +323,7 @@ def _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store
     n = A.shape[0]
     reserve = forms is not None
     run, basis = _lanczos(A, k, which, tol, max_matvecs, seed, plan.block, max_basis, v0=plan.start, store=store,
-                          stop_on=stop_on, reserve=reserve)
+                          stop_on=stop_on, reserve=reserve, forms=forms)
     if forms is not None:
         run = dataclasses.replace(run, forms=forms.last)
     checked = plan.checked
@@ -347,10 +348,10 @@ def _lanczos_checked(A, plan, k, which, tol, max_matvecs, seed, max_basis, store
     settings.update(block_size=k, max_basis=basis_k)
     if basis_k < 3 * k:
         settings["method"] = "dense"
-        rerun = _dense(A, k, which, tol)
+        rerun = _dense(A, k, which, tol, forms)
     else:
         rerun, _ = _lanczos(A, k, which, tol, max_matvecs - spent, seed, k, basis_k, store=store, stop_on=stop_on,
-                            reserve=reserve)
+                            reserve=reserve, forms=forms)
     return dataclasses.replace(rerun, num_matvecs=rerun.num_matvecs + spent,
                                forms=forms.last if forms is not None else None)
 
@@ -463,11 +464,11 @@ def _complement_check(A, vals, basis, which, tol, budget, seed, max_basis, store
     return _CopyCheck(missed=missed, products=used, complete=complete)
 
 
-def _dense(A, k, which, tol):
+def _dense(A, k, which, tol, forms=None):
     """Small operators: the dense matrix from n products, then ``eigh``."""
-    mul = _checks.Products(A)
+    mul = _checks.Products(A, forms)
     ops, n = A.ops, A.shape[0]
-    M = gather(ops, mul(ops.identity_columns(n, 0, n)))  # all rows on every rank if sharded
+    M = gather(ops, mul(ops.identity_columns(n, 0, n), VERIFY))  # all rows on every rank if sharded
     M = (M + M.T) / 2
     theta, S = np.linalg.eigh(M)
     want = _wanted(theta, which, k)
@@ -480,13 +481,13 @@ def _dense(A, k, which, tol):
 
 
 def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos", stop=None, v0=None,
-             store=None, stop_on="residual", reserve=False):
+             store=None, stop_on="residual", reserve=False, forms=None):
     """Thick-restart block Lanczos from ``v0`` (padded with seeded random columns to ``b``).
 
     Returns :class:`_LanczosRun`: the pairs as a :class:`_Run` and the final Lanczos basis.
     """
     ops, n = A.ops, A.shape[0]
-    mul = _checks.Products(A)
+    mul = _checks.Products(A, forms)
     drawn = 0
 
     def draw(m):
@@ -505,10 +506,10 @@ def _lanczos(A, k, which, tol, max_matvecs, seed, b, max_basis, stream="lanczos"
     return _LanczosRun(run=run, basis=pairs.basis)
 
 
-def _power(A, k, which, tol, max_matvecs, seed):
+def _power(A, k, which, tol, max_matvecs, seed, forms=None):
     """Deflated power iteration; LA/SA by shifting the spectrum to make them dominant."""
     ops, n = A.ops, A.shape[0]
-    mul = _checks.Products(A)
+    mul = _checks.Products(A, forms)
     sign = -1.0 if which == "SA" else 1.0
     shift = 0.0
     if which != "LM":

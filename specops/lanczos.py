@@ -35,6 +35,9 @@ from specops.ops import Array, VectorOps
 
 from specops.progress import show
 
+#: The label of the product that verifies returned pairs (:class:`specops._checks.Products`):
+#: the one product whose per-batch forms ``eigsh(..., data_error=True)`` uses.
+VERIFY = "verify"
 #: Convergence floor: residuals are judged relative to max(|lambda|, FLOOR * ||A||).
 NORM_FLOOR = 1e-3
 #: Residuals below ROUNDING * eps * ||A|| are at working precision and count as converged;
@@ -340,7 +343,7 @@ def _rayleigh_ritz(ops, mul, V, which):
     Returns values, vectors, their product and true residual norms, in the order of ``which``.
     """
     V, _ = ops.qr(V)
-    AV = mul(V)
+    AV = mul(V, VERIFY)
     G = ops.to_numpy(ops.inner(V, AV))
     vals, U = np.linalg.eigh((G + G.T) / 2)
     idx = wanted(vals, which, len(vals))

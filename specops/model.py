@@ -14,7 +14,7 @@ import abc
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
@@ -243,13 +243,24 @@ class BatchForms:
         weights: (B,) the weights ``w_b`` of ``H = sum_b w_b H_b``.
         sizes: (B,) the batches' sample counts.
         tag: the label given to the next products.
+        wanted: the labels whose products are recorded (None: every product's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: Collection[str] | None = None) -> None:
         self.last: tuple[Any, np.ndarray] | None = None
         self.diagonals: list[tuple[str, np.ndarray]] = []
         self.weights = self.sizes = np.zeros(0)
-        self.tag = ""
+        self.tag = self._taken = ""
+        self.wanted = None if wanted is None else frozenset(wanted)
+
+    def take(self) -> bool:
+        """Whether the product being made is recorded (its label is wanted, or every label is).
+
+        The label is used up: a product made without one (by code that labels nothing) is
+        not taken for the previous product's kind.
+        """
+        self._taken, self.tag = self.tag, ""
+        return self.wanted is None or self._taken in self.wanted
 
     def add(self, V: Array, forms: list, operator: ModelOperator) -> None:
         """Record one product's local ``forms`` (gathered from every rank)."""
@@ -258,7 +269,7 @@ class BatchForms:
         parts = [p for p in operator.comm.allgather(local) if len(p[1])]
         G, self.weights, self.sizes = (np.concatenate([p[j] for p in parts]) for j in range(3))
         self.last = (V, G)
-        self.diagonals.append((self.tag, np.diagonal(G, axis1=1, axis2=2).copy()))
+        self.diagonals.append((self._taken, np.diagonal(G, axis1=1, axis2=2).copy()))
 
 
 class ModelOperator(LinearOperator):
@@ -311,6 +322,7 @@ class ModelOperator(LinearOperator):
             raise ValueError("the data holds no samples")
         self.num_matvecs = 0
         self._recorded: BatchForms | None = None
+        self._whole: ModelOperator | None = None  # set by split_batches: the operator it split
         self.matvec_seconds = 0.0
         self.num_loss_evals = 0
         self.check_deterministic = check_deterministic
@@ -352,9 +364,10 @@ class ModelOperator(LinearOperator):
         total = None
         count = 0
         forms = []
+        record = self._recorded is not None and V is not None  # V: given only for a recorded product
         for i, (batch, w) in enumerate(zip(self._iter(), self._weights())):
             term = fn(i, batch)
-            if self._recorded is not None and V is not None:
+            if record:
                 forms.append(self.ops.to_numpy(self.ops.inner(self.ops.as_columns(V), self.ops.as_columns(term))))
                 forms[-1] = np.asarray(forms[-1], dtype=np.float64).reshape(forms[-1].shape[-2:])
             if w != 1.0:  # one batch (or reduction="sum"): no extra operation per product
@@ -366,30 +379,45 @@ class ModelOperator(LinearOperator):
                 f"the data gave {count} batches, but {len(self.batch_sizes)} when the operator was "
                 "built; pass data that yields the same batches every time"
             )
-        if self._recorded is not None and V is not None:
+        if record and self._recorded is not None:
             self._recorded.add(V, forms, self)
         return total
 
     @contextlib.contextmanager
-    def recording_batches(self) -> Iterator[BatchForms]:
+    def recording_batches(self, wanted: Collection[str] | None = None) -> Iterator[BatchForms]:
         """Within it, every product also keeps each batch's quadratic forms ``V^T H_b V``.
 
         ``H_b`` is batch ``b``'s own Hessian (of its mean loss, or its summed loss for
         ``reduction="sum"``), so that ``H = sum_b w_b H_b``. The products already compute
         every ``H_b V``; the forms cost one small inner product per batch.
 
+        Args:
+            wanted: record only the products labelled with one of these
+                (:attr:`BatchForms.tag`, set by the algorithm); None: every product. On an
+                operator from :meth:`split_batches`, the other products run over the whole
+                batches (the sub-batches' products cost more where a larger batch uses the
+                hardware better).
+
         Yields:
             :class:`BatchForms`, filled as products are made.
         """
-        self._recorded = BatchForms()
+        self._recorded = BatchForms(wanted)
         try:
             yield self._recorded
         finally:
             self._recorded = None
 
     # --- products -----------------------------------------------------------------
+    def _recording(self) -> bool:
+        """Whether this product's per-batch forms are recorded (:meth:`recording_batches`)."""
+        return self._recorded is not None and self._recorded.take()
+
     def _matmat(self, V: Array) -> Array:
-        return self._product(lambda i, b: self.adapter.hvp(i, b, V), tuple(V.shape), V)
+        record = self._recording()
+        if self._whole is not None and not record:  # split for data errors, but no forms wanted
+            self.num_matvecs += int(V.shape[1])
+            return self._whole.matmat(V)
+        return self._product(lambda i, b: self.adapter.hvp(i, b, V), tuple(V.shape), V if record else None)
 
     def matvec(self, v: Array) -> Array:
         """``H v`` for ``v`` of shape (n,).
@@ -398,7 +426,11 @@ class ModelOperator(LinearOperator):
         product).
         """
         v = self._check(v, 1)
-        return self._product(lambda i, b: self.adapter.hvp_vector(i, b, v), tuple(v.shape), v)
+        record = self._recording()
+        if self._whole is not None and not record:
+            self.num_matvecs += 1
+            return self._whole.matvec(v)
+        return self._product(lambda i, b: self.adapter.hvp_vector(i, b, v), tuple(v.shape), v if record else None)
 
     def _product(self, fn: Callable[[int, Any], Array], shape: tuple, V: Array | None = None) -> Array:
         t0 = time.perf_counter()
@@ -526,11 +558,14 @@ class ModelOperator(LinearOperator):
 
         Returns:
             A :class:`ModelOperator` with the same model, parameters, reduction, communicator and
-            engine verdict (its checks are not rerun).
+            engine verdict (its checks are not rerun). Its products run over the sub-batches
+            only while their per-batch forms are recorded (:meth:`recording_batches`), else
+            over this operator's batches: the same products to rounding.
 
         Raises:
             ValueError: a batch cannot be split, or its loss is not the ``reduction`` of its
-                sub-batches' losses; the message says to pass the data as several batches.
+                sub-batches' losses, or the operator is a Monte-Carlo Fisher (its sampled labels
+                depend on the batches); the message says to pass the data as several batches.
         """
         from specops.checks import machine_epsilon
         from specops.reduction import split_batch
@@ -567,8 +602,13 @@ class ModelOperator(LinearOperator):
                 pieces.extend(cut)
             return pieces
 
-        return self._checked_like(adapter.subset(list(self.layout.names)),
-                                  self._on_every_rank(split, "splitting the batches into sub-batches"))
+        if getattr(adapter, "kind", None) == "mc":
+            raise ValueError("the Monte-Carlo labels of fisher(estimator='mc') are drawn per batch, so sub-batches "
+                             f"would draw other labels and make another operator than this one: {fix}")
+        op = self._checked_like(adapter.subset(list(self.layout.names)),
+                                self._on_every_rank(split, "splitting the batches into sub-batches"))
+        op._whole = self
+        return op
 
     # --- checks -------------------------------------------------------------------
     @property

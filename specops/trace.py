@@ -134,22 +134,11 @@ def _reached(est: float, err: float, rtol: float | None, offset: float = 0.0) ->
     return rtol is not None and err <= rtol * abs(offset + est)
 
 
-class _Tagged(_checks.Products):
-    """Counted products that label each product for the per-batch forms of ``data_error``.
-
-    Labels: ``"probe"`` (random probes of ``A``), ``"deflated"`` (probes of
-    ``(I - P) A (I - P)``), ``"basis"`` (an orthonormal basis ``Q`` whose forms sum to
-    ``tr(Q^T A Q)``), ``"sketch"`` (anything else).
-    """
-
-    def __init__(self, A: LinearOperator, forms: Any = None) -> None:
-        super().__init__(A)
-        self.forms = forms
-
-    def __call__(self, V: Array, tag: str = "probe") -> Array:
-        if self.forms is not None:
-            self.forms.tag = tag
-        return super().__call__(V)
+#: The labels of the products whose per-batch forms ``data_error`` uses: ``"probe"`` (random
+#: probes of ``A``, the default label), ``"deflated"`` (probes of ``(I - P) A (I - P)``),
+#: ``"basis"`` (an orthonormal basis ``Q`` whose forms sum to ``tr(Q^T A Q)``); the others
+#: (``"sketch"``) need none.
+DATA_ERROR_TAGS = frozenset({"probe", "deflated", "basis"})
 
 
 def _per_batch_probes(forms: Any) -> np.ndarray:
@@ -239,8 +228,8 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
                     n=A.shape[0], backend=A.backend, **engine_settings(A))
     bar = progress_bar(progress, max_matvecs, "trace", comm=A)
     A = bar.track(A)
-    with model.recording_batches() if model is not None else contextlib.nullcontext() as forms:
-        mul = _Tagged(A, forms)
+    with model.recording_batches(DATA_ERROR_TAGS) if model is not None else contextlib.nullcontext() as forms:
+        mul = _checks.Products(A, forms, tag="probe")
         if method == "auto" and max_matvecs < 4:
             settings["estimator"] = "hutchinson"  # too few products for a sketch
         if method == "hutchinson" or settings.get("estimator") == "hutchinson":

@@ -1,6 +1,7 @@
 """``specops analyze --data-error``: the data's part of the uncertainty beside the algorithm's,
 against independent calls of ``eigsh``/``trace(..., data_error=True)`` on the same operator and a
-jackknife over dense per-batch Hessians, in every output; and the refusals of single-batch data."""
+jackknife over dense per-batch Hessians, in every output; data as one batch split as the same data
+given as 8 batches; and the refusals of data that cannot be split."""
 
 import json
 import math
@@ -118,13 +119,37 @@ def test_data_error_is_off_by_default(tmp_path):
     assert not any("Data error" in n for n in report.reading(r))
 
 
+def eight_parts_of_one_batch():
+    x, y = one_batch()
+    return [(x[i:i + 3], y[i:i + 3]) for i in range(0, 24, 3)]
+
+
+def squared_mean_loss(outputs, targets):
+    """Not a mean over samples: one batch of it cannot be split."""
+    return torch.nn.functional.cross_entropy(outputs, targets) ** 2
+
+
+def test_one_batch_is_split_as_the_same_data_given_as_8_batches(tmp_path):
+    """One batch of 24 gives the data errors of its 8 sub-batches of 3 passed as batches."""
+    found = {}
+    for name in ("one_batch", "eight_parts_of_one_batch"):
+        out = str(tmp_path / name)
+        args = ["--model", "test_cli_data_error:tiny_model", "--data", f"test_cli_data_error:{name}"]
+        assert cli.main(["analyze", *args, *BUDGETS, "--data-error", "0.05", "--out", out]) == 0
+        found[name] = results(out)["stages"]
+    for stage, key in (("eigen", "data_stderr"), ("trace", "data_stderr"), ("trace", "estimate")):
+        a, b = (arr(found[name][stage]["result"][key]) for name in found)
+        np.testing.assert_allclose(a, b, rtol=1e-8)
+        assert np.all(a > 0)
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--model", "test_cli_data_error:tiny_model", "--data", "test_cli_data_error:one_batch"],
-     "the data is 1 batch of 24 sample(s): let --data return a list of batches"),
     (["--model", "test_cli_data_error:tiny_model", "--data", "test_cli_data_error:one_sample"],
      "1 batch of 1 sample(s): let --data return more samples"),
-    (["--samples", "64"], "1 batch of 64 sample(s): pass a smaller --batch-size (e.g. --batch-size 8"),
-    (["--samples", "64", "--batch-size", "64"], "pass a smaller --batch-size"),
+    (["--samples", "1"], "1 batch of 1 sample(s): pass more samples"),
+    (["--model", "test_cli_data_error:tiny_model", "--data", "test_cli_data_error:one_batch",
+      "--loss", "test_cli_data_error:squared_mean_loss"],
+     "cannot be split into sub-batches"),
 ])
 def test_single_batch_is_refused_with_what_to_change(tmp_path, capsys, args, message):
     out = str(tmp_path / "bad")

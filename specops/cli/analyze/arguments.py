@@ -165,32 +165,42 @@ def check_size(args: argparse.Namespace, n: int) -> None:
         raise UsageError(f"--top-k {args.top_k}: the model has only {n} parameters; pass --top-k {n} or less")
 
 
-def check_data_error(args: argparse.Namespace, batches: int, samples: int) -> None:
-    """``--data-error`` needs the data as two batches or more.
+def check_data_error(args: argparse.Namespace, batches: int, samples: int, H: Any = None) -> None:
+    """``--data-error`` needs the data as two batches or more, or one batch it can split.
 
     Checked before training for the default data (its batches follow from ``--samples`` and
-    ``--batch-size``), and once the operator exists for ``--data``.
+    ``--batch-size``), and once the operator ``H`` exists: data as one batch is split into
+    sub-batches (:func:`specops.data_error.model_operator`), which is tried here, before any
+    product of the analysis.
 
     Args:
         args: the parsed arguments.
         batches: the data's batches (over every rank).
         samples: the data's samples.
+        H: the model operator, once built.
 
     Raises:
-        UsageError: ``--data-error`` with the data as one batch, saying how to split it.
+        UsageError: ``--data-error`` with the data as one sample, or as one batch that cannot
+            be split, saying what to pass.
     """
-    from specops.data_error import MIN_BATCHES
+    from specops.data_error import MIN_BATCHES, model_operator
 
     if args.data_error is None or batches >= MIN_BATCHES:
         return
-    if samples < MIN_BATCHES:
-        fix = "pass more samples (--samples), in batches" if args.data is None else "let --data return more samples"
-    elif args.data is None:
+    if args.data is None:
         fix = f"pass a smaller --batch-size (e.g. --batch-size {max(1, samples // 8)} for 8 batches)"
     else:
         fix = "let --data return a list of batches (e.g. 8), or a DataLoader"
-    raise UsageError(f"--data-error measures the spread of the results over the data's batches and needs at least "
-                     f"{MIN_BATCHES}; the data is {batches} batch of {samples} sample(s): {fix}")
+    if samples < MIN_BATCHES:
+        fix = "pass more samples (--samples), in batches" if args.data is None else "let --data return more samples"
+        raise UsageError(f"--data-error measures the spread of the results over the data's samples and needs at "
+                         f"least {MIN_BATCHES}; the data is {batches} batch of {samples} sample(s): {fix}")
+    if H is not None:
+        try:
+            model_operator(H, "analyze")
+        except ValueError as err:
+            raise UsageError(f"--data-error with the data as {batches} batch of {samples} sample(s): {err}; here: "
+                             f"{fix}") from err
 
 
 def settings(args: argparse.Namespace) -> dict:
