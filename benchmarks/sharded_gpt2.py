@@ -39,6 +39,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
+def fd_check(H, v) -> list[float]:
+    """``v^T H v`` of a unit vector at the engine's step ``h``, again at ``h``, at ``h/2`` and at ``2h``.
+
+    The repeat shows whether a product is deterministic; the spread over the steps is the
+    finite-difference product's own error on this quotient (truncation grows as ``h^2``,
+    rounding as ``1/h``), which no Krylov error estimate includes.
+    """
+    adapter = H.adapter
+    step = adapter.step_size
+    quotients = []
+    try:
+        for factor in (1.0, 1.0, 0.5, 2.0):
+            adapter.step_size = lambda dtype, f=factor: step(dtype) * f
+            quotients.append(float(H.ops.column_dots(v, H @ v)[0]))
+    finally:
+        adapter.step_size = step
+    return quotients
+
+
 def worker(out: str, args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -119,6 +138,9 @@ def worker(out: str, args: argparse.Namespace) -> None:
                                    converged=bool(eig.converged[0]))
     say("eigsh: top eigenvalue {eigenvalue:.6g}, error estimate {error_estimate:.3g}, residual {residual:.3g}, "
         "converged {converged}, {products} products".format(**result["runs"]["eigsh"]))
+    if args.fd_check:
+        result["fd_check"] = fd_check(H, eig.eigenvectors[:, :1])
+        say("Rayleigh quotients of the eigenvector at steps h, h, h/2, 2h: {}".format(result["fd_check"]))
     if args.probes:  # --probes 0: the eigenvalue alone
         dens = run("spectral_density", lambda: so.spectral_density(H, num_probes=args.probes, num_steps=args.steps,
                                                                    seed=0, probes_at_once=args.probes_at_once,
@@ -166,6 +188,8 @@ def main() -> None:
     parser.add_argument("--reorth-window", type=int, default=8)
     parser.add_argument("--probes-at-once", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--fd-check", action="store_true",
+                        help="after eigsh, the eigenvector's Rayleigh quotient at steps h, h, h/2 and 2h")
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,8 +197,8 @@ def main() -> None:
         worker(args.worker, args)
         return
     with tempfile.TemporaryDirectory() as out:
-        forward = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("json", "worker") and v is not None]
+        forward = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+                   if k not in ("json", "worker") and v not in (None, False)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                __file__, "--worker", out, *forward]
         env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")

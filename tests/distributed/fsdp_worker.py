@@ -188,6 +188,9 @@ def run_all(rank, out):
                          for k, p in model.named_parameters()}
         got["local_rows"], got["n"] = int(top.eigenvectors.shape[0]), int(H.shape[0])
         got["engine"] = H.adapter.engine
+        R = st.hessian(model, F.cross_entropy, batches[rank], richardson=True, check_deterministic=False)
+        v = R.ops.random(R.shape[0], [0], 5, distribution="normal")  # the vector of spectra()'s product
+        got["richardson"] = dict(product=gather(R.ops, R @ v[:, 0]).tolist(), engine=R.adapter.engine)
         results[f"sharded-{dtype}"] = got
         results[f"wrt-{dtype}"] = {  # the first layer's block: one process, wrt= and restrict on FSDP2
             "one": block(st.hessian(ref_model, F.cross_entropy, batches[0] + batches[1], wrt=["0.*"])),
