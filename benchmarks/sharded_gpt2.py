@@ -99,7 +99,7 @@ def worker(out: str, args: argparse.Namespace) -> None:
     rss_model = reset_peak_rss()
     say(f"model sharded over {size} ranks; building the operator")
     t0 = time.perf_counter()
-    H = st.hessian(model, next_token_loss, batch)
+    H = st.hessian(model, next_token_loss, batch, richardson=args.richardson)
     build_s = time.perf_counter() - t0
     n, local = H.shape[0], H.ops.count
     spent = timed_collectives(H.ops.comm)
@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--reorth-window", type=int, default=8)
     parser.add_argument("--probes-at-once", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--richardson", action="store_true",
+                        help="Richardson-extrapolated products (four gradients each instead of two)")
     parser.add_argument("--fd-check", action="store_true",
                         help="after eigsh, the eigenvector's Rayleigh quotient at steps h, h, h/2 and 2h")
     parser.add_argument("--json")
@@ -198,7 +200,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as out:
         forward = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
-                   if k not in ("json", "worker") and v not in (None, False)]
+                   if k not in ("json", "worker") and v is not None and v is not False]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                __file__, "--worker", out, *forward]
         env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
