@@ -214,7 +214,7 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
         >>> A = (Q * 0.9 ** np.arange(300)) @ Q.T
         >>> tr = so.trace(A, max_matvecs=60, seed=0)
         >>> print(f"{np.trace(A):.2f}, estimated {tr.estimate:.2f} +- {tr.stderr:.2f} ({tr.settings['estimator']})")
-        10.00, estimated 10.03 +- 0.09 (xtrace)
+        10.00, estimated 10.03 +- 0.08 (xtrace)
     """
     A = _checks.symmetric_operator(A, "trace")
     model = data_error_model(A, "trace") if data_error else None
