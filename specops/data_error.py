@@ -50,7 +50,7 @@ def model_operator(A: Any, caller: str) -> Any:
         raise ValueError(f"{caller}(..., data_error=True) needs a model-backed operator (from a backend's "
                          f"hessian, ggn or fisher) whose products run over batches of data; got "
                          f"{type(A).__name__}. For any other operator pass data_error=False")
-    batches = int(A.comm.allreduce_host(len(A.batch_sizes)))
+    batches = A.num_batches
     if batches >= MIN_BATCHES:
         return A
     if A.num_samples < MIN_BATCHES:

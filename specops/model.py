@@ -264,10 +264,7 @@ class BatchForms:
 
     def add(self, V: Array, forms: list, operator: ModelOperator) -> None:
         """Record one product's local ``forms`` (gathered from every rank)."""
-        local = (np.asarray(forms, dtype=np.float64), np.asarray(operator._weights(), dtype=np.float64),
-                 np.asarray(operator.batch_sizes, dtype=np.float64))
-        parts = [p for p in operator.comm.allgather(local) if len(p[1])]
-        G, self.weights, self.sizes = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        G, self.weights, self.sizes = operator._batch_forms(np.asarray(forms, dtype=np.float64))
         self.last = (V, G)
         self.diagonals.append((self._taken, np.diagonal(G, axis1=1, axis2=2).copy()))
 
@@ -354,6 +351,24 @@ class ModelOperator(LinearOperator):
         if self.reduction == "sum":
             return [1.0] * len(self.batch_sizes)
         return [b / self.num_samples for b in self.batch_sizes]
+
+    @property
+    def num_batches(self) -> int:
+        """The number of batches over every rank (the batches data errors resample)."""
+        return int(self.comm.allreduce_host(len(self.batch_sizes)))
+
+    def _batch_forms(self, forms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This product's per-batch forms ``V^T H_b V``, weights ``w_b`` and sample counts over every rank.
+
+        Args:
+            forms: (B, k, k) this rank's batches' forms.
+
+        Returns:
+            Every rank's, concatenated in rank order, on every rank.
+        """
+        local = (forms, np.asarray(self._weights(), dtype=np.float64), np.asarray(self.batch_sizes, dtype=np.float64))
+        parts = [p for p in self.comm.allgather(local) if len(p[1])]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
 
     def _accumulate(self, fn, V=None):
         """``sum_b w_b fn(index, batch)`` over local batches, then over ranks.

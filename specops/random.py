@@ -15,7 +15,7 @@ specops before sharding; longer ones differ from them past entry ``BLOCK``.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -55,7 +55,7 @@ def _draw(rng: np.random.Generator, size: int, distribution: str) -> np.ndarray:
 
 
 def probes(n: int, columns: Iterable[int], seed: int, distribution: Distribution = "rademacher", stream: str = "",
-           rows: range | None = None) -> np.ndarray:
+           rows: range | Sequence[range] | None = None) -> np.ndarray:
     """Host float64 probe matrix (n, len(columns)), or the rows ``rows`` of it.
 
     Args:
@@ -64,26 +64,35 @@ def probes(n: int, columns: Iterable[int], seed: int, distribution: Distribution
         seed: the user's seed.
         distribution: ``"rademacher"`` (entries +-1) or ``"normal"`` (standard Gaussian).
         stream: a name that separates independent uses of one seed.
-        rows: a contiguous ``range(lo, hi)`` of row indices (a rank's shard): only those
-            rows are drawn, equal to the same rows of the full matrix. Default: all ``n``.
+        rows: a contiguous ``range(lo, hi)`` of row indices (a rank's shard), or a sequence
+            of them whose rows are concatenated in that order (a tensor-parallel shard holds
+            one range per row of a matrix): only those rows are drawn, equal to the same
+            rows of the full matrix. Each block of ``BLOCK`` entries is drawn once however
+            many ranges it serves. Default: all ``n``.
 
     Returns:
-        The probes, one column per entry of ``columns`` (``len(rows)`` rows).
+        The probes, one column per entry of ``columns`` (as many rows as ``rows`` holds).
 
     Raises:
         ValueError: a negative or non-integer seed, an unknown ``distribution``, or ``rows``
-            not a step-1 range inside ``0..n``.
+            not step-1 ranges inside ``0..n``.
     """
     check_distribution(distribution)
-    rows = range(n) if rows is None else rows
-    if not isinstance(rows, range) or rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
-        raise ValueError(f"rows must be a contiguous range inside 0..{n}, got {rows!r}")
-    lo, hi = rows.start, rows.stop
+    pieces = [range(n)] if rows is None else [rows] if isinstance(rows, range) else list(rows)
+    if any(not isinstance(r, range) or r.step != 1 or not 0 <= r.start <= r.stop <= n for r in pieces):
+        raise ValueError(f"rows must be a contiguous range inside 0..{n} (or a sequence of them), got {rows!r}")
     columns = list(columns)
-    out = np.empty((hi - lo, len(columns)))
+    ats = np.cumsum([0] + [len(r) for r in pieces])
+    out = np.empty((int(ats[-1]), len(columns)))
+    ends: dict[int, int] = {}  # block -> the last entry any range needs from it (a block's draws are a prefix)
+    for r in pieces:
+        for b in range(r.start // BLOCK, -(-r.stop // BLOCK)):
+            ends[b] = max(ends.get(b, 0), min(r.stop, (b + 1) * BLOCK))
     for c, j in enumerate(columns):
-        for b in range(lo // BLOCK, -(-hi // BLOCK)):
-            start = b * BLOCK
-            a, z = max(lo, start), min(hi, start + BLOCK)
-            out[a - lo : z - lo, c] = _draw(generator(seed, stream, j, b), z - start, distribution)[a - start :]
+        drawn = {b: _draw(generator(seed, stream, j, b), end - b * BLOCK, distribution) for b, end in ends.items()}
+        for r, at in zip(pieces, ats):
+            for b in range(r.start // BLOCK, -(-r.stop // BLOCK)):
+                start = b * BLOCK
+                a, z = max(r.start, start), min(r.stop, start + BLOCK)
+                out[at + a - r.start : at + z - r.start, c] = drawn[b][a - start : z - start]
     return out

@@ -221,8 +221,8 @@ class ShardedOps(VectorOps):
         if n != self.n:
             raise ValueError(f"random vectors of length {n} from sharded operations of length {self.n}")
         columns = list(columns)
-        parts = [_random.probes(n, columns, seed, distribution=distribution, stream=stream, rows=p) for p in self.pieces]
-        return self.local.from_numpy(np.concatenate(parts, axis=0) if parts else np.zeros((0, len(columns))))
+        return self.local.from_numpy(_random.probes(n, columns, seed, distribution=distribution, stream=stream,
+                                                    rows=self.pieces))
 
     def identity_columns(self, n: int, start: int, stop: int) -> Array:
         E, at = np.zeros((self.count, stop - start), dtype=self.dtype), 0

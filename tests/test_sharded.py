@@ -65,6 +65,18 @@ def test_random_stream_of_short_vectors_unchanged(monkeypatch):
         sr.probes(N, [0], 7, rows=range(3, N + 1))
 
 
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_random_rows_in_many_ranges_like_tensor_parallel(distribution):
+    """A Shard(1) slice of a 6 x 10 matrix is one range per row, several per block of 8 entries."""
+    pieces = [range(10 * i + 3, 10 * i + 7) for i in range(6)] + [range(60, 61), range(0, 2)]  # any order
+    full = sr.probes(N, [0, 4], 9, distribution=distribution, stream="tp")
+    got = sr.probes(N, [0, 4], 9, distribution=distribution, stream="tp", rows=pieces)
+    assert np.array_equal(got, full[np.concatenate([np.arange(r.start, r.stop) for r in pieces])])
+    assert sr.probes(N, [0], 9, rows=[]).shape == (0, 1)
+    with pytest.raises(ValueError, match="contiguous range"):
+        sr.probes(N, [0], 9, rows=[range(0, 3), range(5, 2, -1)])
+
+
 EIGSH = {
     "double": dict(k=3),
     "restarts": dict(k=2, max_basis=10, tol=1e-10),

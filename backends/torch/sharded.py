@@ -70,37 +70,54 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
-    """Raise, naming the fix, for what finite differences of FSDP2 gradients cannot take."""
+def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> bool:
+    """Raise, naming the fix, for what finite differences of sharded gradients cannot take.
+
+    Returns:
+        Whether the model is tensor parallel (``parallelize_module`` on a 1-D mesh, no
+        ``fully_shard``) rather than sharded by FSDP2.
+    """
     if type(model).__name__ == "FullyShardedDataParallel":
         raise TypeError("the model is wrapped with the older FullyShardedDataParallel (FSDP1), whose flat "
                         "parameters specops cannot shard vectors by; wrap it with FSDP2 instead: "
                         "torch.distributed.fsdp.fully_shard(module, mesh=...) on each block and on the root")
     DTensor = _dtensor_type()
+    sharded = [(name, p) for name, p in named if isinstance(p, DTensor)]
+    managed = _fsdp_managed(model)
+    parallel = managed is not None and not managed  # DTensors, and no fully_shard anywhere
     plain = [name for name, p in named if not isinstance(p, DTensor)]
-    if plain:
+    if plain and not parallel:
         raise ValueError(f"the model is partly sharded: {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} "
                          "are plain tensors while the other parameters are FSDP2 DTensors; call fully_shard on "
                          "the root module too (fully_shard(model, mesh=mesh)) so every parameter is sharded")
-    managed = _fsdp_managed(model)
-    foreign = [name for name, p in named if managed is not None and id(p) not in managed]
+    foreign = [name for name, p in sharded if managed and id(p) not in managed]
     if foreign:
         raise ValueError(f"{', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''} are DTensors that "
-                         "fully_shard does not manage (tensor parallel, parallelize_module or distribute_tensor): "
-                         "specops' sharded operator takes models sharded with FSDP2's fully_shard only, on a 1-D "
-                         "mesh or a 2-D (replicate, shard) mesh (HSDP), whose backward gives each rank its shard "
-                         "of the full-data gradient; shard the model with fully_shard alone to compute its "
-                         "spectrum")
-    if any(p.device_mesh != named[0][1].device_mesh for _, p in named):  # equal meshes may be distinct objects
+                         "fully_shard does not manage (tensor parallel, parallelize_module or distribute_tensor) "
+                         "in a model that fully_shard shards: fully_shard together with tensor parallelism "
+                         "(an FSDP x TP mesh) is not supported; shard the model with fully_shard alone, on a 1-D "
+                         "mesh or a 2-D (replicate, shard) mesh (HSDP), or with tensor parallelism alone "
+                         "(parallelize_module on a 1-D mesh)")
+    if not sharded:
+        raise ValueError("no trainable parameter is a DTensor: build the operator on the model before sharding it, "
+                         "or leave some sharded parameters trainable")
+    mesh = sharded[0][1].device_mesh
+    if any(p.device_mesh != mesh for _, p in sharded):  # equal meshes may be distinct objects
         raise ValueError("the parameters are sharded over different DeviceMeshes; shard every module on one mesh")
-    for name, p in named:
+    if parallel and mesh.ndim != 1:
+        raise ValueError(f"the tensor-parallel parameters are distributed over a {mesh.ndim}-D DeviceMesh; "
+                         "specops takes tensor parallelism on a 1-D mesh (parallelize_module(model, "
+                         "init_device_mesh(device, (tp,)), plan)), every rank with the same data")
+    for name, p in sharded:
         kinds = [(type(q).__name__, getattr(q, "dim", None)) for q in p.placements]
-        if kinds.count(("Shard", 0)) != 1 or any(k != ("Shard", 0) and k[0] != "Replicate" for k in kinds):
+        fsdp = kinds.count(("Shard", 0)) == 1 and all(k == ("Shard", 0) or k[0] == "Replicate" for k in kinds)
+        if not (fsdp or parallel and kinds[0][0] in ("Shard", "Replicate")):
             raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
-                             "does: Shard(0) on one mesh dimension, Replicate() on any other (fully_shard on a "
-                             "1-D mesh or a 2-D (replicate, shard) mesh (HSDP)); tensor parallel "
-                             "placements (parallelize_module, Shard(1), FSDP x TP meshes) are not supported: shard "
-                             "the model with fully_shard alone to compute its spectrum")
+                             "does (Shard(0) on one mesh dimension, Replicate() on any other: fully_shard on a "
+                             "1-D mesh or a 2-D (replicate, shard) mesh (HSDP)) or as tensor parallelism on a "
+                             "1-D mesh does (Shard(d) or Replicate()); FSDP x TP meshes and other placements are "
+                             "not supported: shard the model with one of those to compute its spectrum")
+    for name, p in named:
         if p.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"parameter {name!r} is {p.dtype}; finite differences need float32 or float64 "
                             "gradients: keep the sharded parameters in float32 (model.float() before fully_shard)")
@@ -114,6 +131,7 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> None:
                              "gradients need float32 (a bf16 gradient rounds at 4e-3, far above the difference "
                              "of two nearby gradients). Build the operator on a model sharded without "
                              "mp_policy (or with param_dtype=torch.float32, reduce_dtype=torch.float32)")
+    return parallel
 
 
 def _fsdp_managed(model: nn.Module) -> set[int] | None:
@@ -144,29 +162,52 @@ def _mesh_group(mesh: Any) -> Any:
     return mesh._flatten().get_group()  # a sub-mesh of the world: its ranks as one group
 
 
-def _pieces(named: list[tuple[str, Any]], layout: ParamLayout) -> list[range]:
-    """This rank's global rows: for each parameter, the flat range of its local rows."""
+def _local(p: Any) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard, or a plain tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _rows(p: Any, start: int) -> list[range]:
+    """The global rows of a parameter's local entries, in their row-major order, its first entry at ``start``.
+
+    A DTensor's local shard is a box of the global tensor: one range for a shard by rows
+    (``Shard(0)``), one range per row for a shard by columns (``Shard(1)``, as a row-wise
+    parallel linear layer's weight), and so on; a plain tensor is one range.
+    """
+    if not hasattr(p, "device_mesh"):
+        return [range(start, start + p.numel())]
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    pieces = []
-    for name, p in named:
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        row = int(np.prod(p.shape[1:])) if p.dim() > 1 else 1
-        start = layout.blocks[name].start + int(offset[0]) * row if p.dim() else layout.blocks[name].start
-        pieces.append(range(start, start + int(np.prod(shape))))
-    return pieces
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    full, shape, offset = tuple(p.shape), tuple(int(s) for s in shape), tuple(int(o) for o in offset)
+    if 0 in shape:
+        return []
+    cut = [d for d in range(len(full)) if shape[d] != full[d]]
+    if not cut:
+        return [range(start, start + p.numel())]
+    k = cut[-1]  # the dimensions after k are whole: each index of those before it is one range
+    length = int(np.prod(shape[k:]))
+    lead = np.stack(np.meshgrid(*[np.arange(o, o + s) for o, s in zip(offset[:k], shape[:k])], indexing="ij"),
+                    axis=-1).reshape(-1, k) if k else np.zeros((1, 0), dtype=int)
+    corners = np.concatenate([lead, np.tile([offset[k]] + [0] * (len(full) - k - 1), (len(lead), 1))], axis=1)
+    firsts = np.ravel_multi_index(tuple(corners.T), full) if full else np.zeros(1, dtype=int)
+    return [range(start + int(f), start + int(f) + length) for f in firsts]
 
 
 class _ProductsReduced(Comm):
-    """``comm``, except that products are not summed: FSDP2's reduce-scatter has done it."""
+    """``comm``, except that products are not summed: FSDP2's reduce-scatter has done it.
 
-    def __init__(self, comm: Comm) -> None:
-        self.inner = comm
+    With ``replicated`` (tensor parallelism: every rank holds the same data) the data's host
+    sums (samples, losses, batches) are not summed either: each rank's are the whole's.
+    """
+
+    def __init__(self, comm: Comm, replicated: bool = False) -> None:
+        self.inner, self.replicated = comm, replicated
         self.rank, self.size = comm.rank, comm.size
         self.local_rank, self.local_size = comm.local_rank, comm.local_size
 
     def allreduce_host(self, x: Any) -> Any:
-        return self.inner.allreduce_host(x)
+        return x if self.replicated else self.inner.allreduce_host(x)
 
     def allreduce(self, X: Any, ops: Any) -> Any:
         return X
@@ -209,16 +250,31 @@ class FSDPAdapter(ModelAdapter):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters: the Hessian would be empty")
-        _check_model(model, named)
+        self.parallel = _check_model(model, named)
+        mesh = next(p.device_mesh for _, p in named if hasattr(p, "device_mesh"))
         chosen = set(_resolve_params(model, wrt))
         named = [(name, p) for name, p in named if name in chosen]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
-        local = self.params[0].to_local()
+        # tensor parallel: a parameter replicated over the ranks (Replicate(), or a plain tensor) is
+        # held in the vectors by the mesh's first rank; the others step their copy from its entries
+        self._shared = [self.parallel and all(type(q).__name__ == "Replicate" for q in getattr(p, "placements", ()))
+                        for p in self.params]
+        first = self.parallel and mesh.get_coordinate()[0] == 0
+        self._held = [not shared or first for shared in self._shared]
+        self._source, self._group = int(mesh.mesh.flatten()[0]), mesh.get_group() if mesh.ndim == 1 else None
+        local = _local(self.params[0])
         vectors = comm if comm.size > 1 else Comm()  # one process: its reductions need no collective
+        pieces = [r for name, p, held in zip(self.names, self.params, self._held) if held
+                  for r in _rows(p, self.layout.blocks[name].start)]
         self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), vectors, self.layout.num_params,
-                                              _pieces(named, self.layout), owner=not _is_copy(self.params[0]))
+                                              pieces, owner=self.parallel or not _is_copy(self.params[0]))
         self.comm, self.weights = comm, weights
+        if self.parallel:
+            comm.agree([float(torch.sum(p.detach().double())) for p, shared in zip(self.params, self._shared)
+                        if shared], "the replicated parameters' sums",
+                       "with tensor parallelism the parameters outside parallelize_module's plan are copies on "
+                       "every rank: initialize the model with the same seed on every rank")
         self._loss = _LossModule(model, loss_fn, self.loss_form, local.dtype)
         self._fsdp_modules = [m for m in model.modules() if hasattr(m, "reshard") and hasattr(m, "_get_fsdp_state")]
         self._fingerprint = self._layout_now()
@@ -228,7 +284,7 @@ class FSDPAdapter(ModelAdapter):
         self._scale = max(1.0, float(rms))
 
     def _layout_now(self) -> list[tuple]:
-        return [(id(p), p.to_local().shape, p.device, p.placements, p.dtype)
+        return [(id(p), _local(p).shape, p.device, getattr(p, "placements", None), p.dtype)
                 for p in self.model.parameters() if p.requires_grad]
 
     def _reshard(self) -> None:
@@ -253,15 +309,37 @@ class FSDPAdapter(ModelAdapter):
         return int(t.shape[0])
 
     def params_vector(self) -> torch.Tensor:
-        return torch.cat([p.to_local().detach().reshape(-1) for p in self.params])
+        held = [_local(p).detach().reshape(-1) for p, h in zip(self.params, self._held) if h]
+        return torch.cat(held) if held else torch.zeros(0, dtype=self._theta_dtype, device=self._device)
 
     def _locals(self) -> list[torch.Tensor]:
-        return [p.to_local() for p in self.params]
+        return [_local(p) for p in self.params]
+
+    def _direction(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """``v`` (this rank's rows) as one tensor per parameter, shaped like its local shard.
+
+        With tensor parallelism the replicated parameters' entries come from the mesh's first
+        rank, which holds them: one broadcast over the mesh (every rank calls this together).
+        """
+        out: list[Any] = []
+        at = 0
+        for p, held in zip(self._locals(), self._held):
+            out.append(v[at : at + p.numel()].view(p.shape) if held else None)
+            at += p.numel() if held else 0
+        if any(self._shared) and self.comm.size > 1:
+            shared = [i for i, s in enumerate(self._shared) if s]
+            sizes = [self.params[i].numel() for i in shared]
+            buffer = (torch.cat([out[i].reshape(-1) for i in shared]) if self._held[shared[0]]
+                      else torch.empty(sum(sizes), dtype=v.dtype, device=v.device))
+            torch.distributed.broadcast(buffer, self._source, group=self._group)
+            for i, piece in zip(shared, torch.split(buffer, sizes)):
+                out[i] = piece.view(self.params[i].shape)
+        return out
 
     def _saved_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """The shards copied into a buffer of this rank's rows, kept between products (no new allocation)."""
         if self._theta is None:
-            self._theta = torch.empty(self._sharded.count, dtype=shards[0].dtype, device=shards[0].device)
+            self._theta = torch.empty(sum(s.numel() for s in shards), dtype=shards[0].dtype, device=shards[0].device)
         saved, at = [], 0
         with torch.no_grad():
             for s in shards:
@@ -271,20 +349,21 @@ class FSDPAdapter(ModelAdapter):
         return saved
 
     @staticmethod
-    def _write(shards: list[torch.Tensor], theta: list[torch.Tensor], v: torch.Tensor | None, alpha: float) -> None:
+    def _write(shards: list[torch.Tensor], theta: list[torch.Tensor], v: list[torch.Tensor] | None,
+               alpha: float) -> None:
         """Set the shards to ``theta + alpha * v`` (``theta`` where ``v`` is None) in place, in one pass."""
         with torch.no_grad():
-            at = 0
-            for s, t in zip(shards, theta):
+            for i, (s, t) in enumerate(zip(shards, theta)):
                 if v is None:
                     s.copy_(t)
                 else:
-                    torch.add(t, v[at : at + s.numel()].view_as(s), alpha=alpha, out=s)
-                at += s.numel()
+                    torch.add(t, v[i], alpha=alpha, out=s)
 
     @contextlib.contextmanager
-    def _stepping(self) -> Iterator[Callable[[torch.Tensor, float], None]]:
-        """Within it, ``step(v, alpha)`` sets the shards to ``theta + alpha * v`` in place, in one pass.
+    def _stepping(self) -> Iterator[Callable[[list[torch.Tensor], float], None]]:
+        """Within it, ``step(d, alpha)`` sets the shards to ``theta + alpha * d`` in place, in one pass.
+
+        ``d`` is a direction per parameter (:meth:`_direction` of a vector).
 
         ``theta`` is the shards on entry, copied into one buffer of this rank's rows
         (allocated once); on exit the shards are ``theta`` again, exactly.
@@ -324,15 +403,18 @@ class FSDPAdapter(ModelAdapter):
         objective().backward()
         at = 0
         with torch.no_grad():
-            for p in self.params:
-                size = p.to_local().numel()
+            for p, held in zip(self.params, self._held):
+                if not held:  # a copy of the first rank's replicated parameter: its gradient is that rank's
+                    continue
+                size = _local(p).numel()
                 if p.grad is not None:
-                    out[at : at + size].add_(p.grad.to_local().reshape(-1), alpha=alpha)
+                    out[at : at + size].add_(_local(p.grad).reshape(-1), alpha=alpha)
                 at += size
 
     def _scale_of(self, batch: Any) -> float:
-        # FSDP2 averages the ranks' gradients: scaled by size * weight, the average is the weighted sum
-        return self.comm.size * self.weights(self.batch_size(batch))
+        # FSDP2 averages the ranks' gradients: scaled by size * weight, the average is the weighted sum;
+        # tensor parallel ranks share one batch, whose gradient each rank's backward gives whole
+        return (1 if self.parallel else self.comm.size) * self.weights(self.batch_size(batch))
 
     def loss(self, batch: Any, delta: Any = None) -> float:
         """The batch's weighted loss (its share of the data loss; the operator's weights are 1)."""
@@ -340,7 +422,7 @@ class FSDPAdapter(ModelAdapter):
         try:
             with torch.no_grad(), self._stepping() if delta is not None else contextlib.nullcontext() as step:
                 if step is not None:
-                    step(delta, 1.0)
+                    step(self._direction(delta), 1.0)
                 return self.weights(self.batch_size(batch)) * float(self._loss(batch))
         finally:
             self._reshard()
@@ -375,8 +457,9 @@ class FSDPAdapter(ModelAdapter):
             for j in range(V.shape[1]):
                 if norms[j] == 0.0:
                     continue
+                direction = self._direction(V[:, j])
                 for at, coefficient in stencil:
-                    step(V[:, j], at / float(norms[j]))
+                    step(direction, at / float(norms[j]))
                     weight = scale * float(norms[j]) * coefficient  # the 1/2h factor rides in the loss
                     self._backward_into(out[:, j], lambda: self._loss(batch) * weight, 1.0)
         return out
@@ -395,24 +478,25 @@ class FSDPAdapter(ModelAdapter):
     def as_params(self, v: torch.Tensor) -> dict[str, Any]:
         """``v`` (this rank's rows, (n_local,) or (n_local, k)) as DTensors with the parameters' placements.
 
-        A block's tensors have a leading axis of length k (and placements ``Shard(1)``).
+        A block's tensors have a leading axis of length k (each ``Shard(d)`` becomes
+        ``Shard(d + 1)``). With tensor parallelism a plain parameter's entries are a plain
+        tensor, the same on every rank (collective: every rank calls this together).
         """
         from torch.distributed.tensor import DTensor, Shard
 
-        out, at = {}, 0
-        for name, p in zip(self.names, self.params):
-            local = p.to_local()
-            size = local.numel()
-            if v.dim() == 1:
-                piece = v[at : at + size].view(local.shape)
-                out[name] = DTensor.from_local(piece, p.device_mesh, p.placements, shape=p.shape,
-                                               stride=p.stride())
+        columns = [self._direction(v)] if v.dim() == 1 else [self._direction(v[:, j]) for j in range(v.shape[1])]
+        out = {}
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            piece = columns[0][i] if v.dim() == 1 else torch.stack([c[i] for c in columns])
+            if not hasattr(p, "device_mesh"):
+                out[name] = piece
+            elif v.dim() == 1:
+                out[name] = DTensor.from_local(piece, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             else:
-                piece = v[at : at + size].T.reshape((v.shape[1], *local.shape))
                 shape = (v.shape[1], *p.shape)  # PyTorch takes a global shape only with its stride
-                out[name] = DTensor.from_local(piece, p.device_mesh, [Shard(1)], shape=shape,
+                placements = [Shard(q.dim + 1) if isinstance(q, Shard) else q for q in p.placements]
+                out[name] = DTensor.from_local(piece, p.device_mesh, placements, shape=shape,
                                                stride=torch.empty(shape, device="meta").stride())
-            at += size
         return out
 
     def unflatten(self, v: torch.Tensor) -> dict:
@@ -420,10 +504,24 @@ class FSDPAdapter(ModelAdapter):
 
 
 class _ShardedModelOperator(ModelOperator):
-    """A :class:`~specops.model.ModelOperator` whose batches the adapter weights itself."""
+    """A :class:`~specops.model.ModelOperator` whose batches the adapter weights itself.
+
+    Its ``i``-th product is collective: the ``i``-th batches of every rank (of the one
+    shared batch, with tensor parallelism), weighted by their samples, are one batch.
+    """
 
     def _weights(self):
         return [1.0] * len(self.batch_sizes)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_sizes)
+
+    def _batch_forms(self, forms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The collective batches' forms (already reduced over the ranks), weights and sample counts."""
+        sizes = np.asarray(self.comm.allreduce_host(np.asarray(self.batch_sizes, dtype=np.float64)), dtype=np.float64)
+        weights = sizes / self.num_samples if self.reduction == "mean" else np.ones_like(sizes)
+        return forms / weights[:, None, None], weights, sizes
 
     def restrict(self, index: Any) -> Any:
         """As :meth:`ModelOperator.restrict`; parameter names give an FSDP2 operator of those parameters."""
@@ -475,8 +573,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
         raise ValueError(f"{', '.join(sorted(used))} do not apply to an FSDP2 model: its products are finite "
                          "differences of FSDP2's gradients; leave them out")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    _check_model(model, named)
-    mesh = named[0][1].device_mesh
+    parallel = _check_model(model, named)
+    mesh = next(p.device_mesh for _, p in named if hasattr(p, "device_mesh"))
     group = _mesh_group(mesh)
     if comm is None:
         comm = TorchComm(group)
@@ -487,17 +585,32 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
                          "(the mesh's group) or a communicator over the mesh's ranks")
     batches = [data] if isinstance(data, (tuple, dict)) else list(data)
     sizes = [int((b[0] if isinstance(b, (tuple, list)) else next(iter(b.values()))).shape[0]) for b in batches]
-    comm.agree(len(batches), "the number of batches",
-               "with FSDP2 every backward is collective: give every rank the same number of batches (their sizes "
-               "may differ)")
-    total = int(comm.allreduce_host(int(sum(sizes))))
+    if parallel:
+        comm.agree((sizes, _fingerprint(batches)), "the batches (sizes and sums)",
+                   "with tensor parallelism every rank computes on the same batches: pass every rank the same data")
+        total = sum(sizes)
+    else:
+        comm.agree(len(batches), "the number of batches",
+                   "with FSDP2 every backward is collective: give every rank the same number of batches (their "
+                   "sizes may differ)")
+        total = int(comm.allreduce_host(int(sum(sizes))))
 
     def weight(size: int) -> float:
         return size / total if reduction == "mean" else 1.0
 
     adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt, richardson=richardson)
     return _ShardedModelOperator(adapter, batches if len(batches) > 1 else batches[0], reduction=reduction,
-                                 comm=_ProductsReduced(comm), check_deterministic=check_deterministic)
+                                 comm=_ProductsReduced(comm, replicated=parallel),
+                                 check_deterministic=check_deterministic)
+
+
+def _fingerprint(batches: list) -> list[float]:
+    """A sum of every tensor of every batch (NaN as 0), to tell whether ranks hold the same data."""
+    sums = []
+    for batch in batches:
+        tensors = batch.values() if isinstance(batch, dict) else batch
+        sums += [float(torch.nan_to_num(t.detach().double()).sum()) for t in tensors if isinstance(t, torch.Tensor)]
+    return sums
 
 
 __all__ = ["FSDPAdapter", "hessian", "is_sharded"]

@@ -92,9 +92,10 @@ class _FSDPCurvature(_TorchCurvature):
     def _jvp(self, inputs: Any, v: torch.Tensor, norm: float, h: float) -> torch.Tensor:
         """``J v`` of the outputs: central differences of two forwards at ``theta +- h v / |v|``."""
         sides = []
+        direction = self.base._direction(v)
         with torch.no_grad(), self.base._stepping() as step:
             for sign in (1.0, -1.0):
-                step(v, sign * h / norm)
+                step(direction, sign * h / norm)
                 sides.append(self._forward(inputs))
         return (sides[0] - sides[1]) * (norm / (2 * h))
 

@@ -3,9 +3,12 @@
 Usage: ``fsdp_mesh_worker.py OUT_DIR``. Each rank holds its own, unequal data; the model is
 wrapped with ``fully_shard`` on a ``(replicate, shard)`` mesh of shapes (2, 2), (1, 4) and
 (4, 1), and the sharded operator's spectra are compared (in the test) with one process
-holding the whole model and all the data (the unsharded backend, exact products). Then the
-tensor-parallel models, each caught and printed: ``parallelize_module`` on a 1-D mesh, and
-fully_shard over a tensor-parallel 2-D (dp, tp) mesh.
+holding the whole model and all the data (the unsharded backend, exact products). Then
+tensor parallelism (``parallelize_module`` on a 1-D mesh of the 4 ranks, every rank with
+all the data): column- and row-wise layers (placements ``Shard(0)``, ``Shard(1)`` and a
+replicated bias), and a plan that leaves a layer's parameters plain tensors; against one
+process the same way. Last the bad inputs, each caught and printed: fully_shard over a
+tensor-parallel 2-D (dp, tp) mesh, ranks with different data, plain parameters that differ.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import torch.nn.functional as F
 from fsdp_worker import make_model, shard, spectra
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+import specops as so
 from specops.backends import torch as st
+from specops.sharded import gather
 
 SIZES = ((11, 9), (7, 8), (12, 5), (6, 10))  # each rank's two batches: 37 + 15 + 17 + 16 samples
 MESHES = {"2x2": (2, 2), "1x4": (1, 4), "4x1": (4, 1)}
@@ -33,6 +39,42 @@ def data(dtype):
     g = torch.Generator().manual_seed(1)
     return [[(torch.randn(s, 6, generator=g, dtype=dtype), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
             for sizes in SIZES]
+
+
+def tp_model(dtype, seed=0):
+    torch.manual_seed(seed)  # 12 hidden units: PyTorch's tensor parallelism needs them divisible by the 4 ranks
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(dtype)  # n = 123
+
+
+PLAIN = {"0": ColwiseParallel(output_layouts=Replicate())}  # the second layer's parameters stay plain tensors
+
+
+def tensor_parallel(rank, mesh, plan):
+    """Tensor-parallel spectra, GGN products and data errors; rank 0 also one process's (every rank: all data)."""
+    results = {}
+    for name, dtype, layers in (("tp", torch.float64, plan), ("tp", torch.float32, plan),
+                                ("tp-plain", torch.float64, PLAIN)):
+        batches = sum(data(dtype), [])
+        model = parallelize_module(tp_model(dtype), mesh, layers)
+        H = st.hessian(model, F.cross_entropy, batches)
+        got, top = spectra(H)
+        got["data_stderr"] = so.eigsh(H, k=2, seed=0, data_error=True).data_stderr.tolist()
+        G = st.ggn(model, F.cross_entropy, batches)
+        got["ggn"] = gather(G.ops, G @ G.ops.random(G.shape[0], [0], 5)[:, 0]).tolist()
+        got["placements"] = {k: [str(getattr(p, "placements", "plain")), list(p.shape)]
+                             for k, p in model.named_parameters()}
+        got["as_params"] = {k: str(getattr(t, "placements", "plain"))
+                            for k, t in H.as_params(H.ops.random(H.shape[0], [0, 1], 5)).items()}
+        got["local_rows"] = int(top.eigenvectors.shape[0])
+        results[f"{name}-{dtype}"] = got
+        if rank == 0:
+            H1 = st.hessian(tp_model(dtype), F.cross_entropy, batches)
+            one, _ = spectra(H1)
+            one["data_stderr"] = so.eigsh(H1, k=2, seed=0, data_error=True).data_stderr.tolist()
+            G1 = st.ggn(tp_model(dtype), F.cross_entropy, batches)
+            one["ggn"] = G1.ops.to_numpy(G1 @ G1.ops.random(G1.shape[0], [0], 5)[:, 0]).tolist()
+            results[f"one-{name}-{dtype}"] = one
+    return results
 
 
 def caught(fn):
@@ -63,8 +105,12 @@ def main():
             results[f"{name}-{dtype}"] = got
     tp = init_device_mesh("cpu", (4,))
     plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
-    results["caught"] = {"tensor_parallel": caught(lambda: st.hessian(
-        parallelize_module(make_model(torch.float64), tp, plan), F.cross_entropy, data(torch.float64)[rank]))}
+    results.update(tensor_parallel(rank, tp, plan))
+    results["caught"] = {
+        "tp_data": caught(lambda: st.hessian(parallelize_module(tp_model(torch.float64), tp, plan), F.cross_entropy,
+                                             data(torch.float64)[rank])),
+        "tp_seed": caught(lambda: st.hessian(parallelize_module(tp_model(torch.float64, seed=rank), tp, PLAIN), F.
+                                             cross_entropy, sum(data(torch.float64), [])))}
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
 
     def fsdp_tp():

@@ -161,6 +161,11 @@ def spectra(H):
                 .tolist()), top
 
 
+def data_errors(H):
+    return dict(eigsh=so.eigsh(H, k=2, seed=0, tol=1e-6, data_error=True).data_stderr.tolist(),
+                trace=float(so.trace(H, method="hutchinson", max_matvecs=20, seed=1, data_error=True).data_stderr))
+
+
 def block(H):
     v = H.ops.random(H.shape[0], [0], 5)[:, 0]
     top = so.eigsh(H, k=1, seed=0, tol=1e-6)
@@ -192,6 +197,13 @@ def run_all(rank, out):
         v = R.ops.random(R.shape[0], [0], 5, distribution="normal")  # the vector of spectra()'s product
         got["richardson"] = dict(product=gather(R.ops, R @ v[:, 0]).tolist(), engine=R.adapter.engine)
         results[f"sharded-{dtype}"] = got
+        # data errors: the i-th batches of the ranks are one batch, as one process holding them concatenated
+        g = torch.Generator().manual_seed(2)
+        mine = [[(torch.randn(s, 6, generator=g, dtype=dtype), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
+                for sizes in ((9, 8, 10, 7, 9, 6), (6, 7, 5, 8, 4, 9))]  # six batches a rank, unequal sizes
+        joined = [tuple(torch.cat(t) for t in zip(*pair)) for pair in zip(*mine)]
+        results[f"data_error-{dtype}"] = {"sharded": data_errors(st.hessian(model, F.cross_entropy, mine[rank])),
+                                          "one": data_errors(st.hessian(make_model(dtype), F.cross_entropy, joined))}
         results[f"wrt-{dtype}"] = {  # the first layer's block: one process, wrt= and restrict on FSDP2
             "one": block(st.hessian(ref_model, F.cross_entropy, batches[0] + batches[1], wrt=["0.*"])),
             "sharded": block(st.hessian(model, F.cross_entropy, batches[rank], wrt=["0.*"])),

@@ -117,6 +117,16 @@ def test_richardson_products_are_extrapolated(ranks, dtype):
         assert np.abs(richardson - exact).max() < 0.5 * np.abs(plain - exact).max()
 
 
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_data_errors_are_those_of_one_process(ranks, dtype):
+    """The ranks' i-th batches are one batch: one process with them concatenated has the same data errors."""
+    got = ranks[0][f"data_error-{dtype}"]
+    for key in ("eigsh", "trace"):
+        a, b = np.asarray(got["sharded"][key]), np.asarray(got["one"][key])
+        assert np.all(b > 0) and np.abs(a - b).max() <= TOLERANCE[dtype] * np.abs(b).max(), key
+    assert ranks[1][f"data_error-{dtype}"]["sharded"] == got["sharded"]
+
+
 def test_vectors_are_sharded_like_the_parameters(ranks):
     for r, rank in enumerate(ranks):
         got = rank["sharded-torch.float64"]
@@ -133,7 +143,7 @@ def test_vectors_are_sharded_like_the_parameters(ranks):
     ("option", "chunk_size do not apply to an FSDP2 model"),
     ("progress", "progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model"),
     ("ggn_progress", "progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model"),
-    ("tensor_parallel", "are DTensors that fully_shard does not manage (tensor parallel"),
+    ("tensor_parallel", "with tensor parallelism every rank computes on the same batches"),
     ("ggn_model_form", "ggn(...) needs a loss of the model's outputs alone"),
     ("ggn_reduction", "sums over a batch's samples"),
     ("mc_likelihood", "fisher(estimator='mc') samples labels from the model's predictive distribution"),

@@ -57,11 +57,39 @@ def test_replicas_hold_copies_of_the_shards(ranks, mesh):
     assert got[0]["placements"] == ["(Replicate(), Shard(dim=0))"]
 
 
+TP = [("tp", "torch.float64"), ("tp", "torch.float32"), ("tp-plain", "torch.float64")]
+TP_ROWS = {"tp": [33, 30, 30, 30], "tp-plain": [60, 21, 21, 21]}  # n = 123: rank 0 also holds the replicated rows
+
+
+@pytest.mark.parametrize("name,dtype", TP)
+def test_tensor_parallel_matches_one_process(ranks, name, dtype):
+    """parallelize_module on 4 ranks (Shard(0), Shard(1), a replicated bias; or plain parameters) = one process."""
+    one, got = ranks[0][f"one-{name}-{dtype}"], ranks[0][f"{name}-{dtype}"]
+    for key in ("eigenvalues", "hutchinson", "xtrace", "nodes", "weights", "product", "loss", "gradient",
+                "data_stderr", "ggn"):
+        a, b = np.asarray(got[key]), np.asarray(one[key])
+        assert np.abs(a - b).max() <= TOLERANCE[dtype] * np.abs(b).max(), key
+    assert got["converged"] == one["converged"]
+    assert [rank[f"{name}-{dtype}"]["local_rows"] for rank in ranks] == TP_ROWS[name]
+    for rank in ranks[1:]:  # every rank holds the same host results
+        for key in ("eigenvalues", "hutchinson", "xtrace", "nodes", "weights", "loss", "data_stderr"):
+            assert rank[f"{name}-{dtype}"][key] == got[key], key
+
+
+def test_tensor_parallel_vectors_have_the_parameters_placements(ranks):
+    got = ranks[1]["tp-torch.float64"]
+    assert got["placements"] == {"0.weight": ["(Shard(dim=0),)", [12, 6]], "0.bias": ["(Shard(dim=0),)", [12]],
+                                 "2.weight": ["(Shard(dim=1),)", [3, 12]], "2.bias": ["(Replicate(),)", [3]]}
+    assert got["as_params"] == {"0.weight": "(Shard(dim=1),)", "0.bias": "(Shard(dim=1),)",  # a block: +1 axis
+                                "2.weight": "(Shard(dim=2),)", "2.bias": "(Replicate(),)"}
+    assert ranks[2]["tp-plain-torch.float64"]["as_params"]["2.weight"] == "plain"
+
+
 @pytest.mark.parametrize("case,message", [
-    ("tensor_parallel", "are DTensors that fully_shard does not manage (tensor parallel"),
-    ("fsdp_tp", "tensor parallel placements (parallelize_module, Shard(1), FSDP x TP meshes) are not supported"),
+    ("fsdp_tp", "FSDP x TP meshes and other placements are not supported"),
+    ("tp_data", "with tensor parallelism every rank computes on the same batches: pass every rank the same data"),
+    ("tp_seed", "initialize the model with the same seed on every rank"),
 ])
-def test_tensor_parallel_is_refused_naming_what_is_supported(ranks, case, message):
+def test_bad_tensor_parallel_inputs_name_the_fix(ranks, case, message):
     for rank in ranks:
         assert message in rank["caught"][case]
-        assert "(replicate, shard) mesh (HSDP)" in rank["caught"][case]

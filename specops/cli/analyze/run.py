@@ -176,7 +176,7 @@ def analyze(args: argparse.Namespace, attempt: Attempt | None = None) -> int:
     setup = user_step("building the Hessian of the model, data and loss", session.operator)
     H = setup.H
     check_size(args, int(H.shape[0]))
-    check_data_error(args, int(comm.allreduce_host(len(H.batch_sizes))), int(H.num_samples), H)
+    check_data_error(args, H.num_batches, int(H.num_samples), H)
     if block_patterns is None:   # backends whose parameter names are known only from the operator
         block_patterns = blocks.resolve_blocks(args.blocks, session.names)
     loss = user_step("evaluating the loss", H.loss_at)
