@@ -238,19 +238,24 @@ class FSDPAdapter(ModelAdapter):
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, comm: Comm, weights: Callable[[int], float],
-                 loss_form: str = "auto", wrt: Any = None, richardson: bool = False) -> None:
+                 loss_form: str = "auto", wrt: Any = None, richardson: bool = False,
+                 finite_difference: bool = False) -> None:
         from .calls import _LossModule
         from .ops import TorchOps
         from .params import _resolve_params
 
         self.model, self.loss_fn, self.loss_form = model, loss_fn, resolve_loss_form(loss_fn, loss_form)
         self.richardson = bool(richardson)
-        self.engine = ("finite_difference: central differences of FSDP2 gradients (backward + reduce-scatter)" +
-                       (", Richardson-extrapolated over the steps h and 2h" if richardson else ""))
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters: the Hessian would be empty")
         self.parallel = _check_model(model, named)
+        self.exact = self.parallel and not (finite_difference or richardson)
+        self.engine = ("double_backward: exact, through the tensor-parallel DTensors" if self.exact else
+                       "finite_difference: central differences of " +
+                       ("tensor-parallel gradients (backward)" if self.parallel else
+                        "FSDP2 gradients (backward + reduce-scatter)") +
+                       (", Richardson-extrapolated over the steps h and 2h" if richardson else ""))
         mesh = next(p.device_mesh for _, p in named if hasattr(p, "device_mesh"))
         chosen = set(_resolve_params(model, wrt))
         named = [(name, p) for name, p in named if name in chosen]
@@ -435,6 +440,35 @@ class FSDPAdapter(ModelAdapter):
             self._backward_into(out, lambda: self._loss(batch) * scale, 1.0)
         return out
 
+    def _exact_hvp(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` by double backward through the tensor-parallel DTensors (exact).
+
+        The gradient is taken with its graph once; each column is a second backward of
+        ``<g, v>``, whose sharded terms are all-reduced (``full_tensor``) inside the graph.
+        """
+        from torch.distributed.tensor import DTensor
+
+        out = torch.zeros_like(V)
+        loss = self._loss(batch) * self._scale_of(batch)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        for j in range(V.shape[1]):
+            dot: Any = 0.0
+            for g, d, p in zip(grads, self._direction(V[:, j]), self.params):
+                if isinstance(p, DTensor):
+                    d = DTensor.from_local(d, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    dot = dot + torch.sum(g * d).full_tensor()
+                else:
+                    dot = dot + torch.sum(g * d)
+            columns = torch.autograd.grad(dot, self.params, retain_graph=j + 1 < V.shape[1], allow_unused=True)
+            at = 0
+            with torch.no_grad():
+                for c, p, held in zip(columns, self.params, self._held):
+                    size = _local(p).numel() if held else 0
+                    if c is not None and held:
+                        out[at : at + size, j] = _local(c).reshape(-1)
+                    at += size
+        return out
+
     def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
         """Central differences ``D(h) = (g(theta + h u) - g(theta - h u)) / 2h`` along each column's ``u``.
 
@@ -446,6 +480,8 @@ class FSDPAdapter(ModelAdapter):
         restored exactly at the end.
         """
         self._check_unchanged()
+        if self.exact:
+            return self._exact_hvp(batch, V)
         scale = self._scale_of(batch)
         h = self.step_size(V.dtype)
         # (step, coefficient of the gradient there)
@@ -473,7 +509,7 @@ class FSDPAdapter(ModelAdapter):
     def subset(self, names: list[str]) -> ModelAdapter:
         """The adapter of the named parameters: vectors sharded over their rows only."""
         return FSDPAdapter(self.model, self.loss_fn, self.comm, self.weights, self.loss_form, wrt=list(names),
-                           richardson=self.richardson)
+                           richardson=self.richardson, finite_difference=not self.exact)
 
     def as_params(self, v: torch.Tensor) -> dict[str, Any]:
         """``v`` (this rank's rows, (n_local,) or (n_local, k)) as DTensors with the parameters' placements.
@@ -565,6 +601,7 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     """
     wrt = options.pop("wrt", None)
     richardson = bool(options.pop("richardson", False))
+    engine = options.pop("engine", None) or "auto"
     if options.pop("progress", False):
         raise ValueError("progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model: "
                          "pass progress= to the algorithm instead, e.g. so.eigsh(H, k=5, progress=True)")
@@ -574,6 +611,14 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
                          "differences of FSDP2's gradients; leave them out")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     parallel = _check_model(model, named)
+    if engine not in ("auto", "finite_difference") + (("double_backward", "cached_graph") if parallel else ()):
+        raise ValueError(f"engine={engine!r} does not apply to " + (
+            "a tensor-parallel model: its products are exact by double backward through the DTensors "
+            "(engine='auto' or 'double_backward') or finite differences of its gradients (engine='finite_difference')"
+            if parallel else "an FSDP2 model: FSDP2 offers no exact second derivative (its reduce-scatter is "
+            "outside autograd), so its products are finite differences of its gradients (engine='auto' or "
+            "'finite_difference')"))
+    finite_difference = engine == "finite_difference"
     mesh = next(p.device_mesh for _, p in named if hasattr(p, "device_mesh"))
     group = _mesh_group(mesh)
     if comm is None:
@@ -598,7 +643,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     def weight(size: int) -> float:
         return size / total if reduction == "mean" else 1.0
 
-    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt, richardson=richardson)
+    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt, richardson=richardson,
+                          finite_difference=finite_difference)
     return _ShardedModelOperator(adapter, batches if len(batches) > 1 else batches[0], reduction=reduction,
                                  comm=_ProductsReduced(comm, replicated=parallel),
                                  check_deterministic=check_deterministic)

@@ -221,6 +221,7 @@ def run_all(rank, out):
         "comm": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], comm=Comm()),
         "batches": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank][: rank + 1]),
         "option": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], chunk_size=4),
+        "exact": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], engine="double_backward"),
         "progress": lambda: st.hessian(model, F.cross_entropy, data(torch.float64)[rank], progress=True),
         "ggn_progress": lambda: st.ggn(model, F.cross_entropy, data(torch.float64)[rank], progress="ggn"),
         "tensor_parallel": lambda: st.hessian(parallelize_module(make_model(torch.float64), mesh, {

@@ -141,6 +141,7 @@ def test_vectors_are_sharded_like_the_parameters(ranks):
     ("comm", "comm= holds other ranks"),
     ("batches", "ranks disagree on the number of batches"),
     ("option", "chunk_size do not apply to an FSDP2 model"),
+    ("exact", "engine='double_backward' does not apply to an FSDP2 model: FSDP2 offers no exact second derivative"),
     ("progress", "progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model"),
     ("ggn_progress", "progress= (a bar of the batches each product evaluates) does not apply to an FSDP2 model"),
     ("tensor_parallel", "with tensor parallelism every rank computes on the same batches"),
