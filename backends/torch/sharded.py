@@ -36,6 +36,7 @@ gradients a product reads and writes the shards a few times and allocates nothin
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -238,8 +239,7 @@ class FSDPAdapter(ModelAdapter):
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, comm: Comm, weights: Callable[[int], float],
-                 loss_form: str = "auto", wrt: Any = None, richardson: bool = False,
-                 finite_difference: bool = False) -> None:
+                 loss_form: str = "auto", wrt: Any = None, richardson: bool = False) -> None:
         from .calls import _LossModule
         from .ops import TorchOps
         from .params import _resolve_params
@@ -250,9 +250,7 @@ class FSDPAdapter(ModelAdapter):
         if not named:
             raise ValueError("the model has no trainable parameters: the Hessian would be empty")
         self.parallel = _check_model(model, named)
-        self.exact = self.parallel and not (finite_difference or richardson)
-        self.engine = ("double_backward: exact, through the tensor-parallel DTensors" if self.exact else
-                       "finite_difference: central differences of " +
+        self.engine = ("finite_difference: central differences of " +
                        ("tensor-parallel gradients (backward)" if self.parallel else
                         "FSDP2 gradients (backward + reduce-scatter)") +
                        (", Richardson-extrapolated over the steps h and 2h" if richardson else ""))
@@ -285,6 +283,7 @@ class FSDPAdapter(ModelAdapter):
         self._fingerprint = self._layout_now()
         self._theta: torch.Tensor | None = None  # the saved shards during a product (n_local numbers)
         self._theta_dtype, self._device = local.dtype, local.device
+        self.compute_dtype = local.dtype  # lowered by check_precision
         rms = self.ops.column_norms(self.params_vector()[:, None])[0] / np.sqrt(self.layout.num_params)
         self._scale = max(1.0, float(rms))
 
@@ -380,12 +379,49 @@ class FSDPAdapter(ModelAdapter):
         finally:
             self._write(shards, theta, None, 0.0)
 
+    def check_precision(self, batch: Any) -> None:
+        """Warn if a forward pass computes in a lower precision than the parameters; the step follows it.
+
+        As the unsharded backend's check (Hugging Face's Llama computes RMS norm in float32 in a
+        float64 model): :attr:`compute_dtype`, the lowest precision seen, sets the step, whose
+        rounding error is that precision's. One forward on every rank together.
+        """
+        from .checks import _WatchPrecision
+        from .params import _listing
+
+        watch = _WatchPrecision(torch.finfo(self._theta_dtype).bits)
+
+        def leave(module: Any, args: Any, output: Any) -> None:
+            watch.stack.pop()
+
+        handles = [h for m in self.model.modules() for h in (
+            m.register_forward_pre_hook(lambda m, a: watch.stack.append(m)), m.register_forward_hook(leave))]
+        try:
+            with torch.no_grad(), watch:
+                self._loss(batch)
+        except Exception:  # noqa: BLE001 - a loss that fails here fails the operator's checks, with their message
+            return
+        finally:
+            for h in handles:
+                h.remove()
+            self._reshard()
+        if watch.found:
+            self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
+            where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
+            warnings.warn(f"the model's parameters are {self._theta_dtype} but a forward pass computes parts in "
+                          f"lower precision: {where}. Products, and every spectrum from them, are accurate to "
+                          f"{self.compute_dtype} rounding only (the finite-difference step is set for it)",
+                          RuntimeWarning, stacklevel=3)
+
     def step_size(self, dtype: torch.dtype) -> float:
         """The central-difference step ``h = eps**(1/3) * max(1, rms(theta))`` along a unit direction.
 
-        ``eps**(1/5)`` with Richardson extrapolation, whose truncation error is ``O(h^4)``.
+        ``eps`` is that of the lowest precision a forward pass computes in
+        (:meth:`check_precision`); ``eps**(1/5)`` with Richardson extrapolation, whose
+        truncation error is ``O(h^4)``.
         """
-        return float(torch.finfo(dtype).eps) ** (1 / 5 if self.richardson else 1 / 3) * self._scale
+        lowest = min(dtype, self.compute_dtype, key=lambda d: torch.finfo(d).bits)
+        return float(torch.finfo(lowest).eps) ** (1 / 5 if self.richardson else 1 / 3) * self._scale
 
     @contextlib.contextmanager
     def _grads_kept(self) -> Iterator[None]:
@@ -440,35 +476,6 @@ class FSDPAdapter(ModelAdapter):
             self._backward_into(out, lambda: self._loss(batch) * scale, 1.0)
         return out
 
-    def _exact_hvp(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
-        """``H V`` by double backward through the tensor-parallel DTensors (exact).
-
-        The gradient is taken with its graph once; each column is a second backward of
-        ``<g, v>``, whose sharded terms are all-reduced (``full_tensor``) inside the graph.
-        """
-        from torch.distributed.tensor import DTensor
-
-        out = torch.zeros_like(V)
-        loss = self._loss(batch) * self._scale_of(batch)
-        grads = torch.autograd.grad(loss, self.params, create_graph=True)
-        for j in range(V.shape[1]):
-            dot: Any = 0.0
-            for g, d, p in zip(grads, self._direction(V[:, j]), self.params):
-                if isinstance(p, DTensor):
-                    d = DTensor.from_local(d, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                    dot = dot + torch.sum(g * d).full_tensor()
-                else:
-                    dot = dot + torch.sum(g * d)
-            columns = torch.autograd.grad(dot, self.params, retain_graph=j + 1 < V.shape[1], allow_unused=True)
-            at = 0
-            with torch.no_grad():
-                for c, p, held in zip(columns, self.params, self._held):
-                    size = _local(p).numel() if held else 0
-                    if c is not None and held:
-                        out[at : at + size, j] = _local(c).reshape(-1)
-                    at += size
-        return out
-
     def hvp(self, index: int, batch: Any, V: torch.Tensor) -> torch.Tensor:
         """Central differences ``D(h) = (g(theta + h u) - g(theta - h u)) / 2h`` along each column's ``u``.
 
@@ -480,8 +487,6 @@ class FSDPAdapter(ModelAdapter):
         restored exactly at the end.
         """
         self._check_unchanged()
-        if self.exact:
-            return self._exact_hvp(batch, V)
         scale = self._scale_of(batch)
         h = self.step_size(V.dtype)
         # (step, coefficient of the gradient there)
@@ -509,7 +514,7 @@ class FSDPAdapter(ModelAdapter):
     def subset(self, names: list[str]) -> ModelAdapter:
         """The adapter of the named parameters: vectors sharded over their rows only."""
         return FSDPAdapter(self.model, self.loss_fn, self.comm, self.weights, self.loss_form, wrt=list(names),
-                           richardson=self.richardson, finite_difference=not self.exact)
+                           richardson=self.richardson)
 
     def as_params(self, v: torch.Tensor) -> dict[str, Any]:
         """``v`` (this rank's rows, (n_local,) or (n_local, k)) as DTensors with the parameters' placements.
@@ -611,14 +616,14 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
                          "differences of FSDP2's gradients; leave them out")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     parallel = _check_model(model, named)
-    if engine not in ("auto", "finite_difference") + (("double_backward", "cached_graph") if parallel else ()):
+    if engine not in ("auto", "finite_difference"):
         raise ValueError(f"engine={engine!r} does not apply to " + (
-            "a tensor-parallel model: its products are exact by double backward through the DTensors "
-            "(engine='auto' or 'double_backward') or finite differences of its gradients (engine='finite_difference')"
+            "a tensor-parallel model: double backward through its DTensors misses the second derivative through "
+            "the collectives of a parallel layer's input (measured 36% wrong on a tensor-parallel Llama), so its "
+            "products are finite differences of its gradients (engine='auto' or 'finite_difference')"
             if parallel else "an FSDP2 model: FSDP2 offers no exact second derivative (its reduce-scatter is "
             "outside autograd), so its products are finite differences of its gradients (engine='auto' or "
             "'finite_difference')"))
-    finite_difference = engine == "finite_difference"
     mesh = next(p.device_mesh for _, p in named if hasattr(p, "device_mesh"))
     group = _mesh_group(mesh)
     if comm is None:
@@ -643,8 +648,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     def weight(size: int) -> float:
         return size / total if reduction == "mean" else 1.0
 
-    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt, richardson=richardson,
-                          finite_difference=finite_difference)
+    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt, richardson=richardson)
+    if batches:
+        adapter.check_precision(batches[0])
     return _ShardedModelOperator(adapter, batches if len(batches) > 1 else batches[0], reduction=reduction,
                                  comm=_ProductsReduced(comm, replicated=parallel),
                                  check_deterministic=check_deterministic)

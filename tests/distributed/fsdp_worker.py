@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -161,6 +162,29 @@ def spectra(H):
                 .tolist()), top
 
 
+class Float32Tanh(torch.nn.Module):
+    """``tanh`` computed in float32 inside a float64 model (as Llama's RMS norm is)."""
+
+    def forward(self, x):
+        return torch.tanh(x.float()).to(x.dtype)
+
+
+def low_precision(rank, mesh):
+    """An FSDP2 product of a float64 model that computes a part in float32, and one process's exact one."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 9), Float32Tanh(), torch.nn.Linear(9, 3)).double()
+
+    batches = data(torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        H = st.hessian(shard(make(), mesh), F.cross_entropy, batches[rank])
+    v = H.ops.random(H.shape[0], [0], 5, distribution="normal")[:, 0]
+    H1 = st.hessian(make(), F.cross_entropy, batches[0] + batches[1])
+    return dict(product=gather(H.ops, H @ v).tolist(), one=H1.ops.to_numpy(H1 @ H1.ops.random(
+        H1.shape[0], [0], 5, distribution="normal")[:, 0]).tolist(), warnings=[str(w.message) for w in caught])
+
+
 def data_errors(H):
     return dict(eigsh=so.eigsh(H, k=2, seed=0, tol=1e-6, data_error=True).data_stderr.tolist(),
                 trace=float(so.trace(H, method="hutchinson", max_matvecs=20, seed=1, data_error=True).data_stderr))
@@ -209,6 +233,7 @@ def run_all(rank, out):
             "sharded": block(st.hessian(model, F.cross_entropy, batches[rank], wrt=["0.*"])),
             "restrict": block(H.restrict("0.*"))}
         results[f"curvatures-{dtype}"] = curvatures(rank, mesh, dtype)
+    results["low_precision"] = low_precision(rank, mesh)
     # bad input, each caught on every rank
     model = shard(make_model(torch.float64), mesh)
     H = st.hessian(model, F.cross_entropy, data(torch.float64)[rank])

@@ -127,6 +127,14 @@ def test_data_errors_are_those_of_one_process(ranks, dtype):
     assert ranks[1][f"data_error-{dtype}"]["sharded"] == got["sharded"]
 
 
+def test_a_float32_part_of_a_float64_model_sets_the_step(ranks):
+    """The step follows the lowest precision a forward computes in: float32 rounding, not float64's step."""
+    got = ranks[0]["low_precision"]
+    a, b = np.asarray(got["product"]), np.asarray(got["one"])
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()  # 5e-6; float64's step (6e-6) gave 5e-3
+    assert any("computes parts in lower precision: Float32Tanh (float32)" in w for w in got["warnings"])
+
+
 def test_vectors_are_sharded_like_the_parameters(ranks):
     for r, rank in enumerate(ranks):
         got = rank["sharded-torch.float64"]
