@@ -1,4 +1,4 @@
-"""PyTorch models sharded with FSDP2 (``fully_shard`` on a ``DeviceMesh``): sharded vectors.
+"""PyTorch models sharded with FSDP2 (``fully_shard`` on a ``DeviceMesh``) or tensor parallelism: sharded vectors.
 
 ``specops.backends.torch.hessian(model, loss_fn, data)`` on a model wrapped with
 ``torch.distributed.fsdp.fully_shard`` returns an operator whose vectors are sharded like
@@ -11,6 +11,14 @@ with one range of rows per parameter); no rank ever holds an ``n``-vector. On a 
 copies of the shard group's rows: all but the first replica are not owners of their rows
 (``ShardedOps(owner=False)``), so every reduction counts each row once, over all ranks.
 
+Tensor parallelism (``parallelize_module`` on a 1-D mesh, no ``fully_shard``; every rank with
+the same data) is taken the same way: a ``Shard(d)`` parameter's local shard is a box of the
+global tensor (one range of global indices per index of the dimensions before the last cut
+one: one per matrix row for ``Shard(1)``); a parameter every rank holds whole (``Replicate()``,
+or a plain tensor the plan left alone) is held in the vectors by the mesh's first rank, which
+broadcasts its entries of each product column so that every rank steps its copy alike. The
+data's host sums (samples, losses, batches) are not summed over the ranks: they hold one data set.
+
 Products are central differences of the gradient that the model's own ``backward()``
 gives: FSDP2 all-gathers the parameters in the forward pass and reduce-scatters the
 gradients in the backward pass, so each rank receives its shard of the gradient of the
@@ -19,8 +27,12 @@ parameter handling (the sharded parameters are not in the graph), and ``backward
 create_graph=True)`` returns gradients without a graph (the reduce-scatter is outside
 autograd): FSDP2 offers no exact second derivative, so finite differences are the engine.
 The step is that of ``engine="finite_difference"`` (``h = eps**(1/3) * max(1, rms(theta))``
-along ``v / ||v||``), whose error is ``O(h^2)`` truncation plus ``O(eps / h)`` rounding of
-the gradients: about ``1e-10`` relative in float64 and ``1e-4`` to ``1e-3`` in float32.
+along ``v / ||v||``, ``eps`` that of the lowest precision a forward pass computes in), whose
+error is ``O(h^2)`` truncation plus ``O(eps / h)`` rounding of the gradients: about ``1e-10``
+relative in float64 and ``1e-4`` to ``1e-3`` in float32. Double backward through a
+tensor-parallel model's DTensors runs but misses the second derivative through a parallel
+layer's input collectives (36 % wrong on a tensor-parallel Llama), so tensor parallelism too
+uses finite differences.
 
 The batches of each rank are weighted by their sample counts over all ranks (each rank's
 loss is scaled so that FSDP2's average over the ranks is the sample-weighted mean); every
@@ -583,10 +595,10 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
 
     Args:
         model: a model wrapped with ``fully_shard`` on a 1-D ``DeviceMesh`` or a 2-D
-            ``(replicate, shard)`` one (HSDP).
+            ``(replicate, shard)`` one (HSDP), or split by ``parallelize_module`` on a 1-D mesh.
         loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``.
         data: this rank's batches (a batch ``(inputs, targets)`` or a list of them); every
-            rank passes the same number of batches.
+            rank passes the same number of batches (with tensor parallelism, the same batches).
         reduction: ``"mean"`` (weighted by samples over all ranks) or ``"sum"``.
         comm: ``None`` (the model's mesh) or a communicator over the same ranks.
         check_deterministic: as in :func:`specops.backends.torch.hessian`.
@@ -601,8 +613,9 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     Raises:
         TypeError: a model wrapped with the older ``FullyShardedDataParallel``.
         ValueError: a partly sharded model, a mixed-precision policy, placements other than
-            FSDP2's, a communicator of other ranks, unequal numbers of batches, options
-            that do not apply.
+            FSDP2's or tensor parallelism's on a 1-D mesh, a communicator of other ranks,
+            unequal numbers of batches (with tensor parallelism: different batches, or
+            replicated parameters that differ), options that do not apply.
     """
     wrt = options.pop("wrt", None)
     richardson = bool(options.pop("richardson", False))
