@@ -35,27 +35,10 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-
-
-def fd_check(H, v) -> list[float]:
-    """``v^T H v`` of a unit vector at the engine's step ``h``, again at ``h``, at ``h/2`` and at ``2h``.
-
-    The repeat shows whether a product is deterministic; the spread over the steps is the
-    finite-difference product's own error on this quotient (truncation grows as ``h^2``,
-    rounding as ``1/h``), which no Krylov error estimate includes.
-    """
-    adapter = H.adapter
-    step = adapter.step_size
-    quotients = []
-    try:
-        for factor in (1.0, 1.0, 0.5, 2.0):
-            adapter.step_size = lambda dtype, f=factor: step(dtype) * f
-            quotients.append(float(H.ops.column_dots(v, H @ v)[0]))
-    finally:
-        adapter.step_size = step
-    return quotients
 
 
 def worker(out: str, args: argparse.Namespace) -> None:
@@ -139,8 +122,10 @@ def worker(out: str, args: argparse.Namespace) -> None:
     say("eigsh: top eigenvalue {eigenvalue:.6g}, error estimate {error_estimate:.3g}, residual {residual:.3g}, "
         "converged {converged}, {products} products".format(**result["runs"]["eigsh"]))
     if args.fd_check:
-        result["fd_check"] = fd_check(H, eig.eigenvectors[:, :1])
-        say("Rayleigh quotients of the eigenvector at steps h, h, h/2, 2h: {}".format(result["fd_check"]))
+        check = H.step_check(eig.eigenvectors[:, :1])
+        result["fd_check"] = {k: np.asarray(v).ravel().tolist() for k, v in check.items()}
+        say("the step's error (H.step_check): Rayleigh quotients of the eigenvector at h/2, h, 2h: {quotients}, "
+            "ratio {ratio} (4: truncation), extrapolated {extrapolated}, error at h {error}".format(**result["fd_check"]))
     if args.probes:  # --probes 0: the eigenvalue alone
         dens = run("spectral_density", lambda: so.spectral_density(H, num_probes=args.probes, num_steps=args.steps,
                                                                    seed=0, probes_at_once=args.probes_at_once,
@@ -191,7 +176,8 @@ def main() -> None:
     parser.add_argument("--richardson", action="store_true",
                         help="Richardson-extrapolated products (four gradients each instead of two)")
     parser.add_argument("--fd-check", action="store_true",
-                        help="after eigsh, the eigenvector's Rayleigh quotient at steps h, h, h/2 and 2h")
+                        help="after eigsh, the step's error along the eigenvector (H.step_check: its Rayleigh "
+                             "quotient at steps h/2, h and 2h)")
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -298,6 +298,7 @@ class FSDPAdapter(ModelAdapter):
         self.compute_dtype = local.dtype  # lowered by check_precision
         rms = self.ops.column_norms(self.params_vector()[:, None])[0] / np.sqrt(self.layout.num_params)
         self._scale = max(1.0, float(rms))
+        self._step_factor = 1.0  # set by step_check: the products at h/2 and 2h
 
     def _layout_now(self) -> list[tuple]:
         return [(id(p), _local(p).shape, p.device, getattr(p, "placements", None), p.dtype)
@@ -433,7 +434,8 @@ class FSDPAdapter(ModelAdapter):
         truncation error is ``O(h^4)``.
         """
         lowest = min(dtype, self.compute_dtype, key=lambda d: torch.finfo(d).bits)
-        return float(torch.finfo(lowest).eps) ** (1 / 5 if self.richardson else 1 / 3) * self._scale
+        return float(torch.finfo(lowest).eps) ** (1 / 5 if self.richardson else 1 / 3) * self._scale * \
+            self._step_factor
 
     @contextlib.contextmanager
     def _grads_kept(self) -> Iterator[None]:
@@ -569,6 +571,42 @@ class _ShardedModelOperator(ModelOperator):
     @property
     def num_batches(self) -> int:
         return len(self.batch_sizes)
+
+    def step_check(self, V: torch.Tensor) -> dict[str, np.ndarray]:
+        """The finite-difference step's error along the columns of ``V`` (e.g. returned eigenvectors).
+
+        The Rayleigh quotients ``q(t) = u^T D(t) u`` of the unit columns ``u`` at the steps
+        ``h/2``, ``h`` and ``2h`` (three products a column). While the truncation error
+        (``O(h^2)``) dominates, the differences ``q(h) - q(2h)`` and ``q(h/2) - q(h)`` are in the
+        ratio 4 : 1, and ``(4 q(h/2) - q(h)) / 3`` is the quotient of the exact Hessian to
+        ``O(h^4)``; the error of the operator's own quotient ``q(h)`` is then about
+        ``4 (q(h) - q(h/2)) / 3``. A ratio far from 4 means rounding dominates (the step's error
+        is below its noise, about ``|q(h/2) - q(h)|``) or the step is outside the expansion's
+        range (``richardson=True`` on a float32 transformer).
+
+        Args:
+            V: (n_local, k) this rank's rows of the vectors (normalized here).
+
+        Returns:
+            ``quotients`` (3, k) at ``h/2, h, 2h``; ``extrapolated`` (k,); ``error`` (k,) the
+            estimated error of ``q(h)``; ``ratio`` (k,) ``(q(h) - q(2h)) / (q(h/2) - q(h))``;
+            ``truncation`` (k,) whether the ratio is within 2.5-5.5 (the estimate holds).
+        """
+        V = V if V.dim() == 2 else V[:, None]
+        U = V / torch.as_tensor(self.ops.column_norms(V), dtype=V.dtype, device=V.device)
+        adapter: Any = getattr(self.adapter, "base", self.adapter)  # a GGN's products step its base
+        quotients = []
+        for factor in (0.5, 1.0, 2.0):
+            adapter._step_factor = factor
+            try:
+                quotients.append(self.ops.column_dots(U, self.matmat(U)))
+            finally:
+                adapter._step_factor = 1.0
+        q = np.asarray(quotients, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (q[1] - q[2]) / (q[0] - q[1])
+        return dict(quotients=q, extrapolated=(4 * q[0] - q[1]) / 3, error=4 * (q[1] - q[0]) / 3, ratio=ratio,
+                    truncation=(ratio > 2.5) & (ratio < 5.5))
 
     def _batch_forms(self, forms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The collective batches' forms (already reduced over the ranks), weights and sample counts."""

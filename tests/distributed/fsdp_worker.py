@@ -185,6 +185,26 @@ def low_precision(rank, mesh):
         H1.shape[0], [0], 5, distribution="normal")[:, 0]).tolist(), warnings=[str(w.message) for w in caught])
 
 
+def step_check(rank, mesh):
+    """H.step_check on the top eigenvectors of a float32 model with large third derivatives (weights x 10)."""
+    def make(dtype):
+        model = make_model(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(10.0)
+        return model
+
+    batches = data(torch.float32)
+    H = st.hessian(shard(make(torch.float32), mesh), F.cross_entropy, batches[rank])
+    top = so.eigsh(H, k=2, seed=0, tol=1e-5)
+    check = {k: np.asarray(v).tolist() for k, v in H.step_check(top.eigenvectors).items()}
+    U = gather(H.ops, top.eigenvectors)
+    U = U / np.linalg.norm(U, axis=0)
+    H1 = st.hessian(make(torch.float64), F.cross_entropy, [(x.double(), y) for x, y in batches[0] + batches[1]])
+    check["exact"] = np.einsum("ij,ij->j", U, H1.ops.to_numpy(H1 @ H1.ops.asarray(U))).tolist()
+    return check
+
+
 def data_errors(H):
     return dict(eigsh=so.eigsh(H, k=2, seed=0, tol=1e-6, data_error=True).data_stderr.tolist(),
                 trace=float(so.trace(H, method="hutchinson", max_matvecs=20, seed=1, data_error=True).data_stderr))
@@ -234,6 +254,7 @@ def run_all(rank, out):
             "restrict": block(H.restrict("0.*"))}
         results[f"curvatures-{dtype}"] = curvatures(rank, mesh, dtype)
     results["low_precision"] = low_precision(rank, mesh)
+    results["step_check"] = step_check(rank, mesh)
     # bad input, each caught on every rank
     model = shard(make_model(torch.float64), mesh)
     H = st.hessian(model, F.cross_entropy, data(torch.float64)[rank])

@@ -135,6 +135,17 @@ def test_a_float32_part_of_a_float64_model_sets_the_step(ranks):
     assert any("computes parts in lower precision: Float32Tanh (float32)" in w for w in got["warnings"])
 
 
+def test_step_check_estimates_the_step_error(ranks):
+    """Where truncation dominates (ratio near 4), q(h) - exact is the estimate (measured within 5 %)."""
+    got = ranks[0]["step_check"]
+    q, exact = np.asarray(got["quotients"]), np.asarray(got["exact"])
+    true = q[1] - exact  # measured -1.8e-4 and 4.1e-5 against estimates -1.8e-4 and 4.3e-5
+    assert all(got["truncation"]) and np.all(np.abs(np.asarray(got["ratio"]) - 4) < 1.5)
+    assert np.all(np.abs(np.asarray(got["error"]) - true) <= 0.25 * np.abs(true))
+    assert np.all(np.abs(np.asarray(got["extrapolated"]) - exact) <= 0.25 * np.abs(true))  # far better than q(h)
+    assert ranks[1]["step_check"]["error"] == got["error"]
+
+
 def test_vectors_are_sharded_like_the_parameters(ranks):
     for r, rank in enumerate(ranks):
         got = rank["sharded-torch.float64"]
