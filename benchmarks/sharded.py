@@ -18,6 +18,10 @@ samples per rank, one thread per rank, and measures on every rank:
   its products.
 
 It prints one line per P and writes everything with ``--json FILE``.
+
+``--parallel tp``: the same MLP split by tensor parallelism instead (``parallelize_module``:
+the first layer column-wise, the second row-wise, the last a plain tensor held by rank 0),
+every rank with the same ``--samples``; "fwd+bwd" is then the tensor-parallel model's own.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def worker(out: str, width: int, samples: int, reps: int) -> None:
+def worker(out: str, width: int, samples: int, reps: int, parallel: str = "fsdp") -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
     from _common import peak_rss_kib, reset_peak_rss, timed_collectives
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     import specops as so
     from specops.backends import torch as st
@@ -53,11 +58,14 @@ def worker(out: str, width: int, samples: int, reps: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, width), torch.nn.Tanh(), torch.nn.Linear(width, width // 4),
                                 torch.nn.Tanh(), torch.nn.Linear(width // 4, 10))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    g = torch.Generator().manual_seed(rank)
+    if parallel == "tp":
+        model = parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    else:
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    g = torch.Generator().manual_seed(0 if parallel == "tp" else rank)  # tensor parallelism: one data set
     batch = (torch.randn(samples, 256, generator=g), torch.randint(0, 10, (samples,), generator=g))
     H = st.hessian(model, F.cross_entropy, batch)
     n, local = H.shape[0], H.ops.count
@@ -111,11 +119,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--parallel", default="fsdp", choices=("fsdp", "tp"))
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.width, args.samples, args.reps)
+        worker(args.worker, args.width, args.samples, args.reps, args.parallel)
         return
     runs = []
     print("ranks  n_local   algorithm                  added MiB  Krylov MiB  collectives/product-time  "
@@ -124,7 +133,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p}", __file__,
                    "--worker", out, "--width", str(args.width), "--samples", str(args.samples), "--reps",
-                   str(args.reps)]
+                   str(args.reps), "--parallel", args.parallel]
             env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
             subprocess.run(cmd, check=True, env=env)
             ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(p)]
