@@ -103,6 +103,9 @@ def main():
             got, top = spectra(H)
             got["placements"] = sorted({str(p.placements) for p in model.parameters()})
             got["local_rows"], got["owner"] = int(top.eigenvectors.shape[0]), H.ops.owner
+            block = H.as_params(top.eigenvectors)  # a block of 2: each Shard(d) becomes Shard(d + 1)
+            got["as_params_block"] = sorted({(str(t.placements), tuple(t.shape)) for t in block.values()})
+            got["as_params_full"] = [float(t.full_tensor().abs().sum()) for t in block.values()]
             results[f"{name}-{dtype}"] = got
     tp = init_device_mesh("cpu", (4,))
     plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}

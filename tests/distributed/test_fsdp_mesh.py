@@ -55,6 +55,9 @@ def test_replicas_hold_copies_of_the_shards(ranks, mesh):
     assert [g["local_rows"] for g in got] == ROWS[mesh]
     assert [g["owner"] for g in got] == OWNERS[mesh]
     assert got[0]["placements"] == ["(Replicate(), Shard(dim=0))"]
+    shard1 = "(Replicate(), Shard(dim=1))"  # a block of 2 eigenvectors: a leading axis, the shards one axis on
+    assert got[0]["as_params_block"] == [[shard1, [2, 3]], [shard1, [2, 3, 9]], [shard1, [2, 9]], [shard1, [2, 9, 6]]]
+    assert all(g["as_params_full"] == got[0]["as_params_full"] for g in got)  # every rank: the same block
 
 
 TP = [("tp", "torch.float64"), ("tp", "torch.float32"), ("tp-plain", "torch.float64")]
