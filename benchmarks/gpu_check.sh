@@ -36,7 +36,7 @@ fi
 echo "== CPU speed-up on dedicated cores: torchrun (gloo) and JAX host devices, 1/2/4, ResNet-20 over 1,024 samples"
 timeout 480 python3 benchmarks/mpi_speedup.py --launcher torchrun --ranks 1,2,4 --reps 3 --json "$OUT/torch_speedup.json" 2>&1 | tail -6
 timeout 420 python3 benchmarks/jax_devices_speedup.py --devices 1,2,4 --reps 3 --json "$OUT/jax_speedup.json" 2>&1 | tail -6
-echo "== Sharded models: FSDP2 over NCCL (one process per GPU, a 1-D and an HSDP mesh) and JAX parameters sharded over the GPUs"
+echo "== Sharded models: FSDP2 over NCCL (one process per GPU, a 1-D and an HSDP mesh), tensor parallelism over NCCL, and JAX parameters sharded over the GPUs"
 if [ "$NGPU" -ge 2 ]; then
   # the test worker with NCCL: each rank its GPU; the sharded spectra against one process (written per rank)
   timeout 400 python3 - "$NGPU" "$OUT" <<'PY' 2>&1 | tail -14
@@ -49,19 +49,26 @@ from torch.distributed.fsdp import fully_shard
 import specops as so
 from specops.backends import torch as st
 import json, sys
-kind = sys.argv[1]  # "1d": a mesh of every GPU; "hsdp": (2, size/2) (replicate, shard), the same data per rank
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+kind = sys.argv[1]  # "1d": a mesh of every GPU; "hsdp": (2, size/2) (replicate, shard); "tp": tensor parallel
 dist.init_process_group("nccl"); rank, size = dist.get_rank(), dist.get_world_size()
 torch.cuda.set_device(rank)
-mesh = init_device_mesh("cuda", (size,)) if kind == "1d" else \
+mesh = init_device_mesh("cuda", (size,)) if kind in ("1d", "tp") else \
     init_device_mesh("cuda", (2, size // 2), mesh_dim_names=("replicate", "shard"))
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096), torch.nn.GELU(),
                             torch.nn.Linear(4096, 10)).cuda()
-for m in model:
-    if isinstance(m, torch.nn.Linear): fully_shard(m, mesh=mesh)
-fully_shard(model, mesh=mesh)
-g = torch.Generator(device="cuda").manual_seed(rank)
-batch = (torch.randn(512, 1024, device="cuda", generator=g), torch.randint(0, 10, (512,), device="cuda", generator=g))
+def draw(r):
+    g = torch.Generator(device="cuda").manual_seed(r)
+    return torch.randn(512, 1024, device="cuda", generator=g), torch.randint(0, 10, (512,), device="cuda", generator=g)
+if kind == "tp":  # every rank all the ranks' data: the Hessian of the FSDP2 runs
+    model = parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    batch = tuple(torch.cat(t) for t in zip(*[draw(r) for r in range(size)]))
+else:
+    for m in model:
+        if isinstance(m, torch.nn.Linear): fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    batch = draw(rank)
 H = st.hessian(model, F.cross_entropy, batch)
 v = H.ops.random(H.shape[0], [0], 0)[:, 0]
 def med(fn, reps=10):
@@ -78,7 +85,7 @@ top = so.eigsh(H, k=5, seed=0, tol=1e-4)
 peak = torch.cuda.max_memory_allocated() / 2**30
 same = all(x == top.eigenvalues.tolist() for x in H.ops.comm.allgather(top.eigenvalues.tolist()))
 if rank == 0:
-    print(f"FSDP2/NCCL {kind} x{size} {tuple(mesh.shape)}: n={H.shape[0]:,} local rows {H.ops.count:,}; FD product "
+    print(f"{'TP' if kind == 'tp' else 'FSDP2'}/NCCL {kind} x{size} {tuple(mesh.shape)}: n={H.shape[0]:,} local rows {H.ops.count:,}; FD product "
           f"{t_fd*1e3:.1f} ms = {t_fd/t_fb:.2f} x forward+backward ({t_fb*1e3:.1f} ms); eigsh(k=5) "
           f"{top.eigenvalues.round(4)} converged {top.all_converged}, the same on every rank {same}, "
           f"peak {peak:.2f} GiB per GPU")
@@ -87,12 +94,13 @@ dist.destroy_process_group()
 '''
 path = os.path.join(out, "fsdp_nccl.py"); open(path, "w").write(script)
 nproc = 4 if ngpu >= 4 else 2
-for kind in ("1d", "hsdp"):  # HSDP: (2, 2) on 4 GPUs, (2, 1) (replicas only) on 2
+for kind in ("1d", "hsdp", "tp"):  # HSDP: (2, 2) on 4 GPUs, (2, 1) (replicas only) on 2
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", path,
                     kind])
-one, two = (json.load(open(os.path.join(out, f"fsdp_nccl_{k}.json"))) for k in ("1d", "hsdp"))
-print("HSDP against the 1-D mesh (float32 finite differences, expect < 1e-3):",
-      max(abs(a - b) for a, b in zip(one, two)) / max(abs(a) for a in one))
+one, two, tp = (json.load(open(os.path.join(out, f"fsdp_nccl_{k}.json"))) for k in ("1d", "hsdp", "tp"))
+for name, other in (("HSDP", two), ("tensor parallel", tp)):
+    print(f"{name} against the 1-D mesh (float32 finite differences, expect < 1e-3):",
+          max(abs(a - b) for a, b in zip(one, other)) / max(abs(a) for a in one))
 PY
 else
   echo "   (FSDP2 over NCCL needs 2 or more GPUs; one GPU: skipped)"
