@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -187,26 +187,9 @@ class _EngineChecks(_Engines):
         """
         if self.autocast is not None:  # lower precision by request
             return
-        watch = _WatchPrecision(torch.finfo(self.param_dtype).bits)
-        def leave(module, args, output):
-            watch.stack.pop()  # (a forward hook that returns something replaces the output)
-
-        # hooks on the model's own modules, not global ones (which make torch.compile warn)
-        handles = [h for m in self.model.modules() for h in (
-            m.register_forward_pre_hook(lambda m, a: watch.stack.append(m)), m.register_forward_hook(leave))]
-        try:
-            with torch.no_grad(), watch:
-                self._loss(self._theta, batch)
-        finally:
-            for h in handles:
-                h.remove()
-        if watch.found:
-            self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
-            where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
-            warnings.warn(
-                f"the model's parameters are {self.param_dtype} but a forward pass computes parts in "
-                f"lower precision: {where}. Products, and every spectrum from them, are accurate to "
-                f"{self.compute_dtype} rounding only", RuntimeWarning, stacklevel=4)
+        lowest = watch_precision(self.model, self.param_dtype, lambda: self._loss(self._theta, batch), stacklevel=5)
+        if lowest is not None:
+            self.compute_dtype = lowest
 
     def _where_different(self, a: torch.Tensor, b: torch.Tensor, limit: int = 3) -> str:
         """The parameters (and their layers' types) where two product vectors differ most."""
@@ -232,6 +215,44 @@ _CHECK_SAMPLES = 8
 _ROUNDING = {torch.bfloat16: 1e-1, torch.float16: 2e-2, torch.float32: 2e-3, torch.float64: 1e-7}
 _NORM_OR_ATTENTION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                       nn.MultiheadAttention)
+
+
+def watch_precision(model: nn.Module, param_dtype: torch.dtype, forward: Callable[[], Any], note: str = "",
+                    stacklevel: int = 2) -> torch.dtype | None:
+    """Run ``forward()`` (without gradients); warn if it computes in a lower precision than ``param_dtype``.
+
+    Args:
+        model: the model whose modules name where (hooks on its own modules, not global
+            ones, which make torch.compile warn).
+        param_dtype: the parameters' dtype.
+        forward: one forward pass of the loss.
+        note: appended to the warning.
+        stacklevel: of the warning.
+
+    Returns:
+        The lowest precision seen, which bounds the products' accuracy; None if none is lower.
+    """
+    watch = _WatchPrecision(torch.finfo(param_dtype).bits)
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        watch.stack.pop()  # (a forward hook that returns something replaces the output)
+
+    handles = [h for m in model.modules() for h in (
+        m.register_forward_pre_hook(lambda m, a: watch.stack.append(m)), m.register_forward_hook(leave))]
+    try:
+        with torch.no_grad(), watch:
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    if not watch.found:
+        return None
+    lowest = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
+    where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
+    warnings.warn(f"the model's parameters are {param_dtype} but a forward pass computes parts in lower precision: "
+                  f"{where}. Products, and every spectrum from them, are accurate to {lowest} rounding only{note}",
+                  RuntimeWarning, stacklevel=stacklevel)
+    return lowest
 
 
 class _WatchPrecision(TorchFunctionMode):

@@ -48,7 +48,6 @@ gradients a product reads and writes the shards a few times and allocates nothin
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -399,32 +398,17 @@ class FSDPAdapter(ModelAdapter):
         float64 model): :attr:`compute_dtype`, the lowest precision seen, sets the step, whose
         rounding error is that precision's. One forward on every rank together.
         """
-        from .checks import _WatchPrecision
-        from .params import _listing
+        from .checks import watch_precision
 
-        watch = _WatchPrecision(torch.finfo(self._theta_dtype).bits)
-
-        def leave(module: Any, args: Any, output: Any) -> None:
-            watch.stack.pop()
-
-        handles = [h for m in self.model.modules() for h in (
-            m.register_forward_pre_hook(lambda m, a: watch.stack.append(m)), m.register_forward_hook(leave))]
         try:
-            with torch.no_grad(), watch:
-                self._loss(batch)
+            lowest = watch_precision(self.model, self._theta_dtype, lambda: self._loss(batch),
+                                     note=" (the finite-difference step is set for it)", stacklevel=4)
         except Exception:  # noqa: BLE001 - a loss that fails here fails the operator's checks, with their message
             return
         finally:
-            for h in handles:
-                h.remove()
             self._reshard()
-        if watch.found:
-            self.compute_dtype = min(watch.found.values(), key=lambda d: torch.finfo(d).bits)
-            where = _listing(sorted({f"{k} ({d})".replace("torch.", "") for k, d in watch.found.items()}))
-            warnings.warn(f"the model's parameters are {self._theta_dtype} but a forward pass computes parts in "
-                          f"lower precision: {where}. Products, and every spectrum from them, are accurate to "
-                          f"{self.compute_dtype} rounding only (the finite-difference step is set for it)",
-                          RuntimeWarning, stacklevel=3)
+        if lowest is not None:
+            self.compute_dtype = lowest
 
     def step_size(self, dtype: torch.dtype) -> float:
         """The central-difference step ``h = eps**(1/3) * max(1, rms(theta))`` along a unit direction.
