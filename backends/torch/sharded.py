@@ -19,6 +19,14 @@ or a plain tensor the plan left alone) is held in the vectors by the mesh's firs
 broadcasts its entries of each product column so that every rank steps its copy alike. The
 data's host sums (samples, losses, batches) are not summed over the ranks: they hold one data set.
 
+Both at once (2-D parallelism: ``parallelize_module`` over the ``tp`` axis of a 2-D ``(dp,
+tp)`` mesh, then ``fully_shard`` over its ``dp`` axis) is the two combined (:class:`_Split`):
+FSDP2 shards the tensor-parallel shards by rows (placements ``(_StridedShard(0), Shard(0))``
+for a column-wise layer, ``(Shard(0), Shard(1))`` for a row-wise one), still a box of the
+global tensor; what the plan leaves whole is FSDP2's ``Shard(0)`` over ``dp`` alone, held in
+the vectors by the first rank along ``tp``; the ranks along ``tp`` hold the same data, and
+the data's host sums run over the ranks along ``dp``.
+
 Products are central differences of the gradient that the model's own ``backward()``
 gives: FSDP2 all-gathers the parameters in the forward pass and reduce-scatters the
 gradients in the backward pass, so each rank receives its shard of the gradient of the
@@ -82,12 +90,14 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> bool:
+def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> str:
     """Raise, naming the fix, for what finite differences of sharded gradients cannot take.
 
     Returns:
-        Whether the model is tensor parallel (``parallelize_module`` on a 1-D mesh, no
-        ``fully_shard``) rather than sharded by FSDP2.
+        How the model is split: ``"fsdp"`` (``fully_shard`` on a 1-D mesh or a 2-D
+        ``(replicate, shard)`` one), ``"tp"`` (``parallelize_module`` on a 1-D mesh, no
+        ``fully_shard``) or ``"fsdp_tp"`` (tensor parallelism on one axis of a 2-D mesh,
+        ``fully_shard`` on the other).
     """
     if type(model).__name__ == "FullyShardedDataParallel":
         raise TypeError("the model is wrapped with the older FullyShardedDataParallel (FSDP1), whose flat "
@@ -95,7 +105,7 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> bool:
                         "torch.distributed.fsdp.fully_shard(module, mesh=...) on each block and on the root")
     DTensor = _dtensor_type()
     sharded = [(name, p) for name, p in named if isinstance(p, DTensor)]
-    managed = _fsdp_managed(model)
+    managed, fsdp_meshes = _fsdp_managed(model)
     parallel = managed is not None and not managed  # DTensors, and no fully_shard anywhere
     plain = [name for name, p in named if not isinstance(p, DTensor)]
     if plain and not parallel:
@@ -106,29 +116,36 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> bool:
     if foreign:
         raise ValueError(f"{', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''} are DTensors that "
                          "fully_shard does not manage (tensor parallel, parallelize_module or distribute_tensor) "
-                         "in a model that fully_shard shards: fully_shard together with tensor parallelism "
-                         "(an FSDP x TP mesh) is not supported; shard the model with fully_shard alone, on a 1-D "
-                         "mesh or a 2-D (replicate, shard) mesh (HSDP), or with tensor parallelism alone "
-                         "(parallelize_module on a 1-D mesh)")
+                         "in a model that fully_shard shards: call fully_shard on the root module too "
+                         "(fully_shard(model, mesh=dp_mesh)) so every parameter is sharded by it")
     if not sharded:
         raise ValueError("no trainable parameter is a DTensor: build the operator on the model before sharding it, "
                          "or leave some sharded parameters trainable")
-    mesh = sharded[0][1].device_mesh
-    if any(p.device_mesh != mesh for _, p in sharded):  # equal meshes may be distinct objects
+    meshes = {p.device_mesh for _, p in sharded}  # equal meshes may be distinct objects: compared by ==
+    kind = "tp" if parallel else "fsdp"
+    if not parallel and fsdp_meshes and any(m != next(iter(fsdp_meshes)) for m in list(meshes) + list(fsdp_meshes)):
+        kind = "fsdp_tp"  # fully_shard over one axis of the mesh of tensor-parallel parameters
+        _check_fsdp_tp(meshes, fsdp_meshes)
+    elif any(m != next(iter(meshes)) for m in meshes):
         raise ValueError("the parameters are sharded over different DeviceMeshes; shard every module on one mesh")
+    mesh = next(iter(meshes))
     if parallel and mesh.ndim != 1:
-        raise ValueError(f"the tensor-parallel parameters are distributed over a {mesh.ndim}-D DeviceMesh; "
-                         "specops takes tensor parallelism on a 1-D mesh (parallelize_module(model, "
-                         "init_device_mesh(device, (tp,)), plan)), every rank with the same data")
+        raise ValueError(f"the tensor-parallel parameters are distributed over a {mesh.ndim}-D DeviceMesh without "
+                         "fully_shard; specops takes tensor parallelism on a 1-D mesh (parallelize_module(model, "
+                         "init_device_mesh(device, (tp,)), plan), every rank with the same data), or on one axis of "
+                         "a 2-D (dp, tp) mesh with fully_shard on the other (fully_shard(model, mesh=mesh['dp']))")
     for name, p in sharded:
         kinds = [(type(q).__name__, getattr(q, "dim", None)) for q in p.placements]
         fsdp = kinds.count(("Shard", 0)) == 1 and all(k == ("Shard", 0) or k[0] == "Replicate" for k in kinds)
-        if not (fsdp or parallel and kinds[0][0] in ("Shard", "Replicate")):
+        both = kind == "fsdp_tp" and kinds[0] in (("Shard", 0), ("_StridedShard", 0)) and \
+            all(k[0] in ("Shard", "Replicate") for k in kinds[1:])
+        if not (fsdp or both or parallel and kinds[0][0] in ("Shard", "Replicate")):
             raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
                              "does (Shard(0) on one mesh dimension, Replicate() on any other: fully_shard on a "
-                             "1-D mesh or a 2-D (replicate, shard) mesh (HSDP)) or as tensor parallelism on a "
-                             "1-D mesh does (Shard(d) or Replicate()); FSDP x TP meshes and other placements are "
-                             "not supported: shard the model with one of those to compute its spectrum")
+                             "1-D mesh or a 2-D (replicate, shard) mesh (HSDP)), as tensor parallelism on a 1-D "
+                             "mesh does (Shard(d) or Replicate()), or as fully_shard over the first axis of a 2-D "
+                             "(dp, tp) mesh of tensor-parallel parameters does; other placements are not "
+                             "supported: shard the model with one of those to compute its spectrum")
     for name, p in named:
         if p.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"parameter {name!r} is {p.dtype}; finite differences need float32 or float64 "
@@ -143,20 +160,36 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> bool:
                              "gradients need float32 (a bf16 gradient rounds at 4e-3, far above the difference "
                              "of two nearby gradients). Build the operator on a model sharded without "
                              "mp_policy (or with param_dtype=torch.float32, reduce_dtype=torch.float32)")
-    return parallel
+    return kind
 
 
-def _fsdp_managed(model: nn.Module) -> set[int] | None:
-    """The ids of the sharded parameters that ``fully_shard`` manages (None where PyTorch hides them)."""
+def _check_fsdp_tp(meshes: set, fsdp_meshes: set) -> None:
+    """Raise unless the parameters lie on one 2-D mesh, and on fully_shard's 1-D mesh: one of its axes."""
+    wide = {m for m in meshes if m.ndim > 1}
+    dp = next(iter(fsdp_meshes))
+    if len(fsdp_meshes) != 1 or dp.ndim != 1 or len(wide) != 1 or next(iter(wide)).ndim != 2 or \
+            any(m != dp for m in meshes - wide):
+        raise ValueError("fully_shard and tensor parallelism are combined over meshes specops cannot split "
+                         f"(fully_shard over {sorted(m.ndim for m in fsdp_meshes)}-D meshes, parameters over "
+                         f"{sorted(m.ndim for m in meshes)}-D meshes); specops takes one 2-D (dp, tp) mesh: "
+                         "parallelize_module(model, mesh['tp'], plan), then fully_shard(module, mesh=mesh['dp']) "
+                         "on each block and on the root. HSDP with tensor parallelism (a 3-D mesh) is not supported")
+
+
+def _fsdp_managed(model: nn.Module) -> tuple[set[int] | None, set]:
+    """The ids of the sharded parameters that ``fully_shard`` manages (None where PyTorch hides them), and its meshes."""
     ids: set[int] = set()
+    meshes: set[Any] = set()
     for module in model.modules():
         state = getattr(module, "_get_fsdp_state", None)
         group = getattr(state(), "_fsdp_param_group", None) if callable(state) else None
         params = getattr(group, "fsdp_params", None) if group is not None else None
         if group is not None and params is None:
-            return None
+            return None, meshes
+        if group is not None:
+            meshes.add(group.mesh_info.mesh)
         ids.update(id(fp.sharded_param) for fp in params or [])
-    return ids
+    return ids, meshes
 
 
 def _is_copy(p: Any) -> bool:
@@ -172,6 +205,56 @@ def _mesh_group(mesh: Any) -> Any:
     if mesh.size() == torch.distributed.get_world_size():
         return torch.distributed.group.WORLD
     return mesh._flatten().get_group()  # a sub-mesh of the world: its ranks as one group
+
+
+class _Split:
+    """How a sharded model's ranks split its parameters and its data, from :func:`_check_model`'s kind.
+
+    Attributes:
+        kind: ``"fsdp"``, ``"tp"`` or ``"fsdp_tp"``.
+        mesh: the mesh of every rank (the 2-D ``(dp, tp)`` mesh for ``"fsdp_tp"``).
+        tp_dim: the tensor-parallel axis of ``mesh`` (None for ``"fsdp"``): its ranks hold the
+            same data and copies of every parameter it does not shard.
+        tp_comm: a communicator over this rank's ranks along ``tp_dim`` (None for ``"fsdp"``).
+        data_comm: the communicator the data's host sums (samples, losses, batches) are summed
+            over: every rank (``"fsdp"``), this rank alone (``"tp"``), the ranks along the
+            ``fully_shard`` axis (``"fsdp_tp"``).
+    """
+
+    def __init__(self, kind: str, named: list[tuple[str, Any]], comm: Comm, model: nn.Module) -> None:
+        self.kind = kind
+        meshes = [p.device_mesh for _, p in named if hasattr(p, "device_mesh")]
+        self.mesh = max(meshes, key=lambda m: m.ndim)
+        self.tp_dim: int | None = None
+        self.tp_comm: Comm | None = None
+        self.data_comm: Comm = comm
+        if kind == "tp":
+            self.tp_dim, self.tp_comm, self.data_comm = 0, comm, Comm()
+        elif kind == "fsdp_tp":
+            dp = next(iter(_fsdp_managed(model)[1]))
+            dp_ranks = sorted(int(r) for r in dp.mesh.flatten())
+            along = [sorted(torch.distributed.get_process_group_ranks(self.mesh.get_group(d))) for d in range(2)]
+            self.tp_dim = 1 - along.index(dp_ranks)
+            self.tp_comm = TorchComm(self.mesh.get_group(self.tp_dim))
+            self.data_comm = TorchComm(dp.get_group())
+
+    def shared(self, p: Any) -> bool:
+        """Whether every rank along the tensor-parallel axis holds a copy of ``p`` (not a shard of its own)."""
+        if self.tp_dim is None:
+            return False
+        if not hasattr(p, "device_mesh") or p.device_mesh.ndim < self.mesh.ndim:
+            return True  # a plain tensor the plan left alone, or fully_shard's shard of one
+        return type(p.placements[self.tp_dim]).__name__ == "Replicate"
+
+    def source(self) -> int:
+        """The global rank that holds the copies of this rank's tensor-parallel group (its first)."""
+        coordinate = list(self.mesh.get_coordinate())
+        coordinate[int(self.tp_dim or 0)] = 0
+        return int(self.mesh.mesh[tuple(coordinate)])
+
+    def first(self) -> bool:
+        """Whether this rank is the first along the tensor-parallel axis (it holds the copies' entries)."""
+        return self.tp_dim is not None and self.mesh.get_coordinate()[self.tp_dim] == 0
 
 
 def _local(p: Any) -> torch.Tensor:
@@ -209,17 +292,17 @@ def _rows(p: Any, start: int) -> list[range]:
 class _ProductsReduced(Comm):
     """``comm``, except that products are not summed: FSDP2's reduce-scatter has done it.
 
-    With ``replicated`` (tensor parallelism: every rank holds the same data) the data's host
-    sums (samples, losses, batches) are not summed either: each rank's are the whole's.
+    The data's host sums (samples, losses, batches) are summed over ``data`` (:attr:`_Split.
+    data_comm`): with tensor parallelism the ranks along its axis hold the same data, counted once.
     """
 
-    def __init__(self, comm: Comm, replicated: bool = False) -> None:
-        self.inner, self.replicated = comm, replicated
+    def __init__(self, comm: Comm, data: Comm) -> None:
+        self.inner, self.data = comm, data
         self.rank, self.size = comm.rank, comm.size
         self.local_rank, self.local_size = comm.local_rank, comm.local_size
 
     def allreduce_host(self, x: Any) -> Any:
-        return x if self.replicated else self.inner.allreduce_host(x)
+        return self.data.allreduce_host(x)
 
     def allreduce(self, X: Any, ops: Any) -> Any:
         return X
@@ -250,7 +333,8 @@ class FSDPAdapter(ModelAdapter):
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, comm: Comm, weights: Callable[[int], float],
-                 loss_form: str = "auto", wrt: Any = None, richardson: bool = False) -> None:
+                 loss_form: str = "auto", wrt: Any = None, richardson: bool = False,
+                 split: _Split | None = None) -> None:
         from .calls import _LossModule
         from .ops import TorchOps
         from .params import _resolve_params
@@ -260,35 +344,35 @@ class FSDPAdapter(ModelAdapter):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters: the Hessian would be empty")
-        self.parallel = _check_model(model, named)
+        kind = _check_model(model, named)
+        self.split = split if split is not None else _Split(kind, named, comm, model)
         self.engine = ("finite_difference: central differences of " +
-                       ("tensor-parallel gradients (backward)" if self.parallel else
-                        "FSDP2 gradients (backward + reduce-scatter)") +
+                       {"tp": "tensor-parallel gradients (backward)",
+                        "fsdp": "FSDP2 gradients (backward + reduce-scatter)",
+                        "fsdp_tp": "tensor-parallel FSDP2 gradients (backward + reduce-scatter)"}[kind] +
                        (", Richardson-extrapolated over the steps h and 2h" if richardson else ""))
-        mesh = next(p.device_mesh for _, p in named if hasattr(p, "device_mesh"))
         chosen = set(_resolve_params(model, wrt))
         named = [(name, p) for name, p in named if name in chosen]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.layout = ParamLayout(self.names, [tuple(p.shape) for p in self.params])
-        # tensor parallel: a parameter replicated over the ranks (Replicate(), or a plain tensor) is
-        # held in the vectors by the mesh's first rank; the others step their copy from its entries
-        self._shared = [self.parallel and all(type(q).__name__ == "Replicate" for q in getattr(p, "placements", ()))
-                        for p in self.params]
-        first = self.parallel and mesh.get_coordinate()[0] == 0
-        self._held = [not shared or first for shared in self._shared]
-        self._source, self._group = int(mesh.mesh.flatten()[0]), mesh.get_group() if mesh.ndim == 1 else None
+        # tensor parallel: a parameter the ranks along the tensor-parallel axis hold copies of (Replicate(),
+        # or a plain tensor) is held in the vectors by the axis's first rank; the others step their copy
+        # from its entries
+        self._shared = [self.split.shared(p) for p in self.params]
+        self._held = [not shared or self.split.first() for shared in self._shared]
         local = _local(self.params[0])
         vectors = comm if comm.size > 1 else Comm()  # one process: its reductions need no collective
         pieces = [r for name, p, held in zip(self.names, self.params, self._held) if held
                   for r in _rows(p, self.layout.blocks[name].start)]
         self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), vectors, self.layout.num_params,
-                                              pieces, owner=self.parallel or not _is_copy(self.params[0]))
+                                              pieces, owner=kind != "fsdp" or not _is_copy(self.params[0]))
         self.comm, self.weights = comm, weights
-        if self.parallel:
-            comm.agree([float(torch.sum(p.detach().double())) for p, shared in zip(self.params, self._shared)
-                        if shared], "the replicated parameters' sums",
-                       "with tensor parallelism the parameters outside parallelize_module's plan are copies on "
-                       "every rank: initialize the model with the same seed on every rank")
+        if self.split.tp_comm is not None:
+            copies = [float(torch.sum(_local(p).detach().double())) for p, shared in zip(self.params, self._shared)
+                      if shared]
+            self.split.tp_comm.agree(copies, "the replicated parameters' sums",
+                                     "with tensor parallelism the parameters outside parallelize_module's plan are "
+                                     "copies on every rank: initialize the model with the same seed on every rank")
         self._loss = _LossModule(model, loss_fn, self.loss_form, local.dtype)
         self._fsdp_modules = [m for m in model.modules() if hasattr(m, "reshard") and hasattr(m, "_get_fsdp_state")]
         self._fingerprint = self._layout_now()
@@ -342,14 +426,16 @@ class FSDPAdapter(ModelAdapter):
         for p, held in zip(self._locals(), self._held):
             out.append(v[at : at + p.numel()].view(p.shape) if held else None)
             at += p.numel() if held else 0
-        if any(self._shared) and self.comm.size > 1:
+        if any(self._shared) and self.split.tp_comm is not None and self.split.tp_comm.size > 1:
             shared = [i for i, s in enumerate(self._shared) if s]
-            sizes = [self.params[i].numel() for i in shared]
+            local = self._locals()
+            sizes = [local[i].numel() for i in shared]
             buffer = (torch.cat([out[i].reshape(-1) for i in shared]) if self._held[shared[0]]
                       else torch.empty(sum(sizes), dtype=v.dtype, device=v.device))
-            torch.distributed.broadcast(buffer, self._source, group=self._group)
+            group = self.split.mesh.get_group(self.split.tp_dim)
+            torch.distributed.broadcast(buffer, self.split.source(), group=group)
             for i, piece in zip(shared, torch.split(buffer, sizes)):
-                out[i] = piece.view(self.params[i].shape)
+                out[i] = piece.view(local[i].shape)
         return out
 
     def _saved_shards(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -451,9 +537,9 @@ class FSDPAdapter(ModelAdapter):
                 at += size
 
     def _scale_of(self, batch: Any) -> float:
-        # FSDP2 averages the ranks' gradients: scaled by size * weight, the average is the weighted sum;
-        # tensor parallel ranks share one batch, whose gradient each rank's backward gives whole
-        return (1 if self.parallel else self.comm.size) * self.weights(self.batch_size(batch))
+        # FSDP2 averages the gradients of the ranks along its axes: scaled by their number times the weight,
+        # the average is the weighted sum; tensor parallel ranks share one batch, whose gradient each gives whole
+        return self.split.data_comm.size * self.weights(self.batch_size(batch))
 
     def loss(self, batch: Any, delta: Any = None) -> float:
         """The batch's weighted loss (its share of the data loss; the operator's weights are 1)."""
@@ -512,7 +598,7 @@ class FSDPAdapter(ModelAdapter):
     def subset(self, names: list[str]) -> ModelAdapter:
         """The adapter of the named parameters: vectors sharded over their rows only."""
         return FSDPAdapter(self.model, self.loss_fn, self.comm, self.weights, self.loss_form, wrt=list(names),
-                           richardson=self.richardson)
+                           richardson=self.richardson, split=self.split)
 
     def as_params(self, v: torch.Tensor) -> dict[str, Any]:
         """``v`` (this rank's rows, (n_local,) or (n_local, k)) as DTensors with the parameters' placements.
@@ -522,6 +608,7 @@ class FSDPAdapter(ModelAdapter):
         tensor, the same on every rank (collective: every rank calls this together).
         """
         from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor.placement_types import _StridedShard
 
         columns = [self._direction(v)] if v.dim() == 1 else [self._direction(v[:, j]) for j in range(v.shape[1])]
         out = {}
@@ -533,7 +620,8 @@ class FSDPAdapter(ModelAdapter):
                 out[name] = DTensor.from_local(piece, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             else:
                 shape = (v.shape[1], *p.shape)  # PyTorch takes a global shape only with its stride
-                placements = [Shard(q.dim + 1) if isinstance(q, Shard) else q for q in p.placements]
+                placements = [_StridedShard(q.dim + 1, split_factor=q.split_factor) if isinstance(q, _StridedShard)
+                              else Shard(q.dim + 1) if isinstance(q, Shard) else q for q in p.placements]
                 out[name] = DTensor.from_local(piece, p.device_mesh, placements, shape=shape,
                                                stride=torch.empty(shape, device="meta").stride())
         return out
@@ -617,10 +705,12 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
 
     Args:
         model: a model wrapped with ``fully_shard`` on a 1-D ``DeviceMesh`` or a 2-D
-            ``(replicate, shard)`` one (HSDP), or split by ``parallelize_module`` on a 1-D mesh.
+            ``(replicate, shard)`` one (HSDP), split by ``parallelize_module`` on a 1-D mesh,
+            or both over the axes of a 2-D ``(dp, tp)`` mesh.
         loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``.
         data: this rank's batches (a batch ``(inputs, targets)`` or a list of them); every
-            rank passes the same number of batches (with tensor parallelism, the same batches).
+            rank passes the same number of batches (with tensor parallelism, the same batches
+            as the other ranks along its axis).
         reduction: ``"mean"`` (weighted by samples over all ranks) or ``"sum"``.
         comm: ``None`` (the model's mesh) or a communicator over the same ranks.
         check_deterministic: as in :func:`specops.backends.torch.hessian`.
@@ -635,7 +725,8 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
     Raises:
         TypeError: a model wrapped with the older ``FullyShardedDataParallel``.
         ValueError: a partly sharded model, a mixed-precision policy, placements other than
-            FSDP2's or tensor parallelism's on a 1-D mesh, a communicator of other ranks,
+            FSDP2's, tensor parallelism's on a 1-D mesh or both's on a 2-D mesh, a
+            communicator of other ranks,
             unequal numbers of batches (with tensor parallelism: different batches, or
             replicated parameters that differ), options that do not apply.
     """
@@ -650,16 +741,16 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
         raise ValueError(f"{', '.join(sorted(used))} do not apply to an FSDP2 model: its products are finite "
                          "differences of FSDP2's gradients; leave them out")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    parallel = _check_model(model, named)
+    kind = _check_model(model, named)
     if engine not in ("auto", "finite_difference"):
         raise ValueError(f"engine={engine!r} does not apply to " + (
             "a tensor-parallel model: double backward through its DTensors misses the second derivative through "
             "the collectives of a parallel layer's input (measured 36% wrong on a tensor-parallel Llama), so its "
             "products are finite differences of its gradients (engine='auto' or 'finite_difference')"
-            if parallel else "an FSDP2 model: FSDP2 offers no exact second derivative (its reduce-scatter is "
+            if kind == "tp" else "an FSDP2 model: FSDP2 offers no exact second derivative (its reduce-scatter is "
             "outside autograd), so its products are finite differences of its gradients (engine='auto' or "
             "'finite_difference')"))
-    mesh = next(p.device_mesh for _, p in named if hasattr(p, "device_mesh"))
+    mesh = max((p.device_mesh for _, p in named if hasattr(p, "device_mesh")), key=lambda m: m.ndim)
     group = _mesh_group(mesh)
     if comm is None:
         comm = TorchComm(group)
@@ -670,24 +761,27 @@ def hessian(model: nn.Module, loss_fn: Any, data: Any, *, reduction: str = "mean
                          "(the mesh's group) or a communicator over the mesh's ranks")
     batches = [data] if isinstance(data, (tuple, dict)) else list(data)
     sizes = [int((b[0] if isinstance(b, (tuple, list)) else next(iter(b.values()))).shape[0]) for b in batches]
-    if parallel:
-        comm.agree((sizes, _fingerprint(batches)), "the batches (sizes and sums)",
-                   "with tensor parallelism every rank computes on the same batches: pass every rank the same data")
-        total = sum(sizes)
-    else:
+    split = _Split(kind, named, comm, model)
+    if split.tp_comm is not None:
+        split.tp_comm.agree((sizes, _fingerprint(batches)), "the batches (sizes and sums)",
+                            "with tensor parallelism every rank computes on the same batches: pass every rank "
+                            "the same data" + (" (the same along the mesh's tensor-parallel axis)"
+                                               if kind == "fsdp_tp" else ""))
+    if kind != "tp":
         comm.agree(len(batches), "the number of batches",
                    "with FSDP2 every backward is collective: give every rank the same number of batches (their "
                    "sizes may differ)")
-        total = int(comm.allreduce_host(int(sum(sizes))))
+    total = int(split.data_comm.allreduce_host(int(sum(sizes))))
 
     def weight(size: int) -> float:
         return size / total if reduction == "mean" else 1.0
 
-    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt, richardson=richardson)
+    adapter = FSDPAdapter(model, loss_fn, comm, weight, loss_form=loss_form, wrt=wrt, richardson=richardson,
+                          split=split)
     if batches:
         adapter.check_precision(batches[0])
     return _ShardedModelOperator(adapter, batches if len(batches) > 1 else batches[0], reduction=reduction,
-                                 comm=_ProductsReduced(comm, replicated=parallel),
+                                 comm=_ProductsReduced(comm, split.data_comm),
                                  check_deterministic=check_deterministic)
 
 

@@ -7,8 +7,10 @@ holding the whole model and all the data (the unsharded backend, exact products)
 tensor parallelism (``parallelize_module`` on a 1-D mesh of the 4 ranks, every rank with
 all the data): column- and row-wise layers (placements ``Shard(0)``, ``Shard(1)`` and a
 replicated bias), and a plan that leaves a layer's parameters plain tensors; against one
-process the same way. Last the bad inputs, each caught and printed: fully_shard over a
-tensor-parallel 2-D (dp, tp) mesh, ranks with different data, plain parameters that differ.
+process the same way. Then the same plans on a (2, 2) (dp, tp) mesh with ``fully_shard`` over
+dp (``_StridedShard`` placements), each dp rank with its own data. Last the bad inputs, each
+caught and printed: ranks with different data (along the tensor-parallel axis), plain
+parameters that differ, fully_shard left off the root of a tensor-parallel model.
 """
 
 from __future__ import annotations
@@ -49,13 +51,26 @@ def tp_model(dtype, seed=0):
 PLAIN = {"0": ColwiseParallel(output_layouts=Replicate())}  # the second layer's parameters stay plain tensors
 
 
-def tensor_parallel(rank, mesh, plan):
-    """Tensor-parallel spectra, GGN products and data errors; rank 0 also one process's (every rank: all data)."""
+def fsdp_tp(model, mesh):
+    """``model`` split by tensor parallelism over the (dp, tp) mesh's second axis, fully_shard over its first."""
+    fully_shard(model[0], mesh=mesh["dp"])
+    return fully_shard(model, mesh=mesh["dp"])
+
+
+def tensor_parallel(rank, mesh, plan, both=None):
+    """Tensor-parallel spectra, GGN products and data errors; rank 0 also one process's (with all the data).
+
+    With ``both`` (a 2-D (dp, tp) mesh), the tensor-parallel model is also sharded by
+    ``fully_shard`` over the mesh's first axis, and the ranks along it hold different data.
+    """
     results = {}
     for name, dtype, layers in (("tp", torch.float64, plan), ("tp", torch.float32, plan),
                                 ("tp-plain", torch.float64, PLAIN)):
         batches = sum(data(dtype), [])
-        model = parallelize_module(tp_model(dtype), mesh, layers)
+        model = parallelize_module(tp_model(dtype), mesh if both is None else both["tp"], layers)
+        if both is not None:  # dp rank i holds the batches of ranks 2i and 2i + 1 (unequal sizes)
+            name, i = f"fsdp-{name}", both.get_coordinate()[0]
+            model, batches = fsdp_tp(model, both), sum(data(dtype)[2 * i : 2 * i + 2], [])
         H = st.hessian(model, F.cross_entropy, batches)
         got, top = spectra(H)
         got["engine"] = H.adapter.engine
@@ -67,13 +82,22 @@ def tensor_parallel(rank, mesh, plan):
         got["as_params"] = {k: str(getattr(t, "placements", "plain"))
                             for k, t in H.as_params(H.ops.random(H.shape[0], [0, 1], 5)).items()}
         got["local_rows"] = int(top.eigenvectors.shape[0])
+        block = H.as_params(top.eigenvectors)  # a block of 2: each Shard(d) becomes Shard(d + 1)
+        got["as_params_block"] = {k: str(getattr(t, "placements", "plain")) for k, t in block.items()}
+        got["as_params_full"] = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t).tolist()
+                                 for k, t in block.items()}
         results[f"{name}-{dtype}"] = got
-        if rank == 0:
+        if rank == 0:  # one process: the collective batches (with fully_shard, the dp ranks' i-th together)
+            halves = [sum(data(dtype)[2 * i : 2 * i + 2], []) for i in range(2)]
+            batches = (sum(data(dtype), []) if both is None else
+                       [tuple(torch.cat(parts) for parts in zip(a, b)) for a, b in zip(*halves)])
             H1 = st.hessian(tp_model(dtype), F.cross_entropy, batches)
             one, _ = spectra(H1)
             one["data_stderr"] = so.eigsh(H1, k=2, seed=0, data_error=True).data_stderr.tolist()
             G1 = st.ggn(tp_model(dtype), F.cross_entropy, batches)
             one["ggn"] = G1.ops.to_numpy(G1 @ G1.ops.random(G1.shape[0], [0], 5)[:, 0]).tolist()
+            one["eigenvectors"] = {k: t.tolist() for k, t in H1.as_params(so.eigsh(H1, k=2, seed=0, tol=1e-5)
+                                                                         .eigenvectors).items()}
             results[f"one-{name}-{dtype}"] = one
     return results
 
@@ -118,13 +142,17 @@ def main():
         "tp_seed": caught(lambda: st.hessian(parallelize_module(tp_model(torch.float64, seed=rank), tp, PLAIN), F.
                                              cross_entropy, sum(data(torch.float64), [])))}
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    results.update(tensor_parallel(rank, tp, plan, both=mesh))
 
-    def fsdp_tp():
-        model = parallelize_module(make_model(torch.float64), mesh["tp"], plan)
-        fully_shard(model, mesh=mesh["dp"])
-        return st.hessian(model, F.cross_entropy, data(torch.float64)[rank])
+    def root_left_out():
+        model = parallelize_module(tp_model(torch.float64), mesh["tp"], plan)
+        fully_shard(model[0], mesh=mesh["dp"])
+        return st.hessian(model, F.cross_entropy, sum(data(torch.float64)[:2], []))
 
-    results["caught"]["fsdp_tp"] = caught(fsdp_tp)
+    results["caught"]["fsdp_tp_root"] = caught(root_left_out)
+    results["caught"]["fsdp_tp_data"] = caught(lambda: st.hessian(  # different data along the tensor-parallel axis
+        fsdp_tp(parallelize_module(tp_model(torch.float64), mesh["tp"], plan), mesh), F.cross_entropy,
+        data(torch.float64)[rank]))
     with open(os.path.join(out, f"mesh-rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()

@@ -61,18 +61,28 @@ def test_replicas_hold_copies_of_the_shards(ranks, mesh):
 
 
 TP = [("tp", "torch.float64"), ("tp", "torch.float32"), ("tp-plain", "torch.float64")]
-TP_ROWS = {"tp": [33, 30, 30, 30], "tp-plain": [60, 21, 21, 21]}  # n = 123: rank 0 also holds the replicated rows
+FSDP_TP = [(f"fsdp-{name}", dtype) for name, dtype in TP]  # tensor parallel x fully_shard on a (dp, tp) mesh
+# n = 123: with tensor parallelism rank 0 also holds the replicated rows; on the (2, 2) mesh ranks 0 and 2
+# (tp coordinate 0) hold the dp shards of the tp-replicated rows
+TP_ROWS = {"tp": [33, 30, 30, 30], "tp-plain": [60, 21, 21, 21], "fsdp-tp": [35, 33, 28, 27],
+           "fsdp-tp-plain": [47, 21, 34, 21]}
 
 
-@pytest.mark.parametrize("name,dtype", TP)
+@pytest.mark.parametrize("name,dtype", TP + FSDP_TP)
 def test_tensor_parallel_matches_one_process(ranks, name, dtype):
-    """parallelize_module on 4 ranks (Shard(0), Shard(1), a replicated bias; or plain parameters) = one process."""
+    """parallelize_module on 4 ranks (Shard(0), Shard(1), a replicated bias; or plain parameters) = one process.
+
+    And the same plans on a (2, 2) (dp, tp) mesh with fully_shard over dp, each dp rank with
+    its own data: one process holds the dp ranks' i-th batches as one batch (the data errors
+    resample those collective batches).
+    """
     one, got = ranks[0][f"one-{name}-{dtype}"], ranks[0][f"{name}-{dtype}"]
     for key in ("eigenvalues", "hutchinson", "xtrace", "nodes", "weights", "product", "loss", "gradient",
                 "data_stderr", "ggn"):
         a, b = np.asarray(got[key]), np.asarray(one[key])
         assert np.abs(a - b).max() <= TOLERANCE[dtype] * np.abs(b).max(), key
-    assert got["engine"].startswith("finite_difference: central differences of tensor-parallel gradients")
+    assert got["engine"].startswith("finite_difference: central differences of tensor-parallel " +
+                                    ("FSDP2 gradients" if name.startswith("fsdp") else "gradients"))
     assert got["converged"] == one["converged"]
     assert [rank[f"{name}-{dtype}"]["local_rows"] for rank in ranks] == TP_ROWS[name]
     for rank in ranks[1:]:  # every rank holds the same host results
@@ -89,8 +99,29 @@ def test_tensor_parallel_vectors_have_the_parameters_placements(ranks):
     assert ranks[2]["tp-plain-torch.float64"]["as_params"]["2.weight"] == "plain"
 
 
+def test_fsdp_tp_vectors_have_the_parameters_placements(ranks):
+    """fully_shard over tensor parallelism: _StridedShard rows; a block's placements one axis on, its values right."""
+    got, one = ranks[1]["fsdp-tp-torch.float64"], ranks[0]["one-fsdp-tp-torch.float64"]
+    strided = "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert got["placements"] == {"0.weight": [strided, [12, 6]], "0.bias": [strided, [12]],
+                                 "2.weight": ["(Shard(dim=0), Shard(dim=1))", [3, 12]],
+                                 "2.bias": ["(Shard(dim=0), Replicate())", [3]]}
+    strided = "(_StridedShard(dim=1, sf=2), Shard(dim=1))"
+    assert got["as_params_block"] == {"0.weight": strided, "0.bias": strided,
+                                      "2.weight": "(Shard(dim=1), Shard(dim=2))", "2.bias": "(Shard(dim=1), Replicate())"}
+    assert ranks[3]["fsdp-tp-plain-torch.float64"]["as_params_block"]["2.weight"] == "(Shard(dim=1),)"
+    for name in ("fsdp-tp-torch.float64", "fsdp-tp-plain-torch.float64"):
+        full = ranks[0][name]["as_params_full"]  # the gathered top-2 eigenvectors, by parameter
+        assert all(rank[name]["as_params_full"] == full for rank in ranks[1:])
+        a = np.concatenate([np.reshape(full[k], (2, -1)) for k in one["eigenvectors"]], axis=1)
+        b = np.concatenate([np.reshape(v, (2, -1)) for v in ranks[0]["one-" + name]["eigenvectors"].values()], axis=1)
+        assert np.abs(a - np.sign(np.sum(a * b, axis=1))[:, None] * b).max() < 1e-8
+    assert len(one["eigenvectors"]) == 4
+
+
 @pytest.mark.parametrize("case,message", [
-    ("fsdp_tp", "FSDP x TP meshes and other placements are not supported"),
+    ("fsdp_tp_root", "call fully_shard on the root module too (fully_shard(model, mesh=dp_mesh))"),
+    ("fsdp_tp_data", "pass every rank the same data (the same along the mesh's tensor-parallel axis)"),
     ("tp_data", "with tensor parallelism every rank computes on the same batches: pass every rank the same data"),
     ("tp_exact", "double backward through its DTensors misses the second derivative through the collectives"),
     ("tp_seed", "initialize the model with the same seed on every rank"),
