@@ -15,9 +15,11 @@ parameters that differ, fully_shard left off the root of a tensor-parallel model
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -102,6 +104,36 @@ def tensor_parallel(rank, mesh, plan, both=None):
     return results
 
 
+def llama(rank, mesh):
+    """A Hugging Face Llama split by tensor parallelism over ``tp`` and fully_shard over ``dp``: loss, gradient, product.
+
+    Each dp rank holds two sequences as two batches; rank 0 also computes one process's exact
+    numbers on the collective batches (the dp ranks' ``i``-th sequences together).
+    """
+    from tp_llama_worker import CONFIG, loss_fn, make, plan
+
+    ids = torch.randint(0, CONFIG["vocab_size"], (4, 12), generator=torch.Generator().manual_seed(1))
+    model = parallelize_module(make(), mesh["tp"], plan(CONFIG["num_hidden_layers"]))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    i = mesh.get_coordinate()[0]
+
+    def numbers(H):
+        v = H.ops.random(H.shape[0], [0], 3, distribution="normal")[:, 0]
+        return dict(loss=H.loss_at(), gradient=gather(H.ops, H.gradient()).tolist(),
+                    product=gather(H.ops, H @ v).tolist(), rows=int(v.shape[0]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the float32 RMS norm's precision warning (tested in test_tp_llama.py)
+        results = {"fsdp_tp": numbers(st.hessian(model, loss_fn, [(ids[2 * i : 2 * i + 1],),
+                                                                  (ids[2 * i + 1 : 2 * i + 2],)]))}
+        if rank == 0:
+            batches = [(ids[0::2],), (ids[1::2],)]
+            results["one"] = numbers(st.hessian(make(), loss_fn, batches))
+    return results
+
+
 def caught(fn):
     try:
         fn()
@@ -143,6 +175,8 @@ def main():
                                              cross_entropy, sum(data(torch.float64), [])))}
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     results.update(tensor_parallel(rank, tp, plan, both=mesh))
+    if importlib.util.find_spec("transformers") is not None:
+        results["llama"] = llama(rank, mesh)
 
     def root_left_out():
         model = parallelize_module(tp_model(torch.float64), mesh["tp"], plan)
