@@ -28,6 +28,8 @@ from specops.lanczos import wanted
 MIN_BATCHES = 2
 #: Sub-batches that data given as fewer than MIN_BATCHES batches is split into.
 SUB_BATCHES = 8
+#: Probes whose per-batch forms a trace records at least, on data split into sub-batches.
+MIN_PROBES = 10
 
 
 def model_operator(A: Any, caller: str) -> Any:
@@ -95,6 +97,19 @@ def eigenvalue_stderr(forms: np.ndarray, weights: np.ndarray, sizes: np.ndarray,
     return _jackknife(np.array(t))
 
 
+def _anova(X: np.ndarray) -> tuple[float, float]:
+    """The column means' variance and the interaction's mean square of probe x batch forms (p, B)."""
+    p, B = X.shape
+    cols = X.mean(axis=0)
+    between = float(np.var(cols, ddof=1)) if B > 1 else 0.0
+    if p > 1 and B > 1:
+        resid = X - X.mean(axis=1, keepdims=True) - cols[None, :] + X.mean()
+        within = float(np.sum(resid ** 2) / ((p - 1) * (B - 1)))
+    else:
+        within = 0.0
+    return between, within
+
+
 def trace_stderr(diagonals: np.ndarray, weights: np.ndarray) -> float:
     """The data standard error of ``tr(H)`` from per-batch probe forms (probes x batches).
 
@@ -111,16 +126,28 @@ def trace_stderr(diagonals: np.ndarray, weights: np.ndarray) -> float:
         The standard error (0 when the batches' spread is below the probes' noise).
     """
     X = np.asarray(diagonals, dtype=np.float64)
-    p, B = X.shape
-    cols = X.mean(axis=0)
-    between = np.var(cols, ddof=1) if B > 1 else 0.0
-    if p > 1:
-        resid = X - X.mean(axis=1, keepdims=True) - cols[None, :] + X.mean()
-        within = float(np.sum(resid ** 2) / ((p - 1) * (B - 1)))
-    else:
-        within = 0.0
-    var_a = max(0.0, between - within / p)
+    between, within = _anova(X)
+    var_a = max(0.0, between - within / X.shape[0])
     return float(np.sqrt(var_a * np.sum(np.asarray(weights) ** 2)))
+
+
+def probes_pin_data_error(diagonals: np.ndarray) -> bool:
+    """Whether the per-batch forms of these probes pin the data error: more probes would change it little.
+
+    True from :data:`MIN_PROBES` probes on, once the probes' noise in the batches' means
+    (``var(e) / p``) is at most a quarter of their spread; the data error's own precision is
+    then set by the number of batches, not of probes. :func:`specops.trace` stops running
+    probes over sub-batches here (each product over sub-batches costs more than over the
+    whole batch).
+
+    Args:
+        diagonals: (p, B) forms of ``p`` random probes on every batch.
+    """
+    X = np.asarray(diagonals, dtype=np.float64)
+    if X.shape[0] < MIN_PROBES:
+        return False
+    between, within = _anova(X)
+    return within / X.shape[0] <= 0.25 * between
 
 
 def samples_needed(stderr: float, value: float, samples: int, fraction: float) -> int:

@@ -625,6 +625,11 @@ class ModelOperator(LinearOperator):
         op._whole = self
         return op
 
+    @property
+    def is_split(self) -> bool:
+        """Whether this operator is another's batches split into sub-batches (:meth:`split_batches`)."""
+        return self._whole is not None
+
     # --- checks -------------------------------------------------------------------
     @property
     def engine_check(self) -> Any:

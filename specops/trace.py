@@ -24,7 +24,7 @@ import numpy as np
 from specops.checks import engine_settings
 from specops import _checks
 from specops.data_error import model_operator as data_error_model
-from specops.data_error import trace_stderr
+from specops.data_error import MIN_PROBES, probes_pin_data_error, trace_stderr
 from specops.operator import LinearOperator, OperatorLike
 from specops.ops import Array, VectorOps
 from specops.progress import bar as progress_bar
@@ -200,6 +200,11 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
             for a model-backed operator whose data is several batches: a two-way analysis of
             variance of the probes' per-batch forms ``z^T H_b z`` (probes x batches), which
             the products already compute (:mod:`specops.data_error`; docs/algorithms.md).
+            Data given as one batch is split into sub-batches, where a product costs more:
+            there only the first probes run over the sub-batches, until their forms pin the
+            data error or a quarter of ``max_matvecs`` is spent (``settings["data_error"]``:
+            ``probes`` recorded, ``pinned`` whether they pinned it; Hutch++ records all of its
+            basis and deflated probes).
 
     Returns:
         :class:`TraceResult` with the estimate and its standard error.
@@ -228,8 +233,12 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
                     n=A.shape[0], backend=A.backend, **engine_settings(A))
     bar = progress_bar(progress, max_matvecs, "trace", comm=A)
     A = bar.track(A)
-    with model.recording_batches(DATA_ERROR_TAGS) if model is not None else contextlib.nullcontext() as forms:
-        mul = _checks.Products(A, forms, tag="probe")
+    split = model is not None and model.is_split and method != "hutch++"
+    wanted = {"probe"} if split else DATA_ERROR_TAGS  # over sub-batches: the plain probes' forms only
+    with model.recording_batches(wanted) if model is not None else contextlib.nullcontext() as forms:
+        mul: Any = _checks.Products(A, forms, tag="probe")
+        if split:
+            mul = _FewProbeForms(mul, forms, A.decide, max(MIN_PROBES, max_matvecs // 4))
         if method == "auto" and max_matvecs < 4:
             settings["estimator"] = "hutchinson"  # too few products for a sketch
         if method == "hutchinson" or settings.get("estimator") == "hutchinson":
@@ -243,9 +252,41 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
     if forms is not None:
         X = _per_batch_probes(forms)
         settings["data_error"] = dict(batches=int(len(forms.weights)), samples=int(np.sum(forms.sizes)),
-                                      probes=int(X.shape[0]), method="probes x batches analysis of variance")
+                                      probes=int(X.shape[0]), method="probes x batches analysis of variance",
+                                      pinned=bool(probes_pin_data_error(X)))
         result.data_stderr = trace_stderr(X, forms.weights)
     return result
+
+
+class _FewProbeForms:
+    """Products that record per-batch probe forms only until they pin the data error, or ``limit`` of them.
+
+    On data split into sub-batches for ``data_error`` (one batch given), a product over the
+    sub-batches costs more than one over the whole batch; the data error needs the forms of
+    a few probes only (:func:`specops.data_error.probes_pin_data_error`), and at most a quarter
+    of the budget's are recorded (the data error is then less precise than it could be).
+    Later probe products run over the whole batch (their label is no longer ``"probe"``);
+    the estimate uses every probe, the data error those recorded.
+    """
+
+    def __init__(self, mul: _checks.Products, forms: Any, decide: Callable[[bool], bool], limit: int) -> None:
+        self.mul, self.forms, self.decide, self.limit, self.pinned = mul, forms, decide, limit, False
+
+    @property
+    def count(self) -> int:
+        return self.mul.count
+
+    def __call__(self, V: Any, tag: str | None = None) -> Any:
+        if tag not in (None, "probe"):
+            return self.mul(V, tag)
+        if not self.pinned:
+            recorded = _per_batch_probes(self.forms)
+            need = MIN_PROBES - len(recorded)
+            if 0 < need < V.shape[1]:  # the first probes alone, then look again
+                ops = self.mul.A.ops
+                return ops.concat([self(V[:, :need]), self(V[:, need:])], axis=1)
+            self.pinned = self.decide(bool(len(recorded) >= self.limit or probes_pin_data_error(recorded)))
+        return self.mul(V, "probe, not recorded" if self.pinned else "probe")
 
 
 def _hutchpp(A, mul, m, seed, distribution, chunk_size, rtol):

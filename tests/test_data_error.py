@@ -96,9 +96,11 @@ def test_one_batch_is_split_into_sub_batches_as_the_data_given_in_batches(dtype,
     assert a.settings["data_error"]["batches"] == 8 and a.settings["data_error"]["samples"] == 20
     assert np.all(a.data_stderr > 0) and len(whole.batch_sizes) == 1  # the caller's operator is left as it was
     s, t = (so.trace(H, method="hutchinson", max_matvecs=12, data_error=True) for H in (whole, parts))
-    np.testing.assert_allclose([s.estimate, s.stderr, s.data_stderr], [t.estimate, t.stderr, t.data_stderr],
-                               rtol=100 * rtol)
-    assert s.data_stderr > 0
+    np.testing.assert_allclose([s.estimate, s.stderr], [t.estimate, t.stderr], rtol=100 * rtol)
+    q = s.settings["data_error"]["probes"]  # over sub-batches only the first probes' forms are recorded
+    first = so.trace(parts, method="hutchinson", max_matvecs=q, data_error=True)
+    np.testing.assert_allclose(s.data_stderr, first.data_stderr, rtol=100 * rtol)
+    assert q == 10 and first.settings["data_error"]["probes"] == q  # 10 probes at least, a quarter of 12 less
 
 
 def test_a_batch_whose_loss_is_no_mean_over_samples_is_not_split():
@@ -139,6 +141,13 @@ def test_a_split_batch_multiplies_over_sub_batches_only_where_forms_are_used(mon
     assert s.num_matvecs == 30 and sum(over_sub_batches) == 20  # the 10-column sketch ran over the whole batch
     np.testing.assert_allclose([s.estimate, s.stderr, s.data_stderr], [t.estimate, t.stderr, t.data_stderr],
                                rtol=1e-8)
+    for method in ("hutchinson", "xtrace"):  # the first 10 probes over sub-batches (a quarter of 40 products)
+        over_sub_batches.clear()
+        s, t = (so.trace(H, method=method, max_matvecs=40, data_error=True) for H in (whole, parts))
+        assert s.num_matvecs == 40 and sum(over_sub_batches) == 10 == s.settings["data_error"]["probes"]
+        np.testing.assert_allclose([s.estimate, s.stderr], [t.estimate, t.stderr], rtol=1e-8)
+        first = so.trace(parts, method="hutchinson", max_matvecs=10, data_error=True)  # XTrace's probes: the same
+        np.testing.assert_allclose(s.data_stderr, first.data_stderr, rtol=1e-8)
 
 
 def test_a_monte_carlo_fisher_is_not_split():
