@@ -59,6 +59,12 @@ def fsdp_tp(model, mesh):
     return fully_shard(model, mesh=mesh["dp"])
 
 
+def extra_curvatures(model, batches):
+    """The Monte-Carlo Fisher and the Hessian block of the first layer."""
+    return {"mc": st.fisher(model, F.cross_entropy, batches, estimator="mc", seed=3),
+            "block": st.hessian(model, F.cross_entropy, batches).restrict("0.*")}
+
+
 def tensor_parallel(rank, mesh, plan, both=None):
     """Tensor-parallel spectra, GGN products and data errors; rank 0 also one process's (with all the data).
 
@@ -88,7 +94,18 @@ def tensor_parallel(rank, mesh, plan, both=None):
         got["as_params_block"] = {k: str(getattr(t, "placements", "plain")) for k, t in block.items()}
         got["as_params_full"] = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t).tolist()
                                  for k, t in block.items()}
+        if name == "fsdp-tp" and dtype == torch.float64:  # the MC Fisher and a block, on the (dp, tp) mesh
+            for key, C in extra_curvatures(model, batches).items():
+                got[key] = gather(C.ops, C @ C.ops.random(C.shape[0], [0], 5)[:, 0]).tolist()
         results[f"{name}-{dtype}"] = got
+        if rank == 0 and name == "fsdp-tp" and dtype == torch.float64:  # MC labels: drawn per dp rank's batches
+            halves = [sum(data(dtype)[2 * i : 2 * i + 2], []) for i in range(2)]
+            sizes = [sum(int(b[0].shape[0]) for b in h) for h in halves]
+            parts = [extra_curvatures(tp_model(dtype), h) for h in halves]
+            for key in parts[0]:
+                C1 = (parts[0][key] * (sizes[0] / sum(sizes)) + parts[1][key] * (sizes[1] / sum(sizes))
+                      if key == "mc" else extra_curvatures(tp_model(dtype), sum(data(dtype), []))[key])
+                results[f"one-{key}"] = C1.ops.to_numpy(C1 @ C1.ops.random(C1.shape[0], [0], 5)[:, 0]).tolist()
         if rank == 0:  # one process: the collective batches (with fully_shard, the dp ranks' i-th together)
             halves = [sum(data(dtype)[2 * i : 2 * i + 2], []) for i in range(2)]
             batches = (sum(data(dtype), []) if both is None else

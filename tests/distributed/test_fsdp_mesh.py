@@ -99,6 +99,13 @@ def test_tensor_parallel_vectors_have_the_parameters_placements(ranks):
     assert ranks[2]["tp-plain-torch.float64"]["as_params"]["2.weight"] == "plain"
 
 
+@pytest.mark.parametrize("key", ["mc", "block"])
+def test_fsdp_tp_fisher_and_blocks_match_one_process(ranks, key):
+    """On the (dp, tp) mesh: the MC Fisher (labels drawn per dp rank's batches, the same along tp) and a block."""
+    a, b = np.asarray(ranks[0]["fsdp-tp-torch.float64"][key]), np.asarray(ranks[0][f"one-{key}"])
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-9 * np.abs(b).max()
+
+
 def test_fsdp_tp_vectors_have_the_parameters_placements(ranks):
     """fully_shard over tensor parallelism: _StridedShard rows; a block's placements one axis on, its values right."""
     got, one = ranks[1]["fsdp-tp-torch.float64"], ranks[0]["one-fsdp-tp-torch.float64"]
