@@ -33,6 +33,19 @@ def test_trace_analysis_of_variance_separates_batches_from_probes():
     assert abs(np.mean(est) / truth - 1) < 0.1, np.mean(est) / truth
 
 
+def test_probes_pin_the_data_error_once_their_noise_is_small_beside_the_batches_spread():
+    """From 10 probes on; pinned where the batches' spread dominates the probes' noise, not where it does not."""
+    from specops.data_error import probes_pin_data_error
+
+    rng = np.random.default_rng(2)
+    a, c = rng.standard_normal(8)[None, :], 5 * rng.standard_normal((10, 1))  # batch and probe effects
+    quiet, noisy = a + c + 0.3 * rng.standard_normal((10, 8)), a + c + 10 * rng.standard_normal((10, 8))
+    assert probes_pin_data_error(quiet) and not probes_pin_data_error(quiet[:9])
+    assert not probes_pin_data_error(noisy)
+    # the probe effect c (a probe's form on every batch alike) is no noise in the batches' means
+    assert probes_pin_data_error(a + 100 * c + 0.3 * rng.standard_normal((10, 8)))
+
+
 @pytest.fixture(scope="module")
 def digits_study():
     data_error = pytest.importorskip("data_error")
