@@ -186,8 +186,9 @@ def _fsdp_managed(model: nn.Module) -> tuple[set[int] | None, set]:
         params = getattr(group, "fsdp_params", None) if group is not None else None
         if group is not None and params is None:
             return None, meshes
-        if group is not None:
-            meshes.add(group.mesh_info.mesh)
+        mesh = getattr(getattr(group, "mesh_info", None), "mesh", None)
+        if mesh is not None:
+            meshes.add(mesh)
         ids.update(id(fp.sharded_param) for fp in params or [])
     return ids, meshes
 
