@@ -25,7 +25,8 @@ FSDP2 shards the tensor-parallel shards by rows (placements ``(_StridedShard(0),
 for a column-wise layer, ``(Shard(0), Shard(1))`` for a row-wise one), still a box of the
 global tensor; what the plan leaves whole is FSDP2's ``Shard(0)`` over ``dp`` alone, held in
 the vectors by the first rank along ``tp``; the ranks along ``tp`` hold the same data, and
-the data's host sums run over the ranks along ``dp``.
+the data's host sums run over the ranks along ``dp``. With HSDP over ``(replicate, shard)``
+axes instead of ``dp`` (a 3-D mesh) the replicas but the first hold copies, as above.
 
 Products are central differences of the gradient that the model's own ``backward()``
 gives: FSDP2 all-gathers the parameters in the forward pass and reduce-scatters the
@@ -137,8 +138,8 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> str:
     for name, p in sharded:
         kinds = [(type(q).__name__, getattr(q, "dim", None)) for q in p.placements]
         fsdp = kinds.count(("Shard", 0)) == 1 and all(k == ("Shard", 0) or k[0] == "Replicate" for k in kinds)
-        both = kind == "fsdp_tp" and kinds[0] in (("Shard", 0), ("_StridedShard", 0)) and \
-            all(k[0] in ("Shard", "Replicate") for k in kinds[1:])
+        both = kind == "fsdp_tp" and any(k in (("Shard", 0), ("_StridedShard", 0)) for k in kinds) and \
+            all(k[0] in ("Shard", "_StridedShard", "Replicate") for k in kinds)
         if not (fsdp or both or parallel and kinds[0][0] in ("Shard", "Replicate")):
             raise ValueError(f"parameter {name!r} has placements {p.placements}; specops shards vectors as FSDP2 "
                              "does (Shard(0) on one mesh dimension, Replicate() on any other: fully_shard on a "
@@ -164,16 +165,15 @@ def _check_model(model: nn.Module, named: list[tuple[str, Any]]) -> str:
 
 
 def _check_fsdp_tp(meshes: set, fsdp_meshes: set) -> None:
-    """Raise unless the parameters lie on one 2-D mesh, and on fully_shard's 1-D mesh: one of its axes."""
-    wide = {m for m in meshes if m.ndim > 1}
+    """Raise unless fully_shard's mesh (1-D, or HSDP's 2-D) is the parameters' mesh less one (tensor-parallel) axis."""
     dp = next(iter(fsdp_meshes))
-    if len(fsdp_meshes) != 1 or dp.ndim != 1 or len(wide) != 1 or next(iter(wide)).ndim != 2 or \
-            any(m != dp for m in meshes - wide):
+    wide = {m for m in meshes if m.ndim == dp.ndim + 1}
+    if len(fsdp_meshes) != 1 or dp.ndim > 2 or len(wide) != 1 or any(m != dp for m in meshes - wide):
         raise ValueError("fully_shard and tensor parallelism are combined over meshes specops cannot split "
                          f"(fully_shard over {sorted(m.ndim for m in fsdp_meshes)}-D meshes, parameters over "
-                         f"{sorted(m.ndim for m in meshes)}-D meshes); specops takes one 2-D (dp, tp) mesh: "
+                         f"{sorted(m.ndim for m in meshes)}-D meshes); specops takes one (dp, tp) mesh: "
                          "parallelize_module(model, mesh['tp'], plan), then fully_shard(module, mesh=mesh['dp']) "
-                         "on each block and on the root. HSDP with tensor parallelism (a 3-D mesh) is not supported")
+                         "on each block and on the root (or mesh=mesh['replicate', 'shard'] for HSDP)")
 
 
 def _fsdp_managed(model: nn.Module) -> tuple[set[int] | None, set]:
@@ -219,7 +219,9 @@ class _Split:
         tp_comm: a communicator over this rank's ranks along ``tp_dim`` (None for ``"fsdp"``).
         data_comm: the communicator the data's host sums (samples, losses, batches) are summed
             over: every rank (``"fsdp"``), this rank alone (``"tp"``), the ranks along the
-            ``fully_shard`` axis (``"fsdp_tp"``).
+            ``fully_shard`` axes (``"fsdp_tp"``).
+        replica: whether this rank holds copies of another rank's rows (HSDP: every replica
+            but the first), which every reduction counts once (``ShardedOps(owner=False)``).
     """
 
     def __init__(self, kind: str, named: list[tuple[str, Any]], comm: Comm, model: nn.Module) -> None:
@@ -229,15 +231,18 @@ class _Split:
         self.tp_dim: int | None = None
         self.tp_comm: Comm | None = None
         self.data_comm: Comm = comm
+        self.replica = kind == "fsdp" and _is_copy(next(p for _, p in named if hasattr(p, "device_mesh")))
         if kind == "tp":
             self.tp_dim, self.tp_comm, self.data_comm = 0, comm, Comm()
-        elif kind == "fsdp_tp":
+        elif kind == "fsdp_tp":  # fully_shard's mesh (1-D, or HSDP's 2-D) holds the ranks of one tp coordinate
             dp = next(iter(_fsdp_managed(model)[1]))
-            dp_ranks = sorted(int(r) for r in dp.mesh.flatten())
-            along = [sorted(torch.distributed.get_process_group_ranks(self.mesh.get_group(d))) for d in range(2)]
-            self.tp_dim = 1 - along.index(dp_ranks)
+            dp_ranks = {int(r) for r in dp.mesh.flatten()}
+            along = [set(torch.distributed.get_process_group_ranks(self.mesh.get_group(d)))
+                     for d in range(self.mesh.ndim)]
+            self.tp_dim = next((d for d, ranks in enumerate(along) if not ranks <= dp_ranks), self.mesh.ndim - 1)
             self.tp_comm = TorchComm(self.mesh.get_group(self.tp_dim))
-            self.data_comm = TorchComm(dp.get_group())
+            self.data_comm = TorchComm(_mesh_group(dp))
+            self.replica = dp.ndim == 2 and dp.get_coordinate()[0] != 0
 
     def shared(self, p: Any) -> bool:
         """Whether every rank along the tensor-parallel axis holds a copy of ``p`` (not a shard of its own)."""
@@ -366,7 +371,7 @@ class FSDPAdapter(ModelAdapter):
         pieces = [r for name, p, held in zip(self.names, self.params, self._held) if held
                   for r in _rows(p, self.layout.blocks[name].start)]
         self.ops = self._sharded = ShardedOps(TorchOps(local.dtype, local.device), vectors, self.layout.num_params,
-                                              pieces, owner=kind != "fsdp" or not _is_copy(self.params[0]))
+                                              pieces, owner=not self.split.replica)
         self.comm, self.weights = comm, weights
         if self.split.tp_comm is not None:
             copies = [float(torch.sum(_local(p).detach().double())) for p, shared in zip(self.params, self._shared)
