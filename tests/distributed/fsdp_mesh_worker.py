@@ -34,7 +34,7 @@ import specops as so
 from specops.backends import torch as st
 from specops.sharded import gather
 
-SIZES = ((11, 9), (7, 8), (12, 5), (6, 10))  # each rank's two batches: 37 + 15 + 17 + 16 samples
+SIZES = ((11, 9), (7, 8), (12, 5), (6, 10))  # each rank's two batches: 20 + 15 + 17 + 16 = 68 samples
 MESHES = {"2x2": (2, 2), "1x4": (1, 4), "4x1": (4, 1)}
 DTYPES = {"2x2": (torch.float64, torch.float32), "1x4": (torch.float64,), "4x1": (torch.float64,)}
 
@@ -81,7 +81,7 @@ def tensor_parallel(rank, mesh, plan, both=None):
             model, batches = fsdp_tp(model, both), sum(data(dtype)[2 * i : 2 * i + 2], [])
         H = st.hessian(model, F.cross_entropy, batches)
         got, top = spectra(H)
-        got["engine"] = H.adapter.engine
+        got["engine"], got["num_samples"] = H.adapter.engine, H.num_samples
         got["data_stderr"] = so.eigsh(H, k=2, seed=0, data_error=True).data_stderr.tolist()
         G = st.ggn(model, F.cross_entropy, batches)
         got["ggn"] = gather(G.ops, G @ G.ops.random(G.shape[0], [0], 5)[:, 0]).tolist()
@@ -112,6 +112,7 @@ def tensor_parallel(rank, mesh, plan, both=None):
                        [tuple(torch.cat(parts) for parts in zip(a, b)) for a, b in zip(*halves)])
             H1 = st.hessian(tp_model(dtype), F.cross_entropy, batches)
             one, _ = spectra(H1)
+            one["num_samples"] = H1.num_samples
             one["data_stderr"] = so.eigsh(H1, k=2, seed=0, data_error=True).data_stderr.tolist()
             G1 = st.ggn(tp_model(dtype), F.cross_entropy, batches)
             one["ggn"] = G1.ops.to_numpy(G1 @ G1.ops.random(G1.shape[0], [0], 5)[:, 0]).tolist()
