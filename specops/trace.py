@@ -5,6 +5,10 @@
   ``A`` exactly, Hutchinson on the rest.
 - XTrace (Epperly, Tropp & Webber 2024): every probe serves both as sketch and as
   Hutchinson probe, with a leave-one-out ("exchangeable") average.
+- Krylov Hutch++ (the block Krylov sketch of Chen & Hallman 2023's Krylov-aware
+  estimators, sized adaptively as in Persson, Cortinovis & Kressner 2022's A-Hutch++):
+  ``tr(Q^T A Q)`` of a block Krylov basis, whose products are the basis's own, grown while a
+  few pilot probes say a block pays for itself; Hutchinson outside it.
 - ``"auto"`` (the default): XTrace when a sketch of the operator captures most of it,
   Hutchinson when its spectrum is too flat for a sketch to pay (decided from the sketch's
   own products, which both estimators use; docs/algorithms.md).
@@ -33,7 +37,7 @@ from specops.random import Distribution, check_distribution, check_seed
 from specops.results import Result
 
 #: The trace estimators (``"auto"``: XTrace or Hutchinson, see :func:`trace`).
-TraceMethod = Literal["auto", "hutchinson", "hutch++", "xtrace"]
+TraceMethod = Literal["auto", "hutchinson", "hutch++", "xtrace", "krylov-hutch++"]
 METHODS: tuple[TraceMethod, ...] = get_args(TraceMethod)
 #: Probes taken before a relative-standard-error (``rtol``) stop is trusted.
 MIN_PROBES_FOR_RTOL = 10
@@ -44,7 +48,7 @@ AUTO_XTRACE_BELOW = 0.5
 #: Length-n vectors a sketch holds per probe (XTrace: ``Omega``, ``Y``, ``Q``, ``A Q`` and a
 #: temporary; Hutch++: ``Q``, ``A Q`` and a temporary), on top of two chunks of probes. The
 #: constants of the memory model (docs/scale.md, ``benchmarks/memory_model.py``).
-SKETCH_VECTORS = {"xtrace": 5, "hutch++": 3}
+SKETCH_VECTORS = {"xtrace": 5, "hutch++": 3, "krylov-hutch++": 2}
 
 
 def sketch_capacity(ops: VectorOps, n: int, chunk_size: int, method: str) -> int:
@@ -186,7 +190,9 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
     Args:
         A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
         method: ``"auto"`` (XTrace, or Hutchinson when the spectrum is too flat for a sketch
-            to pay), ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+            to pay), ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"krylov-hutch++"``
+            (a block Krylov basis sized from pilot probes, Hutchinson outside it: fewer
+            products than XTrace where a Hessian's top is low rank over a wide bulk).
         max_matvecs: the budget of products.
         rtol: stop early once ``stderr <= rtol * |estimate|`` (after at least 10 probes).
             XTrace then grows its sketch in rounds, keeping two vectors per probe.
@@ -233,7 +239,7 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
                     n=A.shape[0], backend=A.backend, **engine_settings(A))
     bar = progress_bar(progress, max_matvecs, "trace", comm=A)
     A = bar.track(A)
-    split = model is not None and model.is_split and method != "hutch++"
+    split = model is not None and model.is_split and method not in ("hutch++", "krylov-hutch++")
     wanted = {"probe"} if split else DATA_ERROR_TAGS  # over sub-batches: the plain probes' forms only
     with model.recording_batches(wanted) if model is not None else contextlib.nullcontext() as forms:
         mul: Any = _checks.Products(A, forms, tag="probe")
@@ -245,6 +251,9 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
             est, err = _mean_stderr(_hutchinson_samples(A, mul, max_matvecs, seed, distribution, "trace", chunk_size, rtol))
         elif method == "hutch++":
             est, err = _hutchpp(A, mul, max_matvecs, seed, distribution, chunk_size, rtol)
+        elif method == "krylov-hutch++":
+            est, err = _krylov_hutchpp(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings,
+                                       recorded=forms is not None)
         else:
             est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings)
     bar.close(trace=est, stderr=err)
@@ -308,6 +317,86 @@ def _hutchpp(A, mul, m, seed, distribution, chunk_size, rtol):
                                   offset=low_rank, project=deflate)
     est, err = _mean_stderr(samples)
     return low_rank + est, err
+
+
+def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, recorded):
+    """Hutch++ on a block Krylov basis grown while it pays (docs/algorithms.md).
+
+    ``p`` pilot probes ``z_i`` (stream ``"trace-pilot"``) and their products come first. The
+    basis starts at ``orth(Omega)`` (``b`` probes, stream ``"trace-sketch"``); each block's
+    products ``A Q_j`` give ``H = Q^T A Q`` and, orthogonalized against ``Q``, the next block:
+    one product per basis vector. After each block the pilots' deflated forms
+    ``(P z_i)^T A (P z_i)`` (``P = I - QQ^T``) follow from ``z_i``, ``A z_i``, ``Q`` and ``H``
+    alone, and their variance ``v`` predicts the rest's cost: with ``rtol`` the products to
+    reach it, ``used + v / (rtol |estimate|)^2``, otherwise the variance left at the budget,
+    ``v / (p + m - used)``. The basis grows while its latest half (at least two blocks, and
+    from the second block on: ``Omega`` alone captures nothing) has lowered that prediction. ``p`` is 10 (``m / 3`` for tiny budgets), ``m / 40`` up to 50 for large ones; the rest of the budget goes to
+    Hutchinson probes of ``P A P`` (stream ``"trace-rest"``, at least ``MIN_PROBES_FOR_RTOL``
+    before an ``rtol`` stop), whose forms with the pilots' give the estimate and standard error.
+    """
+    ops, n = A.ops, A.shape[0]
+    if m < 6:
+        raise ValueError(f"krylov-hutch++ needs max_matvecs >= 6 (pilots, a basis block, probes), got {m}")
+    p = max(min(MIN_PROBES_FOR_RTOL, m // 3), min(m // 40, 50))  # more pilots, steadier choices
+    b = max(1, min(chunk_size, (m - p) // 4, n))
+    capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - 2 * p  # the pilots and their products
+    settings.update(estimator="krylov-hutch++", pilots=p, block=b)
+    Zp = ops.random(n, range(p), seed, distribution=distribution, stream="trace-pilot")
+    AZp = ops.concat([mul(Zp[:, j:j + chunk_size], "pilot") for j in range(0, p, chunk_size)], axis=1)
+    zaz = _forms(ops, Zp, AZp)
+    Q, H = None, np.zeros((0, 0))
+    C, D = np.zeros((p, 0)), np.zeros((p, 0))          # Q^T z_i and Q^T A z_i, by rows
+    block, _ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution, stream="trace-sketch"))
+
+    def predicted(f):
+        used, v = mul.count, float(np.var(f, ddof=1))
+        if rtol is None:
+            return v / (p + m - used)
+        aim = (rtol * abs(np.trace(H) + np.mean(f))) ** 2
+        return used + v / max(aim, np.finfo(np.float64).tiny)
+
+    history, invariant = {0: predicted(zaz)}, False  # basis size -> predicted cost
+    while True:
+        AQ = ops.concat([mul(block[:, j:j + chunk_size], "basis") for j in range(0, block.shape[1], chunk_size)], axis=1)
+        Q = block if Q is None else ops.concat([Q, block], axis=1)
+        B = ops.to_numpy(ops.inner(Q, AQ))
+        k0, k = H.shape[0], Q.shape[1]
+        H2 = np.zeros((k, k))
+        H2[:k0, :k0], H2[:, k0:], H2[k0:, :k0] = H, B, B[:k0].T
+        H2[k0:, k0:] = (B[k0:] + B[k0:].T) / 2
+        H = H2
+        C = np.concatenate([C, ops.to_numpy(ops.inner(block, Zp)).T], axis=1)
+        D = np.concatenate([D, ops.to_numpy(ops.inner(block, AZp)).T], axis=1)
+        pilots = zaz - 2 * np.sum(C * D, axis=1) + np.einsum("ij,jk,ik->i", C, H, C)
+        if k >= n:  # Q spans everything: tr(Q^T A Q) is the trace
+            settings.update(krylov_basis=k)
+            return float(np.trace(H)), 0.0
+        show(A, trace=float(np.trace(H) + np.mean(pilots)), stderr=float(np.std(pilots, ddof=1) / np.sqrt(p)))
+        history[k] = predicted(pilots)
+        ref = max((j for j in history if j <= min(k / 2, k - 2 * b)), default=None)
+        paid = ref is None or history[k] < history[ref]
+        step = min(b, n - k, capacity - k)
+        if invariant or not A.decide(bool(paid and step > 0 and m - mul.count >= step + MIN_PROBES_FOR_RTOL)):
+            break
+        Y, _ = ops.orthogonalize(AQ, Q)
+        block, R = ops.orthonormalize(Y[:, :step])
+        # directions the block adds to working precision; fewer than its width: the Krylov space
+        # is (nearly) invariant, so it takes those, then stops growing
+        new = A.decide(np.abs(np.diag(R)) > 1e3 * np.finfo(ops.dtype).eps * max(np.max(np.abs(B)), np.finfo(float).tiny))
+        invariant = not np.all(new)
+        if not np.any(new):
+            break
+        block = block[:, np.flatnonzero(new)] if invariant else block
+    settings.update(krylov_basis=k)
+    low = float(np.trace(H))
+    # the pilots are the rest's first samples (its stream skips their columns); with data errors
+    # recorded, the rest takes its own MIN_PROBES_FOR_RTOL probes at least (the pilots' per-batch
+    # forms are not recorded)
+    first = () if recorded else pilots
+    rest = _hutchinson_samples(A, mul, len(first) + m - mul.count, seed, distribution, "trace-rest", chunk_size, rtol,
+                               offset=low, project=lambda Z: ops.orthogonalize(Z, Q)[0], first=first)
+    est, err = _mean_stderr(rest if len(first) else np.concatenate([pilots, rest]))
+    return low + est, err
 
 
 def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings):

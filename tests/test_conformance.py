@@ -139,7 +139,7 @@ def _errors_within_stderr(estimates, stderrs, truth):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "auto"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "krylov-hutch++", "auto"])
 def test_trace(backend, dtype, method):
     M, lam = case("small")
     M = M + 50 * np.eye(len(lam))  # a large mean diagonal: float32 stderr must not round to 0
@@ -224,7 +224,7 @@ SEEDS = range(20)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "auto"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "krylov-hutch++", "auto"])
 def test_trace_stderr_honest_on_a_large_diagonal(backend, dtype, method):
     M = large_diagonal(1000)  # n large enough that float32 rounding of z^T A z exceeds the spread
     A = native(M, backend, dtype)

@@ -150,10 +150,12 @@ def test_a_split_batch_multiplies_over_sub_batches_only_where_forms_are_used(mon
     np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-10)
     np.testing.assert_allclose(a.data_stderr, b.data_stderr, rtol=1e-8)
     over_sub_batches.clear()
-    s, t = (so.trace(H, method="hutch++", max_matvecs=30, data_error=True) for H in (whole, parts))
-    assert s.num_matvecs == 30 and sum(over_sub_batches) == 20  # the 10-column sketch ran over the whole batch
-    np.testing.assert_allclose([s.estimate, s.stderr, s.data_stderr], [t.estimate, t.stderr, t.data_stderr],
-                               rtol=1e-8)
+    for method in ("hutch++", "krylov-hutch++"):  # the sketch (the pilots): 10 columns over the whole batch
+        over_sub_batches.clear()
+        s, t = (so.trace(H, method=method, max_matvecs=30, data_error=True) for H in (whole, parts))
+        assert s.num_matvecs == 30 and sum(over_sub_batches) == 20
+        np.testing.assert_allclose([s.estimate, s.stderr, s.data_stderr], [t.estimate, t.stderr, t.data_stderr],
+                                   rtol=1e-8)
     for method in ("hutchinson", "xtrace"):  # the first 10 probes over sub-batches (a quarter of 40 products)
         over_sub_batches.clear()
         s, t = (so.trace(H, method=method, max_matvecs=40, data_error=True) for H in (whole, parts))
@@ -180,7 +182,7 @@ def test_a_monte_carlo_fisher_is_not_split():
     assert np.all(so.eigsh(batches, k=2, data_error=True).data_stderr > 0)  # as batches it is measured
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "krylov-hutch++"])
 def test_every_trace_method_reports_both_parts(method):
     H = _digits_hessian(6, 10)
     r = so.trace(H, method=method, max_matvecs=30, data_error=True)

@@ -124,7 +124,7 @@ def test_eigsh_warm_start_and_dense_path():
         _close(r[0], one[0], 1e-10)
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "auto"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace", "krylov-hutch++", "auto"])
 def test_trace_matches_one_process(method):
     A = _matrix()
 

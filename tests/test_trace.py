@@ -26,7 +26,7 @@ def runs(A, method, m, distribution="rademacher"):
     return np.array([r.estimate for r in res]), np.array([r.stderr for r in res]), res[0]
 
 
-@pytest.mark.parametrize("method", ["auto", "hutchinson", "hutch++", "xtrace"])
+@pytest.mark.parametrize("method", ["auto", "hutchinson", "hutch++", "xtrace", "krylov-hutch++"])
 @pytest.mark.parametrize("distribution", ["rademacher", "normal"])
 def test_unbiased_with_honest_stderr(indefinite, method, distribution):
     A, truth = indefinite
@@ -41,16 +41,17 @@ def test_unbiased_with_honest_stderr(indefinite, method, distribution):
 
 def test_hutchpp_and_xtrace_beat_hutchinson_on_decaying_spectrum(decaying):
     A, truth = decaying
-    errors = {m: np.mean(np.abs(runs(A, m, 30)[0] - truth)) for m in ("hutchinson", "hutch++", "xtrace")}
+    errors = {m: np.mean(np.abs(runs(A, m, 30)[0] - truth)) for m in ("hutchinson", "hutch++", "xtrace", "krylov-hutch++")}
     assert errors["hutch++"] < errors["hutchinson"] / 5
     assert errors["xtrace"] < errors["hutchinson"] / 5
+    assert errors["krylov-hutch++"] < errors["hutchinson"] / 5
 
 
 def test_exact_when_the_sketch_captures_the_range():
     rng = np.random.default_rng(0)
     B = rng.standard_normal((60, 4))
     A = B @ B.T
-    for method in ("hutch++", "xtrace", "auto"):
+    for method in ("hutch++", "xtrace", "krylov-hutch++", "auto"):
         r = so.trace(A, method=method, max_matvecs=30)
         assert r.estimate == pytest.approx(np.trace(A), rel=1e-10)
         assert r.stderr <= 1e-8 * np.trace(A)
@@ -62,8 +63,10 @@ def test_rtol_stops_early_and_meets_the_target(indefinite):
     assert 10 <= r.num_matvecs < 5000
     assert r.stderr <= 0.05 * abs(r.estimate)
     assert abs(r.estimate - truth) <= 5 * r.stderr
-    rp = so.trace(A, method="hutch++", max_matvecs=3000, rtol=0.05, seed=1)
-    assert rp.num_matvecs < 3000 and rp.stderr <= 0.05 * abs(rp.estimate)
+    for method in ("hutch++", "krylov-hutch++"):
+        rp = so.trace(A, method=method, max_matvecs=3000, rtol=0.05, seed=1)
+        assert rp.num_matvecs < 3000 and rp.stderr <= 0.05 * abs(rp.estimate)
+        assert abs(rp.estimate - truth) <= 5 * rp.stderr
 
 
 def test_same_seed_same_estimate_json_round_trip(indefinite):
@@ -82,6 +85,8 @@ def test_bad_arguments():
         so.trace(A, method="xtrace", max_matvecs=3)
     with pytest.raises(ValueError, match="max_matvecs >= 3"):
         so.trace(A, method="hutch++", max_matvecs=2)
+    with pytest.raises(ValueError, match="krylov-hutch\\+\\+ needs max_matvecs >= 6"):
+        so.trace(A, method="krylov-hutch++", max_matvecs=5)
     with pytest.raises(ValueError, match="rademacher, normal"):
         so.trace(A, distribution="uniform")
     with pytest.raises(ValueError, match="max_matvecs"):
@@ -122,9 +127,30 @@ def test_xtrace_grown_in_rounds_equals_one_shot_and_meets_rtol(decaying, method)
 
 def test_more_probes_than_dimensions_is_exact():
     A, lam = symmetric_with_spectrum(np.linspace(-1, 3, 12), seed=0)
-    for method in ("auto", "xtrace"):
+    for method in ("auto", "xtrace", "krylov-hutch++"):
         r = so.trace(A, method=method, max_matvecs=40)
         assert r.estimate == pytest.approx(lam.sum(), rel=1e-10) and r.stderr == 0.0 and r.num_matvecs <= 24
+
+
+def test_krylov_basis_grows_while_it_pays():
+    """Krylov Hutch++ sizes its basis from the pilots: it captures a fast-decaying spectrum
+    whole, stops after two blocks (Omega, then A Omega, which does not pay) on a flat one, and
+    keeps a few blocks for outliers over a flat bulk, where it is at least as accurate as XTrace."""
+    rng = np.random.default_rng(7)
+    spectra = {"fast": 0.8 ** np.arange(300), "flat": rng.uniform(0, 1, 300),
+               "outliers": np.concatenate([[40, 25, 20, 12], rng.normal(0, 0.05, 296)])}
+    basis = {}
+    for name, lam in spectra.items():
+        A, lam = symmetric_with_spectrum(lam, seed=8)
+        runs = [so.trace(A, method="krylov-hutch++", max_matvecs=120, seed=s) for s in range(30)]
+        assert all(r.num_matvecs == 120 and r.settings["pilots"] == 10 and r.settings["block"] == 10 for r in runs)
+        basis[name] = np.median([r.settings["krylov_basis"] for r in runs])
+        if name == "outliers":
+            mine = np.sqrt(np.mean([(r.estimate - lam.sum()) ** 2 for r in runs]))
+            theirs = np.sqrt(np.mean([(so.trace(A, method="xtrace", max_matvecs=120, seed=s).estimate - lam.sum()) ** 2
+                                      for s in range(30)]))
+            assert mine <= 1.1 * theirs, (mine, theirs)
+    assert basis["fast"] >= 80 and basis["flat"] == 20 and 20 <= basis["outliers"] <= 70, basis  # measured: 100, 20, 60
 
 
 def test_float32_sketch_at_working_precision_still_reports_an_honest_error():
@@ -196,7 +222,7 @@ def test_stderrs_are_calibrated(name):
     """RMS of error / stderr over 100 seeds near 1 for XTrace, Hutch++ and Hutchinson (the issue's
     band is 0.8-1.2 at 200 seeds; 100 seeds leave the RMS uncertain by about 10%)."""
     A, lam = symmetric_with_spectrum(CALIBRATION[name], seed=6)
-    for method in ("xtrace", "hutch++", "hutchinson"):
+    for method in ("xtrace", "hutch++", "hutchinson", "krylov-hutch++"):
         rms = _rms_z(A, lam.sum(), method, 48, range(100))
         assert 0.7 <= rms <= 1.3, (method, rms)
 
