@@ -328,34 +328,41 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
     one product per basis vector. After each block the pilots' deflated forms
     ``(P z_i)^T A (P z_i)`` (``P = I - QQ^T``) follow from ``z_i``, ``A z_i``, ``Q`` and ``H``
     alone, and their variance ``v`` predicts the rest's cost: with ``rtol`` the products to
-    reach it, ``used + v / (rtol |estimate|)^2``, otherwise the variance left at the budget,
-    ``v / (p + m - used)``. The basis grows while its latest half (at least two blocks, and
-    from the second block on: ``Omega`` alone captures nothing) has lowered that prediction. ``p`` is 10 (``m / 3`` for tiny budgets), ``m / 40`` up to 50 for large ones; the rest of the budget goes to
+    reach it, ``k + v / (rtol |estimate|)^2`` for a basis of ``k`` vectors, otherwise the
+    variance left at the budget, ``v / (m - k)``. The basis grows while its latest half (at least two blocks) has
+    lowered that prediction, judged from the third block on (``Omega`` alone captures
+    nothing, and one block of ``A Omega`` may capture too little to show in the pilots), every
+    prediction from the current pilots: 10 (``m / 3`` for tiny budgets), then one per 8 basis
+    vectors up to 50, drawn as the basis grows. The rest of the budget goes to
     Hutchinson probes of ``P A P`` (stream ``"trace-rest"``, at least ``MIN_PROBES_FOR_RTOL``
     before an ``rtol`` stop), whose forms with the pilots' give the estimate and standard error.
     """
     ops, n = A.ops, A.shape[0]
     if m < 6:
         raise ValueError(f"krylov-hutch++ needs max_matvecs >= 6 (pilots, a basis block, probes), got {m}")
-    p = max(min(MIN_PROBES_FOR_RTOL, m // 3), min(m // 40, 50))  # more pilots, steadier choices
+    p = min(MIN_PROBES_FOR_RTOL, m // 3)
     b = max(1, min(chunk_size, (m - p) // 4, n))
-    capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - 2 * p  # the pilots and their products
-    settings.update(estimator="krylov-hutch++", pilots=p, block=b)
-    Zp = ops.random(n, range(p), seed, distribution=distribution, stream="trace-pilot")
-    AZp = ops.concat([mul(Zp[:, j:j + chunk_size], "pilot") for j in range(0, p, chunk_size)], axis=1)
-    zaz = _forms(ops, Zp, AZp)
-    Q, H = None, np.zeros((0, 0))
-    C, D = np.zeros((p, 0)), np.zeros((p, 0))          # Q^T z_i and Q^T A z_i, by rows
+    settings.update(estimator="krylov-hutch++", block=b)
+    pilots = _Pilots(A, mul, seed, distribution, chunk_size)
+    pilots.add(p, None)
+    capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - 2 * MAX_PILOTS  # the pilots and their products
+    Q, H, sizes = None, np.zeros((0, 0)), [0]  # the basis's sizes so far
     block, _ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution, stream="trace-sketch"))
 
-    def predicted(f):
-        used, v = mul.count, float(np.var(f, ddof=1))
-        if rtol is None:
-            return v / (p + m - used)
-        aim = (rtol * abs(np.trace(H) + np.mean(f))) ** 2
-        return used + v / max(aim, np.finfo(np.float64).tiny)
+    def predicted(j):
+        """The rest's cost with the first ``j`` basis vectors, from the current pilots.
 
-    history, invariant = {0: predicted(zaz)}, False  # basis size -> predicted cost
+        Every product but the basis's is a sample of the rest (the pilots too): with ``rtol``
+        the products to reach it, ``j + max(v / aim, pilots)``; else the variance at the budget.
+        """
+        f = pilots.deflated(H, j)
+        v = float(np.var(f, ddof=1))
+        if rtol is None:
+            return v / (m - j)
+        aim = (rtol * abs(np.trace(H[:j, :j]) + np.mean(f))) ** 2
+        return j + max(v / max(aim, np.finfo(np.float64).tiny), len(f))
+
+    invariant = False
     while True:
         AQ = ops.concat([mul(block[:, j:j + chunk_size], "basis") for j in range(0, block.shape[1], chunk_size)], axis=1)
         Q = block if Q is None else ops.concat([Q, block], axis=1)
@@ -365,16 +372,17 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
         H2[:k0, :k0], H2[:, k0:], H2[k0:, :k0] = H, B, B[:k0].T
         H2[k0:, k0:] = (B[k0:] + B[k0:].T) / 2
         H = H2
-        C = np.concatenate([C, ops.to_numpy(ops.inner(block, Zp)).T], axis=1)
-        D = np.concatenate([D, ops.to_numpy(ops.inner(block, AZp)).T], axis=1)
-        pilots = zaz - 2 * np.sum(C * D, axis=1) + np.einsum("ij,jk,ik->i", C, H, C)
+        sizes.append(k)
         if k >= n:  # Q spans everything: tr(Q^T A Q) is the trace
-            settings.update(krylov_basis=k)
+            settings.update(krylov_basis=k, pilots=len(pilots.forms))
             return float(np.trace(H)), 0.0
-        show(A, trace=float(np.trace(H) + np.mean(pilots)), stderr=float(np.std(pilots, ddof=1) / np.sqrt(p)))
-        history[k] = predicted(pilots)
-        ref = max((j for j in history if j <= min(k / 2, k - 2 * b)), default=None)
-        paid = ref is None or history[k] < history[ref]
+        pilots.extend(block)
+        # more pilots as the basis grows (one per PILOT_EVERY basis vectors), for steadier choices
+        pilots.add(min(max(p, k // PILOT_EVERY), MAX_PILOTS, p + max(0, m - mul.count - b - MIN_PROBES_FOR_RTOL)), Q)
+        f = pilots.deflated(H, k)
+        show(A, trace=float(np.trace(H) + np.mean(f)), stderr=float(np.std(f, ddof=1) / np.sqrt(len(f))))
+        ref = max(j for j in sizes if j <= max(0, min(k / 2, k - 2 * b)))
+        paid = k < 3 * b or predicted(k) < predicted(ref)
         step = min(b, n - k, capacity - k)
         if invariant or not A.decide(bool(paid and step > 0 and m - mul.count >= step + MIN_PROBES_FOR_RTOL)):
             break
@@ -387,16 +395,63 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
         if not np.any(new):
             break
         block = block[:, np.flatnonzero(new)] if invariant else block
-    settings.update(krylov_basis=k)
+    f = pilots.deflated(H, k)
+    settings.update(krylov_basis=k, pilots=len(f))
     low = float(np.trace(H))
     # the pilots are the rest's first samples (its stream skips their columns); with data errors
     # recorded, the rest takes its own MIN_PROBES_FOR_RTOL probes at least (the pilots' per-batch
     # forms are not recorded)
-    first = () if recorded else pilots
+    first = () if recorded else f
     rest = _hutchinson_samples(A, mul, len(first) + m - mul.count, seed, distribution, "trace-rest", chunk_size, rtol,
                                offset=low, project=lambda Z: ops.orthogonalize(Z, Q)[0], first=first)
-    est, err = _mean_stderr(rest if len(first) else np.concatenate([pilots, rest]))
+    est, err = _mean_stderr(rest if len(first) else np.concatenate([f, rest]))
     return low + est, err
+
+
+#: Krylov Hutch++ keeps one pilot probe per this many basis vectors (at least 10), up to ``MAX_PILOTS``.
+PILOT_EVERY, MAX_PILOTS = 8, 50
+
+
+class _Pilots:
+    """Krylov Hutch++'s pilot probes ``z_i`` (stream ``"trace-pilot"``), independent of the basis.
+
+    It keeps ``z_i``, ``A z_i``, ``z_i^T A z_i`` and, by rows, ``Q^T z_i`` and ``Q^T A z_i``,
+    from which the deflated forms ``(P z_i)^T A (P z_i)`` with ``P = I - Q_j Q_j^T`` (the first
+    ``j`` basis vectors) follow without a product.
+    """
+
+    def __init__(self, A: LinearOperator, mul: Callable[..., Array], seed: int, distribution: Distribution,
+                 chunk_size: int) -> None:
+        self.ops, self.n, self.mul = A.ops, A.shape[0], mul
+        self.seed, self.distribution, self.chunk_size = seed, distribution, chunk_size
+        self.Z = self.AZ = None
+        self.forms, self.C, self.D = np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
+
+    def add(self, total: int, Q: Array | None) -> None:
+        """Draw pilots up to ``total`` (their products labelled ``"pilot"``: no data-error forms)."""
+        ops, start = self.ops, len(self.forms)
+        if total <= start:
+            return
+        Z = ops.random(self.n, range(start, total), self.seed, distribution=self.distribution, stream="trace-pilot")
+        AZ = ops.concat([self.mul(Z[:, j:j + self.chunk_size], "pilot") for j in range(0, Z.shape[1], self.chunk_size)],
+                        axis=1)
+        self.forms = np.concatenate([self.forms, _forms(ops, Z, AZ)])
+        k = 0 if Q is None else Q.shape[1]
+        C, D = (np.zeros((Z.shape[1], 0)),) * 2 if Q is None else (ops.to_numpy(ops.inner(Q, X)).T for X in (Z, AZ))
+        self.C, self.D = np.concatenate([self.C.reshape(start, k), C]), np.concatenate([self.D.reshape(start, k), D])
+        self.Z = Z if self.Z is None else ops.concat([self.Z, Z], axis=1)
+        self.AZ = AZ if self.AZ is None else ops.concat([self.AZ, AZ], axis=1)
+
+    def extend(self, block: Array) -> None:
+        """Take the basis's new ``block`` into ``Q^T z_i`` and ``Q^T A z_i``."""
+        ops = self.ops
+        self.C = np.concatenate([self.C, ops.to_numpy(ops.inner(block, self.Z)).T], axis=1)
+        self.D = np.concatenate([self.D, ops.to_numpy(ops.inner(block, self.AZ)).T], axis=1)
+
+    def deflated(self, H: np.ndarray, j: int) -> np.ndarray:
+        """``(P z_i)^T A (P z_i)`` for ``P = I - Q_j Q_j^T`` (``H = Q^T A Q``)."""
+        C, D = self.C[:, :j], self.D[:, :j]
+        return self.forms - 2 * np.sum(C * D, axis=1) + np.einsum("ij,jk,ik->i", C, H[:j, :j], C)
 
 
 def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings):
