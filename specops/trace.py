@@ -332,8 +332,9 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
     variance left at the budget, ``v / (m - k)``. The basis grows while its latest half (at least two blocks) has
     lowered that prediction, judged from the third block on (``Omega`` alone captures
     nothing, and one block of ``A Omega`` may capture too little to show in the pilots), every
-    prediction from the current pilots: 10 (``m / 3`` for tiny budgets), then one per 8 basis
-    vectors up to 50, drawn as the basis grows. The rest of the budget goes to
+    prediction from the current pilots: 10 (``m / 3`` for tiny budgets), more as the basis
+    grows (an eighth of the basis or of the samples the rest is expected to take, up to 50;
+    they are samples of the rest, so none is wasted where the rest takes as many). The rest of the budget goes to
     Hutchinson probes of ``P A P`` (stream ``"trace-rest"``, at least ``MIN_PROBES_FOR_RTOL``
     before an ``rtol`` stop), whose forms with the pilots' give the estimate and standard error.
     """
@@ -362,6 +363,21 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
         aim = (rtol * abs(np.trace(H[:j, :j]) + np.mean(f))) ** 2
         return j + max(v / max(aim, np.finfo(np.float64).tiny), len(f))
 
+    def more_pilots(j):
+        """Draw pilots up to an eighth of the rest's expected samples or of the basis (10 to 50).
+
+        The expected samples: ``v / aim`` with ``rtol``, else the products left.
+        """
+        f = pilots.deflated(H, j)
+        if rtol is None:
+            expected = m - j
+        else:
+            aim = (rtol * abs(np.trace(H[:j, :j]) + np.mean(f))) ** 2
+            expected = min(float(np.var(f, ddof=1)) / max(aim, np.finfo(np.float64).tiny), m)
+        want = A.decide(int(min(MAX_PILOTS, max(j, expected) // PILOT_EVERY)))
+        pilots.add(min(want, p + max(0, m - mul.count - b - MIN_PROBES_FOR_RTOL)), Q)
+
+    more_pilots(0)
     invariant = False
     while True:
         AQ = ops.concat([mul(block[:, j:j + chunk_size], "basis") for j in range(0, block.shape[1], chunk_size)], axis=1)
@@ -377,8 +393,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
             settings.update(krylov_basis=k, pilots=len(pilots.forms))
             return float(np.trace(H)), 0.0
         pilots.extend(block)
-        # more pilots as the basis grows (one per PILOT_EVERY basis vectors), for steadier choices
-        pilots.add(min(max(p, k // PILOT_EVERY), MAX_PILOTS, p + max(0, m - mul.count - b - MIN_PROBES_FOR_RTOL)), Q)
+        more_pilots(k)
         f = pilots.deflated(H, k)
         show(A, trace=float(np.trace(H) + np.mean(f)), stderr=float(np.std(f, ddof=1) / np.sqrt(len(f))))
         ref = max(j for j in sizes if j <= max(0, min(k / 2, k - 2 * b)))
@@ -408,7 +423,8 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
     return low + est, err
 
 
-#: Krylov Hutch++ keeps one pilot probe per this many basis vectors (at least 10), up to ``MAX_PILOTS``.
+#: Krylov Hutch++ keeps one pilot probe per this many basis vectors or expected samples of the
+#: rest (at least 10), up to ``MAX_PILOTS``.
 PILOT_EVERY, MAX_PILOTS = 8, 50
 
 
