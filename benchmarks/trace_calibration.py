@@ -4,12 +4,16 @@
    error gives 1) for XTrace, Hutch++ and Hutchinson at two budgets, on twelve 600 x 600
    spectra (``Q diag(lambda) Q^T``, one random ``Q``) and on the Hessian of the comparison
    benchmark's digits MLP (3,010 parameters, float64, its exact trace from the dense Hessian).
-2. ``--resnet SEED...``: ``trace(rtol=0.01)`` (the default estimator) on the ResNet-20 of
-   ``compare.py`` (16 digits images, float32, eval mode): products, estimate, stderr;
-   ``--reference M``: its reference trace, Hutch++ with ``M`` products (seed 1000).
+2. ``--resnet SEED...``: ``trace(rtol=0.01)`` (the default estimator, or ``--method``) on the
+   ResNet-20 of ``compare.py`` (16 digits images, float32, eval mode): products, estimate,
+   stderr; ``--reference M``: its reference trace, Hutch++ with ``M`` products (seed 1000).
+3. ``--krylov``: Krylov Hutch++ against XTrace on the twelve spectra: its RMS ``z``, its RMS
+   error over XTrace's (same budgets and seeds) and its basis; then, with ``rtol=0.01``
+   (``--rtol-seeds`` seeds), the products to the stop and the RMS ``z`` of both.
 
 Run: ``python benchmarks/trace_calibration.py --seeds 200`` (table; about 1 h on a loaded
-2-core machine for 200 seeds), ``python benchmarks/trace_calibration.py --resnet 0 1 2 3 4``.
+2-core machine for 200 seeds), ``python benchmarks/trace_calibration.py --resnet 0 1 2 3 4``,
+``python benchmarks/trace_calibration.py --krylov --seeds 100`` (about 10 min).
 Prints Markdown.
 """
 
@@ -114,17 +118,55 @@ def reference(args):
           f"({r.stderr / abs(r.estimate):.2%}), {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def _rms(x):
+    return float(np.sqrt(np.mean(np.square(x))))
+
+
+def krylov(args):
+    """Krylov Hutch++ against XTrace on the twelve spectra, at fixed budgets and with ``rtol=0.01``."""
+    from spectra import symmetric_with_spectrum
+
+    def runs(A, truth, method, seeds, **kw):
+        out = [specops.trace(A, method=method, seed=s, **kw) for s in seeds]
+        err = np.array([r.estimate - truth for r in out])
+        z = np.array([e / r.stderr if r.stderr > 0 else 0.0 for e, r in zip(err, out)])
+        return err, z, out
+
+    ops = {name: symmetric_with_spectrum(lam, seed=1) for name, lam in spectra().items()}
+    head = " | ".join(f"{m}: z | {m}: error / XTrace's" for m in args.budgets)
+    print(f"Krylov Hutch++ over {args.seeds} seeds\n\n| operator | {head} | basis |")
+    print("|---|" + "---|" * (2 * len(args.budgets) + 1))
+    for name, (A, lam) in ops.items():
+        cells, basis = [], []
+        for m in args.budgets:
+            err, z, out = runs(A, lam.sum(), "krylov-hutch++", range(args.seeds), max_matvecs=m)
+            xerr = runs(A, lam.sum(), "xtrace", range(args.seeds), max_matvecs=m)[0]
+            cells += [f"{_rms(z):.2f}", f"{_rms(err) / _rms(xerr):.2g}"]
+            basis.append(f"{np.median([r.settings['krylov_basis'] for r in out]):.0f}")
+        print(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(basis)} |", flush=True)
+    print(f"\nrtol=0.01, {args.rtol_seeds} seeds: median products and RMS z, XTrace / Krylov Hutch++\n")
+    print("| operator | products | RMS z |\n|---|---|---|")
+    for name, (A, lam) in ops.items():
+        got = [runs(A, lam.sum(), method, range(args.rtol_seeds), max_matvecs=3000, rtol=0.01)
+               for method in ("xtrace", "krylov-hutch++")]
+        products = " / ".join(f"{np.median([r.num_matvecs for r in out]):.0f}" for _, _, out in got)
+        print(f"| {name} | {products} | {_rms(got[0][1]):.2f} / {_rms(got[1][1]):.2f} |", flush=True)
+
+
 def resnet(args):
     from compare_problems import TRACE_RTOL
 
     H = resnet_hessian()
-    print(f"ResNet-20, 16 images, float32: trace(rtol={TRACE_RTOL}, max_matvecs=2000)\n")
+    print(f"ResNet-20, 16 images, float32: trace(method={args.method!r}, rtol={TRACE_RTOL}, max_matvecs=2000)\n")
     print("| seed | products | estimator | estimate | stderr | seconds |")
     print("|---:|---:|---|---:|---:|---:|")
     for seed in args.resnet:
         t0 = time.perf_counter()
-        r = specops.trace(H, max_matvecs=2000, rtol=TRACE_RTOL, seed=seed)
-        print(f"| {seed} | {r.num_matvecs} | {r.settings.get('estimator')} | {r.estimate:.1f} | "
+        r = specops.trace(H, method=args.method, max_matvecs=2000, rtol=TRACE_RTOL, seed=seed)
+        estimator = r.settings.get("estimator")
+        if estimator == "krylov-hutch++":
+            estimator += f" (basis {r.settings['krylov_basis']}, {r.settings['pilots']} pilots)"
+        print(f"| {seed} | {r.num_matvecs} | {estimator} | {r.estimate:.1f} | "
               f"{r.stderr:.1f} ({r.stderr / abs(r.estimate):.2%}) | {time.perf_counter() - t0:.0f} |", flush=True)
 
 
@@ -136,8 +178,13 @@ def main():
     ap.add_argument("--last", type=int, default=None)
     ap.add_argument("--resnet", type=int, nargs="*", help="seeds of trace(rtol=0.01) on the ResNet-20")
     ap.add_argument("--reference", type=int, help="products of a Hutch++ reference trace of the ResNet-20")
+    ap.add_argument("--method", default="auto", help="--resnet: the trace method")
+    ap.add_argument("--krylov", action="store_true", help="Krylov Hutch++ against XTrace on the twelve spectra")
+    ap.add_argument("--rtol-seeds", type=int, default=20, help="--krylov: seeds of the rtol=0.01 stops")
     args = ap.parse_args()
-    if args.reference:
+    if args.krylov:
+        krylov(args)
+    elif args.reference:
         reference(args)
     elif args.resnet is not None:
         resnet(args)

@@ -332,8 +332,8 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
     variance left at the budget, ``v / (m - k)``. The basis grows while its latest half (at least two blocks) has
     lowered that prediction, judged from the third block on (``Omega`` alone captures
     nothing, and one block of ``A Omega`` may capture too little to show in the pilots), every
-    prediction from the current pilots: 10 (``m / 3`` for tiny budgets), more as the basis
-    grows (an eighth of the basis or of the samples the rest is expected to take, up to 50;
+    prediction from the current pilots: 10 (``m / 3`` for tiny budgets), more from the third
+    block on (an eighth of the basis or of the samples the rest is expected to take, up to 50;
     they are samples of the rest, so none is wasted where the rest takes as many). The rest of the budget goes to
     Hutchinson probes of ``P A P`` (stream ``"trace-rest"``, at least ``MIN_PROBES_FOR_RTOL``
     before an ``rtol`` stop), whose forms with the pilots' give the estimate and standard error.
@@ -377,7 +377,6 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
         want = A.decide(int(min(MAX_PILOTS, max(j, expected) // PILOT_EVERY)))
         pilots.add(min(want, p + max(0, m - mul.count - b - MIN_PROBES_FOR_RTOL)), Q)
 
-    more_pilots(0)
     invariant = False
     while True:
         AQ = ops.concat([mul(block[:, j:j + chunk_size], "basis") for j in range(0, block.shape[1], chunk_size)], axis=1)
@@ -393,7 +392,8 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, r
             settings.update(krylov_basis=k, pilots=len(pilots.forms))
             return float(np.trace(H)), 0.0
         pilots.extend(block)
-        more_pilots(k)
+        if k >= 3 * b:  # before, the basis captures too little to tell what the rest will need
+            more_pilots(k)
         f = pilots.deflated(H, k)
         show(A, trace=float(np.trace(H) + np.mean(f)), stderr=float(np.std(f, ddof=1) / np.sqrt(len(f))))
         ref = max(j for j in sizes if j <= max(0, min(k / 2, k - 2 * b)))

@@ -143,7 +143,7 @@ def test_krylov_basis_grows_while_it_pays():
     for name, lam in spectra.items():
         A, lam = symmetric_with_spectrum(lam, seed=8)
         runs = [so.trace(A, method="krylov-hutch++", max_matvecs=120, seed=s) for s in range(30)]
-        assert all(r.num_matvecs == 120 and r.settings["pilots"] == 15 and r.settings["block"] == 10 for r in runs)
+        assert all(r.num_matvecs == 120 and 10 <= r.settings["pilots"] <= 15 and r.settings["block"] == 10 for r in runs)
         basis[name] = np.median([r.settings["krylov_basis"] for r in runs])
         if name == "outliers":
             mine = np.sqrt(np.mean([(r.estimate - lam.sum()) ** 2 for r in runs]))
