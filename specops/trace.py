@@ -349,7 +349,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
     settings.update(estimator="krylov-hutch++", block=b)
     pilots = _Pilots(A, mul, seed, distribution, chunk_size)
     pilots.add(p, None)
-    capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - 2 * MAX_PILOTS  # the pilots and their products
+    capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - MAX_PILOTS  # the pilots and their products
     Q, H, sizes = None, np.zeros((0, 0)), [0]  # the basis's sizes so far
     block, _ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution, stream="trace-sketch"))
 

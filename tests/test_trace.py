@@ -201,6 +201,20 @@ def test_a_sketch_too_large_for_memory(monkeypatch, decaying):
     assert abs(r.estimate - truth) < 5 * r.stderr
 
 
+def test_krylov_basis_stops_where_memory_ends(monkeypatch, decaying):
+    """Krylov Hutch++'s basis (two vectors per basis vector, and the pilots) stops growing at half
+    the free memory; the estimate stays unbiased with an honest stderr."""
+    from specops.trace import MAX_PILOTS, SKETCH_VECTORS
+
+    A, truth = decaying
+    _room_for(monkeypatch, A.shape[0], SKETCH_VECTORS["krylov-hutch++"] * (20 + MAX_PILOTS) + 2 * 10)  # room for 20
+    runs = [so.trace(A, method="krylov-hutch++", max_matvecs=100, seed=s) for s in range(40)]
+    assert max(r.settings["krylov_basis"] for r in runs) == 20
+    errors = np.array([r.estimate - truth for r in runs])
+    assert abs(errors.mean()) < 4 * errors.std() / np.sqrt(len(errors))
+    assert 0.6 < np.median([r.stderr for r in runs]) / errors.std() < 1.6
+
+
 CALIBRATION = {  # small dense operators of the calibration table's kinds (docs/algorithms.md)
     "i^-2": 1.0 / np.arange(1, 121) ** 2,
     "1/i": 1.0 / np.arange(1, 121),
