@@ -262,9 +262,10 @@ def main():
                         help="the time of data errors on a CIFAR ResNet-8, as 8 batches and as one batch split")
     parser.add_argument("--repeats", type=int, default=3, help="--cost: interleaved repeats")
     parser.add_argument("--layouts", nargs="+", choices=("batches", "one"), help="--cost: these data layouts only")
+    parser.add_argument("--trace-products", type=int, default=30, help="--cost: the trace's max_matvecs")
     args = parser.parse_args()
     if args.cost:
-        print(json.dumps(cost(args.repeats, layouts=args.layouts), indent=1))
+        print(json.dumps(cost(args.repeats, layouts=args.layouts, trace_products=args.trace_products), indent=1))
         return
     if args.replot:
         with open(args.replot) as f:

@@ -350,7 +350,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
     pilots = _Pilots(A, mul, seed, distribution, chunk_size)
     pilots.add(p, None)
     capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - MAX_PILOTS  # the pilots and their products
-    Q, H, sizes = None, np.zeros((0, 0)), [0]  # the basis's sizes so far
+    basis, Q, H, sizes = _Basis(ops, n), None, np.zeros((0, 0)), [0]  # Q: the basis's columns in use
     block, _ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution, stream="trace-sketch"))
 
     def predicted(j):
@@ -383,9 +383,12 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
     invariant = False
     while True:
         AQ = ops.concat([mul(block[:, j:j + chunk_size], "basis") for j in range(0, block.shape[1], chunk_size)], axis=1)
-        Q = block if Q is None else ops.concat([Q, block], axis=1)
-        B = ops.to_numpy(ops.inner(Q, AQ))
-        k0, k = H.shape[0], Q.shape[1]
+        basis.append(block)
+        k0, k = H.shape[0], basis.size
+        Q = basis.view()
+        # one pass over the basis: AQ orthogonalized against it gives the next block, and the
+        # coefficients removed are Q^T A Q's new columns (the last block's Y goes unused)
+        Y, B = ops.orthogonalize(AQ, basis.Q, columns=k, recent=min(k, 2 * b))
         H2 = np.zeros((k, k))
         H2[:k0, :k0], H2[:, k0:], H2[k0:, :k0] = H, B, B[:k0].T
         H2[k0:, k0:] = (B[k0:] + B[k0:].T) / 2
@@ -404,7 +407,6 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
         step = min(b, n - k, capacity - k)
         if invariant or not A.decide(bool(paid and step > 0 and m - mul.count >= step + MIN_PROBES_FOR_RTOL)):
             break
-        Y, _ = ops.orthogonalize(AQ, Q)
         block, R = ops.orthonormalize(Y[:, :step])
         # directions the block adds to working precision; fewer than its width: the Krylov space
         # is (nearly) invariant, so it takes those, then stops growing
@@ -421,10 +423,29 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
     # forms, understated its error (RMS z 1.5-1.9 at rtol=0.01 on three of the twelve spectra), and
     # the data error needs recorded forms (the pilots' are not)
     rest = _hutchinson_samples(A, mul, len(f) + m - mul.count, seed, distribution, "trace-rest", chunk_size, rtol,
-                               offset=low, project=lambda Z: ops.orthogonalize(Z, Q)[0], first=f,
+                               offset=low, project=lambda Z: ops.orthogonalize(Z, basis.Q, columns=k)[0], first=f,
                                fresh=MIN_PROBES_FOR_RTOL)
     est, err = _mean_stderr(rest)
     return low + est, err
+
+
+class _Basis:
+    """Orthonormal columns in a buffer that doubles when full (not copied at every block)."""
+
+    def __init__(self, ops: VectorOps, n: int) -> None:
+        self.ops, self.n, self.size = ops, n, 0
+        self.Q: Array = ops.buffer((n, 0))
+
+    def append(self, block: Array) -> None:
+        ops, k, w = self.ops, self.size, block.shape[1]
+        if k + w > self.Q.shape[1]:
+            grown = ops.buffer((self.n, min(self.n, max(2 * (k + w), 8 * w))))
+            self.Q = ops.write_block(grown, 0, self.Q[:, :k]) if k else grown
+        self.Q = ops.write_block(self.Q, k, block)
+        self.size = k + w
+
+    def view(self) -> Array:
+        return self.Q[:, :self.size]
 
 
 #: Krylov Hutch++ keeps one pilot probe per this many basis vectors or expected samples of the
