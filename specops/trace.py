@@ -46,9 +46,11 @@ MIN_PROBES_FOR_RTOL = 10
 AUTO_XTRACE_BELOW = 0.5
 
 #: Length-n vectors a sketch holds per probe (XTrace: ``Omega``, ``Y``, ``Q``, ``A Q`` and a
-#: temporary; Hutch++: ``Q``, ``A Q`` and a temporary), on top of two chunks of probes. The
-#: constants of the memory model (docs/scale.md, ``benchmarks/memory_model.py``).
-SKETCH_VECTORS = {"xtrace": 5, "hutch++": 3, "krylov-hutch++": 2}
+#: temporary; Hutch++: ``Q``, ``A Q`` and a temporary; Krylov Hutch++: its basis buffer, which
+#: doubles when full, and the old one while it is copied, per basis vector or pilot), on top of
+#: two chunks of probes. The constants of the memory model (docs/scale.md,
+#: ``benchmarks/memory_model.py``).
+SKETCH_VECTORS = {"xtrace": 5, "hutch++": 3, "krylov-hutch++": 3}
 
 
 def sketch_capacity(ops: VectorOps, n: int, chunk_size: int, method: str) -> int:
