@@ -163,7 +163,7 @@ def resnet(args):
     for seed in args.resnet:
         t0 = time.perf_counter()
         r = specops.trace(H, method=args.method, max_matvecs=2000, rtol=TRACE_RTOL, seed=seed)
-        estimator = r.settings.get("estimator")
+        estimator = r.settings.get("estimator") or args.method
         if estimator == "krylov-hutch++":
             estimator += f" (basis {r.settings['krylov_basis']}, {r.settings['pilots']} pilots)"
         print(f"| {seed} | {r.num_matvecs} | {estimator} | {r.estimate:.1f} | "

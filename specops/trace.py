@@ -407,7 +407,8 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
         ref = max(j for j in sizes if j <= max(0, min(k / 2, k - 2 * b)))
         paid = k < 3 * b or predicted(k) < predicted(ref)
         step = min(b, n - k, capacity - k)
-        if invariant or not A.decide(bool(paid and step > 0 and m - mul.count >= step + MIN_PROBES_FOR_RTOL)):
+        room = m - mul.count >= step + min(MIN_PROBES_FOR_RTOL, m // 4)  # products left for the rest
+        if invariant or not A.decide(bool(paid and step > 0 and room)):
             break
         block, R = ops.orthonormalize(Y[:, :step])
         # directions the block adds to working precision; fewer than its width: the Krylov space

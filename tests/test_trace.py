@@ -130,6 +130,8 @@ def test_more_probes_than_dimensions_is_exact():
     for method in ("auto", "xtrace", "krylov-hutch++"):
         r = so.trace(A, method=method, max_matvecs=40)
         assert r.estimate == pytest.approx(lam.sum(), rel=1e-10) and r.stderr == 0.0 and r.num_matvecs <= 24
+    tiny = so.trace(np.diag([1.0, 2.0, 3.0]), method="krylov-hutch++", max_matvecs=10)  # a budget of 10 spans it
+    assert tiny.estimate == pytest.approx(6.0, rel=1e-12) and tiny.stderr == 0.0 and tiny.num_matvecs == 6
 
 
 def test_krylov_basis_grows_while_it_pays():
