@@ -355,6 +355,11 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
     basis, Q, H, sizes = _Basis(ops, n), None, np.zeros((0, 0)), [0]  # Q: the basis's columns in use
     block, _ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution, stream="trace-sketch"))
 
+    def to_rtol(j, f):
+        """Samples of the rest that reach ``rtol`` with the first ``j`` basis vectors (pilot forms ``f``)."""
+        aim = (rtol * abs(np.trace(H[:j, :j]) + np.mean(f))) ** 2
+        return float(np.var(f, ddof=1)) / max(aim, np.finfo(np.float64).tiny)
+
     def predicted(j):
         """The rest's cost with the first ``j`` basis vectors, from the current pilots.
 
@@ -362,23 +367,16 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
         the products to reach it, ``j + max(v / aim, pilots)``; else the variance at the budget.
         """
         f = pilots.deflated(H, j)
-        v = float(np.var(f, ddof=1))
         if rtol is None:
-            return v / (m - j)
-        aim = (rtol * abs(np.trace(H[:j, :j]) + np.mean(f))) ** 2
-        return j + max(v / max(aim, np.finfo(np.float64).tiny), len(f))
+            return float(np.var(f, ddof=1)) / (m - j)
+        return j + max(to_rtol(j, f), len(f))
 
     def more_pilots(j):
         """Draw pilots up to an eighth of the rest's expected samples or of the basis (10 to 50).
 
         The expected samples: ``v / aim`` with ``rtol``, else the products left.
         """
-        f = pilots.deflated(H, j)
-        if rtol is None:
-            expected = m - j
-        else:
-            aim = (rtol * abs(np.trace(H[:j, :j]) + np.mean(f))) ** 2
-            expected = min(float(np.var(f, ddof=1)) / max(aim, np.finfo(np.float64).tiny), m)
+        expected = m - j if rtol is None else min(to_rtol(j, pilots.deflated(H, j)), m)
         want = A.decide(int(min(MAX_PILOTS, max(j, expected) // PILOT_EVERY)))
         pilots.add(min(want, p + max(0, m - mul.count - b - MIN_PROBES_FOR_RTOL)), Q)
 
