@@ -44,6 +44,10 @@ MIN_PROBES_FOR_RTOL = 10
 #: ``"auto"`` keeps XTrace when the leave-one-out sketch leaves less than this share of
 #: ``||A Omega||_F^2``: below it XTrace's variance bound beats Hutchinson's with the same budget.
 AUTO_XTRACE_BELOW = 0.5
+#: ``"auto"`` with ``rtol`` and at least this budget goes on with Krylov Hutch++ where it would
+#: keep XTrace (below it, three basis blocks, pilots and ten probes of the rest crowd the
+#: budget; docs/algorithms.md).
+AUTO_KRYLOV_FROM = 100
 
 #: Length-n vectors a sketch holds per probe (XTrace: ``Omega``, ``Y``, ``Q``, ``A Q`` and a
 #: temporary; Hutch++: ``Q``, ``A Q`` and a temporary; Krylov Hutch++: its basis buffer, which
@@ -259,7 +263,10 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
         elif method == "krylov-hutch++":
             est, err = _krylov_hutchpp(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings)
         else:
-            est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings)
+            # "auto" with rtol: a sketch that pays hands over to Krylov Hutch++ (not on data split
+            # into sub-batches for data_error, where each of its products would run over them)
+            krylov = method == "auto" and rtol is not None and max_matvecs >= AUTO_KRYLOV_FROM and not split
+            est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings, krylov)
     bar.close(trace=est, stderr=err)
     result = TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
     if forms is not None:
@@ -323,11 +330,12 @@ def _hutchpp(A, mul, m, seed, distribution, chunk_size, rtol):
     return low_rank + est, err
 
 
-def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
+def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, start=None):
     """Hutch++ on a block Krylov basis grown while it pays (docs/algorithms.md).
 
     ``p`` pilot probes ``z_i`` (stream ``"trace-pilot"``) and their products come first. The
-    basis starts at ``orth(Omega)`` (``b`` probes, stream ``"trace-sketch"``); each block's
+    basis starts at ``orth(Omega)`` (``b`` probes, stream ``"trace-sketch"``), or from ``"auto"``
+    at ``start = (Q, A Q)``, its first XTrace round's basis and products; each block's
     products ``A Q_j`` give ``H = Q^T A Q`` and, orthogonalized against ``Q``, the next block:
     one product per basis vector. After each block the pilots' deflated forms
     ``(P z_i)^T A (P z_i)`` (``P = I - QQ^T``) follow from ``z_i``, ``A z_i``, ``Q`` and ``H``
@@ -353,7 +361,11 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
     pilots.add(p, None)
     capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - MAX_PILOTS  # the pilots and their products
     basis, Q, H, sizes = _Basis(ops, n), None, np.zeros((0, 0)), [0]  # Q: the basis's columns in use
-    block, _ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution, stream="trace-sketch"))
+    if start is None:
+        block, AQ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution,
+                                                  stream="trace-sketch"))[0], None
+    else:
+        block, AQ = start
 
     def to_rtol(j, f):
         """Samples of the rest that reach ``rtol`` with the first ``j`` basis vectors (pilot forms ``f``)."""
@@ -382,7 +394,9 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
 
     invariant = False
     while True:
-        AQ = ops.concat([mul(block[:, j:j + chunk_size], "basis") for j in range(0, block.shape[1], chunk_size)], axis=1)
+        if AQ is None:
+            AQ = ops.concat([mul(block[:, j:j + chunk_size], "basis") for j in range(0, block.shape[1], chunk_size)],
+                            axis=1)
         basis.append(block)
         k0, k = H.shape[0], basis.size
         Q = basis.view()
@@ -408,7 +422,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings):
         room = m - mul.count >= step + min(MIN_PROBES_FOR_RTOL, m // 4)  # products left for the rest
         if invariant or not A.decide(bool(paid and step > 0 and room)):
             break
-        block, R = ops.orthonormalize(Y[:, :step])
+        (block, R), AQ = ops.orthonormalize(Y[:, :step]), None
         # directions the block adds to working precision; fewer than its width: the Krylov space
         # is (nearly) invariant, so it takes those, then stops growing
         new = A.decide(np.abs(np.diag(R)) > 1e3 * np.finfo(ops.dtype).eps * max(np.max(np.abs(B)), np.finfo(float).tiny))
@@ -496,8 +510,8 @@ class _Pilots:
         return self.forms - 2 * np.sum(C * D, axis=1) + np.einsum("ij,jk,ik->i", C, H[:j, :j], C)
 
 
-def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings):
-    """XTrace (``"auto"``: or Hutchinson) with probes ``Omega`` from the ``"trace"`` stream.
+def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=False):
+    """XTrace (``"auto"``: or Hutchinson, or with ``krylov`` Krylov Hutch++) with probes ``Omega`` from the ``"trace"`` stream.
 
     Without ``rtol``: ``s = m // 2`` probes, ``s`` products for ``A Omega`` and ``s`` for
     ``A Q``. With ``rtol``: a first sketch of ``min(m // 2, 2 max(10, chunk_size))`` probes, then
@@ -549,6 +563,9 @@ def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings):
         met = s >= MIN_PROBES_FOR_RTOL and A.decide(_reached(est, err, rtol))
         if sketch.exact or rtol is None or left < 1 or met:
             return est, err
+        if krylov:  # its first basis block is the sketch's, A Q already multiplied
+            return _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings,
+                                   start=(sketch.Q, sketch.AQ))
         if s >= capacity:  # memory ends: the sketch's range exactly, Hutchinson on the rest
             warnings.warn(f"trace: the xtrace sketch stops growing at {s} probes, where half the free memory "
                           "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "
@@ -586,7 +603,7 @@ class _Sketch:
 
     def __init__(self, ops: VectorOps, decide: Callable[[bool], bool] = lambda value: value) -> None:
         self.ops, self.decide = ops, decide
-        self.Omega = self.Q = self.Q2 = None
+        self.Omega = self.Q = self.Q2 = self.AQ = None
         self.R = self.W = self.H = np.zeros((0, 0))
         self.norms2 = np.zeros(0)
         self.exact = False
@@ -631,7 +648,8 @@ class _Sketch:
         ops, Q2 = self.ops, self.Q2
         s0 = self.H.shape[0]
         self.Q = Q2 if self.Q is None else ops.concat([self.Q, Q2], axis=1)
-        B = ops.to_numpy(ops.inner(self.Q, products(Q2)))       # (s0 + k, k)
+        self.AQ = products(Q2)  # the latest block's (a start for Krylov Hutch++)
+        B = ops.to_numpy(ops.inner(self.Q, self.AQ))       # (s0 + k, k)
         H = np.zeros((self.size, self.size))
         H[:s0, :s0], H[:, s0:], H[s0:, :s0] = self.H, B, B[:s0].T
         H[s0:, s0:] = (B[s0:] + B[s0:].T) / 2

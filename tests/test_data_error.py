@@ -62,12 +62,12 @@ def test_reported_data_stderr_matches_the_spread_over_subsets(digits_study):
         assert 0.5 <= ratio <= 2.0, out
 
 
-def _digits_hessian(batches, per_batch):
+def _digits_hessian(batches, per_batch, hidden=3):
     torch = pytest.importorskip("torch")
     from specops.backends import torch as st
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2)).double()
     X, y = torch.randn(batches * per_batch, 4, dtype=torch.float64), torch.randint(0, 2, (batches * per_batch,))
     data = [(X[i:i + per_batch], y[i:i + per_batch]) for i in range(0, len(X), per_batch)]
     return st.hessian(model, torch.nn.CrossEntropyLoss(), data[0] if batches == 1 else data)
@@ -163,6 +163,12 @@ def test_a_split_batch_multiplies_over_sub_batches_only_where_forms_are_used(mon
         np.testing.assert_allclose([s.estimate, s.stderr], [t.estimate, t.stderr], rtol=1e-8)
         first = so.trace(parts, method="hutchinson", max_matvecs=10, data_error=True)  # XTrace's probes: the same
         np.testing.assert_allclose(s.data_stderr, first.data_stderr, rtol=1e-8)
+    # "auto" with rtol does not hand over to Krylov Hutch++ here: its products would all run over sub-batches
+    over_sub_batches.clear()
+    whole, parts = _digits_hessian(1, 60, hidden=24), _digits_hessian(6, 10, hidden=24)
+    s = so.trace(whole, max_matvecs=400, rtol=1e-3, data_error=True)
+    assert s.settings["estimator"] == "xtrace" and s.num_matvecs > 40 and sum(over_sub_batches) <= 100
+    assert so.trace(parts, max_matvecs=400, rtol=1e-3, data_error=True).settings["estimator"] == "krylov-hutch++"
 
 
 def test_a_monte_carlo_fisher_is_not_split():
@@ -189,6 +195,18 @@ def test_every_trace_method_reports_both_parts(method):
     assert r.data_stderr > 0 and r.settings["data_error"]["batches"] == 6
     assert so.TraceResult.from_json(r.to_json()).data_stderr == r.data_stderr
     assert "data stderr" in repr(r)
+
+
+def test_auto_handing_over_to_krylov_hutchpp_keeps_the_first_blocks_data_error():
+    """The hand-off's first basis block is XTrace's (its products labelled as a basis): its per-batch
+    forms are in the data error, which agrees with Krylov Hutch++'s alone and with Hutchinson's."""
+    H = _digits_hessian(6, 10, hidden=24)
+    auto = [so.trace(H, max_matvecs=400, rtol=2e-3, seed=s, data_error=True) for s in range(3)]
+    assert {r.settings["estimator"] for r in auto} == {"krylov-hutch++"}
+    alone = so.trace(H, method="krylov-hutch++", max_matvecs=400, seed=0, data_error=True).data_stderr
+    plain = so.trace(H, method="hutchinson", max_matvecs=400, seed=0, data_error=True).data_stderr
+    for r in auto:
+        assert 0.8 < r.data_stderr / alone < 1.25 and 0.7 < r.data_stderr / plain < 1.4, (r.data_stderr, alone, plain)
 
 
 def test_data_error_leaves_the_eigenvalues_and_reserves_the_verification():

@@ -5,6 +5,7 @@ import pytest
 
 import specops as so
 from spectra import symmetric_with_spectrum
+from specops.trace import AUTO_KRYLOV_FROM
 
 SEEDS = range(300)
 
@@ -114,7 +115,8 @@ def test_auto_chooses_xtrace_or_hutchinson_and_matches_the_better(decaying, flat
 @pytest.mark.parametrize("method", ["xtrace", "auto"])
 def test_xtrace_grown_in_rounds_equals_one_shot_and_meets_rtol(decaying, method):
     A, truth = decaying
-    r = so.trace(A, method=method, max_matvecs=4000, rtol=5e-4, seed=3)
+    budget = 4000 if method == "xtrace" else AUTO_KRYLOV_FROM - 1  # auto: XTrace below AUTO_KRYLOV_FROM
+    r = so.trace(A, method=method, max_matvecs=budget, rtol=5e-4, seed=3)
     assert r.settings.get("estimator", "xtrace") == "xtrace"
     assert 40 < r.num_matvecs < 300 and r.num_matvecs % 2 == 0  # several rounds, stopped before n probes
     assert r.stderr <= 5e-4 * abs(r.estimate)
@@ -132,6 +134,27 @@ def test_more_probes_than_dimensions_is_exact():
         assert r.estimate == pytest.approx(lam.sum(), rel=1e-10) and r.stderr == 0.0 and r.num_matvecs <= 24
     tiny = so.trace(np.diag([1.0, 2.0, 3.0]), method="krylov-hutch++", max_matvecs=10)  # a budget of 10 spans it
     assert tiny.estimate == pytest.approx(6.0, rel=1e-12) and tiny.stderr == 0.0 and tiny.num_matvecs == 6
+
+
+def test_auto_with_rtol_goes_on_with_krylov_hutchpp(decaying, flat):
+    """``"auto"`` with ``rtol``: an XTrace first round that meets it stands; one that does not hands
+    its basis and products to Krylov Hutch++, which meets ``rtol`` with calibrated errors; a flat
+    spectrum stays with Hutchinson."""
+    A, truth = decaying
+    runs = [so.trace(A, max_matvecs=4000, rtol=5e-4, seed=s) for s in range(40)]
+    assert {r.settings["estimator"] for r in runs} == {"krylov-hutch++"}
+    assert all(r.stderr <= 5e-4 * abs(r.estimate) and r.num_matvecs < 300 for r in runs)
+    z = np.array([(r.estimate - truth) / r.stderr for r in runs])
+    assert 0.6 < np.sqrt(np.mean(z**2)) < 1.4, z
+    # the hand-off spends fewer products than the same run started afresh (the first round's
+    # 20 basis vectors and their products are its first block)
+    afresh = [so.trace(A, method="krylov-hutch++", max_matvecs=4000, rtol=5e-4, seed=s).num_matvecs for s in range(40)]
+    assert np.median([r.num_matvecs for r in runs]) < np.median(afresh) + 20, (sorted(afresh),)
+    easy = so.trace(A, max_matvecs=4000, rtol=0.05, seed=3)  # met by the first round: XTrace's own result
+    alone = so.trace(A, method="xtrace", max_matvecs=4000, rtol=0.05, seed=3)
+    assert easy.settings["estimator"] == "xtrace" and (easy.estimate, easy.stderr) == (alone.estimate, alone.stderr)
+    A, truth = flat
+    assert so.trace(A, max_matvecs=4000, rtol=1e-3, seed=3).settings["estimator"] == "hutchinson"
 
 
 def test_krylov_basis_grows_while_it_pays():
