@@ -417,7 +417,11 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
         f = pilots.deflated(H, k)
         show(A, trace=float(np.trace(H) + np.mean(f)), stderr=float(np.std(f, ddof=1) / np.sqrt(len(f))))
         ref = max(j for j in sizes if j <= max(0, min(k / 2, k - 2 * b)))
-        paid = k < 3 * b or predicted(k) < predicted(ref)
+        # below a sixteenth of the rest's expected samples the basis grows without judging: it costs
+        # little even if it captures nothing, and where a block lowers the prediction by a percent
+        # (a plateau in a Hessian's top) the pilots' judgement of it is noise
+        small = k < (m - k if rtol is None else to_rtol(k, f)) / SMALL_BASIS
+        paid = k < 3 * b or small or predicted(k) < predicted(ref)
         step = min(b, n - k, capacity - k)
         room = m - mul.count >= step + min(MIN_PROBES_FOR_RTOL, m // 4)  # products left for the rest
         if invariant or not A.decide(bool(paid and step > 0 and room)):
@@ -466,6 +470,9 @@ class _Basis:
 #: Krylov Hutch++ keeps one pilot probe per this many basis vectors or expected samples of the
 #: rest (at least 10), up to ``MAX_PILOTS``.
 PILOT_EVERY, MAX_PILOTS = 8, 50
+#: Krylov Hutch++'s basis grows without judging while it is below ``1 / SMALL_BASIS`` of the
+#: samples the rest is expected to take.
+SMALL_BASIS = 16
 
 
 class _Pilots:
