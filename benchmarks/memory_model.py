@@ -46,6 +46,8 @@ CASES = [
     ("trace hutchinson 100, chunk 10", "trace", dict(method="hutchinson", max_matvecs=100)),
     ("trace hutch++ 100", "trace", dict(method="hutch++", max_matvecs=100)),
     ("trace xtrace 100", "trace", dict(method="xtrace", max_matvecs=100)),
+    *[(f"trace krylov-hutch++ {m} (0.97^i)", "trace", dict(method="krylov-hutch++", max_matvecs=m, distribution="normal"))
+      for m in (100, 400)],
     ("diagonal 100, chunk 10", "diagonal", dict(max_matvecs=100)),
 ]
 
@@ -66,7 +68,10 @@ def model_vectors(fn: str, kw: dict) -> float:
     eigenvalue, block Lanczos reruns with ``b = k`` and basis ``max(40, 9k)`` after the
     first basis is freed. ``spectral_density``: ``g (w + 7)`` for ``g`` probes at once and
     a window ``w``. Traces and diagonals: per probe chunk ``c``, plus the sketch for
-    Hutch++ (``m`` vectors) and XTrace (``2.5 m``) of ``m`` products.
+    Hutch++ (``m`` vectors) and XTrace (``2.5 m``) of ``m`` products; Krylov Hutch++ its
+    basis (``k < m``; a buffer that doubles, with the old one while it is copied: ``3 k``)
+    and two vectors per pilot (``p``, at most ``m``), so ``3 m`` bounds both, and two chunks
+    more for a block's products and its orthogonalization.
     """
     if fn == "eigsh":
         k, b = kw["k"], kw.get("block_size", 1)
@@ -83,7 +88,8 @@ def model_vectors(fn: str, kw: dict) -> float:
         return g * (w + 7)
     if fn == "trace":
         m, c = kw["max_matvecs"], kw.get("chunk_size", 10)
-        return {"hutchinson": 4 * c + 2, "hutch++": m + 2 * c, "xtrace": 2.5 * m + 2 * c}[kw["method"]]
+        return {"hutchinson": 4 * c + 2, "hutch++": m + 2 * c, "xtrace": 2.5 * m + 2 * c,
+                "krylov-hutch++": 3 * m + 4 * c}[kw["method"]]
     if fn == "diagonal":
         return 5 * kw.get("chunk_size", 10) + 10
     raise ValueError(fn)
@@ -103,10 +109,13 @@ def main():
     parser.add_argument("--n", type=int, default=20000)
     args = parser.parse_args()
     A = Diagonal(np.random.default_rng(0).uniform(0.0, 1.0, args.n))
+    # with Gaussian probes (Rademacher ones are exact on a diagonal) Krylov Hutch++ keeps a large basis here
+    decaying = Diagonal(0.97 ** np.arange(args.n))
     print(f"n = {args.n}: working memory in length-n vectors (bytes / (n * itemsize))")
     print(f"{'setting':36} {'model':>7} {'measured':>9}")
     for label, fn, kw in CASES:
-        print(f"{label:36} {model_vectors(fn, kw):7.0f} {peak_vectors(A, fn, kw):9.1f}", flush=True)
+        on = decaying if "0.97^i" in label else A
+        print(f"{label:36} {model_vectors(fn, kw):7.0f} {peak_vectors(on, fn, kw):9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
   few pilot probes say a block pays for itself; Hutchinson outside it.
 - ``"auto"`` (the default): XTrace when a sketch of the operator captures most of it,
   Hutchinson when its spectrum is too flat for a sketch to pay (decided from the sketch's
-  own products, which both estimators use; docs/algorithms.md).
+  own products, which both estimators use; docs/algorithms.md); with ``rtol``, an XTrace
+  first round that misses it goes on as Krylov Hutch++ from that round's basis.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from specops.progress import show
 from specops.random import Distribution, check_distribution, check_seed
 from specops.results import Result
 
-#: The trace estimators (``"auto"``: XTrace or Hutchinson, see :func:`trace`).
+#: The trace estimators (``"auto"``: XTrace, Hutchinson or, with ``rtol``, Krylov Hutch++; see :func:`trace`).
 TraceMethod = Literal["auto", "hutchinson", "hutch++", "xtrace", "krylov-hutch++"]
 METHODS: tuple[TraceMethod, ...] = get_args(TraceMethod)
 #: Probes taken before a relative-standard-error (``rtol``) stop is trusted.
@@ -199,7 +200,8 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
     Args:
         A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
         method: ``"auto"`` (XTrace, or Hutchinson when the spectrum is too flat for a sketch
-            to pay), ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"krylov-hutch++"``
+            to pay; with ``rtol`` and ``max_matvecs >= 100``, an XTrace first round that
+            misses ``rtol`` goes on as Krylov Hutch++ from its basis), ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"krylov-hutch++"``
             (a block Krylov basis sized from pilot probes, Hutchinson outside it: fewer
             products than XTrace where a Hessian's top is low rank over a wide bulk).
         max_matvecs: the budget of products.

@@ -50,3 +50,14 @@ def test_slq_bases_bytes_are_what_settings_say(A):
     tracemalloc.stop()
     assert d.settings["basis_bytes"] == 20 * N * 8
     assert d.settings["basis_bytes"] <= peak <= d.settings["basis_bytes"] + 8 * N * 8
+
+
+def test_krylov_hutchpp_within_the_model():
+    """On a decaying diagonal with Gaussian probes the basis takes most of the budget: its buffer
+    (twice the basis at most) and the pilots are at most the model, and at least the basis."""
+    decaying = memory_model.Diagonal(0.97 ** np.arange(N))
+    kw = dict(method="krylov-hutch++", max_matvecs=200, distribution="normal")
+    r = so.trace(decaying, **kw)
+    measured = memory_model.peak_vectors(decaying, "trace", kw)
+    assert r.settings["krylov_basis"] >= 100
+    assert r.settings["krylov_basis"] + 2 * r.settings["pilots"] <= measured <= memory_model.model_vectors("trace", kw)
