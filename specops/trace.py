@@ -201,8 +201,8 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
         A: a :class:`~specops.LinearOperator` or anything :func:`~specops.aslinearoperator` takes.
         method: ``"auto"`` (XTrace, or Hutchinson when the spectrum is too flat for a sketch
             to pay; with ``rtol`` and ``max_matvecs >= 100``, an XTrace first round that
-            misses ``rtol`` goes on as Krylov Hutch++ from its basis), ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"krylov-hutch++"``
-            (a block Krylov basis sized from pilot probes, Hutchinson outside it: fewer
+            misses ``rtol`` goes on as Krylov Hutch++ from its basis), ``"hutchinson"``,
+            ``"hutch++"``, ``"xtrace"`` or ``"krylov-hutch++"`` (a block Krylov basis sized from pilot probes, Hutchinson outside it: fewer
             products than XTrace where a Hessian's top is low rank over a wide bulk).
         max_matvecs: the budget of products.
         rtol: stop early once ``stderr <= rtol * |estimate|`` (after at least 10 probes).
@@ -265,10 +265,12 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
         elif method == "krylov-hutch++":
             est, err = _krylov_hutchpp(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings)
         else:
-            # "auto" with rtol: a sketch that pays hands over to Krylov Hutch++ (not on data split
-            # into sub-batches for data_error, where each of its products would run over them)
-            krylov = method == "auto" and rtol is not None and max_matvecs >= AUTO_KRYLOV_FROM and not split
-            est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings, krylov)
+            # "auto" with rtol: an XTrace round that misses it hands over to Krylov Hutch++; on data
+            # split into sub-batches its pilots, plain probes as XTrace's, are the data error's
+            # probes (labelled so), and its basis and rest run over the whole batch
+            krylov = method == "auto" and rtol is not None and max_matvecs >= AUTO_KRYLOV_FROM
+            est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings,
+                               ("probe" if split else "pilot") if krylov else None)
     bar.close(trace=est, stderr=err)
     result = TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
     if forms is not None:
@@ -332,7 +334,7 @@ def _hutchpp(A, mul, m, seed, distribution, chunk_size, rtol):
     return low_rank + est, err
 
 
-def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, start=None):
+def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, start=None, pilot_tag="pilot"):
     """Hutch++ on a block Krylov basis grown while it pays (docs/algorithms.md).
 
     ``p`` pilot probes ``z_i`` (stream ``"trace-pilot"``) and their products come first. The
@@ -351,7 +353,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
     they are samples of the rest, so none is wasted where the rest takes as many). The rest of the budget goes to
     Hutchinson probes of ``P A P`` (stream ``"trace-rest"``, at least ``MIN_PROBES_FOR_RTOL``
     of them before an ``rtol`` stop), whose forms with the pilots' give the estimate and
-    standard error.
+    standard error. The pilots' products are labelled ``pilot_tag``.
     """
     ops, n = A.ops, A.shape[0]
     if m < 6:
@@ -359,7 +361,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
     p = min(MIN_PROBES_FOR_RTOL, m // 3)
     b = max(1, min(chunk_size, (m - p) // 4, n))
     settings.update(estimator="krylov-hutch++", block=b)
-    pilots = _Pilots(A, mul, seed, distribution, chunk_size)
+    pilots = _Pilots(A, mul, seed, distribution, chunk_size, pilot_tag)
     pilots.add(p, None)
     capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - MAX_PILOTS  # the pilots and their products
     basis, Q, H, sizes = _Basis(ops, n), None, np.zeros((0, 0)), [0]  # Q: the basis's columns in use
@@ -486,19 +488,19 @@ class _Pilots:
     """
 
     def __init__(self, A: LinearOperator, mul: Callable[..., Array], seed: int, distribution: Distribution,
-                 chunk_size: int) -> None:
-        self.ops, self.n, self.mul = A.ops, A.shape[0], mul
+                 chunk_size: int, tag: str = "pilot") -> None:
+        self.ops, self.n, self.mul, self.tag = A.ops, A.shape[0], mul, tag
         self.seed, self.distribution, self.chunk_size = seed, distribution, chunk_size
         self.Z = self.AZ = None
         self.forms, self.C, self.D = np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
 
     def add(self, total: int, Q: Array | None) -> None:
-        """Draw pilots up to ``total`` (their products labelled ``"pilot"``: no data-error forms)."""
+        """Draw pilots up to ``total`` (their products labelled ``tag``; ``"pilot"``: no data-error forms)."""
         ops, start = self.ops, len(self.forms)
         if total <= start:
             return
         Z = ops.random(self.n, range(start, total), self.seed, distribution=self.distribution, stream="trace-pilot")
-        AZ = ops.concat([self.mul(Z[:, j:j + self.chunk_size], "pilot") for j in range(0, Z.shape[1], self.chunk_size)],
+        AZ = ops.concat([self.mul(Z[:, j:j + self.chunk_size], self.tag) for j in range(0, Z.shape[1], self.chunk_size)],
                         axis=1)
         self.forms = np.concatenate([self.forms, _forms(ops, Z, AZ)])
         k = 0 if Q is None else Q.shape[1]
@@ -519,8 +521,10 @@ class _Pilots:
         return self.forms - 2 * np.sum(C * D, axis=1) + np.einsum("ij,jk,ik->i", C, H[:j, :j], C)
 
 
-def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=False):
-    """XTrace (``"auto"``: or Hutchinson, or with ``krylov`` Krylov Hutch++) with probes ``Omega`` from the ``"trace"`` stream.
+def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=None):
+    """XTrace (``"auto"``: or Hutchinson) with probes ``Omega`` from the ``"trace"`` stream.
+
+    ``krylov``: hand over to Krylov Hutch++ (its pilots labelled so) where a first round misses ``rtol``.
 
     Without ``rtol``: ``s = m // 2`` probes, ``s`` products for ``A Omega`` and ``s`` for
     ``A Q``. With ``rtol``: a first sketch of ``min(m // 2, 2 max(10, chunk_size))`` probes, then
@@ -574,7 +578,7 @@ def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=Fa
             return est, err
         if krylov:  # its first basis block is the sketch's, A Q already multiplied
             return _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings,
-                                   start=(sketch.Q, sketch.AQ))
+                                   start=(sketch.Q, sketch.AQ), pilot_tag=krylov)
         if s >= capacity:  # memory ends: the sketch's range exactly, Hutchinson on the rest
             warnings.warn(f"trace: the xtrace sketch stops growing at {s} probes, where half the free memory "
                           "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "
