@@ -202,8 +202,9 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
         method: ``"auto"`` (XTrace, or Hutchinson when the spectrum is too flat for a sketch
             to pay; with ``rtol`` and ``max_matvecs >= 100``, an XTrace first round that
             misses ``rtol`` goes on as Krylov Hutch++ from its basis), ``"hutchinson"``,
-            ``"hutch++"``, ``"xtrace"`` or ``"krylov-hutch++"`` (a block Krylov basis sized from pilot probes, Hutchinson outside it: fewer
-            products than XTrace where a Hessian's top is low rank over a wide bulk).
+            ``"hutch++"``, ``"xtrace"`` or ``"krylov-hutch++"`` (a block Krylov basis sized from
+            pilot probes, Hutchinson outside it: fewer products than XTrace where a Hessian's
+            top is low rank over a wide bulk).
         max_matvecs: the budget of products.
         rtol: stop early once ``stderr <= rtol * |estimate|`` (after at least 10 probes).
             XTrace then grows its sketch in rounds, keeping two vectors per probe.
@@ -347,7 +348,8 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
     reach it, ``k + v / (rtol |estimate|)^2`` for a basis of ``k`` vectors, otherwise the
     variance left at the budget, ``v / (m - k)``. The basis grows while its latest half (at least two blocks) has
     lowered that prediction, judged from the third block on (``Omega`` alone captures
-    nothing, and one block of ``A Omega`` may capture too little to show in the pilots), every
+    nothing, and one block of ``A Omega`` may capture too little to show in the pilots), and
+    without judging while it is below ``1 / SMALL_BASIS`` of the rest's expected samples; every
     prediction from the current pilots: 10 (``m / 3`` for tiny budgets), more from the third
     block on (an eighth of the basis or of the samples the rest is expected to take, up to 50;
     they are samples of the rest, so none is wasted where the rest takes as many). The rest of the budget goes to
