@@ -117,14 +117,15 @@ def study(subsets=200, samples=128, batches=8, hidden=12, k=3, seed=0, trace_pro
     }
 
 
-def cost(repeats=3, samples=64, batches=8, depth=8, k=3, trace_products=30, threads=1, layouts=None):
+def cost(repeats=3, samples=64, batches=8, depth=8, k=3, trace_products=30, threads=1, layouts=None, trace_rtol=None):
     """The time of data errors on a CIFAR ResNet: ``eigsh`` + ``trace`` with and without ``data_error``.
 
     Two layouts of the same ``samples`` random 3x32x32 images (batch norm in eval mode, float32):
     ``batches`` batches, and one batch, which ``data_error=True`` splits into sub-batches. Each
     pair runs interleaved ``repeats`` times in one process; the ratios are medians of the
     per-repeat ratios (with / without), of the whole task and of ``eigsh`` and ``trace`` apart.
-    ``layouts``: ``"batches"``, ``"one"`` or both (None).
+    ``layouts``: ``"batches"``, ``"one"`` or both (None). ``trace_rtol``: the trace's ``rtol``
+    (with a budget of 100 or more, ``"auto"`` may hand over to Krylov Hutch++).
     """
     import torch
 
@@ -140,28 +141,31 @@ def cost(repeats=3, samples=64, batches=8, depth=8, k=3, trace_products=30, thre
     every = {"batches": (f"{batches} batches", list(zip(X.tensor_split(batches), y.tensor_split(batches)))),
              "one": ("one batch", (X, y))}
     out = {"model": f"ResNet-{depth}", "samples": samples, "k": k, "trace_products": trace_products,
-           "threads": threads, "repeats": repeats}
+           "trace_rtol": trace_rtol, "threads": threads, "repeats": repeats}
     for name, data in (every[w] for w in (layouts or every)):
         H = st.hessian(model, loss, data)
         so.eigsh(H, k=k, tol=1e-3, seed=0)  # warm-up: the cached graph, allocator
         times: dict[tuple[str, bool], list[float]] = {(t, f): [] for t in ("eigsh", "trace") for f in (False, True)}
         products: dict[bool, int] = {}
+        estimators: dict[bool, str] = {}
         for _ in range(repeats):
             for flag in (False, True):
                 t0 = time.perf_counter()
                 e = so.eigsh(H, k=k, tol=1e-3, seed=0, data_error=flag)
                 t1 = time.perf_counter()
-                tr = so.trace(H, max_matvecs=trace_products, seed=0, data_error=flag)
+                tr = so.trace(H, max_matvecs=trace_products, rtol=trace_rtol, seed=0, data_error=flag)
                 times["eigsh", flag].append(t1 - t0)
                 times["trace", flag].append(time.perf_counter() - t1)
                 products[flag] = int(e.num_matvecs + tr.num_matvecs)
+                estimators[flag] = tr.settings.get("estimator", tr.settings["method"])
         total = {f: np.add(times["eigsh", f], times["trace", f]) for f in (False, True)}
         ratios = total[True] / total[False]
         out[name] = {"seconds_without": float(np.median(total[False])), "seconds_with": float(np.median(total[True])),
                      "time_ratio_median": float(np.median(ratios)), "time_ratios": ratios.tolist(),
                      "eigsh_ratio_median": float(np.median(np.divide(times["eigsh", True], times["eigsh", False]))),
                      "trace_ratio_median": float(np.median(np.divide(times["trace", True], times["trace", False]))),
-                     "products_without": products[False], "products_with": products[True]}
+                     "products_without": products[False], "products_with": products[True],
+                     "trace_estimator_without": estimators[False], "trace_estimator_with": estimators[True]}
         print(json.dumps({name: out[name]}), flush=True)
     return out
 
@@ -263,9 +267,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="--cost: interleaved repeats")
     parser.add_argument("--layouts", nargs="+", choices=("batches", "one"), help="--cost: these data layouts only")
     parser.add_argument("--trace-products", type=int, default=30, help="--cost: the trace's max_matvecs")
+    parser.add_argument("--trace-rtol", type=float, help="--cost: the trace's rtol")
     args = parser.parse_args()
     if args.cost:
-        print(json.dumps(cost(args.repeats, layouts=args.layouts, trace_products=args.trace_products), indent=1))
+        print(json.dumps(cost(args.repeats, layouts=args.layouts, trace_products=args.trace_products,
+                              trace_rtol=args.trace_rtol), indent=1))
         return
     if args.replot:
         with open(args.replot) as f:

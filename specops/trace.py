@@ -348,8 +348,8 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
     reach it, ``k + v / (rtol |estimate|)^2`` for a basis of ``k`` vectors, otherwise the
     variance left at the budget, ``v / (m - k)``. The basis grows while its latest half (at least two blocks) has
     lowered that prediction, judged from the third block on (``Omega`` alone captures
-    nothing, and one block of ``A Omega`` may capture too little to show in the pilots), and
-    without judging while it is below ``1 / SMALL_BASIS`` of the rest's expected samples; every
+    nothing, and one block of ``A Omega`` may capture too little to show in the pilots), and with
+    ``rtol`` without judging while it is below ``1 / SMALL_BASIS`` of the rest's expected samples; every
     prediction from the current pilots: 10 (``m / 3`` for tiny budgets), more from the third
     block on (an eighth of the basis or of the samples the rest is expected to take, up to 50;
     they are samples of the rest, so none is wasted where the rest takes as many). The rest of the budget goes to
@@ -423,14 +423,17 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
         f = pilots.deflated(H, k)
         show(A, trace=float(np.trace(H) + np.mean(f)), stderr=float(np.std(f, ddof=1) / np.sqrt(len(f))))
         ref = max(j for j in sizes if j <= max(0, min(k / 2, k - 2 * b)))
-        # below a sixteenth of the rest's expected samples the basis grows without judging: it costs
-        # little even if it captures nothing, and where a block lowers the prediction by a percent
-        # (a plateau in a Hessian's top) the pilots' judgement of it is noise
-        small = k < (m - k if rtol is None else to_rtol(k, f)) / SMALL_BASIS
+        # with rtol, below a quarter of the rest's expected samples the basis grows without judging:
+        # the prediction adds products to the pilots' variance, whose scale 50 heavy-tailed forms
+        # can understate twice over (the ResNet-20, seed 7: 400 samples predicted, 900 taken), making
+        # the basis look dear; without rtol two predictions are compared as variances, and a common
+        # scale cancels
+        small = rtol is not None and k < to_rtol(k, f) / SMALL_BASIS
         paid = k < 3 * b or small or predicted(k) < predicted(ref)
         step = min(b, n - k, capacity - k)
         room = m - mul.count >= step + min(MIN_PROBES_FOR_RTOL, m // 4)  # products left for the rest
         if invariant or not A.decide(bool(paid and step > 0 and room)):
+            stop = "invariant" if invariant else "judged" if not paid else "memory" if step <= 0 else "budget"
             break
         (block, R), AQ = ops.orthonormalize(Y[:, :step]), None
         # directions the block adds to working precision; fewer than its width: the Krylov space
@@ -438,10 +441,11 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
         new = A.decide(np.abs(np.diag(R)) > 1e3 * np.finfo(ops.dtype).eps * max(np.max(np.abs(B)), np.finfo(float).tiny))
         invariant = not np.all(new)
         if not np.any(new):
+            stop = "invariant"
             break
         block = block[:, np.flatnonzero(new)] if invariant else block
     f = pilots.deflated(H, k)
-    settings.update(krylov_basis=k, pilots=len(f))
+    settings.update(krylov_basis=k, pilots=len(f), krylov_stop=stop)
     low = float(np.trace(H))
     # the pilots are the rest's first samples (its stream skips their columns); an rtol stop waits
     # for MIN_PROBES_FOR_RTOL probes of the rest's own: a stop on the pilots alone, a few heavy-tailed
@@ -476,9 +480,9 @@ class _Basis:
 #: Krylov Hutch++ keeps one pilot probe per this many basis vectors or expected samples of the
 #: rest (at least 10), up to ``MAX_PILOTS``.
 PILOT_EVERY, MAX_PILOTS = 8, 50
-#: Krylov Hutch++'s basis grows without judging while it is below ``1 / SMALL_BASIS`` of the
-#: samples the rest is expected to take.
-SMALL_BASIS = 16
+#: With ``rtol``, Krylov Hutch++'s basis grows without judging while it is below
+#: ``1 / SMALL_BASIS`` of the samples the rest is expected to take.
+SMALL_BASIS = 4
 
 
 class _Pilots:

@@ -170,6 +170,8 @@ def test_krylov_basis_grows_while_it_pays():
         runs = [so.trace(A, method="krylov-hutch++", max_matvecs=120, seed=s) for s in range(30)]
         assert all(r.num_matvecs == 120 and 10 <= r.settings["pilots"] <= 15 and r.settings["block"] == 10 for r in runs)
         basis[name] = np.median([r.settings["krylov_basis"] for r in runs])
+        stops = {r.settings["krylov_stop"] for r in runs}  # why it stopped growing
+        assert stops <= {"judged", "budget", "invariant"} and (name != "flat" or stops == {"judged"}), stops
         if name == "outliers":
             mine = np.sqrt(np.mean([(r.estimate - lam.sum()) ** 2 for r in runs]))
             theirs = np.sqrt(np.mean([(so.trace(A, method="xtrace", max_matvecs=120, seed=s).estimate - lam.sum()) ** 2
