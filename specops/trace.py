@@ -415,7 +415,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
         H = H2
         sizes.append(k)
         if k >= n:  # Q spans everything: tr(Q^T A Q) is the trace
-            settings.update(krylov_basis=k, pilots=len(pilots.forms))
+            settings.update(krylov_basis=k, pilots=len(pilots.forms), krylov_stop="spanned")
             return float(np.trace(H)), 0.0
         pilots.extend(block)
         if k >= 3 * b:  # before, the basis captures too little to tell what the rest will need
@@ -543,7 +543,7 @@ def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=No
     def products(X, tag="probe"):
         return ops.concat([mul(X[:, j:j + chunk_size], tag) for j in range(0, X.shape[1], chunk_size)], axis=1)
 
-    sketch = _Sketch(ops, A.decide)
+    sketch = _Sketch(ops, n, A.decide)
     s = min(n, m // 2 if rtol is None else min(m // 2, 2 * max(MIN_PROBES_FOR_RTOL, chunk_size)))
     capacity = sketch_capacity(ops, n, chunk_size, "xtrace")
     if s > capacity:
@@ -620,8 +620,8 @@ class _Sketch:
     ``A Q2`` is new work.
     """
 
-    def __init__(self, ops: VectorOps, decide: Callable[[bool], bool] = lambda value: value) -> None:
-        self.ops, self.decide = ops, decide
+    def __init__(self, ops: VectorOps, n: int, decide: Callable[[bool], bool] = lambda value: value) -> None:
+        self.ops, self.n, self.decide = ops, n, decide  # n: the operator's size (rows are a shard's)
         self.Omega = self.Q = self.Q2 = self.AQ = None
         self.R = self.W = self.H = np.zeros((0, 0))
         self.norms2 = np.zeros(0)
@@ -644,7 +644,7 @@ class _Sketch:
         R = np.zeros((s0 + k, s0 + k))
         R[:s0, :s0], R[:s0, s0:], R[s0:, s0:] = self.R, C, R22
         d = np.abs(np.diag(R))
-        if self.decide(bool(s0 + k == Omega.shape[0] or d.min() <= 1e3 * np.finfo(ops.dtype).eps * d.max())):
+        if self.decide(bool(s0 + k == self.n or d.min() <= 1e3 * np.finfo(ops.dtype).eps * d.max())):
             # rank(A) < probes (or n probes): span(Q) holds the range of A, tr(Q^T A Q) is exact
             self.exact = True
             Q2, _ = ops.orthonormalize(ops.orthogonalize(Q2, self.Q)[0])

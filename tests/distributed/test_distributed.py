@@ -173,7 +173,9 @@ class _Rank1(FakeComm):
     lambda H: __import__("specops").spectral_density(H, num_probes=4, num_steps=30),
     lambda H: __import__("specops").trace(H, max_matvecs=200, rtol=0.05),
     lambda H: __import__("specops").trace(H, method="hutchinson", max_matvecs=200, rtol=0.05),
-], ids=["lanczos", "power", "slq", "trace-auto", "trace-hutchinson"])
+    lambda H: __import__("specops").trace(H, method="krylov-hutch++", max_matvecs=200, rtol=0.01),
+    lambda H: __import__("specops").trace(H, max_matvecs=200, rtol=0.005),  # XTrace, then Krylov Hutch++
+], ids=["lanczos", "power", "slq", "trace-auto", "trace-hutchinson", "trace-krylov", "trace-auto-krylov"])
 def test_every_branch_follows_rank_0_when_a_rank_computes_differently(run):
     """Each data-dependent branch goes through ``decide`` (rank 0's value, broadcast): a rank
     whose products differ takes rank 0's path, consuming exactly rank 0's decisions."""
