@@ -221,8 +221,9 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
             Data given as one batch is split into sub-batches, where a product costs more:
             there only the first probes run over the sub-batches, until their forms pin the
             data error or a quarter of ``max_matvecs`` is spent (``settings["data_error"]``:
-            ``probes`` recorded, ``pinned`` whether they pinned it; Hutch++ records all of its
-            basis and deflated probes).
+            ``probes`` recorded, ``pinned`` whether they pinned it; Hutch++ and Krylov Hutch++
+            by name record all of their basis and deflated probes, ``"auto"``'s hand-off to
+            Krylov Hutch++ only plain probes: XTrace's first round's, then the pilots).
 
     Returns:
         :class:`TraceResult` with the estimate and its standard error.
