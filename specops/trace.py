@@ -583,17 +583,21 @@ def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=No
         met = s >= MIN_PROBES_FOR_RTOL and A.decide(_reached(est, err, rtol))
         if sketch.exact or rtol is None or left < 1 or met:
             return est, err
-        if krylov:  # its first basis block is the sketch's, A Q already multiplied
+        # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
+        aim = 1.1 * s * err / max(rtol * abs(est), np.finfo(np.float64).tiny)
+        if krylov and A.decide(bool(aim > 4 * s)):
+            # more than two doublings ahead: Krylov Hutch++ goes on, its first basis block the
+            # round's, A Q already multiplied (where two doublings may do, its pilots, three
+            # blocks and fresh probes would cost more)
             return _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings,
                                    start=(sketch.Q, sketch.AQ), pilot_tag=krylov)
+        krylov = None  # the hand-off is from the first round only (its products are the start)
         if s >= capacity:  # memory ends: the sketch's range exactly, Hutchinson on the rest
             warnings.warn(f"trace: the xtrace sketch stops growing at {s} probes, where half the free memory "
                           "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "
                           "its range (Hutch++'s form)", RuntimeWarning, stacklevel=3)
             settings.update(estimator="xtrace, then hutch++", sketch_capacity=capacity)
             return _sketch_and_rest(A, mul, sketch, m, seed, distribution, chunk_size, rtol, (est, err))
-        # XTrace's error falls like 1/s to 1/sqrt(s): aim at 1/s, at most doubling
-        aim = 1.1 * s * err / max(rtol * abs(est), np.finfo(np.float64).tiny)
         s = min(n, 2 * s, s + left, capacity, max(s + chunk_size, math.ceil(min(aim, 2.0 * n))))
 
 

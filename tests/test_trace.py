@@ -137,22 +137,24 @@ def test_more_probes_than_dimensions_is_exact():
 
 
 def test_auto_with_rtol_goes_on_with_krylov_hutchpp(decaying, flat):
-    """``"auto"`` with ``rtol``: an XTrace first round that meets it stands; one that does not hands
-    its basis and products to Krylov Hutch++, which meets ``rtol`` with calibrated errors; a flat
-    spectrum stays with Hutchinson."""
+    """``"auto"`` with ``rtol``: an XTrace first round that meets it stands, and so does XTrace where
+    its rounds are to grow the sketch less than four times; further off, the round hands its basis
+    and products to Krylov Hutch++, which meets ``rtol`` with calibrated errors; a flat spectrum
+    stays with Hutchinson."""
     A, truth = decaying
-    runs = [so.trace(A, max_matvecs=4000, rtol=5e-4, seed=s) for s in range(40)]
+    runs = [so.trace(A, max_matvecs=4000, rtol=2e-4, seed=s) for s in range(40)]
     assert {r.settings["estimator"] for r in runs} == {"krylov-hutch++"}
-    assert all(r.stderr <= 5e-4 * abs(r.estimate) and r.num_matvecs < 300 for r in runs)
+    assert all(r.stderr <= 2e-4 * abs(r.estimate) and r.num_matvecs < 300 for r in runs)
     z = np.array([(r.estimate - truth) / r.stderr for r in runs])
     assert 0.6 < np.sqrt(np.mean(z**2)) < 1.4, z
     # the hand-off spends fewer products than the same run started afresh (the first round's
     # 20 basis vectors and their products are its first block)
-    afresh = [so.trace(A, method="krylov-hutch++", max_matvecs=4000, rtol=5e-4, seed=s).num_matvecs for s in range(40)]
+    afresh = [so.trace(A, method="krylov-hutch++", max_matvecs=4000, rtol=2e-4, seed=s).num_matvecs for s in range(40)]
     assert np.median([r.num_matvecs for r in runs]) < np.median(afresh) + 20, (sorted(afresh),)
-    easy = so.trace(A, max_matvecs=4000, rtol=0.05, seed=3)  # met by the first round: XTrace's own result
-    alone = so.trace(A, method="xtrace", max_matvecs=4000, rtol=0.05, seed=3)
-    assert easy.settings["estimator"] == "xtrace" and (easy.estimate, easy.stderr) == (alone.estimate, alone.stderr)
+    for rtol in (0.05, 1e-3):  # met by the first round, or by XTrace's rounds: XTrace's own result
+        easy = so.trace(A, max_matvecs=4000, rtol=rtol, seed=3)
+        alone = so.trace(A, method="xtrace", max_matvecs=4000, rtol=rtol, seed=3)
+        assert easy.settings["estimator"] == "xtrace" and (easy.estimate, easy.stderr) == (alone.estimate, alone.stderr)
     A, truth = flat
     assert so.trace(A, max_matvecs=4000, rtol=1e-3, seed=3).settings["estimator"] == "hutchinson"
 
