@@ -6,7 +6,8 @@
    benchmark's digits MLP (3,010 parameters, float64, its exact trace from the dense Hessian).
 2. ``--resnet SEED...``: ``trace(rtol=0.01)`` (the default estimator, or ``--method``) on the
    ResNet-20 of ``compare.py`` (16 digits images, float32, eval mode): products, estimate,
-   stderr; ``--reference M``: its reference trace, Hutch++ with ``M`` products (seed 1000).
+   stderr; ``--reference M``: its reference trace, Hutch++ with ``M`` products (seed 1000);
+   ``--data-error``: each seed also with ``data_error=True`` (the one batch split), to time it.
 3. ``--krylov``: Krylov Hutch++ against XTrace on the twelve spectra: its RMS ``z``, its RMS
    error over XTrace's (same budgets and seeds) and its basis; then, with ``rtol=0.01``
    (``--rtol-seeds`` seeds), the products to the stop and the RMS ``z`` of both.
@@ -161,13 +162,18 @@ def resnet(args):
     print("| seed | products | estimator | estimate | stderr | seconds |")
     print("|---:|---:|---|---:|---:|---:|")
     for seed in args.resnet:
-        t0 = time.perf_counter()
-        r = specops.trace(H, method=args.method, max_matvecs=2000, rtol=TRACE_RTOL, seed=seed)
-        estimator = r.settings.get("estimator") or args.method
-        if estimator == "krylov-hutch++":
-            estimator += f" (basis {r.settings['krylov_basis']}, {r.settings['pilots']} pilots)"
-        print(f"| {seed} | {r.num_matvecs} | {estimator} | {r.estimate:.1f} | "
-              f"{r.stderr:.1f} ({r.stderr / abs(r.estimate):.2%}) | {time.perf_counter() - t0:.0f} |", flush=True)
+        for data_error in (False, True) if args.data_error else (False,):
+            t0 = time.perf_counter()
+            r = specops.trace(H, method=args.method, max_matvecs=2000, rtol=TRACE_RTOL, seed=seed, data_error=data_error)
+            estimator = r.settings.get("estimator") or args.method
+            if estimator == "krylov-hutch++":
+                estimator += f" (basis {r.settings['krylov_basis']}, {r.settings['pilots']} pilots)"
+            if data_error:
+                d = r.settings["data_error"]
+                estimator += (f"; data stderr {r.data_stderr:.1f} from {d['probes']} probes over "
+                              f"{d['batches']} sub-batches")
+            print(f"| {seed} | {r.num_matvecs} | {estimator} | {r.estimate:.1f} | "
+                  f"{r.stderr:.1f} ({r.stderr / abs(r.estimate):.2%}) | {time.perf_counter() - t0:.0f} |", flush=True)
 
 
 def main():
@@ -179,6 +185,8 @@ def main():
     ap.add_argument("--resnet", type=int, nargs="*", help="seeds of trace(rtol=0.01) on the ResNet-20")
     ap.add_argument("--reference", type=int, help="products of a Hutch++ reference trace of the ResNet-20")
     ap.add_argument("--method", default="auto", help="--resnet: the trace method")
+    ap.add_argument("--data-error", action="store_true",
+                    help="--resnet: each seed also with data_error=True (the 16 images split into sub-batches)")
     ap.add_argument("--krylov", action="store_true", help="Krylov Hutch++ against XTrace on the twelve spectra")
     ap.add_argument("--rtol-seeds", type=int, default=20, help="--krylov: seeds of the rtol=0.01 stops")
     args = ap.parse_args()
