@@ -222,8 +222,8 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
             there only the first probes run over the sub-batches, until their forms pin the
             data error or a quarter of ``max_matvecs`` is spent (``settings["data_error"]``:
             ``probes`` recorded, ``pinned`` whether they pinned it; Hutch++ and Krylov Hutch++
-            by name record all of their basis and deflated probes, ``"auto"``'s hand-off to
-            Krylov Hutch++ only plain probes: XTrace's first round's, then the pilots).
+            record all of their basis and deflated probes, and ``"auto"`` does not hand over
+            to Krylov Hutch++ there).
 
     Returns:
         :class:`TraceResult` with the estimate and its standard error.
@@ -267,12 +267,11 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
         elif method == "krylov-hutch++":
             est, err = _krylov_hutchpp(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings)
         else:
-            # "auto" with rtol: an XTrace round that misses it hands over to Krylov Hutch++; on data
-            # split into sub-batches its pilots, plain probes as XTrace's, are the data error's
-            # probes (labelled so), and its basis and rest run over the whole batch
-            krylov = method == "auto" and rtol is not None and max_matvecs >= AUTO_KRYLOV_FROM
-            est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings,
-                               ("probe" if split else "pilot") if krylov else None)
+            # "auto" with rtol: an XTrace round far from it hands over to Krylov Hutch++; not on data
+            # split into sub-batches for data_error, where XTrace's probes, all plain, pin the data
+            # error as they go, and Krylov Hutch++ would need as many more (docs/algorithms.md)
+            krylov = method == "auto" and rtol is not None and max_matvecs >= AUTO_KRYLOV_FROM and not split
+            est, err = _xtrace(A, mul, max_matvecs, rtol, seed, distribution, chunk_size, settings, krylov)
     bar.close(trace=est, stderr=err)
     result = TraceResult(estimate=est, stderr=err, num_matvecs=mul.count, settings=settings)
     if forms is not None:
@@ -336,7 +335,7 @@ def _hutchpp(A, mul, m, seed, distribution, chunk_size, rtol):
     return low_rank + est, err
 
 
-def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, start=None, pilot_tag="pilot"):
+def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, start=None):
     """Hutch++ on a block Krylov basis grown while it pays (docs/algorithms.md).
 
     ``p`` pilot probes ``z_i`` (stream ``"trace-pilot"``) and their products come first. The
@@ -356,7 +355,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
     they are samples of the rest, so none is wasted where the rest takes as many). The rest of the budget goes to
     Hutchinson probes of ``P A P`` (stream ``"trace-rest"``, at least ``MIN_PROBES_FOR_RTOL``
     of them before an ``rtol`` stop), whose forms with the pilots' give the estimate and
-    standard error. The pilots' products are labelled ``pilot_tag``.
+    standard error.
     """
     ops, n = A.ops, A.shape[0]
     if m < 6:
@@ -364,7 +363,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
     p = min(MIN_PROBES_FOR_RTOL, m // 3)
     b = max(1, min(chunk_size, (m - p) // 4, n))
     settings.update(estimator="krylov-hutch++", block=b)
-    pilots = _Pilots(A, mul, seed, distribution, chunk_size, pilot_tag)
+    pilots = _Pilots(A, mul, seed, distribution, chunk_size)
     pilots.add(p, None)
     capacity = sketch_capacity(ops, n, chunk_size, "krylov-hutch++") - MAX_PILOTS  # the pilots and their products
     basis, Q, H, sizes = _Basis(ops, n), None, np.zeros((0, 0)), [0]  # Q: the basis's columns in use
@@ -495,19 +494,19 @@ class _Pilots:
     """
 
     def __init__(self, A: LinearOperator, mul: Callable[..., Array], seed: int, distribution: Distribution,
-                 chunk_size: int, tag: str = "pilot") -> None:
-        self.ops, self.n, self.mul, self.tag = A.ops, A.shape[0], mul, tag
+                 chunk_size: int) -> None:
+        self.ops, self.n, self.mul = A.ops, A.shape[0], mul
         self.seed, self.distribution, self.chunk_size = seed, distribution, chunk_size
         self.Z = self.AZ = None
         self.forms, self.C, self.D = np.zeros(0), np.zeros((0, 0)), np.zeros((0, 0))
 
     def add(self, total: int, Q: Array | None) -> None:
-        """Draw pilots up to ``total`` (their products labelled ``tag``; ``"pilot"``: no data-error forms)."""
+        """Draw pilots up to ``total`` (their products labelled ``"pilot"``: no data-error forms)."""
         ops, start = self.ops, len(self.forms)
         if total <= start:
             return
         Z = ops.random(self.n, range(start, total), self.seed, distribution=self.distribution, stream="trace-pilot")
-        AZ = ops.concat([self.mul(Z[:, j:j + self.chunk_size], self.tag) for j in range(0, Z.shape[1], self.chunk_size)],
+        AZ = ops.concat([self.mul(Z[:, j:j + self.chunk_size], "pilot") for j in range(0, Z.shape[1], self.chunk_size)],
                         axis=1)
         self.forms = np.concatenate([self.forms, _forms(ops, Z, AZ)])
         k = 0 if Q is None else Q.shape[1]
@@ -528,10 +527,10 @@ class _Pilots:
         return self.forms - 2 * np.sum(C * D, axis=1) + np.einsum("ij,jk,ik->i", C, H[:j, :j], C)
 
 
-def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=None):
+def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=False):
     """XTrace (``"auto"``: or Hutchinson) with probes ``Omega`` from the ``"trace"`` stream.
 
-    ``krylov``: hand over to Krylov Hutch++ (its pilots labelled so) where a first round misses ``rtol``.
+    ``krylov``: hand over to Krylov Hutch++ where a first round is far from ``rtol``.
 
     Without ``rtol``: ``s = m // 2`` probes, ``s`` products for ``A Omega`` and ``s`` for
     ``A Q``. With ``rtol``: a first sketch of ``min(m // 2, 2 max(10, chunk_size))`` probes, then
@@ -590,8 +589,8 @@ def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=No
             # round's, A Q already multiplied (where two doublings may do, its pilots, three
             # blocks and fresh probes would cost more)
             return _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings,
-                                   start=(sketch.Q, sketch.AQ), pilot_tag=krylov)
-        krylov = None  # the hand-off is from the first round only (its products are the start)
+                                   start=(sketch.Q, sketch.AQ))
+        krylov = False  # the hand-off is from the first round only (its products are the start)
         if s >= capacity:  # memory ends: the sketch's range exactly, Hutchinson on the rest
             warnings.warn(f"trace: the xtrace sketch stops growing at {s} probes, where half the free memory "
                           "ends; the rest of the budget goes to Hutchinson's estimator of the trace outside "

@@ -163,15 +163,13 @@ def test_a_split_batch_multiplies_over_sub_batches_only_where_forms_are_used(mon
         np.testing.assert_allclose([s.estimate, s.stderr], [t.estimate, t.stderr], rtol=1e-8)
         first = so.trace(parts, method="hutchinson", max_matvecs=10, data_error=True)  # XTrace's probes: the same
         np.testing.assert_allclose(s.data_stderr, first.data_stderr, rtol=1e-8)
-    # "auto" with rtol hands over to Krylov Hutch++: only plain probes (XTrace's first, then the pilots)
-    # run over the sub-batches, until they pin the data error; the estimate is the batches' own
+    # "auto" with rtol does not hand over to Krylov Hutch++ here: XTrace's plain probes pin the data
+    # error as they go, where Krylov Hutch++'s few plain ones (its pilots) would not
     whole, parts = _digits_hessian(1, 60, hidden=24), _digits_hessian(6, 10, hidden=24)
     over_sub_batches.clear()
-    s, t = (so.trace(H, max_matvecs=400, rtol=1e-3, data_error=True) for H in (whole, parts))
-    assert s.settings["estimator"] == t.settings["estimator"] == "krylov-hutch++"
-    assert s.num_matvecs == t.num_matvecs > 100 and sum(over_sub_batches) == s.settings["data_error"]["probes"] <= 100
-    np.testing.assert_allclose([s.estimate, s.stderr], [t.estimate, t.stderr], rtol=1e-8, atol=1e-8 * abs(t.estimate))
-    assert 0.5 < s.data_stderr / t.data_stderr < 2, (s.data_stderr, t.data_stderr)  # plain probes against basis + rest
+    s = so.trace(whole, max_matvecs=400, rtol=1e-3, data_error=True)
+    assert s.settings["estimator"] == "xtrace" and sum(over_sub_batches) == s.settings["data_error"]["probes"] <= 100
+    assert so.trace(parts, max_matvecs=400, rtol=1e-3, data_error=True).settings["estimator"] == "krylov-hutch++"
 
 
 def test_a_monte_carlo_fisher_is_not_split():
