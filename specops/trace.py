@@ -371,7 +371,7 @@ def _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, s
         block, AQ = ops.orthonormalize(ops.random(n, range(b), seed, distribution=distribution,
                                                   stream="trace-sketch"))[0], None
     else:
-        block, AQ = start
+        (block, AQ), start = start, None
 
     def to_rtol(j, f):
         """Samples of the rest that reach ``rtol`` with the first ``j`` basis vectors (pilot forms ``f``)."""
@@ -588,8 +588,8 @@ def _xtrace(A, mul, m, rtol, seed, distribution, chunk_size, settings, krylov=Fa
             # more than two doublings ahead: Krylov Hutch++ goes on, its first basis block the
             # round's, A Q already multiplied (where two doublings may do, its pilots, three
             # blocks and fresh probes would cost more)
-            return _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings,
-                                   start=(sketch.Q, sketch.AQ))
+            Omega = Y = None  # only the round's Q and A Q go on: the sketch's other vectors are freed
+            return _krylov_hutchpp(A, mul, m, rtol, seed, distribution, chunk_size, settings, start=sketch.hand_over())
         krylov = False  # the hand-off is from the first round only (its products are the start)
         if s >= capacity:  # memory ends: the sketch's range exactly, Hutchinson on the rest
             warnings.warn(f"trace: the xtrace sketch stops growing at {s} probes, where half the free memory "
@@ -634,6 +634,12 @@ class _Sketch:
     @property
     def size(self) -> int:
         return self.R.shape[0]
+
+    def hand_over(self) -> tuple[Array, Array]:
+        """``(Q, A Q)`` of a one-round sketch, the sketch emptied (its vectors freed)."""
+        start = (self.Q, self.AQ)
+        self.Omega = self.Q = self.Q2 = self.AQ = None
+        return start
 
     def add(self, Omega: Array, Y: Array) -> float:
         """Take probes ``Omega`` and their products ``Y``.
