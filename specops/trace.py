@@ -280,6 +280,11 @@ def trace(A: OperatorLike, method: TraceMethod = "auto", max_matvecs: int = 100,
                                       probes=int(X.shape[0]), method="probes x batches analysis of variance",
                                       pinned=bool(probes_pin_data_error(X)))
         result.data_stderr = trace_stderr(X, forms.weights)
+        if result.data_stderr == 0 and not settings["data_error"]["pinned"]:
+            warnings.warn(f"trace: data_stderr is 0 because the batches' spread is below the noise of the "
+                          f"{X.shape[0]} probes whose per-batch forms it has, so the data error is not measured: "
+                          "pass a larger max_matvecs (more probes), or the data as more batches",
+                          RuntimeWarning, stacklevel=2)
     return result
 
 

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -208,6 +209,19 @@ def test_auto_handing_over_to_krylov_hutchpp_keeps_the_first_blocks_data_error()
     plain = so.trace(H, method="hutchinson", max_matvecs=400, seed=0, data_error=True).data_stderr
     for r in auto:
         assert 0.8 < r.data_stderr / alone < 1.25 and 0.7 < r.data_stderr / plain < 1.4, (r.data_stderr, alone, plain)
+
+
+def test_a_data_error_the_probes_cannot_measure_is_not_reported_silently_as_zero():
+    """With too few probes for the batches' spread to show above their noise the data stderr is 0
+    (the analysis of variance's estimate is clipped), and a warning says it is not measured."""
+    H = _digits_hessian(8, 10)
+    with pytest.warns(RuntimeWarning, match="data_stderr is 0 because .* 10 probes.*larger max_matvecs"):
+        r = so.trace(H, method="hutchinson", max_matvecs=10, seed=0, data_error=True)
+    assert r.data_stderr == 0 and not r.settings["data_error"]["pinned"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = so.trace(H, method="hutchinson", max_matvecs=10, seed=5, data_error=True)  # pinned here
+    assert r.data_stderr > 0 and r.settings["data_error"]["pinned"]
 
 
 def test_data_error_leaves_the_eigenvalues_and_reserves_the_verification():
